@@ -1,0 +1,167 @@
+//! The command line: every flag, also readable from a `MAYHEM_*` environment variable.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use log::LevelFilter;
+use mayhem::Config;
+
+/// Mayhem: a mock chaos monkey that consumes "restart this host" messages from an in-memory
+/// pub/sub subscription and handles each one concurrently.
+#[derive(Debug, Parser)]
+#[command(name = "mayhem", version, about, long_about = None)]
+pub(crate) struct Cli {
+    /// Publisher threads (0 = none).
+    #[arg(long, env = "MAYHEM_PUBLISHERS", value_name = "N", default_value_t = 1)]
+    publishers: usize,
+    /// Consumer threads.
+    #[arg(long, env = "MAYHEM_CONSUMERS", value_name = "N", default_value_t = 1)]
+    consumers: usize,
+    /// Executor worker threads [default: number of CPUs].
+    #[arg(long, env = "MAYHEM_WORKERS", value_name = "N")]
+    workers: Option<usize>,
+    /// Most messages pulled and not yet acked or nacked.
+    #[arg(
+        long,
+        env = "MAYHEM_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    max_in_flight: usize,
+    /// Most messages waiting in the subscription before publishers block.
+    #[arg(
+        long,
+        env = "MAYHEM_MAX_BACKLOG",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    max_backlog: usize,
+    /// Upper bound of a publisher's random pause between messages (0 = none).
+    #[arg(long, env = "MAYHEM_PUBLISH_INTERVAL", value_name = "DUR", default_value = "1s", value_parser = duration)]
+    publish_interval: Duration,
+    /// Upper bound of each simulated I/O step of a handler (0 = none).
+    #[arg(long, env = "MAYHEM_HANDLER_LATENCY", value_name = "DUR", default_value = "1s", value_parser = duration)]
+    handler_latency: Duration,
+    /// Probability that one restart attempt fails.
+    #[arg(long, env = "MAYHEM_RESTART_FAILURE_RATE", value_name = "P", default_value_t = 0.25, value_parser = rate)]
+    restart_failure_rate: f64,
+    /// Probability that saving a record fails.
+    #[arg(long, env = "MAYHEM_SAVE_FAILURE_RATE", value_name = "P", default_value_t = 0.25, value_parser = rate)]
+    save_failure_rate: f64,
+    /// Probability that handling a message panics (fault injection).
+    #[arg(long, env = "MAYHEM_PANIC_RATE", value_name = "P", default_value_t = 0.0, value_parser = rate)]
+    panic_rate: f64,
+    /// Retries of a failed restart before the message is nacked.
+    #[arg(
+        long,
+        env = "MAYHEM_RESTART_RETRIES",
+        value_name = "N",
+        default_value_t = 3
+    )]
+    restart_retries: u32,
+    /// How long a pulled message stays leased without an extension.
+    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = "3s", value_parser = duration)]
+    ack_deadline: Duration,
+    /// How often the lease of a message being handled is extended (below --ack-deadline).
+    #[arg(long, env = "MAYHEM_EXTEND_INTERVAL", value_name = "DUR", default_value = "2s", value_parser = duration)]
+    extend_interval: Duration,
+    /// Deliveries of one message before it is dead-lettered.
+    #[arg(
+        long,
+        env = "MAYHEM_MAX_ATTEMPTS",
+        value_name = "N",
+        default_value_t = 5
+    )]
+    max_attempts: u32,
+    /// On shutdown, how long handlers in flight may take before they are cancelled.
+    #[arg(long, env = "MAYHEM_GRACE_PERIOD", value_name = "DUR", default_value = "5s", value_parser = duration)]
+    grace_period: Duration,
+    /// Publish N messages, handle them all, then exit [default: run until a signal].
+    #[arg(long, env = "MAYHEM_MESSAGES", value_name = "N")]
+    messages: Option<u64>,
+    /// Seed of every random choice [default: random].
+    #[arg(long, env = "MAYHEM_SEED", value_name = "N")]
+    seed: Option<u64>,
+    /// Format of the final report on stdout.
+    #[arg(long, env = "MAYHEM_REPORT", value_name = "FORMAT", value_enum, default_value_t = ReportFormat::Text)]
+    pub(crate) report: ReportFormat,
+    /// Most verbose log level written to stderr.
+    #[arg(long, env = "MAYHEM_LOG_LEVEL", value_name = "LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    log_level: LogLevel,
+}
+
+/// How the final report is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ReportFormat {
+    /// One `name value` line per counter.
+    Text,
+    /// One JSON object on one line.
+    Json,
+}
+
+/// The log levels a user can pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl Cli {
+    /// The service configuration; the seed is drawn here when not given, so the handler and
+    /// the publishers share it.
+    pub(crate) fn config(&self) -> Config {
+        let defaults = Config::default();
+        Config {
+            publishers: self.publishers,
+            consumers: self.consumers,
+            workers: self.workers.unwrap_or(defaults.workers),
+            max_in_flight: self.max_in_flight,
+            max_backlog: self.max_backlog,
+            publish_interval: self.publish_interval,
+            handler_latency: self.handler_latency,
+            restart_failure_rate: self.restart_failure_rate,
+            save_failure_rate: self.save_failure_rate,
+            panic_rate: self.panic_rate,
+            restart_retries: self.restart_retries,
+            ack_deadline: self.ack_deadline,
+            extend_interval: self.extend_interval,
+            max_attempts: self.max_attempts,
+            grace_period: self.grace_period,
+            messages: self.messages,
+            seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
+        }
+    }
+
+    /// The log level filter.
+    pub(crate) fn log_level(&self) -> LevelFilter {
+        match self.log_level {
+            LogLevel::Off => LevelFilter::Off,
+            LogLevel::Error => LevelFilter::Error,
+            LogLevel::Warn => LevelFilter::Warn,
+            LogLevel::Info => LevelFilter::Info,
+            LogLevel::Debug => LevelFilter::Debug,
+            LogLevel::Trace => LevelFilter::Trace,
+        }
+    }
+}
+
+/// Parses a duration like `250ms`, `2s` or `1m 30s`; a bare `0` means none.
+fn duration(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text.trim())
+        .map_err(|error| format!("{error} (write a duration like 250ms or 2s)"))
+}
+
+/// Parses a probability between 0 and 1.
+fn rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err("must be a number between 0 and 1".to_owned()),
+    }
+}

@@ -1,0 +1,157 @@
+//! The `mayhem` binary: parse the command line, install the logger and the signal handlers,
+//! run the service on the embedded in-memory pub/sub, print the report.
+//!
+//! Exit codes: 0 after a graceful shutdown, 1 when a handler panicked (the service still shut
+//! down gracefully), 2 for bad flags or environment variables, 130 when a second signal
+//! forced the exit.
+
+mod cli;
+mod logger;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::thread;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use log::{debug, error, warn};
+use mayhem::{run, MayhemConfig, MayhemHandler, Shutdown, ShutdownReason, Source, Subscription};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::cli::{Cli, ReportFormat};
+
+/// Exit code of bad input.
+const EXIT_USAGE: u8 = 2;
+/// Exit code of a forced exit (second signal), as shells report death by SIGINT.
+const EXIT_FORCED: i32 = 130;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error)
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = write!(std::io::stdout(), "{error}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            // Only the first line: it names the flag and the bad value.
+            let text = error.to_string();
+            usage_error(text.lines().next().unwrap_or("error: invalid arguments"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let config = cli.config();
+    if let Err(error) = config.validate() {
+        usage_error(&format!("error: {error}"));
+        return ExitCode::from(EXIT_USAGE);
+    }
+    logger::init(cli.log_level());
+    install_panic_hook();
+
+    let seed = config.seed.unwrap_or_default();
+    debug!("Using seed {seed}");
+    let subscription = Subscription::new((&config).into());
+    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, seed));
+    let shutdown = Shutdown::new();
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]) {
+        Ok(signals) => signals,
+        Err(error) => {
+            error!("cannot install signal handlers: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let signal_handle = signals.handle();
+    {
+        let shutdown = shutdown.clone();
+        let subscription = subscription.clone();
+        let spawned = thread::Builder::new()
+            .name("mayhem-signals".into())
+            .spawn(move || {
+                let mut received = 0;
+                for signal in signals.forever() {
+                    received += 1;
+                    let name = signal_name(signal);
+                    if received == 1 {
+                        shutdown.trigger(ShutdownReason::Signal(name.to_owned()));
+                    } else {
+                        // A second signal: give back what we hold and leave at once.
+                        warn!("Received exit signal {name} again, forcing exit");
+                        let nacked = subscription.nack_all();
+                        warn!("Nacked {nacked} leased messages");
+                        std::process::exit(EXIT_FORCED);
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            error!("cannot start the signal thread: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+
+    let report = match run(&config, &subscription, &handler, &shutdown) {
+        Ok(report) => report,
+        Err(error) => {
+            error!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    signal_handle.close();
+    let text = match cli.report {
+        ReportFormat::Text => format!("{report}\n"),
+        ReportFormat::Json => format!("{}\n", report.to_json()),
+    };
+    // A closed stdout (`mayhem | head -c1`) must not turn a clean shutdown into a failure.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    if !report.is_balanced() {
+        error!("accounting invariant broken: {}", report.to_json());
+        return ExitCode::FAILURE;
+    }
+    if report.panicked > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Prints a one-line usage error to stderr (ignoring a closed stderr).
+fn usage_error(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// The name of a handled signal.
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        SIGHUP => "SIGHUP",
+        SIGQUIT => "SIGQUIT",
+        _ => "signal",
+    }
+}
+
+/// Routes panic messages through the logger. Panics of executor threads happen inside
+/// handlers, where the runner catches them and logs `Caught exception: ...`, so they are
+/// logged at debug level only; any other panic is a bug and is logged as an error.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if name.starts_with("mayhem-worker") {
+            debug!("thread '{name}' panicked at {location}: {payload}");
+        } else {
+            error!("thread '{name}' panicked at {location}: {payload}");
+        }
+    }));
+}

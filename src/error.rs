@@ -1,0 +1,149 @@
+//! Typed errors of the library.
+//!
+//! Every error is a small `enum` with a lowercase `Display` text and no trailing period, so a
+//! caller can match on the case and a binary can print it as one line.
+
+use std::fmt;
+
+/// A configuration value out of range, or two values that contradict each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The option the bad value belongs to, spelled as the command-line flag.
+    pub option: &'static str,
+    /// The bad value as the user wrote it (or as the library printed it).
+    pub value: String,
+    /// Why the value is refused, for example `must be between 0 and 1`.
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(
+        option: &'static str,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
+        ConfigError {
+            option,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid value '{}' for '{}': {}",
+            self.value, self.option, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// An error of a [`Source`](crate::Source) operation that is not about one lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceError {
+    /// The source was interrupted for shutdown: no more publishes or pulls are served.
+    Closed,
+    /// The backend failed; the text says how.
+    Backend(String),
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceError::Closed => f.write_str("source is closed"),
+            SourceError::Backend(text) => write!(f, "source backend failed: {text}"),
+        }
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+/// Why an ack, nack or extension of a lease was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseError {
+    /// The lease is not held any more: its deadline passed (the message went back to the
+    /// subscription or to the dead-letter list), or it was already settled.
+    Expired,
+    /// The source could not be reached.
+    Source(SourceError),
+}
+
+impl fmt::Display for LeaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaseError::Expired => f.write_str("lease expired or already settled"),
+            LeaseError::Source(error) => error.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for LeaseError {}
+
+/// The outcome of a handler that did not finish its work.
+///
+/// A handler error makes the runner nack the message, so it is delivered again (and
+/// dead-lettered once it used up its delivery attempts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandleError {
+    /// The host could not be restarted, even after the bounded retries.
+    RestartFailed {
+        /// The host that did not restart.
+        hostname: String,
+    },
+    /// The record of the message could not be saved.
+    SaveFailed {
+        /// The message, as displayed.
+        message: String,
+    },
+    /// Any other failure of a custom handler.
+    Other(String),
+}
+
+impl fmt::Display for HandleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandleError::RestartFailed { hostname } => write!(f, "Could not restart {hostname}"),
+            HandleError::SaveFailed { message } => write!(f, "Could not save {message}"),
+            HandleError::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+impl std::error::Error for HandleError {}
+
+/// Why [`run`](crate::run) could not run the service.
+#[derive(Debug)]
+pub enum RunError {
+    /// The configuration is invalid.
+    Config(ConfigError),
+    /// A worker thread could not be started.
+    Spawn(std::io::Error),
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::Config(error) => error.fmt(f),
+            RunError::Spawn(error) => write!(f, "cannot start a worker thread: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RunError::Config(error) => Some(error),
+            RunError::Spawn(error) => Some(error),
+        }
+    }
+}
+
+impl From<ConfigError> for RunError {
+    fn from(error: ConfigError) -> Self {
+        RunError::Config(error)
+    }
+}

@@ -1,0 +1,228 @@
+//! The pluggable async handler, and the Mayhem handler that is the default.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures_lite::future;
+use log::{error, info};
+
+use crate::config::Config;
+use crate::error::HandleError;
+use crate::message::PubSubMessage;
+use crate::metrics::Metrics;
+
+/// What a handler gets to know about the message it handles.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// The message.
+    message: &'a PubSubMessage,
+    /// Which delivery of the message this is, counting from 1.
+    attempt: u32,
+    /// Lease extensions made so far while handling it; the runner's extender counts them.
+    extended: &'a AtomicU32,
+    /// Counters the handler may update.
+    metrics: &'a Metrics,
+}
+
+impl<'a> Context<'a> {
+    /// A context for handling `message`; the runner makes one per delivery, and tests of a
+    /// handler can make their own.
+    pub fn new(
+        message: &'a PubSubMessage,
+        attempt: u32,
+        extended: &'a AtomicU32,
+        metrics: &'a Metrics,
+    ) -> Self {
+        Context {
+            message,
+            attempt,
+            extended,
+            metrics,
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &PubSubMessage {
+        self.message
+    }
+
+    /// Which delivery of the message this is, counting from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// How often the lease has been extended while handling it so far.
+    pub fn extended(&self) -> u32 {
+        self.extended.load(Ordering::Relaxed)
+    }
+
+    /// The service's counters.
+    pub fn metrics(&self) -> &Metrics {
+        self.metrics
+    }
+}
+
+/// Handles one message; the runner acks it on `Ok` and nacks it on `Err`.
+///
+/// While the returned future runs, the runner keeps the message's lease alive, so a handler
+/// need not care about ack deadlines. The future must not block its thread: it runs on the
+/// executor with the handlers of other messages. A panic inside it is caught by the runner
+/// and starts a graceful shutdown.
+///
+/// ```
+/// use mayhem::{Context, HandleError, Handler};
+///
+/// struct Accept;
+///
+/// impl Handler for Accept {
+///     async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
+///         assert!(ctx.attempt() >= 1);
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// Handles the message of `ctx`.
+    fn handle(&self, ctx: &Context<'_>) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// Settings of the [`MayhemHandler`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MayhemConfig {
+    /// Upper bound of each simulated I/O step (restart, save, cleanup); zero = none.
+    pub latency: Duration,
+    /// Probability that one restart attempt fails.
+    pub restart_failure_rate: f64,
+    /// Probability that the save fails.
+    pub save_failure_rate: f64,
+    /// Probability that handling panics (fault injection).
+    pub panic_rate: f64,
+    /// Retries of a failed restart before giving up.
+    pub restart_retries: u32,
+    /// Seed of the handler's random choices; each message draws from its own stream derived
+    /// from this seed, its id and its attempt, so outcomes do not depend on scheduling.
+    pub seed: u64,
+}
+
+impl MayhemConfig {
+    /// The handler settings of a service configuration, with the given seed.
+    pub fn from_config(config: &Config, seed: u64) -> Self {
+        MayhemConfig {
+            latency: config.handler_latency,
+            restart_failure_rate: config.restart_failure_rate,
+            save_failure_rate: config.save_failure_rate,
+            panic_rate: config.panic_rate,
+            restart_retries: config.restart_retries,
+            seed,
+        }
+    }
+}
+
+/// The chaos monkey: restarts the host and saves a record, concurrently, with simulated
+/// latency and failures.
+///
+/// A failed restart is retried up to `restart_retries` times with exponential backoff;
+/// a restart that still fails, or a failed save, is an error (the message is nacked and
+/// delivered again, until it is dead-lettered).
+#[derive(Debug, Clone)]
+pub struct MayhemHandler {
+    /// The settings.
+    config: MayhemConfig,
+}
+
+impl MayhemHandler {
+    /// A handler with these settings.
+    pub fn new(config: MayhemConfig) -> Self {
+        MayhemHandler { config }
+    }
+
+    /// A random stream for one delivery of one message.
+    fn rng_for(&self, message: &PubSubMessage, attempt: u32) -> fastrand::Rng {
+        let (high, low) = message.message_id().as_u64_pair();
+        fastrand::Rng::with_seed(
+            self.config.seed ^ high ^ low.rotate_left(17) ^ u64::from(attempt).rotate_left(40),
+        )
+    }
+
+    /// Restarts the host, retrying failures with backoff.
+    async fn restart_host(
+        &self,
+        ctx: &Context<'_>,
+        rng: &mut fastrand::Rng,
+    ) -> Result<(), HandleError> {
+        let hostname = ctx.message().hostname();
+        let mut backoff = (self.config.latency / 10).max(Duration::from_millis(1));
+        let mut retries_left = self.config.restart_retries;
+        loop {
+            sleep_up_to(self.config.latency, rng).await;
+            if !chance(rng, self.config.restart_failure_rate) {
+                info!("Restarted {hostname}");
+                return Ok(());
+            }
+            ctx.metrics().restart_failed();
+            if retries_left == 0 {
+                return Err(HandleError::RestartFailed { hostname });
+            }
+            retries_left -= 1;
+            error!("Retrying for failure to restart: {hostname}");
+            ctx.metrics().restart_retried();
+            if !self.config.latency.is_zero() {
+                smol::Timer::after(backoff).await;
+                backoff = backoff.saturating_mul(2);
+            }
+        }
+    }
+
+    /// Saves a record of the message.
+    async fn save(&self, ctx: &Context<'_>, rng: &mut fastrand::Rng) -> Result<(), HandleError> {
+        sleep_up_to(self.config.latency, rng).await;
+        if chance(rng, self.config.save_failure_rate) {
+            ctx.metrics().save_failed();
+            return Err(HandleError::SaveFailed {
+                message: ctx.message().to_string(),
+            });
+        }
+        info!("Saved {} into database", ctx.message());
+        Ok(())
+    }
+}
+
+impl Handler for MayhemHandler {
+    async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
+        let mut rng = self.rng_for(ctx.message(), ctx.attempt());
+        if chance(&mut rng, self.config.panic_rate) {
+            panic!("injected fault while handling {}", ctx.message());
+        }
+        let mut restart_rng = rng.fork();
+        let mut save_rng = rng.fork();
+        let (restarted, saved) = future::zip(
+            self.restart_host(ctx, &mut restart_rng),
+            self.save(ctx, &mut save_rng),
+        )
+        .await;
+        // Examine the results, as the reference's handle_results does.
+        for result in [&restarted, &saved] {
+            if let Err(error) = result {
+                error!("Handling general error: {error}");
+            }
+        }
+        // Cleanup: simulated latency; the runner acks (or nacks) afterwards.
+        sleep_up_to(self.config.latency, &mut rng).await;
+        restarted.and(saved)
+    }
+}
+
+/// Whether an event of probability `rate` happens; exact at 0 and 1.
+fn chance(rng: &mut fastrand::Rng, rate: f64) -> bool {
+    rate >= 1.0 || (rate > 0.0 && rng.f64() < rate)
+}
+
+/// Sleeps a random time in `[0, max)`; no timer at all when `max` is zero.
+async fn sleep_up_to(max: Duration, rng: &mut fastrand::Rng) {
+    if max.is_zero() {
+        return;
+    }
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    smol::Timer::after(Duration::from_nanos(rng.u64(..nanos))).await;
+}

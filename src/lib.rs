@@ -1,0 +1,97 @@
+//! Mayhem: a mock chaos monkey, and a runtime-agnostic pub/sub worker.
+//!
+//! Mayhem consumes "restart this host" messages from a pub/sub subscription and handles each
+//! one concurrently: restart the host, save a record, keep the message's lease alive, ack it.
+//! Its point is the bridge between plain synchronous threads (the kind a sync pub/sub client
+//! library gives you) and async handlers, and a shutdown that is clean and deterministic.
+//!
+//! # Data flow
+//!
+//! ```text
+//!  publisher threads ──publish──▶ Source (in-memory pub/sub: ready → leased → acked/dead)
+//!                                   │ blocking pull (leases, in batches)
+//!                                   ▼
+//!  consumer threads ──send_blocking──▶ bounded async_channel ──recv().await──▶ executor threads
+//!                                                                                   │ one task per message:
+//!                                                                                   │ handler + lease extender
+//!                                                                                   ▼
+//!                                                                             ack / nack ──▶ Source
+//! ```
+//!
+//! Shutdown is a [`Shutdown`] value passed into [`run`]: a shared `AtomicBool` that every loop
+//! checks, plus closing the source and the channels, which wakes every blocked thread and
+//! task. What stops is fixed in order, so the outcome is the same every time. The library
+//! never installs signal handlers or a logger; the `mayhem` binary does both.
+//!
+//! # Modules
+//!
+//! - [`message`]: [`PubSubMessage`], the "restart this host" message.
+//! - [`source`]: the [`Source`] trait (sync, blocking pull of leases) and [`Delivery`], a
+//!   lease with a drop guard that nacks.
+//! - [`subscription`]: [`Subscription`], the embedded in-memory pub/sub with real lease
+//!   semantics, and the [`Clock`] it reads.
+//! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
+//! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
+//! - [`config`]: [`Config`], every setting.
+//! - [`metrics`]: counters and the final [`Report`].
+//! - [`error`]: the typed errors.
+//!
+//! # Embedding
+//!
+//! A plain `fn main`, a custom handler, and a programmatic stop:
+//!
+//! ```
+//! use std::time::Duration;
+//! use mayhem::{run, Config, Context, HandleError, Handler, Shutdown, ShutdownReason, Subscription};
+//!
+//! struct Noop;
+//!
+//! impl Handler for Noop {
+//!     async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut config = Config::default();
+//! config.publish_interval = Duration::from_millis(1);
+//! let subscription = Subscription::new((&config).into());
+//! let shutdown = Shutdown::new();
+//! let stopper = shutdown.clone();
+//! let timer = std::thread::spawn(move || {
+//!     std::thread::sleep(Duration::from_millis(50));
+//!     stopper.trigger(ShutdownReason::Requested);
+//! });
+//! let report = run(&config, &subscription, &Noop, &shutdown).unwrap();
+//! timer.join().unwrap();
+//! assert_eq!(report.reason, "requested");
+//! assert!(report.is_balanced());
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod config;
+mod consumer;
+pub mod error;
+mod flow;
+pub mod handler;
+pub mod message;
+pub mod metrics;
+mod publisher;
+mod runner;
+pub mod shutdown;
+pub mod source;
+pub mod subscription;
+
+pub use config::Config;
+pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
+pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
+pub use message::PubSubMessage;
+pub use metrics::{Metrics, Report};
+pub use runner::run;
+pub use shutdown::{Shutdown, ShutdownReason};
+pub use source::{Delivery, Lease, LeaseId, Source, SourceStats};
+pub use subscription::{
+    Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
+};
+pub use uuid::Uuid;

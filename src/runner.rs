@@ -1,0 +1,408 @@
+//! `run`: wires publishers, consumers and the executor together, and shuts them down in a
+//! fixed order.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::thread::{self, Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
+
+use async_executor::Executor;
+use futures_lite::{future, FutureExt};
+use log::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::consumer::Consumer;
+use crate::error::{HandleError, RunError};
+use crate::flow::{Cancel, Gate};
+use crate::handler::{Context, Handler};
+use crate::metrics::{Metrics, Report};
+use crate::publisher::Publisher;
+use crate::shutdown::{Shutdown, ShutdownReason};
+use crate::source::{Delivery, Source};
+
+/// How long cancelled handlers get to give their messages back before the executor stops.
+const CANCEL_WAIT: Duration = Duration::from_secs(1);
+/// Spreads the seeds of the publishers apart (the golden ratio in 64 bits).
+const SEED_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Runs the service until `shutdown` is triggered (or, with `config.messages`, until every
+/// message is settled), then shuts down in a fixed order and returns the [`Report`].
+///
+/// Threads: `config.publishers` publisher threads publish random messages into `source`;
+/// `config.consumers` consumer threads pull from it and hand deliveries over a bounded
+/// `async_channel` (`send_blocking`) to `config.workers` executor threads, which run one
+/// `handler` task per message while extending its lease every `config.extend_interval`.
+///
+/// Shutdown order: stop publishers and consumers; nack what sits in the hand-off channel;
+/// give handlers in flight `config.grace_period` to finish (their leases still extended);
+/// cancel and nack the rest; stop the executor threads; build the report. Every thread is
+/// joined before `run` returns: none outlives it.
+///
+/// # Blocking
+///
+/// Blocks the calling thread until the service has shut down. Do not call it inside a future
+/// that other work shares a thread with; inside `smol::block_on` it is fine (see the crate
+/// example).
+///
+/// # Errors
+///
+/// [`RunError::Config`] for an invalid configuration (nothing is started);
+/// [`RunError::Spawn`] if a thread cannot be started (what did start is shut down first).
+///
+/// ```
+/// use mayhem::{run, Config, MayhemConfig, MayhemHandler, Shutdown, Subscription};
+/// use std::time::Duration;
+///
+/// let mut config = Config::default();
+/// config.messages = Some(50);
+/// config.publish_interval = Duration::ZERO;
+/// config.handler_latency = Duration::ZERO;
+/// config.restart_failure_rate = 0.0;
+/// config.save_failure_rate = 0.0;
+/// config.seed = Some(1);
+/// let subscription = Subscription::new((&config).into());
+/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+/// let report = run(&config, &subscription, &handler, &Shutdown::new()).unwrap();
+/// assert_eq!(report.acked, 50);
+/// assert!(report.is_balanced());
+/// ```
+pub fn run<H: Handler>(
+    config: &Config,
+    source: &dyn Source,
+    handler: &H,
+    shutdown: &Shutdown,
+) -> Result<Report, RunError> {
+    config.validate()?;
+    let started = Instant::now();
+    let seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
+    let shared = Shared {
+        source,
+        handler,
+        shutdown,
+        metrics: Metrics::default(),
+        gate: Gate::new(config.max_in_flight),
+        cancel: Cancel::default(),
+        ack_deadline: config.ack_deadline,
+        extend_interval: config.extend_interval,
+        messages: config.messages,
+    };
+    let budget = config.messages.map(AtomicU64::new);
+    // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
+    let executor = Executor::new();
+    // Bounded: the hand-off never holds more than the flow-control window.
+    let (handoff, handoff_rx) = async_channel::bounded::<Delivery<'_>>(config.max_in_flight);
+    // Never sent to: closing it tells the executor threads to return.
+    let (stop, stop_rx) = async_channel::bounded::<()>(1);
+
+    let mut spawn_error = None;
+    let reason = thread::scope(|scope| {
+        let mut workers = Vec::new();
+        let mut feeders = Vec::new();
+        let mut spawn = |name: String, handles: &mut Vec<_>, body| {
+            spawn_in(scope, name, handles, &mut spawn_error, shutdown, body);
+        };
+        for index in 0..config.workers {
+            let (executor, shared, handoff_rx, stop_rx) =
+                (&executor, &shared, handoff_rx.clone(), stop_rx.clone());
+            let body = move || {
+                future::block_on(executor.run(async {
+                    // Each executor thread also receives from the hand-off channel and spawns
+                    // one task per delivery; after shutdown began it nacks instead.
+                    while let Ok(delivery) = handoff_rx.recv().await {
+                        if shared.shutdown.is_triggered() {
+                            shared.give_back(delivery);
+                        } else {
+                            executor.spawn(shared.handle(delivery)).detach();
+                        }
+                    }
+                    // The channel is closed and drained: keep running the tasks until stopped.
+                    let _ = stop_rx.recv().await;
+                }));
+            };
+            spawn(
+                format!("mayhem-worker-{index}"),
+                &mut workers,
+                Box::new(body) as Body<'_>,
+            );
+        }
+        for index in 0..config.consumers {
+            let consumer = Consumer {
+                source,
+                shutdown,
+                gate: &shared.gate,
+                handoff: handoff.clone(),
+                messages: config.messages,
+            };
+            spawn(
+                format!("mayhem-consumer-{index}"),
+                &mut feeders,
+                Box::new(move || consumer.run()),
+            );
+        }
+        for index in 0..config.publishers {
+            let publisher = Publisher {
+                source,
+                shutdown,
+                interval: config.publish_interval,
+                budget: budget.as_ref(),
+                seed: seed ^ SEED_STEP.wrapping_mul(index as u64 + 1),
+            };
+            spawn(
+                format!("mayhem-publisher-{index}"),
+                &mut feeders,
+                Box::new(move || publisher.run()),
+            );
+        }
+        // `--messages 0` is done before it starts.
+        shared.check_done();
+
+        let reason = shutdown.wait();
+        match &reason {
+            ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
+            ShutdownReason::Requested => info!("Received shutdown request..."),
+            ShutdownReason::Completed => {
+                info!(
+                    "Settled all {} messages...",
+                    config.messages.unwrap_or_default()
+                )
+            }
+            // The task that caught the panic logged it.
+            ShutdownReason::Panicked(_) => {}
+        }
+
+        info!("Closing database connections");
+        source.interrupt();
+        shared.gate.close();
+        join_all(feeders);
+
+        info!("Nacking outstanding messages");
+        handoff.close();
+        while let Ok(delivery) = handoff_rx.try_recv() {
+            shared.give_back(delivery);
+        }
+        let in_flight = shared.gate.in_flight();
+        if in_flight > 0 {
+            info!(
+                "Waiting up to {} for {in_flight} handlers to finish",
+                humantime::format_duration(config.grace_period)
+            );
+            shared.gate.wait_idle(config.grace_period);
+        }
+        info!("Cancelling {} outstanding tasks", shared.gate.in_flight());
+        shared.cancel.trigger();
+        if !shared.gate.wait_idle(CANCEL_WAIT) {
+            warn!(
+                "{} handlers did not stop when cancelled",
+                shared.gate.in_flight()
+            );
+        }
+
+        info!("Shutting down executor");
+        stop.close();
+        join_all(workers);
+        reason
+    });
+    // No task is left: each ended, or was cancelled and gave its message back.
+    drop(executor);
+    if let Some(error) = spawn_error {
+        return Err(RunError::Spawn(error));
+    }
+
+    info!("Flushing metrics");
+    let report = Report::new(
+        source.stats(),
+        &shared.metrics,
+        started.elapsed(),
+        seed,
+        reason.kind(),
+    );
+    info!("Successfully shutdown the Mayhem service.");
+    Ok(report)
+}
+
+/// What the handler tasks share; borrowed by them, never reference-counted, because every
+/// task ends before `run` returns.
+struct Shared<'a, H> {
+    /// The subscription.
+    source: &'a dyn Source,
+    /// The handler run for each message.
+    handler: &'a H,
+    /// Triggered by a panic or by the last settled message.
+    shutdown: &'a Shutdown,
+    /// The handlers' counters.
+    metrics: Metrics,
+    /// Flow control: one permit per message pulled and not yet settled.
+    gate: Gate,
+    /// Tells handlers still running after the grace period to stop.
+    cancel: Cancel,
+    /// A lease extension moves the deadline this far from now.
+    ack_deadline: Duration,
+    /// How often leases are extended while their message is handled.
+    extend_interval: Duration,
+    /// With `--messages N`: shut down once N messages are settled.
+    messages: Option<u64>,
+}
+
+/// How handling one message ended.
+enum Outcome {
+    /// The handler returned, or panicked (the `Err` holds the panic's payload).
+    Finished(std::thread::Result<Result<(), HandleError>>),
+    /// The handler was cancelled after the grace period.
+    Cancelled,
+}
+
+impl<H: Handler> Shared<'_, H> {
+    /// Handles one delivery: runs the handler while extending the lease, then acks or nacks.
+    async fn handle(&self, delivery: Delivery<'_>) {
+        let message = *delivery.message();
+        info!("Handling {message}");
+        let started = Instant::now();
+        let extended = AtomicU32::new(0);
+        let outcome = {
+            let ctx = Context::new(&message, delivery.attempt(), &extended, &self.metrics);
+            // The handler is polled first: one that finishes at once never starts a timer.
+            let work = async {
+                Outcome::Finished(
+                    AssertUnwindSafe(self.handler.handle(&ctx))
+                        .catch_unwind()
+                        .await,
+                )
+            };
+            let keep_alive = self.keep_alive(&delivery, &extended);
+            let cancelled = async {
+                self.cancel.cancelled().await;
+                Outcome::Cancelled
+            };
+            work.or(keep_alive).or(cancelled).await
+        };
+        match outcome {
+            Outcome::Finished(Ok(Ok(()))) => match delivery.ack() {
+                Ok(()) => {
+                    self.metrics.record_latency(started.elapsed());
+                    info!("Done. Acked {message}");
+                }
+                Err(error) => warn!("Ack of {message} refused: {error}"),
+            },
+            Outcome::Finished(Ok(Err(error))) => {
+                debug!("Nacking {message}: {error}");
+                let _ = delivery.nack();
+            }
+            Outcome::Finished(Err(panic)) => {
+                let text = panic_text(panic.as_ref());
+                error!("Caught exception: {text}");
+                self.metrics.panicked();
+                let _ = delivery.nack();
+                if self.shutdown.trigger(ShutdownReason::Panicked(text)) {
+                    info!("Shutting down...");
+                }
+            }
+            Outcome::Cancelled => {
+                self.metrics.cancelled();
+                let _ = delivery.nack();
+            }
+        }
+        self.gate.release(1);
+        self.check_done();
+    }
+
+    /// Extends the lease every `extend_interval` while the message is handled. Never returns
+    /// an outcome: it ends when the handling does.
+    async fn keep_alive(&self, delivery: &Delivery<'_>, extended: &AtomicU32) -> Outcome {
+        loop {
+            smol::Timer::after(self.extend_interval).await;
+            match delivery.extend(self.ack_deadline) {
+                Ok(()) => {
+                    extended.fetch_add(1, Ordering::Relaxed);
+                    info!(
+                        "Extended deadline by {} for {}",
+                        seconds(self.ack_deadline),
+                        delivery.message()
+                    );
+                }
+                Err(error) => {
+                    warn!(
+                        "Could not extend the lease of {}: {error}",
+                        delivery.message()
+                    );
+                    return future::pending().await;
+                }
+            }
+        }
+    }
+
+    /// Nacks a delivery that never reached a handler and returns its permit.
+    fn give_back(&self, delivery: Delivery<'_>) {
+        let _ = delivery.nack();
+        self.gate.release(1);
+    }
+
+    /// With `--messages N`, triggers the shutdown once N messages are settled.
+    fn check_done(&self) {
+        check_done(self.source, self.shutdown, self.messages);
+    }
+}
+
+/// With `messages` set, triggers the shutdown once that many messages are settled.
+pub(crate) fn check_done(source: &dyn Source, shutdown: &Shutdown, messages: Option<u64>) {
+    if let Some(target) = messages {
+        if source.settled() >= target {
+            shutdown.trigger(ShutdownReason::Completed);
+        }
+    }
+}
+
+/// The body of a thread of the service.
+type Body<'a> = Box<dyn FnOnce() + Send + 'a>;
+
+/// Starts a scoped thread. After a failure nothing more is started: the error is kept and the
+/// shutdown triggered, so what did start stops in the usual order.
+fn spawn_in<'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    name: String,
+    handles: &mut Vec<ScopedJoinHandle<'scope, ()>>,
+    failed: &mut Option<std::io::Error>,
+    shutdown: &Shutdown,
+    body: Body<'scope>,
+) {
+    if failed.is_some() {
+        return;
+    }
+    match thread::Builder::new().name(name).spawn_scoped(scope, body) {
+        Ok(handle) => handles.push(handle),
+        Err(error) => {
+            error!("Could not start a thread: {error}");
+            *failed = Some(error);
+            shutdown.trigger(ShutdownReason::Requested);
+        }
+    }
+}
+
+/// Joins threads; a panic in one is logged (the library's threads do not panic by design).
+fn join_all(handles: Vec<ScopedJoinHandle<'_, ()>>) {
+    for handle in handles {
+        let name = handle.thread().name().unwrap_or("mayhem").to_owned();
+        if let Err(panic) = handle.join() {
+            error!("Thread {name} panicked: {}", panic_text(panic.as_ref()));
+        }
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}
+
+/// A duration as the reference logs it: `3 seconds`, or `1.5s` when not whole.
+fn seconds(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{} seconds", duration.as_secs())
+    } else {
+        humantime::format_duration(duration).to_string()
+    }
+}
