@@ -160,13 +160,13 @@ impl MayhemHandler {
                 info!("Restarted {hostname}");
                 return Ok(());
             }
-            ctx.metrics().restart_failed();
+            ctx.metrics().count_restart_failed();
             if retries_left == 0 {
                 return Err(HandleError::RestartFailed { hostname });
             }
             retries_left -= 1;
             error!("Retrying for failure to restart: {hostname}");
-            ctx.metrics().restart_retried();
+            ctx.metrics().count_restart_retried();
             if !self.config.latency.is_zero() {
                 smol::Timer::after(backoff).await;
                 backoff = backoff.saturating_mul(2);
@@ -178,7 +178,7 @@ impl MayhemHandler {
     async fn save(&self, ctx: &Context<'_>, rng: &mut fastrand::Rng) -> Result<(), HandleError> {
         sleep_up_to(self.config.latency, rng).await;
         if chance(rng, self.config.save_failure_rate) {
-            ctx.metrics().save_failed();
+            ctx.metrics().count_save_failed();
             return Err(HandleError::SaveFailed {
                 message: ctx.message().to_string(),
             });

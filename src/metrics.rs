@@ -48,26 +48,41 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts one failed restart attempt.
-    pub fn restart_failed(&self) {
+    pub fn count_restart_failed(&self) {
         self.restart_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one retry of a restart.
-    pub fn restart_retried(&self) {
+    pub fn count_restart_retried(&self) {
         self.restart_retried.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one failed save.
-    pub fn save_failed(&self) {
+    pub fn count_save_failed(&self) {
         self.save_failed.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn panicked(&self) {
+    pub(crate) fn count_panicked(&self) {
         self.panicked.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn cancelled(&self) {
+    pub(crate) fn count_cancelled(&self) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed restart attempts so far.
+    pub fn restart_failed(&self) -> u64 {
+        self.restart_failed.load(Ordering::Relaxed)
+    }
+
+    /// Restart retries so far.
+    pub fn restart_retried(&self) -> u64 {
+        self.restart_retried.load(Ordering::Relaxed)
+    }
+
+    /// Failed saves so far.
+    pub fn save_failed(&self) -> u64 {
+        self.save_failed.load(Ordering::Relaxed)
     }
 
     /// Records how long handling one message took.

@@ -290,14 +290,14 @@ impl<H: Handler> Shared<'_, H> {
             Outcome::Finished(Err(panic)) => {
                 let text = panic_text(panic.as_ref());
                 error!("Caught exception: {text}");
-                self.metrics.panicked();
+                self.metrics.count_panicked();
                 let _ = delivery.nack();
                 if self.shutdown.trigger(ShutdownReason::Panicked(text)) {
                     info!("Shutting down...");
                 }
             }
             Outcome::Cancelled => {
-                self.metrics.cancelled();
+                self.metrics.count_cancelled();
                 let _ = delivery.nack();
             }
         }

@@ -348,7 +348,8 @@ impl Source for Subscription {
     fn pull(&self, max: usize, wait: Duration, out: &mut Vec<Lease>) -> Result<(), SourceError> {
         let mut state = self.lock();
         let mut now = self.inner.clock.now();
-        let give_up = now.checked_add(wait);
+        // The wait is real time; lease deadlines follow the clock (which tests may drive).
+        let give_up = Instant::now().checked_add(wait);
         loop {
             if state.interrupted {
                 return Err(SourceError::Closed);
@@ -359,12 +360,19 @@ impl Source for Subscription {
             }
             // Sleep until the wait ends or the next lease may expire, whichever is first.
             let mut timeout = match give_up {
-                Some(end) if end > now => end - now,
-                Some(_) => return Ok(()),
+                Some(end) => end.saturating_duration_since(Instant::now()),
                 None => Duration::from_secs(3600),
             };
+            if timeout.is_zero() {
+                return Ok(());
+            }
             if let Some(earliest) = state.earliest_deadline {
-                timeout = timeout.min(earliest.saturating_duration_since(now));
+                // At least a millisecond, so a clock that does not move cannot make us spin.
+                timeout = timeout.min(
+                    earliest
+                        .saturating_duration_since(now)
+                        .max(Duration::from_millis(1)),
+                );
             }
             state.pull_waiters += 1;
             state = self

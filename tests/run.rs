@@ -1,0 +1,254 @@
+//! The whole service through `run`: accounting, shutdown order outcomes, extension, panics.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use mayhem::{
+    run, Config, Context, HandleError, Handler, MayhemConfig, MayhemHandler, PubSubMessage,
+    RunError, Shutdown, ShutdownReason, Source, Subscription,
+};
+
+/// A fast configuration: no pauses, no latency, no failures, fixed seed.
+fn fast(messages: u64) -> Config {
+    Config {
+        messages: Some(messages),
+        publish_interval: Duration::ZERO,
+        handler_latency: Duration::ZERO,
+        restart_failure_rate: 0.0,
+        save_failure_rate: 0.0,
+        workers: 2,
+        seed: Some(11),
+        ..Config::default()
+    }
+}
+
+fn run_mayhem(config: &Config) -> mayhem::Report {
+    let subscription = Subscription::new(config.into());
+    let handler = MayhemHandler::new(MayhemConfig::from_config(config, config.seed.unwrap_or(0)));
+    let report = run(config, &subscription, &handler, &Shutdown::new()).unwrap();
+    assert!(report.is_balanced(), "{report:?}");
+    report
+}
+
+#[test]
+fn without_failures_every_message_is_acked_once() {
+    let report = run_mayhem(&fast(3000));
+    assert_eq!(
+        (report.published, report.consumed, report.acked),
+        (3000, 3000, 3000)
+    );
+    assert_eq!(
+        (
+            report.nacked,
+            report.redelivered,
+            report.dead_lettered,
+            report.remaining
+        ),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(report.reason, "completed");
+}
+
+#[test]
+fn with_failures_every_message_is_acked_or_dead_lettered() {
+    let config = Config {
+        restart_failure_rate: 0.3,
+        save_failure_rate: 0.3,
+        restart_retries: 1,
+        max_attempts: 3,
+        ..fast(3000)
+    };
+    let report = run_mayhem(&config);
+    assert_eq!(report.published, 3000);
+    assert_eq!(report.acked + report.dead_lettered, 3000);
+    assert_eq!(report.remaining, 0);
+    assert!(report.redelivered > 0 && report.nacked > 0, "{report:?}");
+    assert!(
+        report.restart_retried > 0 && report.save_failed > 0,
+        "{report:?}"
+    );
+    assert_eq!(report.consumed, report.acked + report.nacked);
+}
+
+#[test]
+fn with_certain_failure_every_message_is_dead_lettered() {
+    let config = Config {
+        restart_failure_rate: 1.0,
+        restart_retries: 0,
+        max_attempts: 3,
+        ..fast(200)
+    };
+    let report = run_mayhem(&config);
+    assert_eq!(
+        (report.acked, report.dead_lettered, report.remaining),
+        (0, 200, 0)
+    );
+    assert_eq!(
+        (report.consumed, report.nacked, report.redelivered),
+        (600, 600, 400)
+    );
+}
+
+#[test]
+fn zero_messages_ends_at_once() {
+    let report = run_mayhem(&fast(0));
+    assert_eq!((report.published, report.reason), (0, "completed"));
+}
+
+/// A handler that counts the messages it started and triggers the shutdown once `target`
+/// started; each then takes `latency` (or forever, with `None`).
+struct Stalling {
+    started: AtomicUsize,
+    target: usize,
+    shutdown: Shutdown,
+    latency: Option<Duration>,
+}
+
+impl Handler for Stalling {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        if self.started.fetch_add(1, Ordering::SeqCst) + 1 == self.target {
+            self.shutdown.trigger(ShutdownReason::Requested);
+        }
+        match self.latency {
+            Some(latency) => {
+                smol::Timer::after(latency).await;
+                Ok(())
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Publishes `count` messages up front and runs without publishers.
+fn run_stalling(count: usize, latency: Option<Duration>, grace: Duration) -> mayhem::Report {
+    let config = Config {
+        publishers: 0,
+        messages: None,
+        grace_period: grace,
+        ..fast(0)
+    };
+    let subscription = Subscription::new((&config).into());
+    let mut rng = fastrand::Rng::with_seed(5);
+    for _ in 0..count {
+        subscription
+            .publish(PubSubMessage::random(&mut rng))
+            .unwrap();
+    }
+    let shutdown = Shutdown::new();
+    let handler = Stalling {
+        started: AtomicUsize::new(0),
+        target: count,
+        shutdown: shutdown.clone(),
+        latency,
+    };
+    let report = run(&config, &subscription, &handler, &shutdown).unwrap();
+    assert!(report.is_balanced(), "{report:?}");
+    assert_eq!(report.reason, "requested");
+    report
+}
+
+#[test]
+fn handlers_that_outlive_the_grace_period_are_cancelled_and_nacked() {
+    let report = run_stalling(20, None, Duration::from_millis(50));
+    assert_eq!((report.cancelled, report.nacked, report.acked), (20, 20, 0));
+    assert_eq!(report.remaining, 20);
+}
+
+#[test]
+fn handlers_that_finish_within_the_grace_period_are_acked() {
+    let report = run_stalling(
+        20,
+        Some(Duration::from_millis(100)),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        (
+            report.cancelled,
+            report.nacked,
+            report.acked,
+            report.remaining
+        ),
+        (0, 0, 20, 0)
+    );
+}
+
+#[test]
+fn leases_are_extended_while_handling() {
+    let config = Config {
+        handler_latency: Duration::from_millis(400),
+        ack_deadline: Duration::from_secs(1),
+        extend_interval: Duration::from_millis(100),
+        ..fast(5)
+    };
+    let report = run_mayhem(&config);
+    assert_eq!((report.acked, report.expired), (5, 0));
+    // Each message takes at least its cleanup step, and with 3 steps of up to 400 ms most
+    // take long enough for several extensions.
+    assert!(report.extended >= 1, "{report:?}");
+}
+
+#[test]
+fn a_panicking_handler_shuts_the_service_down_gracefully() {
+    let config = Config {
+        panic_rate: 1.0,
+        ..fast(50)
+    };
+    let report = run_mayhem(&config);
+    assert_eq!(report.reason, "panicked");
+    assert!(report.panicked >= 1);
+    assert_eq!(report.acked, 0);
+    assert_eq!(report.remaining + report.dead_lettered, report.published);
+}
+
+#[test]
+fn an_invalid_config_is_refused_before_anything_starts() {
+    let config = Config {
+        extend_interval: Duration::from_secs(3),
+        ..fast(1)
+    };
+    let subscription = Subscription::new((&config).into());
+    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+    match run(&config, &subscription, &handler, &Shutdown::new()) {
+        Err(RunError::Config(error)) => {
+            assert_eq!(error.option, "--extend-interval");
+            assert_eq!(
+                error.to_string(),
+                "invalid value '3s' for '--extend-interval': must be below --ack-deadline (3s)"
+            );
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    assert_eq!(subscription.stats().published, 0);
+}
+
+#[test]
+fn flow_control_bounds_messages_in_flight() {
+    let config = Config {
+        max_in_flight: 3,
+        publishers: 0,
+        messages: None,
+        grace_period: Duration::from_millis(10),
+        ..fast(0)
+    };
+    let subscription = Subscription::new((&config).into());
+    let mut rng = fastrand::Rng::with_seed(6);
+    for _ in 0..10 {
+        subscription
+            .publish(PubSubMessage::random(&mut rng))
+            .unwrap();
+    }
+    let shutdown = Shutdown::new();
+    // Stalls forever; the shutdown comes when the third message started.
+    let handler = Stalling {
+        started: AtomicUsize::new(0),
+        target: 3,
+        shutdown: shutdown.clone(),
+        latency: None,
+    };
+    let report = run(&config, &subscription, &handler, &shutdown).unwrap();
+    // Only three were ever pulled: the window was full.
+    assert_eq!(
+        (report.consumed, report.cancelled, report.remaining),
+        (3, 3, 10)
+    );
+}
