@@ -9,7 +9,7 @@ use mayhem::Config;
 /// Mayhem: a mock chaos monkey that consumes "restart this host" messages from an in-memory
 /// pub/sub subscription and handles each one concurrently.
 #[derive(Debug, Parser)]
-#[command(name = "mayhem", version, about, long_about = None)]
+#[command(name = "mayhem", version, about, long_about = None, allow_negative_numbers = true)]
 pub(crate) struct Cli {
     /// Publisher threads (0 = none).
     #[arg(long, env = "MAYHEM_PUBLISHERS", value_name = "N", default_value_t = 1)]
@@ -37,10 +37,10 @@ pub(crate) struct Cli {
     )]
     max_backlog: usize,
     /// Upper bound of a publisher's random pause between messages (0 = none).
-    #[arg(long, env = "MAYHEM_PUBLISH_INTERVAL", value_name = "DUR", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "MAYHEM_PUBLISH_INTERVAL", value_name = "DUR", default_value = "1s", value_parser = duration, allow_hyphen_values = true)]
     publish_interval: Duration,
     /// Upper bound of each simulated I/O step of a handler (0 = none).
-    #[arg(long, env = "MAYHEM_HANDLER_LATENCY", value_name = "DUR", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "MAYHEM_HANDLER_LATENCY", value_name = "DUR", default_value = "1s", value_parser = duration, allow_hyphen_values = true)]
     handler_latency: Duration,
     /// Probability that one restart attempt fails.
     #[arg(long, env = "MAYHEM_RESTART_FAILURE_RATE", value_name = "P", default_value_t = 0.25, value_parser = rate)]
@@ -60,10 +60,10 @@ pub(crate) struct Cli {
     )]
     restart_retries: u32,
     /// How long a pulled message stays leased without an extension.
-    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = "3s", value_parser = duration)]
+    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = "3s", value_parser = duration, allow_hyphen_values = true)]
     ack_deadline: Duration,
     /// How often the lease of a message being handled is extended (below --ack-deadline).
-    #[arg(long, env = "MAYHEM_EXTEND_INTERVAL", value_name = "DUR", default_value = "2s", value_parser = duration)]
+    #[arg(long, env = "MAYHEM_EXTEND_INTERVAL", value_name = "DUR", default_value = "2s", value_parser = duration, allow_hyphen_values = true)]
     extend_interval: Duration,
     /// Deliveries of one message before it is dead-lettered.
     #[arg(
@@ -74,7 +74,7 @@ pub(crate) struct Cli {
     )]
     max_attempts: u32,
     /// On shutdown, how long handlers in flight may take before they are cancelled.
-    #[arg(long, env = "MAYHEM_GRACE_PERIOD", value_name = "DUR", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "MAYHEM_GRACE_PERIOD", value_name = "DUR", default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
     grace_period: Duration,
     /// Publish N messages, handle them all, then exit [default: run until a signal].
     #[arg(long, env = "MAYHEM_MESSAGES", value_name = "N")]

@@ -1,0 +1,37 @@
+# Mayhem: the two commands a user needs are `make run` and `make test`.
+# Pass flags to the service with ARGS, e.g. `make run ARGS="--messages 100 --report json"`.
+
+CARGO ?= cargo
+ARGS ?=
+
+.PHONY: run test lint fmt bench build clean
+
+## Run the service on its embedded in-memory pub/sub; Ctrl-C stops it cleanly.
+run:
+	$(CARGO) run --release --quiet -- $(ARGS)
+
+## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples.
+test: lint
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+	$(CARGO) run --quiet --example embed_sync
+	$(CARGO) run --quiet --example embed_smol
+
+## Formatting, clippy with warnings denied, and rustdoc with warnings denied.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
+
+fmt:
+	$(CARGO) fmt --all
+
+build:
+	$(CARGO) build --release
+
+## Benchmarks of the real pipeline against a bare channel + executor baseline.
+bench:
+	@echo "make bench: not yet (see the performance issue)"
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,467 @@
+//! The `mayhem` binary end to end: signals, exit codes, shutdown lines, bad input.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// The shutdown lines, in the order they must appear (after `Received exit signal ...`).
+const SHUTDOWN_LINES: [&str; 6] = [
+    "Closing database connections",
+    "Nacking outstanding messages",
+    "Cancelling ",
+    "Shutting down executor",
+    "Flushing metrics",
+    "Successfully shutdown the Mayhem service.",
+];
+
+/// Upper bound for anything a test waits for; only reached when something is broken.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A running `mayhem` process whose stderr is read line by line.
+struct Service {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stdout: JoinHandle<String>,
+}
+
+impl Service {
+    fn start(args: &[&str]) -> Service {
+        Self::start_with_env(args, &[])
+    }
+
+    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Service {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mayhem"));
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start mayhem");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let (sender, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdout = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        });
+        Service {
+            child,
+            lines,
+            seen: Vec::new(),
+            stdout,
+        }
+    }
+
+    /// Reads stderr until a line contains `pattern`; panics after `PATIENCE`.
+    fn wait_for(&mut self, pattern: &str) {
+        let end = Instant::now() + PATIENCE;
+        if self.seen.iter().any(|line| line.contains(pattern)) {
+            return;
+        }
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(pattern);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no line with {pattern:?} within {PATIENCE:?}; seen: {:?}",
+                        self.seen
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("stderr closed before {pattern:?}; seen: {:?}", self.seen)
+                }
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the exit (killing the process after `PATIENCE`); returns the status, the
+    /// time it took, all stderr lines and stdout.
+    fn finish(mut self) -> (ExitStatus, Duration, Vec<String>, String) {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for mayhem") {
+                break status;
+            }
+            if started.elapsed() > PATIENCE {
+                let _ = self.child.kill();
+                panic!(
+                    "mayhem did not exit within {PATIENCE:?}; seen: {:?}",
+                    self.seen
+                );
+            }
+            match self.lines.recv_timeout(Duration::from_millis(10)) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => continue,
+            }
+        };
+        let took = started.elapsed();
+        self.seen.extend(self.lines.iter());
+        let stdout = self.stdout.join().expect("stdout reader");
+        (status, took, self.seen, stdout)
+    }
+}
+
+/// Asserts that `lines` hold `first` and then the shutdown lines, in that order.
+fn assert_shutdown_sequence(lines: &[String], first: &str) {
+    let mut expected = vec![first];
+    expected.extend(SHUTDOWN_LINES);
+    let mut position = 0;
+    for pattern in expected {
+        match lines[position..]
+            .iter()
+            .position(|line| line.contains(pattern))
+        {
+            Some(offset) => position += offset + 1,
+            None => panic!("{pattern:?} missing or out of order in {lines:#?}"),
+        }
+    }
+}
+
+fn assert_no_panic_text(lines: &[String]) {
+    for line in lines {
+        assert!(!line.contains("panicked"), "panic text on stderr: {line}");
+    }
+}
+
+/// The value of a numeric field of the JSON report.
+fn field(json: &str, name: &str) -> f64 {
+    let key = format!("\"{name}\":");
+    let start = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {json}"))
+        + key.len();
+    let rest = &json[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number in {json}"))
+}
+
+fn assert_balanced(json: &str) {
+    let published = field(json, "published");
+    let settled = field(json, "acked") + field(json, "dead_lettered") + field(json, "remaining");
+    assert_eq!(
+        published, settled,
+        "published != acked + dead_lettered + remaining: {json}"
+    );
+}
+
+/// Starts a lively service, sends `signal` once handling began, checks a clean exit.
+fn shuts_down_on(signal: &str) {
+    let mut service = Service::start(&[
+        "--publish-interval",
+        "10ms",
+        "--handler-latency",
+        "20ms",
+        "--seed",
+        "1",
+        "--report",
+        "json",
+    ]);
+    service.wait_for("Handling");
+    service.signal(signal);
+    let (status, _, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_shutdown_sequence(&lines, &format!("Received exit signal {signal}..."));
+    assert_no_panic_text(&lines);
+    assert_eq!(field(&stdout, "panicked"), 0.0);
+    assert!(stdout.contains("\"reason\":\"signal\""), "{stdout}");
+    assert_balanced(&stdout);
+}
+
+#[test]
+fn sigint_shuts_down_cleanly() {
+    shuts_down_on("SIGINT");
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    shuts_down_on("SIGTERM");
+}
+
+#[test]
+fn sighup_shuts_down_cleanly() {
+    shuts_down_on("SIGHUP");
+}
+
+#[test]
+fn sigquit_shuts_down_cleanly() {
+    shuts_down_on("SIGQUIT");
+}
+
+#[test]
+fn a_second_signal_forces_exit_130() {
+    let mut service = Service::start(&[
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "60s",
+        "--ack-deadline",
+        "60s",
+        "--extend-interval",
+        "30s",
+        "--grace-period",
+        "60s",
+        "--max-in-flight",
+        "50",
+    ]);
+    service.wait_for("Handling");
+    service.signal("SIGINT");
+    service.wait_for("Waiting up to");
+    service.signal("SIGTERM");
+    let (status, took, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(130), "{lines:#?}");
+    assert!(took < Duration::from_secs(5), "forced exit took {took:?}");
+    assert!(
+        lines.iter().any(|line| line.contains("forcing exit")),
+        "{lines:#?}"
+    );
+    assert_no_panic_text(&lines);
+}
+
+#[test]
+fn a_signal_under_load_ends_within_the_grace_period_and_nacks_the_rest() {
+    let mut service = Service::start(&[
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "20s",
+        "--ack-deadline",
+        "30s",
+        "--extend-interval",
+        "10s",
+        "--grace-period",
+        "1s",
+        "--max-in-flight",
+        "5000",
+        "--report",
+        "json",
+    ]);
+    for _ in 0..3 {
+        service.wait_for("Handling");
+        service.seen.clear();
+    }
+    service.signal("SIGTERM");
+    let (status, took, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "took {took:?} with a 1 s grace period"
+    );
+    assert_no_panic_text(&lines);
+    assert_balanced(&stdout);
+    assert!(field(&stdout, "cancelled") >= 1.0, "{stdout}");
+    assert!(
+        field(&stdout, "remaining") >= field(&stdout, "cancelled"),
+        "{stdout}"
+    );
+    assert!(
+        field(&stdout, "nacked") >= field(&stdout, "cancelled"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_counted_run_exits_by_itself_with_every_message_accounted_for() {
+    let service = Service::start(&[
+        "--messages",
+        "5000",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+        "--max-attempts",
+        "2",
+        "--report",
+        "json",
+        "--log-level",
+        "warn",
+        "--seed",
+        "9",
+    ]);
+    let (status, _, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:?}");
+    assert_eq!(field(&stdout, "published"), 5000.0);
+    assert_eq!(field(&stdout, "remaining"), 0.0);
+    assert!(field(&stdout, "dead_lettered") > 0.0, "{stdout}");
+    assert_balanced(&stdout);
+    assert_no_panic_text(&lines);
+}
+
+#[test]
+fn a_handler_panic_is_caught_and_ends_with_exit_1() {
+    let service = Service::start(&[
+        "--messages",
+        "20",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+        "--panic-rate",
+        "1",
+        "--report",
+        "json",
+    ]);
+    let (status, _, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(1), "{lines:#?}");
+    assert_shutdown_sequence(
+        &lines,
+        "Caught exception: injected fault while handling PubSubMessage(",
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.ends_with("INFO: Shutting down...")),
+        "{lines:#?}"
+    );
+    assert_no_panic_text(&lines);
+    assert!(field(&stdout, "panicked") >= 1.0);
+    assert_balanced(&stdout);
+}
+
+#[test]
+fn log_lines_follow_the_reference_format() {
+    let service = Service::start(&[
+        "--messages",
+        "3",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+    ]);
+    let (status, _, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(0));
+    for line in &lines {
+        // `18:46:39,660 INFO: message`
+        let bytes = line.as_bytes();
+        assert!(
+            bytes.len() > 13 && bytes[2] == b':' && bytes[5] == b':' && bytes[8] == b',',
+            "{line}"
+        );
+        assert!(line[13..].split_once(": ").is_some(), "{line}");
+    }
+    for expected in [
+        "Starting publisher",
+        "Starting consumer",
+        "Published PubSubMessage(instance_name='cattle-",
+        "Consumed PubSubMessage(",
+        "Handling PubSubMessage(",
+        "Done. Acked PubSubMessage(",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(expected)),
+            "no {expected:?} in {lines:#?}"
+        );
+    }
+}
+
+/// Runs the binary with bad input; expects exit 2 and one line naming `needle`.
+fn refuses(args: &[&str], env: &[(&str, &str)], needle: &str) {
+    let service = Service::start_with_env(args, env);
+    let (status, _, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(2), "{args:?} {env:?}: {lines:?}");
+    let lines: Vec<_> = lines
+        .into_iter()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?} {env:?}: expected one line, got {lines:?}"
+    );
+    assert!(
+        lines[0].contains(needle),
+        "{args:?} {env:?}: {:?} does not name {needle:?}",
+        lines[0]
+    );
+    assert!(lines[0].starts_with("error: "), "{lines:?}");
+    assert_no_panic_text(&lines);
+    assert!(stdout.is_empty(), "{stdout}");
+}
+
+#[test]
+fn bad_flags_exit_2_with_one_line_naming_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--workers", "abc"], "--workers"),
+        (&["--workers", "0"], "--workers"),
+        (&["--consumers", "-1"], "--consumers"),
+        (&["--max-in-flight", "0"], "--max-in-flight"),
+        (
+            &["--max-in-flight", "99999999999999999999"],
+            "--max-in-flight",
+        ),
+        (&["--restart-failure-rate", "1.5"], "--restart-failure-rate"),
+        (&["--save-failure-rate", "NaN"], "--save-failure-rate"),
+        (&["--publish-interval", "banana"], "--publish-interval"),
+        (&["--handler-latency", "-1s"], "--handler-latency"),
+        (&["--ack-deadline", "0"], "--ack-deadline"),
+        (&["--extend-interval", "3s"], "--extend-interval"),
+        (
+            &["--ack-deadline", "1s", "--extend-interval", "2s"],
+            "--extend-interval",
+        ),
+        (&["--grace-period", "1000000h"], "--grace-period"),
+        (&["--max-attempts", "0"], "--max-attempts"),
+        (&["--messages", "many"], "--messages"),
+        (&["--seed", "x"], "--seed"),
+        (&["--report", "xml"], "--report"),
+        (&["--log-level", "loud"], "--log-level"),
+        (&["--bogus"], "--bogus"),
+    ];
+    for (args, needle) in cases {
+        refuses(args, &[], needle);
+    }
+}
+
+#[test]
+fn bad_environment_variables_exit_2_naming_the_setting() {
+    refuses(&[], &[("MAYHEM_WORKERS", "lots")], "--workers");
+    refuses(
+        &[],
+        &[("MAYHEM_RESTART_FAILURE_RATE", "2")],
+        "--restart-failure-rate",
+    );
+    refuses(
+        &[],
+        &[("MAYHEM_EXTEND_INTERVAL", "10s")],
+        "--extend-interval",
+    );
+}
+
+#[test]
+fn help_exits_0() {
+    let (status, _, _, stdout) = Service::start(&["--help"]).finish();
+    assert_eq!(status.code(), Some(0));
+    assert!(stdout.contains("--max-in-flight"), "{stdout}");
+}
