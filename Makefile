@@ -31,7 +31,7 @@ build:
 
 ## Benchmarks of the real pipeline against a bare channel + executor baseline.
 bench:
-	@echo "make bench: not yet (see the performance issue)"
+	$(CARGO) bench --bench pipeline
 
 clean:
 	$(CARGO) clean

@@ -1,0 +1,545 @@
+//! `make bench`: throughput, memory and shutdown latency of the real pipeline, side by side
+//! with a bare bridge (producer thread -> async_channel -> one executor task per message).
+//!
+//! Prints a table, writes it to `benches/results.md`, plots throughput against consumers and
+//! workers into `benches/throughput.svg`, and replaces the section between the bench markers
+//! in `README.md`. Memory figures come from child processes (this binary re-run with a mode
+//! argument) so that each one starts from a clean heap.
+//!
+//! `MAYHEM_BENCH_MESSAGES` sets the message count of the throughput runs (default 1,000,000).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use async_executor::Executor;
+use futures_lite::future;
+use mayhem::{
+    run, Config, MayhemConfig, MayhemHandler, PubSubMessage, Shutdown, ShutdownReason, Source,
+    Subscription,
+};
+
+/// Thread counts swept for publishers, consumers and workers.
+const SWEEP: [usize; 3] = [1, 2, 4];
+/// Messages per sweep point (smaller than the headline runs, to keep `make bench` short).
+const SWEEP_MESSAGES: u64 = 200_000;
+/// Repetitions of the headline figures.
+const RUNS: usize = 5;
+/// Messages of the peak-RSS run.
+const RSS_MESSAGES: u64 = 200_000;
+/// Messages held in flight for the per-message memory figure.
+const IN_FLIGHT: usize = 100_000;
+/// Start and end markers of the generated section of the README.
+const MARKERS: (&str, &str) = ("<!-- bench:start -->", "<!-- bench:end -->");
+
+fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("child-rss") => return child_rss(),
+        Some("child-in-flight") => return child_in_flight(),
+        _ => {}
+    }
+    let messages: u64 = std::env::var("MAYHEM_BENCH_MESSAGES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(1_000_000);
+    let cpus = thread::available_parallelism().map_or(2, |n| n.get());
+    println!("mayhem bench: {cpus} CPUs, {messages} messages per headline run, {RUNS} runs each\n");
+
+    // Sweep publishers x consumers x workers.
+    let mut sweep = Vec::new();
+    for &publishers in &SWEEP {
+        for &consumers in &SWEEP {
+            for &workers in &SWEEP {
+                let rate = pipeline(publishers, consumers, workers, SWEEP_MESSAGES);
+                println!("sweep p={publishers} c={consumers} w={workers}: {rate:>12.0} msg/s");
+                sweep.push(((publishers, consumers, workers), rate));
+            }
+        }
+    }
+    let best = sweep
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(setting, _)| *setting)
+        .unwrap_or((1, 1, cpus));
+    let default = (1, 1, cpus);
+
+    let best_runs = stats(
+        (0..RUNS)
+            .map(|_| pipeline(best.0, best.1, best.2, messages))
+            .collect(),
+    );
+    let default_runs = stats(
+        (0..RUNS)
+            .map(|_| pipeline(default.0, default.1, default.2, messages))
+            .collect(),
+    );
+    let bare_runs = stats((0..RUNS).map(|_| bare_bridge(cpus, messages)).collect());
+    let ratio = best_runs.median / bare_runs.median;
+
+    let peak_rss_kb = child("child-rss");
+    let per_message_bytes = child("child-in-flight");
+    let library_stop = stats((0..RUNS).map(|_| library_shutdown_ms(4, 4)).collect());
+    let binary_stop = stats((0..RUNS).map(|_| binary_shutdown_ms()).collect());
+    let binary_bytes = std::fs::metadata(env!("CARGO_BIN_EXE_mayhem")).map_or(0, |m| m.len());
+
+    let mut table = String::new();
+    let _ = writeln!(table, "Measured by `make bench` on {cpus} CPUs ({messages} messages per throughput run, {RUNS} runs: median, min-max).\n");
+    let _ = writeln!(table, "| figure | measured | target |");
+    let _ = writeln!(table, "|---|---|---|");
+    let _ = writeln!(
+        table,
+        "| messages/s, best setting (p={} c={} w={}) | {} | >= 1,000,000 |",
+        best.0,
+        best.1,
+        best.2,
+        best_runs.show(0)
+    );
+    let _ = writeln!(
+        table,
+        "| messages/s, defaults (p=1 c=1 w={}) | {} | |",
+        default.2,
+        default_runs.show(0)
+    );
+    let _ = writeln!(
+        table,
+        "| messages/s, bare bridge (1 producer, {cpus} workers) | {} | |",
+        bare_runs.show(0)
+    );
+    let _ = writeln!(
+        table,
+        "| ratio best / bare bridge (medians) | {ratio:.2} | >= 0.4 |"
+    );
+    let _ = writeln!(
+        table,
+        "| peak RSS, {RSS_MESSAGES} messages to completion | {:.1} MB | <= 20 MB |",
+        peak_rss_kb / 1024.0
+    );
+    let _ = writeln!(table, "| memory per message in flight ({IN_FLIGHT} in flight) | {per_message_bytes:.0} B | <= 2 KB |");
+    let _ = writeln!(table, "| shutdown, programmatic trigger to `run` returning (4 consumers, 4 workers, idle) | {} ms | |", library_stop.show(2));
+    let _ = writeln!(
+        table,
+        "| shutdown, SIGTERM to exit of the binary (idle handlers) | {} ms | <= 20 ms |",
+        binary_stop.show(2)
+    );
+    let _ = writeln!(
+        table,
+        "| release binary (stripped) | {:.2} MB | <= 3 MB |",
+        binary_bytes as f64 / 1e6
+    );
+    let _ = writeln!(
+        table,
+        "\nSweep ({SWEEP_MESSAGES} messages per point, one run each), messages/s:\n"
+    );
+    let _ = writeln!(
+        table,
+        "| publishers | consumers | workers=1 | workers=2 | workers=4 |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|");
+    for &publishers in &SWEEP {
+        for &consumers in &SWEEP {
+            let cells: Vec<String> = SWEEP
+                .iter()
+                .map(|&workers| {
+                    let rate = sweep
+                        .iter()
+                        .find(|(setting, _)| *setting == (publishers, consumers, workers))
+                        .map_or(0.0, |(_, rate)| *rate);
+                    format!("{rate:.0}")
+                })
+                .collect();
+            let _ = writeln!(
+                table,
+                "| {publishers} | {consumers} | {} |",
+                cells.join(" | ")
+            );
+        }
+    }
+    println!("\n{table}");
+
+    let root = env!("CARGO_MANIFEST_DIR");
+    write_or_warn(&format!("{root}/benches/results.md"), &table);
+    write_or_warn(
+        &format!("{root}/benches/throughput.svg"),
+        &plot(&sweep, best.0),
+    );
+    update_readme(&format!("{root}/README.md"), &table);
+}
+
+/// Median, minimum and maximum of a few runs.
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stats {
+    fn show(&self, decimals: usize) -> String {
+        format!(
+            "{:.*} ({:.*}-{:.*})",
+            decimals, self.median, decimals, self.min, decimals, self.max
+        )
+    }
+}
+
+fn stats(mut values: Vec<f64>) -> Stats {
+    values.sort_by(f64::total_cmp);
+    Stats {
+        median: values[values.len() / 2],
+        min: values[0],
+        max: values[values.len() - 1],
+    }
+}
+
+/// A configuration for pure throughput: no pauses, no latency, no failures.
+fn fast_config(publishers: usize, consumers: usize, workers: usize, messages: u64) -> Config {
+    Config {
+        publishers,
+        consumers,
+        workers,
+        messages: Some(messages),
+        publish_interval: Duration::ZERO,
+        handler_latency: Duration::ZERO,
+        restart_failure_rate: 0.0,
+        save_failure_rate: 0.0,
+        seed: Some(1),
+        ..Config::default()
+    }
+}
+
+/// Messages per second through the real pipeline, publish to ack.
+fn pipeline(publishers: usize, consumers: usize, workers: usize, messages: u64) -> f64 {
+    let config = fast_config(publishers, consumers, workers, messages);
+    let subscription = Subscription::new((&config).into());
+    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+    let report =
+        run(&config, &subscription, &handler, &Shutdown::new()).expect("valid bench config");
+    assert!(
+        report.is_balanced() && report.acked == messages,
+        "{report:?}"
+    );
+    report.acked_per_sec
+}
+
+/// Messages per second through a bare bridge: one producer thread, a bounded async_channel
+/// with `send_blocking`, and `workers` executor threads spawning one task per message.
+fn bare_bridge(workers: usize, messages: u64) -> f64 {
+    let executor = Arc::new(Executor::new());
+    let (sender, receiver) = async_channel::bounded::<u64>(1000);
+    let (stop, stopped) = async_channel::bounded::<()>(1);
+    let (done, finished) = async_channel::bounded::<()>(1);
+    let handled = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let (executor, receiver, stopped, handled, done) = (
+                executor.clone(),
+                receiver.clone(),
+                stopped.clone(),
+                handled.clone(),
+                done.clone(),
+            );
+            thread::spawn(move || {
+                future::block_on(executor.run(async {
+                    while let Ok(value) = receiver.recv().await {
+                        let (handled, done) = (handled.clone(), done.clone());
+                        executor
+                            .spawn(async move {
+                                std::hint::black_box(value);
+                                if handled.fetch_add(1, Ordering::Relaxed) + 1 == messages {
+                                    let _ = done.try_send(());
+                                }
+                            })
+                            .detach();
+                    }
+                    let _ = stopped.recv().await;
+                }))
+            })
+        })
+        .collect();
+    for value in 0..messages {
+        sender.send_blocking(value).expect("receivers alive");
+    }
+    future::block_on(finished.recv()).expect("done sender alive");
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    sender.close();
+    stop.close();
+    for thread in threads {
+        thread.join().expect("bare bridge thread");
+    }
+    rate
+}
+
+/// Runs this bench binary in a child mode and parses the one number it prints.
+fn child(mode: &str) -> f64 {
+    let exe = std::env::current_exe().expect("bench executable path");
+    let output = Command::new(exe)
+        .arg(mode)
+        .output()
+        .expect("run bench child");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("child {mode} printed {text:?}"))
+}
+
+/// A field of /proc/self/status in kB, like `VmHWM` (peak RSS) or `VmRSS`.
+fn proc_status_kb(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(field)?
+                .trim_start_matches(':')
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Child: peak RSS (kB) of a full run of `RSS_MESSAGES` with the default thread counts.
+fn child_rss() {
+    let cpus = thread::available_parallelism().map_or(2, |n| n.get());
+    let config = fast_config(1, 1, cpus, RSS_MESSAGES);
+    let subscription = Subscription::new((&config).into());
+    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+    let report =
+        run(&config, &subscription, &handler, &Shutdown::new()).expect("valid bench config");
+    assert!(report.is_balanced());
+    println!("{}", proc_status_kb("VmHWM"));
+}
+
+/// Child: bytes of RSS per message held in flight by slow handlers.
+fn child_in_flight() {
+    let config = Config {
+        publishers: 0,
+        consumers: 1,
+        workers: 2,
+        max_in_flight: IN_FLIGHT,
+        max_backlog: IN_FLIGHT,
+        handler_latency: Duration::from_secs(3600),
+        ack_deadline: Duration::from_secs(600),
+        extend_interval: Duration::from_secs(300),
+        grace_period: Duration::ZERO,
+        seed: Some(1),
+        ..Config::default()
+    };
+    let subscription = Subscription::new((&config).into());
+    let mut rng = fastrand::Rng::with_seed(1);
+    for _ in 0..IN_FLIGHT {
+        subscription
+            .publish(PubSubMessage::random(&mut rng))
+            .expect("room in the backlog");
+    }
+    let before = proc_status_kb("VmRSS");
+    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+    let shutdown = Shutdown::new();
+    let measured = thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            // Wait until every message was pulled, then give the executor time to poll each
+            // new task once (so each holds its timers), and measure.
+            while subscription.stats().delivered < IN_FLIGHT as u64 {
+                thread::sleep(Duration::from_millis(10));
+            }
+            thread::sleep(Duration::from_millis(500));
+            let after = proc_status_kb("VmRSS");
+            shutdown.trigger(ShutdownReason::Requested);
+            after
+        });
+        let report = run(&config, &subscription, &handler, &shutdown).expect("valid bench config");
+        assert!(report.is_balanced());
+        watcher.join().expect("watcher")
+    });
+    println!("{}", (measured - before) * 1024.0 / IN_FLIGHT as f64);
+}
+
+/// Milliseconds from a programmatic trigger to `run` returning, with idle threads blocked.
+fn library_shutdown_ms(consumers: usize, workers: usize) -> f64 {
+    let config = Config {
+        consumers,
+        workers,
+        publish_interval: Duration::from_secs(3600),
+        handler_latency: Duration::ZERO,
+        seed: Some(1),
+        ..Config::default()
+    };
+    let subscription = Subscription::new((&config).into());
+    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+    let shutdown = Shutdown::new();
+    thread::scope(|scope| {
+        let service = scope.spawn(|| {
+            let report =
+                run(&config, &subscription, &handler, &shutdown).expect("valid bench config");
+            (report, Instant::now())
+        });
+        // Until the one published message is acked, so every thread is idle and blocked.
+        while subscription.settled() < 1 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        thread::sleep(Duration::from_millis(100));
+        let triggered = Instant::now();
+        shutdown.trigger(ShutdownReason::Requested);
+        let (report, returned) = service.join().expect("service thread");
+        assert!(report.is_balanced());
+        (returned - triggered).as_secs_f64() * 1000.0
+    })
+}
+
+/// Milliseconds from SIGTERM to the exit of the binary, with idle handlers.
+fn binary_shutdown_ms() -> f64 {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--publish-interval",
+            "1h",
+            "--handler-latency",
+            "0",
+            "--report",
+            "json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        if line.expect("stderr line").contains("Done. Acked") {
+            break;
+        }
+    }
+    thread::spawn(move || lines.for_each(drop));
+    thread::sleep(Duration::from_millis(100));
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for mayhem") {
+            assert_eq!(status.code(), Some(0));
+            return sent.elapsed().as_secs_f64() * 1000.0;
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// An SVG line chart: throughput against consumers, one line per worker count.
+fn plot(sweep: &[((usize, usize, usize), f64)], publishers: usize) -> String {
+    let (width, height, left, bottom, top, right) = (640.0, 400.0, 90.0, 50.0, 40.0, 120.0);
+    let points: Vec<_> = sweep
+        .iter()
+        .filter(|((p, _, _), _)| *p == publishers)
+        .collect();
+    let max_rate = points.iter().map(|(_, rate)| *rate).fold(1.0, f64::max) * 1.1;
+    let x_of = |consumers: usize| {
+        let index = SWEEP.iter().position(|&c| c == consumers).unwrap_or(0) as f64;
+        left + index * (width - left - right) / (SWEEP.len() - 1) as f64
+    };
+    let y_of = |rate: f64| height - bottom - rate / max_rate * (height - bottom - top);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">Mayhem throughput ({publishers} publisher(s), {SWEEP_MESSAGES} messages)</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">consumer threads</text>\n\
+         <text x=\"20\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 20 {})\">messages/s</text>\n",
+        width / 2.0,
+        height - bottom,
+        width - right,
+        height - bottom,
+        height - bottom,
+        (left + width - right) / 2.0,
+        height - 12.0,
+        height / 2.0,
+        height / 2.0
+    );
+    for step in 0..=4 {
+        let rate = max_rate * f64::from(step) / 4.0;
+        let y = y_of(rate);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}k</text>",
+            width - right,
+            left - 6.0,
+            y + 4.0,
+            rate / 1000.0
+        );
+    }
+    for &consumers in &SWEEP {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{consumers}</text>",
+            x_of(consumers),
+            height - bottom + 16.0
+        );
+    }
+    for (index, &workers) in SWEEP.iter().enumerate() {
+        let colour = ["#1f77b4", "#ff7f0e", "#2ca02c"][index % 3];
+        let line: Vec<String> = SWEEP
+            .iter()
+            .filter_map(|&consumers| {
+                let rate = points
+                    .iter()
+                    .find(|((_, c, w), _)| *c == consumers && *w == workers)?
+                    .1;
+                Some(format!("{:.1},{:.1}", x_of(consumers), y_of(rate)))
+            })
+            .collect();
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+            line.join(" ")
+        );
+        for point in &line {
+            let (x, y) = point.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"{colour}\"/>"
+            );
+        }
+        let legend_y = top + 20.0 * index as f64;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{colour}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{workers} worker(s)</text>",
+            width - right + 10.0,
+            width - right + 30.0,
+            width - right + 35.0,
+            legend_y + 4.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn write_or_warn(path: &str, text: &str) {
+    if let Err(error) = std::fs::write(path, text) {
+        eprintln!("could not write {path}: {error}");
+    }
+}
+
+/// Replaces the README's generated section with `table`.
+fn update_readme(path: &str, table: &str) {
+    let Ok(readme) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let (Some(start), Some(end)) = (readme.find(MARKERS.0), readme.find(MARKERS.1)) else {
+        eprintln!("README has no bench markers; not updated");
+        return;
+    };
+    let updated = format!(
+        "{}{}\n{table}\n{}",
+        &readme[..start],
+        MARKERS.0,
+        &readme[end..]
+    );
+    write_or_warn(path, &updated);
+}
