@@ -13,10 +13,15 @@ use event_listener::Event;
 /// lock; the mutex and condition variable serve only threads that must wait, and a release
 /// notifies only when some thread waits (the SeqCst pair `in_flight`/`waiters` makes a lost
 /// wake-up impossible: a waiter re-checks `in_flight` after announcing itself).
+///
+/// A blocked consumer waits for `wake_at` free permits, not one: it then pulls a batch, and a
+/// full window costs one wake-up per batch instead of one per message.
 #[derive(Debug)]
 pub(crate) struct Gate {
     /// The most permits out at once.
     limit: usize,
+    /// A blocked `acquire` waits until this many permits are free.
+    wake_at: usize,
     /// Permits out now.
     in_flight: AtomicUsize,
     /// Threads waiting for permits or for idleness.
@@ -30,10 +35,12 @@ pub(crate) struct Gate {
 }
 
 impl Gate {
-    /// A gate allowing `limit` permits.
-    pub(crate) fn new(limit: usize) -> Self {
+    /// A gate allowing `limit` permits; blocked takers wake once `batch` permits (at most an
+    /// eighth of the window, at least one) are free.
+    pub(crate) fn new(limit: usize, batch: usize) -> Self {
         Gate {
             limit,
+            wake_at: batch.min(limit / 8).max(1),
             in_flight: AtomicUsize::new(0),
             waiters: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -53,7 +60,7 @@ impl Gate {
                 return 0;
             }
             let current = self.in_flight.load(Ordering::SeqCst);
-            if current < self.limit {
+            if current + self.wake_at <= self.limit {
                 let take = max.min(self.limit - current);
                 if self
                     .in_flight
@@ -84,8 +91,12 @@ impl Gate {
         if count == 0 {
             return;
         }
-        self.in_flight.fetch_sub(count, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        let before = self.in_flight.fetch_sub(count, Ordering::SeqCst);
+        let after = before - count;
+        // Wake only on the edges a waiter waits for: enough room for a batch, or idle.
+        let threshold = self.limit - self.wake_at;
+        let edge = (before > threshold && after <= threshold) || after == 0;
+        if edge && self.waiters.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.changed.notify_all();
         }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
-use async_executor::Executor;
+use async_executor::{Executor, Task};
 use futures_lite::{future, FutureExt};
 use log::{debug, error, info, warn};
 
@@ -22,6 +22,8 @@ use crate::source::{Delivery, Source};
 
 /// How long cancelled handlers get to give their messages back before the executor stops.
 const CANCEL_WAIT: Duration = Duration::from_secs(1);
+/// Most deliveries a worker takes from the hand-off channel and spawns at once.
+const SPAWN_BATCH: usize = 32;
 /// Spreads the seeds of the publishers apart (the golden ratio in 64 bits).
 const SEED_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -80,7 +82,7 @@ pub fn run<H: Handler>(
         handler,
         shutdown,
         metrics: Metrics::default(),
-        gate: Gate::new(config.max_in_flight),
+        gate: Gate::new(config.max_in_flight, crate::consumer::PULL_BATCH),
         cancel: Cancel::default(),
         ack_deadline: config.ack_deadline,
         extend_interval: config.extend_interval,
@@ -107,13 +109,30 @@ pub fn run<H: Handler>(
             let body = move || {
                 future::block_on(executor.run(async {
                     // Each executor thread also receives from the hand-off channel and spawns
-                    // one task per delivery; after shutdown began it nacks instead.
-                    while let Ok(delivery) = handoff_rx.recv().await {
-                        if shared.shutdown.is_triggered() {
-                            shared.give_back(delivery);
-                        } else {
-                            executor.spawn(shared.handle(delivery)).detach();
+                    // one task per delivery, taking what else is queued in the same go so that
+                    // the executor's task table is locked once per batch; after shutdown
+                    // began it nacks instead.
+                    let mut batch = Vec::with_capacity(SPAWN_BATCH);
+                    let mut tasks = Vec::with_capacity(SPAWN_BATCH);
+                    while let Ok(first) = handoff_rx.recv().await {
+                        batch.push(first);
+                        while batch.len() < SPAWN_BATCH {
+                            match handoff_rx.try_recv() {
+                                Ok(next) => batch.push(next),
+                                Err(_) => break,
+                            }
                         }
+                        if shared.shutdown.is_triggered() {
+                            batch
+                                .drain(..)
+                                .for_each(|delivery| shared.give_back(delivery));
+                            continue;
+                        }
+                        executor.spawn_many(
+                            batch.drain(..).map(|delivery| shared.handle(delivery)),
+                            &mut tasks,
+                        );
+                        tasks.drain(..).for_each(Task::detach);
                     }
                     // The channel is closed and drained: keep running the tasks until stopped.
                     let _ = stop_rx.recv().await;

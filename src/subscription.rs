@@ -415,7 +415,9 @@ impl Source for Subscription {
         {
             state.earliest_deadline = Some(deadline);
         }
-        if state.publish_waiters > 0 {
+        // Blocked publishers wake once a quarter of the backlog is free, not per message.
+        let low_water = self.inner.config.max_backlog - (self.inner.config.max_backlog / 4).max(1);
+        if state.publish_waiters > 0 && state.ready.len() <= low_water {
             self.inner.room.notify_all();
         }
         Ok(())
