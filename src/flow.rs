@@ -73,7 +73,7 @@ impl Gate {
             }
             let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.waiters.fetch_add(1, Ordering::SeqCst);
-            if self.in_flight.load(Ordering::SeqCst) >= self.limit
+            if self.in_flight.load(Ordering::SeqCst) + self.wake_at > self.limit
                 && !self.closed.load(Ordering::SeqCst)
             {
                 drop(
@@ -174,5 +174,79 @@ impl Cancel {
             }
             listener.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::thread;
+
+    use super::*;
+
+    #[test]
+    fn acquire_takes_what_is_free_up_to_max() {
+        let gate = Gate::new(10, 1);
+        assert_eq!(gate.acquire(4), 4);
+        assert_eq!(gate.acquire(100), 6);
+        assert_eq!(gate.in_flight(), 10);
+        gate.release(3);
+        assert_eq!(gate.acquire(2), 2);
+        assert_eq!(gate.in_flight(), 9);
+    }
+
+    #[test]
+    fn a_blocked_acquire_waits_for_a_batch_of_free_permits() {
+        // Window 64, batch 8: a taker blocked on a full window needs 8 free permits.
+        let gate = Arc::new(Gate::new(64, 8));
+        assert_eq!(gate.acquire(64), 64);
+        let taker = {
+            let gate = gate.clone();
+            thread::spawn(move || gate.acquire(64))
+        };
+        for _ in 0..8 {
+            gate.release(1);
+        }
+        assert_eq!(taker.join().unwrap(), 8);
+        assert_eq!(gate.in_flight(), 64);
+    }
+
+    #[test]
+    fn close_wakes_a_blocked_acquire_with_zero() {
+        let gate = Arc::new(Gate::new(2, 1));
+        assert_eq!(gate.acquire(2), 2);
+        let taker = {
+            let gate = gate.clone();
+            thread::spawn(move || gate.acquire(1))
+        };
+        gate.close();
+        assert_eq!(taker.join().unwrap(), 0);
+        assert_eq!(gate.acquire(1), 0);
+    }
+
+    #[test]
+    fn wait_idle_reports_whether_every_permit_came_back() {
+        let gate = Arc::new(Gate::new(4, 1));
+        assert!(gate.wait_idle(Duration::ZERO));
+        gate.acquire(3);
+        assert!(!gate.wait_idle(Duration::from_millis(1)));
+        let releaser = {
+            let gate = gate.clone();
+            thread::spawn(move || (0..3).for_each(|_| gate.release(1)))
+        };
+        assert!(gate.wait_idle(Duration::from_secs(60)));
+        releaser.join().unwrap();
+    }
+
+    #[test]
+    fn cancel_completes_waiters_and_later_callers() {
+        let cancel = Arc::new(Cancel::default());
+        let waiter = {
+            let cancel = cancel.clone();
+            thread::spawn(move || futures_lite::future::block_on(cancel.cancelled()))
+        };
+        cancel.trigger();
+        waiter.join().unwrap();
+        futures_lite::future::block_on(cancel.cancelled());
     }
 }
