@@ -46,6 +46,11 @@ pub struct Config {
     pub save_failure_rate: f64,
     /// Probability that handling a message panics (fault injection; 0 in normal use).
     pub panic_rate: f64,
+    /// Probability that a handler blocks its executor thread for `stall` (fault injection of
+    /// a misbehaving handler: its lease cannot be extended meanwhile; 0 in normal use).
+    pub stall_rate: f64,
+    /// How long an injected stall blocks the thread.
+    pub stall: Duration,
     /// Retries of a failed restart before the handler gives up (the reference only logs).
     pub restart_retries: u32,
     /// How long a pulled message stays leased without an extension.
@@ -78,6 +83,8 @@ impl Default for Config {
             restart_failure_rate: 0.25,
             save_failure_rate: 0.25,
             panic_rate: 0.0,
+            stall_rate: 0.0,
+            stall: Duration::from_secs(5),
             restart_retries: 3,
             ack_deadline: Duration::from_secs(3),
             extend_interval: Duration::from_secs(2),
@@ -117,6 +124,13 @@ impl Config {
         rate("--restart-failure-rate", self.restart_failure_rate)?;
         rate("--save-failure-rate", self.save_failure_rate)?;
         rate("--panic-rate", self.panic_rate)?;
+        rate("--stall-rate", self.stall_rate)?;
+        duration(
+            "--stall",
+            self.stall,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        )?;
         count("--restart-retries", self.restart_retries as usize, 0, 100)?;
         duration(
             "--ack-deadline",

@@ -98,6 +98,10 @@ pub struct MayhemConfig {
     pub save_failure_rate: f64,
     /// Probability that handling panics (fault injection).
     pub panic_rate: f64,
+    /// Probability that handling blocks the executor thread for `stall` (fault injection).
+    pub stall_rate: f64,
+    /// How long an injected stall blocks the thread.
+    pub stall: Duration,
     /// Retries of a failed restart before giving up.
     pub restart_retries: u32,
     /// Seed of the handler's random choices; each message draws from its own stream derived
@@ -113,6 +117,8 @@ impl MayhemConfig {
             restart_failure_rate: config.restart_failure_rate,
             save_failure_rate: config.save_failure_rate,
             panic_rate: config.panic_rate,
+            stall_rate: config.stall_rate,
+            stall: config.stall,
             restart_retries: config.restart_retries,
             seed,
         }
@@ -193,6 +199,11 @@ impl Handler for MayhemHandler {
         let mut rng = self.rng_for(ctx.message(), ctx.attempt());
         if chance(&mut rng, self.config.panic_rate) {
             panic!("injected fault while handling {}", ctx.message());
+        }
+        if chance(&mut rng, self.config.stall_rate) {
+            // Deliberately wrong: a blocking call inside a future. It stops this executor
+            // thread, so leases go unextended; the fault tests rely on exactly that.
+            std::thread::sleep(self.config.stall);
         }
         let mut restart_rng = rng.fork();
         let mut save_rng = rng.fork();

@@ -268,6 +268,9 @@ enum Outcome {
     Finished(std::thread::Result<Result<(), HandleError>>),
     /// The handler was cancelled after the grace period.
     Cancelled,
+    /// The lease could not be extended (it expired while the task could not run): the
+    /// message is back in the subscription already, so the handler is dropped.
+    LeaseLost,
 }
 
 impl<H: Handler> Shared<'_, H> {
@@ -319,13 +322,18 @@ impl<H: Handler> Shared<'_, H> {
                 self.metrics.count_cancelled();
                 let _ = delivery.nack();
             }
+            Outcome::LeaseLost => {
+                warn!("Lost the lease of {message}: dropped its handler, the message will be delivered again");
+                // The nack is refused (the lease is gone); it only marks the delivery settled.
+                let _ = delivery.nack();
+            }
         }
         self.gate.release(1);
         self.check_done();
     }
 
-    /// Extends the lease every `extend_interval` while the message is handled. Never returns
-    /// an outcome: it ends when the handling does.
+    /// Extends the lease every `extend_interval` while the message is handled. Completes only
+    /// when an extension is refused: then the lease is lost.
     async fn keep_alive(&self, delivery: &Delivery<'_>, extended: &AtomicU32) -> Outcome {
         loop {
             smol::Timer::after(self.extend_interval).await;
@@ -338,13 +346,7 @@ impl<H: Handler> Shared<'_, H> {
                         delivery.message()
                     );
                 }
-                Err(error) => {
-                    warn!(
-                        "Could not extend the lease of {}: {error}",
-                        delivery.message()
-                    );
-                    return future::pending().await;
-                }
+                Err(_) => return Outcome::LeaseLost,
             }
         }
     }

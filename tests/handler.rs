@@ -13,6 +13,8 @@ fn handler(restart: f64, save: f64, panic: f64, retries: u32) -> MayhemHandler {
         restart_failure_rate: restart,
         save_failure_rate: save,
         panic_rate: panic,
+        stall_rate: 0.0,
+        stall: Duration::ZERO,
         restart_retries: retries,
         seed: 42,
     })

@@ -51,6 +51,12 @@ pub(crate) struct Cli {
     /// Probability that handling a message panics (fault injection).
     #[arg(long, env = "MAYHEM_PANIC_RATE", value_name = "P", default_value_t = 0.0, value_parser = rate)]
     panic_rate: f64,
+    /// Probability that a handler blocks its executor thread for --stall (fault injection).
+    #[arg(long, env = "MAYHEM_STALL_RATE", value_name = "P", default_value_t = 0.0, value_parser = rate)]
+    stall_rate: f64,
+    /// How long an injected stall blocks an executor thread.
+    #[arg(long, env = "MAYHEM_STALL", value_name = "DUR", default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    stall: Duration,
     /// Retries of a failed restart before the message is nacked.
     #[arg(
         long,
@@ -126,6 +132,8 @@ impl Cli {
             restart_failure_rate: self.restart_failure_rate,
             save_failure_rate: self.save_failure_rate,
             panic_rate: self.panic_rate,
+            stall_rate: self.stall_rate,
+            stall: self.stall,
             restart_retries: self.restart_retries,
             ack_deadline: self.ack_deadline,
             extend_interval: self.extend_interval,
