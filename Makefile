@@ -4,7 +4,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test lint fmt bench build clean
+.PHONY: run test lint fmt bench soak build clean
 
 ## Run the service on its embedded in-memory pub/sub; Ctrl-C stops it cleanly.
 run:
@@ -32,6 +32,11 @@ build:
 ## Benchmarks of the real pipeline against a bare channel + executor baseline.
 bench:
 	$(CARGO) bench --bench pipeline
+
+## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary.
+soak:
+	$(CARGO) build --release --bins --examples
+	./target/release/examples/soak $(ARGS)
 
 clean:
 	$(CARGO) clean
