@@ -438,6 +438,19 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--report", "xml"], "--report"),
         (&["--log-level", "loud"], "--log-level"),
         (&["--bogus"], "--bogus"),
+        (&["--publishers", "100000"], "--publishers"),
+        (&["--max-backlog", "0"], "--max-backlog"),
+        (&["--restart-retries", "101"], "--restart-retries"),
+        (&["--stall-rate", "2"], "--stall-rate"),
+        (&["--panic-rate", "-0.1"], "--panic-rate"),
+        (&["--grace-period", "-5s"], "--grace-period"),
+        (
+            &["--publish-interval", "99999999999999999999h"],
+            "--publish-interval",
+        ),
+        (&["--ack-deadline", "11m"], "--ack-deadline"),
+        (&["--messages", "-3"], "--messages"),
+        (&["--workers", ""], "--workers"),
     ];
     for (args, needle) in cases {
         refuses(args, &[], needle);
@@ -464,4 +477,136 @@ fn help_exits_0() {
     let (status, _, _, stdout) = Service::start(&["--help"]).finish();
     assert_eq!(status.code(), Some(0));
     assert!(stdout.contains("--max-in-flight"), "{stdout}");
+}
+
+#[test]
+fn a_closed_stdout_does_not_turn_a_clean_run_into_a_failure() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--messages",
+            "200",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "0",
+            "--report",
+            "json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    // Like `mayhem --report json | head -c0`: the reader is gone before the report is written.
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    let status = child.wait().expect("wait for mayhem");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("Successfully shutdown the Mayhem service."));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_closed_stderr_does_not_turn_a_clean_run_into_a_failure() {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg("exec 2>&-; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--messages",
+            "200",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "0",
+            "--report",
+            "json",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        field(&stdout, "acked") + field(&stdout, "dead_lettered"),
+        200.0,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn as_pid_1_in_a_new_pid_namespace_sigterm_stops_cleanly() {
+    let probe = Command::new("unshare")
+        .args(["--fork", "--pid", "--mount-proc", "true"])
+        .output();
+    if !matches!(probe, Ok(ref output) if output.status.success()) {
+        eprintln!("skipping: unshare --fork --pid is not permitted here ({probe:?})");
+        return;
+    }
+    let mut child = Command::new("unshare")
+        .args([
+            "--fork",
+            "--pid",
+            "--mount-proc",
+            env!("CARGO_BIN_EXE_mayhem"),
+        ])
+        .args([
+            "--publish-interval",
+            "10ms",
+            "--handler-latency",
+            "10ms",
+            "--report",
+            "json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start unshare");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (sender, lines) = mpsc::channel();
+    let reader = thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line.clone());
+            all.push(line);
+        }
+        all
+    });
+    let end = Instant::now() + PATIENCE;
+    while !lines
+        .recv_timeout(end.saturating_duration_since(Instant::now()))
+        .expect("a log line")
+        .contains("Handling")
+    {}
+    // The service is PID 1 of the namespace; from here it is unshare's only child.
+    let pgrep = Command::new("pgrep")
+        .args(["-P", &child.id().to_string()])
+        .output()
+        .expect("run pgrep");
+    let pid = String::from_utf8_lossy(&pgrep.stdout).trim().to_owned();
+    assert!(!pid.is_empty(), "no child of unshare found");
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut stdout)
+        .expect("read stdout");
+    let status = child.wait().expect("wait for unshare");
+    let lines = reader.join().expect("stderr reader");
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_shutdown_sequence(&lines, "Received exit signal SIGTERM...");
+    assert_balanced(&stdout);
 }
