@@ -161,6 +161,11 @@ impl Cancel {
         self.event.notify(usize::MAX);
     }
 
+    /// Whether `trigger` was called.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
     /// Completes once cancelled.
     pub(crate) async fn cancelled(&self) {
         loop {

@@ -277,6 +277,13 @@ impl<H: Handler> Shared<'_, H> {
     /// Handles one delivery: runs the handler while extending the lease, then acks or nacks.
     async fn handle(&self, delivery: Delivery<'_>) {
         let message = *delivery.message();
+        // A task first polled after the cancellation never starts its handler: a handler
+        // could block its thread on its first poll, which would hold up the shutdown.
+        if self.cancel.is_cancelled() {
+            self.metrics.count_cancelled();
+            self.give_back(delivery);
+            return;
+        }
         info!("Handling {message}");
         let started = Instant::now();
         let extended = AtomicU32::new(0);

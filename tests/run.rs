@@ -252,3 +252,50 @@ fn flow_control_bounds_messages_in_flight() {
         (3, 3, 10)
     );
 }
+
+/// A handler that blocks its executor thread (a misbehaving handler) and asks for the
+/// shutdown from the first message it handles.
+struct Blocking {
+    shutdown: Shutdown,
+    block: Duration,
+}
+
+impl Handler for Blocking {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        self.shutdown.trigger(ShutdownReason::Requested);
+        std::thread::sleep(self.block);
+        Ok(())
+    }
+}
+
+#[test]
+fn cancelled_tasks_never_start_their_handlers() {
+    // One executor thread, 50 queued tasks that would each block it for 200 ms: after the
+    // (zero) grace period, the tasks not yet started must be given back without running.
+    let config = Config {
+        publishers: 0,
+        messages: None,
+        workers: 1,
+        max_in_flight: 50,
+        grace_period: Duration::ZERO,
+        ..fast(0)
+    };
+    let subscription = Subscription::new((&config).into());
+    let mut rng = fastrand::Rng::with_seed(8);
+    for _ in 0..50 {
+        subscription
+            .publish(PubSubMessage::random(&mut rng))
+            .unwrap();
+    }
+    let shutdown = Shutdown::new();
+    let handler = Blocking {
+        shutdown: shutdown.clone(),
+        block: Duration::from_millis(200),
+    };
+    let report = run(&config, &subscription, &handler, &shutdown).unwrap();
+    assert!(report.is_balanced(), "{report:?}");
+    // Only the first task (or the few polled before the cancellation) ran its handler.
+    assert!(report.acked <= 5, "{report:?}");
+    assert_eq!(report.acked + report.remaining, 50, "{report:?}");
+    assert!(report.cancelled >= 45, "{report:?}");
+}
