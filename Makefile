@@ -4,7 +4,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test lint fmt bench soak build clean
+.PHONY: run test lint fmt bench soak container build clean
 
 ## Run the service on its embedded in-memory pub/sub; Ctrl-C stops it cleanly.
 run:
@@ -37,6 +37,10 @@ bench:
 soak:
 	$(CARGO) build --release --bins --examples
 	./target/release/examples/soak $(ARGS)
+
+## The container image (needs a Docker engine; see Dockerfile).
+container:
+	docker build -t mayhem .
 
 clean:
 	$(CARGO) clean

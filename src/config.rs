@@ -69,6 +69,13 @@ pub struct Config {
     /// Most messages the in-memory subscription holds ready before publishing blocks
     /// (backpressure on the publishers).
     pub max_backlog: usize,
+    /// How often a stats line is logged at info level (zero = never).
+    pub stats_interval: Duration,
+    /// Warn about each handler still running after this long (`None` = never).
+    pub debug_slow: Option<Duration>,
+    /// Warn about each handler poll that blocks an executor thread longer than this
+    /// (`None` = not measured, which saves two clock reads per poll).
+    pub blocking_threshold: Option<Duration>,
 }
 
 impl Default for Config {
@@ -93,6 +100,9 @@ impl Default for Config {
             messages: None,
             seed: None,
             max_backlog: 10_000,
+            stats_interval: Duration::from_secs(10),
+            debug_slow: None,
+            blocking_threshold: None,
         }
     }
 }
@@ -161,6 +171,28 @@ impl Config {
             Duration::ZERO,
             Duration::from_secs(3600),
         )?;
+        duration(
+            "--stats-interval",
+            self.stats_interval,
+            Duration::ZERO,
+            MAX_DURATION,
+        )?;
+        if let Some(limit) = self.debug_slow {
+            duration(
+                "--debug-slow",
+                limit,
+                Duration::from_millis(1),
+                MAX_DURATION,
+            )?;
+        }
+        if let Some(threshold) = self.blocking_threshold {
+            duration(
+                "--blocking-threshold",
+                threshold,
+                Duration::from_micros(1),
+                MAX_DURATION,
+            )?;
+        }
         Ok(())
     }
 }

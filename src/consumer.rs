@@ -24,7 +24,7 @@ pub(crate) struct Consumer<'a> {
     /// Ends the loop.
     pub(crate) shutdown: &'a Shutdown,
     /// Flow control: a permit per delivery, taken before pulling.
-    pub(crate) gate: &'a Gate,
+    pub(crate) gate: &'a Gate<'a>,
     /// The hand-off channel to the executor.
     pub(crate) handoff: async_channel::Sender<Delivery<'a>>,
     /// With `--messages N`: checked after each pull, as expired leases may dead-letter the

@@ -88,7 +88,7 @@ pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
 pub use metrics::{Metrics, Report};
-pub use runner::run;
+pub use runner::{run, run_with_metrics};
 pub use shutdown::{Shutdown, ShutdownReason};
 pub use source::{Delivery, Lease, LeaseId, Source, SourceStats};
 pub use subscription::{

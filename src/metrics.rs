@@ -1,7 +1,8 @@
 //! Counters of the handlers, a lock-free latency histogram, and the final [`Report`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::source::SourceStats;
@@ -29,8 +30,16 @@ pub struct Metrics {
     panicked: AtomicU64,
     /// Handlers cancelled at the end of the grace period.
     cancelled: AtomicU64,
+    /// Handlers that ran longer than `--debug-slow`.
+    slow: AtomicU64,
+    /// Polls of a handler that blocked an executor thread longer than `--blocking-threshold`.
+    blocking: AtomicU64,
+    /// Messages pulled and not yet settled (the flow-control window in use).
+    pub(crate) in_flight: AtomicUsize,
     /// Messages handled to an ack, by handling time in microseconds (log-linear buckets).
     latency: Box<[AtomicU64]>,
+    /// Sum of the handling times in `latency`, in microseconds.
+    latency_sum_micros: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -41,7 +50,11 @@ impl Default for Metrics {
             save_failed: AtomicU64::new(0),
             panicked: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
+            blocking: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
             latency: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            latency_sum_micros: AtomicU64::new(0),
         }
     }
 }
@@ -70,6 +83,19 @@ impl Metrics {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn count_slow(&self) {
+        self.slow.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_blocking(&self) {
+        self.blocking.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages pulled and not yet acked or nacked, now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Failed restart attempts so far.
     pub fn restart_failed(&self) -> u64 {
         self.restart_failed.load(Ordering::Relaxed)
@@ -89,6 +115,120 @@ impl Metrics {
     pub(crate) fn record_latency(&self, took: Duration) {
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.latency[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of these metrics and of a source's counters.
+    ///
+    /// ```
+    /// let metrics = mayhem::Metrics::default();
+    /// let text = metrics.prometheus(&mayhem::SourceStats::default());
+    /// assert!(text.contains("# TYPE mayhem_acked_total counter\nmayhem_acked_total 0\n"));
+    /// assert!(text.contains("mayhem_handling_seconds_bucket{le=\"+Inf\"} 0\n"));
+    /// ```
+    pub fn prometheus(&self, stats: &SourceStats) -> String {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let counters = [
+            ("published", "Messages published.", stats.published),
+            (
+                "consumed",
+                "Deliveries pulled by the consumers.",
+                stats.delivered,
+            ),
+            ("acked", "Messages acked.", stats.acked),
+            ("nacked", "Leases nacked.", stats.nacked),
+            (
+                "redelivered",
+                "Deliveries of a message delivered before.",
+                stats.redelivered,
+            ),
+            (
+                "expired",
+                "Leases that expired without ack or extension.",
+                stats.expired,
+            ),
+            ("extended", "Lease extensions.", stats.extended),
+            (
+                "dead_lettered",
+                "Messages dead-lettered.",
+                stats.dead_lettered,
+            ),
+            (
+                "stale_acks",
+                "Acks refused because the lease had expired.",
+                stats.stale_acks,
+            ),
+            (
+                "restart_failed",
+                "Failed restart attempts.",
+                load(&self.restart_failed),
+            ),
+            (
+                "restart_retried",
+                "Restart retries.",
+                load(&self.restart_retried),
+            ),
+            ("save_failed", "Failed saves.", load(&self.save_failed)),
+            ("panicked", "Handlers that panicked.", load(&self.panicked)),
+            (
+                "cancelled",
+                "Handlers cancelled after the grace period.",
+                load(&self.cancelled),
+            ),
+            (
+                "slow_handlers",
+                "Handlers that ran longer than --debug-slow.",
+                load(&self.slow),
+            ),
+            (
+                "blocking_polls",
+                "Handler polls that blocked an executor thread.",
+                load(&self.blocking),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, help, value) in counters {
+            let _ = write!(out, "# HELP mayhem_{name}_total {help}\n# TYPE mayhem_{name}_total counter\nmayhem_{name}_total {value}\n");
+        }
+        let gauges = [
+            (
+                "in_flight",
+                "Messages pulled and not yet settled.",
+                self.in_flight() as u64,
+            ),
+            (
+                "remaining",
+                "Messages ready or leased in the subscription.",
+                stats.remaining,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = write!(
+                out,
+                "# HELP mayhem_{name} {help}\n# TYPE mayhem_{name} gauge\nmayhem_{name} {value}\n"
+            );
+        }
+        let _ = write!(out, "# HELP mayhem_handling_seconds Handling time of acked messages.\n# TYPE mayhem_handling_seconds histogram\n");
+        let counts: Vec<u64> = self.latency.iter().map(load).collect();
+        for le in [
+            0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ] {
+            // A fine bucket counts below `le` when all its values are (a conservative count).
+            let below: u64 = counts
+                .iter()
+                .enumerate()
+                .filter(|(bucket, _)| (upper_bound_of(*bucket) as f64) < le * 1e6)
+                .map(|(_, count)| count)
+                .sum();
+            let _ = writeln!(out, "mayhem_handling_seconds_bucket{{le=\"{le}\"}} {below}");
+        }
+        let total: u64 = counts.iter().sum();
+        let _ = write!(
+            out,
+            "mayhem_handling_seconds_bucket{{le=\"+Inf\"}} {total}\nmayhem_handling_seconds_sum {}\nmayhem_handling_seconds_count {total}\n",
+            load(&self.latency_sum_micros) as f64 / 1e6
+        );
+        out
     }
 
     /// The latency at quantile `q` (0..=1) in milliseconds, or 0 with no samples.

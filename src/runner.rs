@@ -1,7 +1,9 @@
 //! `run`: wires publishers, consumers and the executor together, and shuts them down in a
 //! fixed order.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use crate::consumer::Consumer;
 use crate::error::{HandleError, RunError};
 use crate::flow::{Cancel, Gate};
 use crate::handler::{Context, Handler};
+use crate::message::PubSubMessage;
 use crate::metrics::{Metrics, Report};
 use crate::publisher::Publisher;
 use crate::shutdown::{Shutdown, ShutdownReason};
@@ -74,6 +77,42 @@ pub fn run<H: Handler>(
     handler: &H,
     shutdown: &Shutdown,
 ) -> Result<Report, RunError> {
+    run_with_metrics(config, source, handler, shutdown, &Metrics::default())
+}
+
+/// [`run`], updating `metrics` as it goes, so that another thread can watch them (the
+/// binary's `/metrics` endpoint does).
+///
+/// # Errors
+///
+/// As [`run`].
+///
+/// ```
+/// use mayhem::{run_with_metrics, Config, MayhemConfig, MayhemHandler, Metrics, Shutdown, Subscription};
+/// use std::time::Duration;
+///
+/// let config = Config {
+///     messages: Some(20),
+///     publish_interval: Duration::ZERO,
+///     handler_latency: Duration::ZERO,
+///     restart_failure_rate: 0.0,
+///     save_failure_rate: 0.0,
+///     ..Config::default()
+/// };
+/// let subscription = Subscription::new((&config).into());
+/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+/// let metrics = Metrics::default();
+/// let report = run_with_metrics(&config, &subscription, &handler, &Shutdown::new(), &metrics).unwrap();
+/// assert_eq!(report.acked, 20);
+/// assert_eq!(metrics.in_flight(), 0);
+/// ```
+pub fn run_with_metrics<H: Handler>(
+    config: &Config,
+    source: &dyn Source,
+    handler: &H,
+    shutdown: &Shutdown,
+    metrics: &Metrics,
+) -> Result<Report, RunError> {
     config.validate()?;
     let started = Instant::now();
     let seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
@@ -81,12 +120,18 @@ pub fn run<H: Handler>(
         source,
         handler,
         shutdown,
-        metrics: Metrics::default(),
-        gate: Gate::new(config.max_in_flight, crate::consumer::PULL_BATCH),
+        metrics,
+        gate: Gate::new(
+            config.max_in_flight,
+            crate::consumer::PULL_BATCH,
+            &metrics.in_flight,
+        ),
         cancel: Cancel::default(),
         ack_deadline: config.ack_deadline,
         extend_interval: config.extend_interval,
         messages: config.messages,
+        debug_slow: config.debug_slow,
+        blocking_threshold: config.blocking_threshold,
     };
     let budget = config.messages.map(AtomicU64::new);
     // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
@@ -175,7 +220,7 @@ pub fn run<H: Handler>(
         // `--messages 0` is done before it starts.
         shared.check_done();
 
-        let reason = shutdown.wait();
+        let reason = wait_reporting_stats(shutdown, source, metrics, config.stats_interval);
         match &reason {
             ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
             ShutdownReason::Requested => info!("Received shutdown request..."),
@@ -230,7 +275,7 @@ pub fn run<H: Handler>(
     info!("Flushing metrics");
     let report = Report::new(
         source.stats(),
-        &shared.metrics,
+        shared.metrics,
         started.elapsed(),
         seed,
         reason.kind(),
@@ -249,9 +294,9 @@ struct Shared<'a, H> {
     /// Triggered by a panic or by the last settled message.
     shutdown: &'a Shutdown,
     /// The handlers' counters.
-    metrics: Metrics,
+    metrics: &'a Metrics,
     /// Flow control: one permit per message pulled and not yet settled.
-    gate: Gate,
+    gate: Gate<'a>,
     /// Tells handlers still running after the grace period to stop.
     cancel: Cancel,
     /// A lease extension moves the deadline this far from now.
@@ -260,6 +305,10 @@ struct Shared<'a, H> {
     extend_interval: Duration,
     /// With `--messages N`: shut down once N messages are settled.
     messages: Option<u64>,
+    /// Warn about handlers running longer than this.
+    debug_slow: Option<Duration>,
+    /// Warn about handler polls that block an executor thread longer than this.
+    blocking_threshold: Option<Duration>,
 }
 
 /// How handling one message ended.
@@ -288,21 +337,33 @@ impl<H: Handler> Shared<'_, H> {
         let started = Instant::now();
         let extended = AtomicU32::new(0);
         let outcome = {
-            let ctx = Context::new(&message, delivery.attempt(), &extended, &self.metrics);
+            let ctx = Context::new(&message, delivery.attempt(), &extended, self.metrics);
             // The handler is polled first: one that finishes at once never starts a timer.
             let work = async {
-                Outcome::Finished(
-                    AssertUnwindSafe(self.handler.handle(&ctx))
-                        .catch_unwind()
-                        .await,
-                )
+                let handling = AssertUnwindSafe(self.handler.handle(&ctx)).catch_unwind();
+                Outcome::Finished(match self.blocking_threshold {
+                    Some(threshold) => self.watch_polls(handling, &message, threshold).await,
+                    None => handling.await,
+                })
             };
             let keep_alive = self.keep_alive(&delivery, &extended);
             let cancelled = async {
                 self.cancel.cancelled().await;
                 Outcome::Cancelled
             };
-            work.or(keep_alive).or(cancelled).await
+            let slow = async {
+                if let Some(limit) = self.debug_slow {
+                    smol::Timer::after(limit).await;
+                    self.metrics.count_slow();
+                    warn!(
+                        "Slow handler: {message} (message id {}) still running after {}",
+                        message.message_id(),
+                        humantime::format_duration(limit)
+                    );
+                }
+                future::pending().await
+            };
+            work.or(keep_alive).or(cancelled).or(slow).await
         };
         match outcome {
             Outcome::Finished(Ok(Ok(()))) => match delivery.ack() {
@@ -358,6 +419,28 @@ impl<H: Handler> Shared<'_, H> {
         }
     }
 
+    /// Awaits `future`, warning about each poll that held the thread longer than `threshold`
+    /// (a handler that blocks instead of awaiting starves every task on that thread).
+    async fn watch_polls<F: Future>(
+        &self,
+        future: F,
+        message: &PubSubMessage,
+        threshold: Duration,
+    ) -> F::Output {
+        let mut future = pin!(future);
+        future::poll_fn(|cx| {
+            let started = Instant::now();
+            let poll = future.as_mut().poll(cx);
+            let took = started.elapsed();
+            if took > threshold {
+                self.metrics.count_blocking();
+                warn!("Handler of {message} blocked an executor thread for {took:?}");
+            }
+            poll
+        })
+        .await
+    }
+
     /// Nacks a delivery that never reached a handler and returns its permit.
     fn give_back(&self, delivery: Delivery<'_>) {
         let _ = delivery.nack();
@@ -402,6 +485,38 @@ fn spawn_in<'scope>(
             *failed = Some(error);
             shutdown.trigger(ShutdownReason::Requested);
         }
+    }
+}
+
+/// Blocks until the shutdown is triggered, logging a stats line every `interval` (never when
+/// it is zero).
+fn wait_reporting_stats(
+    shutdown: &Shutdown,
+    source: &dyn Source,
+    metrics: &Metrics,
+    interval: Duration,
+) -> ShutdownReason {
+    if interval.is_zero() {
+        return shutdown.wait();
+    }
+    let mut last_acked = source.stats().acked;
+    let mut last_time = Instant::now();
+    loop {
+        if shutdown.wait_timeout(interval) {
+            return shutdown.wait();
+        }
+        let stats = source.stats();
+        let now = Instant::now();
+        let rate = (stats.acked - last_acked) as f64 / (now - last_time).as_secs_f64().max(1e-9);
+        info!(
+            "Stats: {rate:.1} acked/s, in flight {}, acked {}, nacked {}, redelivered {}, dead-lettered {}",
+            metrics.in_flight(),
+            stats.acked,
+            stats.nacked,
+            stats.redelivered,
+            stats.dead_lettered
+        );
+        (last_acked, last_time) = (stats.acked, now);
     }
 }
 

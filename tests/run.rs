@@ -297,5 +297,6 @@ fn cancelled_tasks_never_start_their_handlers() {
     // Only the first task (or the few polled before the cancellation) ran its handler.
     assert!(report.acked <= 5, "{report:?}");
     assert_eq!(report.acked + report.remaining, 50, "{report:?}");
-    assert!(report.cancelled >= 45, "{report:?}");
+    // The rest were given back: from the hand-off channel, or as tasks cancelled unstarted.
+    assert_eq!(report.nacked, 50 - report.acked, "{report:?}");
 }

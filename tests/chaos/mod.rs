@@ -148,6 +148,7 @@ fn settings(seed: u64) -> Settings {
         grace_period: Duration::from_millis(rng.u64(50..=1000)),
         messages: None,
         seed: Some(seed),
+        ..Config::default()
     };
     let mut signals = Vec::new();
     if rng.u8(..10) < 3 {

@@ -1,5 +1,6 @@
 //! The command line: every flag, also readable from a `MAYHEM_*` environment variable.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -88,6 +89,18 @@ pub(crate) struct Cli {
     /// Seed of every random choice [default: random].
     #[arg(long, env = "MAYHEM_SEED", value_name = "N")]
     seed: Option<u64>,
+    /// Interval of the stats line logged at info level (0 = off).
+    #[arg(long, env = "MAYHEM_STATS_INTERVAL", value_name = "DUR", default_value = "10s", value_parser = duration, allow_hyphen_values = true)]
+    stats_interval: Duration,
+    /// Warn about each handler still running after DUR [default: off].
+    #[arg(long, env = "MAYHEM_DEBUG_SLOW", value_name = "DUR", value_parser = duration, allow_hyphen_values = true)]
+    debug_slow: Option<Duration>,
+    /// Warn about each handler poll that blocks an executor thread longer than DUR [default: off].
+    #[arg(long, env = "MAYHEM_BLOCKING_THRESHOLD", value_name = "DUR", value_parser = duration, allow_hyphen_values = true)]
+    blocking_threshold: Option<Duration>,
+    /// Serve Prometheus metrics on /metrics and health on /healthz at HOST:PORT [default: off].
+    #[arg(long, env = "MAYHEM_METRICS_ADDR", value_name = "HOST:PORT", value_parser = socket_addr)]
+    pub(crate) metrics_addr: Option<SocketAddr>,
     /// Format of the final report on stdout.
     #[arg(long, env = "MAYHEM_REPORT", value_name = "FORMAT", value_enum, default_value_t = ReportFormat::Text)]
     pub(crate) report: ReportFormat,
@@ -141,6 +154,9 @@ impl Cli {
             grace_period: self.grace_period,
             messages: self.messages,
             seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
+            stats_interval: self.stats_interval,
+            debug_slow: self.debug_slow,
+            blocking_threshold: self.blocking_threshold,
         }
     }
 
@@ -164,6 +180,14 @@ fn duration(text: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(text.trim())
         .map_err(|error| format!("{error} (write a duration like 250ms or 2s)"))
+}
+
+/// Parses `HOST:PORT` (a name is resolved once, at start).
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    match text.to_socket_addrs().map(|mut addrs| addrs.next()) {
+        Ok(Some(addr)) => Ok(addr),
+        _ => Err("expected HOST:PORT, like 127.0.0.1:9090".to_owned()),
+    }
 }
 
 /// Parses a probability between 0 and 1.

@@ -6,16 +6,21 @@
 //! forced the exit.
 
 mod cli;
+mod http;
 mod logger;
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 
 use clap::error::ErrorKind;
 use clap::Parser;
 use log::{debug, error, warn};
-use mayhem::{run, MayhemConfig, MayhemHandler, Shutdown, ShutdownReason, Source, Subscription};
+use mayhem::{
+    run_with_metrics, MayhemConfig, MayhemHandler, Metrics, Shutdown, ShutdownReason, Source,
+    Subscription,
+};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -93,14 +98,33 @@ fn main() -> ExitCode {
         }
     }
 
-    let report = match run(&config, &subscription, &handler, &shutdown) {
+    let metrics = Arc::new(Metrics::default());
+    let endpoint = match cli.metrics_addr {
+        Some(addr) => {
+            let source: Arc<dyn Source> = Arc::new(subscription.clone());
+            match http::Endpoint::start(addr, metrics.clone(), source, shutdown.clone()) {
+                Ok(endpoint) => Some(endpoint),
+                Err(error) => {
+                    error!("{error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
+
+    let result = run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics);
+    if let Some(endpoint) = endpoint {
+        endpoint.stop();
+    }
+    signal_handle.close();
+    let report = match result {
         Ok(report) => report,
         Err(error) => {
             error!("{error}");
             return ExitCode::FAILURE;
         }
     };
-    signal_handle.close();
     let text = match cli.report {
         ReportFormat::Text => format!("{report}\n"),
         ReportFormat::Json => format!("{}\n", report.to_json()),
