@@ -4,7 +4,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test lint fmt bench soak container build clean
+.PHONY: run test lint fmt bench soak leakcheck container build clean
 
 ## Run the service on its embedded in-memory pub/sub; Ctrl-C stops it cleanly.
 run:
@@ -37,6 +37,14 @@ bench:
 soak:
 	$(CARGO) build --release --bins --examples
 	./target/release/examples/soak $(ARGS)
+
+## Valgrind on a counted run and on a SIGTERM shutdown: fails on any definite or indirect leak.
+VALGRIND = valgrind --quiet --leak-check=full --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect --error-exitcode=3
+leakcheck:
+	$(CARGO) build --bin mayhem
+	$(VALGRIND) ./target/debug/mayhem --messages 300 --publish-interval 0 --handler-latency 2ms --log-level warn --report json >/dev/null
+	$(VALGRIND) ./target/debug/mayhem --publish-interval 1ms --handler-latency 20ms --log-level warn --report json >/dev/null & pid=$$!; \
+	  sleep 3; kill -TERM $$pid; wait $$pid
 
 ## The container image (needs a Docker engine; see Dockerfile).
 container:

@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         }
     };
     let signal_handle = signals.handle();
-    {
+    let signal_thread = {
         let shutdown = shutdown.clone();
         let subscription = subscription.clone();
         let spawned = thread::Builder::new()
@@ -92,11 +92,14 @@ fn main() -> ExitCode {
                     }
                 }
             });
-        if let Err(error) = spawned {
-            error!("cannot start the signal thread: {error}");
-            return ExitCode::FAILURE;
+        match spawned {
+            Ok(thread) => thread,
+            Err(error) => {
+                error!("cannot start the signal thread: {error}");
+                return ExitCode::FAILURE;
+            }
         }
-    }
+    };
 
     let metrics = Arc::new(Metrics::default());
     let endpoint = match cli.metrics_addr {
@@ -117,7 +120,9 @@ fn main() -> ExitCode {
     if let Some(endpoint) = endpoint {
         endpoint.stop();
     }
+    // Ends the signal thread's loop; joined so that no thread outlives `main`'s work.
     signal_handle.close();
+    let _ = signal_thread.join();
     let report = match result {
         Ok(report) => report,
         Err(error) => {
