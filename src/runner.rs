@@ -187,6 +187,8 @@ pub fn run<H: Handler>(
             }
             // The task that caught the panic logged it.
             ShutdownReason::Panicked(_) => {}
+            // The consumer that saw the failure logged it.
+            ShutdownReason::Failed(_) => {}
         }
 
         info!("Closing database connections");

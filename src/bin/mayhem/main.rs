@@ -1,15 +1,16 @@
 //! The `mayhem` binary: parse the command line, install the logger and the signal handlers,
-//! run the service on the embedded in-memory pub/sub, print the report.
+//! run the service on the embedded in-memory pub/sub (or a Redis stream), print the report.
 //!
-//! Exit codes: 0 after a graceful shutdown, 1 when a handler panicked (the service still shut
-//! down gracefully), 2 for bad flags or environment variables, 130 when a second signal
-//! forced the exit.
+//! Exit codes: 0 after a graceful shutdown, 1 when a handler panicked or the source failed
+//! for good (the service still shut down gracefully), 2 for bad flags or environment
+//! variables, 130 when a second signal forced the exit.
 
 mod cli;
 mod logger;
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 
 use clap::error::ErrorKind;
@@ -19,7 +20,7 @@ use mayhem::{run, MayhemConfig, MayhemHandler, Shutdown, ShutdownReason, Source,
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::cli::{Cli, ReportFormat};
+use crate::cli::{Cli, ReportFormat, SourceKind};
 
 /// Exit code of bad input.
 const EXIT_USAGE: u8 = 2;
@@ -55,7 +56,24 @@ fn main() -> ExitCode {
 
     let seed = config.seed.unwrap_or_default();
     debug!("Using seed {seed}");
-    let subscription = Subscription::new((&config).into());
+    let source: Arc<dyn Source> = match &cli.source {
+        SourceKind::Memory => Arc::new(Subscription::new((&config).into())),
+        #[cfg(feature = "redis")]
+        SourceKind::Redis(url) => {
+            match mayhem::RedisSource::connect(cli.redis_config(url, &config)) {
+                Ok(source) => Arc::new(source),
+                Err(error) => {
+                    error!("{error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        #[cfg(not(feature = "redis"))]
+        SourceKind::Redis(_) => {
+            error!("this build has no redis support");
+            return ExitCode::FAILURE;
+        }
+    };
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, seed));
     let shutdown = Shutdown::new();
     let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]) {
@@ -68,7 +86,7 @@ fn main() -> ExitCode {
     let signal_handle = signals.handle();
     {
         let shutdown = shutdown.clone();
-        let subscription = subscription.clone();
+        let source = Arc::clone(&source);
         let spawned = thread::Builder::new()
             .name("mayhem-signals".into())
             .spawn(move || {
@@ -81,7 +99,7 @@ fn main() -> ExitCode {
                     } else {
                         // A second signal: give back what we hold and leave at once.
                         warn!("Received exit signal {name} again, forcing exit");
-                        let nacked = subscription.nack_all();
+                        let nacked = source.nack_all();
                         warn!("Nacked {nacked} leased messages");
                         std::process::exit(EXIT_FORCED);
                     }
@@ -93,7 +111,7 @@ fn main() -> ExitCode {
         }
     }
 
-    let report = match run(&config, &subscription, &handler, &shutdown) {
+    let report = match run(&config, &*source, &handler, &shutdown) {
         Ok(report) => report,
         Err(error) => {
             error!("{error}");
@@ -107,8 +125,14 @@ fn main() -> ExitCode {
     };
     // A closed stdout (`mayhem | head -c1`) must not turn a clean shutdown into a failure.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
-    if !report.is_balanced() {
+    // The invariant holds per subscription: with a shared Redis stream, other instances
+    // publish and ack too, so it is checked for the embedded pub/sub only.
+    if cli.source == SourceKind::Memory && !report.is_balanced() {
         error!("accounting invariant broken: {}", report.to_json());
+        return ExitCode::FAILURE;
+    }
+    if let Some(ShutdownReason::Failed(text)) = shutdown.reason() {
+        error!("{text}");
         return ExitCode::FAILURE;
     }
     if report.panicked > 0 {
