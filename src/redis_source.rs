@@ -993,7 +993,7 @@ impl Core {
                 self.config.stream
             );
             // Sent on this thread: a pull may block.
-            if let Err(Failure::Server(error)) = self.send_ops(&malformed) {
+            if let Err(Failure::Server(error)) = self.send_ops(&malformed, false) {
                 error!("could not dead-letter malformed entries: {error}");
             }
         }
@@ -1013,8 +1013,14 @@ impl Core {
         }
     }
 
-    /// Sends lease operations in one pipeline and counts what Redis answered.
-    fn send_ops(&self, ops: &[Op]) -> Result<(), Failure> {
+    /// Sends lease operations in one pipeline and counts what Redis answered. `retried` says
+    /// that an earlier try of the same batch lost its connection: an ack or dead letter that
+    /// now finds its entry no longer pending was most likely done by that try (the scripts
+    /// never ack an entry another consumer owns), so it counts as done, not as refused. The
+    /// rare exception, an entry that sat idle past the ack deadline meanwhile and was claimed
+    /// and acked by another consumer, is then counted by both: the count can be one high,
+    /// the entry is still acked once.
+    fn send_ops(&self, ops: &[Op], retried: bool) -> Result<(), Failure> {
         let hash = redis::Script::new(LEASE_SCRIPT).get_hash().to_owned();
         let answers: Vec<i64> = self.with_connection(|con| {
             let mut pipe = redis::pipe();
@@ -1037,12 +1043,12 @@ impl Core {
         let mut expired = Vec::new();
         for (op, answer) in ops.iter().zip(answers) {
             match (op.kind, answer) {
-                (OpKind::Ack, 1) => {
+                (OpKind::Ack, 1) | (OpKind::Ack, 2) if answer == 1 || retried => {
                     stats.acked += 1;
                     self.settled.fetch_add(1, Ordering::Relaxed);
                 }
                 (OpKind::Ack, _) => stats.stale_acks += 1,
-                (OpKind::Dead, 1) => {
+                (OpKind::Dead, 1) | (OpKind::Dead, 2) if answer == 1 || retried => {
                     stats.dead_lettered += 1;
                     self.settled.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1079,10 +1085,12 @@ impl Core {
                     Err(_) => break,
                 }
             }
+            let mut retried = false;
             loop {
-                match self.send_ops(&batch) {
+                match self.send_ops(&batch, retried) {
                     Ok(()) => break,
                     Err(Failure::Down { retry_in }) => {
+                        retried = true;
                         if self.closing.load(Ordering::SeqCst) {
                             warn!(
                                 "redis is unreachable: {} lease operations not sent; their \
