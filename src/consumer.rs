@@ -7,7 +7,7 @@ use log::{error, info};
 
 use crate::error::SourceError;
 use crate::flow::Gate;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, ShutdownReason};
 use crate::source::{Delivery, Source};
 
 /// Most messages leased in one pull: one lock of the subscription serves many messages.
@@ -51,6 +51,16 @@ impl Consumer<'_> {
                 Ok(()) => {}
                 Err(SourceError::Closed) => {
                     self.gate.release(permits);
+                    break;
+                }
+                Err(SourceError::Unavailable(text)) => {
+                    // Retrying will not help: shut the service down, with a reason that makes
+                    // the binary exit 1.
+                    error!("Could not pull: {text}");
+                    self.gate.release(permits);
+                    if self.shutdown.trigger(ShutdownReason::Failed(text)) {
+                        info!("Shutting down...");
+                    }
                     break;
                 }
                 Err(other) => {

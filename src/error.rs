@@ -47,8 +47,11 @@ impl std::error::Error for ConfigError {}
 pub enum SourceError {
     /// The source was interrupted for shutdown: no more publishes or pulls are served.
     Closed,
-    /// The backend failed; the text says how.
+    /// The backend failed; the text says how. The operation may succeed when tried again.
     Backend(String),
+    /// The backend has been unreachable for longer than the source tolerates; trying again
+    /// will not help, and the runner shuts the service down.
+    Unavailable(String),
 }
 
 impl fmt::Display for SourceError {
@@ -56,6 +59,7 @@ impl fmt::Display for SourceError {
         match self {
             SourceError::Closed => f.write_str("source is closed"),
             SourceError::Backend(text) => write!(f, "source backend failed: {text}"),
+            SourceError::Unavailable(text) => write!(f, "source backend unavailable: {text}"),
         }
     }
 }

@@ -30,6 +30,8 @@
 //!   lease with a drop guard that nacks.
 //! - [`subscription`]: [`Subscription`], the embedded in-memory pub/sub with real lease
 //!   semantics, and the [`Clock`] it reads.
+//! - `redis_source` (feature `redis`, on by default): `RedisSource`, a source on a Redis
+//!   stream with a consumer group.
 //! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
 //! - [`config`]: [`Config`], every setting.
@@ -78,6 +80,8 @@ pub mod handler;
 pub mod message;
 pub mod metrics;
 mod publisher;
+#[cfg(feature = "redis")]
+pub mod redis_source;
 mod runner;
 pub mod shutdown;
 pub mod source;
@@ -88,6 +92,8 @@ pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
 pub use metrics::{Metrics, Report};
+#[cfg(feature = "redis")]
+pub use redis_source::{RedisConfig, RedisSource};
 pub use runner::{run, run_with_metrics};
 pub use shutdown::{Shutdown, ShutdownReason};
 pub use source::{Delivery, Lease, LeaseId, Source, SourceStats};

@@ -232,6 +232,8 @@ pub fn run_with_metrics<H: Handler>(
             }
             // The task that caught the panic logged it.
             ShutdownReason::Panicked(_) => {}
+            // The consumer that saw the failure logged it.
+            ShutdownReason::Failed(_) => {}
         }
 
         info!("Closing database connections");

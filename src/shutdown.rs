@@ -21,16 +21,20 @@ pub enum ShutdownReason {
     Completed,
     /// A handler panicked (the reference's global exception handler).
     Panicked(String),
+    /// The source failed for good (for example, its server stayed unreachable); the text
+    /// says how.
+    Failed(String),
 }
 
 impl ShutdownReason {
-    /// A short name for reports: `signal`, `requested`, `completed` or `panicked`.
+    /// A short name for reports: `signal`, `requested`, `completed`, `panicked` or `failed`.
     pub fn kind(&self) -> &'static str {
         match self {
             ShutdownReason::Signal(_) => "signal",
             ShutdownReason::Requested => "requested",
             ShutdownReason::Completed => "completed",
             ShutdownReason::Panicked(_) => "panicked",
+            ShutdownReason::Failed(_) => "failed",
         }
     }
 }
@@ -42,6 +46,7 @@ impl fmt::Display for ShutdownReason {
             ShutdownReason::Requested => f.write_str("requested"),
             ShutdownReason::Completed => f.write_str("all messages settled"),
             ShutdownReason::Panicked(text) => write!(f, "handler panicked: {text}"),
+            ShutdownReason::Failed(text) => write!(f, "source failed: {text}"),
         }
     }
 }

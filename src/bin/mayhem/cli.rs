@@ -104,9 +104,35 @@ pub(crate) struct Cli {
     /// Format of the final report on stdout.
     #[arg(long, env = "MAYHEM_REPORT", value_name = "FORMAT", value_enum, default_value_t = ReportFormat::Text)]
     pub(crate) report: ReportFormat,
+    /// Where messages come from: `memory` (the embedded pub/sub) or a Redis server,
+    /// `redis://HOST:PORT/DB`.
+    #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = source)]
+    pub(crate) source: SourceKind,
+    /// Redis stream published to and consumed from (with `--source redis://...`).
+    #[arg(long, env = "MAYHEM_STREAM", value_name = "NAME", default_value = "mayhem", value_parser = name)]
+    stream: String,
+    /// Redis consumer group; instances sharing it split the messages.
+    #[arg(long, env = "MAYHEM_GROUP", value_name = "NAME", default_value = "mayhem", value_parser = name)]
+    group: String,
+    /// This instance's consumer name in the group [default: hostname-pid].
+    #[arg(long, env = "MAYHEM_CONSUMER_NAME", value_name = "NAME", value_parser = name)]
+    consumer_name: Option<String>,
+    /// How long Redis may stay unreachable before the service gives up and exits 1.
+    #[arg(long, env = "MAYHEM_RECONNECT_LIMIT", value_name = "DUR", default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    reconnect_limit: Duration,
     /// Most verbose log level written to stderr.
     #[arg(long, env = "MAYHEM_LOG_LEVEL", value_name = "LEVEL", value_enum, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
+}
+
+/// Where messages come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SourceKind {
+    /// The embedded in-memory pub/sub.
+    Memory,
+    /// A Redis server at this URL.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Redis(String),
 }
 
 /// How the final report is printed.
@@ -160,6 +186,24 @@ impl Cli {
         }
     }
 
+    /// The settings of the Redis source (the URL is taken from `--source`).
+    #[cfg(feature = "redis")]
+    pub(crate) fn redis_config(&self, url: &str, config: &Config) -> mayhem::RedisConfig {
+        mayhem::RedisConfig {
+            url: url.to_owned(),
+            stream: self.stream.clone(),
+            group: self.group.clone(),
+            consumer: self
+                .consumer_name
+                .clone()
+                .unwrap_or_else(default_consumer_name),
+            ack_deadline: config.ack_deadline,
+            max_attempts: config.max_attempts,
+            reconnect_limit: self.reconnect_limit,
+            ..mayhem::RedisConfig::default()
+        }
+    }
+
     /// The log level filter.
     pub(crate) fn log_level(&self) -> LevelFilter {
         match self.log_level {
@@ -196,4 +240,44 @@ fn rate(text: &str) -> Result<f64, String> {
         Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
         _ => Err("must be a number between 0 and 1".to_owned()),
     }
+}
+
+/// Parses `--source`: `memory`, or a `redis://` URL the Redis client accepts.
+fn source(text: &str) -> Result<SourceKind, String> {
+    let text = text.trim();
+    if text == "memory" {
+        return Ok(SourceKind::Memory);
+    }
+    if !text.starts_with("redis://") {
+        return Err("write memory or redis://HOST:PORT/DB".to_owned());
+    }
+    #[cfg(feature = "redis")]
+    {
+        use mayhem::redis_source::parse_url;
+        parse_url(text)
+            .map(|()| SourceKind::Redis(text.to_owned()))
+            .map_err(|error| format!("{error} (write redis://HOST:PORT/DB)"))
+    }
+    #[cfg(not(feature = "redis"))]
+    Err("this build has no redis support (feature redis)".to_owned())
+}
+
+/// Parses a stream, group or consumer name: not empty, no whitespace.
+fn name(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.chars().any(char::is_whitespace) {
+        return Err("must be a non-empty name without spaces".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
+/// `hostname-pid`: unique per running instance on a host.
+#[cfg(feature = "redis")]
+fn default_consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|host| host.trim().to_owned())
+        .filter(|host| !host.is_empty())
+        .unwrap_or_else(|| "mayhem".to_owned());
+    format!("{host}-{}", std::process::id())
 }

@@ -1,9 +1,9 @@
 //! The `mayhem` binary: parse the command line, install the logger and the signal handlers,
-//! run the service on the embedded in-memory pub/sub, print the report.
+//! run the service on the embedded in-memory pub/sub (or a Redis stream), print the report.
 //!
-//! Exit codes: 0 after a graceful shutdown, 1 when a handler panicked (the service still shut
-//! down gracefully), 2 for bad flags or environment variables, 130 when a second signal
-//! forced the exit.
+//! Exit codes: 0 after a graceful shutdown, 1 when a handler panicked or the source failed
+//! for good (the service still shut down gracefully), 2 for bad flags or environment
+//! variables, 130 when a second signal forced the exit.
 
 mod cli;
 mod http;
@@ -24,7 +24,7 @@ use mayhem::{
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::cli::{Cli, ReportFormat};
+use crate::cli::{Cli, ReportFormat, SourceKind};
 
 /// Exit code of bad input.
 const EXIT_USAGE: u8 = 2;
@@ -60,7 +60,24 @@ fn main() -> ExitCode {
 
     let seed = config.seed.unwrap_or_default();
     debug!("Using seed {seed}");
-    let subscription = Subscription::new((&config).into());
+    let source: Arc<dyn Source> = match &cli.source {
+        SourceKind::Memory => Arc::new(Subscription::new((&config).into())),
+        #[cfg(feature = "redis")]
+        SourceKind::Redis(url) => {
+            match mayhem::RedisSource::connect(cli.redis_config(url, &config)) {
+                Ok(source) => Arc::new(source),
+                Err(error) => {
+                    error!("{error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        #[cfg(not(feature = "redis"))]
+        SourceKind::Redis(_) => {
+            error!("this build has no redis support");
+            return ExitCode::FAILURE;
+        }
+    };
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, seed));
     let shutdown = Shutdown::new();
     let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]) {
@@ -73,7 +90,7 @@ fn main() -> ExitCode {
     let signal_handle = signals.handle();
     let signal_thread = {
         let shutdown = shutdown.clone();
-        let subscription = subscription.clone();
+        let source = Arc::clone(&source);
         let spawned = thread::Builder::new()
             .name("mayhem-signals".into())
             .spawn(move || {
@@ -86,7 +103,7 @@ fn main() -> ExitCode {
                     } else {
                         // A second signal: give back what we hold and leave at once.
                         warn!("Received exit signal {name} again, forcing exit");
-                        let nacked = subscription.nack_all();
+                        let nacked = source.nack_all();
                         warn!("Nacked {nacked} leased messages");
                         std::process::exit(EXIT_FORCED);
                     }
@@ -104,8 +121,12 @@ fn main() -> ExitCode {
     let metrics = Arc::new(Metrics::default());
     let endpoint = match cli.metrics_addr {
         Some(addr) => {
-            let source: Arc<dyn Source> = Arc::new(subscription.clone());
-            match http::Endpoint::start(addr, metrics.clone(), source, shutdown.clone()) {
+            match http::Endpoint::start(
+                addr,
+                metrics.clone(),
+                Arc::clone(&source),
+                shutdown.clone(),
+            ) {
                 Ok(endpoint) => Some(endpoint),
                 Err(error) => {
                     error!("{error}");
@@ -116,7 +137,7 @@ fn main() -> ExitCode {
         None => None,
     };
 
-    let result = run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics);
+    let result = run_with_metrics(&config, &*source, &handler, &shutdown, &metrics);
     if let Some(endpoint) = endpoint {
         endpoint.stop();
     }
@@ -136,8 +157,14 @@ fn main() -> ExitCode {
     };
     // A closed stdout (`mayhem | head -c1`) must not turn a clean shutdown into a failure.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
-    if !report.is_balanced() {
+    // The invariant holds per subscription: with a shared Redis stream, other instances
+    // publish and ack too, so it is checked for the embedded pub/sub only.
+    if cli.source == SourceKind::Memory && !report.is_balanced() {
         error!("accounting invariant broken: {}", report.to_json());
+        return ExitCode::FAILURE;
+    }
+    if let Some(ShutdownReason::Failed(text)) = shutdown.reason() {
+        error!("{text}");
         return ExitCode::FAILURE;
     }
     if report.panicked > 0 {
