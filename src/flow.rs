@@ -50,7 +50,8 @@ impl<'a> Gate<'a> {
         }
     }
 
-    /// Takes between 1 and `max` permits, blocking while none is free; 0 once closed.
+    /// Takes between 1 and `max` permits; 0 once closed. While the window is full it blocks
+    /// until `wake_at` permits are free (or the gate closes).
     ///
     /// # Blocking
     ///
@@ -61,7 +62,7 @@ impl<'a> Gate<'a> {
                 return 0;
             }
             let current = self.in_flight.load(Ordering::SeqCst);
-            if current + self.wake_at <= self.limit {
+            if current < self.limit {
                 let take = max.min(self.limit - current);
                 if self
                     .in_flight

@@ -3,14 +3,16 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::Poll;
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use async_executor::{Executor, Task};
 use futures_lite::{future, FutureExt};
 use log::{debug, error, info, warn};
+use pin_project_lite::pin_project;
 
 use crate::config::Config;
 use crate::consumer::Consumer;
@@ -313,6 +315,44 @@ struct Shared<'a, H> {
     blocking_threshold: Option<Duration>,
 }
 
+pin_project! {
+    /// A handler's future (with panics caught), measuring each poll when `threshold` is set:
+    /// a poll that holds the thread longer is a handler that blocks instead of awaiting,
+    /// which starves every task on that executor thread.
+    struct Handling<'a, F> {
+        #[pin]
+        inner: F,
+        threshold: Option<Duration>,
+        metrics: &'a Metrics,
+        message: &'a PubSubMessage,
+    }
+}
+
+impl<F> Future for Handling<'_, F>
+where
+    F: Future<Output = std::thread::Result<Result<(), HandleError>>>,
+{
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Outcome> {
+        let this = self.project();
+        let Some(threshold) = *this.threshold else {
+            return this.inner.poll(cx).map(Outcome::Finished);
+        };
+        let started = Instant::now();
+        let poll = this.inner.poll(cx);
+        let took = started.elapsed();
+        if took > threshold {
+            this.metrics.count_blocking();
+            warn!(
+                "Handler of {} blocked an executor thread for {took:?}",
+                this.message
+            );
+        }
+        poll.map(Outcome::Finished)
+    }
+}
+
 /// How handling one message ended.
 enum Outcome {
     /// The handler returned, or panicked (the `Err` holds the panic's payload).
@@ -341,31 +381,19 @@ impl<H: Handler> Shared<'_, H> {
         let outcome = {
             let ctx = Context::new(&message, delivery.attempt(), &extended, self.metrics);
             // The handler is polled first: one that finishes at once never starts a timer.
-            let work = async {
-                let handling = AssertUnwindSafe(self.handler.handle(&ctx)).catch_unwind();
-                Outcome::Finished(match self.blocking_threshold {
-                    Some(threshold) => self.watch_polls(handling, &message, threshold).await,
-                    None => handling.await,
-                })
-            };
-            let keep_alive = self.keep_alive(&delivery, &extended);
-            let cancelled = async {
-                self.cancel.cancelled().await;
-                Outcome::Cancelled
-            };
-            let slow = async {
-                if let Some(limit) = self.debug_slow {
-                    smol::Timer::after(limit).await;
-                    self.metrics.count_slow();
-                    warn!(
-                        "Slow handler: {message} (message id {}) still running after {}",
-                        message.message_id(),
-                        humantime::format_duration(limit)
-                    );
-                }
-                future::pending().await
-            };
-            work.or(keep_alive).or(cancelled).or(slow).await
+            // One timer per message in flight serves both the lease extension and the slow
+            // handler warning. The three futures are built inside the awaited expression,
+            // not bound to locals first: a local moved into a future that is then awaited
+            // would be stored twice in this task (most of its memory is the handler's future).
+            Handling {
+                inner: AssertUnwindSafe(self.handler.handle(&ctx)).catch_unwind(),
+                threshold: self.blocking_threshold,
+                metrics: self.metrics,
+                message: &message,
+            }
+            .or(self.watch(&delivery, &extended))
+            .or(self.cancelled())
+            .await
         };
         match outcome {
             Outcome::Finished(Ok(Ok(()))) => match delivery.ack() {
@@ -402,45 +430,47 @@ impl<H: Handler> Shared<'_, H> {
         self.check_done();
     }
 
-    /// Extends the lease every `extend_interval` while the message is handled. Completes only
-    /// when an extension is refused: then the lease is lost.
-    async fn keep_alive(&self, delivery: &Delivery<'_>, extended: &AtomicU32) -> Outcome {
+    /// Extends the lease every `extend_interval` while the message is handled, and warns once
+    /// when it has run longer than `debug_slow`. Completes only when an extension is refused:
+    /// then the lease is lost.
+    async fn watch(&self, delivery: &Delivery<'_>, extended: &AtomicU32) -> Outcome {
+        let started = Instant::now();
+        let mut extend_at = started + self.extend_interval;
+        let mut slow_at = self.debug_slow.map(|limit| started + limit);
         loop {
-            smol::Timer::after(self.extend_interval).await;
-            match delivery.extend(self.ack_deadline) {
-                Ok(()) => {
-                    extended.fetch_add(1, Ordering::Relaxed);
-                    info!(
-                        "Extended deadline by {} for {}",
-                        seconds(self.ack_deadline),
-                        delivery.message()
-                    );
+            smol::Timer::at(slow_at.map_or(extend_at, |slow| slow.min(extend_at))).await;
+            let now = Instant::now();
+            if let Some(slow) = slow_at.filter(|slow| *slow <= now) {
+                self.metrics.count_slow();
+                warn!(
+                    "Slow handler: {} (message id {}) still running after {}",
+                    delivery.message(),
+                    delivery.message().message_id(),
+                    humantime::format_duration(slow - started)
+                );
+                slow_at = None;
+            }
+            if extend_at <= now {
+                match delivery.extend(self.ack_deadline) {
+                    Ok(()) => {
+                        extended.fetch_add(1, Ordering::Relaxed);
+                        info!(
+                            "Extended deadline by {} for {}",
+                            seconds(self.ack_deadline),
+                            delivery.message()
+                        );
+                    }
+                    Err(_) => return Outcome::LeaseLost,
                 }
-                Err(_) => return Outcome::LeaseLost,
+                extend_at = now + self.extend_interval;
             }
         }
     }
 
-    /// Awaits `future`, warning about each poll that held the thread longer than `threshold`
-    /// (a handler that blocks instead of awaiting starves every task on that thread).
-    async fn watch_polls<F: Future>(
-        &self,
-        future: F,
-        message: &PubSubMessage,
-        threshold: Duration,
-    ) -> F::Output {
-        let mut future = pin!(future);
-        future::poll_fn(|cx| {
-            let started = Instant::now();
-            let poll = future.as_mut().poll(cx);
-            let took = started.elapsed();
-            if took > threshold {
-                self.metrics.count_blocking();
-                warn!("Handler of {message} blocked an executor thread for {took:?}");
-            }
-            poll
-        })
-        .await
+    /// Completes with `Outcome::Cancelled` once the handlers are cancelled.
+    async fn cancelled(&self) -> Outcome {
+        self.cancel.cancelled().await;
+        Outcome::Cancelled
     }
 
     /// Nacks a delivery that never reached a handler and returns its permit.
