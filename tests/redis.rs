@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -60,37 +60,62 @@ impl Server {
             dir,
             persistent,
         };
-        server.spawn();
+        server.spawn(false);
         Some(server)
     }
 
-    fn spawn(&mut self) {
-        let mut command = Command::new("redis-server");
-        command
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--dir"])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if self.persistent {
-            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
-        } else {
-            command.args(["--appendonly", "no"]);
+    /// Starts `redis-server` on `self.port` and waits until it answers PING. Another test may
+    /// have taken the same free port between our probe and the server's bind; then our server
+    /// exits, and (unless this is a restart, which must keep its port) a new port is tried.
+    fn spawn(&mut self, keep_port: bool) {
+        for _ in 0..5 {
+            let mut command = Command::new("redis-server");
+            command
+                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--save", "", "--dir"])
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if self.persistent {
+                command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+            } else {
+                command.args(["--appendonly", "no"]);
+            }
+            let mut child = command.spawn().expect("start redis-server");
+            let end = Instant::now() + PATIENCE;
+            let answered = loop {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break false;
+                }
+                // PING, not just a connect: the port may belong to another test's server for a
+                // moment, and a persistent server accepts connections before it loaded its data.
+                let pong = redis::Client::open(self.url())
+                    .and_then(|client| {
+                        client.get_connection_with_timeout(Duration::from_millis(500))
+                    })
+                    .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con));
+                if pong.is_ok() && matches!(child.try_wait(), Ok(None)) {
+                    break true;
+                }
+                assert!(Instant::now() < end, "redis-server did not start");
+                thread::sleep(Duration::from_millis(10));
+            };
+            if answered {
+                self.child = Some(child);
+                return;
+            }
+            let _ = child.wait();
+            if keep_port {
+                // A restart keeps its port (the service's URL names it); try it again.
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            self.port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("find a free port")
+                .port();
         }
-        self.child = Some(command.spawn().expect("start redis-server"));
-        let end = Instant::now() + PATIENCE;
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < end, "redis-server did not start");
-            thread::sleep(Duration::from_millis(10));
-        }
-        // Accepting connections is not yet loading the append-only file: wait for a PING.
-        while redis::cmd("PING")
-            .query::<String>(&mut self.connection())
-            .is_err()
-        {
-            assert!(Instant::now() < end, "redis-server did not load its data");
-            thread::sleep(Duration::from_millis(10));
-        }
+        panic!("could not start redis-server on a free port");
     }
 
     /// Kills the server hard (SIGKILL).
@@ -682,7 +707,7 @@ fn the_service_recovers_from_a_redis_restart() {
     service.wait_for("Done. Acked");
     server.kill();
     service.wait_for("lost connection to redis");
-    server.spawn();
+    server.spawn(true);
     service.wait_for("reconnected to redis");
     let (status, lines, report) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
