@@ -12,7 +12,7 @@ run:
 
 ## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples.
 test: lint
-	$(CARGO) test --all-targets
+	$(CARGO) test --lib --bins --tests --examples
 	$(CARGO) test --doc
 	$(CARGO) run --quiet --example embed_sync
 	$(CARGO) run --quiet --example embed_smol
