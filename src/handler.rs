@@ -157,7 +157,8 @@ impl MayhemHandler {
         ctx: &Context<'_>,
         rng: &mut fastrand::Rng,
     ) -> Result<(), HandleError> {
-        let hostname = ctx.message().hostname();
+        // Displayed, not built: no allocation per message unless a line is really logged.
+        let hostname = ctx.message().host();
         let mut backoff = (self.config.latency / 10).max(Duration::from_millis(1));
         let mut retries_left = self.config.restart_retries;
         loop {
@@ -168,7 +169,9 @@ impl MayhemHandler {
             }
             ctx.metrics().count_restart_failed();
             if retries_left == 0 {
-                return Err(HandleError::RestartFailed { hostname });
+                return Err(HandleError::RestartFailed {
+                    hostname: hostname.to_string(),
+                });
             }
             retries_left -= 1;
             error!("Retrying for failure to restart: {hostname}");

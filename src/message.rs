@@ -92,7 +92,27 @@ impl PubSubMessage {
 
     /// The host to restart: `{instance_name}.example.net`.
     pub fn hostname(&self) -> String {
-        format!("{}.example.net", self.instance_name())
+        self.host().to_string()
+    }
+
+    /// The host to restart, as a value that displays it without allocating.
+    ///
+    /// ```
+    /// let msg = mayhem::PubSubMessage::random(&mut fastrand::Rng::with_seed(7));
+    /// assert_eq!(format!("{}", msg.host()), msg.hostname());
+    /// ```
+    pub fn host(&self) -> Host<'_> {
+        Host(self)
+    }
+}
+
+/// The hostname of a message, `{instance_name}.example.net`, displayed on demand.
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a>(&'a PubSubMessage);
+
+impl fmt::Display for Host<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.example.net", self.0.instance_name())
     }
 }
 
