@@ -72,6 +72,13 @@ impl Consumer<'_> {
                     continue;
                 }
             }
+            // A source must not return more than asked; if one does, the extra leases are
+            // given back at once rather than overrunning the flow-control window.
+            if leases.len() > permits {
+                for extra in leases.drain(permits..) {
+                    let _ = self.source.nack(extra.id);
+                }
+            }
             self.gate.release(permits - leases.len());
             for lease in leases.drain(..) {
                 info!("Consumed {}", lease.message);

@@ -300,3 +300,70 @@ fn cancelled_tasks_never_start_their_handlers() {
     // The rest were given back: from the hand-off channel, or as tasks cancelled unstarted.
     assert_eq!(report.nacked, 50 - report.acked, "{report:?}");
 }
+
+/// A source that ignores `max` and hands out more leases than asked (a misbehaving backend).
+struct Greedy(Subscription);
+
+impl mayhem::Source for Greedy {
+    fn publish(&self, message: PubSubMessage) -> Result<(), mayhem::SourceError> {
+        self.0.publish(message)
+    }
+    fn pull(
+        &self,
+        max: usize,
+        wait: Duration,
+        out: &mut Vec<mayhem::Lease>,
+    ) -> Result<(), mayhem::SourceError> {
+        self.0.pull(max + 5, wait, out)
+    }
+    fn ack(&self, lease: mayhem::LeaseId) -> Result<(), mayhem::LeaseError> {
+        self.0.ack(lease)
+    }
+    fn nack(&self, lease: mayhem::LeaseId) -> Result<(), mayhem::LeaseError> {
+        self.0.nack(lease)
+    }
+    fn extend(&self, lease: mayhem::LeaseId, by: Duration) -> Result<(), mayhem::LeaseError> {
+        self.0.extend(lease, by)
+    }
+    fn interrupt(&self) {
+        self.0.interrupt()
+    }
+    fn nack_all(&self) -> usize {
+        self.0.nack_all()
+    }
+    fn settled(&self) -> u64 {
+        self.0.settled()
+    }
+    fn stats(&self) -> mayhem::SourceStats {
+        self.0.stats()
+    }
+}
+
+#[test]
+fn leases_beyond_the_window_are_given_back_not_handled() {
+    let config = Config {
+        max_in_flight: 3,
+        publishers: 0,
+        messages: None,
+        grace_period: Duration::from_millis(10),
+        ..fast(0)
+    };
+    let source = Greedy(Subscription::new((&config).into()));
+    let mut rng = fastrand::Rng::with_seed(9);
+    for _ in 0..20 {
+        source.publish(PubSubMessage::random(&mut rng)).unwrap();
+    }
+    let shutdown = Shutdown::new();
+    let handler = Stalling {
+        started: AtomicUsize::new(0),
+        target: 3,
+        shutdown: shutdown.clone(),
+        latency: None,
+    };
+    let report = run(&config, &source, &handler, &shutdown).unwrap();
+    assert!(report.is_balanced(), "{report:?}");
+    // The window of 3 held: the extra leases were nacked right away, never handled.
+    assert_eq!(report.cancelled, 3, "{report:?}");
+    assert_eq!(report.remaining, 20, "{report:?}");
+    assert!(report.nacked >= 8, "{report:?}");
+}
