@@ -129,11 +129,7 @@ pub fn run_with_metrics<H: Handler>(
             &metrics.in_flight,
         ),
         cancel: Cancel::default(),
-        ack_deadline: config.ack_deadline,
-        extend_interval: config.extend_interval,
-        messages: config.messages,
-        debug_slow: config.debug_slow,
-        blocking_threshold: config.blocking_threshold,
+        config,
     };
     let budget = config.messages.map(AtomicU64::new);
     // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
@@ -303,16 +299,8 @@ struct Shared<'a, H> {
     gate: Gate<'a>,
     /// Tells handlers still running after the grace period to stop.
     cancel: Cancel,
-    /// A lease extension moves the deadline this far from now.
-    ack_deadline: Duration,
-    /// How often leases are extended while their message is handled.
-    extend_interval: Duration,
-    /// With `--messages N`: shut down once N messages are settled.
-    messages: Option<u64>,
-    /// Warn about handlers running longer than this.
-    debug_slow: Option<Duration>,
-    /// Warn about handler polls that block an executor thread longer than this.
-    blocking_threshold: Option<Duration>,
+    /// The settings: ack deadline and extension period, `--messages`, the debugging aids.
+    config: &'a Config,
 }
 
 pin_project! {
@@ -387,7 +375,7 @@ impl<H: Handler> Shared<'_, H> {
             // would be stored twice in this task (most of its memory is the handler's future).
             Handling {
                 inner: AssertUnwindSafe(self.handler.handle(&ctx)).catch_unwind(),
-                threshold: self.blocking_threshold,
+                threshold: self.config.blocking_threshold,
                 metrics: self.metrics,
                 message: &message,
             }
@@ -435,8 +423,8 @@ impl<H: Handler> Shared<'_, H> {
     /// then the lease is lost.
     async fn watch(&self, delivery: &Delivery<'_>, extended: &AtomicU32) -> Outcome {
         let started = Instant::now();
-        let mut extend_at = started + self.extend_interval;
-        let mut slow_at = self.debug_slow.map(|limit| started + limit);
+        let mut extend_at = started + self.config.extend_interval;
+        let mut slow_at = self.config.debug_slow.map(|limit| started + limit);
         loop {
             smol::Timer::at(slow_at.map_or(extend_at, |slow| slow.min(extend_at))).await;
             let now = Instant::now();
@@ -451,18 +439,18 @@ impl<H: Handler> Shared<'_, H> {
                 slow_at = None;
             }
             if extend_at <= now {
-                match delivery.extend(self.ack_deadline) {
+                match delivery.extend(self.config.ack_deadline) {
                     Ok(()) => {
                         extended.fetch_add(1, Ordering::Relaxed);
                         info!(
                             "Extended deadline by {} for {}",
-                            seconds(self.ack_deadline),
+                            seconds(self.config.ack_deadline),
                             delivery.message()
                         );
                     }
                     Err(_) => return Outcome::LeaseLost,
                 }
-                extend_at = now + self.extend_interval;
+                extend_at = now + self.config.extend_interval;
             }
         }
     }
@@ -481,7 +469,7 @@ impl<H: Handler> Shared<'_, H> {
 
     /// With `--messages N`, triggers the shutdown once N messages are settled.
     fn check_done(&self) {
-        check_done(self.source, self.shutdown, self.messages);
+        check_done(self.source, self.shutdown, self.config.messages);
     }
 }
 

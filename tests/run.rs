@@ -95,6 +95,18 @@ fn zero_messages_ends_at_once() {
     assert_eq!((report.published, report.reason), (0, "completed"));
 }
 
+/// A subscription holding `count` messages drawn from `seed`, published before the run.
+fn preloaded(config: &Config, count: usize, seed: u64) -> Subscription {
+    let subscription = Subscription::new(config.into());
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for _ in 0..count {
+        subscription
+            .publish(PubSubMessage::random(&mut rng))
+            .unwrap();
+    }
+    subscription
+}
+
 /// A handler that counts the messages it started and triggers the shutdown once `target`
 /// started; each then takes `latency` (or forever, with `None`).
 struct Stalling {
@@ -127,13 +139,7 @@ fn run_stalling(count: usize, latency: Option<Duration>, grace: Duration) -> may
         grace_period: grace,
         ..fast(0)
     };
-    let subscription = Subscription::new((&config).into());
-    let mut rng = fastrand::Rng::with_seed(5);
-    for _ in 0..count {
-        subscription
-            .publish(PubSubMessage::random(&mut rng))
-            .unwrap();
-    }
+    let subscription = preloaded(&config, count, 5);
     let shutdown = Shutdown::new();
     let handler = Stalling {
         started: AtomicUsize::new(0),
@@ -230,13 +236,7 @@ fn flow_control_bounds_messages_in_flight() {
         grace_period: Duration::from_millis(10),
         ..fast(0)
     };
-    let subscription = Subscription::new((&config).into());
-    let mut rng = fastrand::Rng::with_seed(6);
-    for _ in 0..10 {
-        subscription
-            .publish(PubSubMessage::random(&mut rng))
-            .unwrap();
-    }
+    let subscription = preloaded(&config, 10, 6);
     let shutdown = Shutdown::new();
     // Stalls forever; the shutdown comes when the third message started.
     let handler = Stalling {
@@ -280,13 +280,7 @@ fn cancelled_tasks_never_start_their_handlers() {
         grace_period: Duration::ZERO,
         ..fast(0)
     };
-    let subscription = Subscription::new((&config).into());
-    let mut rng = fastrand::Rng::with_seed(8);
-    for _ in 0..50 {
-        subscription
-            .publish(PubSubMessage::random(&mut rng))
-            .unwrap();
-    }
+    let subscription = preloaded(&config, 50, 8);
     let shutdown = Shutdown::new();
     let handler = Blocking {
         shutdown: shutdown.clone(),
@@ -348,11 +342,7 @@ fn leases_beyond_the_window_are_given_back_not_handled() {
         grace_period: Duration::from_millis(10),
         ..fast(0)
     };
-    let source = Greedy(Subscription::new((&config).into()));
-    let mut rng = fastrand::Rng::with_seed(9);
-    for _ in 0..20 {
-        source.publish(PubSubMessage::random(&mut rng)).unwrap();
-    }
+    let source = Greedy(preloaded(&config, 20, 9));
     let shutdown = Shutdown::new();
     let handler = Stalling {
         started: AtomicUsize::new(0),

@@ -10,7 +10,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -204,28 +204,42 @@ fn flags(config: &Config) -> Vec<String> {
         .collect()
 }
 
+/// Starts the binary with `args` and a thread that collects its stdout (the report).
+fn start(
+    binary: &str,
+    args: &[impl AsRef<std::ffi::OsStr>],
+    stderr: Stdio,
+) -> Result<(Child, thread::JoinHandle<String>), String> {
+    let mut child = Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|error| format!("cannot start: {error}"))?;
+    let mut stdout = child.stdout.take();
+    let report = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.as_mut().map(|out| out.read_to_string(&mut text));
+        text
+    });
+    Ok((child, report))
+}
+
 /// One run of the binary at `binary` with settings drawn from `seed`.
 pub fn binary_run(binary: &str, seed: u64) -> Outcome {
     let Settings { config, signals } = settings(seed);
     let args = flags(&config);
     let context = format!("binary seed {seed} ({} {})", binary, args.join(" "));
     let mut outcome = Outcome::default();
-    let mut child = match Command::new(binary)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
+    let (mut child, report) = match start(binary, &args, Stdio::piped()) {
+        Ok(started) => started,
         Err(error) => {
-            outcome
-                .problems
-                .push(format!("{context}: cannot start: {error}"));
+            outcome.problems.push(format!("{context}: {error}"));
             return outcome;
         }
     };
-    let (stderr, mut stdout) = (child.stderr.take(), child.stdout.take());
+    let stderr = child.stderr.take();
     let (started_tx, started_rx) = mpsc::channel();
     let lines = thread::spawn(move || {
         let mut lines = Vec::new();
@@ -241,11 +255,6 @@ pub fn binary_run(binary: &str, seed: u64) -> Outcome {
             lines.push(line);
         }
         lines
-    });
-    let report = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.as_mut().map(|out| out.read_to_string(&mut text));
-        text
     });
 
     let _ = started_rx.recv_timeout(HUNG);
@@ -454,27 +463,13 @@ pub fn overload_run(binary: &str, length: Duration) -> (u64, Outcome) {
         "--seed",
         "1",
     ];
-    let mut child = match Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(child) => child,
+    let (mut child, report) = match start(binary, &args, Stdio::null()) {
+        Ok(started) => started,
         Err(error) => {
-            outcome
-                .problems
-                .push(format!("{context}: cannot start: {error}"));
+            outcome.problems.push(format!("{context}: {error}"));
             return (0, outcome);
         }
     };
-    let mut stdout = child.stdout.take();
-    let report = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.as_mut().map(|out| out.read_to_string(&mut text));
-        text
-    });
     let status_path = format!("/proc/{}/status", child.id());
     let end = Instant::now() + length;
     let mut peak = 0;
