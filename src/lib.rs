@@ -73,31 +73,27 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod config;
-mod consumer;
 pub mod error;
-mod flow;
 pub mod handler;
 pub mod message;
 pub mod metrics;
-mod publisher;
+mod pipeline;
 #[cfg(feature = "redis")]
 pub mod redis_source;
-mod runner;
 pub mod shutdown;
 pub mod source;
-pub mod subscription;
 
 pub use config::Config;
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
 pub use metrics::{Metrics, Report};
+pub use pipeline::{run, run_clients, run_with_metrics, Broker};
 #[cfg(feature = "redis")]
 pub use redis_source::{RedisConfig, RedisSource};
-pub use runner::{run, run_with_metrics};
 pub use shutdown::{Shutdown, ShutdownReason};
-pub use source::{Delivery, Lease, LeaseId, Source, SourceStats};
-pub use subscription::{
+pub use source::memory::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };
+pub use source::{Attributes, Delivery, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
 pub use uuid::Uuid;

@@ -56,7 +56,7 @@ use slab::Slab;
 
 use crate::error::{LeaseError, SourceError};
 use crate::message::PubSubMessage;
-use crate::source::{Lease, LeaseId, Source, SourceStats};
+use crate::source::{Envelope, Lease, LeaseId, Publish, Source, SourceStats};
 
 /// First pause before reconnecting after a failure.
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -491,8 +491,21 @@ impl RedisSource {
     }
 }
 
-impl Source for RedisSource {
-    fn publish(&self, message: PubSubMessage) -> Result<(), SourceError> {
+impl Publish for RedisSource {
+    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
+        for envelope in batch {
+            self.publish_one(&envelope.message)?;
+        }
+        Ok(())
+    }
+
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+}
+
+impl RedisSource {
+    fn publish_one(&self, message: &PubSubMessage) -> Result<(), SourceError> {
         let core = &self.core;
         let id = message.message_id().to_string();
         loop {
@@ -520,7 +533,9 @@ impl Source for RedisSource {
             }
         }
     }
+}
 
+impl Source for RedisSource {
     fn pull(&self, max: usize, wait: Duration, out: &mut Vec<Lease>) -> Result<(), SourceError> {
         let core = &self.core;
         if core.interrupted.load(Ordering::SeqCst) {
@@ -551,42 +566,67 @@ impl Source for RedisSource {
         }
     }
 
-    fn ack(&self, lease: LeaseId) -> Result<(), LeaseError> {
-        let held = self.take(lease).inspect_err(|_| {
-            lock(&self.core.stats).stale_acks += 1;
-        })?;
-        self.enqueue(Op::new(OpKind::Ack, lease, held));
-        Ok(())
-    }
-
-    fn nack(&self, lease: LeaseId) -> Result<(), LeaseError> {
-        let held = self.take(lease)?;
-        lock(&self.core.stats).nacked += 1;
-        let kind = if held.attempt >= self.core.config.max_attempts {
-            OpKind::Dead
-        } else {
-            OpKind::Requeue
-        };
-        self.enqueue(Op::new(kind, lease, held));
-        Ok(())
-    }
-
-    fn extend(&self, lease: LeaseId, by: Duration) -> Result<(), LeaseError> {
-        let now = Instant::now();
-        let held = {
-            let mut leases = lock(&self.core.leases);
-            let index = (lease & u64::from(u32::MAX)) as usize;
-            match leases.slots.get_mut(index) {
-                Some(held) if held.generation == (lease >> 32) as u32 && held.deadline > now => {
-                    held.deadline = now + by;
-                    *held
-                }
-                _ => return Err(LeaseError::Expired),
+    fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        for &lease in leases {
+            match self.take(lease) {
+                Ok(held) => self.enqueue(Op::new(OpKind::Ack, lease, held)),
+                Err(_) => refused.push(lease),
             }
-        };
-        lock(&self.core.stats).extended += 1;
-        self.enqueue(Op::new(OpKind::Extend, lease, held));
+        }
         Ok(())
+    }
+
+    fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        for &lease in leases {
+            let Ok(held) = self.take(lease) else {
+                refused.push(lease);
+                continue;
+            };
+            let kind = if held.attempt >= self.core.config.max_attempts {
+                OpKind::Dead
+            } else {
+                OpKind::Requeue
+            };
+            self.enqueue(Op::new(kind, lease, held));
+        }
+        Ok(())
+    }
+
+    fn extend(
+        &self,
+        leases: &[LeaseId],
+        by: Duration,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        let now = Instant::now();
+        for &lease in leases {
+            let held = {
+                let mut table = lock(&self.core.leases);
+                let index = (lease & u64::from(u32::MAX)) as usize;
+                match table.slots.get_mut(index) {
+                    Some(held)
+                        if held.generation == (lease >> 32) as u32 && held.deadline > now =>
+                    {
+                        held.deadline = now + by;
+                        *held
+                    }
+                    _ => {
+                        refused.push(lease);
+                        continue;
+                    }
+                }
+            };
+            self.enqueue(Op::new(OpKind::Extend, lease, held));
+        }
+        Ok(())
+    }
+
+    fn flush(&self, timeout: Duration) -> usize {
+        if RedisSource::flush(self, timeout) {
+            0
+        } else {
+            usize::try_from(*lock(&self.core.queued)).unwrap_or(usize::MAX)
+        }
     }
 
     fn interrupt(&self) {
@@ -597,7 +637,6 @@ impl Source for RedisSource {
         let held: Vec<Held> = lock(&self.core.leases).slots.drain().collect();
         let count = held.len();
         for held in held {
-            lock(&self.core.stats).nacked += 1;
             // The lease id only matters for answers to extensions, which these are not.
             self.enqueue(Op::new(OpKind::Requeue, 0, held));
         }
@@ -938,7 +977,6 @@ impl Core {
     fn lease_all_from(&self, entries: Vec<Entry>, since: Instant, out: &mut Vec<Lease>) {
         let deadline = since + self.config.ack_deadline;
         let mut leases = lock(&self.leases);
-        let mut stats = lock(&self.stats);
         let mut malformed = Vec::new();
         for (id, fields, deliveries) in entries {
             let Some(entry) = EntryId::parse(&id) else {
@@ -974,17 +1012,22 @@ impl Core {
                 deadline,
                 generation,
             });
+            // Every other field of the entry is an attribute (a program's own publishers may
+            // add some); the chaos monkey's own entries have none, so nothing is allocated.
+            let attributes = fields
+                .iter()
+                .filter(|(key, _)| {
+                    !matches!(key.as_str(), "message_id" | "instance_name" | "attempts")
+                })
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
             out.push(Lease {
                 message,
+                attributes,
                 attempt,
                 id: (u64::from(generation) << 32) | index as u64,
             });
-            stats.delivered += 1;
-            if attempt > 1 {
-                stats.redelivered += 1;
-            }
         }
-        drop(stats);
         drop(leases);
         if !malformed.is_empty() {
             warn!(
@@ -1044,10 +1087,9 @@ impl Core {
         for (op, answer) in ops.iter().zip(answers) {
             match (op.kind, answer) {
                 (OpKind::Ack, 1) | (OpKind::Ack, 2) if answer == 1 || retried => {
-                    stats.acked += 1;
                     self.settled.fetch_add(1, Ordering::Relaxed);
                 }
-                (OpKind::Ack, _) => stats.stale_acks += 1,
+                (OpKind::Ack, _) => stats.late_refusals += 1,
                 (OpKind::Dead, 1) | (OpKind::Dead, 2) if answer == 1 || retried => {
                     stats.dead_lettered += 1;
                     self.settled.fetch_add(1, Ordering::Relaxed);
