@@ -77,6 +77,9 @@ const RETRY_NAP: Duration = Duration::from_millis(50);
 /// (`0`: any), operation (`ack`, `extend`, `requeue`, `dead`), attempts so far.
 /// Returns 1 when done, 0 when another consumer owns the entry or it was delivered again
 /// since, 2 when it is not pending at all (acked already, or gone).
+/// Fields of an entry that are the message itself; every other field is an attribute.
+const RESERVED_FIELDS: [&str; 3] = ["message_id", "instance_name", "attempts"];
+
 const LEASE_SCRIPT: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #p == 0 then return 2 end
@@ -494,7 +497,18 @@ impl RedisSource {
 impl Publish for RedisSource {
     fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
         for envelope in batch {
-            self.publish_one(&envelope.message)?;
+            if let Some((key, _)) = envelope
+                .attributes
+                .iter()
+                .find(|(key, _)| RESERVED_FIELDS.contains(key))
+            {
+                return Err(SourceError::Backend(format!(
+                    "attribute name '{key}' is reserved for the entry's own fields"
+                )));
+            }
+        }
+        for envelope in batch {
+            self.publish_one(envelope)?;
         }
         Ok(())
     }
@@ -505,8 +519,9 @@ impl Publish for RedisSource {
 }
 
 impl RedisSource {
-    fn publish_one(&self, message: &PubSubMessage) -> Result<(), SourceError> {
+    fn publish_one(&self, envelope: &Envelope) -> Result<(), SourceError> {
         let core = &self.core;
+        let message = &envelope.message;
         let id = message.message_id().to_string();
         loop {
             if core.interrupted.load(Ordering::SeqCst) {
@@ -520,6 +535,13 @@ impl RedisSource {
                     .arg(&id)
                     .arg("instance_name")
                     .arg(message.instance_name())
+                    .arg(
+                        envelope
+                            .attributes
+                            .iter()
+                            .flat_map(|(key, value)| [key, value])
+                            .collect::<Vec<_>>(),
+                    )
                     .query::<Value>(con)
             });
             match added {

@@ -86,7 +86,7 @@ impl Consumer<'_> {
             // given back at once rather than overrunning the flow-control window.
             if leases.len() > permits {
                 let extra: Vec<_> = leases.drain(permits..).map(|lease| lease.id).collect();
-                let _ = self.source.nack(&extra, &mut Vec::new());
+                self.leaser.give_back_unadmitted(&extra);
             }
             gate.release(permits - leases.len());
             self.leaser.admit(leases.drain(..), pulled, &mut guards);

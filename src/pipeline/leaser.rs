@@ -54,8 +54,6 @@ pub(crate) struct LeaseSettings {
     pub(crate) extend_interval: Duration,
     /// Past this time since the pull a lease is no longer extended.
     pub(crate) max_lease: Duration,
-    /// Warn about handlers still running after this long.
-    pub(crate) debug_slow: Option<Duration>,
 }
 
 impl LeaseSettings {
@@ -91,14 +89,12 @@ struct Entry {
     deadline: Instant,
     /// Successful extensions.
     extended: u32,
-    /// When its handler started; `None` while it waits.
-    handling: Option<Instant>,
+    /// Whether its handler started.
+    handling: bool,
     /// Wakes its task when the lease is lost.
     waker: Option<Waker>,
     /// Held, capped or lost.
     state: State,
-    /// Whether the slow-handler warning was given.
-    slow_warned: bool,
 }
 
 /// The lease manager. Owned by `run`; its thread is started with [`Leaser::run`].
@@ -131,7 +127,7 @@ pub(crate) struct Leaser<'a> {
     /// Aggregates the warnings about failed calls to the source.
     error_log: Throttle,
     /// Aggregates the warnings about slow handlers.
-    slow_log: Throttle,
+    pub(crate) slow_log: Throttle,
 }
 
 /// A lease held by the lease manager, with its flow-control permit: dropping it without
@@ -243,10 +239,9 @@ impl<'a> Leaser<'a> {
                     pulled,
                     deadline,
                     extended: 0,
-                    handling: None,
+                    handling: false,
                     waker: None,
                     state: State::Held,
-                    slow_warned: false,
                 });
                 out.push(LeaseGuard {
                     leaser: self,
@@ -343,13 +338,26 @@ impl<'a> Leaser<'a> {
         ids.len()
     }
 
+    /// Nacks leases a source returned beyond what was asked for; they never enter the table.
+    pub(crate) fn give_back_unadmitted(&self, ids: &[LeaseId]) {
+        let mut refused = Vec::new();
+        match self.source.nack(ids, &mut refused) {
+            Ok(()) => self
+                .metrics
+                .count_nacked((ids.len() - refused.len()) as u64),
+            Err(error) => self.error_log.log(ids.len() as u64, || {
+                format!("Could not nack {} leases: {error}", ids.len())
+            }),
+        }
+    }
+
     /// Marks a lease's handler as started and registers the waker of its task; returns
     /// whether the lease was lost already.
     fn start_handling(&self, guard: &LeaseGuard<'_>, waker: &Waker) -> bool {
         let mut table = self.shard(guard.shard);
         match table.get_mut(guard.slot as usize) {
             Some(entry) if entry.id == guard.lease.id => {
-                entry.handling = Some(Instant::now());
+                entry.handling = true;
                 entry.waker = Some(waker.clone());
                 entry.state == State::Lost
             }
@@ -432,12 +440,6 @@ impl<'a> Leaser<'a> {
             for (slot, entry) in table.iter_mut() {
                 if entry.state != State::Held {
                     continue;
-                }
-                if let (Some(limit), Some(started)) = (self.settings.debug_slow, entry.handling) {
-                    if !entry.slow_warned && now.duration_since(started) >= limit {
-                        entry.slow_warned = true;
-                        round.slow.push(entry.message);
-                    }
                 }
                 if entry.deadline > horizon {
                     continue;
@@ -527,7 +529,7 @@ impl<'a> Leaser<'a> {
             }
             entry.deadline = deadline;
             entry.extended += 1;
-            if entry.handling.is_some() {
+            if entry.handling {
                 round.handled.push(entry.message);
             } else {
                 round.waiting += 1;
@@ -542,19 +544,8 @@ impl<'a> Leaser<'a> {
         }
     }
 
-    /// Logs the warnings a round found: slow handlers and leases past `max_lease`.
+    /// Logs the warnings a round found: leases past `max_lease`.
     fn report_round_warnings(&self, round: &Round) {
-        if let (Some(first), Some(limit)) = (round.slow.first(), self.settings.debug_slow) {
-            self.metrics.count_slow_many(round.slow.len() as u64);
-            self.slow_log.log(round.slow.len() as u64, || {
-                format!(
-                    "Slow handler: {first} (message id {}) still running after {}{}",
-                    first.message_id(),
-                    humantime::format_duration(limit),
-                    others(round.slow.len())
-                )
-            });
-        }
         if let Some(first) = round.capped.first() {
             self.metrics.count_max_lease(round.capped.len() as u64);
             self.max_lease_log.log(round.capped.len() as u64, || {
@@ -628,8 +619,6 @@ struct Round {
     lost: Vec<PubSubMessage>,
     /// Messages whose leases reached `max_lease`.
     capped: Vec<PubSubMessage>,
-    /// Messages whose handlers became slow.
-    slow: Vec<PubSubMessage>,
 }
 
 impl Round {
@@ -640,7 +629,6 @@ impl Round {
         self.waiting = 0;
         self.lost.clear();
         self.capped.clear();
-        self.slow.clear();
     }
 }
 

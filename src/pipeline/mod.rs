@@ -200,7 +200,6 @@ pub fn run_clients<H: Handler>(
             ack_deadline: config.ack_deadline,
             extend_interval: config.extend_interval,
             max_lease: config.max_lease,
-            debug_slow: config.debug_slow,
         },
     );
     let shared = Shared {
@@ -281,7 +280,7 @@ pub fn run_clients<H: Handler>(
         // `--messages 0` is done before it starts.
         shared.completion.check();
 
-        let reason = wait_reporting_stats(shutdown, metrics, config.stats_interval);
+        let reason = wait_reporting_stats(shutdown, source, metrics, config.stats_interval);
         match &reason {
             ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
             ShutdownReason::Requested => info!("Received shutdown request..."),
@@ -408,6 +407,7 @@ fn spawn_in<'scope>(
 /// it is zero).
 fn wait_reporting_stats(
     shutdown: &Shutdown,
+    source: &dyn Source,
     metrics: &Metrics,
     interval: Duration,
 ) -> ShutdownReason {
@@ -424,10 +424,11 @@ fn wait_reporting_stats(
         let now = Instant::now();
         let rate = (acked - last_acked) as f64 / (now - last_time).as_secs_f64().max(1e-9);
         info!(
-            "Stats: {rate:.1} acked/s, in flight {}, acked {acked}, nacked {}, redelivered {}, lost leases {}",
+            "Stats: {rate:.1} acked/s, in flight {}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}",
             metrics.in_flight(),
             metrics.nacked(),
             metrics.redelivered(),
+            source.stats().dead_lettered,
             metrics.lost(),
         );
         (last_acked, last_time) = (acked, now);

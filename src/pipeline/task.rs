@@ -107,6 +107,7 @@ impl<H: Handler> Shared<'_, H> {
                 self.cancel.cancelled().await;
                 Outcome::Cancelled
             })
+            .or(self.slow_warning(&message))
             .await
         };
         match outcome {
@@ -142,6 +143,26 @@ impl<H: Handler> Shared<'_, H> {
             Outcome::LeaseLost => drop(guard),
         }
         self.completion.check();
+    }
+}
+
+impl<H: Handler> Shared<'_, H> {
+    /// With `--debug-slow`, warns once when the handler has run that long; never completes.
+    /// Without it, no timer is made: the lease manager's rounds are too coarse for this
+    /// debugging aid, and a timer per message would cost every run.
+    async fn slow_warning(&self, message: &PubSubMessage) -> Outcome {
+        if let Some(limit) = self.config.debug_slow {
+            smol::Timer::after(limit).await;
+            self.metrics.count_slow_many(1);
+            self.leaser.slow_log.log(1, || {
+                format!(
+                    "Slow handler: {message} (message id {}) still running after {}",
+                    message.message_id(),
+                    humantime::format_duration(limit)
+                )
+            });
+        }
+        std::future::pending().await
     }
 }
 
