@@ -27,7 +27,7 @@ pub struct Service {
     pub child: Child,
     pub lines: Receiver<String>,
     pub seen: Vec<String>,
-    stdout: JoinHandle<String>,
+    stdout: Option<JoinHandle<String>>,
 }
 
 impl Service {
@@ -65,7 +65,7 @@ impl Service {
             child,
             lines,
             seen: Vec::new(),
-            stdout,
+            stdout: Some(stdout),
         }
     }
 
@@ -130,8 +130,22 @@ impl Service {
         };
         let took = started.elapsed();
         self.seen.extend(self.lines.iter());
-        let stdout = self.stdout.join().expect("stdout reader");
-        (status, took, self.seen, stdout)
+        let stdout = self
+            .stdout
+            .take()
+            .map(|reader| reader.join().expect("stdout reader"))
+            .unwrap_or_default();
+        (status, took, std::mem::take(&mut self.seen), stdout)
+    }
+}
+
+impl Drop for Service {
+    /// A test that fails before `finish` must not leave the service running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
