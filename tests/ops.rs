@@ -300,3 +300,54 @@ fn the_binary_needs_only_what_a_distroless_cc_image_has() {
         );
     }
 }
+
+#[test]
+fn repeated_warnings_are_aggregated_not_a_storm() {
+    // Every lease is capped by --max-lease before its handler ends, so every ack is refused:
+    // thousands of warnings of two kinds, which must come out as at most one line a second
+    // each, with counts.
+    let (status, took, lines, stdout) = Service::start(&[
+        "--messages",
+        "3000",
+        "--max-attempts",
+        "1",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "400ms",
+        "--ack-deadline",
+        "100ms",
+        "--extend-interval",
+        "50ms",
+        "--max-lease",
+        "100ms",
+        "--restart-failure-rate",
+        "0",
+        "--save-failure-rate",
+        "0",
+        "--log-level",
+        "warn",
+        "--report",
+        "json",
+        "--seed",
+        "9",
+    ])
+    .finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_balanced(&stdout);
+    assert!(field(&stdout, "stale_acks") >= 1000.0, "{stdout}");
+    let warnings = lines.iter().filter(|line| line.contains("WARN")).count();
+    // Two kinds of warning, at most one line a second each, plus the closing counts.
+    let bound = 2 * (took.as_secs() as usize + 2) + 4;
+    assert!(
+        warnings <= bound,
+        "{warnings} warning lines in {took:?} (bound {bound}): {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("more acks refused in the last second")
+                || line.contains("more acks refused")),
+        "{lines:#?}"
+    );
+}
