@@ -177,7 +177,7 @@ impl MayhemHandler {
             error!("Retrying for failure to restart: {hostname}");
             ctx.metrics().count_restart_retried();
             if !self.config.latency.is_zero() {
-                smol::Timer::after(backoff).await;
+                async_io::Timer::after(backoff).await;
                 backoff = backoff.saturating_mul(2);
             }
         }
@@ -238,5 +238,5 @@ async fn sleep_up_to(max: Duration, rng: &mut fastrand::Rng) {
         return;
     }
     let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-    smol::Timer::after(Duration::from_nanos(rng.u64(..nanos))).await;
+    async_io::Timer::after(Duration::from_nanos(rng.u64(..nanos))).await;
 }

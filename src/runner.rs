@@ -426,7 +426,7 @@ impl<H: Handler> Shared<'_, H> {
         let mut extend_at = started + self.config.extend_interval;
         let mut slow_at = self.config.debug_slow.map(|limit| started + limit);
         loop {
-            smol::Timer::at(slow_at.map_or(extend_at, |slow| slow.min(extend_at))).await;
+            async_io::Timer::at(slow_at.map_or(extend_at, |slow| slow.min(extend_at))).await;
             let now = Instant::now();
             if let Some(slow) = slow_at.filter(|slow| *slow <= now) {
                 self.metrics.count_slow();
