@@ -46,9 +46,18 @@ leakcheck:
 	$(VALGRIND) ./target/debug/mayhem --publish-interval 1ms --handler-latency 20ms --log-level warn --report json >/dev/null & pid=$$!; \
 	  sleep 3; kill -TERM $$pid; wait $$pid
 
-## The container image (needs a Docker engine; see Dockerfile).
+## The container image: the static (musl) binary alone in a non-root scratch image, built with
+## podman from container/Containerfile (the Dockerfile builds the same image with docker).
+IMAGE ?= mayhem
+MUSL_TARGET = x86_64-unknown-linux-musl
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+# crun refuses the hybrid cgroups of some hosts; runc with cgroupfs works on them.
+PODMAN ?= podman --runtime runc --cgroup-manager=cgroupfs
 container:
-	docker build -t mayhem .
+	$(CARGO) build --release --locked --target $(MUSL_TARGET) --bin mayhem
+	rm -rf $(TARGET_DIR)/container && mkdir -p $(TARGET_DIR)/container
+	cp $(TARGET_DIR)/$(MUSL_TARGET)/release/mayhem $(TARGET_DIR)/container/mayhem
+	$(PODMAN) build --quiet --tag $(IMAGE) --file container/Containerfile $(TARGET_DIR)/container
 
 clean:
 	$(CARGO) clean
