@@ -94,7 +94,7 @@ pub use config::Config;
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
-pub use metrics::{Metrics, Report};
+pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
 #[cfg(feature = "redis")]
 pub use redis_source::{RedisConfig, RedisSource};
 pub use runner::{run, run_with_metrics};
@@ -104,3 +104,11 @@ pub use subscription::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };
 pub use uuid::Uuid;
+
+/// The random number generator that [`PubSubMessage::random`] draws from.
+///
+/// It is [fastrand](https://docs.rs/fastrand/2)'s `Rng`, re-exported so that callers need no
+/// dependency of their own on fastrand (and get the same version): seed one with
+/// `mayhem::Rng::with_seed(7)`. A new major version of fastrand would be a breaking change of
+/// this crate.
+pub use fastrand::Rng;

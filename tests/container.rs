@@ -107,7 +107,10 @@ fn image(test: &str) -> Option<MutexGuard<'static, ()>> {
             .arg("container")
             .arg(format!("IMAGE={IMAGE}"))
             .current_dir(root()));
-        say(&format!("container: make container took {:.1?}", started.elapsed()));
+        say(&format!(
+            "container: make container took {:.1?}",
+            started.elapsed()
+        ));
         Ok(())
     });
     match built {
@@ -171,7 +174,10 @@ fn a_counted_run_completes_in_the_container() {
         .stdin(Stdio::null())
         .output()
         .expect("run podman");
-    say(&format!("container: counted run took {:.1?}", started.elapsed()));
+    say(&format!(
+        "container: counted run took {:.1?}",
+        started.elapsed()
+    ));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
@@ -236,7 +242,10 @@ fn podman_stop_shuts_a_long_run_down_gracefully() {
     say(&format!("container: podman stop took {stop_took:.2?}"));
     assert_eq!(status.code(), Some(0), "{lines:#?}\n{stdout}");
     // Well before podman's 10 s SIGKILL: the SIGTERM path ended it.
-    assert!(stop_took < Duration::from_secs(8), "stop took {stop_took:?}");
+    assert!(
+        stop_took < Duration::from_secs(8),
+        "stop took {stop_took:?}"
+    );
     assert_shutdown_sequence(&lines, "Received exit signal SIGTERM");
     assert_no_panic_text(&lines);
     let report = stdout.trim();
@@ -302,7 +311,13 @@ fn the_dockerfile_builder_copies_no_tests_and_its_manifest_parses() {
     run(Command::new("sh").args(["-c", stubs]).current_dir(&dir));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(&dir)
         .output()
         .expect("run cargo metadata");
