@@ -68,6 +68,49 @@
 //! assert_eq!(report.reason, "requested");
 //! assert!(report.is_balanced());
 //! ```
+//!
+//! Inside `smol::block_on` (or any executor's `block_on`), [`run`] may be called directly when
+//! that future does nothing else meanwhile, since it blocks the thread until the shutdown. An
+//! async program that goes on working hands it to a blocking pool instead:
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use mayhem::{run, Config, Context, HandleError, Handler, Shutdown, ShutdownReason, Subscription};
+//! # struct Noop;
+//! # impl Handler for Noop {
+//! #     async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+//! #         Ok(())
+//! #     }
+//! # }
+//! let mut config = Config::default();
+//! config.publish_interval = Duration::from_millis(1);
+//! let shutdown = Shutdown::new();
+//! let report = smol::block_on(async {
+//!     // `run` blocks its thread, so it runs on smol's blocking pool.
+//!     let service = {
+//!         let (config, shutdown) = (config.clone(), shutdown.clone());
+//!         smol::unblock(move || {
+//!             let subscription = Subscription::new((&config).into());
+//!             run(&config, &subscription, &Noop, &shutdown)
+//!         })
+//!     };
+//!     // Meanwhile the program goes on with async work, then stops the service.
+//!     smol::Timer::after(Duration::from_millis(50)).await;
+//!     shutdown.trigger(ShutdownReason::Requested);
+//!     service.await.unwrap()
+//! });
+//! assert_eq!(report.reason, "requested");
+//! assert!(report.is_balanced());
+//! ```
+//!
+//! `examples/embed_smol.rs` is the same as a program, with the chaos monkey's handler.
+//!
+//! # Features
+//!
+//! - `cli` (default): the `mayhem` binary and its dependencies (clap, signal-hook,
+//!   tiny_http). A library user turns it off:
+//!   `mayhem-worker = { version = "0.1", default-features = false, features = ["redis"] }`.
+//! - `redis` (default): the Redis Streams source.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
