@@ -1,5 +1,6 @@
 # Mayhem: the two commands a user needs are `make run` and `make test`.
-# Pass flags to the service with ARGS, e.g. `make run ARGS="--messages 100 --report json"`.
+# Pass flags to the service with ARGS, e.g.
+# `make run ARGS="--messages 100 --publish-interval 0 --handler-latency 10ms --report json"`.
 
 CARGO ?= cargo
 ARGS ?=
@@ -7,8 +8,12 @@ ARGS ?=
 .PHONY: run test lint fmt bench soak leakcheck container build clean
 
 ## Run the service on its embedded in-memory pub/sub; Ctrl-C stops it cleanly.
+## The terminal's SIGINT reaches make as well, which re-raises it after the recipe (make then
+## exits 130 whatever the service did), so the recipe prints the service's own exit status;
+## its shell traps SIGINT (the service, a new program, gets the default disposition back).
 run:
-	$(CARGO) run --release --quiet -- $(ARGS)
+	@trap 'true' INT; $(CARGO) run --release --quiet -- $(ARGS); status=$$?; \
+	  echo "mayhem exited with status $$status" >&2; exit $$status
 
 ## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples.
 test: lint
