@@ -91,22 +91,41 @@ fn missing_tools() -> Option<String> {
     None
 }
 
+/// Why the image could not be built.
+enum NoImage {
+    /// A tool is missing: a skip, unless the tests are required.
+    Missing(String),
+    /// `make container` failed: always a failure.
+    BuildFailed(String),
+}
+
 /// Builds the image once for all the tests of this file, with `make container`; `None` when
 /// the tools are missing and the tests are not required (the skip is printed).
 fn image(test: &str) -> Option<MutexGuard<'static, ()>> {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    static BUILT: OnceLock<Result<(), NoImage>> = OnceLock::new();
     // The tests share the image and the machine's two cores: they run one at a time.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let built = BUILT.get_or_init(|| {
         if let Some(reason) = missing_tools() {
-            return Err(reason);
+            return Err(NoImage::Missing(reason));
         }
         let started = Instant::now();
-        run(Command::new("make")
+        let output = Command::new("make")
             .arg("--no-print-directory")
             .arg("container")
             .arg(format!("IMAGE={IMAGE}"))
-            .current_dir(root()));
+            .current_dir(root())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|error| NoImage::BuildFailed(format!("cannot run make: {error}")))?;
+        if !output.status.success() {
+            return Err(NoImage::BuildFailed(format!(
+                "make container failed with {}:\n{}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
         say(&format!(
             "container: make container took {:.1?}",
             started.elapsed()
@@ -119,10 +138,13 @@ fn image(test: &str) -> Option<MutexGuard<'static, ()>> {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         ),
-        Err(reason) if std::env::var("MAYHEM_REQUIRE_CONTAINER").is_ok_and(|v| v == "1") => {
+        Err(NoImage::BuildFailed(text)) => panic!("{test}: {text}"),
+        Err(NoImage::Missing(reason))
+            if std::env::var("MAYHEM_REQUIRE_CONTAINER").is_ok_and(|v| v == "1") =>
+        {
             panic!("{test}: MAYHEM_REQUIRE_CONTAINER=1 but {reason}")
         }
-        Err(reason) => {
+        Err(NoImage::Missing(reason)) => {
             say(&format!("SKIPPED {test}: {reason}"));
             None
         }
