@@ -1,4 +1,6 @@
 //! The `mayhem` binary end to end: signals, exit codes, shutdown lines, bad input.
+// These tests start the binary, which only the `cli` feature builds.
+#![cfg(feature = "cli")]
 
 mod common;
 

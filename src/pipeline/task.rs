@@ -150,7 +150,7 @@ impl<H: Handler> Shared<'_, H> {
     /// debugging aid, and a timer per message would cost every run.
     async fn slow_warning(&self, message: &PubSubMessage) -> Outcome {
         if let Some(limit) = self.config.debug_slow {
-            smol::Timer::after(limit).await;
+            async_io::Timer::after(limit).await;
             self.metrics.count_slow_many(1);
             self.leaser.slow_log.log(1, || {
                 format!(

@@ -37,14 +37,20 @@ impl Service {
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Service {
         let mut command = Command::new(env!("CARGO_BIN_EXE_mayhem"));
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.args(args);
         for (key, value) in env {
             command.env(key, value);
         }
+        Self::spawn(command)
+    }
+
+    /// Starts `command` (the binary, or a container engine running it) with stdout and
+    /// stderr piped and no stdin.
+    pub fn spawn(mut command: Command) -> Service {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("start mayhem");
         let stderr = child.stderr.take().expect("piped stderr");
         let mut stdout = child.stdout.take().expect("piped stdout");
