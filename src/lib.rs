@@ -81,6 +81,7 @@ pub mod message;
 pub mod metrics;
 mod publisher;
 #[cfg(feature = "redis")]
+#[path = "source/redis/mod.rs"]
 pub mod redis_source;
 mod runner;
 pub mod shutdown;
