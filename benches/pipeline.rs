@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use async_executor::Executor;
 use futures_lite::future;
 use mayhem::{
-    run, Config, MayhemConfig, MayhemHandler, PubSubMessage, Shutdown, ShutdownReason, Source,
-    Subscription,
+    run, run_with_metrics, Config, Envelope, MayhemConfig, MayhemHandler, Metrics, PubSubMessage,
+    Publish, Shutdown, ShutdownReason, Source, Subscription,
 };
 
 /// Thread counts swept for publishers, consumers and workers.
@@ -223,7 +223,7 @@ fn fast_config(publishers: usize, consumers: usize, workers: usize, messages: u6
 /// Messages per second through the real pipeline, publish to ack.
 fn pipeline(publishers: usize, consumers: usize, workers: usize, messages: u64) -> f64 {
     let config = fast_config(publishers, consumers, workers, messages);
-    let subscription = Subscription::new((&config).into());
+    let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     let report =
         run(&config, &subscription, &handler, &Shutdown::new()).expect("valid bench config");
@@ -317,7 +317,7 @@ fn proc_status_kb(field: &str) -> f64 {
 fn child_rss() {
     let cpus = thread::available_parallelism().map_or(2, |n| n.get());
     let config = fast_config(1, 1, cpus, RSS_MESSAGES);
-    let subscription = Subscription::new((&config).into());
+    let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     let report =
         run(&config, &subscription, &handler, &Shutdown::new()).expect("valid bench config");
@@ -340,13 +340,14 @@ fn child_in_flight() {
         seed: Some(1),
         ..Config::default()
     };
-    let subscription = Subscription::new((&config).into());
+    let subscription = Subscription::new(config.subscription());
     let mut rng = fastrand::Rng::with_seed(1);
-    for _ in 0..IN_FLIGHT {
-        subscription
-            .publish(PubSubMessage::random(&mut rng))
-            .expect("room in the backlog");
-    }
+    let batch: Vec<Envelope> = (0..IN_FLIGHT)
+        .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+        .collect();
+    subscription.publish(&batch).expect("room in the backlog");
+    drop(batch);
+    let metrics = Metrics::default();
     let before = proc_status_kb("VmRSS");
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     let shutdown = Shutdown::new();
@@ -354,7 +355,7 @@ fn child_in_flight() {
         let watcher = scope.spawn(|| {
             // Wait until every message was pulled, then give the executor time to poll each
             // new task once (so each holds its timers), and measure.
-            while subscription.stats().delivered < IN_FLIGHT as u64 {
+            while metrics.in_flight() < IN_FLIGHT {
                 thread::sleep(Duration::from_millis(10));
             }
             thread::sleep(Duration::from_millis(500));
@@ -362,7 +363,8 @@ fn child_in_flight() {
             shutdown.trigger(ShutdownReason::Requested);
             after
         });
-        let report = run(&config, &subscription, &handler, &shutdown).expect("valid bench config");
+        let report = run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics)
+            .expect("valid bench config");
         assert!(report.is_balanced());
         watcher.join().expect("watcher")
     });
@@ -379,7 +381,7 @@ fn library_shutdown_ms(consumers: usize, workers: usize) -> f64 {
         seed: Some(1),
         ..Config::default()
     };
-    let subscription = Subscription::new((&config).into());
+    let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     let shutdown = Shutdown::new();
     thread::scope(|scope| {

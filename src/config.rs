@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::source::memory::SubscriptionConfig;
 
 /// Longest duration any setting accepts (one day); longer values are surely mistakes.
 const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -59,6 +60,9 @@ pub struct Config {
     pub extend_interval: Duration,
     /// Deliveries of one message before it is dead-lettered.
     pub max_attempts: u32,
+    /// Past this time since its pull, a lease is no longer extended (a warning names the
+    /// message): a handler stuck for that long gives its message to another consumer.
+    pub max_lease: Duration,
     /// On shutdown, how long handlers in flight may take to finish before they are cancelled.
     pub grace_period: Duration,
     /// Publish this many messages, wait until each is acked or dead-lettered, then stop.
@@ -96,6 +100,7 @@ impl Default for Config {
             ack_deadline: Duration::from_secs(3),
             extend_interval: Duration::from_secs(2),
             max_attempts: 5,
+            max_lease: Duration::from_secs(3600),
             grace_period: Duration::from_secs(5),
             messages: None,
             seed: None,
@@ -108,6 +113,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The settings of the in-memory subscription that this configuration describes.
+    pub fn subscription(&self) -> SubscriptionConfig {
+        SubscriptionConfig {
+            ack_deadline: self.ack_deadline,
+            max_attempts: self.max_attempts,
+            max_backlog: self.max_backlog,
+        }
+    }
+
     /// Checks every value and every relation between values.
     ///
     /// # Errors
@@ -165,6 +179,12 @@ impl Config {
             ));
         }
         count("--max-attempts", self.max_attempts as usize, 1, 1000)?;
+        duration(
+            "--max-lease",
+            self.max_lease,
+            self.ack_deadline,
+            MAX_DURATION,
+        )?;
         duration(
             "--grace-period",
             self.grace_period,
@@ -238,5 +258,11 @@ fn rate(option: &'static str, value: f64) -> Result<(), ConfigError> {
         Ok(())
     } else {
         Err(ConfigError::new(option, value, "must be between 0 and 1"))
+    }
+}
+
+impl From<&Config> for SubscriptionConfig {
+    fn from(config: &Config) -> Self {
+        config.subscription()
     }
 }

@@ -1,5 +1,6 @@
 //! The pluggable async handler, and the Mayhem handler that is the default.
 
+use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -11,23 +12,41 @@ use crate::config::Config;
 use crate::error::HandleError;
 use crate::message::PubSubMessage;
 use crate::metrics::Metrics;
+use crate::source::Attributes;
 
 /// What a handler gets to know about the message it handles.
-#[derive(Debug)]
 pub struct Context<'a> {
     /// The message.
     message: &'a PubSubMessage,
+    /// The attributes the message was published with.
+    attributes: &'a Attributes,
     /// Which delivery of the message this is, counting from 1.
     attempt: u32,
-    /// Lease extensions made so far while handling it; the runner's extender counts them.
-    extended: &'a AtomicU32,
+    /// Lease extensions made so far while the message was held; the lease manager counts
+    /// them (or a test's counter does).
+    extended: &'a dyn ExtensionCount,
     /// Counters the handler may update.
     metrics: &'a Metrics,
 }
 
+/// Where a [`Context`] reads how often its lease was extended.
+pub(crate) trait ExtensionCount: Sync {
+    /// Extensions so far.
+    fn extensions(&self) -> u32;
+}
+
+impl ExtensionCount for AtomicU32 {
+    fn extensions(&self) -> u32 {
+        self.load(Ordering::Relaxed)
+    }
+}
+
+/// No attributes, for contexts made without any.
+static NO_ATTRIBUTES: Attributes = Attributes::new();
+
 impl<'a> Context<'a> {
-    /// A context for handling `message`; the runner makes one per delivery, and tests of a
-    /// handler can make their own.
+    /// A context for handling `message`; tests of a handler can make their own (the runner
+    /// makes one per delivery).
     pub fn new(
         message: &'a PubSubMessage,
         attempt: u32,
@@ -36,6 +55,30 @@ impl<'a> Context<'a> {
     ) -> Self {
         Context {
             message,
+            attributes: &NO_ATTRIBUTES,
+            attempt,
+            extended,
+            metrics,
+        }
+    }
+
+    /// The same context with the message's attributes.
+    pub fn with_attributes(mut self, attributes: &'a Attributes) -> Self {
+        self.attributes = attributes;
+        self
+    }
+
+    /// The runner's context of a held lease.
+    pub(crate) fn of_lease(
+        message: &'a PubSubMessage,
+        attributes: &'a Attributes,
+        attempt: u32,
+        extended: &'a dyn ExtensionCount,
+        metrics: &'a Metrics,
+    ) -> Self {
+        Context {
+            message,
+            attributes,
             attempt,
             extended,
             metrics,
@@ -52,14 +95,31 @@ impl<'a> Context<'a> {
         self.attempt
     }
 
-    /// How often the lease has been extended while handling it so far.
+    /// The attributes the message was published with (empty for the chaos monkey's own).
+    pub fn attributes(&self) -> &Attributes {
+        self.attributes
+    }
+
+    /// How often the lease has been extended so far while the message was held (waiting for
+    /// its handler, or being handled).
     pub fn extended(&self) -> u32 {
-        self.extended.load(Ordering::Relaxed)
+        self.extended.extensions()
     }
 
     /// The service's counters.
     pub fn metrics(&self) -> &Metrics {
         self.metrics
+    }
+}
+
+impl fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("message", self.message)
+            .field("attributes", self.attributes)
+            .field("attempt", &self.attempt)
+            .field("extended", &self.extended())
+            .finish()
     }
 }
 

@@ -8,14 +8,16 @@
 //! # Data flow
 //!
 //! ```text
-//!  publisher threads ──publish──▶ Source (in-memory pub/sub: ready → leased → acked/dead)
-//!                                   │ blocking pull (leases, in batches)
-//!                                   ▼
-//!  consumer threads ──send_blocking──▶ bounded async_channel ──recv().await──▶ executor threads
-//!                                                                                   │ one task per message:
-//!                                                                                   │ handler + lease extender
-//!                                                                                   ▼
-//!                                                                             ack / nack ──▶ Source
+//!  publisher threads ──Publish::publish (batches)──▶ broker (in-memory pub/sub, or Redis)
+//!                                                     │ Source::pull: blocking, leases in batches
+//!                                                     ▼
+//!  consumer threads ──lease manager admits each lease──▶ bounded async_channel (send_blocking)
+//!                                                     │ recv().await in the executor threads
+//!                                                     ▼
+//!  executor threads ──one task per message: the handler──▶ ack / nack ──▶ broker
+//!
+//!  lease-manager thread: extends every lease held (waiting or being handled) in one batched
+//!  call per round, from pull to settle
 //! ```
 //!
 //! Shutdown is a [`Shutdown`] value passed into [`run`]: a shared `AtomicBool` that every loop
@@ -26,17 +28,19 @@
 //! # Modules
 //!
 //! - [`message`]: [`PubSubMessage`], the "restart this host" message.
-//! - [`source`]: the [`Source`] trait (sync, blocking pull of leases) and [`Delivery`], a
-//!   lease with a drop guard that nacks.
-//! - [`subscription`]: [`Subscription`], the embedded in-memory pub/sub with real lease
+//! - [`source`]: the broker traits [`Publish`] and [`Source`] (batched ack, nack and extend),
+//!   [`Lease`], [`Attributes`], and [`Delivery`], a lease with a drop guard that nacks;
+//!   [`source::memory`] is [`Subscription`], the embedded in-memory pub/sub with real lease
 //!   semantics, and the [`Clock`] it reads.
-//! - `redis_source` (feature `redis`, on by default): `RedisSource`, a source on a Redis
+//!   `source::redis` (feature `redis`, on by default) is `RedisSource`, a broker on a Redis
 //!   stream with a consumer group.
 //! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
 //! - [`config`]: [`Config`], every setting.
 //! - [`metrics`]: counters and the final [`Report`].
 //! - [`error`]: the typed errors.
+//! - the pipeline (private): publisher and consumer threads, the lease manager, the
+//!   executor-thread bridge, the per-message task, flow control; [`run`] wires them.
 //!
 //! # Embedding
 //!
@@ -56,7 +60,7 @@
 //!
 //! let mut config = Config::default();
 //! config.publish_interval = Duration::from_millis(1);
-//! let subscription = Subscription::new((&config).into());
+//! let subscription = Subscription::new(config.subscription());
 //! let shutdown = Shutdown::new();
 //! let stopper = shutdown.clone();
 //! let timer = std::thread::spawn(move || {
@@ -73,32 +77,25 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod config;
-mod consumer;
 pub mod error;
-mod flow;
 pub mod handler;
 pub mod message;
 pub mod metrics;
-mod publisher;
-#[cfg(feature = "redis")]
-#[path = "source/redis/mod.rs"]
-pub mod redis_source;
-mod runner;
+mod pipeline;
 pub mod shutdown;
 pub mod source;
-pub mod subscription;
 
 pub use config::Config;
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
 pub use metrics::{Metrics, Report};
-#[cfg(feature = "redis")]
-pub use redis_source::{RedisConfig, RedisSource};
-pub use runner::{run, run_with_metrics};
+pub use pipeline::{run, run_clients, run_with_metrics, Broker};
 pub use shutdown::{Shutdown, ShutdownReason};
-pub use source::{Delivery, Lease, LeaseId, Source, SourceStats};
-pub use subscription::{
+pub use source::memory::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };
+#[cfg(feature = "redis")]
+pub use source::redis::{RedisConfig, RedisSource};
+pub use source::{Attributes, Delivery, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
 pub use uuid::Uuid;

@@ -20,6 +20,23 @@ const BUCKETS: usize = ((POWERS + 1) * SUB_BUCKETS) as usize;
 /// threads that write them have been joined (or approximately, while running).
 #[derive(Debug)]
 pub struct Metrics {
+    /// Deliveries pulled by the consumers (a redelivered message counts again).
+    delivered: AtomicU64,
+    /// Deliveries of a message that had been delivered before.
+    redelivered: AtomicU64,
+    /// Leases acked.
+    acked: AtomicU64,
+    /// Leases nacked (handler errors, panics, cancellations, shutdown).
+    nacked: AtomicU64,
+    /// Successful lease extensions.
+    extended: AtomicU64,
+    /// Acks the source refused because the lease was not held any more.
+    stale_acks: AtomicU64,
+    /// Leases whose extension the source refused while they were held (their handler was
+    /// dropped; the message is delivered again).
+    lost: AtomicU64,
+    /// Leases held past `--max-lease`, which the lease manager stopped extending.
+    max_lease: AtomicU64,
     /// Restart attempts that failed (each try counts).
     restart_failed: AtomicU64,
     /// Restart attempts made again after a failure.
@@ -45,6 +62,14 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            delivered: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            nacked: AtomicU64::new(0),
+            extended: AtomicU64::new(0),
+            stale_acks: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            max_lease: AtomicU64::new(0),
             restart_failed: AtomicU64::new(0),
             restart_retried: AtomicU64::new(0),
             save_failed: AtomicU64::new(0),
@@ -75,6 +100,58 @@ impl Metrics {
         self.save_failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts deliveries pulled, `redelivered` of them delivered before.
+    pub(crate) fn count_delivered(&self, delivered: u64, redelivered: u64) {
+        self.delivered.fetch_add(delivered, Ordering::Relaxed);
+        if redelivered > 0 {
+            self.redelivered.fetch_add(redelivered, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn count_acked(&self, count: u64) {
+        self.acked.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_nacked(&self, count: u64) {
+        self.nacked.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_extended(&self, count: u64) {
+        self.extended.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_stale_acks(&self, count: u64) {
+        self.stale_acks.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_lost(&self, count: u64) {
+        self.lost.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_max_lease(&self, count: u64) {
+        self.max_lease.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Leases acked so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Leases nacked so far.
+    pub fn nacked(&self) -> u64 {
+        self.nacked.load(Ordering::Relaxed)
+    }
+
+    /// Redeliveries so far.
+    pub fn redelivered(&self) -> u64 {
+        self.redelivered.load(Ordering::Relaxed)
+    }
+
+    /// Leases lost so far (the source refused to extend them while held).
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn count_panicked(&self) {
         self.panicked.fetch_add(1, Ordering::Relaxed);
     }
@@ -83,15 +160,16 @@ impl Metrics {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_slow(&self) {
-        self.slow.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn count_slow_many(&self, count: u64) {
+        self.slow.fetch_add(count, Ordering::Relaxed);
     }
 
     pub(crate) fn count_blocking(&self) {
         self.blocking.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Messages pulled and not yet acked or nacked, now.
+    /// Leases held now: pulled and not yet acked, nacked or lost (permits a consumer reserved
+    /// for a pull that has not returned yet do not count).
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -133,21 +211,31 @@ impl Metrics {
             (
                 "consumed",
                 "Deliveries pulled by the consumers.",
-                stats.delivered,
+                load(&self.delivered),
             ),
-            ("acked", "Messages acked.", stats.acked),
-            ("nacked", "Leases nacked.", stats.nacked),
+            ("acked", "Messages acked.", load(&self.acked)),
+            ("nacked", "Leases nacked.", load(&self.nacked)),
             (
                 "redelivered",
                 "Deliveries of a message delivered before.",
-                stats.redelivered,
+                load(&self.redelivered),
             ),
             (
                 "expired",
                 "Leases that expired without ack or extension.",
                 stats.expired,
             ),
-            ("extended", "Lease extensions.", stats.extended),
+            ("extended", "Lease extensions.", load(&self.extended)),
+            (
+                "lost_leases",
+                "Leases the source took back while they were held.",
+                load(&self.lost),
+            ),
+            (
+                "max_lease_reached",
+                "Leases held past --max-lease and no longer extended.",
+                load(&self.max_lease),
+            ),
             (
                 "dead_lettered",
                 "Messages dead-lettered.",
@@ -156,7 +244,7 @@ impl Metrics {
             (
                 "stale_acks",
                 "Acks refused because the lease had expired.",
-                stats.stale_acks,
+                load(&self.stale_acks) + stats.late_refusals,
             ),
             (
                 "restart_failed",
@@ -303,6 +391,8 @@ pub struct Report {
     pub dead_lettered: u64,
     /// Acks refused because the lease had expired.
     pub stale_acks: u64,
+    /// Leases the source took back while they were held (their handlers were dropped).
+    pub lost_leases: u64,
     /// Failed restart attempts.
     pub restart_failed: u64,
     /// Restart retries.
@@ -343,14 +433,15 @@ impl Report {
         let elapsed_secs = elapsed.as_secs_f64();
         Report {
             published: stats.published,
-            consumed: stats.delivered,
-            acked: stats.acked,
-            nacked: stats.nacked,
-            redelivered: stats.redelivered,
+            consumed: metrics.delivered.load(Ordering::Relaxed),
+            acked: metrics.acked.load(Ordering::Relaxed),
+            nacked: metrics.nacked.load(Ordering::Relaxed),
+            redelivered: metrics.redelivered.load(Ordering::Relaxed),
             expired: stats.expired,
-            extended: stats.extended,
+            extended: metrics.extended.load(Ordering::Relaxed),
             dead_lettered: stats.dead_lettered,
-            stale_acks: stats.stale_acks,
+            stale_acks: metrics.stale_acks.load(Ordering::Relaxed) + stats.late_refusals,
+            lost_leases: metrics.lost.load(Ordering::Relaxed),
             restart_failed: metrics.restart_failed.load(Ordering::Relaxed),
             restart_retried: metrics.restart_retried.load(Ordering::Relaxed),
             save_failed: metrics.save_failed.load(Ordering::Relaxed),
@@ -359,7 +450,7 @@ impl Report {
             remaining: stats.remaining,
             elapsed_secs,
             acked_per_sec: if elapsed_secs > 0.0 {
-                stats.acked as f64 / elapsed_secs
+                metrics.acked.load(Ordering::Relaxed) as f64 / elapsed_secs
             } else {
                 0.0
             },
@@ -402,6 +493,7 @@ impl Report {
             ("extended", self.extended.to_string()),
             ("dead_lettered", self.dead_lettered.to_string()),
             ("stale_acks", self.stale_acks.to_string()),
+            ("lost_leases", self.lost_leases.to_string()),
             ("restart_failed", self.restart_failed.to_string()),
             ("restart_retried", self.restart_retried.to_string()),
             ("save_failed", self.save_failed.to_string()),

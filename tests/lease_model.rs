@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mayhem::{
-    Clock, LeaseError, LeaseId, ManualClock, PubSubMessage, Source, SourceError, Subscription,
-    SubscriptionConfig,
+    Clock, Envelope, LeaseError, LeaseId, ManualClock, PubSubMessage, Publish, Source, SourceError,
+    Subscription, SubscriptionConfig,
 };
 use proptest::prelude::*;
 
@@ -21,6 +21,8 @@ enum Op {
     Ack(usize),
     Nack(usize),
     Extend(usize, u64),
+    /// One ack call over several leases (duplicates and stale ones included).
+    AckMany(Vec<usize>),
     Advance(u64),
     Interrupt,
 }
@@ -32,6 +34,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(Op::Ack),
         2 => any::<usize>().prop_map(Op::Nack),
         2 => (any::<usize>(), 1u64..2 * DEADLINE_MS).prop_map(|(i, by)| Op::Extend(i, by)),
+        2 => proptest::collection::vec(any::<usize>(), 1..6).prop_map(Op::AckMany),
         3 => (0u64..2 * DEADLINE_MS).prop_map(Op::Advance),
         1 => Just(Op::Interrupt),
     ]
@@ -91,6 +94,20 @@ impl Model {
     }
 }
 
+/// Runs a batch operation on one lease, as a `Result` of that lease.
+fn one(
+    id: LeaseId,
+    op: impl FnOnce(&[LeaseId], &mut Vec<LeaseId>) -> Result<(), SourceError>,
+) -> Result<(), LeaseError> {
+    let mut refused = Vec::new();
+    op(&[id], &mut refused).map_err(LeaseError::Source)?;
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(LeaseError::Expired)
+    }
+}
+
 /// Where a message goes when its lease ends without ack.
 fn back(attempts: u32) -> State {
     if attempts >= MAX_ATTEMPTS {
@@ -120,7 +137,7 @@ proptest! {
             match op {
                 Op::Publish => {
                     let message = PubSubMessage::random(&mut rng);
-                    let result = sub.publish(message);
+                    let result = sub.publish(&[Envelope::from(message)]);
                     if model.interrupted {
                         prop_assert_eq!(result, Err(SourceError::Closed));
                     } else {
@@ -157,9 +174,29 @@ proptest! {
                 Op::Ack(index) | Op::Nack(index) | Op::Extend(index, _) if model.leases.is_empty() => {
                     let _ = index;
                 }
+                Op::AckMany(_) if model.leases.is_empty() => {}
+                Op::AckMany(indexes) => {
+                    let picked: Vec<(LeaseId, PubSubMessage)> = indexes
+                        .iter()
+                        .map(|index| model.leases[index % model.leases.len()])
+                        .collect();
+                    let ids: Vec<LeaseId> = picked.iter().map(|(id, _)| *id).collect();
+                    let mut refused = Vec::new();
+                    prop_assert_eq!(sub.ack(&ids, &mut refused), Ok(()));
+                    // The model settles them in order: a duplicate is refused the second time.
+                    let mut expected = Vec::new();
+                    for (lease, message) in picked {
+                        if model.live(lease, &message).is_some() {
+                            model.states.insert(message, State::Acked);
+                        } else {
+                            expected.push(lease);
+                        }
+                    }
+                    prop_assert_eq!(refused, expected);
+                }
                 Op::Ack(index) => {
                     let (lease, message) = model.leases[index % model.leases.len()];
-                    let result = sub.ack(lease);
+                    let result = one(lease, |ids, refused| sub.ack(ids, refused));
                     if model.live(lease, &message).is_some() {
                         prop_assert_eq!(result, Ok(()));
                         model.states.insert(message, State::Acked);
@@ -170,7 +207,7 @@ proptest! {
                 }
                 Op::Nack(index) => {
                     let (lease, message) = model.leases[index % model.leases.len()];
-                    let result = sub.nack(lease);
+                    let result = one(lease, |ids, refused| sub.nack(ids, refused));
                     match model.live(lease, &message) {
                         Some(attempts) => {
                             prop_assert_eq!(result, Ok(()));
@@ -181,7 +218,7 @@ proptest! {
                 }
                 Op::Extend(index, by) => {
                     let (lease, message) = model.leases[index % model.leases.len()];
-                    let result = sub.extend(lease, Duration::from_millis(by));
+                    let result = one(lease, |ids, refused| sub.extend(ids, Duration::from_millis(by), refused));
                     match model.live(lease, &message) {
                         Some(attempts) => {
                             prop_assert_eq!(result, Ok(()));
@@ -192,7 +229,7 @@ proptest! {
                 }
                 Op::Advance(ms) => clock.advance(Duration::from_millis(ms)),
                 Op::Interrupt => {
-                    sub.interrupt();
+                    Source::interrupt(&sub);
                     model.interrupted = true;
                 }
             }
@@ -201,11 +238,11 @@ proptest! {
             model.expire(clock.now());
             let stats = sub.stats();
             prop_assert_eq!(stats.published, model.states.len() as u64);
-            prop_assert_eq!(stats.acked, model.count(|s| *s == State::Acked));
+            let acked = model.count(|s| *s == State::Acked);
             prop_assert_eq!(stats.dead_lettered, model.count(|s| *s == State::Dead));
             prop_assert_eq!(stats.remaining, model.count(|s| matches!(s, State::Queued { .. } | State::Leased { .. })));
-            prop_assert_eq!(stats.published, stats.acked + stats.dead_lettered + stats.remaining);
-            prop_assert_eq!(sub.settled(), stats.acked + stats.dead_lettered);
+            prop_assert_eq!(stats.published, acked + stats.dead_lettered + stats.remaining);
+            prop_assert_eq!(sub.settled(), acked + stats.dead_lettered);
         }
     }
 }

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use mayhem::{LeaseError, PubSubMessage, RedisConfig, RedisSource, Source, SourceError};
+mod conformance;
+
+use mayhem::{Envelope, PubSubMessage, Publish, RedisConfig, RedisSource, Source};
 use redis::Value;
 
 /// Upper bound for anything a test waits for; only reached when something is broken.
@@ -497,63 +499,60 @@ fn pull_one(source: &RedisSource) -> mayhem::Lease {
             .pull(1, Duration::from_millis(100), &mut leases)
             .expect("pull");
     }
-    leases[0]
+    leases.remove(0)
 }
 
-#[test]
-fn ack_settles_and_a_second_ack_is_refused() {
-    let Some(server) = Server::start(false) else {
-        return;
-    };
-    let source =
-        RedisSource::connect(source_config(&server, "s", Duration::from_secs(5))).expect("connect");
-    let mut rng = fastrand::Rng::with_seed(1);
-    let message = PubSubMessage::random(&mut rng);
-    source.publish(message).expect("publish");
-    let lease = pull_one(&source);
-    assert_eq!(lease.message, message);
-    assert_eq!(lease.attempt, 1);
-    source.ack(lease.id).expect("ack");
-    assert_eq!(source.ack(lease.id), Err(LeaseError::Expired));
-    assert_eq!(source.flush(PATIENCE), 0);
-    let stats = source.stats();
-    assert_eq!((stats.acked, stats.stale_acks, stats.remaining), (1, 1, 0));
-    assert_eq!(source.settled(), 1);
-    assert_eq!(server.group("s", "g").map(|g| g.0), Some(0));
+/// A real Redis for the conformance suite: one server per test, one stream per broker.
+struct Redis {
+    /// The server.
+    server: Server,
+    /// Numbers the streams of the brokers made.
+    streams: AtomicU32,
 }
 
-#[test]
-fn nack_redelivers_with_the_next_attempt_then_dead_letters() {
-    let Some(server) = Server::start(false) else {
-        return;
-    };
-    let source =
-        RedisSource::connect(source_config(&server, "s", Duration::from_secs(5))).expect("connect");
-    let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(2));
-    source.publish(message).expect("publish");
-    for attempt in 1..=3 {
-        let lease = pull_one(&source);
-        assert_eq!((lease.message, lease.attempt), (message, attempt));
-        source.nack(lease.id).expect("nack");
-        assert_eq!(source.flush(PATIENCE), 0);
+/// The ack deadline of the conformance brokers: long enough for a round trip and the
+/// harness's slack, short enough to keep the suite fast.
+const CONFORMANCE_DEADLINE: Duration = Duration::from_millis(600);
+
+impl conformance::Harness for Redis {
+    type Broker = RedisSource;
+
+    fn broker(&self, max_attempts: u32) -> RedisSource {
+        let stream = format!("s{}", self.streams.fetch_add(1, Ordering::SeqCst));
+        RedisSource::connect(RedisConfig {
+            max_attempts,
+            ..source_config(&self.server, &stream, CONFORMANCE_DEADLINE)
+        })
+        .expect("connect")
     }
-    // The third nack used up max_attempts = 3: the message is dead-lettered, not delivered.
-    let mut leases = Vec::new();
-    source
-        .pull(1, Duration::from_millis(150), &mut leases)
-        .expect("pull");
-    assert!(leases.is_empty());
-    let stats = source.stats();
-    assert_eq!(
-        (stats.nacked, stats.dead_lettered, stats.redelivered),
-        (3, 1, 2)
-    );
-    assert_eq!(server.xlen("s:dead"), 1);
-    assert_eq!(server.group("s", "g").map(|g| (g.0, g.1)), Some((0, 0)));
+
+    fn deadline(&self) -> Duration {
+        CONFORMANCE_DEADLINE
+    }
+
+    fn pass(&self, _broker: &RedisSource, by: Duration) {
+        // Redis measures idle time from its own clock, a little after ours: the slack makes
+        // sure a deadline that passed here has passed there too.
+        thread::sleep(by + Duration::from_millis(50));
+    }
+}
+
+/// A conformance harness, or `None` (said loudly) without `redis-server`.
+fn redis() -> Option<Redis> {
+    Server::start(false).map(|server| Redis {
+        server,
+        streams: AtomicU32::new(0),
+    })
+}
+
+conformance_tests!(redis());
+
+fn publish_one(source: &RedisSource, message: PubSubMessage) {
+    source.publish(&[Envelope::from(message)]).expect("publish");
 }
 
 #[test]
-fn extend_keeps_the_lease_and_expiry_redelivers() {
+fn an_extended_lease_cannot_be_claimed_by_another_consumer() {
     let Some(server) = Server::start(false) else {
         return;
     };
@@ -565,13 +564,12 @@ fn extend_keeps_the_lease_and_expiry_redelivers() {
     })
     .expect("connect");
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(3));
-    source.publish(message).expect("publish");
+    publish_one(&source, message);
     let kept = pull_one(&source);
     // Extended past three deadlines: the other consumer cannot claim it.
     for _ in 0..6 {
         thread::sleep(deadline / 2);
-        source.extend(kept.id, deadline).expect("extend");
-        assert_eq!(source.flush(PATIENCE), 0);
+        assert!(conformance::extend(&source, &[kept.id], deadline).is_empty());
         let mut leases = Vec::new();
         other.pull(1, Duration::ZERO, &mut leases).expect("pull");
         assert!(leases.is_empty(), "an extended lease was claimed");
@@ -580,11 +578,9 @@ fn extend_keeps_the_lease_and_expiry_redelivers() {
     // and the first holder's ack is refused.
     let claimed = pull_one(&other);
     assert_eq!((claimed.message, claimed.attempt), (message, 2));
-    assert_eq!(source.ack(kept.id), Err(LeaseError::Expired));
-    other.ack(claimed.id).expect("ack");
-    assert_eq!(other.flush(PATIENCE), 0);
-    assert_eq!(other.stats().acked, 1);
-    assert_eq!(source.stats().acked, 0);
+    assert_eq!(conformance::ack(&source, &[kept.id]), [kept.id]);
+    assert!(conformance::ack(&other, &[claimed.id]).is_empty());
+    assert_eq!((other.settled(), source.settled()), (1, 0));
     assert_eq!(server.group("s", "g").map(|g| g.0), Some(0));
 }
 
@@ -597,42 +593,34 @@ fn a_restarted_consumer_recovers_its_own_pending_entries() {
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(4));
     {
         let first = RedisSource::connect(config.clone()).expect("connect");
-        first.publish(message).expect("publish");
+        publish_one(&first, message);
         pull_one(&first);
         // Dropped without ack: the entry stays pending for consumer c1.
     }
     let again = RedisSource::connect(config).expect("connect");
     let lease = pull_one(&again);
     assert_eq!((lease.message, lease.attempt), (message, 2));
-    again.ack(lease.id).expect("ack");
-    assert_eq!(again.flush(PATIENCE), 0);
+    assert!(conformance::ack(&again, &[lease.id]).is_empty());
     assert_eq!(server.group("s", "g").map(|g| g.0), Some(0));
 }
 
 #[test]
-fn interrupt_closes_pull_and_publish_but_acks_still_work() {
+fn nacks_past_max_attempts_go_to_the_dead_stream() {
     let Some(server) = Server::start(false) else {
         return;
     };
     let source =
         RedisSource::connect(source_config(&server, "s", Duration::from_secs(5))).expect("connect");
-    source
-        .publish(PubSubMessage::random(&mut fastrand::Rng::with_seed(5)))
-        .expect("publish");
-    let lease = pull_one(&source);
-    source.interrupt();
-    let mut leases = Vec::new();
-    assert_eq!(
-        source.pull(1, Duration::ZERO, &mut leases),
-        Err(SourceError::Closed)
-    );
-    assert_eq!(
-        source.publish(PubSubMessage::random(&mut fastrand::Rng::with_seed(6))),
-        Err(SourceError::Closed)
-    );
-    source.ack(lease.id).expect("ack after interrupt");
-    assert_eq!(source.flush(PATIENCE), 0);
-    assert_eq!(source.stats().acked, 1);
+    let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(2));
+    publish_one(&source, message);
+    for attempt in 1..=3 {
+        let lease = pull_one(&source);
+        assert_eq!((lease.message, lease.attempt), (message, attempt));
+        assert!(conformance::nack(&source, &[lease.id]).is_empty());
+    }
+    assert_eq!(source.stats().dead_lettered, 1);
+    assert_eq!(server.xlen("s:dead"), 1);
+    assert_eq!(server.group("s", "g").map(|g| (g.0, g.1)), Some((0, 0)));
 }
 
 #[test]

@@ -4,8 +4,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mayhem::{
-    run, Config, Context, HandleError, Handler, MayhemConfig, MayhemHandler, PubSubMessage,
-    RunError, Shutdown, ShutdownReason, Source, Subscription,
+    run, run_clients, Config, Context, Envelope, HandleError, Handler, LeaseId, MayhemConfig,
+    MayhemHandler, Metrics, PubSubMessage, Publish, RunError, Shutdown, ShutdownReason, Source,
+    SourceError, Subscription,
 };
 
 /// A fast configuration: no pauses, no latency, no failures, fixed seed.
@@ -23,7 +24,7 @@ fn fast(messages: u64) -> Config {
 }
 
 fn run_mayhem(config: &Config) -> mayhem::Report {
-    let subscription = Subscription::new(config.into());
+    let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(config, config.seed.unwrap_or(0)));
     let report = run(config, &subscription, &handler, &Shutdown::new()).unwrap();
     assert!(report.is_balanced(), "{report:?}");
@@ -97,13 +98,12 @@ fn zero_messages_ends_at_once() {
 
 /// A subscription holding `count` messages drawn from `seed`, published before the run.
 fn preloaded(config: &Config, count: usize, seed: u64) -> Subscription {
-    let subscription = Subscription::new(config.into());
+    let subscription = Subscription::new(config.subscription());
     let mut rng = fastrand::Rng::with_seed(seed);
-    for _ in 0..count {
-        subscription
-            .publish(PubSubMessage::random(&mut rng))
-            .unwrap();
-    }
+    let batch: Vec<Envelope> = (0..count)
+        .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+        .collect();
+    subscription.publish(&batch).unwrap();
     subscription
 }
 
@@ -212,7 +212,7 @@ fn an_invalid_config_is_refused_before_anything_starts() {
         extend_interval: Duration::from_secs(3),
         ..fast(1)
     };
-    let subscription = Subscription::new((&config).into());
+    let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     match run(&config, &subscription, &handler, &Shutdown::new()) {
         Err(RunError::Config(error)) => {
@@ -299,9 +299,6 @@ fn cancelled_tasks_never_start_their_handlers() {
 struct Greedy(Subscription);
 
 impl mayhem::Source for Greedy {
-    fn publish(&self, message: PubSubMessage) -> Result<(), mayhem::SourceError> {
-        self.0.publish(message)
-    }
     fn pull(
         &self,
         max: usize,
@@ -310,17 +307,22 @@ impl mayhem::Source for Greedy {
     ) -> Result<(), mayhem::SourceError> {
         self.0.pull(max + 5, wait, out)
     }
-    fn ack(&self, lease: mayhem::LeaseId) -> Result<(), mayhem::LeaseError> {
-        self.0.ack(lease)
+    fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        self.0.ack(leases, refused)
     }
-    fn nack(&self, lease: mayhem::LeaseId) -> Result<(), mayhem::LeaseError> {
-        self.0.nack(lease)
+    fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        self.0.nack(leases, refused)
     }
-    fn extend(&self, lease: mayhem::LeaseId, by: Duration) -> Result<(), mayhem::LeaseError> {
-        self.0.extend(lease, by)
+    fn extend(
+        &self,
+        leases: &[LeaseId],
+        by: Duration,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        self.0.extend(leases, by, refused)
     }
     fn interrupt(&self) {
-        self.0.interrupt()
+        mayhem::Source::interrupt(&self.0)
     }
     fn nack_all(&self) -> usize {
         self.0.nack_all()
@@ -350,7 +352,15 @@ fn leases_beyond_the_window_are_given_back_not_handled() {
         shutdown: shutdown.clone(),
         latency: None,
     };
-    let report = run(&config, &source, &handler, &shutdown).unwrap();
+    let report = run_clients(
+        &config,
+        &source,
+        None,
+        &handler,
+        &shutdown,
+        &Metrics::default(),
+    )
+    .unwrap();
     assert!(report.is_balanced(), "{report:?}");
     // The window of 3 held: the extra leases were nacked right away, never handled.
     assert_eq!(report.cancelled, 3, "{report:?}");

@@ -80,6 +80,9 @@ pub(crate) struct Cli {
         default_value_t = 5
     )]
     max_attempts: u32,
+    /// Past this time since its pull a lease is no longer extended (a warning names the message).
+    #[arg(long, env = "MAYHEM_MAX_LEASE", value_name = "DUR", default_value = "1h", value_parser = duration, allow_hyphen_values = true)]
+    max_lease: Duration,
     /// On shutdown, how long handlers in flight may take before they are cancelled.
     #[arg(long, env = "MAYHEM_GRACE_PERIOD", value_name = "DUR", default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
     grace_period: Duration,
@@ -193,6 +196,7 @@ impl Cli {
             ack_deadline: self.ack_deadline,
             extend_interval: self.extend_interval,
             max_attempts: self.max_attempts,
+            max_lease: self.max_lease,
             grace_period: self.grace_period,
             messages: self.messages,
             seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
@@ -289,7 +293,7 @@ impl clap::builder::TypedValueParser for SourceParser {
             ));
         };
         #[cfg(feature = "redis")]
-        let shown = mayhem::redis_source::redact_url(text);
+        let shown = mayhem::source::redis::redact_url(text);
         #[cfg(not(feature = "redis"))]
         let shown = text.to_owned();
         source(text).map_err(|reason| invalid(&shown, &reason))
@@ -307,7 +311,7 @@ fn source(text: &str) -> Result<SourceKind, String> {
     }
     #[cfg(feature = "redis")]
     {
-        use mayhem::redis_source::parse_url;
+        use mayhem::source::redis::parse_url;
         parse_url(text)
             .map(|()| SourceKind::Redis(text.to_owned()))
             .map_err(|error| format!("{error} (write redis://HOST:PORT/DB)"))

@@ -18,8 +18,8 @@ use clap::error::ErrorKind;
 use clap::Parser;
 use log::{debug, error, warn};
 use mayhem::{
-    run_with_metrics, MayhemConfig, MayhemHandler, Metrics, Shutdown, ShutdownReason, Source,
-    Subscription,
+    run_with_metrics, Broker, MayhemConfig, MayhemHandler, Metrics, Shutdown, ShutdownReason,
+    Source, Subscription,
 };
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -60,8 +60,8 @@ fn main() -> ExitCode {
 
     let seed = config.seed.unwrap_or_default();
     debug!("Using seed {seed}");
-    let source: Arc<dyn Source> = match &cli.source {
-        SourceKind::Memory => Arc::new(Subscription::new((&config).into())),
+    let source: Arc<dyn Broker> = match &cli.source {
+        SourceKind::Memory => Arc::new(Subscription::new(config.subscription())),
         #[cfg(feature = "redis")]
         SourceKind::Redis(url) => match connect_redis(cli.redis_config(url, &config)) {
             Ok(Some(source)) => Arc::new(source),
@@ -120,7 +120,7 @@ fn main() -> ExitCode {
             match http::Endpoint::start(
                 addr,
                 metrics.clone(),
-                Arc::clone(&source),
+                Arc::clone(&source) as Arc<dyn Source>,
                 shutdown.clone(),
             ) {
                 Ok(endpoint) => Some(endpoint),

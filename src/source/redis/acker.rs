@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use log::warn;
+use log::debug;
 use redis::Value;
 
 use super::connection::{Failure, BACKOFF_MAX};
@@ -101,10 +101,9 @@ impl Core {
         for (op, answer) in ops.iter().zip(answers) {
             match (op.kind, answer) {
                 (OpKind::Ack, 1) | (OpKind::Ack, 2) if answer == 1 || retried => {
-                    stats.acked += 1;
                     self.settled.fetch_add(1, Ordering::Relaxed);
                 }
-                (OpKind::Ack, _) => stats.stale_acks += 1,
+                (OpKind::Ack, _) => stats.late_refusals += 1,
                 (OpKind::Dead, 1) | (OpKind::Dead, 2) if answer == 1 || retried => {
                     stats.dead_lettered += 1;
                     self.settled.fetch_add(1, Ordering::Relaxed);
@@ -135,16 +134,25 @@ impl Core {
     /// While the server fails, a batch is retried with backoff; once the source is dropped,
     /// a batch that cannot be sent is given up (its entries are claimed again after the ack
     /// deadline) and counted in the warning.
-    pub(super) fn run_ops(&self, queue: mpsc::Receiver<Op>) {
+    pub(super) fn run_ops(&self, queue: mpsc::Receiver<Vec<Op>>) {
+        let mut waiting: Vec<Op> = Vec::new();
         let mut batch = Vec::with_capacity(OPS_BATCH);
-        while let Ok(first) = queue.recv() {
-            batch.push(first);
-            while batch.len() < OPS_BATCH {
+        loop {
+            if waiting.is_empty() {
+                match queue.recv() {
+                    Ok(ops) => waiting = ops,
+                    Err(_) => return,
+                }
+            }
+            // Whatever else is queued joins the batch, up to its bound.
+            while waiting.len() < OPS_BATCH {
                 match queue.try_recv() {
-                    Ok(op) => batch.push(op),
+                    Ok(mut ops) => waiting.append(&mut ops),
                     Err(_) => break,
                 }
             }
+            let take = waiting.len().min(OPS_BATCH);
+            batch.extend(waiting.drain(..take));
             let mut retried = false;
             loop {
                 match self.send_ops(&batch, retried) {
@@ -152,21 +160,15 @@ impl Core {
                     Err(Failure::Down { retry_in }) => {
                         retried = true;
                         if self.is_closing() {
-                            let left = batch.len() + queue.try_iter().count();
-                            warn!(
-                                "redis is failing: {left} lease operations were left unsent; \
-                                 their entries are claimed again after the ack deadline"
-                            );
-                            self.answered(left as u64);
+                            self.give_up(&batch, &waiting, &queue);
                             return;
                         }
                         self.nap(retry_in);
                     }
                     Err(Failure::GaveUp(text)) => {
                         if self.is_closing() {
-                            let left = batch.len() + queue.try_iter().count();
-                            warn!("{text}: {left} lease operations were left unsent");
-                            self.answered(left as u64);
+                            debug!("{text}");
+                            self.give_up(&batch, &waiting, &queue);
                             return;
                         }
                         retried = true;
@@ -177,5 +179,15 @@ impl Core {
             self.answered(batch.len() as u64);
             batch.clear();
         }
+    }
+
+    /// Gives up every operation not yet sent, once the source is dropped while the server
+    /// fails: their entries are claimed again after the ack deadline. The drop logs the
+    /// count.
+    fn give_up(&self, batch: &[Op], waiting: &[Op], queue: &mpsc::Receiver<Vec<Op>>) {
+        let left =
+            batch.len() + waiting.len() + queue.try_iter().map(|ops| ops.len()).sum::<usize>();
+        debug!("gave up {left} lease operations");
+        self.answered(left as u64);
     }
 }

@@ -92,7 +92,6 @@ impl Core {
         }
         let deadline = since + self.config.ack_deadline;
         let mut leases = lock(&self.leases);
-        let mut stats = lock(&self.stats);
         let mut malformed = Vec::new();
         for (id, fields, deliveries) in entries {
             let Some(entry) = EntryId::parse(&id) else {
@@ -128,17 +127,20 @@ impl Core {
                 deadline,
                 generation,
             });
+            // Every other field of the entry is an attribute (a program's own publishers may
+            // add some); the chaos monkey's own entries have none, so nothing is allocated.
+            let attributes = fields
+                .iter()
+                .filter(|(key, _)| !super::RESERVED_FIELDS.contains(&key.as_str()))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
             out.push(Lease {
                 message,
+                attributes,
                 attempt,
                 id: (u64::from(generation) << 32) | index as u64,
             });
-            stats.delivered += 1;
-            if attempt > 1 {
-                stats.redelivered += 1;
-            }
         }
-        drop(stats);
         drop(leases);
         if !malformed.is_empty() {
             warn!(

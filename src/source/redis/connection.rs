@@ -151,7 +151,7 @@ impl From<RedisError> for StartError {
 /// `url` with the password (and any `password=` parameter) replaced by `***`.
 ///
 /// ```
-/// use mayhem::redis_source::redact_url;
+/// use mayhem::source::redis::redact_url;
 /// assert_eq!(redact_url("redis://:hunter2@db:6379/0"), "redis://:***@db:6379/0");
 /// assert_eq!(redact_url("redis://db:6379/0"), "redis://db:6379/0");
 /// ```

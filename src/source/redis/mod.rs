@@ -37,7 +37,7 @@
 //!
 //! `ack`, `nack` and `extend` are called by handlers on the executor and must not wait for a
 //! round trip. They check the lease in a local table (an unknown lease, or one whose local
-//! deadline passed, is refused with [`LeaseError::Expired`] at once), queue the operation and
+//! deadline passed, is pushed to `refused` at once), queue the operations and
 //! return. A worker thread sends the queued operations, one script call per batch. An ack
 //! that Redis refuses (the entry was claimed by another consumer meanwhile) is counted in
 //! `stale_acks`, not in `acked`; [`Source::settled`] and `acked` count only acks Redis
@@ -93,13 +93,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
-use redis::{Client, Value};
+use redis::Client;
 use slab::Slab;
 
-use crate::error::{LeaseError, SourceError};
-use crate::message::PubSubMessage;
+use crate::error::SourceError;
 use crate::shutdown::Shutdown;
-use crate::source::{Lease, LeaseId, Source, SourceStats};
+use crate::source::{Envelope, Lease, LeaseId, Publish, Source, SourceStats};
 
 use self::acker::{Op, OpKind};
 use self::connection::{Failure, Health, Pooled, Scripts};
@@ -118,7 +117,7 @@ const RETRY_NAP: Duration = Duration::from_millis(50);
 /// Checks that `url` is a Redis address the client accepts, without connecting.
 ///
 /// ```
-/// use mayhem::redis_source::parse_url;
+/// use mayhem::source::redis::parse_url;
 /// assert!(parse_url("redis://127.0.0.1:6379/0").is_ok());
 /// assert!(parse_url("redis://127.0.0.1:notaport").is_err());
 /// ```
@@ -230,7 +229,7 @@ pub struct RedisSource {
     /// The state shared with the worker threads.
     core: Arc<Core>,
     /// The queue of lease operations; `None` only while dropping.
-    ops: Option<mpsc::Sender<Op>>,
+    ops: Option<mpsc::Sender<Vec<Op>>>,
     /// The worker thread sending queued lease operations.
     worker: Option<JoinHandle<()>>,
     /// The maintenance thread.
@@ -406,58 +405,106 @@ impl RedisSource {
         self.core.flush(timeout)
     }
 
-    /// Queues a lease operation for the worker thread.
-    fn enqueue(&self, op: Op) {
-        *lock(&self.core.queued) += 1;
-        let sent = self.ops.as_ref().map(|ops| ops.send(op));
+    /// Queues lease operations for the worker thread.
+    fn enqueue(&self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        let count = ops.len() as u64;
+        *lock(&self.core.queued) += count;
+        let sent = self.ops.as_ref().map(|queue| queue.send(ops));
         if !matches!(sent, Some(Ok(()))) {
-            // The worker is gone (only while dropping): the entry stays pending in the group
-            // and is claimed again after the ack deadline, so nothing is lost.
-            self.core.answered(1);
+            // The worker is gone (only while dropping): the entries stay pending in the group
+            // and are claimed again after the ack deadline, so nothing is lost.
+            self.core.answered(count);
         }
     }
 
-    /// Removes a live lease from the table; refuses an unknown or locally expired one.
-    fn take(&self, id: LeaseId) -> Result<Held, LeaseError> {
+    /// Removes live leases from the table, one lock for the batch, and turns each into an
+    /// operation; an unknown or locally expired lease is refused.
+    fn take_all(
+        &self,
+        ids: &[LeaseId],
+        refused: &mut Vec<LeaseId>,
+        kind: impl Fn(&Held) -> OpKind,
+    ) -> Vec<Op> {
+        let now = Instant::now();
+        let mut ops = Vec::with_capacity(ids.len());
+        let mut expired = 0;
         let mut leases = lock(&self.core.leases);
-        let index = (id & u64::from(u32::MAX)) as usize;
-        match leases.slots.get(index) {
-            Some(held) if held.generation == (id >> 32) as u32 => {
-                let held = leases.slots.remove(index);
-                drop(leases);
-                if held.deadline <= Instant::now() {
-                    lock(&self.core.stats).expired += 1;
-                    return Err(LeaseError::Expired);
+        for &id in ids {
+            let index = (id & u64::from(u32::MAX)) as usize;
+            match leases.slots.get(index) {
+                Some(held) if held.generation == (id >> 32) as u32 => {
+                    let held = leases.slots.remove(index);
+                    if held.deadline <= now {
+                        expired += 1;
+                        refused.push(id);
+                    } else {
+                        ops.push(Op::new(kind(&held), id, held));
+                    }
                 }
-                Ok(held)
+                _ => refused.push(id),
             }
-            _ => Err(LeaseError::Expired),
         }
+        drop(leases);
+        if expired > 0 {
+            lock(&self.core.stats).expired += expired;
+        }
+        ops
     }
 }
 
-impl Source for RedisSource {
-    fn publish(&self, message: PubSubMessage) -> Result<(), SourceError> {
+/// Fields of an entry that are the message itself; every other field is an attribute.
+const RESERVED_FIELDS: [&str; 3] = ["message_id", "instance_name", "attempts"];
+
+impl Publish for RedisSource {
+    /// Adds the batch with one pipeline of `XADD`s (one round trip). After a failure the
+    /// whole batch is sent again once the server answers: publishing is at least once.
+    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
+        for envelope in batch {
+            if let Some((key, _)) = envelope
+                .attributes
+                .iter()
+                .find(|(key, _)| RESERVED_FIELDS.contains(key))
+            {
+                return Err(SourceError::Backend(format!(
+                    "attribute name '{key}' is reserved for the entry's own fields"
+                )));
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
         let core = &self.core;
-        let id = message.message_id().to_string();
         loop {
             if core.interrupted.load(Ordering::SeqCst) {
                 return Err(SourceError::Closed);
             }
             let added = core.with_connection(|con| {
-                redis::cmd("XADD")
-                    .arg(&core.config.stream)
-                    .arg("*")
-                    .arg("message_id")
-                    .arg(&id)
-                    .arg("instance_name")
-                    .arg(message.instance_name())
-                    .query::<Value>(con)
+                let mut pipe = redis::pipe();
+                for envelope in batch {
+                    let message = &envelope.message;
+                    let command = pipe
+                        .cmd("XADD")
+                        .arg(&core.config.stream)
+                        .arg("*")
+                        .arg("message_id")
+                        .arg(message.message_id().hyphenated().to_string())
+                        .arg("instance_name")
+                        .arg(message.instance_name());
+                    for (key, value) in envelope.attributes.iter() {
+                        command.arg(key).arg(value);
+                    }
+                    command.ignore();
+                }
+                pipe.query::<()>(con)
             });
             match added {
-                Ok(_) => {
-                    lock(&core.stats).published += 1;
-                    core.published.fetch_add(1, Ordering::SeqCst);
+                Ok(()) => {
+                    let count = batch.len() as u64;
+                    lock(&core.stats).published += count;
+                    core.published.fetch_add(count, Ordering::SeqCst);
                     return Ok(());
                 }
                 Err(Failure::Down { retry_in }) => thread::sleep(retry_in.min(RETRY_NAP)),
@@ -466,6 +513,14 @@ impl Source for RedisSource {
         }
     }
 
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Source for RedisSource {
+    /// Claims expired entries, then reads new ones: `XREADGROUP COUNT` is what is left of
+    /// `max`, the free part of the caller's flow-control window.
     fn pull(&self, max: usize, wait: Duration, out: &mut Vec<Lease>) -> Result<(), SourceError> {
         let core = &self.core;
         if core.interrupted.load(Ordering::SeqCst) {
@@ -492,41 +547,49 @@ impl Source for RedisSource {
         }
     }
 
-    fn ack(&self, lease: LeaseId) -> Result<(), LeaseError> {
-        let held = self.take(lease).inspect_err(|_| {
-            lock(&self.core.stats).stale_acks += 1;
-        })?;
-        self.enqueue(Op::new(OpKind::Ack, lease, held));
+    fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        let ops = self.take_all(leases, refused, |_| OpKind::Ack);
+        self.enqueue(ops);
         Ok(())
     }
 
-    fn nack(&self, lease: LeaseId) -> Result<(), LeaseError> {
-        let held = self.take(lease)?;
-        lock(&self.core.stats).nacked += 1;
-        let kind = if held.attempt >= self.core.config.max_attempts {
-            OpKind::Dead
-        } else {
-            OpKind::Requeue
-        };
-        self.enqueue(Op::new(kind, lease, held));
-        Ok(())
-    }
-
-    fn extend(&self, lease: LeaseId, by: Duration) -> Result<(), LeaseError> {
-        let now = Instant::now();
-        let held = {
-            let mut leases = lock(&self.core.leases);
-            let index = (lease & u64::from(u32::MAX)) as usize;
-            match leases.slots.get_mut(index) {
-                Some(held) if held.generation == (lease >> 32) as u32 && held.deadline > now => {
-                    held.deadline = now + by;
-                    *held
-                }
-                _ => return Err(LeaseError::Expired),
+    fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        let max_attempts = self.core.config.max_attempts;
+        let ops = self.take_all(leases, refused, |held| {
+            if held.attempt >= max_attempts {
+                OpKind::Dead
+            } else {
+                OpKind::Requeue
             }
-        };
-        lock(&self.core.stats).extended += 1;
-        self.enqueue(Op::new(OpKind::Extend, lease, held));
+        });
+        self.enqueue(ops);
+        Ok(())
+    }
+
+    fn extend(
+        &self,
+        leases: &[LeaseId],
+        by: Duration,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        let now = Instant::now();
+        let mut ops = Vec::with_capacity(leases.len());
+        {
+            let mut table = lock(&self.core.leases);
+            for &lease in leases {
+                let index = (lease & u64::from(u32::MAX)) as usize;
+                match table.slots.get_mut(index) {
+                    Some(held)
+                        if held.generation == (lease >> 32) as u32 && held.deadline > now =>
+                    {
+                        held.deadline = now + by;
+                        ops.push(Op::new(OpKind::Extend, lease, *held));
+                    }
+                    _ => refused.push(lease),
+                }
+            }
+        }
+        self.enqueue(ops);
         Ok(())
     }
 
@@ -534,14 +597,26 @@ impl Source for RedisSource {
         self.core.interrupted.store(true, Ordering::SeqCst);
     }
 
+    /// Waits for the queued lease operations; once the source is interrupted, at most a
+    /// quarter of a second, so that a stalled server cannot hold up the exit.
+    fn flush(&self, timeout: Duration) -> usize {
+        let timeout = if self.core.interrupted.load(Ordering::SeqCst) {
+            timeout.min(SHUTDOWN_WAIT)
+        } else {
+            timeout
+        };
+        self.core.flush(timeout)
+    }
+
     fn nack_all(&self) -> usize {
         let held: Vec<Held> = lock(&self.core.leases).slots.drain().collect();
         let count = held.len();
-        for held in held {
-            lock(&self.core.stats).nacked += 1;
-            // The lease id only matters for answers to extensions, which these are not.
-            self.enqueue(Op::new(OpKind::Requeue, 0, held));
-        }
+        // The lease id only matters for answers to extensions, which these are not.
+        self.enqueue(
+            held.into_iter()
+                .map(|held| Op::new(OpKind::Requeue, 0, held))
+                .collect(),
+        );
         self.core.flush(SHUTDOWN_WAIT);
         count
     }
@@ -557,9 +632,8 @@ impl Source for RedisSource {
             .max(self.core.group_settled.load(Ordering::SeqCst))
     }
 
-    /// The counters; `published`, `acked` and the rest count what this instance did, and
-    /// `remaining` is what the whole group has left (entries not yet delivered plus entries
-    /// pending), or 0 when Redis cannot be asked.
+    /// The counters; `remaining` is what the whole group has left (entries not yet
+    /// delivered plus entries pending), or 0 when Redis cannot be asked.
     ///
     /// # Blocking
     ///
@@ -573,13 +647,7 @@ impl Source for RedisSource {
         } else {
             FLUSH_WAIT
         };
-        let unsent = core.flush(wait);
-        if unsent > 0 && core.interrupted.load(Ordering::SeqCst) {
-            warn!(
-                "{unsent} lease operations not yet sent to redis; their entries are claimed \
-                 again after the ack deadline if they stay unsent"
-            );
-        }
+        core.flush(wait);
         core.expire_local();
         let mut stats = *lock(&core.stats);
         stats.remaining = if core.failing.load(Ordering::SeqCst) {

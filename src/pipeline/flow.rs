@@ -17,13 +17,14 @@ use event_listener::Event;
 /// A blocked consumer waits for `wake_at` free permits, not one: it then pulls a batch, and a
 /// full window costs one wake-up per batch instead of one per message.
 #[derive(Debug)]
-pub(crate) struct Gate<'a> {
+pub(crate) struct Gate {
     /// The most permits out at once.
     limit: usize,
     /// A blocked `acquire` waits until this many permits are free.
     wake_at: usize,
-    /// Permits out now: the in-flight gauge of the service's metrics.
-    in_flight: &'a AtomicUsize,
+    /// Permits out now: leases held plus permits reserved by consumers for a pull. (The
+    /// service's in-flight gauge counts leases held only; the lease manager keeps it.)
+    in_flight: AtomicUsize,
     /// Threads waiting for permits or for idleness.
     waiters: AtomicUsize,
     /// Set on shutdown: `acquire` returns 0 from then on.
@@ -34,15 +35,14 @@ pub(crate) struct Gate<'a> {
     changed: Condvar,
 }
 
-impl<'a> Gate<'a> {
-    /// A gate allowing `limit` permits, counting them in `in_flight`; blocked takers wake once
-    /// `batch` permits (at most an eighth of the window, at least one) are free.
-    pub(crate) fn new(limit: usize, batch: usize, in_flight: &'a AtomicUsize) -> Self {
-        in_flight.store(0, Ordering::SeqCst);
+impl Gate {
+    /// A gate allowing `limit` permits; blocked takers wake once `batch` permits (at most an
+    /// eighth of the window, at least one) are free.
+    pub(crate) fn new(limit: usize, batch: usize) -> Self {
         Gate {
             limit,
             wake_at: batch.min(limit / 8).max(1),
-            in_flight,
+            in_flight: AtomicUsize::new(0),
             waiters: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             lock: Mutex::new(()),
@@ -193,8 +193,7 @@ mod tests {
 
     #[test]
     fn acquire_takes_what_is_free_up_to_max() {
-        let counter = AtomicUsize::new(0);
-        let gate = Gate::new(10, 1, &counter);
+        let gate = Gate::new(10, 1);
         assert_eq!(gate.acquire(4), 4);
         assert_eq!(gate.acquire(100), 6);
         assert_eq!(gate.in_flight(), 10);
@@ -206,7 +205,7 @@ mod tests {
     #[test]
     fn a_blocked_acquire_waits_for_a_batch_of_free_permits() {
         // Window 64, batch 8: a taker blocked on a full window needs 8 free permits.
-        let gate = Arc::new(Gate::new(64, 8, Box::leak(Box::new(AtomicUsize::new(0)))));
+        let gate = Arc::new(Gate::new(64, 8));
         assert_eq!(gate.acquire(64), 64);
         let taker = {
             let gate = gate.clone();
@@ -221,7 +220,7 @@ mod tests {
 
     #[test]
     fn close_wakes_a_blocked_acquire_with_zero() {
-        let gate = Arc::new(Gate::new(2, 1, Box::leak(Box::new(AtomicUsize::new(0)))));
+        let gate = Arc::new(Gate::new(2, 1));
         assert_eq!(gate.acquire(2), 2);
         let taker = {
             let gate = gate.clone();
@@ -234,7 +233,7 @@ mod tests {
 
     #[test]
     fn wait_idle_reports_whether_every_permit_came_back() {
-        let gate = Arc::new(Gate::new(4, 1, Box::leak(Box::new(AtomicUsize::new(0)))));
+        let gate = Arc::new(Gate::new(4, 1));
         assert!(gate.wait_idle(Duration::ZERO));
         gate.acquire(3);
         assert!(!gate.wait_idle(Duration::from_millis(1)));

@@ -3,20 +3,27 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use log::{error, info};
+use log::{info, Level};
 
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
+use crate::pipeline::throttle::Throttle;
 use crate::shutdown::Shutdown;
-use crate::source::Source;
+use crate::source::{Envelope, Publish};
 
 /// Pause after a backend error before publishing again.
 const ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Most messages published in one call when there is no pause between messages: one call
+/// (one lock, or one round trip to a remote broker) serves many messages.
+const PUBLISH_BATCH: u64 = 64;
+
+/// Aggregates the errors of every publisher thread.
+static ERRORS: Throttle = Throttle::new("publish errors", Level::Error);
 
 /// What one publisher thread needs.
 pub(crate) struct Publisher<'a> {
     /// Where messages go.
-    pub(crate) source: &'a dyn Source,
+    pub(crate) sink: &'a dyn Publish,
     /// Ends the loop; also interrupts the pause between messages.
     pub(crate) shutdown: &'a Shutdown,
     /// Upper bound of the random pause between two messages.
@@ -37,23 +44,41 @@ impl Publisher<'_> {
         info!("Starting publisher");
         let mut rng = fastrand::Rng::with_seed(self.seed);
         let interval_nanos = u64::try_from(self.interval.as_nanos()).unwrap_or(u64::MAX);
+        let batch_size = if interval_nanos == 0 {
+            PUBLISH_BATCH
+        } else {
+            1
+        };
+        let mut batch: Vec<Envelope> = Vec::with_capacity(batch_size as usize);
         while !self.shutdown.is_triggered() {
-            if let Some(budget) = self.budget {
-                let claimed = budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
-                    left.checked_sub(1)
-                });
-                if claimed.is_err() {
-                    break;
+            let count = match self.budget {
+                Some(budget) => {
+                    match budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                        (left > 0).then(|| left - left.min(batch_size))
+                    }) {
+                        Ok(left) => left.min(batch_size),
+                        Err(_) => break,
+                    }
                 }
-            }
-            let message = PubSubMessage::random(&mut rng);
-            match self.source.publish(message) {
-                Ok(()) => info!("Published {message}"),
+                None => batch_size,
+            };
+            batch.clear();
+            batch.extend((0..count).map(|_| Envelope::from(PubSubMessage::random(&mut rng))));
+            match self.sink.publish(&batch) {
+                Ok(()) => {
+                    for envelope in &batch {
+                        info!("Published {}", envelope.message);
+                    }
+                }
                 Err(SourceError::Closed) => break,
                 Err(other) => {
-                    error!("Could not publish {message}: {other}");
+                    ERRORS.log(count, || {
+                        format!("Could not publish {count} messages: {other}")
+                    });
+                    // Publishing is at least once: the budget gets the batch back, which may
+                    // publish a message twice if the backend took part of the batch.
                     if let Some(budget) = self.budget {
-                        budget.fetch_add(1, Ordering::SeqCst);
+                        budget.fetch_add(count, Ordering::SeqCst);
                     }
                     if self.shutdown.wait_timeout(ERROR_PAUSE) {
                         break;

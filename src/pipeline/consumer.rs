@@ -1,35 +1,42 @@
-//! Consumer threads: pull leased deliveries (a blocking, synchronous pull) and hand each one
-//! to the executor through the bounded hand-off channel with `send_blocking`.
+//! Consumer threads: pull leases (a blocking, synchronous pull), put them under the lease
+//! manager, and hand each one to the executor through the bounded hand-off channel with
+//! `send_blocking`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use log::{error, info};
+use log::{error, info, Level};
 
 use crate::error::SourceError;
-use crate::flow::Gate;
+use crate::pipeline::completion::Completion;
+use crate::pipeline::leaser::{LeaseGuard, Leaser};
+use crate::pipeline::throttle::Throttle;
 use crate::shutdown::{Shutdown, ShutdownReason};
-use crate::source::{Delivery, Source};
+use crate::source::{Lease, Source};
 
-/// Most messages leased in one pull: one lock of the subscription serves many messages.
+/// Most messages leased in one pull: one lock of the subscription (or one round trip)
+/// serves many messages.
 pub(crate) const PULL_BATCH: usize = 64;
 /// How long a pull blocks with nothing to deliver before the loop looks around again.
 const PULL_WAIT: Duration = Duration::from_millis(50);
 /// Pause after a backend error before pulling again.
 const ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// Aggregates the pull errors of every consumer thread.
+static ERRORS: Throttle = Throttle::new("pull errors", Level::Error);
+
 /// What one consumer thread needs.
 pub(crate) struct Consumer<'a> {
-    /// Where deliveries come from.
+    /// Where leases come from.
     pub(crate) source: &'a dyn Source,
     /// Ends the loop.
     pub(crate) shutdown: &'a Shutdown,
-    /// Flow control: a permit per delivery, taken before pulling.
-    pub(crate) gate: &'a Gate<'a>,
+    /// The lease manager, which also holds the flow-control gate.
+    pub(crate) leaser: &'a Leaser<'a>,
     /// The hand-off channel to the executor.
-    pub(crate) handoff: async_channel::Sender<Delivery<'a>>,
-    /// With `--messages N`: checked after each pull, as expired leases may dead-letter the
-    /// last messages without any handler running.
-    pub(crate) messages: Option<u64>,
+    pub(crate) handoff: async_channel::Sender<LeaseGuard<'a>>,
+    /// Checked after each pull: expired leases may dead-letter the last messages without any
+    /// handler running.
+    pub(crate) completion: Completion<'a>,
 }
 
 impl Consumer<'_> {
@@ -40,32 +47,35 @@ impl Consumer<'_> {
     /// Runs on its own `std::thread`: pulling, waiting for permits and `send_blocking` block.
     pub(crate) fn run(self) {
         info!("Starting consumer");
-        let mut leases = Vec::with_capacity(PULL_BATCH);
+        let gate = self.leaser.gate();
+        let mut leases: Vec<Lease> = Vec::with_capacity(PULL_BATCH);
+        let mut guards = Vec::with_capacity(PULL_BATCH);
         while !self.shutdown.is_triggered() {
-            let permits = self.gate.acquire(PULL_BATCH);
+            let permits = gate.acquire(PULL_BATCH);
             if permits == 0 {
                 break;
             }
             leases.clear();
+            let pulled = Instant::now();
             match self.source.pull(permits, PULL_WAIT, &mut leases) {
                 Ok(()) => {}
                 Err(SourceError::Closed) => {
-                    self.gate.release(permits);
+                    gate.release(permits);
                     break;
                 }
                 Err(SourceError::Unavailable(text)) => {
                     // Retrying will not help: shut the service down, with a reason that makes
                     // the binary exit 1.
                     error!("Could not pull: {text}");
-                    self.gate.release(permits);
+                    gate.release(permits);
                     if self.shutdown.trigger(ShutdownReason::Failed(text)) {
                         info!("Shutting down...");
                     }
                     break;
                 }
                 Err(other) => {
-                    error!("Could not pull: {other}");
-                    self.gate.release(permits);
+                    ERRORS.log(1, || format!("Could not pull: {other}"));
+                    gate.release(permits);
                     if self.shutdown.wait_timeout(ERROR_PAUSE) {
                         break;
                     }
@@ -75,22 +85,20 @@ impl Consumer<'_> {
             // A source must not return more than asked; if one does, the extra leases are
             // given back at once rather than overrunning the flow-control window.
             if leases.len() > permits {
-                for extra in leases.drain(permits..) {
-                    let _ = self.source.nack(extra.id);
-                }
+                let extra: Vec<_> = leases.drain(permits..).map(|lease| lease.id).collect();
+                self.leaser.give_back_unadmitted(&extra);
             }
-            self.gate.release(permits - leases.len());
-            for lease in leases.drain(..) {
-                info!("Consumed {}", lease.message);
-                let delivery = Delivery::new(lease, self.source);
-                // The channel closes only during shutdown; the delivery comes back and its drop
-                // guard nacks it.
-                if let Err(refused) = self.handoff.send_blocking(delivery) {
+            gate.release(permits - leases.len());
+            self.leaser.admit(leases.drain(..), pulled, &mut guards);
+            for guard in guards.drain(..) {
+                info!("Consumed {}", guard.message());
+                // The channel closes only during shutdown; the guard comes back and its drop
+                // nacks the lease and returns the permit.
+                if let Err(refused) = self.handoff.send_blocking(guard) {
                     drop(refused.0);
-                    self.gate.release(1);
                 }
             }
-            crate::runner::check_done(self.source, self.shutdown, self.messages);
+            self.completion.check();
         }
     }
 }

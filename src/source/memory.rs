@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::error::{LeaseError, SourceError};
+use crate::error::SourceError;
 use crate::message::PubSubMessage;
-use crate::source::{Lease, LeaseId, Source, SourceStats};
+use crate::source::{Attributes, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
@@ -102,21 +102,13 @@ impl Default for SubscriptionConfig {
     }
 }
 
-impl From<&crate::Config> for SubscriptionConfig {
-    fn from(config: &crate::Config) -> Self {
-        SubscriptionConfig {
-            ack_deadline: config.ack_deadline,
-            max_attempts: config.max_attempts,
-            max_backlog: config.max_backlog,
-        }
-    }
-}
-
 /// A message on the dead-letter list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     /// The message.
     pub message: PubSubMessage,
+    /// Its attributes.
+    pub attributes: Attributes,
     /// How often it was delivered.
     pub attempts: u32,
 }
@@ -125,16 +117,21 @@ pub struct DeadLetter {
 ///
 /// ```
 /// use std::time::Duration;
-/// use mayhem::{PubSubMessage, Source, Subscription, SubscriptionConfig};
+/// use mayhem::{Envelope, PubSubMessage, Publish, Source, Subscription, SubscriptionConfig};
 ///
 /// let sub = Subscription::new(SubscriptionConfig::default());
-/// sub.publish(PubSubMessage::random(&mut fastrand::Rng::with_seed(3))).unwrap();
+/// let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(3));
+/// sub.publish(&[Envelope::from(message)]).unwrap();
 /// let mut leases = Vec::new();
 /// sub.pull(10, Duration::ZERO, &mut leases).unwrap();
 /// assert_eq!(leases.len(), 1);
-/// sub.ack(leases[0].id).unwrap();
-/// assert_eq!(sub.stats().acked, 1);
+/// let mut refused = Vec::new();
+/// sub.ack(&[leases[0].id], &mut refused).unwrap();
+/// assert!(refused.is_empty());
+/// assert_eq!(sub.settled(), 1);
 /// assert_eq!(sub.stats().remaining, 0);
+/// sub.ack(&[leases[0].id], &mut refused).unwrap(); // settled already: refused
+/// assert_eq!(refused, [leases[0].id]);
 /// ```
 #[derive(Clone)]
 pub struct Subscription {
@@ -160,19 +157,23 @@ struct Inner {
 }
 
 /// A message waiting for delivery.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Ready {
     /// The message.
     message: PubSubMessage,
+    /// Its attributes (empty ones allocate nothing).
+    attributes: Attributes,
     /// How often it was delivered so far.
     attempts: u32,
 }
 
 /// A message leased to a consumer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Leased {
     /// The message.
     message: PubSubMessage,
+    /// Its attributes.
+    attributes: Attributes,
     /// Deliveries so far, this one included.
     attempts: u32,
     /// When the lease expires unless extended.
@@ -256,6 +257,7 @@ impl Subscription {
         if leased.attempts >= self.inner.config.max_attempts {
             state.dead.push(DeadLetter {
                 message: leased.message,
+                attributes: leased.attributes,
                 attempts: leased.attempts,
             });
             state.stats.dead_lettered += 1;
@@ -264,6 +266,7 @@ impl Subscription {
         } else {
             state.ready.push_back(Ready {
                 message: leased.message,
+                attributes: leased.attributes,
                 attempts: leased.attempts,
             });
             true
@@ -305,12 +308,12 @@ impl Subscription {
     fn live_lease(&self, state: &mut State, id: LeaseId, now: Instant) -> Option<usize> {
         let index = (id & u64::from(u32::MAX)) as usize;
         let generation = (id >> 32) as u32;
-        let leased = *state.leases.get(index)?;
+        let leased = state.leases.get(index)?;
         if leased.generation != generation {
             return None;
         }
         if leased.deadline <= now {
-            state.leases.remove(index);
+            let leased = state.leases.remove(index);
             state.stats.expired += 1;
             if self.release(state, leased) {
                 self.wake_pullers(state);
@@ -321,30 +324,45 @@ impl Subscription {
     }
 }
 
-impl Source for Subscription {
-    fn publish(&self, message: PubSubMessage) -> Result<(), SourceError> {
+impl Publish for Subscription {
+    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
         let mut state = self.lock();
-        while state.ready.len() >= self.inner.config.max_backlog && !state.interrupted {
-            state.publish_waiters += 1;
-            state = self
-                .inner
-                .room
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.publish_waiters -= 1;
+        let max_backlog = self.inner.config.max_backlog;
+        let mut rest = batch;
+        while !rest.is_empty() {
+            while state.ready.len() >= max_backlog && !state.interrupted {
+                state.publish_waiters += 1;
+                state = self
+                    .inner
+                    .room
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                state.publish_waiters -= 1;
+            }
+            if state.interrupted {
+                return Err(SourceError::Closed);
+            }
+            let fit = (max_backlog - state.ready.len()).min(rest.len());
+            for envelope in &rest[..fit] {
+                state.ready.push_back(Ready {
+                    message: envelope.message,
+                    attributes: envelope.attributes.clone(),
+                    attempts: 0,
+                });
+            }
+            state.stats.published += fit as u64;
+            rest = &rest[fit..];
+            self.wake_pullers(&state);
         }
-        if state.interrupted {
-            return Err(SourceError::Closed);
-        }
-        state.ready.push_back(Ready {
-            message,
-            attempts: 0,
-        });
-        state.stats.published += 1;
-        self.wake_pullers(&state);
         Ok(())
     }
 
+    fn interrupt(&self) {
+        Source::interrupt(self);
+    }
+}
+
+impl Source for Subscription {
     fn pull(&self, max: usize, wait: Duration, out: &mut Vec<Lease>) -> Result<(), SourceError> {
         let mut state = self.lock();
         let mut now = self.inner.clock.now();
@@ -393,21 +411,24 @@ impl Source for Subscription {
             let attempts = ready.attempts.saturating_add(1);
             let generation = state.next_generation;
             state.next_generation = generation.wrapping_add(1);
+            let attributes = if ready.attributes.is_empty() {
+                Attributes::new()
+            } else {
+                ready.attributes.clone()
+            };
             let index = state.leases.insert(Leased {
                 message: ready.message,
+                attributes: ready.attributes,
                 attempts,
                 deadline,
                 generation,
             });
             out.push(Lease {
                 message: ready.message,
+                attributes,
                 attempt: attempts,
                 id: (u64::from(generation) << 32) | index as u64,
             });
-            state.stats.delivered += 1;
-            if attempts > 1 {
-                state.stats.redelivered += 1;
-            }
         }
         if state
             .earliest_deadline
@@ -423,50 +444,60 @@ impl Source for Subscription {
         Ok(())
     }
 
-    fn ack(&self, lease: LeaseId) -> Result<(), LeaseError> {
+    fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
         let mut state = self.lock();
         let now = self.inner.clock.now();
-        match self.live_lease(&mut state, lease, now) {
-            Some(index) => {
-                state.leases.remove(index);
-                state.stats.acked += 1;
-                self.inner.settled.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            None => {
-                state.stats.stale_acks += 1;
-                Err(LeaseError::Expired)
+        for &lease in leases {
+            match self.live_lease(&mut state, lease, now) {
+                Some(index) => {
+                    state.leases.remove(index);
+                    self.inner.settled.fetch_add(1, Ordering::Relaxed);
+                }
+                None => refused.push(lease),
             }
         }
+        Ok(())
     }
 
-    fn nack(&self, lease: LeaseId) -> Result<(), LeaseError> {
+    fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
         let mut state = self.lock();
         let now = self.inner.clock.now();
-        let index = self
-            .live_lease(&mut state, lease, now)
-            .ok_or(LeaseError::Expired)?;
-        let leased = state.leases.remove(index);
-        state.stats.nacked += 1;
-        if self.release(&mut state, leased) {
+        let mut woke = false;
+        for &lease in leases {
+            match self.live_lease(&mut state, lease, now) {
+                Some(index) => {
+                    let leased = state.leases.remove(index);
+                    woke |= self.release(&mut state, leased);
+                }
+                None => refused.push(lease),
+            }
+        }
+        if woke {
             self.wake_pullers(&state);
         }
         Ok(())
     }
 
-    fn extend(&self, lease: LeaseId, by: Duration) -> Result<(), LeaseError> {
+    fn extend(
+        &self,
+        leases: &[LeaseId],
+        by: Duration,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
         let mut state = self.lock();
         let now = self.inner.clock.now();
-        let index = self
-            .live_lease(&mut state, lease, now)
-            .ok_or(LeaseError::Expired)?;
         let deadline = now + by;
-        state.leases[index].deadline = deadline;
-        state.stats.extended += 1;
+        for &lease in leases {
+            match self.live_lease(&mut state, lease, now) {
+                Some(index) => state.leases[index].deadline = deadline,
+                None => refused.push(lease),
+            }
+        }
         // The earliest deadline stays a valid lower bound unless the new one is earlier.
-        if state
-            .earliest_deadline
-            .map_or(true, |earliest| deadline < earliest)
+        if !leases.is_empty()
+            && state
+                .earliest_deadline
+                .map_or(true, |earliest| deadline < earliest)
         {
             state.earliest_deadline = Some(deadline);
         }
@@ -485,7 +516,6 @@ impl Source for Subscription {
         let leases: Vec<Leased> = state.leases.drain().collect();
         let count = leases.len();
         for leased in leases {
-            state.stats.nacked += 1;
             self.release(&mut state, leased);
         }
         state.earliest_deadline = None;

@@ -1,0 +1,742 @@
+//! The lease manager: one owner for every lease from the moment it is pulled until it is
+//! acked, nacked, lost or given back.
+//!
+//! Modelled on the leaser of Google Cloud Pub/Sub's client libraries, and stricter:
+//! - a lease enters the table when it is pulled, *before* the hand-off to the executor, so a
+//!   delivery waiting in the channel or in a task not yet polled keeps its lease (when only
+//!   running tasks extended their own leases, a large window let waiting leases expire, each
+//!   expiry added a delivery, and the service collapsed under its own queue);
+//! - one thread extends, in one batched call to the source, every lease whose deadline falls
+//!   before the next round, then sleeps until the next round;
+//! - a lease held longer than `max_lease` is no longer extended (one warning, aggregated);
+//! - flow control counts the leases held: the [`Gate`] permit of a lease travels with its
+//!   [`LeaseGuard`] and is released when the guard drops, on every path.
+//!
+//! The table is split into shards, each a slab behind its own mutex: a consumer takes one
+//! shard lock per pulled batch, a handler task one at start and one at settle, and the
+//! extension round one per shard; with many shards the executor threads rarely meet.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, log_enabled, Level};
+use slab::Slab;
+
+use crate::handler::ExtensionCount;
+use crate::message::PubSubMessage;
+use crate::metrics::Metrics;
+use crate::pipeline::flow::Gate;
+use crate::pipeline::throttle::Throttle;
+use crate::source::{Attributes, Lease, LeaseId, Source};
+
+/// Shards of the lease table (a power of two, more than executor threads plus consumers on
+/// any machine we target, so that two threads rarely need the same one).
+const SHARDS: usize = 32;
+/// Most lease ids sent to the source in one `extend` call: bounds how long a local source
+/// holds its lock, and the size of one request to a remote one.
+const EXTEND_CHUNK: usize = 8192;
+/// Up to this many extensions of messages being handled are logged one line each at info
+/// level in a round; above it, one summary line (the per-message lines go to debug).
+const INFO_LINES_PER_ROUND: usize = 16;
+
+/// The lease manager's settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseSettings {
+    /// How far a lease is extended each time.
+    pub(crate) ack_deadline: Duration,
+    /// A lease is extended once it is this old since its last extension (below
+    /// `ack_deadline`); what is left of the deadline then is the margin a round has.
+    pub(crate) extend_interval: Duration,
+    /// Past this time since the pull a lease is no longer extended.
+    pub(crate) max_lease: Duration,
+}
+
+impl LeaseSettings {
+    /// Time between two extension rounds: half the margin, so that a lease is extended with
+    /// at least half the margin left for the call to the source.
+    fn period(&self) -> Duration {
+        (self.ack_deadline.saturating_sub(self.extend_interval) / 2).max(Duration::from_millis(1))
+    }
+}
+
+/// Where a lease is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Held and extended.
+    Held,
+    /// Held past `max_lease`: no longer extended, it will expire at the source.
+    Capped,
+    /// The source refused to extend it: it is not held any more.
+    Lost,
+}
+
+/// One lease in the table.
+#[derive(Debug)]
+struct Entry {
+    /// The source's id of the lease.
+    id: LeaseId,
+    /// The message, for log lines.
+    message: PubSubMessage,
+    /// When it was pulled (for `max_lease`).
+    pulled: Instant,
+    /// The deadline the source holds it until, as far as we know (a lower bound: measured
+    /// before the call that set it).
+    deadline: Instant,
+    /// Successful extensions.
+    extended: u32,
+    /// Whether its handler started.
+    handling: bool,
+    /// Wakes its task when the lease is lost.
+    waker: Option<Waker>,
+    /// Held, capped or lost.
+    state: State,
+}
+
+/// The lease manager. Owned by `run`; its thread is started with [`Leaser::run`].
+pub(crate) struct Leaser<'a> {
+    /// Where leases are extended, acked and nacked.
+    source: &'a dyn Source,
+    /// Counters: delivered, acked, nacked, extended, refused, lost; and the in-flight gauge.
+    metrics: &'a Metrics,
+    /// Flow control: a permit per lease held, plus those consumers reserved for a pull.
+    gate: Gate,
+    /// The lease table.
+    shards: Box<[Mutex<Slab<Entry>>]>,
+    /// Round-robin choice of the shard of the next pulled batch.
+    next_shard: AtomicUsize,
+    /// Bumped whenever a lease is lost, so that a task learns of it with one atomic load
+    /// instead of a lock per poll.
+    lost_epoch: AtomicU64,
+    /// The settings.
+    settings: LeaseSettings,
+    /// Set to stop the extension thread; with `wake`, interrupts its sleep.
+    stopped: Mutex<bool>,
+    /// Wakes the extension thread when stopped.
+    wake: Condvar,
+    /// Aggregates the warnings about lost leases.
+    pub(crate) lost_log: Throttle,
+    /// Aggregates the warnings about refused acks.
+    pub(crate) refused_log: Throttle,
+    /// Aggregates the warnings about leases past `max_lease`.
+    max_lease_log: Throttle,
+    /// Aggregates the warnings about failed calls to the source.
+    error_log: Throttle,
+    /// Aggregates the warnings about slow handlers.
+    pub(crate) slow_log: Throttle,
+}
+
+/// A lease held by the lease manager, with its flow-control permit: dropping it without
+/// `ack` or `nack` nacks it, and dropping it always returns the permit.
+#[derive(Debug)]
+pub(crate) struct LeaseGuard<'a> {
+    /// The manager holding the lease.
+    leaser: &'a Leaser<'a>,
+    /// The lease's shard.
+    shard: u32,
+    /// The lease's slot in its shard.
+    slot: u32,
+    /// The lease.
+    lease: Lease,
+    /// Set once acked or nacked, so the drop guard only returns the permit.
+    settled: bool,
+}
+
+/// How a settle went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// The source accepted it.
+    Done,
+    /// The source refused it: the lease was not held any more.
+    Refused,
+    /// The lease was lost before (the source refused an extension).
+    Lost,
+    /// The source failed; the lease will expire and its message be delivered again.
+    Failed(String),
+}
+
+/// Which settle operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Ack,
+    Nack,
+}
+
+impl<'a> Leaser<'a> {
+    /// A lease manager over `source` with a flow-control window of `max_in_flight` (blocked
+    /// consumers wake once `batch` permits are free).
+    pub(crate) fn new(
+        source: &'a dyn Source,
+        metrics: &'a Metrics,
+        max_in_flight: usize,
+        batch: usize,
+        settings: LeaseSettings,
+    ) -> Self {
+        metrics.in_flight.store(0, Ordering::Relaxed);
+        Leaser {
+            source,
+            metrics,
+            gate: Gate::new(max_in_flight, batch),
+            shards: (0..SHARDS).map(|_| Mutex::new(Slab::new())).collect(),
+            next_shard: AtomicUsize::new(0),
+            lost_epoch: AtomicU64::new(0),
+            settings,
+            stopped: Mutex::new(false),
+            wake: Condvar::new(),
+            lost_log: Throttle::new("leases lost", Level::Warn),
+            refused_log: Throttle::new("acks refused", Level::Warn),
+            max_lease_log: Throttle::new("leases past --max-lease", Level::Warn),
+            error_log: Throttle::new("failed lease operations", Level::Warn),
+            slow_log: Throttle::new("slow handlers", Level::Warn),
+        }
+    }
+
+    /// The flow-control gate.
+    pub(crate) fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Leases held now.
+    pub(crate) fn held(&self) -> usize {
+        self.metrics.in_flight()
+    }
+
+    /// Locks a shard. A poisoned lock is taken over: no code panics while holding it, and
+    /// every statement leaves the table consistent.
+    fn shard(&self, index: u32) -> MutexGuard<'_, Slab<Entry>> {
+        self.shards[index as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the leases of one pull into the table, each with one of the permits the consumer
+    /// reserved for it, and pushes their guards to `out`. `pulled` is a time taken before the
+    /// pull, so the deadlines recorded are never later than the source's.
+    pub(crate) fn admit(
+        &'a self,
+        leases: impl ExactSizeIterator<Item = Lease>,
+        pulled: Instant,
+        out: &mut Vec<LeaseGuard<'a>>,
+    ) {
+        let count = leases.len();
+        if count == 0 {
+            return;
+        }
+        let shard = (self.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS) as u32;
+        let deadline = pulled + self.settings.ack_deadline;
+        let mut redelivered = 0;
+        {
+            let mut table = self.shard(shard);
+            for lease in leases {
+                redelivered += u64::from(lease.attempt > 1);
+                let slot = table.insert(Entry {
+                    id: lease.id,
+                    message: lease.message,
+                    pulled,
+                    deadline,
+                    extended: 0,
+                    handling: false,
+                    waker: None,
+                    state: State::Held,
+                });
+                out.push(LeaseGuard {
+                    leaser: self,
+                    shard,
+                    // A slab never holds more entries than the flow-control window, which the
+                    // configuration bounds far below `u32::MAX`.
+                    slot: slot as u32,
+                    lease,
+                    settled: false,
+                });
+            }
+        }
+        self.metrics.in_flight.fetch_add(count, Ordering::Relaxed);
+        self.metrics.count_delivered(count as u64, redelivered);
+    }
+
+    /// Removes a lease from the table and settles it at the source.
+    fn settle(&self, guard: &LeaseGuard<'_>, op: Op) -> Settle {
+        let entry = {
+            let mut table = self.shard(guard.shard);
+            match table.get(guard.slot as usize) {
+                Some(entry) if entry.id == guard.lease.id => table.remove(guard.slot as usize),
+                // Only the guard removes its entry, and it settles once: not reached.
+                _ => return Settle::Lost,
+            }
+        };
+        if entry.state == State::Lost {
+            // The gauge and the counters were updated when it was lost.
+            return Settle::Lost;
+        }
+        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let mut refused = Vec::new();
+        let ids = [guard.lease.id];
+        let result = match op {
+            Op::Ack => self.source.ack(&ids, &mut refused),
+            Op::Nack => self.source.nack(&ids, &mut refused),
+        };
+        match result {
+            Ok(()) if refused.is_empty() => {
+                match op {
+                    Op::Ack => self.metrics.count_acked(1),
+                    Op::Nack => self.metrics.count_nacked(1),
+                }
+                Settle::Done
+            }
+            Ok(()) => {
+                if op == Op::Ack {
+                    self.metrics.count_stale_acks(1);
+                }
+                Settle::Refused
+            }
+            Err(error) => {
+                let text = error.to_string();
+                self.error_log
+                    .log(1, || format!("Could not settle a lease: {text}"));
+                Settle::Failed(text)
+            }
+        }
+    }
+
+    /// Nacks many guards in one call to the source (the hand-off channel's leftovers at
+    /// shutdown). Returns how many leases went back.
+    pub(crate) fn nack_all(&self, guards: Vec<LeaseGuard<'_>>) -> usize {
+        let mut ids = Vec::with_capacity(guards.len());
+        for mut guard in guards {
+            guard.settled = true;
+            let mut table = self.shard(guard.shard);
+            if let Some(entry) = table.get(guard.slot as usize) {
+                if entry.id == guard.lease.id {
+                    let entry = table.remove(guard.slot as usize);
+                    if entry.state != State::Lost {
+                        ids.push(entry.id);
+                    }
+                }
+            }
+            drop(table);
+            // Dropping the guard returns its permit.
+        }
+        self.metrics
+            .in_flight
+            .fetch_sub(ids.len(), Ordering::Relaxed);
+        let mut refused = Vec::new();
+        for chunk in ids.chunks(EXTEND_CHUNK) {
+            refused.clear();
+            match self.source.nack(chunk, &mut refused) {
+                Ok(()) => self
+                    .metrics
+                    .count_nacked((chunk.len() - refused.len()) as u64),
+                Err(error) => self.error_log.log(chunk.len() as u64, || {
+                    format!("Could not nack {} leases: {error}", chunk.len())
+                }),
+            }
+        }
+        ids.len()
+    }
+
+    /// Nacks leases a source returned beyond what was asked for; they never enter the table.
+    pub(crate) fn give_back_unadmitted(&self, ids: &[LeaseId]) {
+        let mut refused = Vec::new();
+        match self.source.nack(ids, &mut refused) {
+            Ok(()) => self
+                .metrics
+                .count_nacked((ids.len() - refused.len()) as u64),
+            Err(error) => self.error_log.log(ids.len() as u64, || {
+                format!("Could not nack {} leases: {error}", ids.len())
+            }),
+        }
+    }
+
+    /// Marks a lease's handler as started and registers the waker of its task; returns
+    /// whether the lease was lost already.
+    fn start_handling(&self, guard: &LeaseGuard<'_>, waker: &Waker) -> bool {
+        let mut table = self.shard(guard.shard);
+        match table.get_mut(guard.slot as usize) {
+            Some(entry) if entry.id == guard.lease.id => {
+                entry.handling = true;
+                entry.waker = Some(waker.clone());
+                entry.state == State::Lost
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether a lease was lost.
+    fn is_lost(&self, guard: &LeaseGuard<'_>) -> bool {
+        let table = self.shard(guard.shard);
+        match table.get(guard.slot as usize) {
+            Some(entry) if entry.id == guard.lease.id => entry.state == State::Lost,
+            _ => true,
+        }
+    }
+
+    /// The extension thread: one round every period until stopped.
+    ///
+    /// # Blocking
+    ///
+    /// Runs on its own `std::thread`: it calls the source and sleeps between rounds.
+    pub(crate) fn run(&self, seed: u64) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let period = self.settings.period();
+        let mut round = Round::default();
+        loop {
+            // Jitter of up to a tenth of the period, so that several instances sharing a
+            // broker do not send their batches in step.
+            let jitter = period.mul_f64(rng.f64() / 10.0);
+            let wake_at = Instant::now() + period - jitter;
+            let mut stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if *stopped {
+                    return;
+                }
+                let left = wake_at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                stopped = self
+                    .wake
+                    .wait_timeout(stopped, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            drop(stopped);
+            self.round(Instant::now(), &mut round);
+        }
+    }
+
+    /// Stops the extension thread.
+    pub(crate) fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.wake.notify_all();
+    }
+
+    /// Prints the counts of aggregated warnings not printed yet.
+    pub(crate) fn flush_logs(&self) {
+        for throttle in [
+            &self.lost_log,
+            &self.refused_log,
+            &self.max_lease_log,
+            &self.error_log,
+            &self.slow_log,
+        ] {
+            throttle.flush();
+        }
+    }
+
+    /// One extension round: extends every lease whose deadline falls within the margin.
+    fn round(&self, now: Instant, round: &mut Round) {
+        let margin = self
+            .settings
+            .ack_deadline
+            .saturating_sub(self.settings.extend_interval);
+        let horizon = now + margin;
+        round.clear();
+        for (shard, table) in self.shards.iter().enumerate() {
+            let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
+            for (slot, entry) in table.iter_mut() {
+                if entry.state != State::Held {
+                    continue;
+                }
+                if entry.deadline > horizon {
+                    continue;
+                }
+                if now.duration_since(entry.pulled) >= self.settings.max_lease {
+                    entry.state = State::Capped;
+                    round.capped.push(entry.message);
+                    continue;
+                }
+                round.ids.push(entry.id);
+                round.keys.push((shard as u32, slot as u32));
+            }
+        }
+        self.report_round_warnings(round);
+        let mut refused = Vec::new();
+        let (all_ids, all_keys) = (
+            std::mem::take(&mut round.ids),
+            std::mem::take(&mut round.keys),
+        );
+        for (ids, keys) in all_ids
+            .chunks(EXTEND_CHUNK)
+            .zip(all_keys.chunks(EXTEND_CHUNK))
+        {
+            refused.clear();
+            let sent = Instant::now();
+            if let Err(error) = self
+                .source
+                .extend(ids, self.settings.ack_deadline, &mut refused)
+            {
+                // Left as they are: the next round tries again while the deadlines last.
+                self.error_log.log(ids.len() as u64, || {
+                    format!("Could not extend {} leases: {error}", ids.len())
+                });
+                continue;
+            }
+            self.metrics
+                .count_extended((ids.len() - refused.len()) as u64);
+            self.apply(
+                ids,
+                keys,
+                &refused,
+                sent + self.settings.ack_deadline,
+                round,
+            );
+        }
+        (round.ids, round.keys) = (all_ids, all_keys);
+        self.log_extensions(round);
+    }
+
+    /// Records the outcome of one `extend` call in the table.
+    fn apply(
+        &self,
+        ids: &[LeaseId],
+        keys: &[(u32, u32)],
+        refused: &[LeaseId],
+        deadline: Instant,
+        round: &mut Round,
+    ) {
+        // Refusals are rare; a sorted copy makes each check a binary search.
+        let mut refused = refused.to_vec();
+        refused.sort_unstable();
+        let mut lost = 0;
+        let mut wakers = Vec::new();
+        let mut current: Option<(u32, MutexGuard<'_, Slab<Entry>>)> = None;
+        for (&id, &(shard, slot)) in ids.iter().zip(keys) {
+            if current.as_ref().map(|(index, _)| *index) != Some(shard) {
+                current = Some((shard, self.shard(shard)));
+            }
+            let Some((_, table)) = current.as_mut() else {
+                continue;
+            };
+            let Some(entry) = table.get_mut(slot as usize) else {
+                continue;
+            };
+            // Settled (and the slot reused) while the call was made: nothing to record.
+            if entry.id != id || entry.state != State::Held {
+                continue;
+            }
+            if refused.binary_search(&id).is_ok() {
+                entry.state = State::Lost;
+                lost += 1;
+                round.lost.push(entry.message);
+                if let Some(waker) = entry.waker.take() {
+                    wakers.push(waker);
+                }
+                continue;
+            }
+            entry.deadline = deadline;
+            entry.extended += 1;
+            if entry.handling {
+                round.handled.push(entry.message);
+            } else {
+                round.waiting += 1;
+            }
+        }
+        drop(current);
+        if lost > 0 {
+            self.metrics.in_flight.fetch_sub(lost, Ordering::Relaxed);
+            self.metrics.count_lost(lost as u64);
+            self.lost_epoch.fetch_add(1, Ordering::SeqCst);
+            wakers.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    /// Logs the warnings a round found: leases past `max_lease`.
+    fn report_round_warnings(&self, round: &Round) {
+        if let Some(first) = round.capped.first() {
+            self.metrics.count_max_lease(round.capped.len() as u64);
+            self.max_lease_log.log(round.capped.len() as u64, || {
+                format!(
+                    "Lease of {first} (message id {}) held past --max-lease {}: no longer extended, it will be delivered again{}",
+                    first.message_id(),
+                    humantime::format_duration(self.settings.max_lease),
+                    others(round.capped.len())
+                )
+            });
+        }
+    }
+
+    /// Logs the extensions of a round: one info line per message being handled when few,
+    /// else a summary (each line at debug level).
+    fn log_extensions(&self, round: &Round) {
+        let by = seconds(self.settings.ack_deadline);
+        if round.handled.len() <= INFO_LINES_PER_ROUND {
+            for message in &round.handled {
+                info!("Extended deadline by {by} for {message}");
+            }
+        } else {
+            info!(
+                "Extended deadline by {by} for {} messages being handled",
+                round.handled.len()
+            );
+            if log_enabled!(Level::Debug) {
+                for message in &round.handled {
+                    debug!("Extended deadline by {by} for {message}");
+                }
+            }
+        }
+        if round.waiting > 0 {
+            debug!(
+                "Extended deadline by {by} for {} messages waiting for a handler",
+                round.waiting
+            );
+        }
+        if let Some(first) = round.lost.first() {
+            self.lost_log.log(round.lost.len() as u64, || {
+                format!(
+                    "Lost the lease of {first}: dropped its handler, the message will be delivered again{}",
+                    others(round.lost.len())
+                )
+            });
+        }
+    }
+}
+
+impl fmt::Debug for Leaser<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Leaser")
+            .field("held", &self.held())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Scratch space of one extension round, kept between rounds to avoid reallocating.
+#[derive(Debug, Default)]
+struct Round {
+    /// Leases to extend.
+    ids: Vec<LeaseId>,
+    /// Where each of `ids` is in the table.
+    keys: Vec<(u32, u32)>,
+    /// Messages being handled whose leases were extended.
+    handled: Vec<PubSubMessage>,
+    /// Leases extended while waiting for a handler.
+    waiting: usize,
+    /// Messages whose leases were lost.
+    lost: Vec<PubSubMessage>,
+    /// Messages whose leases reached `max_lease`.
+    capped: Vec<PubSubMessage>,
+}
+
+impl Round {
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.keys.clear();
+        self.handled.clear();
+        self.waiting = 0;
+        self.lost.clear();
+        self.capped.clear();
+    }
+}
+
+/// ` and N others` for a line that stands for several messages.
+fn others(count: usize) -> String {
+    match count {
+        0 | 1 => String::new(),
+        2 => " (and 1 other)".to_owned(),
+        _ => format!(" (and {} others)", count - 1),
+    }
+}
+
+/// A duration as the reference logs it: `3 seconds`, or `1.5s` when not whole.
+pub(crate) fn seconds(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{} seconds", duration.as_secs())
+    } else {
+        humantime::format_duration(duration).to_string()
+    }
+}
+
+impl<'a> LeaseGuard<'a> {
+    /// The message.
+    pub(crate) fn message(&self) -> &PubSubMessage {
+        &self.lease.message
+    }
+
+    /// The message's attributes.
+    pub(crate) fn attributes(&self) -> &Attributes {
+        &self.lease.attributes
+    }
+
+    /// Which delivery of the message this is.
+    pub(crate) fn attempt(&self) -> u32 {
+        self.lease.attempt
+    }
+
+    /// Acknowledges the message.
+    pub(crate) fn ack(mut self) -> Settle {
+        self.settled = true;
+        self.leaser.settle(&self, Op::Ack)
+    }
+
+    /// Gives the message back for another delivery.
+    pub(crate) fn nack(mut self) -> Settle {
+        self.settled = true;
+        self.leaser.settle(&self, Op::Nack)
+    }
+
+    /// Completes when the lease is lost (the source refused to extend it). Its first poll
+    /// marks the handler as started.
+    pub(crate) fn lost(&self) -> LostLease<'_, 'a> {
+        LostLease {
+            guard: self,
+            seen_epoch: None,
+        }
+    }
+}
+
+impl ExtensionCount for LeaseGuard<'_> {
+    fn extensions(&self) -> u32 {
+        let table = self.leaser.shard(self.shard);
+        match table.get(self.slot as usize) {
+            Some(entry) if entry.id == self.lease.id => entry.extended,
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for LeaseGuard<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            // Whatever the outcome, the message is not lost: a refused or failed nack leaves
+            // the lease to expire at the source.
+            let _ = self.leaser.settle(self, Op::Nack);
+        }
+        self.leaser.gate.release(1);
+    }
+}
+
+/// The future of [`LeaseGuard::lost`].
+#[derive(Debug)]
+pub(crate) struct LostLease<'g, 'a> {
+    /// The lease watched.
+    guard: &'g LeaseGuard<'a>,
+    /// The lost epoch when last checked; `None` before the first poll.
+    seen_epoch: Option<u64>,
+}
+
+impl Future for LostLease<'_, '_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let leaser = self.guard.leaser;
+        // Read before the table: a loss recorded after this load bumps the epoch again, so
+        // the next poll looks at the table.
+        let epoch = leaser.lost_epoch.load(Ordering::SeqCst);
+        let lost = match self.seen_epoch {
+            None => leaser.start_handling(self.guard, cx.waker()),
+            Some(seen) if seen == epoch => false,
+            Some(_) => leaser.is_lost(self.guard),
+        };
+        self.seen_epoch = Some(epoch);
+        if lost {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}

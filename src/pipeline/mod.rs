@@ -1,0 +1,446 @@
+//! The pipeline: publishers, consumers, the lease manager and the executor, wired together
+//! by [`run`], which also shuts them down in a fixed order.
+//!
+//! - [`publisher`]: publisher threads;
+//! - [`consumer`]: consumer threads (blocking pull, then `send_blocking`);
+//! - [`bridge`]: the executor-thread loop that turns channel receives into tasks;
+//! - [`task`]: the per-message task (handler, then ack or nack);
+//! - [`leaser`]: the lease manager, which holds and extends every lease from pull to settle;
+//! - [`flow`]: flow control and cancellation;
+//! - [`completion`]: `--messages N`;
+//! - [`throttle`]: aggregation of repeated log lines.
+
+mod bridge;
+mod completion;
+mod consumer;
+mod flow;
+mod leaser;
+mod publisher;
+mod task;
+mod throttle;
+
+use std::sync::atomic::AtomicU64;
+use std::thread::{self, Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
+
+use async_executor::Executor;
+use log::{error, info, warn};
+
+use crate::config::Config;
+use crate::error::{ConfigError, RunError};
+use crate::handler::Handler;
+use crate::metrics::{Metrics, Report};
+use crate::shutdown::{Shutdown, ShutdownReason};
+use crate::source::{Publish, Source};
+use completion::Completion;
+use consumer::Consumer;
+use flow::Cancel;
+use leaser::{LeaseSettings, Leaser};
+use publisher::Publisher;
+use task::panic_text;
+
+/// How long cancelled handlers get to give their messages back before the executor stops.
+const CANCEL_WAIT: Duration = Duration::from_secs(1);
+/// Spreads the seeds of the publishers apart (the golden ratio in 64 bits).
+const SEED_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+/// How long the end of a run waits for a remote source to send the lease operations it
+/// accepted.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+/// A broker client that both publishes and consumes, as the in-memory [`Subscription`]
+/// does; every type that implements both traits is one.
+///
+/// [`Subscription`]: crate::Subscription
+pub trait Broker: Source + Publish {}
+
+impl<T: Source + Publish + ?Sized> Broker for T {}
+
+/// Runs the service until `shutdown` is triggered (or, with `config.messages`, until every
+/// message is settled), then shuts down in a fixed order and returns the [`Report`].
+///
+/// Threads: `config.publishers` publisher threads publish random messages into `broker`;
+/// `config.consumers` consumer threads pull from it, put each lease under the lease manager,
+/// and hand it over a bounded `async_channel` (`send_blocking`) to `config.workers` executor
+/// threads, which run one `handler` task per message; one lease-manager thread extends every
+/// lease held, in batches, from pull to settle.
+///
+/// Shutdown order: stop publishers and consumers; nack what sits in the hand-off channel;
+/// give handlers in flight `config.grace_period` to finish (their leases still extended);
+/// cancel and nack the rest; stop the executor threads and the lease manager; build the
+/// report. Every thread is joined before `run` returns: none outlives it.
+///
+/// # Blocking
+///
+/// Blocks the calling thread until the service has shut down. Call it from a plain thread
+/// (or from the future of a `block_on` that runs nothing else, as `examples/embed_smol.rs`
+/// does), never from a task that shares its thread with other tasks.
+///
+/// # Errors
+///
+/// [`RunError::Config`] for an invalid configuration (nothing is started);
+/// [`RunError::Spawn`] if a thread cannot be started (what did start is shut down first).
+///
+/// ```
+/// use mayhem::{run, Config, MayhemConfig, MayhemHandler, Shutdown, Subscription};
+/// use std::time::Duration;
+///
+/// let mut config = Config::default();
+/// config.messages = Some(50);
+/// config.publish_interval = Duration::ZERO;
+/// config.handler_latency = Duration::ZERO;
+/// config.restart_failure_rate = 0.0;
+/// config.save_failure_rate = 0.0;
+/// config.seed = Some(1);
+/// let subscription = Subscription::new(config.subscription());
+/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+/// let report = run(&config, &subscription, &handler, &Shutdown::new()).unwrap();
+/// assert_eq!(report.acked, 50);
+/// assert!(report.is_balanced());
+/// ```
+pub fn run<H: Handler>(
+    config: &Config,
+    broker: &dyn Broker,
+    handler: &H,
+    shutdown: &Shutdown,
+) -> Result<Report, RunError> {
+    run_with_metrics(config, broker, handler, shutdown, &Metrics::default())
+}
+
+/// [`run`], updating `metrics` as it goes, so that another thread can watch them (the
+/// binary's `/metrics` endpoint does).
+///
+/// # Errors
+///
+/// As [`run`].
+///
+/// ```
+/// use mayhem::{run_with_metrics, Config, MayhemConfig, MayhemHandler, Metrics, Shutdown, Subscription};
+/// use std::time::Duration;
+///
+/// let config = Config {
+///     messages: Some(20),
+///     publish_interval: Duration::ZERO,
+///     handler_latency: Duration::ZERO,
+///     restart_failure_rate: 0.0,
+///     save_failure_rate: 0.0,
+///     ..Config::default()
+/// };
+/// let subscription = Subscription::new(config.subscription());
+/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+/// let metrics = Metrics::default();
+/// let report = run_with_metrics(&config, &subscription, &handler, &Shutdown::new(), &metrics).unwrap();
+/// assert_eq!(report.acked, 20);
+/// assert_eq!(metrics.in_flight(), 0);
+/// ```
+pub fn run_with_metrics<H: Handler>(
+    config: &Config,
+    broker: &dyn Broker,
+    handler: &H,
+    shutdown: &Shutdown,
+    metrics: &Metrics,
+) -> Result<Report, RunError> {
+    run_clients(config, broker, Some(broker), handler, shutdown, metrics)
+}
+
+/// [`run_with_metrics`] with the consuming and the publishing client given apart, as real
+/// brokers have them. Without a publishing client, `config.publishers` must be 0 (the
+/// program publishes by other means).
+///
+/// # Errors
+///
+/// As [`run`]; [`RunError::Config`] also when publishers are asked for without a publishing
+/// client.
+///
+/// ```
+/// use mayhem::{run_clients, Config, Envelope, MayhemConfig, MayhemHandler, Metrics, Publish,
+///     PubSubMessage, Shutdown, Subscription};
+/// use std::time::Duration;
+///
+/// let config = Config {
+///     publishers: 0,
+///     messages: Some(3),
+///     handler_latency: Duration::ZERO,
+///     restart_failure_rate: 0.0,
+///     save_failure_rate: 0.0,
+///     ..Config::default()
+/// };
+/// let subscription = Subscription::new(config.subscription());
+/// let mut rng = fastrand::Rng::with_seed(5);
+/// let batch: Vec<Envelope> = (0..3).map(|_| PubSubMessage::random(&mut rng).into()).collect();
+/// subscription.publish(&batch).unwrap();
+/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+/// let report = run_clients(&config, &subscription, None, &handler, &Shutdown::new(),
+///     &Metrics::default()).unwrap();
+/// assert_eq!(report.acked, 3);
+/// ```
+pub fn run_clients<H: Handler>(
+    config: &Config,
+    source: &dyn Source,
+    publisher: Option<&dyn Publish>,
+    handler: &H,
+    shutdown: &Shutdown,
+    metrics: &Metrics,
+) -> Result<Report, RunError> {
+    config.validate()?;
+    if publisher.is_none() && config.publishers > 0 {
+        return Err(RunError::Config(ConfigError::new(
+            "--publishers",
+            config.publishers,
+            "must be 0 without a publishing client",
+        )));
+    }
+    let started = Instant::now();
+    let seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
+    let leaser = Leaser::new(
+        source,
+        metrics,
+        config.max_in_flight,
+        consumer::PULL_BATCH,
+        LeaseSettings {
+            ack_deadline: config.ack_deadline,
+            extend_interval: config.extend_interval,
+            max_lease: config.max_lease,
+        },
+    );
+    let shared = Shared {
+        handler,
+        shutdown,
+        metrics,
+        leaser: &leaser,
+        cancel: Cancel::default(),
+        config,
+        completion: Completion {
+            source,
+            shutdown,
+            target: config.messages,
+        },
+    };
+    let budget = config.messages.map(AtomicU64::new);
+    // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
+    let executor = Executor::new();
+    // Bounded: the hand-off never holds more than the flow-control window.
+    let (handoff, handoff_rx) = async_channel::bounded(config.max_in_flight);
+    // Never sent to: closing it tells the executor threads to return.
+    let (stop, stop_rx) = async_channel::bounded::<()>(1);
+
+    let mut spawn_error = None;
+    let reason = thread::scope(|scope| {
+        let mut workers = Vec::new();
+        let mut feeders = Vec::new();
+        let mut keepers = Vec::new();
+        let mut spawn = |name: String, handles: &mut Vec<_>, body| {
+            spawn_in(scope, name, handles, &mut spawn_error, shutdown, body);
+        };
+        spawn(
+            "mayhem-leaser".to_owned(),
+            &mut keepers,
+            Box::new(|| leaser.run(seed.rotate_left(7))) as Body<'_>,
+        );
+        for index in 0..config.workers {
+            let (executor, shared, handoff_rx, stop_rx) =
+                (&executor, &shared, handoff_rx.clone(), stop_rx.clone());
+            spawn(
+                format!("mayhem-worker-{index}"),
+                &mut workers,
+                Box::new(move || {
+                    bridge::run_executor_thread(executor, shared, handoff_rx, stop_rx)
+                }),
+            );
+        }
+        for index in 0..config.consumers {
+            let consumer = Consumer {
+                source,
+                shutdown,
+                leaser: &leaser,
+                handoff: handoff.clone(),
+                completion: shared.completion,
+            };
+            spawn(
+                format!("mayhem-consumer-{index}"),
+                &mut feeders,
+                Box::new(move || consumer.run()),
+            );
+        }
+        if let Some(sink) = publisher {
+            for index in 0..config.publishers {
+                let publisher = Publisher {
+                    sink,
+                    shutdown,
+                    interval: config.publish_interval,
+                    budget: budget.as_ref(),
+                    seed: seed ^ SEED_STEP.wrapping_mul(index as u64 + 1),
+                };
+                spawn(
+                    format!("mayhem-publisher-{index}"),
+                    &mut feeders,
+                    Box::new(move || publisher.run()),
+                );
+            }
+        }
+        // `--messages 0` is done before it starts.
+        shared.completion.check();
+
+        let reason = wait_reporting_stats(shutdown, source, metrics, config.stats_interval);
+        match &reason {
+            ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
+            ShutdownReason::Requested => info!("Received shutdown request..."),
+            ShutdownReason::Completed => {
+                info!(
+                    "Settled all {} messages...",
+                    config.messages.unwrap_or_default()
+                )
+            }
+            // The task that caught the panic logged it.
+            ShutdownReason::Panicked(_) => {}
+            // The consumer that saw the failure logged it.
+            ShutdownReason::Failed(_) => {}
+        }
+
+        info!("Closing database connections");
+        source.interrupt();
+        if let Some(sink) = publisher {
+            sink.interrupt();
+        }
+        leaser.gate().close();
+        join_all(feeders);
+
+        info!("Nacking outstanding messages");
+        handoff.close();
+        let mut waiting = Vec::new();
+        while let Ok(guard) = handoff_rx.try_recv() {
+            waiting.push(guard);
+        }
+        leaser.nack_all(waiting);
+        let in_flight = leaser.gate().in_flight();
+        if in_flight > 0 {
+            info!(
+                "Waiting up to {} for {in_flight} handlers to finish",
+                humantime::format_duration(config.grace_period)
+            );
+            leaser.gate().wait_idle(config.grace_period);
+        }
+        info!("Cancelling {} outstanding tasks", leaser.gate().in_flight());
+        shared.cancel.trigger();
+        if !leaser.gate().wait_idle(CANCEL_WAIT) {
+            warn!(
+                "{} handlers did not stop when cancelled",
+                leaser.gate().in_flight()
+            );
+        }
+
+        info!("Shutting down executor");
+        stop.close();
+        join_all(workers);
+        leaser.stop();
+        join_all(keepers);
+        reason
+    });
+    // No task is left: each ended, or was cancelled and gave its message back.
+    drop(executor);
+    if let Some(error) = spawn_error {
+        return Err(RunError::Spawn(error));
+    }
+
+    let unsent = source.flush(FLUSH_WAIT);
+    if unsent > 0 {
+        warn!("{unsent} lease operations could not be sent: their messages will be delivered again after their ack deadline");
+    }
+    leaser.flush_logs();
+    info!("Flushing metrics");
+    let report = Report::new(
+        source.stats(),
+        metrics,
+        started.elapsed(),
+        seed,
+        reason.kind(),
+    );
+    info!("Successfully shutdown the Mayhem service.");
+    Ok(report)
+}
+
+/// What the handler tasks share; borrowed by them, never reference-counted, because every
+/// task ends before `run` returns.
+struct Shared<'a, H> {
+    /// The handler run for each message.
+    handler: &'a H,
+    /// Triggered by a panic or by the last settled message.
+    shutdown: &'a Shutdown,
+    /// The handlers' counters.
+    metrics: &'a Metrics,
+    /// The lease manager: holds, extends and settles every lease; owns flow control.
+    leaser: &'a Leaser<'a>,
+    /// Tells handlers still running after the grace period to stop.
+    cancel: Cancel,
+    /// The settings: `--blocking-threshold` and the debugging aids.
+    config: &'a Config,
+    /// `--messages N`.
+    completion: Completion<'a>,
+}
+
+/// The body of a thread of the service.
+type Body<'a> = Box<dyn FnOnce() + Send + 'a>;
+
+/// Starts a scoped thread. After a failure nothing more is started: the error is kept and the
+/// shutdown triggered, so what did start stops in the usual order.
+fn spawn_in<'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    name: String,
+    handles: &mut Vec<ScopedJoinHandle<'scope, ()>>,
+    failed: &mut Option<std::io::Error>,
+    shutdown: &Shutdown,
+    body: Body<'scope>,
+) {
+    if failed.is_some() {
+        return;
+    }
+    match thread::Builder::new().name(name).spawn_scoped(scope, body) {
+        Ok(handle) => handles.push(handle),
+        Err(error) => {
+            error!("Could not start a thread: {error}");
+            *failed = Some(error);
+            shutdown.trigger(ShutdownReason::Requested);
+        }
+    }
+}
+
+/// Blocks until the shutdown is triggered, logging a stats line every `interval` (never when
+/// it is zero).
+fn wait_reporting_stats(
+    shutdown: &Shutdown,
+    source: &dyn Source,
+    metrics: &Metrics,
+    interval: Duration,
+) -> ShutdownReason {
+    if interval.is_zero() {
+        return shutdown.wait();
+    }
+    let mut last_acked = metrics.acked();
+    let mut last_time = Instant::now();
+    loop {
+        if shutdown.wait_timeout(interval) {
+            return shutdown.wait();
+        }
+        let acked = metrics.acked();
+        let now = Instant::now();
+        let rate = (acked - last_acked) as f64 / (now - last_time).as_secs_f64().max(1e-9);
+        info!(
+            "Stats: {rate:.1} acked/s, in flight {}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}",
+            metrics.in_flight(),
+            metrics.nacked(),
+            metrics.redelivered(),
+            source.stats().dead_lettered,
+            metrics.lost(),
+        );
+        (last_acked, last_time) = (acked, now);
+    }
+}
+
+/// Joins threads; a panic in one is logged (the library's threads do not panic by design).
+fn join_all(handles: Vec<ScopedJoinHandle<'_, ()>>) {
+    for handle in handles {
+        let name = handle.thread().name().unwrap_or("mayhem").to_owned();
+        if let Err(panic) = handle.join() {
+            error!("Thread {name} panicked: {}", panic_text(panic.as_ref()));
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The per-message task: runs the handler of one held lease, then acks or nacks it.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_lite::FutureExt;
+use log::{debug, error, info, warn};
+use pin_project_lite::pin_project;
+
+use crate::error::HandleError;
+use crate::handler::{Context, Handler};
+use crate::message::PubSubMessage;
+use crate::metrics::Metrics;
+use crate::pipeline::leaser::{LeaseGuard, Settle};
+use crate::pipeline::Shared;
+use crate::shutdown::ShutdownReason;
+
+pin_project! {
+    /// A handler's future (with panics caught), measuring each poll when `threshold` is set:
+    /// a poll that holds the thread longer is a handler that blocks instead of awaiting,
+    /// which starves every task on that executor thread.
+    struct Handling<'a, F> {
+        #[pin]
+        inner: F,
+        threshold: Option<Duration>,
+        metrics: &'a Metrics,
+        message: &'a PubSubMessage,
+    }
+}
+
+impl<F> Future for Handling<'_, F>
+where
+    F: Future<Output = std::thread::Result<Result<(), HandleError>>>,
+{
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Outcome> {
+        let this = self.project();
+        let Some(threshold) = *this.threshold else {
+            return this.inner.poll(cx).map(Outcome::Finished);
+        };
+        let started = Instant::now();
+        let poll = this.inner.poll(cx);
+        let took = started.elapsed();
+        if took > threshold {
+            this.metrics.count_blocking();
+            warn!(
+                "Handler of {} blocked an executor thread for {took:?}",
+                this.message
+            );
+        }
+        poll.map(Outcome::Finished)
+    }
+}
+
+/// How handling one message ended.
+enum Outcome {
+    /// The handler returned, or panicked (the `Err` holds the panic's payload).
+    Finished(std::thread::Result<Result<(), HandleError>>),
+    /// The handler was cancelled after the grace period.
+    Cancelled,
+    /// The source refused to extend the lease (it expired while the lease manager could not
+    /// reach the source in time): the message is back in the subscription already, so the
+    /// handler is dropped.
+    LeaseLost,
+}
+
+impl<H: Handler> Shared<'_, H> {
+    /// Handles one held lease: runs the handler, then acks or nacks. The lease manager
+    /// extends the lease meanwhile; the guard returns the flow-control permit when it drops.
+    pub(crate) async fn handle(&self, guard: LeaseGuard<'_>) {
+        let message = *guard.message();
+        // A task first polled after the cancellation never starts its handler: a handler
+        // could block its thread on its first poll, which would hold up the shutdown.
+        if self.cancel.is_cancelled() {
+            self.metrics.count_cancelled();
+            drop(guard);
+            return;
+        }
+        info!("Handling {message}");
+        let started = Instant::now();
+        let outcome = {
+            let ctx = Context::of_lease(
+                &message,
+                guard.attributes(),
+                guard.attempt(),
+                &guard,
+                self.metrics,
+            );
+            // The three futures are built inside the awaited expression, not bound to locals
+            // first: a local moved into a future that is then awaited would be stored twice
+            // in this task (most of its memory is the handler's future).
+            Handling {
+                inner: AssertUnwindSafe(self.handler.handle(&ctx)).catch_unwind(),
+                threshold: self.config.blocking_threshold,
+                metrics: self.metrics,
+                message: &message,
+            }
+            .or(async {
+                guard.lost().await;
+                Outcome::LeaseLost
+            })
+            .or(async {
+                self.cancel.cancelled().await;
+                Outcome::Cancelled
+            })
+            .or(self.slow_warning(&message))
+            .await
+        };
+        match outcome {
+            Outcome::Finished(Ok(Ok(()))) => match guard.ack() {
+                Settle::Done => {
+                    self.metrics.record_latency(started.elapsed());
+                    info!("Done. Acked {message}");
+                }
+                Settle::Refused | Settle::Lost => self.leaser.refused_log.log(1, || {
+                    format!("Ack of {message} refused: the lease had expired, the message will be delivered again")
+                }),
+                Settle::Failed(text) => debug!("Ack of {message} not sent: {text}"),
+            },
+            Outcome::Finished(Ok(Err(error))) => {
+                debug!("Nacking {message}: {error}");
+                guard.nack();
+            }
+            Outcome::Finished(Err(panic)) => {
+                let text = panic_text(panic.as_ref());
+                error!("Caught exception: {text}");
+                self.metrics.count_panicked();
+                guard.nack();
+                if self.shutdown.trigger(ShutdownReason::Panicked(text)) {
+                    info!("Shutting down...");
+                }
+            }
+            Outcome::Cancelled => {
+                self.metrics.count_cancelled();
+                guard.nack();
+            }
+            // The lease manager logged it (aggregated); dropping the guard only returns the
+            // permit, as the lease is not held any more.
+            Outcome::LeaseLost => drop(guard),
+        }
+        self.completion.check();
+    }
+}
+
+impl<H: Handler> Shared<'_, H> {
+    /// With `--debug-slow`, warns once when the handler has run that long; never completes.
+    /// Without it, no timer is made: the lease manager's rounds are too coarse for this
+    /// debugging aid, and a timer per message would cost every run.
+    async fn slow_warning(&self, message: &PubSubMessage) -> Outcome {
+        if let Some(limit) = self.config.debug_slow {
+            smol::Timer::after(limit).await;
+            self.metrics.count_slow_many(1);
+            self.leaser.slow_log.log(1, || {
+                format!(
+                    "Slow handler: {message} (message id {}) still running after {}",
+                    message.message_id(),
+                    humantime::format_duration(limit)
+                )
+            });
+        }
+        std::future::pending().await
+    }
+}
+
+/// The text of a panic's payload.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}
