@@ -32,7 +32,7 @@
 //!   [`Lease`], [`Attributes`], and [`Delivery`], a lease with a drop guard that nacks;
 //!   [`source::memory`] is [`Subscription`], the embedded in-memory pub/sub with real lease
 //!   semantics, and the [`Clock`] it reads.
-//! - `redis_source` (feature `redis`, on by default): `RedisSource`, a source on a Redis
+//!   `source::redis` (feature `redis`, on by default) is `RedisSource`, a broker on a Redis
 //!   stream with a consumer group.
 //! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
@@ -125,8 +125,6 @@ pub mod handler;
 pub mod message;
 pub mod metrics;
 mod pipeline;
-#[cfg(feature = "redis")]
-pub mod redis_source;
 pub mod shutdown;
 pub mod source;
 
@@ -136,12 +134,12 @@ pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
 pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
 pub use pipeline::{run, run_clients, run_with_metrics, Broker};
-#[cfg(feature = "redis")]
-pub use redis_source::{RedisConfig, RedisSource};
 pub use shutdown::{Shutdown, ShutdownReason};
 pub use source::memory::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };
+#[cfg(feature = "redis")]
+pub use source::redis::{RedisConfig, RedisSource};
 pub use source::{Attributes, Delivery, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
 pub use uuid::Uuid;
 

@@ -2,7 +2,9 @@
 //! loopback port: lease semantics through `RedisSource`, and the `mayhem` binary end to end
 //! (two instances sharing a group, a killed instance, SIGTERM, a Redis restart, dead letters).
 //!
-//! Every test skips (with a line on stderr) only when `redis-server` is not installed.
+//! Every test skips only when `redis-server` is not installed: it prints `SKIPPED` on stderr
+//! and appends a line to `target/tmp/skipped.log`, which `make test` counts and prints. With
+//! `MAYHEM_REQUIRE_REDIS=1` (as `.ci/run` sets it) a skip fails the test instead.
 #![cfg(feature = "redis")]
 
 use std::collections::HashMap;
@@ -23,12 +25,54 @@ use redis::Value;
 /// Upper bound for anything a test waits for; only reached when something is broken.
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// Says loudly that a test is skipped, and records it for `make test`'s summary; with
+/// `MAYHEM_REQUIRE_REDIS=1` (set by CI) a skip is a failure instead.
+fn skip(reason: &str) {
+    let test = thread::current().name().unwrap_or("redis test").to_owned();
+    if std::env::var("MAYHEM_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+        panic!("{test}: {reason}, and MAYHEM_REQUIRE_REDIS=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        use std::io::Write;
+        // One write per line: appends of whole lines from parallel tests do not interleave.
+        let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
+    }
+}
+
+/// Whether `redis-server` is installed; says so loudly (see [`skip`]) when it is not.
+fn have_redis() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        skip("redis-server not found");
+    }
+    found
+}
+
+/// A free loopback port (free when asked; a server started on it may still find it taken).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
 /// A `redis-server` on a free loopback port, killed (and its directory removed) on drop.
 struct Server {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
     persistent: bool,
+    password: Option<String>,
 }
 
 impl Server {
@@ -36,13 +80,12 @@ impl Server {
     /// `persistent` servers write an append-only file synced on every write, so they keep
     /// their data across a `restart`.
     fn start(persistent: bool) -> Option<Server> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            eprintln!("skipping: redis-server not found");
+        Server::start_with(persistent, None, None)
+    }
+
+    /// [`Server::start`] on a given port (else a free one), with a password (else none).
+    fn start_with(persistent: bool, port: Option<u16>, password: Option<&str>) -> Option<Server> {
+        if !have_redis() {
             return None;
         }
         static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -52,17 +95,14 @@ impl Server {
             COUNTER.fetch_add(1, Ordering::SeqCst)
         ));
         std::fs::create_dir_all(&dir).expect("create the server's directory");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("find a free port")
-            .port();
         let mut server = Server {
             child: None,
-            port,
+            port: port.unwrap_or_else(free_port),
             dir,
             persistent,
+            password: password.map(str::to_owned),
         };
-        server.spawn(false);
+        server.spawn(port.is_some());
         Some(server)
     }
 
@@ -78,6 +118,9 @@ impl Server {
                 .arg(&self.dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
+            if let Some(password) = &self.password {
+                command.args(["--requirepass", password]);
+            }
             if self.persistent {
                 command.args(["--appendonly", "yes", "--appendfsync", "always"]);
             } else {
@@ -112,10 +155,7 @@ impl Server {
                 thread::sleep(Duration::from_millis(50));
                 continue;
             }
-            self.port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .expect("find a free port")
-                .port();
+            self.port = free_port();
         }
         panic!("could not start redis-server on a free port");
     }
@@ -129,7 +169,30 @@ impl Server {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// Sends `SIGSTOP` or `SIGCONT` to the server.
+    fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("a running server");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Runs one command on the server.
+    fn cmd(&self, args: &[&str]) -> Value {
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut self.connection())
+            .unwrap_or_else(|error| panic!("{args:?}: {error}"))
     }
 
     fn connection(&self) -> redis::Connection {
@@ -140,15 +203,33 @@ impl Server {
 
     /// Adds `count` messages named `cattle-0000`, `cattle-0001`, ... to `stream`.
     fn publish(&self, stream: &str, count: usize) -> Vec<String> {
+        self.publish_names(
+            stream,
+            (0..count).map(|i| format!("cattle-{i:04}")).collect(),
+        )
+    }
+
+    /// Adds `count` messages named `cattle-{tag}000`, `cattle-{tag}001`, ... to `stream`.
+    fn publish_as(&self, stream: &str, tag: char, count: usize) -> Vec<String> {
+        self.publish_names(
+            stream,
+            (0..count).map(|i| format!("cattle-{tag}{i:03}")).collect(),
+        )
+    }
+
+    /// Adds one message per name to `stream`; the message ids are derived from the names.
+    fn publish_names(&self, stream: &str, names: Vec<String>) -> Vec<String> {
         let mut con = self.connection();
-        let names: Vec<String> = (0..count).map(|i| format!("cattle-{i:04}")).collect();
         let mut pipe = redis::pipe();
-        for (i, name) in names.iter().enumerate() {
+        for name in &names {
+            let id = name.bytes().fold(1u128, |id, b| {
+                id.wrapping_mul(131).wrapping_add(u128::from(b))
+            });
             pipe.cmd("XADD")
                 .arg(stream)
                 .arg("*")
                 .arg("message_id")
-                .arg(mayhem::Uuid::from_u128(i as u128 + 1).to_string())
+                .arg(mayhem::Uuid::from_u128(id).to_string())
                 .arg("instance_name")
                 .arg(name)
                 .ignore();
@@ -173,12 +254,12 @@ impl Server {
                 .chunks(2)
                 .filter_map(|pair| {
                     Some((
-                        redis::from_redis_value(&pair[0]).ok()?,
+                        redis::from_redis_value_ref(&pair[0]).ok()?,
                         pair.get(1)?.clone(),
                     ))
                 })
                 .collect();
-            let name: String = redis::from_redis_value(fields.get("name")?).ok()?;
+            let name: String = redis::from_redis_value_ref(fields.get("name")?).ok()?;
             if name != group {
                 continue;
             }
@@ -241,7 +322,7 @@ impl Server {
                     return None;
                 };
                 let fields: HashMap<String, String> =
-                    redis::from_redis_value(parts.get(1)?).ok()?;
+                    redis::from_redis_value_ref(parts.get(1)?).ok()?;
                 fields.get("instance_name").cloned()
             })
             .collect();
@@ -275,7 +356,7 @@ struct Service {
 
 impl Service {
     fn start(server: &Server, args: &[&str]) -> Service {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
             .args(["--source", &server.url(), "--log-level", "info"])
             .args(args)
             .stdin(Stdio::null())
@@ -283,6 +364,11 @@ impl Service {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start mayhem");
+        Service::adopt(child)
+    }
+
+    /// Collects the output of a started `mayhem` with piped stdout and stderr.
+    fn adopt(mut child: Child) -> Service {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = {
             let pipe = child.stderr.take().expect("piped stderr");
@@ -690,6 +776,9 @@ fn the_service_recovers_from_a_redis_restart() {
             "json",
             "--seed",
             "11",
+            // The check below reads every message back from the stream: keep them all.
+            "--trim-interval",
+            "0",
         ],
     );
     service.wait_for("Done. Acked");
@@ -716,7 +805,14 @@ fn the_service_recovers_from_a_redis_restart() {
         &server,
         &[
             &QUIET[..],
-            &["--ack-deadline", "1s", "--extend-interval", "300ms"],
+            &[
+                "--ack-deadline",
+                "1s",
+                "--extend-interval",
+                "300ms",
+                "--trim-interval",
+                "0",
+            ],
         ]
         .concat(),
     );
@@ -801,7 +897,12 @@ fn an_unreachable_server_at_start_exits_1_and_a_bad_url_exits_2() {
             .output()
             .expect("run mayhem")
     };
-    let down = run(&format!("redis://127.0.0.1:{port}/0"));
+    let down = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &format!("redis://127.0.0.1:{port}/0")])
+        .args(["--reconnect-limit", "300ms"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("cannot connect to redis"));
     for bad in ["redis://127.0.0.1:notaport", "http://127.0.0.1:6379"] {
@@ -811,4 +912,620 @@ fn an_unreachable_server_at_start_exits_1_and_a_bad_url_exits_2() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains("--source"), "{stderr}");
     }
+}
+
+/// Entry ids of a stream, oldest first.
+fn entry_ids(server: &Server, stream: &str) -> Vec<String> {
+    let reply: Value = server.cmd(&["XRANGE", stream, "-", "+"]);
+    let Value::Array(entries) = reply else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Value::Array(parts) => redis::from_redis_value_ref(parts.first()?).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls `condition` until it holds, failing with `what` after the test's patience.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let end = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Counts of each name in `names`.
+fn counts(names: &[String]) -> HashMap<&str, usize> {
+    let mut counts = HashMap::new();
+    for name in names {
+        *counts.entry(name.as_str()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Names of messages dead-lettered, read from `{stream}:dead`.
+fn dead_names(server: &Server, stream: &str) -> Vec<String> {
+    let dead = format!("{stream}:dead");
+    server.instance_names(&dead).into_iter().collect::<Vec<_>>()
+}
+
+#[test]
+fn a_restarted_instance_handles_fresh_messages_once() {
+    // Defect 1: an instance killed while holding entries on their last attempt (or entries
+    // deleted since) is restarted under the same name after fresh messages were added; the
+    // fresh messages must each be handled once, with attempt 1, and none dead-lettered.
+    for max_attempts in ["1", "5"] {
+        let Some(server) = Server::start(false) else {
+            return;
+        };
+        let name = ["--consumer-name", "x", "--consumer-ttl", "1s"];
+        let slow = Service::start(
+            &server,
+            &[
+                &QUIET[..],
+                &name[..],
+                &["--handler-latency", "60s", "--max-attempts", max_attempts],
+            ]
+            .concat(),
+        );
+        slow.wait_for("Starting consumer");
+        let old = server.publish("mayhem", 10);
+        wait_until("x holds 10 entries", || {
+            server.pending_of("mayhem", "mayhem", "x") == 10
+        });
+        slow.signal("KILL");
+        let (status, _, _) = slow.finish();
+        assert!(!status.success());
+        // Two of the held entries disappear meanwhile.
+        let ids = entry_ids(&server, "mayhem");
+        server.cmd(&["XDEL", "mayhem", &ids[0], &ids[1]]);
+        // Fresh messages, named apart from the old ones.
+        let fresh = server.publish_as("mayhem", 'f', 20);
+        let again = Service::start(
+            &server,
+            &[
+                &QUIET[..],
+                &name[..],
+                &[
+                    "--handler-latency",
+                    "5ms",
+                    "--max-attempts",
+                    max_attempts,
+                    "--consumers",
+                    "2",
+                ],
+            ]
+            .concat(),
+        );
+        server.wait_until_drained("mayhem", "mayhem");
+        again.signal("TERM");
+        let (status, lines, report) = again.finish();
+        assert!(status.success(), "{status}\n{}", lines.join("\n"));
+        let acked = acked_names(&lines);
+        let acked = counts(&acked);
+        for name in &fresh {
+            assert_eq!(
+                acked.get(name.as_str()),
+                Some(&1),
+                "max attempts {max_attempts}: {name} not handled exactly once\n{}",
+                lines.join("\n")
+            );
+        }
+        assert_eq!(field(&report, "stale_acks"), 0.0, "{report}");
+        let dead = dead_names(&server, "mayhem");
+        assert!(
+            dead.iter().all(|name| !name.starts_with("cattle-f")),
+            "a fresh message was dead-lettered: {dead:?}"
+        );
+        if max_attempts == "1" {
+            // The eight old entries left were on their last attempt.
+            assert_eq!(dead.len(), 8, "{dead:?}");
+        } else {
+            let old_acked = old
+                .iter()
+                .filter(|n| acked.contains_key(n.as_str()))
+                .count();
+            assert_eq!(old_acked, 8, "old entries not redelivered: {acked:?}");
+        }
+    }
+}
+
+#[test]
+fn a_live_namesake_is_refused_and_a_stopped_one_frees_its_name() {
+    // Defect 2.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let name = ["--consumer-name", "twin", "--consumer-ttl", "1s"];
+    let first = Service::start(&server, &[&QUIET[..], &name[..]].concat());
+    first.wait_for("Starting consumer");
+    let started = Instant::now();
+    let second = Service::start(&server, &[&QUIET[..], &name[..]].concat());
+    let (status, lines, _) = second.finish();
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let errors: Vec<&String> = lines.iter().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{}", lines.join("\n"));
+    assert!(
+        errors[0].contains("consumer name twin") && errors[0].contains("in use"),
+        "{}",
+        errors[0]
+    );
+    // The first instance is unharmed and works.
+    let names = server.publish("mayhem", 20);
+    server.wait_until_drained("mayhem", "mayhem");
+    first.signal("TERM");
+    let (status, lines, _) = first.finish();
+    assert!(status.success());
+    let mut acked = acked_names(&lines);
+    acked.sort();
+    assert_eq!(acked, names);
+    // A graceful stop gave the name up: a new instance starts without waiting.
+    let third = Service::start(&server, &[&QUIET[..], &name[..]].concat());
+    third.wait_for("Starting consumer");
+    third.signal("TERM");
+    let (status, lines, _) = third.finish();
+    assert!(status.success());
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("held by an earlier instance")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn the_password_is_never_logged() {
+    // Defect 9.
+    let secret = "s3cret-pw";
+    let Some(mut server) = Server::start_with(true, None, Some(secret)) else {
+        return;
+    };
+    let service = Service::start(
+        &server,
+        &[
+            "--messages",
+            "30",
+            "--publish-interval",
+            "2ms",
+            "--handler-latency",
+            "1ms",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--reconnect-limit",
+            "20s",
+        ],
+    );
+    service.wait_for("Done. Acked");
+    server.kill();
+    service.wait_for("lost connection to redis");
+    server.spawn(true);
+    service.wait_for("reconnected to redis");
+    let (status, lines, stdout) = service.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(
+        lines.iter().any(|l| l.contains(":***@")),
+        "{}",
+        lines.join("\n")
+    );
+    for line in lines.iter().chain([&stdout]) {
+        assert!(!line.contains(secret), "{line}");
+    }
+    // A wrong password: the error says so, without either password.
+    let wrong = format!("redis://:wrong-{secret}@127.0.0.1:{}/0", server.port);
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &wrong, "--reconnect-limit", "300ms"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains(secret), "{stderr}");
+    assert!(stderr.contains("redis://:***@"), "{stderr}");
+    // A bad address holding a password: a one-line usage error without it.
+    let bad = format!("redis://:{secret}@127.0.0.1:notaport/0");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &bad])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains(secret), "{stderr}");
+}
+
+#[test]
+fn a_port_that_is_not_redis_gives_a_one_line_error() {
+    // Defect 11: an HTTP server answers instead of Redis.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            use std::io::Write;
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.write_all(
+                            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nbad request",
+                        );
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+    };
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &format!("redis://127.0.0.1:{port}/0")])
+        .args(["--reconnect-limit", "500ms"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    stop.store(true, Ordering::SeqCst);
+    http.join().expect("http thread");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // Every line is a log line (time, level, text): nothing spills onto a line of its own.
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() <= 3, "{stderr}");
+    for line in &lines {
+        assert!(
+            line.contains(" WARN: ") || line.contains(" ERROR: "),
+            "{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("does not speak the redis protocol"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
+    // Defect 7: the stream key becomes a string mid-run.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let service = Service::start(
+        &server,
+        &[&QUIET[..], &["--consumers", "3", "--reconnect-limit", "1s"]].concat(),
+    );
+    service.wait_for("Starting consumer");
+    server.cmd(&["DEL", "mayhem"]);
+    server.cmd(&["SET", "mayhem", "not a stream"]);
+    let (status, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    let refusals = lines
+        .iter()
+        .filter(|l| l.contains("refuses commands"))
+        .count();
+    assert!((1..=3).contains(&refusals), "{}", lines.join("\n"));
+    let noisy = lines
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
+    assert!(noisy <= 10, "{}", lines.join("\n"));
+    assert!(
+        lines.iter().any(|l| l.contains("failing for")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn start_up_retries_until_redis_comes_up_and_a_signal_stops_it_gracefully() {
+    // Defect 8.
+    if !have_redis() {
+        return;
+    }
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let spawn = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(["--source", &url, "--log-level", "info"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mayhem")
+    };
+    // A signal while retrying: a graceful exit 0.
+    let child = spawn(&["--reconnect-limit", "30s"]);
+    let waiting = Service::adopt(child);
+    waiting.wait_for("cannot connect to redis");
+    let signalled = Instant::now();
+    waiting.signal("TERM");
+    let (status, lines, _) = waiting.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(signalled.elapsed() < Duration::from_secs(2));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("Successfully shutdown the Mayhem service.")));
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("cannot connect to redis"))
+            .count(),
+        1,
+        "{}",
+        lines.join("\n")
+    );
+    // Redis comes up while the service retries: it connects and completes.
+    let child = spawn(&[
+        "--reconnect-limit",
+        "30s",
+        "--messages",
+        "20",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "1ms",
+        "--restart-failure-rate",
+        "0",
+        "--save-failure-rate",
+        "0",
+        "--report",
+        "json",
+    ]);
+    let service = Service::adopt(child);
+    service.wait_for("cannot connect to redis");
+    let Some(_server) = Server::start_with(false, Some(port), None) else {
+        return;
+    };
+    let (status, lines, report) = service.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+}
+
+#[test]
+fn shutdown_is_bounded_when_redis_is_stopped() {
+    // Defect 5: SIGTERM while Redis is SIGSTOPped, with handlers in flight.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let grace = Duration::from_secs(1);
+    let service = Service::start(
+        &server,
+        &[
+            &QUIET[..],
+            &[
+                "--handler-latency",
+                "3s",
+                "--grace-period",
+                "1s",
+                "--max-in-flight",
+                "40",
+            ],
+        ]
+        .concat(),
+    );
+    service.wait_for("Starting consumer");
+    server.publish("mayhem", 100);
+    wait_until("40 entries are in flight", || {
+        server.group("mayhem", "mayhem").map_or(0, |g| g.0) >= 40
+    });
+    server.signal("STOP");
+    let signalled = Instant::now();
+    service.signal("TERM");
+    let (status, lines, _) = service.finish();
+    let took = signalled.elapsed();
+    server.signal("CONT");
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(
+        took <= grace + Duration::from_secs(1),
+        "exit took {took:?}\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("left unsent")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn a_graceful_stop_removes_its_consumer_from_the_group() {
+    // Defect 10.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    for (name, signal) in [("done", false), ("stopped", true)] {
+        let service = Service::start(
+            &server,
+            &[
+                &QUIET[..],
+                &["--consumer-name", name, "--handler-latency", "200ms"],
+            ]
+            .concat(),
+        );
+        service.wait_for("Starting consumer");
+        server.publish("mayhem", 20);
+        if signal {
+            wait_until("entries are in flight", || {
+                server.pending_of("mayhem", "mayhem", name) > 0
+            });
+        } else {
+            server.wait_until_drained("mayhem", "mayhem");
+        }
+        service.signal("TERM");
+        let (status, lines, _) = service.finish();
+        assert!(status.success(), "{}", lines.join("\n"));
+        let consumers = server.cmd(&["XINFO", "CONSUMERS", "mayhem", "mayhem"]);
+        let Value::Array(consumers) = consumers else {
+            panic!("XINFO CONSUMERS: {consumers:?}");
+        };
+        assert!(
+            consumers.is_empty(),
+            "{name}: {consumers:?}\n{}",
+            lines.join("\n")
+        );
+        server.cmd(&["XGROUP", "DESTROY", "mayhem", "mayhem"]);
+        server.cmd(&["DEL", "mayhem", "mayhem:mayhem:floor"]);
+    }
+}
+
+#[test]
+fn a_destroyed_group_replays_no_acked_history_and_loses_nothing() {
+    // Defect 3. Another group that never reads keeps the stream untrimmed, so a group
+    // recreated at 0 would replay all of it.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    server.cmd(&["XGROUP", "CREATE", "mayhem", "idle", "0", "MKSTREAM"]);
+    let service = Service::start(
+        &server,
+        &[&QUIET[..], &["--trim-interval", "50ms"]].concat(),
+    );
+    service.wait_for("Starting consumer");
+    let first = server.publish("mayhem", 100);
+    server.wait_until_drained("mayhem", "mayhem");
+    let last = entry_ids(&server, "mayhem").pop().expect("entries");
+    wait_until("the floor passed the last entry", || {
+        let floor: Option<String> =
+            redis::from_redis_value(server.cmd(&["GET", "mayhem:mayhem:floor"])).ok();
+        floor.is_some_and(|floor| {
+            let parse = |id: &str| -> (u64, u64) {
+                let (ms, seq) = id.split_once('-').expect("an id");
+                (ms.parse().expect("ms"), seq.parse().expect("seq"))
+            };
+            parse(&floor) > parse(&last)
+        })
+    });
+    server.cmd(&["XGROUP", "DESTROY", "mayhem", "mayhem"]);
+    // Fresh messages, named apart from the first ones.
+    let fresh = server.publish_as("mayhem", 'f', 50);
+    wait_until("the fresh messages are acked", || {
+        server
+            .group("mayhem", "mayhem")
+            .is_some_and(|(pending, lag, read)| pending == 0 && lag == 0 && read > 0)
+            && server.xlen("mayhem") == 150
+    });
+    server.wait_until_drained("mayhem", "mayhem");
+    service.signal("TERM");
+    let (status, lines, _) = service.finish();
+    assert!(status.success(), "{}", lines.join("\n"));
+    let acked = acked_names(&lines);
+    let acked = counts(&acked);
+    for name in first.iter().chain(&fresh) {
+        assert_eq!(acked.get(name.as_str()), Some(&1), "{name}: {acked:?}");
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("recreated at")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn retention_trims_what_every_group_acked_and_bounds_the_dead_letters() {
+    // Defect 4.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let service = Service::start(
+        &server,
+        &[
+            "--publishers",
+            "0",
+            "--restart-failure-rate",
+            "0.5",
+            "--restart-retries",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--max-attempts",
+            "2",
+            "--handler-latency",
+            "0",
+            "--seed",
+            "3",
+            "--trim-interval",
+            "50ms",
+            "--dead-letter-max",
+            "10",
+        ],
+    );
+    service.wait_for("Starting consumer");
+    server.publish("mayhem", 600);
+    server.wait_until_drained("mayhem", "mayhem");
+    wait_until("the acked entries are trimmed", || {
+        server.xlen("mayhem") == 0
+    });
+    service.signal("TERM");
+    let (status, lines, _) = service.finish();
+    assert!(status.success(), "{}", lines.join("\n"));
+    // About a quarter of the messages fail twice; the bound is approximate (whole nodes of
+    // 100 entries are trimmed).
+    let dead = server.xlen("mayhem:dead");
+    assert!((1..=110).contains(&dead), "dead letters: {dead}");
+}
+
+#[test]
+fn messages_n_completes_for_a_shared_group() {
+    // Defect 6: the publishing instance completes once it published its N and the group
+    // settled everything, whichever instance handled it.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let helpers: Vec<Service> = ["b", "c"]
+        .iter()
+        .map(|name| {
+            let service = Service::start(
+                &server,
+                &[
+                    &QUIET[..],
+                    &["--consumer-name", name, "--handler-latency", "2ms"],
+                ]
+                .concat(),
+            );
+            service.wait_for("Starting consumer");
+            service
+        })
+        .collect();
+    let publisher = Service::start(
+        &server,
+        &[
+            "--consumer-name",
+            "a",
+            "--messages",
+            "300",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "2ms",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--report",
+            "json",
+        ],
+    );
+    let (status, lines_a, report) = publisher.finish();
+    assert!(status.success(), "{status}\n{}", lines_a.join("\n"));
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(
+        server.group("mayhem", "mayhem").map(|g| (g.0, g.1)),
+        Some((0, 0))
+    );
+    let mut all = acked_names(&lines_a);
+    for helper in helpers {
+        helper.signal("TERM");
+        let (status, lines, _) = helper.finish();
+        assert!(status.success());
+        all.extend(acked_names(&lines));
+    }
+    assert_eq!(all.len(), 300, "each message acked once");
+    assert_eq!(counts(&all).len(), 300);
 }

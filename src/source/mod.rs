@@ -21,6 +21,8 @@
 //! a delivery dropped without `ack` or `nack` is nacked, so no code path can lose a message.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::fmt;
 use std::time::Duration;

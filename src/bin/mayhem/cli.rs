@@ -109,7 +109,7 @@ pub(crate) struct Cli {
     pub(crate) report: ReportFormat,
     /// Where messages come from: `memory` (the embedded pub/sub) or a Redis server,
     /// `redis://HOST:PORT/DB`.
-    #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = source)]
+    #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = SourceParser)]
     pub(crate) source: SourceKind,
     /// Redis stream published to and consumed from (with `--source redis://...`).
     #[arg(long, env = "MAYHEM_STREAM", value_name = "NAME", default_value = "mayhem", value_parser = name)]
@@ -120,9 +120,25 @@ pub(crate) struct Cli {
     /// This instance's consumer name in the group [default: hostname-pid].
     #[arg(long, env = "MAYHEM_CONSUMER_NAME", value_name = "NAME", value_parser = name)]
     consumer_name: Option<String>,
-    /// How long Redis may stay unreachable before the service gives up and exits 1.
+    /// How long Redis may stay unreachable (or keep failing) before the service gives up
+    /// and exits 1; start-up retries as long.
     #[arg(long, env = "MAYHEM_RECONNECT_LIMIT", value_name = "DUR", default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
     reconnect_limit: Duration,
+    /// Time to live of the Redis consumer name's liveness key: a restart under the same name
+    /// waits at most this long for a killed predecessor's key to expire.
+    #[arg(long, env = "MAYHEM_CONSUMER_TTL", value_name = "DUR", default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    consumer_ttl: Duration,
+    /// How often entries every Redis consumer group has acked are trimmed (0 = never).
+    #[arg(long, env = "MAYHEM_TRIM_INTERVAL", value_name = "DUR", default_value = "1s", value_parser = duration, allow_hyphen_values = true)]
+    trim_interval: Duration,
+    /// Approximate bound of the Redis dead-letter stream `{stream}:dead`.
+    #[arg(
+        long,
+        env = "MAYHEM_DEAD_LETTER_MAX",
+        value_name = "N",
+        default_value_t = 100_000
+    )]
+    dead_letter_max: u64,
     /// Most verbose log level written to stderr.
     #[arg(long, env = "MAYHEM_LOG_LEVEL", value_name = "LEVEL", value_enum, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
@@ -204,6 +220,9 @@ impl Cli {
             ack_deadline: config.ack_deadline,
             max_attempts: config.max_attempts,
             reconnect_limit: self.reconnect_limit,
+            liveness_ttl: self.consumer_ttl,
+            trim_interval: self.trim_interval,
+            dead_letter_max: self.dead_letter_max,
             ..mayhem::RedisConfig::default()
         }
     }
@@ -246,6 +265,41 @@ fn rate(text: &str) -> Result<f64, String> {
     }
 }
 
+/// The parser of `--source`: its error repeats the value with any password replaced.
+#[derive(Debug, Clone, Copy)]
+struct SourceParser;
+
+impl clap::builder::TypedValueParser for SourceParser {
+    type Value = SourceKind;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<SourceKind, clap::Error> {
+        let flag = arg.map_or_else(|| "--source".to_owned(), ToString::to_string);
+        let invalid = |shown: &str, reason: &str| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value '{shown}' for '{flag}': {reason}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let Some(text) = value.to_str() else {
+            return Err(invalid(
+                "(not utf-8)",
+                "write memory or redis://HOST:PORT/DB",
+            ));
+        };
+        #[cfg(feature = "redis")]
+        let shown = mayhem::source::redis::redact_url(text);
+        #[cfg(not(feature = "redis"))]
+        let shown = text.to_owned();
+        source(text).map_err(|reason| invalid(&shown, &reason))
+    }
+}
+
 /// Parses `--source`: `memory`, or a `redis://` URL the Redis client accepts.
 fn source(text: &str) -> Result<SourceKind, String> {
     let text = text.trim();
@@ -257,7 +311,7 @@ fn source(text: &str) -> Result<SourceKind, String> {
     }
     #[cfg(feature = "redis")]
     {
-        use mayhem::redis_source::parse_url;
+        use mayhem::source::redis::parse_url;
         parse_url(text)
             .map(|()| SourceKind::Redis(text.to_owned()))
             .map_err(|error| format!("{error} (write redis://HOST:PORT/DB)"))

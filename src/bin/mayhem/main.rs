@@ -63,15 +63,11 @@ fn main() -> ExitCode {
     let source: Arc<dyn Broker> = match &cli.source {
         SourceKind::Memory => Arc::new(Subscription::new(config.subscription())),
         #[cfg(feature = "redis")]
-        SourceKind::Redis(url) => {
-            match mayhem::RedisSource::connect(cli.redis_config(url, &config)) {
-                Ok(source) => Arc::new(source),
-                Err(error) => {
-                    error!("{error}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
+        SourceKind::Redis(url) => match connect_redis(cli.redis_config(url, &config)) {
+            Ok(Some(source)) => Arc::new(source),
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(()) => return ExitCode::FAILURE,
+        },
         #[cfg(not(feature = "redis"))]
         SourceKind::Redis(_) => {
             error!("this build has no redis support");
@@ -171,6 +167,46 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Connects to Redis, retrying within the reconnect limit. A signal meanwhile ends the
+/// start-up gracefully (`Ok(None)`); a failure is logged (`Err`).
+#[cfg(feature = "redis")]
+fn connect_redis(config: mayhem::RedisConfig) -> Result<Option<mayhem::RedisSource>, ()> {
+    let starting = Shutdown::new();
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).map_err(|error| {
+        error!("cannot install signal handlers: {error}");
+    })?;
+    let handle = signals.handle();
+    let watcher = {
+        let starting = starting.clone();
+        thread::Builder::new()
+            .name("mayhem-start-signals".into())
+            .spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    starting.trigger(ShutdownReason::Signal(signal_name(signal).to_owned()));
+                }
+            })
+            .map_err(|error| error!("cannot start the signal thread: {error}"))?
+    };
+    let result = mayhem::RedisSource::connect_with(config, &starting);
+    // Ends the watcher's loop; the service's own signal handling takes over from here.
+    handle.close();
+    let _ = watcher.join();
+    match result {
+        Ok(source) => Ok(Some(source)),
+        Err(mayhem::SourceError::Closed) => {
+            if let Some(reason) = starting.reason() {
+                log::info!("Received exit {reason} while connecting to redis");
+            }
+            log::info!("Successfully shutdown the Mayhem service.");
+            Ok(None)
+        }
+        Err(error) => {
+            error!("{error}");
+            Err(())
+        }
     }
 }
 

@@ -1,0 +1,193 @@
+//! The batching acker: a worker thread that sends queued acks, nacks and extensions, one
+//! script call per batch, and counts what Redis answered.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use log::debug;
+use redis::Value;
+
+use super::connection::{Failure, BACKOFF_MAX};
+use super::reply::{int, EntryId};
+use super::{lock, Core, Held};
+use crate::source::LeaseId;
+
+/// Most queued lease operations sent in one script call.
+const OPS_BATCH: usize = 512;
+
+/// A queued lease operation.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Op {
+    /// What to do.
+    pub(super) kind: OpKind,
+    /// The lease (to expire it locally when Redis says it is not ours any more).
+    pub(super) lease: LeaseId,
+    /// The entry.
+    pub(super) entry: EntryId,
+    /// Delivery count the entry must still have.
+    pub(super) deliveries: u32,
+    /// Attempts so far, stored with a requeued or dead-lettered copy.
+    pub(super) attempt: u32,
+}
+
+/// The kinds of lease operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OpKind {
+    /// Ack the entry.
+    Ack,
+    /// Reset the entry's idle time.
+    Extend,
+    /// Add a copy for another delivery and ack the entry.
+    Requeue,
+    /// Add a copy to the dead-letter stream and ack the entry.
+    Dead,
+}
+
+impl Op {
+    /// An operation on a held lease.
+    pub(super) fn new(kind: OpKind, lease: LeaseId, held: Held) -> Self {
+        Op {
+            kind,
+            lease,
+            entry: held.entry,
+            deliveries: held.deliveries,
+            attempt: held.attempt,
+        }
+    }
+
+    /// The script's name of the operation.
+    fn name(&self) -> &'static str {
+        match self.kind {
+            OpKind::Ack => "ack",
+            OpKind::Extend => "extend",
+            OpKind::Requeue => "requeue",
+            OpKind::Dead => "dead",
+        }
+    }
+}
+
+impl Core {
+    /// Sends lease operations in one script call and counts what Redis answered. `retried`
+    /// says that an earlier try of the same batch failed: an ack or dead letter that now
+    /// finds its entry no longer pending was most likely done by that try (the script never
+    /// acks an entry another consumer owns), so it counts as done, not as refused. The rare
+    /// exception, an entry that sat idle past the ack deadline meanwhile and was claimed and
+    /// acked by another consumer, is then counted by both: the count can be one high, the
+    /// entry is still acked once.
+    pub(super) fn send_ops(&self, ops: &[Op], retried: bool) -> Result<(), Failure> {
+        let reply: Value = self.with_connection(|con| {
+            let mut invocation = self.scripts.lease.key(&self.config.stream);
+            invocation
+                .key(&self.dead_stream)
+                .arg(&self.config.group)
+                .arg(&self.config.consumer)
+                .arg(self.config.dead_letter_max);
+            for op in ops {
+                invocation
+                    .arg(op.name())
+                    .arg(op.entry.to_string())
+                    .arg(op.deliveries)
+                    .arg(op.attempt);
+            }
+            invocation.invoke(con)
+        })?;
+        let answers: Vec<i64> = match reply {
+            Value::Array(items) => items.iter().map(|item| int(item).unwrap_or(0)).collect(),
+            _ => Vec::new(),
+        };
+        let mut stats = lock(&self.stats);
+        let mut expired = Vec::new();
+        for (op, answer) in ops.iter().zip(answers) {
+            match (op.kind, answer) {
+                (OpKind::Ack, 1) | (OpKind::Ack, 2) if answer == 1 || retried => {
+                    self.settled.fetch_add(1, Ordering::Relaxed);
+                }
+                (OpKind::Ack, _) => stats.late_refusals += 1,
+                (OpKind::Dead, 1) | (OpKind::Dead, 2) if answer == 1 || retried => {
+                    stats.dead_lettered += 1;
+                    self.settled.fetch_add(1, Ordering::Relaxed);
+                }
+                (OpKind::Extend, 1) | (OpKind::Requeue, _) | (OpKind::Dead, _) => {}
+                (OpKind::Extend, _) => expired.push(op.lease),
+            }
+        }
+        drop(stats);
+        if !expired.is_empty() {
+            // Another consumer claimed these entries: the local leases end now, so that
+            // their acks are refused.
+            let mut leases = lock(&self.leases);
+            let now = Instant::now();
+            for lease in expired {
+                let index = (lease & u64::from(u32::MAX)) as usize;
+                if let Some(held) = leases.slots.get_mut(index) {
+                    if held.generation == (lease >> 32) as u32 {
+                        held.deadline = now;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The worker thread: sends queued lease operations in batches until the queue closes.
+    /// While the server fails, a batch is retried with backoff; once the source is dropped,
+    /// a batch that cannot be sent is given up (its entries are claimed again after the ack
+    /// deadline) and counted in the warning.
+    pub(super) fn run_ops(&self, queue: mpsc::Receiver<Vec<Op>>) {
+        let mut waiting: Vec<Op> = Vec::new();
+        let mut batch = Vec::with_capacity(OPS_BATCH);
+        loop {
+            if waiting.is_empty() {
+                match queue.recv() {
+                    Ok(ops) => waiting = ops,
+                    Err(_) => return,
+                }
+            }
+            // Whatever else is queued joins the batch, up to its bound.
+            while waiting.len() < OPS_BATCH {
+                match queue.try_recv() {
+                    Ok(mut ops) => waiting.append(&mut ops),
+                    Err(_) => break,
+                }
+            }
+            let take = waiting.len().min(OPS_BATCH);
+            batch.extend(waiting.drain(..take));
+            let mut retried = false;
+            loop {
+                match self.send_ops(&batch, retried) {
+                    Ok(()) => break,
+                    Err(Failure::Down { retry_in }) => {
+                        retried = true;
+                        if self.is_closing() {
+                            self.give_up(&batch, &waiting, &queue);
+                            return;
+                        }
+                        self.nap(retry_in);
+                    }
+                    Err(Failure::GaveUp(text)) => {
+                        if self.is_closing() {
+                            debug!("{text}");
+                            self.give_up(&batch, &waiting, &queue);
+                            return;
+                        }
+                        retried = true;
+                        self.nap(BACKOFF_MAX);
+                    }
+                }
+            }
+            self.answered(batch.len() as u64);
+            batch.clear();
+        }
+    }
+
+    /// Gives up every operation not yet sent, once the source is dropped while the server
+    /// fails: their entries are claimed again after the ack deadline. The drop logs the
+    /// count.
+    fn give_up(&self, batch: &[Op], waiting: &[Op], queue: &mpsc::Receiver<Vec<Op>>) {
+        let left =
+            batch.len() + waiting.len() + queue.try_iter().map(|ops| ops.len()).sum::<usize>();
+        debug!("gave up {left} lease operations");
+        self.answered(left as u64);
+    }
+}

@@ -1,0 +1,172 @@
+//! Claiming: `pull` takes over entries idle past the ack deadline, then reads new ones, and
+//! turns what it got into leases.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use log::{error, warn};
+use redis::Value;
+
+use super::acker::{Op, OpKind};
+use super::connection::Failure;
+use super::reply::{claim_reply, field_map, read_reply_entries, Entry, EntryId};
+use super::{lock, Core, Held};
+use crate::message::PubSubMessage;
+use crate::source::Lease;
+
+impl Core {
+    /// Claims entries idle past the ack deadline, then reads new ones (up to `max` in all:
+    /// `XREADGROUP COUNT` is the free part of the caller's flow-control window).
+    pub(super) fn pull_into(
+        &self,
+        max: usize,
+        wait: Duration,
+        out: &mut Vec<Lease>,
+    ) -> Result<(), Failure> {
+        let start = lock(&self.claim_cursor).clone();
+        let (next, entries) = self.claim(&start, max)?;
+        *lock(&self.claim_cursor) = next;
+        self.lease_all_from(entries, Instant::now(), out);
+        let room = max.saturating_sub(out.len());
+        if room == 0 {
+            return Ok(());
+        }
+        // Block only when nothing was claimed, and never longer than the configured block.
+        let block = if out.is_empty() {
+            wait.min(self.config.block)
+        } else {
+            Duration::ZERO
+        };
+        let sent_at = Instant::now();
+        let reply = self.with_connection(|con| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(&self.config.group)
+                .arg(&self.config.consumer)
+                .arg("COUNT")
+                .arg(room);
+            // BLOCK 0 would block forever: no wait means no BLOCK argument.
+            if !block.is_zero() {
+                cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+            }
+            cmd.arg("STREAMS")
+                .arg(&self.config.stream)
+                .arg(">")
+                .query::<Value>(con)
+        })?;
+        self.lease_all_from(read_reply_entries(&reply), sent_at, out);
+        Ok(())
+    }
+
+    /// Runs the claim script from `start`; returns the next start and the entries.
+    fn claim(&self, start: &str, count: usize) -> Result<(String, Vec<Entry>), Failure> {
+        let min_idle = self.config.ack_deadline.as_millis() as u64;
+        let reply: Value = self.with_connection(|con| {
+            self.scripts
+                .claim
+                .key(&self.config.stream)
+                .key(&self.dead_stream)
+                .arg(&self.config.group)
+                .arg(&self.config.consumer)
+                .arg(self.config.max_attempts)
+                .arg(min_idle)
+                .arg(start)
+                .arg(count)
+                .arg(self.config.dead_letter_max)
+                .invoke(con)
+        })?;
+        let (next, entries, dead) = claim_reply(reply);
+        if dead > 0 {
+            warn!("dead-lettered {dead} messages to {}", self.dead_stream);
+            lock(&self.stats).dead_lettered += dead;
+            self.settled.fetch_add(dead, Ordering::Relaxed);
+        }
+        Ok((next, entries))
+    }
+
+    /// Turns entries delivered at `since` into leases; dead-letters entries that are not
+    /// messages at all.
+    fn lease_all_from(&self, entries: Vec<Entry>, since: Instant, out: &mut Vec<Lease>) {
+        if entries.is_empty() {
+            return;
+        }
+        let deadline = since + self.config.ack_deadline;
+        let mut leases = lock(&self.leases);
+        let mut malformed = Vec::new();
+        for (id, fields, deliveries) in entries {
+            let Some(entry) = EntryId::parse(&id) else {
+                continue;
+            };
+            let fields = field_map(&fields);
+            let message = fields
+                .get("message_id")
+                .and_then(|id| uuid::Uuid::parse_str(id).ok())
+                .zip(fields.get("instance_name"))
+                .and_then(|(id, name)| PubSubMessage::from_parts(id, name));
+            let prior: u32 = fields
+                .get("attempts")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let attempt = prior.saturating_add(deliveries);
+            let Some(message) = message else {
+                malformed.push(Op {
+                    kind: OpKind::Dead,
+                    lease: 0,
+                    entry,
+                    deliveries: 0,
+                    attempt,
+                });
+                continue;
+            };
+            let generation = leases.next_generation;
+            leases.next_generation = generation.wrapping_add(1);
+            let index = leases.slots.insert(Held {
+                entry,
+                deliveries,
+                attempt,
+                deadline,
+                generation,
+            });
+            // Every other field of the entry is an attribute (a program's own publishers may
+            // add some); the chaos monkey's own entries have none, so nothing is allocated.
+            let attributes = fields
+                .iter()
+                .filter(|(key, _)| !super::RESERVED_FIELDS.contains(&key.as_str()))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            out.push(Lease {
+                message,
+                attributes,
+                attempt,
+                id: (u64::from(generation) << 32) | index as u64,
+            });
+        }
+        drop(leases);
+        if !malformed.is_empty() {
+            warn!(
+                "dead-lettering {} entries of {} that are not messages",
+                malformed.len(),
+                self.config.stream
+            );
+            // Sent on this thread: a pull may block. A failure leaves the entries pending:
+            // they are claimed (and dead-lettered) again after the ack deadline.
+            if self.send_ops(&malformed, false).is_err() {
+                error!("could not dead-letter the entries that are not messages yet");
+            }
+        }
+    }
+
+    /// Drops leases whose local deadline passed: their entries are claimed again (by any
+    /// consumer) once idle past the ack deadline.
+    pub(super) fn expire_local(&self) {
+        let now = Instant::now();
+        let mut leases = lock(&self.leases);
+        let before = leases.slots.len();
+        leases.slots.retain(|_, held| held.deadline > now);
+        let expired = (before - leases.slots.len()) as u64;
+        drop(leases);
+        if expired > 0 {
+            lock(&self.stats).expired += expired;
+        }
+    }
+}

@@ -1,0 +1,697 @@
+//! Connections: the pool, socket timeouts, the health of the server and the reconnect
+//! schedule, start-up, and the one place error texts are made one line and password-free.
+
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use redis::{Connection, RedisError, Value};
+
+use super::reply::{int, EntryId};
+use super::{lock, Core};
+use crate::error::SourceError;
+use crate::shutdown::Shutdown;
+
+/// First pause before retrying after a failure.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+/// Longest pause between two retries.
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Timeout of opening a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Socket timeout of a command beyond its blocking time. A server that answers nothing for
+/// this long counts as lost: the connection is replaced and the command retried.
+const IO_MARGIN: Duration = Duration::from_millis(400);
+/// Socket timeout of every command once the source is interrupted, so that a stalled server
+/// cannot hold up the shutdown.
+const SHUTDOWN_IO: Duration = Duration::from_millis(250);
+/// Longest error text kept in a log line.
+const MAX_ERROR_TEXT: usize = 240;
+/// Idle time given to a dead predecessor's pending entries: past any ack deadline.
+const EXPIRED_IDLE_MS: u64 = 10_000_000_000;
+/// Entries of a dead predecessor marked per script call.
+const RESET_BATCH: usize = 1000;
+
+/// The scripts, loaded on every new connection and run by hash.
+pub(super) struct Scripts {
+    /// Lease operations of one batch.
+    pub(super) lease: redis::Script,
+    /// Claims of expired entries.
+    pub(super) claim: redis::Script,
+    /// Marks a dead predecessor's entries expired.
+    pub(super) reset_own: redis::Script,
+    /// Refreshes the liveness key.
+    pub(super) liveness: redis::Script,
+    /// Gives the consumer up on a graceful stop.
+    pub(super) release: redis::Script,
+    /// Trims acked entries and records the floor.
+    pub(super) retention: redis::Script,
+    /// Reads the group's state.
+    pub(super) group_state: redis::Script,
+}
+
+impl Scripts {
+    /// The scripts of `scripts/`.
+    pub(super) fn new() -> Self {
+        Scripts {
+            lease: redis::Script::new(include_str!("scripts/lease.lua")),
+            claim: redis::Script::new(include_str!("scripts/claim.lua")),
+            reset_own: redis::Script::new(include_str!("scripts/reset_own.lua")),
+            liveness: redis::Script::new(include_str!("scripts/liveness.lua")),
+            release: redis::Script::new(include_str!("scripts/release.lua")),
+            retention: redis::Script::new(include_str!("scripts/retention.lua")),
+            group_state: redis::Script::new(include_str!("scripts/group_state.lua")),
+        }
+    }
+
+    /// Every script, to load them.
+    fn all(&self) -> [&redis::Script; 7] {
+        [
+            &self.lease,
+            &self.claim,
+            &self.reset_own,
+            &self.liveness,
+            &self.release,
+            &self.retention,
+            &self.group_state,
+        ]
+    }
+}
+
+/// A pooled connection.
+pub(super) struct Pooled {
+    /// The health epoch it was opened in: a connection of an earlier epoch is not reused.
+    epoch: u64,
+    /// Whether its timeouts were shortened for the shutdown.
+    short: bool,
+    /// The connection.
+    con: Connection,
+}
+
+/// The health of the server as this source sees it.
+pub(super) struct Health {
+    /// Incremented on every lost connection: a failure of an older connection is old news.
+    epoch: u64,
+    /// Since when commands fail; `None` while they succeed.
+    failing_since: Option<Instant>,
+    /// Whether the failure is a lost connection (else the server answers with errors).
+    unreachable: bool,
+    /// What kind of failure was logged last: a new kind is logged again.
+    logged_kind: String,
+    /// The pause before the next try.
+    backoff: Duration,
+    /// No try before this instant.
+    next_try: Instant,
+    /// The last error, one line, password removed.
+    last_error: String,
+}
+
+impl Health {
+    /// A healthy start.
+    pub(super) fn new(now: Instant) -> Self {
+        Health {
+            epoch: 0,
+            failing_since: None,
+            unreachable: false,
+            logged_kind: String::new(),
+            backoff: BACKOFF_START,
+            next_try: now,
+            last_error: String::new(),
+        }
+    }
+}
+
+/// Why a command could not be run.
+pub(super) enum Failure {
+    /// The server is unreachable or failing; try again after `retry_in`.
+    Down {
+        /// When the next try is due.
+        retry_in: Duration,
+    },
+    /// The server has been unreachable or failing for longer than the reconnect limit.
+    GaveUp(String),
+}
+
+/// Why start-up did not succeed yet.
+enum StartError {
+    /// A failure that may pass: retry within the reconnect limit.
+    Retry(String),
+    /// A failure that will not pass by retrying.
+    Refused(String),
+    /// The stop handle was triggered.
+    Stopped,
+}
+
+impl From<RedisError> for StartError {
+    fn from(error: RedisError) -> Self {
+        StartError::Retry(error.to_string())
+    }
+}
+
+/// `url` with the password (and any `password=` parameter) replaced by `***`.
+///
+/// ```
+/// use mayhem::source::redis::redact_url;
+/// assert_eq!(redact_url("redis://:hunter2@db:6379/0"), "redis://:***@db:6379/0");
+/// assert_eq!(redact_url("redis://db:6379/0"), "redis://db:6379/0");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("***@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") || key == "pass" => {
+                        format!("{key}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}{authority}{tail}")
+}
+
+/// The password of `url`, or an empty string.
+pub(super) fn password(url: &str) -> String {
+    use redis::IntoConnectionInfo;
+    url.into_connection_info()
+        .ok()
+        .and_then(|info| info.redis_settings().password().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// An error text as one line without the password of `url`: line breaks become spaces,
+/// control characters are dropped, and the text is cut at a bounded length.
+pub(super) fn one_line(text: &str, url: &str) -> String {
+    scrub(text, &password(url))
+}
+
+/// `text` as one bounded line without `secret`.
+fn scrub(text: &str, secret: &str) -> String {
+    let mut line = if secret.is_empty() {
+        text.to_owned()
+    } else {
+        text.replace(secret, "***")
+    };
+    line = line
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if line.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push_str("...");
+    }
+    line
+}
+
+/// Whether an error means the connection is unusable.
+fn is_connection_error(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_unrecoverable_error()
+}
+
+impl Core {
+    /// An error of this source's server as one password-free line; a reply that is not the
+    /// Redis protocol says so.
+    pub(super) fn describe(&self, error: &RedisError) -> String {
+        let text = scrub(&error.to_string(), &self.secret);
+        if error.kind() == redis::ErrorKind::Parse {
+            format!("the server does not speak the redis protocol ({text})")
+        } else {
+            text
+        }
+    }
+
+    /// Connects, claims the consumer name, prepares the group, and marks the entries a dead
+    /// predecessor of the same name left pending; retries within the reconnect limit.
+    pub(super) fn start(&self, stop: &Shutdown) -> Result<(), SourceError> {
+        let started = Instant::now();
+        let limit = self.config.reconnect_limit;
+        let mut backoff = BACKOFF_START;
+        let mut logged = String::new();
+        loop {
+            if stop.is_triggered() {
+                return Err(SourceError::Closed);
+            }
+            let error = match self.try_start(stop) {
+                Ok(con) => {
+                    if !logged.is_empty() {
+                        info!("connected to redis at {}", self.shown_url);
+                    }
+                    lock(&self.pool).push(Pooled {
+                        epoch: 0,
+                        short: false,
+                        con,
+                    });
+                    return Ok(());
+                }
+                Err(StartError::Stopped) => return Err(SourceError::Closed),
+                Err(StartError::Refused(text)) => return Err(SourceError::Backend(text)),
+                Err(StartError::Retry(text)) => scrub(&text, &self.secret),
+            };
+            let elapsed = started.elapsed();
+            if elapsed >= limit {
+                return Err(SourceError::Unavailable(format!(
+                    "cannot connect to redis at {} (tried for {}): {error}",
+                    self.shown_url,
+                    humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
+                )));
+            }
+            if error != logged {
+                warn!(
+                    "cannot connect to redis at {}: {error}; retrying for up to {}",
+                    self.shown_url,
+                    humantime::format_duration(limit)
+                );
+                logged = error;
+            }
+            if stop.wait_timeout(backoff.min(limit - elapsed)) {
+                return Err(SourceError::Closed);
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One try of `start`.
+    fn try_start(&self, stop: &Shutdown) -> Result<Connection, StartError> {
+        let mut con = self
+            .open()
+            .map_err(|error| StartError::Retry(self.describe(&error)))?;
+        self.claim_name(&mut con, stop)?;
+        let mut start = "-".to_owned();
+        let mut marked = 0;
+        loop {
+            let reply: Value = self
+                .scripts
+                .reset_own
+                .key(&self.config.stream)
+                .arg(&self.config.group)
+                .arg(&self.config.consumer)
+                .arg(&start)
+                .arg(RESET_BATCH)
+                .arg(EXPIRED_IDLE_MS)
+                .invoke(&mut con)
+                .map_err(|error| StartError::Retry(self.describe(&error)))?;
+            let Value::Array(parts) = reply else { break };
+            let next = parts
+                .first()
+                .and_then(super::reply::text)
+                .unwrap_or_default();
+            marked += parts.get(1).and_then(int).unwrap_or(0);
+            if next.is_empty() {
+                break;
+            }
+            start = next;
+        }
+        if marked > 0 {
+            info!(
+                "{marked} entries left pending by an earlier instance named {} are claimed again",
+                self.config.consumer
+            );
+        }
+        Ok(con)
+    }
+
+    /// Takes the consumer name: sets the liveness key, or waits up to one time to live for a
+    /// dead holder's key to expire. A key that is refreshed meanwhile belongs to a live
+    /// instance: then the name is refused.
+    fn claim_name(&self, con: &mut Connection, stop: &Shutdown) -> Result<(), StartError> {
+        let ttl = self.config.liveness_ttl;
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let take = |con: &mut Connection| -> Result<bool, StartError> {
+            let set: Value = redis::cmd("SET")
+                .arg(&self.live_key)
+                .arg(&self.token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms)
+                .query(con)
+                .map_err(|error| StartError::Retry(self.describe(&error)))?;
+            Ok(!matches!(set, Value::Nil))
+        };
+        if take(con)? {
+            return Ok(());
+        }
+        info!(
+            "consumer name {} is held by an earlier instance; waiting up to {} for its key to expire",
+            self.config.consumer,
+            humantime::format_duration(ttl)
+        );
+        let end = Instant::now() + ttl + ttl / 2;
+        let mut last_ttl: Option<i64> = None;
+        let nap = (ttl / 20).clamp(Duration::from_millis(10), Duration::from_millis(100));
+        loop {
+            if stop.wait_timeout(nap) {
+                return Err(StartError::Stopped);
+            }
+            if take(con)? {
+                return Ok(());
+            }
+            let left: i64 = redis::cmd("PTTL")
+                .arg(&self.live_key)
+                .query(con)
+                .map_err(|error| StartError::Retry(self.describe(&error)))?;
+            let refreshed = matches!(last_ttl, Some(before) if left > before + 5);
+            if refreshed || left == -1 || Instant::now() > end {
+                return Err(StartError::Refused(format!(
+                    "consumer name {} of group {} is in use by a running instance (key {} is \
+                     kept alive); give each instance its own --consumer-name",
+                    self.config.consumer, self.config.group, self.live_key
+                )));
+            }
+            last_ttl = Some(left);
+        }
+    }
+
+    /// Opens a connection with timeouts and prepares the server.
+    fn open(&self) -> Result<Connection, RedisError> {
+        let stopping = self.interrupted.load(Ordering::SeqCst);
+        let connect = if stopping {
+            SHUTDOWN_IO
+        } else {
+            CONNECT_TIMEOUT
+        };
+        let mut con = self.client.get_connection_with_timeout(connect)?;
+        let (read, write) = self.timeouts(stopping);
+        con.set_write_timeout(Some(write))?;
+        con.set_read_timeout(Some(read))?;
+        self.prepare(&mut con)?;
+        Ok(con)
+    }
+
+    /// Read and write timeouts of a connection.
+    fn timeouts(&self, stopping: bool) -> (Duration, Duration) {
+        if stopping {
+            (SHUTDOWN_IO, SHUTDOWN_IO)
+        } else {
+            (self.config.block + IO_MARGIN, IO_MARGIN)
+        }
+    }
+
+    /// Creates the consumer group (keeping an existing one) at its recorded floor, or at `0`,
+    /// and loads the scripts.
+    fn prepare(&self, con: &mut Connection) -> Result<(), RedisError> {
+        let floor: Option<String> = redis::cmd("GET").arg(&self.floor_key).query(con)?;
+        let start = floor
+            .as_deref()
+            .and_then(EntryId::parse)
+            .map_or_else(|| "0".to_owned(), |id| id.predecessor().to_string());
+        let created = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&start)
+            .arg("MKSTREAM")
+            .query::<Value>(con);
+        match created {
+            Ok(_) => {
+                if start != "0" {
+                    warn!(
+                        "consumer group {} recreated at {start}: entries up to there were acked \
+                         before the group was lost",
+                        self.config.group
+                    );
+                }
+            }
+            Err(error) if error.code() == Some("BUSYGROUP") => {}
+            Err(error) => return Err(error),
+        }
+        for script in self.scripts.all() {
+            script.prepare_invoke().load(con)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `command` on a pooled (or new) connection, keeping track of the server's health.
+    pub(super) fn with_connection<T>(
+        &self,
+        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, Failure> {
+        let mut pooled = self.checkout()?;
+        match command(&mut pooled.con) {
+            Ok(value) => {
+                self.succeeded();
+                lock(&self.pool).push(pooled);
+                Ok(value)
+            }
+            Err(error) if is_connection_error(&error) => Err(self.lost(pooled.epoch, &error)),
+            // The server forgot the group or the scripts (a destroyed group, a FLUSHALL, or a
+            // restart the connection did not notice): set them up again and retry.
+            Err(error) if matches!(error.code(), Some("NOGROUP" | "NOSCRIPT")) => {
+                warn!(
+                    "redis lost the consumer group or scripts ({}); setting them up again",
+                    self.describe(&error)
+                );
+                match self.prepare(&mut pooled.con) {
+                    Ok(()) => {
+                        lock(&self.pool).push(pooled);
+                        Err(Failure::Down {
+                            retry_in: Duration::ZERO,
+                        })
+                    }
+                    Err(error) if is_connection_error(&error) => {
+                        Err(self.lost(pooled.epoch, &error))
+                    }
+                    Err(error) => {
+                        lock(&self.pool).push(pooled);
+                        Err(self.failed(&error))
+                    }
+                }
+            }
+            Err(error) => {
+                lock(&self.pool).push(pooled);
+                Err(self.failed(&error))
+            }
+        }
+    }
+
+    /// A connection of the current epoch from the pool, or a new one.
+    fn checkout(&self) -> Result<Pooled, Failure> {
+        let epoch = {
+            let health = lock(&self.health);
+            if let Some(since) = health.failing_since {
+                if since.elapsed() > self.config.reconnect_limit {
+                    let what = if health.unreachable {
+                        "unreachable"
+                    } else {
+                        "failing"
+                    };
+                    return Err(Failure::GaveUp(format!(
+                        "redis at {} {what} for {}: {}",
+                        self.shown_url,
+                        humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
+                        health.last_error
+                    )));
+                }
+                let now = Instant::now();
+                if now < health.next_try {
+                    return Err(Failure::Down {
+                        retry_in: health.next_try - now,
+                    });
+                }
+            }
+            health.epoch
+        };
+        let stopping = self.interrupted.load(Ordering::SeqCst);
+        let reused = {
+            let mut pool = lock(&self.pool);
+            let mut found = None;
+            while let Some(pooled) = pool.pop() {
+                if pooled.epoch == epoch {
+                    found = Some(pooled);
+                    break;
+                }
+            }
+            found
+        };
+        if let Some(mut pooled) = reused {
+            if stopping && !pooled.short {
+                let (read, write) = self.timeouts(true);
+                let shortened = pooled
+                    .con
+                    .set_read_timeout(Some(read))
+                    .and_then(|()| pooled.con.set_write_timeout(Some(write)));
+                if let Err(error) = shortened {
+                    return Err(self.lost(epoch, &error));
+                }
+                pooled.short = true;
+            }
+            return Ok(pooled);
+        }
+        match self.open() {
+            Ok(con) => {
+                let mut health = lock(&self.health);
+                if health.unreachable {
+                    if let Some(since) = health.failing_since.take() {
+                        info!(
+                            "reconnected to redis at {} after {}",
+                            self.shown_url,
+                            humantime::format_duration(Duration::from_millis(
+                                since.elapsed().as_millis() as u64
+                            ))
+                        );
+                    }
+                    health.unreachable = false;
+                    health.logged_kind.clear();
+                    health.backoff = BACKOFF_START;
+                    self.failing.store(false, Ordering::SeqCst);
+                }
+                Ok(Pooled {
+                    epoch: health.epoch,
+                    short: stopping,
+                    con,
+                })
+            }
+            Err(error) if is_connection_error(&error) => Err(self.lost(epoch, &error)),
+            Err(error) => Err(self.failed(&error)),
+        }
+    }
+
+    /// Records a lost connection opened in `epoch`; logs the first of a series.
+    fn lost(&self, epoch: u64, error: &RedisError) -> Failure {
+        let text = self.describe(error);
+        let mut health = lock(&self.health);
+        if health.epoch == epoch {
+            health.epoch += 1;
+            // Every pooled connection is of the old epoch: close them now.
+            lock(&self.pool).clear();
+            if health.logged_kind != "connection" {
+                warn!("lost connection to redis at {}: {text}", self.shown_url);
+                health.logged_kind = "connection".to_owned();
+            }
+            health.unreachable = true;
+            self.failure(&mut health, text)
+        } else {
+            Failure::Down {
+                retry_in: health.next_try.saturating_duration_since(Instant::now()),
+            }
+        }
+    }
+
+    /// Records a command the server refused; logs it when it differs from the last failure.
+    fn failed(&self, error: &RedisError) -> Failure {
+        let text = self.describe(error);
+        let kind = error
+            .code()
+            .map_or_else(|| error.category().to_owned(), str::to_owned);
+        let mut health = lock(&self.health);
+        if health.logged_kind != kind {
+            warn!("redis at {} refuses commands: {text}", self.shown_url);
+            health.logged_kind = kind;
+        }
+        self.failure(&mut health, text)
+    }
+
+    /// Starts or continues a failure: the next try is scheduled with backoff.
+    fn failure(&self, health: &mut Health, text: String) -> Failure {
+        let now = Instant::now();
+        match health.failing_since {
+            None => {
+                health.failing_since = Some(now);
+                health.backoff = BACKOFF_START;
+                self.failing.store(true, Ordering::SeqCst);
+            }
+            Some(_) => health.backoff = (health.backoff * 2).min(BACKOFF_MAX),
+        }
+        health.last_error = text;
+        health.next_try = now + health.backoff;
+        Failure::Down {
+            retry_in: health.backoff,
+        }
+    }
+
+    /// Records a command that succeeded: a failure of the server's answers is over.
+    fn succeeded(&self) {
+        if !self.failing.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut health = lock(&self.health);
+        if let Some(since) = health.failing_since.take() {
+            if health.unreachable {
+                info!(
+                    "reconnected to redis at {} after {}",
+                    self.shown_url,
+                    humantime::format_duration(Duration::from_millis(
+                        since.elapsed().as_millis() as u64
+                    ))
+                );
+            } else {
+                info!(
+                    "redis at {} answers commands again after {}",
+                    self.shown_url,
+                    humantime::format_duration(Duration::from_millis(
+                        since.elapsed().as_millis() as u64
+                    ))
+                );
+            }
+        }
+        health.unreachable = false;
+        health.logged_kind.clear();
+        health.backoff = BACKOFF_START;
+        self.failing.store(false, Ordering::SeqCst);
+    }
+
+    /// Sleeps until `retry_in` passes, or the source closes.
+    pub(super) fn nap(&self, retry_in: Duration) {
+        let closing = lock(&self.closing);
+        if !*closing {
+            let _ = self
+                .closing_signal
+                .wait_timeout(closing, retry_in.min(BACKOFF_MAX));
+        }
+        thread::yield_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:pw@h:1/0?password=x&db=2"),
+            "redis://user:***@h:1/0?password=***&db=2"
+        );
+        assert_eq!(redact_url("redis://pw@h:1"), "redis://***@h:1");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(redact_url("redis://:a@b@h/0"), "redis://:***@h/0");
+    }
+
+    #[test]
+    fn error_texts_become_one_bounded_line_without_the_secret() {
+        assert_eq!(
+            scrub("bad\nreply: 'HTTP/1.1'\r\n", ""),
+            "bad reply: 'HTTP/1.1'"
+        );
+        assert_eq!(scrub("auth pw failed", "pw"), "auth *** failed");
+        let long = "x".repeat(1000);
+        assert!(scrub(&long, "").len() <= MAX_ERROR_TEXT + 3);
+    }
+}

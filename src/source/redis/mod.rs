@@ -1,0 +1,826 @@
+//! A [`Source`] on a Redis stream with a consumer group (feature `redis`, on by default).
+//!
+//! # Mapping
+//!
+//! | `Source` | Redis |
+//! |---|---|
+//! | `publish` | `XADD stream * message_id <uuid> instance_name <name>` |
+//! | start | claim the consumer name (a liveness key, see below); `XGROUP CREATE stream group <floor> MKSTREAM` (an existing group is kept); this consumer's own pending entries, left by an earlier instance of the same name, are marked expired |
+//! | `pull` | entries idle past the ack deadline (`XAUTOCLAIM`), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
+//! | `ack` | `XACK` |
+//! | `extend` | `XCLAIM ... JUSTID` (resets the entry's idle time) |
+//! | `nack` | a copy of the entry with its attempt count is added to the stream and the entry acked, in one script: the message is at once deliverable to any consumer |
+//! | dead letter | a copy goes to `{stream}:dead` (bounded by [`RedisConfig::dead_letter_max`]) with its attempt count and the entry is acked, in one script |
+//! | retention | `XTRIM stream MINID <lowest floor of every group>`, every [`RedisConfig::trim_interval`] |
+//! | graceful stop | the liveness key is deleted; the consumer is removed (`XGROUP DELCONSUMER`) when it holds nothing |
+//!
+//! Lease operations are checked for ownership first: one Lua script per batch checks with
+//! `XPENDING` that this consumer still owns each entry with the same delivery count, so a
+//! lease that expired and was claimed by another consumer (or by a later pull of this one)
+//! is never acked, extended or nacked by its former holder.
+//!
+//! # One live instance per consumer name
+//!
+//! Two live instances with the same consumer name would take each other's entries. At start
+//! an instance sets `{stream}:{group}:live:{consumer}` (`SET NX` with a time to live of
+//! [`RedisConfig::liveness_ttl`]) and refreshes it five times per time to live. When the key
+//! exists, start-up watches it for up to one time to live: if it expires, its holder is dead
+//! and the name is taken over; if it is refreshed, start-up fails with an error naming the
+//! consumer. An instance that finds its key taken over (it was stopped for longer than the
+//! time to live) stops with [`SourceError::Unavailable`].
+//!
+//! The pending entries of a dead predecessor are not read back by a separate scan (a scan
+//! that resumes after `XREADGROUP` has added new entries to the same list would deliver those
+//! twice): they are marked idle past any deadline, and the one claim path takes them over.
+//!
+//! # Acks are queued
+//!
+//! `ack`, `nack` and `extend` are called by handlers on the executor and must not wait for a
+//! round trip. They check the lease in a local table (an unknown lease, or one whose local
+//! deadline passed, is pushed to `refused` at once), queue the operations and
+//! return. A worker thread sends the queued operations, one script call per batch. An ack
+//! that Redis refuses (the entry was claimed by another consumer meanwhile) is counted in
+//! `stale_acks`, not in `acked`; [`Source::settled`] and `acked` count only acks Redis
+//! confirmed.
+//!
+//! # Delivery guarantee
+//!
+//! At least once: a message is acked at most once (the ownership check), but a consumer that
+//! dies or stalls past the ack deadline has its entries claimed and handled again by another.
+//! A publish retried after a lost connection may add the same message twice.
+//!
+//! # A destroyed group
+//!
+//! When the group disappears mid-run (`XGROUP DESTROY`, `FLUSHALL`), the server no longer
+//! knows what was acked. The source never loses unacked entries and does not replay the
+//! acked history: each retention pass records the group's floor in `{stream}:{group}:floor`
+//! (every entry below it is acked), and the group is recreated there. Entries at or above
+//! the floor are delivered again: the ones that were pending or not yet delivered, plus the
+//! few acked since the last retention pass (at most [`RedisConfig::trim_interval`] of work).
+//! Without a recorded floor the group is created at `0`.
+//!
+//! # Failures
+//!
+//! Lost connections are reopened with exponential backoff (50 ms doubling to 2 s), and so
+//! is every other failing command (for example `WRONGTYPE` when the stream key was replaced):
+//! the first failure logs one line, a different failure another, and the first success
+//! after them `reconnected to redis ...`. Queued lease operations are kept and sent again
+//! afterwards. When the failure lasts longer than [`RedisConfig::reconnect_limit`], `pull`
+//! and `publish` return [`SourceError::Unavailable`] and the runner shuts the service down.
+//! Start-up retries the same way within the same limit ([`RedisSource::connect_with`] stops
+//! early when its [`Shutdown`] is triggered).
+//!
+//! # Shutdown
+//!
+//! Every command has a socket timeout (the blocking time plus 400 ms); after
+//! [`Source::interrupt`] every command's timeout is 250 ms, and `stats`, `flush` and dropping
+//! the source wait a bounded time: a stalled server (`SIGSTOP`) delays the exit by well under
+//! a second. Lease operations left unsent are logged with their count; their entries are
+//! claimed again after the ack deadline. The password of the URL is never logged: every
+//! address and error text goes through one redaction.
+
+mod acker;
+mod claim;
+mod connection;
+mod maintenance;
+mod reply;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{error, warn};
+use redis::Client;
+use slab::Slab;
+
+use crate::error::SourceError;
+use crate::shutdown::Shutdown;
+use crate::source::{Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+
+use self::acker::{Op, OpKind};
+use self::connection::{Failure, Health, Pooled, Scripts};
+use self::reply::EntryId;
+
+pub use self::connection::redact_url;
+
+/// How long `stats` waits for queued lease operations to be sent.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// How long `stats` and dropping the source wait once the source was interrupted: the
+/// service's exit must not wait on a stalled server.
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
+/// Longest sleep of a publish waiting for the server, so an interrupt is noticed promptly.
+const RETRY_NAP: Duration = Duration::from_millis(50);
+
+/// Checks that `url` is a Redis address the client accepts, without connecting.
+///
+/// ```
+/// use mayhem::source::redis::parse_url;
+/// assert!(parse_url("redis://127.0.0.1:6379/0").is_ok());
+/// assert!(parse_url("redis://127.0.0.1:notaport").is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`SourceError::Backend`] saying what is wrong with the address (the address itself, which
+/// may hold a password, is not repeated).
+pub fn parse_url(url: &str) -> Result<(), SourceError> {
+    use redis::IntoConnectionInfo;
+    url.into_connection_info().map(|_| ()).map_err(|error| {
+        SourceError::Backend(format!(
+            "invalid redis url: {}",
+            connection::one_line(&error.to_string(), url)
+        ))
+    })
+}
+
+/// Settings of a [`RedisSource`].
+///
+/// `Debug` shows the URL with its password replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Server address, like `redis://127.0.0.1:6379/0` or `redis://:PASSWORD@host:6379/0`.
+    pub url: String,
+    /// The stream messages are published to and consumed from.
+    pub stream: String,
+    /// The consumer group; instances sharing it split the messages.
+    pub group: String,
+    /// This consumer's name in the group; one live instance per name.
+    pub consumer: String,
+    /// How long a pulled entry stays leased without an extension; entries idle longer are
+    /// claimed by the next pull of any consumer of the group.
+    pub ack_deadline: Duration,
+    /// Deliveries of one message before it is dead-lettered to `{stream}:dead`.
+    pub max_attempts: u32,
+    /// Longest time one `XREADGROUP` blocks; short, so that shutdown is prompt.
+    pub block: Duration,
+    /// How long the server may stay unreachable (or keep failing) before `pull` and
+    /// `publish` fail with [`SourceError::Unavailable`]; start-up retries as long.
+    pub reconnect_limit: Duration,
+    /// Time to live of the consumer name's liveness key: a restart under the same name
+    /// waits at most this long for a killed predecessor's key to expire.
+    pub liveness_ttl: Duration,
+    /// How often entries every group has acked are trimmed from the stream (zero: never).
+    pub trim_interval: Duration,
+    /// Approximate bound of the dead-letter stream's length (`XADD ... MAXLEN ~`).
+    pub dead_letter_max: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/0".to_owned(),
+            stream: "mayhem".to_owned(),
+            group: "mayhem".to_owned(),
+            consumer: "mayhem".to_owned(),
+            ack_deadline: Duration::from_secs(3),
+            max_attempts: 5,
+            block: Duration::from_millis(100),
+            reconnect_limit: Duration::from_secs(30),
+            liveness_ttl: Duration::from_secs(5),
+            trim_interval: Duration::from_secs(1),
+            dead_letter_max: 100_000,
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("stream", &self.stream)
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("ack_deadline", &self.ack_deadline)
+            .field("max_attempts", &self.max_attempts)
+            .field("block", &self.block)
+            .field("reconnect_limit", &self.reconnect_limit)
+            .field("liveness_ttl", &self.liveness_ttl)
+            .field("trim_interval", &self.trim_interval)
+            .field("dead_letter_max", &self.dead_letter_max)
+            .finish()
+    }
+}
+
+/// The address with its password replaced, the stream, the group and the consumer.
+impl fmt::Display for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} stream {} group {} consumer {}",
+            redact_url(&self.url),
+            self.stream,
+            self.group,
+            self.consumer
+        )
+    }
+}
+
+/// A Redis stream consumed through a consumer group, with the lease semantics of
+/// [`Source`]; see the [module docs](self) for the mapping.
+///
+/// Publishers and consumers take connections from a small pool (a blocked `XREADGROUP`
+/// occupies its connection); queued acks, nacks and extensions go through a worker thread,
+/// and a maintenance thread keeps the consumer name alive, trims the stream and watches the
+/// group. Both threads are owned by the source and end when it is dropped.
+pub struct RedisSource {
+    /// The state shared with the worker threads.
+    core: Arc<Core>,
+    /// The queue of lease operations; `None` only while dropping.
+    ops: Option<mpsc::Sender<Vec<Op>>>,
+    /// The worker thread sending queued lease operations.
+    worker: Option<JoinHandle<()>>,
+    /// The maintenance thread.
+    maintenance: Option<JoinHandle<()>>,
+}
+
+/// What the source and its threads share.
+struct Core {
+    /// The settings.
+    config: RedisConfig,
+    /// The URL with its password replaced, for log lines and errors.
+    shown_url: String,
+    /// The URL's password, removed from every error text (empty when there is none).
+    secret: String,
+    /// `{stream}:dead`.
+    dead_stream: String,
+    /// `{stream}:{group}:live:{consumer}`.
+    live_key: String,
+    /// `{stream}:{group}:floor`.
+    floor_key: String,
+    /// This instance's value of the liveness key.
+    token: String,
+    /// The scripts' hashes.
+    scripts: Scripts,
+    /// Opens connections.
+    client: Client,
+    /// Idle connections. A mutex, not a lock-free pool: it is held only to push or pop.
+    pool: Mutex<Vec<Pooled>>,
+    /// Connection health and the reconnect schedule.
+    health: Mutex<Health>,
+    /// Whether `health` records a failure; read without the lock on every command.
+    failing: AtomicBool,
+    /// Leases this consumer holds; a lease id is the slot index plus the slot's generation.
+    leases: Mutex<Leases>,
+    /// The counters (`remaining` is read from Redis when asked).
+    stats: Mutex<SourceStats>,
+    /// Acks and dead letters Redis confirmed, readable without a lock.
+    settled: AtomicU64,
+    /// Messages published through this source that the group is known to have settled.
+    group_settled: AtomicU64,
+    /// Messages published through this source, readable without a lock.
+    published: AtomicU64,
+    /// Lease operations queued and not yet answered; `drained` signals when it reaches zero.
+    queued: Mutex<u64>,
+    /// Signalled when `queued` drops to zero.
+    drained: Condvar,
+    /// Set by `interrupt`: publishes and pulls return `Closed`, commands get short timeouts.
+    interrupted: AtomicBool,
+    /// Set when the source is dropped: the threads stop retrying and end.
+    closing: Mutex<bool>,
+    /// Wakes the maintenance thread when `closing` is set.
+    closing_signal: Condvar,
+    /// Set when another instance took the consumer name over: pulls fail.
+    name_lost: AtomicBool,
+    /// Where the next `XAUTOCLAIM` starts (it scans a bounded part of the pending list).
+    claim_cursor: Mutex<String>,
+}
+
+/// The lease table.
+struct Leases {
+    /// Held leases.
+    slots: Slab<Held>,
+    /// Generation of the next lease.
+    next_generation: u32,
+}
+
+/// One lease this consumer holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The stream entry.
+    entry: EntryId,
+    /// Redis's delivery count of the entry when it was leased.
+    deliveries: u32,
+    /// Delivery attempt of the message (earlier requeued deliveries included).
+    attempt: u32,
+    /// Local deadline; past it, acks and extensions are refused.
+    deadline: Instant,
+    /// Tells this lease from earlier ones of the same slot.
+    generation: u32,
+}
+
+impl RedisSource {
+    /// Connects to the server (retrying within [`RedisConfig::reconnect_limit`]), claims the
+    /// consumer name, creates the consumer group if needed, and starts the worker threads.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect_with`](Self::connect_with).
+    pub fn connect(config: RedisConfig) -> Result<Self, SourceError> {
+        Self::connect_with(config, &Shutdown::new())
+    }
+
+    /// [`connect`](Self::connect), giving up early (with [`SourceError::Closed`]) once `stop`
+    /// is triggered, so that a signal during the start-up retries ends the program
+    /// gracefully.
+    ///
+    /// # Errors
+    ///
+    /// [`SourceError::Backend`] for an invalid URL or settings, or a consumer name a live
+    /// instance holds; [`SourceError::Unavailable`] when the server could not be reached (or
+    /// kept failing) for the whole reconnect limit; [`SourceError::Closed`] when `stop` was
+    /// triggered first.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the calling thread while retrying; do not call it inside a future.
+    pub fn connect_with(config: RedisConfig, stop: &Shutdown) -> Result<Self, SourceError> {
+        for (name, value) in [
+            ("stream", &config.stream),
+            ("group", &config.group),
+            ("consumer", &config.consumer),
+        ] {
+            if value.is_empty() {
+                return Err(SourceError::Backend(format!("the {name} name is empty")));
+            }
+        }
+        if config.ack_deadline.is_zero() || config.max_attempts == 0 {
+            return Err(SourceError::Backend(
+                "ack deadline and max attempts must be above zero".to_owned(),
+            ));
+        }
+        if config.liveness_ttl < Duration::from_millis(100) {
+            return Err(SourceError::Backend(format!(
+                "liveness ttl {} is below 100ms",
+                humantime::format_duration(config.liveness_ttl)
+            )));
+        }
+        parse_url(&config.url)?;
+        let client = Client::open(config.url.as_str()).map_err(|error| {
+            SourceError::Backend(format!(
+                "invalid redis url: {}",
+                connection::one_line(&error.to_string(), &config.url)
+            ))
+        })?;
+        let core = Arc::new(Core::new(config, client));
+        core.start(stop)?;
+        let (ops, queue) = mpsc::channel();
+        let worker_core = Arc::clone(&core);
+        let worker = thread::Builder::new()
+            .name("mayhem-redis-acks".into())
+            .spawn(move || worker_core.run_ops(queue))
+            .map_err(|error| SourceError::Backend(format!("cannot start a thread: {error}")))?;
+        let maintenance_core = Arc::clone(&core);
+        let maintenance = thread::Builder::new()
+            .name("mayhem-redis-maintenance".into())
+            .spawn(move || maintenance_core.run_maintenance());
+        let mut source = RedisSource {
+            core,
+            ops: Some(ops),
+            worker: Some(worker),
+            maintenance: None,
+        };
+        source.maintenance =
+            Some(maintenance.map_err(|error| {
+                SourceError::Backend(format!("cannot start a thread: {error}"))
+            })?);
+        Ok(source)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RedisConfig {
+        &self.core.config
+    }
+
+    /// Waits until every queued ack, nack and extension was answered by Redis, up to
+    /// `timeout`, or until the server is found failing. Returns how many lease operations
+    /// are still unsent (0: all were answered).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the calling thread; do not call it inside a future.
+    pub fn flush(&self, timeout: Duration) -> usize {
+        self.core.flush(timeout)
+    }
+
+    /// Queues lease operations for the worker thread.
+    fn enqueue(&self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        let count = ops.len() as u64;
+        *lock(&self.core.queued) += count;
+        let sent = self.ops.as_ref().map(|queue| queue.send(ops));
+        if !matches!(sent, Some(Ok(()))) {
+            // The worker is gone (only while dropping): the entries stay pending in the group
+            // and are claimed again after the ack deadline, so nothing is lost.
+            self.core.answered(count);
+        }
+    }
+
+    /// Removes live leases from the table, one lock for the batch, and turns each into an
+    /// operation; an unknown or locally expired lease is refused.
+    fn take_all(
+        &self,
+        ids: &[LeaseId],
+        refused: &mut Vec<LeaseId>,
+        kind: impl Fn(&Held) -> OpKind,
+    ) -> Vec<Op> {
+        let now = Instant::now();
+        let mut ops = Vec::with_capacity(ids.len());
+        let mut expired = 0;
+        let mut leases = lock(&self.core.leases);
+        for &id in ids {
+            let index = (id & u64::from(u32::MAX)) as usize;
+            match leases.slots.get(index) {
+                Some(held) if held.generation == (id >> 32) as u32 => {
+                    let held = leases.slots.remove(index);
+                    if held.deadline <= now {
+                        expired += 1;
+                        refused.push(id);
+                    } else {
+                        ops.push(Op::new(kind(&held), id, held));
+                    }
+                }
+                _ => refused.push(id),
+            }
+        }
+        drop(leases);
+        if expired > 0 {
+            lock(&self.core.stats).expired += expired;
+        }
+        ops
+    }
+}
+
+/// Fields of an entry that are the message itself; every other field is an attribute.
+const RESERVED_FIELDS: [&str; 3] = ["message_id", "instance_name", "attempts"];
+
+impl Publish for RedisSource {
+    /// Adds the batch with one pipeline of `XADD`s (one round trip). After a failure the
+    /// whole batch is sent again once the server answers: publishing is at least once.
+    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
+        for envelope in batch {
+            if let Some((key, _)) = envelope
+                .attributes
+                .iter()
+                .find(|(key, _)| RESERVED_FIELDS.contains(key))
+            {
+                return Err(SourceError::Backend(format!(
+                    "attribute name '{key}' is reserved for the entry's own fields"
+                )));
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let core = &self.core;
+        loop {
+            if core.interrupted.load(Ordering::SeqCst) {
+                return Err(SourceError::Closed);
+            }
+            let added = core.with_connection(|con| {
+                let mut pipe = redis::pipe();
+                for envelope in batch {
+                    let message = &envelope.message;
+                    let command = pipe
+                        .cmd("XADD")
+                        .arg(&core.config.stream)
+                        .arg("*")
+                        .arg("message_id")
+                        .arg(message.message_id().hyphenated().to_string())
+                        .arg("instance_name")
+                        .arg(message.instance_name());
+                    for (key, value) in envelope.attributes.iter() {
+                        command.arg(key).arg(value);
+                    }
+                    command.ignore();
+                }
+                pipe.query::<()>(con)
+            });
+            match added {
+                Ok(()) => {
+                    let count = batch.len() as u64;
+                    lock(&core.stats).published += count;
+                    core.published.fetch_add(count, Ordering::SeqCst);
+                    return Ok(());
+                }
+                Err(Failure::Down { retry_in }) => thread::sleep(retry_in.min(RETRY_NAP)),
+                Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
+            }
+        }
+    }
+
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Source for RedisSource {
+    /// Claims expired entries, then reads new ones: `XREADGROUP COUNT` is what is left of
+    /// `max`, the free part of the caller's flow-control window.
+    fn pull(&self, max: usize, wait: Duration, out: &mut Vec<Lease>) -> Result<(), SourceError> {
+        let core = &self.core;
+        if core.interrupted.load(Ordering::SeqCst) {
+            return Err(SourceError::Closed);
+        }
+        if core.name_lost.load(Ordering::SeqCst) {
+            return Err(SourceError::Unavailable(format!(
+                "consumer name {} was taken over by another instance",
+                core.config.consumer
+            )));
+        }
+        if max == 0 {
+            return Ok(());
+        }
+        core.expire_local();
+        match core.pull_into(max, wait, out) {
+            Ok(()) => Ok(()),
+            Err(Failure::Down { retry_in }) => {
+                // Nothing to deliver while the server fails; the consumer loop comes back.
+                thread::sleep(retry_in.min(wait));
+                Ok(())
+            }
+            Err(Failure::GaveUp(text)) => Err(SourceError::Unavailable(text)),
+        }
+    }
+
+    fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        let ops = self.take_all(leases, refused, |_| OpKind::Ack);
+        self.enqueue(ops);
+        Ok(())
+    }
+
+    fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        let max_attempts = self.core.config.max_attempts;
+        let ops = self.take_all(leases, refused, |held| {
+            if held.attempt >= max_attempts {
+                OpKind::Dead
+            } else {
+                OpKind::Requeue
+            }
+        });
+        self.enqueue(ops);
+        Ok(())
+    }
+
+    fn extend(
+        &self,
+        leases: &[LeaseId],
+        by: Duration,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        let now = Instant::now();
+        let mut ops = Vec::with_capacity(leases.len());
+        {
+            let mut table = lock(&self.core.leases);
+            for &lease in leases {
+                let index = (lease & u64::from(u32::MAX)) as usize;
+                match table.slots.get_mut(index) {
+                    Some(held)
+                        if held.generation == (lease >> 32) as u32 && held.deadline > now =>
+                    {
+                        held.deadline = now + by;
+                        ops.push(Op::new(OpKind::Extend, lease, *held));
+                    }
+                    _ => refused.push(lease),
+                }
+            }
+        }
+        self.enqueue(ops);
+        Ok(())
+    }
+
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for the queued lease operations; once the source is interrupted, at most a
+    /// quarter of a second, so that a stalled server cannot hold up the exit.
+    fn flush(&self, timeout: Duration) -> usize {
+        let timeout = if self.core.interrupted.load(Ordering::SeqCst) {
+            timeout.min(SHUTDOWN_WAIT)
+        } else {
+            timeout
+        };
+        self.core.flush(timeout)
+    }
+
+    fn nack_all(&self) -> usize {
+        let held: Vec<Held> = lock(&self.core.leases).slots.drain().collect();
+        let count = held.len();
+        // The lease id only matters for answers to extensions, which these are not.
+        self.enqueue(
+            held.into_iter()
+                .map(|held| Op::new(OpKind::Requeue, 0, held))
+                .collect(),
+        );
+        self.core.flush(SHUTDOWN_WAIT);
+        count
+    }
+
+    /// Acks and dead letters this instance had confirmed; once the whole group has drained
+    /// (every entry delivered, none pending), at least every message published through this
+    /// source: `--messages N` on a shared group completes when the instance published its N
+    /// and the group settled everything, whoever handled it.
+    fn settled(&self) -> u64 {
+        self.core
+            .settled
+            .load(Ordering::Relaxed)
+            .max(self.core.group_settled.load(Ordering::SeqCst))
+    }
+
+    /// The counters; `remaining` is what the whole group has left (entries not yet
+    /// delivered plus entries pending), or 0 when Redis cannot be asked.
+    ///
+    /// # Blocking
+    ///
+    /// Waits (up to a few seconds, or a quarter of a second once interrupted) until queued
+    /// lease operations were answered, then asks Redis: call it from a thread, not inside a
+    /// future.
+    fn stats(&self) -> SourceStats {
+        let core = &self.core;
+        let wait = if core.interrupted.load(Ordering::SeqCst) {
+            SHUTDOWN_WAIT
+        } else {
+            FLUSH_WAIT
+        };
+        core.flush(wait);
+        core.expire_local();
+        let mut stats = *lock(&core.stats);
+        stats.remaining = if core.failing.load(Ordering::SeqCst) {
+            0
+        } else {
+            core.group_state()
+                .map_or(0, |state| state.pending + state.undelivered)
+        };
+        stats
+    }
+}
+
+impl Drop for RedisSource {
+    fn drop(&mut self) {
+        let core = &self.core;
+        *lock(&core.closing) = true;
+        core.closing_signal.notify_all();
+        // Closing the queue ends the worker once it has sent what is queued.
+        self.ops = None;
+        let end = Instant::now() + SHUTDOWN_WAIT;
+        let unsent = core.flush(SHUTDOWN_WAIT);
+        if unsent > 0 {
+            warn!(
+                "{unsent} lease operations were left unsent to redis; their entries are \
+                 claimed again after the ack deadline"
+            );
+        }
+        core.release();
+        for (name, handle) in [
+            ("ack", self.worker.take()),
+            ("maintenance", self.maintenance.take()),
+        ] {
+            let Some(handle) = handle else { continue };
+            // A thread blocked on a stalled server ends by itself once its socket timeout
+            // passes; the exit does not wait for it.
+            while !handle.is_finished() && Instant::now() < end {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if handle.is_finished() {
+                if handle.join().is_err() {
+                    error!("the redis {name} thread panicked");
+                }
+            } else {
+                warn!("the redis {name} thread is still waiting on the server; not waiting for it");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for RedisSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSource")
+            .field("config", &self.core.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// The shared state of a source not yet connected.
+    fn new(config: RedisConfig, client: Client) -> Self {
+        let now = Instant::now();
+        Core {
+            shown_url: redact_url(&config.url),
+            secret: connection::password(&config.url),
+            dead_stream: format!("{}:dead", config.stream),
+            live_key: format!(
+                "{}:{}:live:{}",
+                config.stream, config.group, config.consumer
+            ),
+            floor_key: format!("{}:{}:floor", config.stream, config.group),
+            token: format!(
+                "{}-{:016x}{:016x}",
+                std::process::id(),
+                fastrand::u64(..),
+                fastrand::u64(..)
+            ),
+            scripts: Scripts::new(),
+            config,
+            client,
+            pool: Mutex::new(Vec::new()),
+            health: Mutex::new(Health::new(now)),
+            failing: AtomicBool::new(false),
+            leases: Mutex::new(Leases {
+                slots: Slab::new(),
+                next_generation: 0,
+            }),
+            stats: Mutex::new(SourceStats::default()),
+            settled: AtomicU64::new(0),
+            group_settled: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            queued: Mutex::new(0),
+            drained: Condvar::new(),
+            interrupted: AtomicBool::new(false),
+            closing: Mutex::new(false),
+            closing_signal: Condvar::new(),
+            name_lost: AtomicBool::new(false),
+            claim_cursor: Mutex::new("0-0".to_owned()),
+        }
+    }
+
+    /// Whether the source is being dropped.
+    fn is_closing(&self) -> bool {
+        *lock(&self.closing)
+    }
+
+    /// Waits until the queue of lease operations is empty, up to `timeout` or until the
+    /// server is found failing; returns how many are left.
+    fn flush(&self, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        let mut queued = lock(&self.queued);
+        while *queued > 0 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.failing.load(Ordering::SeqCst) {
+                break;
+            }
+            queued = self
+                .drained
+                .wait_timeout(queued, left.min(Duration::from_millis(20)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        usize::try_from(*queued).unwrap_or(usize::MAX)
+    }
+
+    /// Counts answered lease operations and wakes `flush` when none is left.
+    fn answered(&self, count: u64) {
+        let mut queued = lock(&self.queued);
+        *queued = queued.saturating_sub(count);
+        if *queued == 0 {
+            self.drained.notify_all();
+        }
+    }
+}
+
+/// Locks a mutex, taking over a poisoned one: no code panics while holding these locks, and
+/// each is consistent after every statement that changes it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_refuses_bad_urls_and_settings() {
+        let bad_url = RedisConfig {
+            url: "http://localhost".to_owned(),
+            ..RedisConfig::default()
+        };
+        assert!(matches!(
+            RedisSource::connect(bad_url),
+            Err(SourceError::Backend(text)) if text.starts_with("invalid redis url")
+        ));
+        let empty_group = RedisConfig {
+            group: String::new(),
+            ..RedisConfig::default()
+        };
+        assert!(matches!(
+            RedisSource::connect(empty_group),
+            Err(SourceError::Backend(text)) if text.contains("group")
+        ));
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let config = RedisConfig {
+            url: "redis://user:s3cret@127.0.0.1:1/0".to_owned(),
+            ..RedisConfig::default()
+        };
+        for shown in [format!("{config:?}"), config.to_string()] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("redis://user:***@127.0.0.1:1/0"), "{shown}");
+        }
+    }
+}

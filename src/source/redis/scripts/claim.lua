@@ -1,0 +1,37 @@
+-- Claims entries idle past the ack deadline for this consumer (XAUTOCLAIM), dead-lettering
+-- those past their attempts.
+--
+-- KEYS: stream, dead-letter stream.
+-- ARGV: group, consumer, max attempts, min idle ms, start id, count, dead-letter bound.
+-- Returns {next start id, {{id, fields, deliveries}...}, dead-lettered}; a next start id of
+-- 0-0 means the scan went round the whole pending list.
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], ARGV[5], 'COUNT', ARGV[6])
+local out = {}
+local dead = 0
+for _, e in ipairs(r[2]) do
+  if type(e) == 'table' and type(e[2]) == 'table' then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    local n = p[1][4]
+    local prior = 0
+    local args = {KEYS[2], 'MAXLEN', '~', ARGV[7], '*'}
+    local f = e[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'attempts' then
+        prior = tonumber(f[i + 1]) or 0
+      else
+        args[#args + 1] = f[i]
+        args[#args + 1] = f[i + 1]
+      end
+    end
+    if prior + n > tonumber(ARGV[3]) then
+      args[#args + 1] = 'attempts'
+      args[#args + 1] = tostring(prior + n - 1)
+      redis.call('XADD', unpack(args))
+      redis.call('XACK', KEYS[1], ARGV[1], e[1])
+      dead = dead + 1
+    else
+      out[#out + 1] = {e[1], f, n}
+    end
+  end
+end
+return {r[1], out, dead}

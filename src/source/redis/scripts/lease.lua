@@ -1,0 +1,57 @@
+-- Lease operations of one batch, each checked for ownership first.
+--
+-- KEYS: stream, dead-letter stream.
+-- ARGV: group, consumer, dead-letter stream bound, then four values per operation:
+--   operation (ack, extend, requeue, dead), entry id, delivery count the entry must still
+--   have (0: any), attempts so far.
+-- Returns one answer per operation: 1 done, 0 another consumer owns the entry or it was
+-- delivered again since, 2 not pending at all (acked already, or gone).
+local stream, dead = KEYS[1], KEYS[2]
+local group, consumer, dead_max = ARGV[1], ARGV[2], ARGV[3]
+
+-- Adds a copy of entry `id` with its attempt count to `target`.
+local function copy(id, target, attempts, bound)
+  local e = redis.call('XRANGE', stream, id, id)
+  if #e == 0 then return end
+  local args = {target}
+  if bound then
+    args[#args + 1] = 'MAXLEN'
+    args[#args + 1] = '~'
+    args[#args + 1] = bound
+  end
+  args[#args + 1] = '*'
+  local f = e[1][2]
+  for i = 1, #f, 2 do
+    if f[i] ~= 'attempts' then
+      args[#args + 1] = f[i]
+      args[#args + 1] = f[i + 1]
+    end
+  end
+  args[#args + 1] = 'attempts'
+  args[#args + 1] = attempts
+  redis.call('XADD', unpack(args))
+end
+
+local out = {}
+for i = 4, #ARGV, 4 do
+  local op, id, deliveries, attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  if #p == 0 then
+    out[#out + 1] = 2
+  elseif p[1][2] ~= consumer or (deliveries ~= '0' and p[1][4] ~= tonumber(deliveries)) then
+    out[#out + 1] = 0
+  else
+    if op == 'extend' then
+      redis.call('XCLAIM', stream, group, consumer, 0, id, 'JUSTID')
+    else
+      if op == 'requeue' then
+        copy(id, stream, attempts, nil)
+      elseif op == 'dead' then
+        copy(id, dead, attempts, dead_max)
+      end
+      redis.call('XACK', stream, group, id)
+    end
+    out[#out + 1] = 1
+  end
+end
+return out
