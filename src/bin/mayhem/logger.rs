@@ -167,48 +167,49 @@ impl Queue {
         self.ready.notify_one();
     }
 
-    /// The writer thread: takes everything queued and writes it in one go, then reports
-    /// drops. It is the only thread writing to stderr once the logger is installed, so a
-    /// full stderr blocks this thread only.
+    /// The writer thread: writes batches to stderr forever. It is the only thread writing
+    /// to stderr once the logger is installed, so a full stderr blocks this thread only.
     fn write_forever(&self) {
         let mut batch = Vec::with_capacity(64 * 1024);
         loop {
-            let mut state = self.lock();
-            while state.lines.is_empty() && state.dropped == 0 {
-                state = self
-                    .ready
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-            batch.clear();
-            for line in state.lines.drain(..) {
-                batch.extend_from_slice(line.as_bytes());
-            }
-            state.bytes = 0;
-            let dropped = std::mem::take(&mut state.dropped);
-            state.writing = true;
-            drop(state);
-            if dropped > 0 {
-                let noun = if dropped == 1 { "line" } else { "lines" };
-                batch.extend_from_slice(
-                    format_line(
-                        &self.zone,
-                        Level::Warn,
-                        &format_args!(
-                            "{dropped} log {noun} dropped (stderr was not read fast enough)"
-                        ),
-                    )
-                    .as_bytes(),
-                );
-            }
             // A closed stderr is ignored: the lines are lost, the service goes on.
-            let _ = std::io::stderr().lock().write_all(&batch);
-            let mut state = self.lock();
-            state.writing = false;
-            state.batches += 1;
-            drop(state);
-            self.written.notify_all();
+            self.write_batch(&mut batch, &mut std::io::stderr().lock());
         }
+    }
+
+    /// Waits for lines, takes everything queued and writes it in one go, then reports the
+    /// lines dropped since the last batch.
+    fn write_batch(&self, batch: &mut Vec<u8>, out: &mut impl Write) {
+        let mut state = self.lock();
+        while state.lines.is_empty() && state.dropped == 0 {
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        batch.clear();
+        for line in state.lines.drain(..) {
+            batch.extend_from_slice(line.as_bytes());
+        }
+        state.bytes = 0;
+        let dropped = std::mem::take(&mut state.dropped);
+        state.writing = true;
+        drop(state);
+        if dropped > 0 {
+            let noun = if dropped == 1 { "line" } else { "lines" };
+            let line = format_line(
+                &self.zone,
+                Level::Warn,
+                &format_args!("{dropped} log {noun} dropped (stderr was not read fast enough)"),
+            );
+            batch.extend_from_slice(line.as_bytes());
+        }
+        let _ = out.write_all(batch);
+        let mut state = self.lock();
+        state.writing = false;
+        state.batches += 1;
+        drop(state);
+        self.written.notify_all();
     }
 }
 
@@ -253,4 +254,54 @@ fn format_line(zone: &TimeZone, level: Level, message: &std::fmt::Arguments<'_>)
     }
     line.push_str(&format!(" {level}: {message}\n"));
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue() -> Queue {
+        Queue {
+            state: Mutex::new(QueueState::default()),
+            ready: Condvar::new(),
+            written: Condvar::new(),
+            zone: TimeZone::UTC,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_lines_and_the_writer_reports_how_many() {
+        let queue = queue();
+        let line = format!("{}\n", "x".repeat(1023));
+        let fits = QUEUE_BYTES / line.len();
+        for _ in 0..fits + 5 {
+            queue.push(line.clone());
+        }
+        let mut out = Vec::new();
+        queue.write_batch(&mut Vec::new(), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().filter(|l| l.starts_with('x')).count(), fits);
+        let last = text.lines().last().unwrap();
+        assert!(
+            last.ends_with(" WARN: 5 log lines dropped (stderr was not read fast enough)"),
+            "{last}"
+        );
+        // Caught up: the next lines are queued again.
+        queue.push("after\n".to_owned());
+        let mut out = Vec::new();
+        queue.write_batch(&mut Vec::new(), &mut out);
+        assert_eq!(out, b"after\n");
+    }
+
+    #[test]
+    fn lines_show_the_offset_only_when_it_is_not_zero() {
+        let utc = format_line(&TimeZone::UTC, Level::Info, &format_args!("hello"));
+        assert_eq!(&utc[12..], " INFO: hello\n", "{utc}");
+        let east = TimeZone::fixed(jiff::tz::Offset::constant(3));
+        let line = format_line(&east, Level::Info, &format_args!("hello"));
+        assert_eq!(&line[12..], "+03:00 INFO: hello\n", "{line}");
+        let west = TimeZone::fixed(jiff::tz::Offset::from_seconds(-(9 * 3600 + 30 * 60)).unwrap());
+        let line = format_line(&west, Level::Warn, &format_args!("hello"));
+        assert_eq!(&line[12..], "-09:30 WARN: hello\n", "{line}");
+    }
 }

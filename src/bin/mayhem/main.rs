@@ -56,6 +56,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(error) = unblock_signals() {
+        usage_error(&format!(
+            "error: cannot unblock the handled signals: {error}"
+        ));
+        return ExitCode::FAILURE;
+    }
     let shutdown = Shutdown::new();
     // The source, once connected, for the forced exit's nacks.
     let source_slot: Arc<OnceLock<Arc<dyn Source>>> = Arc::new(OnceLock::new());
@@ -232,6 +238,30 @@ fn interrupted_start(shutdown: &Shutdown) -> ExitCode {
     info!("Start-up interrupted before the source was connected: nothing to give back");
     info!("Successfully shutdown the Mayhem service.");
     ExitCode::SUCCESS
+}
+
+/// Unblocks the handled signals in case the parent left them blocked (signal masks survive
+/// `exec`): handled signals must not sit pending forever. Called once the handlers are
+/// installed, so a signal that arrived while blocked is delivered now, to the handler. A
+/// supervisor that must close the window before `main` can therefore start the service
+/// with these signals blocked.
+fn unblock_signals() -> std::io::Result<()> {
+    // SAFETY: `set` is initialised by `sigemptyset` before any other use, every pointer
+    // passed is valid for the call, and `pthread_sigmask` changes the calling thread's mask
+    // only (threads started later inherit it; none was started before).
+    let result = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in HANDLED {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(result))
+    }
 }
 
 /// Starts the thread that turns signals into the shutdown: the first one triggers it, a
