@@ -516,3 +516,71 @@ fn reason(status: u16) -> &'static str {
         _ => "Unknown",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Sends a GET and returns the status line and how long the answer took.
+    fn get(addr: SocketAddr, path: &str) -> (String, Duration) {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        let status = response.lines().next().unwrap_or_default().to_owned();
+        (status, started.elapsed())
+    }
+
+    #[test]
+    fn a_slow_source_delays_neither_metrics_nor_health() {
+        let free = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = free.local_addr().expect("address");
+        drop(free);
+        // Every read of the source's counters takes 3 s, like a stalled Redis.
+        let slow = || {
+            thread::sleep(Duration::from_secs(3));
+            Some(SourceStats::default())
+        };
+        let endpoint = Endpoint::start(addr, Arc::default(), slow, Shutdown::new())
+            .expect("start the endpoint");
+        for path in ["/metrics", "/healthz", "/metrics", "/healthz"] {
+            let (status, took) = get(addr, path);
+            assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+            assert!(took < Duration::from_millis(500), "{path} took {took:?}");
+        }
+        // Stopping does not wait for the read in progress either.
+        let started = Instant::now();
+        endpoint.stop();
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[test]
+    fn the_exposition_says_how_old_the_source_s_counters_are() {
+        let snapshot = Snapshot {
+            state: Mutex::new(SnapshotState {
+                stats: SourceStats::default(),
+                taken: None,
+                stopped: false,
+            }),
+            stopped: Condvar::new(),
+        };
+        let shared = Shared {
+            metrics: Arc::default(),
+            snapshot: Arc::new(snapshot),
+            shutdown: Shutdown::new(),
+        };
+        assert!(metrics_text(&shared).ends_with("\nmayhem_source_stats_age_seconds +Inf\n"));
+        shared.snapshot.lock().taken = Some(Instant::now());
+        let text = metrics_text(&shared);
+        assert!(
+            text.contains("\nmayhem_source_stats_age_seconds 0.0"),
+            "{text}"
+        );
+    }
+}
