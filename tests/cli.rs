@@ -628,6 +628,15 @@ fn spawn_with_signals_blocked(args: &[&str]) -> std::process::Child {
     command.spawn().expect("start mayhem")
 }
 
+/// Reads a pipe to its end on a thread of its own.
+fn read_in_background(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
 /// Waits for a child's exit, killing it after `PATIENCE`; returns the status and the time.
 fn wait_bounded(child: &mut std::process::Child) -> (std::process::ExitStatus, Duration) {
     let started = Instant::now();
@@ -665,21 +674,11 @@ fn a_signal_sent_right_after_spawn_takes_the_graceful_path() {
         // SAFETY: `kill` on our own child's pid, which cannot be reused before `wait`.
         let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
         assert_eq!(sent, 0, "kill failed");
-        let mut stderr = String::new();
-        let mut stdout = String::new();
-        child
-            .stderr
-            .take()
-            .expect("piped stderr")
-            .read_to_string(&mut stderr)
-            .expect("read stderr");
-        child
-            .stdout
-            .take()
-            .expect("piped stdout")
-            .read_to_string(&mut stdout)
-            .expect("read stdout");
+        let stderr = read_in_background(child.stderr.take().expect("piped stderr"));
+        let stdout = read_in_background(child.stdout.take().expect("piped stdout"));
         let (status, _) = wait_bounded(&mut child);
+        let stderr = stderr.join().expect("stderr reader");
+        let stdout = stdout.join().expect("stdout reader");
         assert_eq!(
             status.signal(),
             None,
@@ -757,12 +756,7 @@ fn a_stderr_nobody_reads_does_not_stop_the_service() {
         .expect("start mayhem");
     // Held open and never read: about 7 MB of log lines meet a 64 KiB pipe.
     let unread = child.stderr.take().expect("piped stderr");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let report = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
+    let report = read_in_background(child.stdout.take().expect("piped stdout"));
     let (status, _) = wait_bounded(&mut child);
     let stdout = report.join().expect("stdout reader");
     assert_eq!(status.code(), Some(0), "{stdout}");

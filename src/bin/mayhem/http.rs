@@ -277,7 +277,7 @@ async fn accept_loop(
                 }));
             }
             Err(error) => {
-                if last_warning.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                if !last_warning.is_some_and(|at| at.elapsed() < ACCEPT_WARN_EVERY) {
                     warn!("Could not accept an HTTP connection: {error}");
                     last_warning = Some(Instant::now());
                 }
