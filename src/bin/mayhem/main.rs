@@ -1,4 +1,4 @@
-//! The `mayhem` binary: parse the command line, install the logger and the signal handlers,
+//! The `mayhem` binary: install the signal handlers, parse the command line, install the logger,
 //! run the service on the embedded in-memory pub/sub (or a Redis stream), print the report.
 //!
 //! Exit codes: 0 after a graceful shutdown (a signal during start-up included), 1 when a
