@@ -102,7 +102,7 @@ struct Shared {
     shutdown: Shutdown,
 }
 
-/// A response: status, extra headers, content type and body.
+/// A response: its status, headers and body.
 struct Response {
     /// The status code.
     status: u16,
