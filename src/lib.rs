@@ -111,8 +111,8 @@
 //!
 //! # Features
 //!
-//! - `cli` (default): the `mayhem` binary and its dependencies (clap, signal-hook,
-//!   tiny_http). A library user turns it off:
+//! - `cli` (default): the `mayhem` binary and its dependencies (clap, signal-hook, env_filter,
+//!   jiff, gethostname, libc). A library user turns it off:
 //!   `mayhem-worker = { version = "0.1", default-features = false, features = ["redis"] }`.
 //! - `redis` (default): the Redis Streams source.
 
