@@ -430,7 +430,10 @@ fn a_client_holding_a_partial_request_blocks_neither_other_clients_nor_the_exit(
 
 #[test]
 fn many_idle_connections_keep_the_thread_count_bounded() {
-    let (service, addr) = service_with_endpoint();
+    let (mut service, addr) = service_with_endpoint();
+    // Every thread of the service is up once a message was handled (the endpoint starts
+    // before the pipeline, and the timer thread with the first handler).
+    service.wait_for("Done. Acked ");
     let pid = service.child.id();
     assert_eq!(get(&addr, "/healthz").0, 200);
     let before = threads(pid);
