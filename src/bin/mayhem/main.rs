@@ -12,7 +12,7 @@ mod logger;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -35,6 +35,9 @@ const EXIT_FORCED: i32 = 130;
 const HANDLED: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
 /// On a forced exit, how long the source may take to give its leases back.
 const FORCED_NACK_WAIT: Duration = Duration::from_secs(1);
+
+/// The connected source, shared between `main` and the signal thread.
+type SourceSlot = Arc<Mutex<Option<Arc<dyn Broker>>>>;
 
 /// What the start-up waits for: the source connected, or a signal.
 enum Startup {
@@ -63,8 +66,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let shutdown = Shutdown::new();
-    // The source, once connected, for the forced exit's nacks.
-    let source_slot: Arc<OnceLock<Arc<dyn Broker>>> = Arc::new(OnceLock::new());
+    // The source, once connected and until the run is over, for the forced exit's nacks.
+    // Taken out again after the run, so that the source is dropped (a Redis source then
+    // frees its consumer name) before the process exits.
+    let source_slot: SourceSlot = Arc::new(Mutex::new(None));
     // An mpsc channel because the connect thread and the signal thread both report to the
     // start-up, which waits for whichever comes first; sends never block.
     let (startup, startup_events) = mpsc::channel();
@@ -86,7 +91,7 @@ fn main() -> ExitCode {
 /// Everything after the signal handlers: parse, start, run, report.
 fn run(
     shutdown: Shutdown,
-    source_slot: &OnceLock<Arc<dyn Broker>>,
+    source_slot: &SourceSlot,
     startup: Sender<Startup>,
     startup_events: Receiver<Startup>,
 ) -> ExitCode {
@@ -156,6 +161,11 @@ fn run(
             }
             match startup_events.recv() {
                 Ok(Startup::Connected(Ok(source))) => source,
+                // The connect gives up with `Closed` when the signal's shutdown ends its
+                // retries, which may come before the signal thread's own message.
+                Ok(Startup::Connected(Err(_))) if shutdown.is_triggered() => {
+                    return interrupted_start(&shutdown)
+                }
                 Ok(Startup::Connected(Err(error))) => {
                     error!("{error}");
                     return ExitCode::FAILURE;
@@ -173,7 +183,7 @@ fn run(
         }
     };
     drop(startup_events);
-    let _ = source_slot.set(Arc::clone(&source));
+    *source_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&source));
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, seed));
 
     let metrics = Arc::new(Metrics::default());
@@ -198,6 +208,13 @@ fn run(
     if let Some(endpoint) = endpoint {
         endpoint.stop();
     }
+    // The last references: dropping the source ends its connections and threads (bounded;
+    // a Redis source removes its consumer from the group and frees its name).
+    source_slot
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    drop(source);
     let report = match result {
         Ok(report) => report,
         Err(error) => {
@@ -273,7 +290,7 @@ fn unblock_signals() -> std::io::Result<()> {
 fn spawn_signal_thread(
     mut signals: Signals,
     shutdown: Shutdown,
-    source: Arc<OnceLock<Arc<dyn Broker>>>,
+    source: SourceSlot,
     startup: Sender<Startup>,
 ) -> std::io::Result<()> {
     // Never joined: it must stay able to force the exit until the process ends (a report
@@ -289,7 +306,13 @@ fn spawn_signal_thread(
                     shutdown.trigger(ShutdownReason::Signal(name.to_owned()));
                     let _ = startup.send(Startup::Signal);
                 } else {
-                    force_exit(name, source.get());
+                    // Cloned out of the lock, so that main's take of it never waits on the
+                    // nacks.
+                    let held = source
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    force_exit(name, held.as_ref());
                 }
             }
         })
