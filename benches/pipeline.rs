@@ -261,18 +261,17 @@ fn stats(mut values: Vec<f64>) -> Stats {
 
 /// A configuration for pure throughput: no pauses, no latency, no failures.
 fn fast_config(publishers: usize, consumers: usize, workers: usize, messages: u64) -> Config {
-    Config {
-        publishers,
-        consumers,
-        workers,
-        messages: Some(messages),
-        publish_interval: Duration::ZERO,
-        handler_latency: Duration::ZERO,
-        restart_failure_rate: 0.0,
-        save_failure_rate: 0.0,
-        seed: Some(1),
-        ..Config::default()
-    }
+    let mut config = Config::default();
+    config.publish.publishers = publishers;
+    config.run.consumers = consumers;
+    config.run.workers = workers;
+    config.run.messages = Some(messages);
+    config.publish.interval = Duration::ZERO;
+    config.handler.latency = Duration::ZERO;
+    config.handler.restart_failure_rate = 0.0;
+    config.handler.save_failure_rate = 0.0;
+    config.run.seed = Some(1);
+    config
 }
 
 /// Messages per second through the real pipeline, publish to ack.
@@ -342,21 +341,19 @@ fn bare_bridge(workers: usize, messages: u64) -> f64 {
 /// handlers of 1 s latency: publishers keep the window full; after a warm-up, the acks of a
 /// fixed span are counted.
 fn goodput(window: usize) -> f64 {
-    let config = Config {
-        publishers: 1,
-        consumers: 1,
-        workers: thread::available_parallelism().map_or(2, |n| n.get()),
-        max_in_flight: window,
-        max_backlog: window,
-        publish_interval: Duration::ZERO,
-        handler_latency: Duration::from_secs(1),
-        restart_failure_rate: 0.0,
-        save_failure_rate: 0.0,
-        grace_period: Duration::ZERO,
-        stats_interval: Duration::ZERO,
-        seed: Some(1),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.publish.publishers = 1;
+    config.run.consumers = 1;
+    config.run.workers = thread::available_parallelism().map_or(2, |n| n.get());
+    config.run.max_in_flight = window;
+    config.memory.max_backlog = window;
+    config.publish.interval = Duration::ZERO;
+    config.handler.latency = Duration::from_secs(1);
+    config.handler.restart_failure_rate = 0.0;
+    config.handler.save_failure_rate = 0.0;
+    config.run.grace_period = Duration::ZERO;
+    config.run.stats_interval = Duration::ZERO;
+    config.run.seed = Some(1);
     let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     let metrics = Metrics::default();
@@ -587,19 +584,17 @@ fn child_rss() {
 
 /// Child: bytes of RSS per message held in flight by slow handlers.
 fn child_in_flight() {
-    let config = Config {
-        publishers: 0,
-        consumers: 1,
-        workers: 2,
-        max_in_flight: IN_FLIGHT,
-        max_backlog: IN_FLIGHT,
-        handler_latency: Duration::from_secs(3600),
-        ack_deadline: Duration::from_secs(600),
-        extend_interval: Duration::from_secs(300),
-        grace_period: Duration::ZERO,
-        seed: Some(1),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.publish.publishers = 0;
+    config.run.consumers = 1;
+    config.run.workers = 2;
+    config.run.max_in_flight = IN_FLIGHT;
+    config.memory.max_backlog = IN_FLIGHT;
+    config.handler.latency = Duration::from_secs(3600);
+    config.lease.ack_deadline = Duration::from_secs(600);
+    config.lease.extend_interval = Duration::from_secs(300);
+    config.run.grace_period = Duration::ZERO;
+    config.run.seed = Some(1);
     let subscription = Subscription::new(config.subscription());
     let mut rng = fastrand::Rng::with_seed(1);
     let batch: Vec<Envelope> = (0..IN_FLIGHT)
@@ -633,14 +628,12 @@ fn child_in_flight() {
 
 /// Milliseconds from a programmatic trigger to `run` returning, with idle threads blocked.
 fn library_shutdown_ms(consumers: usize, workers: usize) -> f64 {
-    let config = Config {
-        consumers,
-        workers,
-        publish_interval: Duration::from_secs(3600),
-        handler_latency: Duration::ZERO,
-        seed: Some(1),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.run.consumers = consumers;
+    config.run.workers = workers;
+    config.publish.interval = Duration::from_secs(3600);
+    config.handler.latency = Duration::ZERO;
+    config.run.seed = Some(1);
     let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     let shutdown = Shutdown::new();

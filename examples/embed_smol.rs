@@ -11,15 +11,13 @@ use mayhem::{
 };
 
 fn main() {
-    let config = Config {
-        publish_interval: Duration::from_millis(1),
-        handler_latency: Duration::from_millis(5),
-        restart_failure_rate: 0.1,
-        save_failure_rate: 0.1,
-        grace_period: Duration::from_secs(2),
-        seed: Some(7),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.publish.interval = Duration::from_millis(1);
+    config.handler.latency = Duration::from_millis(5);
+    config.handler.restart_failure_rate = 0.1;
+    config.handler.save_failure_rate = 0.1;
+    config.run.grace_period = Duration::from_secs(2);
+    config.run.seed = Some(7);
     let shutdown = Shutdown::new();
     let subscription = Arc::new(Subscription::new((&config).into()));
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 7));

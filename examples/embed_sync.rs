@@ -33,14 +33,12 @@ impl Handler for Counting {
 }
 
 fn main() {
-    let config = Config {
-        publishers: 2,
-        consumers: 2,
-        workers: 2,
-        publish_interval: Duration::from_micros(100),
-        seed: Some(2024),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.publish.publishers = 2;
+    config.run.consumers = 2;
+    config.run.workers = 2;
+    config.publish.interval = Duration::from_micros(100);
+    config.run.seed = Some(2024);
     let subscription = Subscription::new((&config).into());
     let shutdown = Shutdown::new();
     let handler = Counting {

@@ -191,13 +191,13 @@ impl MayhemConfig {
     /// The handler settings of a service configuration, with the given seed.
     pub fn from_config(config: &Config, seed: u64) -> Self {
         MayhemConfig {
-            latency: config.handler_latency,
-            restart_failure_rate: config.restart_failure_rate,
-            save_failure_rate: config.save_failure_rate,
-            panic_rate: config.panic_rate,
-            stall_rate: config.stall_rate,
-            stall: config.stall,
-            restart_retries: config.restart_retries,
+            latency: config.handler.latency,
+            restart_failure_rate: config.handler.restart_failure_rate,
+            save_failure_rate: config.handler.save_failure_rate,
+            panic_rate: config.handler.panic_rate,
+            stall_rate: config.handler.stall_rate,
+            stall: config.handler.stall,
+            restart_retries: config.handler.restart_retries,
             seed,
         }
     }

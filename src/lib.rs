@@ -59,7 +59,7 @@
 //! }
 //!
 //! let mut config = Config::default();
-//! config.publish_interval = Duration::from_millis(1);
+//! config.publish.interval = Duration::from_millis(1);
 //! let subscription = Subscription::new(config.subscription());
 //! let shutdown = Shutdown::new();
 //! let stopper = shutdown.clone();
@@ -87,7 +87,7 @@
 //! #     }
 //! # }
 //! let mut config = Config::default();
-//! config.publish_interval = Duration::from_millis(1);
+//! config.publish.interval = Duration::from_millis(1);
 //! let shutdown = Shutdown::new();
 //! let report = smol::block_on(async {
 //!     // `run` blocks its thread, so it runs on smol's blocking pool.
@@ -128,7 +128,7 @@ mod pipeline;
 pub mod shutdown;
 pub mod source;
 
-pub use config::Config;
+pub use config::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;

@@ -11,21 +11,23 @@ use mayhem::{
 
 /// A fast configuration: no pauses, no latency, no failures, fixed seed.
 fn fast(messages: u64) -> Config {
-    Config {
-        messages: Some(messages),
-        publish_interval: Duration::ZERO,
-        handler_latency: Duration::ZERO,
-        restart_failure_rate: 0.0,
-        save_failure_rate: 0.0,
-        workers: 2,
-        seed: Some(11),
-        ..Config::default()
-    }
+    let mut config = Config::default();
+    config.run.messages = Some(messages);
+    config.publish.interval = Duration::ZERO;
+    config.handler.latency = Duration::ZERO;
+    config.handler.restart_failure_rate = 0.0;
+    config.handler.save_failure_rate = 0.0;
+    config.run.workers = 2;
+    config.run.seed = Some(11);
+    config
 }
 
 fn run_mayhem(config: &Config) -> mayhem::Report {
     let subscription = Subscription::new(config.subscription());
-    let handler = MayhemHandler::new(MayhemConfig::from_config(config, config.seed.unwrap_or(0)));
+    let handler = MayhemHandler::new(MayhemConfig::from_config(
+        config,
+        config.run.seed.unwrap_or(0),
+    ));
     let report = run(config, &subscription, &handler, &Shutdown::new()).unwrap();
     assert!(report.is_balanced(), "{report:?}");
     report
@@ -52,13 +54,11 @@ fn without_failures_every_message_is_acked_once() {
 
 #[test]
 fn with_failures_every_message_is_acked_or_dead_lettered() {
-    let config = Config {
-        restart_failure_rate: 0.3,
-        save_failure_rate: 0.3,
-        restart_retries: 1,
-        max_attempts: 3,
-        ..fast(3000)
-    };
+    let mut config = fast(3000);
+    config.handler.restart_failure_rate = 0.3;
+    config.handler.save_failure_rate = 0.3;
+    config.handler.restart_retries = 1;
+    config.lease.max_attempts = 3;
     let report = run_mayhem(&config);
     assert_eq!(report.published, 3000);
     assert_eq!(report.acked + report.dead_lettered, 3000);
@@ -73,12 +73,10 @@ fn with_failures_every_message_is_acked_or_dead_lettered() {
 
 #[test]
 fn with_certain_failure_every_message_is_dead_lettered() {
-    let config = Config {
-        restart_failure_rate: 1.0,
-        restart_retries: 0,
-        max_attempts: 3,
-        ..fast(200)
-    };
+    let mut config = fast(200);
+    config.handler.restart_failure_rate = 1.0;
+    config.handler.restart_retries = 0;
+    config.lease.max_attempts = 3;
     let report = run_mayhem(&config);
     assert_eq!(
         (report.acked, report.dead_lettered, report.remaining),
@@ -133,12 +131,10 @@ impl Handler for Stalling {
 
 /// Publishes `count` messages up front and runs without publishers.
 fn run_stalling(count: usize, latency: Option<Duration>, grace: Duration) -> mayhem::Report {
-    let config = Config {
-        publishers: 0,
-        messages: None,
-        grace_period: grace,
-        ..fast(0)
-    };
+    let mut config = fast(0);
+    config.publish.publishers = 0;
+    config.run.messages = None;
+    config.run.grace_period = grace;
     let subscription = preloaded(&config, count, 5);
     let shutdown = Shutdown::new();
     let handler = Stalling {
@@ -180,12 +176,10 @@ fn handlers_that_finish_within_the_grace_period_are_acked() {
 
 #[test]
 fn leases_are_extended_while_handling() {
-    let config = Config {
-        handler_latency: Duration::from_millis(400),
-        ack_deadline: Duration::from_secs(1),
-        extend_interval: Duration::from_millis(100),
-        ..fast(5)
-    };
+    let mut config = fast(5);
+    config.handler.latency = Duration::from_millis(400);
+    config.lease.ack_deadline = Duration::from_secs(1);
+    config.lease.extend_interval = Duration::from_millis(100);
     let report = run_mayhem(&config);
     assert_eq!((report.acked, report.expired), (5, 0));
     // Each message takes at least its cleanup step, and with 3 steps of up to 400 ms most
@@ -195,10 +189,8 @@ fn leases_are_extended_while_handling() {
 
 #[test]
 fn a_panicking_handler_shuts_the_service_down_gracefully() {
-    let config = Config {
-        panic_rate: 1.0,
-        ..fast(50)
-    };
+    let mut config = fast(50);
+    config.handler.panic_rate = 1.0;
     let report = run_mayhem(&config);
     assert_eq!(report.reason, "panicked");
     assert!(report.panicked >= 1);
@@ -208,10 +200,8 @@ fn a_panicking_handler_shuts_the_service_down_gracefully() {
 
 #[test]
 fn an_invalid_config_is_refused_before_anything_starts() {
-    let config = Config {
-        extend_interval: Duration::from_secs(3),
-        ..fast(1)
-    };
+    let mut config = fast(1);
+    config.lease.extend_interval = Duration::from_secs(3);
     let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     match run(&config, &subscription, &handler, &Shutdown::new()) {
@@ -229,13 +219,11 @@ fn an_invalid_config_is_refused_before_anything_starts() {
 
 #[test]
 fn flow_control_bounds_messages_in_flight() {
-    let config = Config {
-        max_in_flight: 3,
-        publishers: 0,
-        messages: None,
-        grace_period: Duration::from_millis(10),
-        ..fast(0)
-    };
+    let mut config = fast(0);
+    config.run.max_in_flight = 3;
+    config.publish.publishers = 0;
+    config.run.messages = None;
+    config.run.grace_period = Duration::from_millis(10);
     let subscription = preloaded(&config, 10, 6);
     let shutdown = Shutdown::new();
     // Stalls forever; the shutdown comes when the third message started.
@@ -272,14 +260,12 @@ impl Handler for Blocking {
 fn cancelled_tasks_never_start_their_handlers() {
     // One executor thread, 50 queued tasks that would each block it for 200 ms: after the
     // (zero) grace period, the tasks not yet started must be given back without running.
-    let config = Config {
-        publishers: 0,
-        messages: None,
-        workers: 1,
-        max_in_flight: 50,
-        grace_period: Duration::ZERO,
-        ..fast(0)
-    };
+    let mut config = fast(0);
+    config.publish.publishers = 0;
+    config.run.messages = None;
+    config.run.workers = 1;
+    config.run.max_in_flight = 50;
+    config.run.grace_period = Duration::ZERO;
     let subscription = preloaded(&config, 50, 8);
     let shutdown = Shutdown::new();
     let handler = Blocking {
@@ -337,13 +323,11 @@ impl mayhem::Source for Greedy {
 
 #[test]
 fn leases_beyond_the_window_are_given_back_not_handled() {
-    let config = Config {
-        max_in_flight: 3,
-        publishers: 0,
-        messages: None,
-        grace_period: Duration::from_millis(10),
-        ..fast(0)
-    };
+    let mut config = fast(0);
+    config.run.max_in_flight = 3;
+    config.publish.publishers = 0;
+    config.run.messages = None;
+    config.run.grace_period = Duration::from_millis(10);
     let source = Greedy(preloaded(&config, 20, 9));
     let shutdown = Shutdown::new();
     let handler = Stalling {
@@ -386,13 +370,11 @@ fn leases_waiting_for_a_handler_are_extended() {
     // 20 messages of 50 ms each on one executor thread: the last waits about 1 s for its
     // handler, more than three ack deadlines. The lease manager extends waiting leases too,
     // so none expires and none is delivered twice.
-    let config = Config {
-        publishers: 0,
-        workers: 1,
-        ack_deadline: Duration::from_millis(300),
-        extend_interval: Duration::from_millis(100),
-        ..fast(20)
-    };
+    let mut config = fast(20);
+    config.publish.publishers = 0;
+    config.run.workers = 1;
+    config.lease.ack_deadline = Duration::from_millis(300);
+    config.lease.extend_interval = Duration::from_millis(100);
     let subscription = preloaded(&config, 20, 21);
     let handler = Hogging {
         block: Duration::from_millis(50),
@@ -415,11 +397,9 @@ fn leases_waiting_for_a_handler_are_extended() {
 #[test]
 fn an_idle_service_holds_nothing_in_flight() {
     // The consumer reserves permits before each pull; the gauge counts leases held only.
-    let config = Config {
-        publishers: 0,
-        messages: None,
-        ..fast(0)
-    };
+    let mut config = fast(0);
+    config.publish.publishers = 0;
+    config.run.messages = None;
     let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
     let metrics = Metrics::default();
@@ -455,15 +435,13 @@ impl Handler for Slow {
 fn a_lease_held_past_max_lease_is_given_up() {
     // Handlers of 2 s, leases capped at 400 ms: no extension after that, so each delivery's
     // lease expires, its ack is refused, and after two attempts the message is dead.
-    let config = Config {
-        publishers: 0,
-        max_attempts: 2,
-        ack_deadline: Duration::from_millis(200),
-        extend_interval: Duration::from_millis(100),
-        max_lease: Duration::from_millis(400),
-        grace_period: Duration::from_secs(5),
-        ..fast(1)
-    };
+    let mut config = fast(1);
+    config.publish.publishers = 0;
+    config.lease.max_attempts = 2;
+    config.lease.ack_deadline = Duration::from_millis(200);
+    config.lease.extend_interval = Duration::from_millis(100);
+    config.lease.max_lease = Duration::from_millis(400);
+    config.run.grace_period = Duration::from_secs(5);
     let subscription = preloaded(&config, 1, 22);
     let handler = Slow {
         latency: Duration::from_secs(2),
@@ -528,14 +506,12 @@ fn a_lost_lease_drops_its_handler_at_once() {
     // Handlers that never end; the broker takes each lease back at its first extension. The
     // handler is dropped (not cancelled at shutdown), and with one attempt the message is
     // dead-lettered, which completes the run.
-    let config = Config {
-        publishers: 0,
-        max_attempts: 1,
-        ack_deadline: Duration::from_millis(200),
-        extend_interval: Duration::from_millis(100),
-        grace_period: Duration::from_secs(30),
-        ..fast(3)
-    };
+    let mut config = fast(3);
+    config.publish.publishers = 0;
+    config.lease.max_attempts = 1;
+    config.lease.ack_deadline = Duration::from_millis(200);
+    config.lease.extend_interval = Duration::from_millis(100);
+    config.run.grace_period = Duration::from_secs(30);
     let source = Reclaiming(preloaded(&config, 3, 23));
     let shutdown = Shutdown::new();
     let handler = Stalling {

@@ -54,17 +54,17 @@ pub trait Broker: Source + Publish {}
 
 impl<T: Source + Publish + ?Sized> Broker for T {}
 
-/// Runs the service until `shutdown` is triggered (or, with `config.messages`, until every
+/// Runs the service until `shutdown` is triggered (or, with `config.run.messages`, until every
 /// message is settled), then shuts down in a fixed order and returns the [`Report`].
 ///
-/// Threads: `config.publishers` publisher threads publish random messages into `broker`;
-/// `config.consumers` consumer threads pull from it, put each lease under the lease manager,
-/// and hand it over a bounded `async_channel` (`send_blocking`) to `config.workers` executor
+/// Threads: `config.publish.publishers` publisher threads publish random messages into `broker`;
+/// `config.run.consumers` consumer threads pull from it, put each lease under the lease manager,
+/// and hand it over a bounded `async_channel` (`send_blocking`) to `config.run.workers` executor
 /// threads, which run one `handler` task per message; one lease-manager thread extends every
 /// lease held, in batches, from pull to settle.
 ///
 /// Shutdown order: stop publishers and consumers; nack what sits in the hand-off channel;
-/// give handlers in flight `config.grace_period` to finish (their leases still extended);
+/// give handlers in flight `config.run.grace_period` to finish (their leases still extended);
 /// cancel and nack the rest; stop the executor threads and the lease manager; build the
 /// report. Every thread is joined before `run` returns: none outlives it.
 ///
@@ -84,12 +84,12 @@ impl<T: Source + Publish + ?Sized> Broker for T {}
 /// use std::time::Duration;
 ///
 /// let mut config = Config::default();
-/// config.messages = Some(50);
-/// config.publish_interval = Duration::ZERO;
-/// config.handler_latency = Duration::ZERO;
-/// config.restart_failure_rate = 0.0;
-/// config.save_failure_rate = 0.0;
-/// config.seed = Some(1);
+/// config.run.messages = Some(50);
+/// config.publish.interval = Duration::ZERO;
+/// config.handler.latency = Duration::ZERO;
+/// config.handler.restart_failure_rate = 0.0;
+/// config.handler.save_failure_rate = 0.0;
+/// config.run.seed = Some(1);
 /// let subscription = Subscription::new(config.subscription());
 /// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
 /// let report = run(&config, &subscription, &handler, &Shutdown::new()).unwrap();
@@ -116,14 +116,12 @@ pub fn run<H: Handler>(
 /// use mayhem::{run_with_metrics, Config, MayhemConfig, MayhemHandler, Metrics, Shutdown, Subscription};
 /// use std::time::Duration;
 ///
-/// let config = Config {
-///     messages: Some(20),
-///     publish_interval: Duration::ZERO,
-///     handler_latency: Duration::ZERO,
-///     restart_failure_rate: 0.0,
-///     save_failure_rate: 0.0,
-///     ..Config::default()
-/// };
+/// let mut config = Config::default();
+/// config.run.messages = Some(20);
+/// config.publish.interval = Duration::ZERO;
+/// config.handler.latency = Duration::ZERO;
+/// config.handler.restart_failure_rate = 0.0;
+/// config.handler.save_failure_rate = 0.0;
 /// let subscription = Subscription::new(config.subscription());
 /// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
 /// let metrics = Metrics::default();
@@ -142,7 +140,7 @@ pub fn run_with_metrics<H: Handler>(
 }
 
 /// [`run_with_metrics`] with the consuming and the publishing client given apart, as real
-/// brokers have them. Without a publishing client, `config.publishers` must be 0 (the
+/// brokers have them. Without a publishing client, `config.publish.publishers` must be 0 (the
 /// program publishes by other means).
 ///
 /// # Errors
@@ -155,14 +153,12 @@ pub fn run_with_metrics<H: Handler>(
 ///     PubSubMessage, Shutdown, Subscription};
 /// use std::time::Duration;
 ///
-/// let config = Config {
-///     publishers: 0,
-///     messages: Some(3),
-///     handler_latency: Duration::ZERO,
-///     restart_failure_rate: 0.0,
-///     save_failure_rate: 0.0,
-///     ..Config::default()
-/// };
+/// let mut config = Config::default();
+/// config.publish.publishers = 0;
+/// config.run.messages = Some(3);
+/// config.handler.latency = Duration::ZERO;
+/// config.handler.restart_failure_rate = 0.0;
+/// config.handler.save_failure_rate = 0.0;
 /// let subscription = Subscription::new(config.subscription());
 /// let mut rng = fastrand::Rng::with_seed(5);
 /// let batch: Vec<Envelope> = (0..3).map(|_| PubSubMessage::random(&mut rng).into()).collect();
@@ -181,24 +177,24 @@ pub fn run_clients<H: Handler>(
     metrics: &Metrics,
 ) -> Result<Report, RunError> {
     config.validate()?;
-    if publisher.is_none() && config.publishers > 0 {
+    if publisher.is_none() && config.publish.publishers > 0 {
         return Err(RunError::Config(ConfigError::new(
             "--publishers",
-            config.publishers,
+            config.publish.publishers,
             "must be 0 without a publishing client",
         )));
     }
     let started = Instant::now();
-    let seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
+    let seed = config.run.seed.unwrap_or_else(|| fastrand::u64(..));
     let leaser = Leaser::new(
         source,
         metrics,
-        config.max_in_flight,
+        config.run.max_in_flight,
         consumer::PULL_BATCH,
         LeaseSettings {
-            ack_deadline: config.ack_deadline,
-            extend_interval: config.extend_interval,
-            max_lease: config.max_lease,
+            ack_deadline: config.lease.ack_deadline,
+            extend_interval: config.lease.extend_interval,
+            max_lease: config.lease.max_lease,
         },
     );
     let shared = Shared {
@@ -210,14 +206,14 @@ pub fn run_clients<H: Handler>(
         completion: Completion {
             source,
             shutdown,
-            target: config.messages,
+            target: config.run.messages,
         },
     };
-    let budget = config.messages.map(AtomicU64::new);
+    let budget = config.run.messages.map(AtomicU64::new);
     // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
     let executor = Executor::new();
     // Bounded: the hand-off never holds more than the flow-control window.
-    let (handoff, handoff_rx) = async_channel::bounded(config.max_in_flight);
+    let (handoff, handoff_rx) = async_channel::bounded(config.run.max_in_flight);
     // Never sent to: closing it tells the executor threads to return.
     let (stop, stop_rx) = async_channel::bounded::<()>(1);
 
@@ -234,7 +230,7 @@ pub fn run_clients<H: Handler>(
             &mut keepers,
             Box::new(|| leaser.run(seed.rotate_left(7))) as Body<'_>,
         );
-        for index in 0..config.workers {
+        for index in 0..config.run.workers {
             let (executor, shared, handoff_rx, stop_rx) =
                 (&executor, &shared, handoff_rx.clone(), stop_rx.clone());
             spawn(
@@ -245,7 +241,7 @@ pub fn run_clients<H: Handler>(
                 }),
             );
         }
-        for index in 0..config.consumers {
+        for index in 0..config.run.consumers {
             let consumer = Consumer {
                 source,
                 shutdown,
@@ -260,11 +256,11 @@ pub fn run_clients<H: Handler>(
             );
         }
         if let Some(sink) = publisher {
-            for index in 0..config.publishers {
+            for index in 0..config.publish.publishers {
                 let publisher = Publisher {
                     sink,
                     shutdown,
-                    interval: config.publish_interval,
+                    interval: config.publish.interval,
                     budget: budget.as_ref(),
                     seed: seed ^ SEED_STEP.wrapping_mul(index as u64 + 1),
                 };
@@ -278,14 +274,14 @@ pub fn run_clients<H: Handler>(
         // `--messages 0` is done before it starts.
         shared.completion.check();
 
-        let reason = wait_reporting_stats(shutdown, source, metrics, config.stats_interval);
+        let reason = wait_reporting_stats(shutdown, source, metrics, config.run.stats_interval);
         match &reason {
             ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
             ShutdownReason::Requested => info!("Received shutdown request..."),
             ShutdownReason::Completed => {
                 info!(
                     "Settled all {} messages...",
-                    config.messages.unwrap_or_default()
+                    config.run.messages.unwrap_or_default()
                 )
             }
             // The task that caught the panic logged it.
@@ -313,9 +309,9 @@ pub fn run_clients<H: Handler>(
         if in_flight > 0 {
             info!(
                 "Waiting up to {} for {in_flight} handlers to finish",
-                humantime::format_duration(config.grace_period)
+                humantime::format_duration(config.run.grace_period)
             );
-            leaser.gate().wait_idle(config.grace_period);
+            leaser.gate().wait_idle(config.run.grace_period);
         }
         info!("Cancelling {} outstanding tasks", leaser.gate().in_flight());
         leaser.cancel();

@@ -95,7 +95,7 @@ impl<H: Handler> Shared<'_, H> {
             // in this task (most of its memory is the handler's future).
             Handling {
                 inner: AssertUnwindSafe(self.handler.handle(&ctx)).catch_unwind(),
-                threshold: self.config.blocking_threshold,
+                threshold: self.config.run.blocking_threshold,
                 metrics: self.metrics,
                 message: &message,
             }
@@ -149,7 +149,7 @@ impl<H: Handler> Shared<'_, H> {
     /// Without it, no timer is made: the lease manager's rounds are too coarse for this
     /// debugging aid, and a timer per message would cost every run.
     async fn slow_warning(&self, message: &PubSubMessage) -> Outcome {
-        if let Some(limit) = self.config.debug_slow {
+        if let Some(limit) = self.config.run.debug_slow {
             async_io::Timer::after(limit).await;
             self.metrics.count_slow_many(1);
             self.leaser.slow_log.log(1, || {

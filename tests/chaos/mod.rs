@@ -118,41 +118,39 @@ struct Settings {
 fn settings(seed: u64) -> Settings {
     let mut rng = fastrand::Rng::with_seed(seed);
     let ack_deadline = Duration::from_millis(rng.u64(200..=800));
-    let mut config = Config {
-        publishers: rng.usize(1..=3),
-        consumers: rng.usize(1..=3),
-        workers: rng.usize(1..=4),
-        max_in_flight: [5, 50, 1000][rng.usize(..3)],
-        max_backlog: [10, 1000][rng.usize(..2)],
-        publish_interval: Duration::from_micros([0, 200, 2000][rng.usize(..3)]),
-        handler_latency: Duration::from_millis([0, 5, 20, 100][rng.usize(..4)]),
-        restart_failure_rate: rng.f64(),
-        save_failure_rate: rng.f64() * 0.5,
-        restart_retries: rng.u32(0..=3),
-        panic_rate: if rng.u8(..10) < 3 {
-            rng.f64() * 0.02
-        } else {
-            0.0
-        },
-        stall_rate: if rng.u8(..10) < 3 {
-            rng.f64() * 0.05
-        } else {
-            0.0
-        },
-        // Stalls longer than the ack deadline, but short enough that a stalled executor thread
-        // does not hold the shutdown past grace period + 1 s.
-        stall: Duration::from_millis(rng.u64(300..=500)),
-        ack_deadline,
-        extend_interval: ack_deadline / 3,
-        max_attempts: rng.u32(1..=5),
-        grace_period: Duration::from_millis(rng.u64(50..=1000)),
-        messages: None,
-        seed: Some(seed),
-        ..Config::default()
+    let mut config = Config::default();
+    config.publish.publishers = rng.usize(1..=3);
+    config.run.consumers = rng.usize(1..=3);
+    config.run.workers = rng.usize(1..=4);
+    config.run.max_in_flight = [5, 50, 1000][rng.usize(..3)];
+    config.memory.max_backlog = [10, 1000][rng.usize(..2)];
+    config.publish.interval = Duration::from_micros([0, 200, 2000][rng.usize(..3)]);
+    config.handler.latency = Duration::from_millis([0, 5, 20, 100][rng.usize(..4)]);
+    config.handler.restart_failure_rate = rng.f64();
+    config.handler.save_failure_rate = rng.f64() * 0.5;
+    config.handler.restart_retries = rng.u32(0..=3);
+    config.handler.panic_rate = if rng.u8(..10) < 3 {
+        rng.f64() * 0.02
+    } else {
+        0.0
     };
+    config.handler.stall_rate = if rng.u8(..10) < 3 {
+        rng.f64() * 0.05
+    } else {
+        0.0
+    };
+    // Stalls longer than the ack deadline, but short enough that a stalled executor thread
+    // does not hold the shutdown past grace period + 1 s.
+    config.handler.stall = Duration::from_millis(rng.u64(300..=500));
+    config.lease.ack_deadline = ack_deadline;
+    config.lease.extend_interval = ack_deadline / 3;
+    config.lease.max_attempts = rng.u32(1..=5);
+    config.run.grace_period = Duration::from_millis(rng.u64(50..=1000));
+    config.run.messages = None;
+    config.run.seed = Some(seed);
     let mut signals = Vec::new();
     if rng.u8(..10) < 3 {
-        config.messages = Some(rng.u64(1..=500));
+        config.run.messages = Some(rng.u64(1..=500));
     } else {
         let names = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"];
         signals.push((
@@ -173,30 +171,36 @@ fn settings(seed: u64) -> Settings {
 fn flags(config: &Config) -> Vec<String> {
     let ms = |d: Duration| format!("{}us", d.as_micros());
     let mut args = vec![
-        ("--publishers", config.publishers.to_string()),
-        ("--consumers", config.consumers.to_string()),
-        ("--workers", config.workers.to_string()),
-        ("--max-in-flight", config.max_in_flight.to_string()),
-        ("--max-backlog", config.max_backlog.to_string()),
-        ("--publish-interval", ms(config.publish_interval)),
-        ("--handler-latency", ms(config.handler_latency)),
+        ("--publishers", config.publish.publishers.to_string()),
+        ("--consumers", config.run.consumers.to_string()),
+        ("--workers", config.run.workers.to_string()),
+        ("--max-in-flight", config.run.max_in_flight.to_string()),
+        ("--max-backlog", config.memory.max_backlog.to_string()),
+        ("--publish-interval", ms(config.publish.interval)),
+        ("--handler-latency", ms(config.handler.latency)),
         (
             "--restart-failure-rate",
-            config.restart_failure_rate.to_string(),
+            config.handler.restart_failure_rate.to_string(),
         ),
-        ("--save-failure-rate", config.save_failure_rate.to_string()),
-        ("--restart-retries", config.restart_retries.to_string()),
-        ("--panic-rate", config.panic_rate.to_string()),
-        ("--stall-rate", config.stall_rate.to_string()),
-        ("--stall", ms(config.stall)),
-        ("--ack-deadline", ms(config.ack_deadline)),
-        ("--extend-interval", ms(config.extend_interval)),
-        ("--max-attempts", config.max_attempts.to_string()),
-        ("--grace-period", ms(config.grace_period)),
-        ("--seed", config.seed.unwrap_or(0).to_string()),
+        (
+            "--save-failure-rate",
+            config.handler.save_failure_rate.to_string(),
+        ),
+        (
+            "--restart-retries",
+            config.handler.restart_retries.to_string(),
+        ),
+        ("--panic-rate", config.handler.panic_rate.to_string()),
+        ("--stall-rate", config.handler.stall_rate.to_string()),
+        ("--stall", ms(config.handler.stall)),
+        ("--ack-deadline", ms(config.lease.ack_deadline)),
+        ("--extend-interval", ms(config.lease.extend_interval)),
+        ("--max-attempts", config.lease.max_attempts.to_string()),
+        ("--grace-period", ms(config.run.grace_period)),
+        ("--seed", config.run.seed.unwrap_or(0).to_string()),
         ("--report", "json".to_owned()),
     ];
-    if let Some(messages) = config.messages {
+    if let Some(messages) = config.run.messages {
         args.push(("--messages", messages.to_string()));
     }
     args.into_iter()
@@ -363,10 +367,10 @@ pub fn binary_run(binary: &str, seed: u64) -> Outcome {
     }
     if let Some(signalled) = first_signal {
         let took = exited - signalled;
-        if took > config.grace_period + Duration::from_secs(1) {
+        if took > config.run.grace_period + Duration::from_secs(1) {
             outcome.problems.push(format!(
                 "{context}: exit took {took:?} after the signal, grace period {:?}",
-                config.grace_period
+                config.run.grace_period
             ));
         }
     }
@@ -407,7 +411,7 @@ pub fn library_run(seed: u64) -> Outcome {
             outcome.account(&report.to_json(), &context);
             let expected = if report.panicked > 0 && report.reason == "panicked" {
                 "panicked"
-            } else if config.messages.is_some() {
+            } else if config.run.messages.is_some() {
                 "completed"
             } else {
                 "requested"
@@ -421,7 +425,7 @@ pub fn library_run(seed: u64) -> Outcome {
             if let Some(triggered) = triggered {
                 let took = returned.saturating_duration_since(triggered);
                 if report.reason == "requested"
-                    && took > config.grace_period + Duration::from_secs(1)
+                    && took > config.run.grace_period + Duration::from_secs(1)
                 {
                     outcome.problems.push(format!(
                         "{context}: run returned {took:?} after the trigger"

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use log::LevelFilter;
-use mayhem::Config;
+use mayhem::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
 
 /// What `-h` and `--help` show after the flags (one page for both: a long form would
 /// double the length of the help for little gain).
@@ -37,10 +37,10 @@ dropped and counted (\"N log lines dropped\").";
 )]
 pub(crate) struct Cli {
     /// Publisher threads, 0 to 1024 (0 = none).
-    #[arg(long, env = "MAYHEM_PUBLISHERS", value_name = "N", default_value_t = 1)]
+    #[arg(long, env = "MAYHEM_PUBLISHERS", value_name = "N", default_value_t = PublishConfig::default().publishers)]
     publishers: usize,
     /// Consumer threads, 1 to 1024.
-    #[arg(long, env = "MAYHEM_CONSUMERS", value_name = "N", default_value_t = 1)]
+    #[arg(long, env = "MAYHEM_CONSUMERS", value_name = "N", default_value_t = RunConfig::default().consumers)]
     consumers: usize,
     /// Executor worker threads, 1 to 1024 [default: number of CPUs].
     #[arg(long, env = "MAYHEM_WORKERS", value_name = "N")]
@@ -50,7 +50,7 @@ pub(crate) struct Cli {
         long,
         env = "MAYHEM_MAX_IN_FLIGHT",
         value_name = "N",
-        default_value_t = 1000
+        default_value_t = RunConfig::default().max_in_flight
     )]
     max_in_flight: usize,
     /// Most messages waiting in the subscription before publishers block, 1 to 10000000.
@@ -58,58 +58,58 @@ pub(crate) struct Cli {
         long,
         env = "MAYHEM_MAX_BACKLOG",
         value_name = "N",
-        default_value_t = 10_000
+        default_value_t = MemoryConfig::default().max_backlog
     )]
     max_backlog: usize,
     /// Upper bound of a publisher's random pause between messages, up to 24h (0 = none).
-    #[arg(long, env = "MAYHEM_PUBLISH_INTERVAL", value_name = "DUR", default_value = "1s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, env = "MAYHEM_PUBLISH_INTERVAL", value_name = "DUR", default_value = human(PublishConfig::default().interval), value_parser = duration, allow_hyphen_values = true)]
     publish_interval: Duration,
     /// Upper bound of each simulated I/O step of a handler, up to 24h (0 = none).
-    #[arg(long, env = "MAYHEM_HANDLER_LATENCY", value_name = "DUR", default_value = "1s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, env = "MAYHEM_HANDLER_LATENCY", value_name = "DUR", default_value = human(HandlerConfig::default().latency), value_parser = duration, allow_hyphen_values = true)]
     handler_latency: Duration,
     /// Probability that one restart attempt fails, 0 to 1.
-    #[arg(long, env = "MAYHEM_RESTART_FAILURE_RATE", value_name = "P", default_value_t = 0.25, value_parser = rate)]
+    #[arg(long, env = "MAYHEM_RESTART_FAILURE_RATE", value_name = "P", default_value_t = HandlerConfig::default().restart_failure_rate, value_parser = rate)]
     restart_failure_rate: f64,
     /// Probability that saving a record fails, 0 to 1.
-    #[arg(long, env = "MAYHEM_SAVE_FAILURE_RATE", value_name = "P", default_value_t = 0.25, value_parser = rate)]
+    #[arg(long, env = "MAYHEM_SAVE_FAILURE_RATE", value_name = "P", default_value_t = HandlerConfig::default().save_failure_rate, value_parser = rate)]
     save_failure_rate: f64,
     /// Probability that handling a message panics, 0 to 1 (fault injection).
-    #[arg(long, env = "MAYHEM_PANIC_RATE", value_name = "P", default_value_t = 0.0, value_parser = rate)]
+    #[arg(long, env = "MAYHEM_PANIC_RATE", value_name = "P", default_value_t = HandlerConfig::default().panic_rate, value_parser = rate)]
     panic_rate: f64,
     /// Probability that a handler blocks its thread for --stall, 0 to 1 (fault injection).
-    #[arg(long, env = "MAYHEM_STALL_RATE", value_name = "P", default_value_t = 0.0, value_parser = rate)]
+    #[arg(long, env = "MAYHEM_STALL_RATE", value_name = "P", default_value_t = HandlerConfig::default().stall_rate, value_parser = rate)]
     stall_rate: f64,
     /// How long an injected stall blocks an executor thread, up to 1h.
-    #[arg(long, env = "MAYHEM_STALL", value_name = "DUR", default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, env = "MAYHEM_STALL", value_name = "DUR", default_value = human(HandlerConfig::default().stall), value_parser = duration, allow_hyphen_values = true)]
     stall: Duration,
     /// Retries of a failed restart before the message is nacked, 0 to 100.
     #[arg(
         long,
         env = "MAYHEM_RESTART_RETRIES",
         value_name = "N",
-        default_value_t = 3
+        default_value_t = HandlerConfig::default().restart_retries
     )]
     restart_retries: u32,
     /// How long a pulled message stays leased without an extension, 10ms to 10m.
-    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = "3s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = human(LeaseConfig::default().ack_deadline), value_parser = duration, allow_hyphen_values = true)]
     ack_deadline: Duration,
     /// How often a held lease is extended, from 1ms to below --ack-deadline.
-    #[arg(long, env = "MAYHEM_EXTEND_INTERVAL", value_name = "DUR", default_value = "2s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, env = "MAYHEM_EXTEND_INTERVAL", value_name = "DUR", default_value = human(LeaseConfig::default().extend_interval), value_parser = duration, allow_hyphen_values = true)]
     extend_interval: Duration,
     /// Deliveries of one message before it is dead-lettered, 1 to 1000.
     #[arg(
         long,
         env = "MAYHEM_MAX_ATTEMPTS",
         value_name = "N",
-        default_value_t = 5
+        default_value_t = LeaseConfig::default().max_attempts
     )]
     max_attempts: u32,
     /// Past this time since its pull a lease is no longer extended (a warning names the
     /// message); at least --ack-deadline, up to 24h.
-    #[arg(long, env = "MAYHEM_MAX_LEASE", value_name = "DUR", default_value = "1h", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, env = "MAYHEM_MAX_LEASE", value_name = "DUR", default_value = human(LeaseConfig::default().max_lease), value_parser = duration, allow_hyphen_values = true)]
     max_lease: Duration,
     /// On shutdown, how long handlers in flight may take before they are cancelled, up to 1h.
-    #[arg(long, env = "MAYHEM_GRACE_PERIOD", value_name = "DUR", default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, env = "MAYHEM_GRACE_PERIOD", value_name = "DUR", default_value = human(RunConfig::default().grace_period), value_parser = duration, allow_hyphen_values = true)]
     grace_period: Duration,
     /// Publish N messages, handle them all, then exit [default: run until a signal].
     #[arg(long, env = "MAYHEM_MESSAGES", value_name = "N")]
@@ -118,7 +118,7 @@ pub(crate) struct Cli {
     #[arg(long, env = "MAYHEM_SEED", value_name = "N")]
     seed: Option<u64>,
     /// Interval of the stats line logged at info level, up to 24h (0 = off).
-    #[arg(long, env = "MAYHEM_STATS_INTERVAL", value_name = "DUR", default_value = "10s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, env = "MAYHEM_STATS_INTERVAL", value_name = "DUR", default_value = human(RunConfig::default().stats_interval), value_parser = duration, allow_hyphen_values = true)]
     stats_interval: Duration,
     /// Warn about each handler still running after DUR [default: off].
     #[arg(long, env = "MAYHEM_DEBUG_SLOW", value_name = "DUR", value_parser = duration, allow_hyphen_values = true)]
@@ -209,29 +209,39 @@ impl Cli {
     pub(crate) fn config(&self) -> Config {
         let defaults = Config::default();
         Config {
-            publishers: self.publishers,
-            consumers: self.consumers,
-            workers: self.workers.unwrap_or(defaults.workers),
-            max_in_flight: self.max_in_flight,
-            max_backlog: self.max_backlog,
-            publish_interval: self.publish_interval,
-            handler_latency: self.handler_latency,
-            restart_failure_rate: self.restart_failure_rate,
-            save_failure_rate: self.save_failure_rate,
-            panic_rate: self.panic_rate,
-            stall_rate: self.stall_rate,
-            stall: self.stall,
-            restart_retries: self.restart_retries,
-            ack_deadline: self.ack_deadline,
-            extend_interval: self.extend_interval,
-            max_attempts: self.max_attempts,
-            max_lease: self.max_lease,
-            grace_period: self.grace_period,
-            messages: self.messages,
-            seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
-            stats_interval: self.stats_interval,
-            debug_slow: self.debug_slow,
-            blocking_threshold: self.blocking_threshold,
+            run: RunConfig {
+                consumers: self.consumers,
+                workers: self.workers.unwrap_or(defaults.run.workers),
+                max_in_flight: self.max_in_flight,
+                messages: self.messages,
+                seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
+                grace_period: self.grace_period,
+                stats_interval: self.stats_interval,
+                debug_slow: self.debug_slow,
+                blocking_threshold: self.blocking_threshold,
+            },
+            publish: PublishConfig {
+                publishers: self.publishers,
+                interval: self.publish_interval,
+            },
+            lease: LeaseConfig {
+                ack_deadline: self.ack_deadline,
+                extend_interval: self.extend_interval,
+                max_lease: self.max_lease,
+                max_attempts: self.max_attempts,
+            },
+            handler: HandlerConfig {
+                latency: self.handler_latency,
+                restart_failure_rate: self.restart_failure_rate,
+                save_failure_rate: self.save_failure_rate,
+                panic_rate: self.panic_rate,
+                stall_rate: self.stall_rate,
+                stall: self.stall,
+                restart_retries: self.restart_retries,
+            },
+            memory: MemoryConfig {
+                max_backlog: self.max_backlog,
+            },
         }
     }
 
@@ -246,8 +256,8 @@ impl Cli {
                 .consumer_name
                 .clone()
                 .unwrap_or_else(default_consumer_name),
-            ack_deadline: config.ack_deadline,
-            max_attempts: config.max_attempts,
+            ack_deadline: config.lease.ack_deadline,
+            max_attempts: config.lease.max_attempts,
             reconnect_limit: self.reconnect_limit,
             liveness_ttl: self.consumer_ttl,
             trim_interval: self.trim_interval,
@@ -367,6 +377,12 @@ fn source(text: &str) -> Result<SourceKind, String> {
     Err("this build has no redis support (feature redis)".to_owned())
 }
 
+/// A duration as the command line writes it, for the defaults `--help` shows: the defaults
+/// themselves live in the library's configuration sections, stated once.
+fn human(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
 /// Parses a stream, group or consumer name: not empty, no whitespace.
 fn name(text: &str) -> Result<String, String> {
     if text.is_empty() || text.chars().any(char::is_whitespace) {
@@ -386,4 +402,27 @@ fn default_consumer_name() -> String {
         .filter(|host| !host.is_empty() && !host.chars().any(char::is_whitespace))
         .unwrap_or_else(|| "mayhem".to_owned());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_defaults_are_the_library_defaults() {
+        // Parsed without flags and with no MAYHEM_* variable that would stand for one.
+        if std::env::vars().any(|(key, _)| {
+            key.starts_with("MAYHEM_")
+                && key != "MAYHEM_REQUIRE_REDIS"
+                && key != "MAYHEM_REQUIRE_CONTAINER"
+        }) {
+            panic!("a MAYHEM_* variable is set: this test needs the defaults");
+        }
+        let cli = Cli::try_parse_from(["mayhem"]).expect("no flags parse");
+        let mut config = cli.config();
+        // The seed is drawn when not given.
+        assert!(config.run.seed.is_some());
+        config.run.seed = None;
+        assert_eq!(config, Config::default());
+    }
 }

@@ -130,7 +130,7 @@ fn run(
     }
     install_panic_hook();
 
-    let seed = config.seed.unwrap_or_default();
+    let seed = config.run.seed.unwrap_or_default();
     debug!("Using seed {seed}");
     let source: Arc<dyn Broker> = match &cli.source {
         SourceKind::Memory => Arc::new(Subscription::new(config.subscription())),
