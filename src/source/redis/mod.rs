@@ -284,8 +284,17 @@ struct Core {
     closing_signal: Condvar,
     /// Set when another instance took the consumer name over: pulls fail.
     name_lost: AtomicBool,
-    /// Where the next `XAUTOCLAIM` starts (it scans a bounded part of the pending list).
-    claim_cursor: Mutex<String>,
+    /// Where the next `XAUTOCLAIM` starts (it scans a bounded part of the pending list), and
+    /// when the next sweep of the pending list is due.
+    claim_cursor: Mutex<ClaimCursor>,
+}
+
+/// The position of the sweep of the pending list for expired entries.
+struct ClaimCursor {
+    /// Where the next `XAUTOCLAIM` starts; `0-0` starts a new sweep.
+    start: String,
+    /// No new sweep before this instant.
+    due: Instant,
 }
 
 /// The lease table.
@@ -744,7 +753,10 @@ impl Core {
             closing: Mutex::new(false),
             closing_signal: Condvar::new(),
             name_lost: AtomicBool::new(false),
-            claim_cursor: Mutex::new("0-0".to_owned()),
+            claim_cursor: Mutex::new(ClaimCursor {
+                start: "0-0".to_owned(),
+                due: now,
+            }),
         }
     }
 
