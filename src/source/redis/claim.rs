@@ -9,7 +9,7 @@ use redis::Value;
 
 use super::acker::{Op, OpKind};
 use super::connection::Failure;
-use super::reply::{claim_reply, field_map, read_reply_entries, Entry, EntryId};
+use super::reply::{claim_reply, fields, read_reply_entries, Entry};
 use super::{lock, Core, Held};
 use crate::message::PubSubMessage;
 use crate::source::Lease;
@@ -56,11 +56,8 @@ impl Core {
                     .arg(">")
                     .query::<Value>(con)
             })?;
-            self.lease_all_from(read_reply_entries(&reply), sent_at, out);
-            if !out.is_empty()
-                || Instant::now() >= end
-                || self.interrupted.load(Ordering::SeqCst)
-            {
+            self.lease_all_from(read_reply_entries(reply), sent_at, out);
+            if !out.is_empty() || Instant::now() >= end || self.interrupted.load(Ordering::SeqCst) {
                 return Ok(());
             }
         }
@@ -125,33 +122,34 @@ impl Core {
             return;
         }
         let deadline = since + self.config.ack_deadline;
-        let mut leases = lock(&self.leases);
+        // Parsed before the lease table is locked: the table is shared with every handler's
+        // ack, so it is held only to insert.
         let mut malformed = Vec::new();
-        for (id, fields, deliveries) in entries {
-            let Some(entry) = EntryId::parse(&id) else {
-                continue;
-            };
-            let fields = field_map(&fields);
+        let mut parsed = Vec::with_capacity(entries.len());
+        for (entry, list, deliveries) in entries {
+            let fields = fields(&list);
+            let attempt = fields.attempts.saturating_add(deliveries);
             let message = fields
-                .get("message_id")
-                .and_then(|id| uuid::Uuid::parse_str(id).ok())
-                .zip(fields.get("instance_name"))
+                .message_id
+                .zip(fields.instance_name.as_deref())
                 .and_then(|(id, name)| PubSubMessage::from_parts(id, name));
-            let prior: u32 = fields
-                .get("attempts")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            let attempt = prior.saturating_add(deliveries);
-            let Some(message) = message else {
-                malformed.push(Op {
+            match message {
+                // Every other field of the entry is an attribute (a program's own publishers
+                // may add some); the chaos monkey's own entries have none, so nothing is
+                // allocated for them.
+                Some(message) => parsed.push((entry, message, fields.others, deliveries, attempt)),
+                None => malformed.push(Op {
                     kind: OpKind::Dead,
                     lease: 0,
                     entry,
                     deliveries: 0,
                     attempt,
-                });
-                continue;
-            };
+                }),
+            }
+        }
+        let mut leases = lock(&self.leases);
+        out.reserve(parsed.len());
+        for (entry, message, attributes, deliveries, attempt) in parsed {
             let generation = leases.next_generation;
             leases.next_generation = generation.wrapping_add(1);
             let index = leases.slots.insert(Held {
@@ -161,16 +159,9 @@ impl Core {
                 deadline,
                 generation,
             });
-            // Every other field of the entry is an attribute (a program's own publishers may
-            // add some); the chaos monkey's own entries have none, so nothing is allocated.
-            let attributes = fields
-                .iter()
-                .filter(|(key, _)| !super::RESERVED_FIELDS.contains(&key.as_str()))
-                .map(|(key, value)| (key.clone(), value.clone()))
-                .collect();
             out.push(Lease {
                 message,
-                attributes,
+                attributes: attributes.into_iter().collect(),
                 attempt,
                 id: (u64::from(generation) << 32) | index as u64,
             });

@@ -414,10 +414,18 @@ impl Core {
         }
     }
 
-    /// Creates the consumer group (keeping an existing one) at its recorded floor, or at `0`,
-    /// and loads the scripts.
+    /// Creates the consumer group (keeping an existing one) at its recorded floor, or at `0`
+    /// (also when the stream itself is new), and loads the scripts.
     fn prepare(&self, con: &mut Connection) -> Result<(), RedisError> {
-        let floor: Option<String> = redis::cmd("GET").arg(&self.floor_key).query(con)?;
+        // A floor outlives its stream only when the stream was deleted as a whole: then no
+        // history is left to replay, and the floor is dropped.
+        let exists: bool = redis::cmd("EXISTS").arg(&self.config.stream).query(con)?;
+        let floor: Option<String> = if exists {
+            redis::cmd("GET").arg(&self.floor_key).query(con)?
+        } else {
+            redis::cmd("DEL").arg(&self.floor_key).query::<()>(con)?;
+            None
+        };
         let start = floor
             .as_deref()
             .and_then(EntryId::parse)

@@ -7,17 +7,20 @@
 //! | `publish` | `XADD stream * message_id <uuid> instance_name <name>` |
 //! | start | claim the consumer name (a liveness key, see below); `XGROUP CREATE stream group <floor> MKSTREAM` (an existing group is kept); this consumer's own pending entries, left by an earlier instance of the same name, are marked expired |
 //! | `pull` | entries idle past the ack deadline (`XAUTOCLAIM`), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
-//! | `ack` | `XACK` |
+//! | `ack` | `XACK stream group id...` (one per batch) |
 //! | `extend` | `XCLAIM ... JUSTID` (resets the entry's idle time) |
 //! | `nack` | a copy of the entry with its attempt count is added to the stream and the entry acked, in one script: the message is at once deliverable to any consumer |
 //! | dead letter | a copy goes to `{stream}:dead` (bounded by [`RedisConfig::dead_letter_max`]) with its attempt count and the entry is acked, in one script |
 //! | retention | `XTRIM stream MINID <lowest floor of every group>`, every [`RedisConfig::trim_interval`] |
 //! | graceful stop | the liveness key is deleted; the consumer is removed (`XGROUP DELCONSUMER`) when it holds nothing |
 //!
-//! Lease operations are checked for ownership first: one Lua script per batch checks with
-//! `XPENDING` that this consumer still owns each entry with the same delivery count, so a
-//! lease that expired and was claimed by another consumer (or by a later pull of this one)
-//! is never acked, extended or nacked by its former holder.
+//! Extensions, nacks and dead letters are checked for ownership first: one Lua script per
+//! batch checks with `XPENDING` that this consumer still owns each entry with the same
+//! delivery count, so a lease that expired and was claimed by another consumer (or by a later
+//! pull of this one) is never extended, requeued or dead-lettered by its former holder. Acks
+//! go as one `XACK` of many ids in the same round trip: an entry is acked at most once
+//! whoever acks it, and a message whose handler succeeded is done even if its lease passed to
+//! another consumer meanwhile (whose ack then counts as a late refusal).
 //!
 //! # One live instance per consumer name
 //!
