@@ -185,7 +185,12 @@ pub fn rows(messages: u64) -> Vec<String> {
             .stderr(Stdio::null())
             .output()
             .ok()
-            .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().ok());
+            .and_then(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            });
         python.extend(reference);
         server.cmd(&["CONFIG", "RESETSTAT"]);
         consume.extend(mayhem(
