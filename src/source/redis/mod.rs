@@ -110,7 +110,7 @@ use self::reply::EntryId;
 pub use self::connection::redact_url;
 
 /// How long `stats` waits for queued lease operations to be sent.
-const FLUSH_WAIT: Duration = Duration::from_secs(5);
+const STATS_WAIT: Duration = Duration::from_millis(250);
 /// How long `stats` and dropping the source wait once the source was interrupted: the
 /// service's exit must not wait on a stalled server.
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
@@ -275,6 +275,8 @@ struct Core {
     group_settled: AtomicU64,
     /// Messages published through this source, readable without a lock.
     published: AtomicU64,
+    /// The group's pending and undelivered entries, as last read.
+    remaining: AtomicU64,
     /// Lease operations queued and not yet answered; `drained` signals when it reaches zero.
     queued: Mutex<u64>,
     /// Signalled when `queued` drops to zero.
@@ -645,28 +647,33 @@ impl Source for RedisSource {
     }
 
     /// The counters; `remaining` is what the whole group has left (entries not yet
-    /// delivered plus entries pending), or 0 when Redis cannot be asked.
+    /// delivered plus entries pending).
     ///
     /// # Blocking
     ///
-    /// Waits (up to a few seconds, or a quarter of a second once interrupted) until queued
-    /// lease operations were answered, then asks Redis: call it from a thread, not inside a
-    /// future.
+    /// Waits (at most a quarter of a second: the runner's thread that logs the stats line
+    /// also reacts to the shutdown) until queued lease operations were answered, then asks
+    /// Redis: call it from a thread, not inside a future.
     fn stats(&self) -> SourceStats {
         let core = &self.core;
-        let wait = if core.interrupted.load(Ordering::SeqCst) {
-            SHUTDOWN_WAIT
-        } else {
-            FLUSH_WAIT
-        };
-        core.flush(wait);
+        core.flush(STATS_WAIT);
         core.expire_local();
         let mut stats = *lock(&core.stats);
-        stats.remaining = if core.failing.load(Ordering::SeqCst) {
-            0
-        } else {
-            core.group_state()
-                .map_or(0, |state| state.pending + state.undelivered)
+        // Asked of the server only while it answers and the service is not stopping; else the
+        // maintenance thread's last answer (at most a tenth of a second old while it answers).
+        let fresh =
+            if core.failing.load(Ordering::SeqCst) || core.interrupted.load(Ordering::SeqCst) {
+                None
+            } else {
+                core.group_state()
+            };
+        stats.remaining = match fresh {
+            Some(state) => {
+                let remaining = state.pending + state.undelivered;
+                core.remaining.store(remaining, Ordering::SeqCst);
+                remaining
+            }
+            None => core.remaining.load(Ordering::SeqCst),
         };
         stats
     }
@@ -750,6 +757,7 @@ impl Core {
             settled: AtomicU64::new(0),
             group_settled: AtomicU64::new(0),
             published: AtomicU64::new(0),
+            remaining: AtomicU64::new(0),
             queued: Mutex::new(0),
             drained: Condvar::new(),
             interrupted: AtomicBool::new(false),
