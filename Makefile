@@ -1,5 +1,6 @@
 # Mayhem: the two commands a user needs are `make run` and `make test`.
-# Pass flags to the service with ARGS, e.g. `make run ARGS="--messages 100 --report json"`.
+# Pass flags to the service with ARGS, e.g.
+# `make run ARGS="--messages 100 --publish-interval 0 --handler-latency 10ms --report json"`.
 
 CARGO ?= cargo
 ARGS ?=
@@ -7,8 +8,12 @@ ARGS ?=
 .PHONY: run test lint fmt bench soak leakcheck container build clean
 
 ## Run the service on its embedded in-memory pub/sub; Ctrl-C stops it cleanly.
+## The terminal's SIGINT reaches make as well, which re-raises it after the recipe (make then
+## exits 130 whatever the service did), so the recipe prints the service's own exit status;
+## its shell traps SIGINT (the service, a new program, gets the default disposition back).
 run:
-	$(CARGO) run --release --quiet -- $(ARGS)
+	@trap 'true' INT; $(CARGO) run --release --quiet -- $(ARGS); status=$$?; \
+	  echo "mayhem exited with status $$status" >&2; exit $$status
 
 ## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples.
 ## Tests that cannot run here (the Redis tests without redis-server) skip loudly: each appends
@@ -63,9 +68,18 @@ leakcheck:
 	$(VALGRIND) ./target/debug/mayhem --publish-interval 1ms --handler-latency 20ms --log-level warn --report json >/dev/null & pid=$$!; \
 	  sleep 3; kill -TERM $$pid; wait $$pid
 
-## The container image (needs a Docker engine; see Dockerfile).
+## The container image: the static (musl) binary alone in a non-root scratch image, built with
+## podman from container/Containerfile (the Dockerfile builds the same image with docker).
+IMAGE ?= mayhem
+MUSL_TARGET = x86_64-unknown-linux-musl
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+# crun refuses the hybrid cgroups of some hosts; runc with cgroupfs works on them.
+PODMAN ?= podman --runtime runc --cgroup-manager=cgroupfs
 container:
-	docker build -t mayhem .
+	$(CARGO) build --release --locked --target $(MUSL_TARGET) --bin mayhem
+	rm -rf $(TARGET_DIR)/container && mkdir -p $(TARGET_DIR)/container
+	cp $(TARGET_DIR)/$(MUSL_TARGET)/release/mayhem $(TARGET_DIR)/container/mayhem
+	$(PODMAN) build --quiet --tag $(IMAGE) --file container/Containerfile $(TARGET_DIR)/container
 
 clean:
 	$(CARGO) clean

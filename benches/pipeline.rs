@@ -33,6 +33,14 @@ const RUNS: usize = 5;
 const RSS_MESSAGES: u64 = 200_000;
 /// Messages held in flight for the per-message memory figure.
 const IN_FLIGHT: usize = 100_000;
+/// Flow-control windows of the goodput curve (1 s handlers).
+const WINDOWS: [usize; 6] = [1_000, 10_000, 100_000, 300_000, 1_000_000, 2_000_000];
+/// Warm-up before a goodput point is measured: the window fills and the first handlers end.
+const GOODPUT_WARMUP: Duration = Duration::from_secs(5);
+/// How long a goodput point is measured.
+const GOODPUT_SPAN: Duration = Duration::from_secs(5);
+/// Messages of the overload run of the binary.
+const OVERLOAD_MESSAGES: usize = 1_000_000;
 /// Start and end markers of the generated section of the README.
 const MARKERS: (&str, &str) = ("<!-- bench:start -->", "<!-- bench:end -->");
 
@@ -97,6 +105,15 @@ fn main() {
     let binary_stop = stats((0..RUNS).map(|_| binary_shutdown_ms()).collect());
     let redis_rows = redis::rows(REDIS_MESSAGES.min(messages));
     let binary_bytes = std::fs::metadata(env!("CARGO_BIN_EXE_mayhem")).map_or(0, |m| m.len());
+    let goodput: Vec<(usize, f64)> = WINDOWS
+        .iter()
+        .map(|&window| {
+            let rate = goodput(window);
+            println!("goodput window {window}: {rate:>10.0} acked/s");
+            (window, rate)
+        })
+        .collect();
+    let overload = overload_run();
 
     let mut table = String::new();
     let _ = writeln!(table, "Measured by `make bench` on {cpus} CPUs ({messages} messages per throughput run, {RUNS} runs: median, min-max).\n");
@@ -147,6 +164,40 @@ fn main() {
     );
     let _ = writeln!(
         table,
+        "| overload run: `--messages {OVERLOAD_MESSAGES} --max-in-flight {OVERLOAD_MESSAGES} --max-backlog {OVERLOAD_MESSAGES} --publish-interval 0 --handler-latency 1s`, failure rates 0 | {} | every message acked, 0 expired, 0 dead-lettered, <= 20 s, < 100 lines at warn, <= 1.6 KB per message in flight |",
+        overload.show()
+    );
+    let peak = goodput.iter().map(|(_, rate)| *rate).fold(0.0, f64::max);
+    let peak_at = goodput
+        .iter()
+        .position(|(_, rate)| *rate == peak)
+        .unwrap_or(0);
+    let worst_after_peak = goodput[peak_at..]
+        .iter()
+        .map(|(_, rate)| *rate)
+        .fold(peak, f64::min);
+    let _ = writeln!(
+        table,
+        "\nGoodput against the flow-control window (handlers of 1 s latency, no failures; acked/s over {}s after a {}s warm-up; plotted in `benches/goodput.svg`):\n",
+        GOODPUT_SPAN.as_secs(),
+        GOODPUT_WARMUP.as_secs()
+    );
+    let _ = writeln!(table, "| window | acked/s | share of peak |");
+    let _ = writeln!(table, "|---|---|---|");
+    for (window, rate) in &goodput {
+        let _ = writeln!(
+            table,
+            "| {window} | {rate:.0} | {:.0} % |",
+            rate / peak.max(1.0) * 100.0
+        );
+    }
+    let _ = writeln!(
+        table,
+        "\nPast its peak, goodput keeps {:.0} % of it at worst (target: >= 80 %).",
+        worst_after_peak / peak.max(1.0) * 100.0
+    );
+    let _ = writeln!(
+        table,
         "\nSweep ({SWEEP_MESSAGES} messages per point, one run each), messages/s:\n"
     );
     let _ = writeln!(
@@ -180,6 +231,10 @@ fn main() {
     write_or_warn(
         &format!("{root}/benches/throughput.svg"),
         &plot(&sweep, best.0),
+    );
+    write_or_warn(
+        &format!("{root}/benches/goodput.svg"),
+        &plot_goodput(&goodput),
     );
     update_readme(&format!("{root}/README.md"), &table);
 }
@@ -286,6 +341,211 @@ fn bare_bridge(workers: usize, messages: u64) -> f64 {
         thread.join().expect("bare bridge thread");
     }
     rate
+}
+
+/// Acked messages per second in steady state with a flow-control window of `window` and
+/// handlers of 1 s latency: publishers keep the window full; after a warm-up, the acks of a
+/// fixed span are counted.
+fn goodput(window: usize) -> f64 {
+    let config = Config {
+        publishers: 1,
+        consumers: 1,
+        workers: thread::available_parallelism().map_or(2, |n| n.get()),
+        max_in_flight: window,
+        max_backlog: window,
+        publish_interval: Duration::ZERO,
+        handler_latency: Duration::from_secs(1),
+        restart_failure_rate: 0.0,
+        save_failure_rate: 0.0,
+        grace_period: Duration::ZERO,
+        stats_interval: Duration::ZERO,
+        seed: Some(1),
+        ..Config::default()
+    };
+    let subscription = Subscription::new(config.subscription());
+    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+    let metrics = Metrics::default();
+    let shutdown = Shutdown::new();
+    thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            thread::sleep(GOODPUT_WARMUP);
+            let (acked, started) = (metrics.acked(), Instant::now());
+            thread::sleep(GOODPUT_SPAN);
+            let rate = (metrics.acked() - acked) as f64 / started.elapsed().as_secs_f64();
+            shutdown.trigger(ShutdownReason::Requested);
+            rate
+        });
+        let report = run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics)
+            .expect("valid bench config");
+        assert!(report.is_balanced(), "{report:?}");
+        assert_eq!(
+            (report.expired, report.dead_lettered, report.lost_leases),
+            (0, 0, 0),
+            "window {window}: {report:?}"
+        );
+        watcher.join().expect("goodput watcher")
+    })
+}
+
+/// The overload run of the binary, as an operator would start it.
+struct Overload {
+    wall: Duration,
+    report: String,
+    warn_lines: usize,
+    peak_rss_kb: f64,
+}
+
+impl Overload {
+    fn show(&self) -> String {
+        let field = |name: &str| -> String {
+            self.report
+                .split(&format!("\"{name}\":"))
+                .nth(1)
+                .and_then(|rest| rest.split([',', '}']).next())
+                .unwrap_or("?")
+                .to_owned()
+        };
+        format!(
+            "acked {}, expired {}, dead-lettered {}, {:.1} s wall, {} log lines, peak RSS {:.0} MB = {:.0} B per message in flight",
+            field("acked"),
+            field("expired"),
+            field("dead_lettered"),
+            self.wall.as_secs_f64(),
+            self.warn_lines,
+            self.peak_rss_kb / 1024.0,
+            self.peak_rss_kb * 1024.0 / OVERLOAD_MESSAGES as f64
+        )
+    }
+}
+
+/// Runs the release binary on the overload settings at `--log-level warn`, sampling its
+/// peak RSS from /proc while it runs.
+fn overload_run() -> Overload {
+    let count = OVERLOAD_MESSAGES.to_string();
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--messages",
+            &count,
+            "--max-in-flight",
+            &count,
+            "--max-backlog",
+            &count,
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "1s",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--log-level",
+            "warn",
+            "--report",
+            "json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the binary");
+    let status_path = format!("/proc/{}/status", child.id());
+    let stderr = child.stderr.take().expect("piped stderr");
+    let lines = thread::spawn(move || BufReader::new(stderr).lines().count());
+    let mut peak_rss_kb: f64 = 0.0;
+    while child.try_wait().expect("wait for the binary").is_none() {
+        if let Ok(status) = std::fs::read_to_string(&status_path) {
+            if let Some(kb) = status.lines().find_map(|line| {
+                line.strip_prefix("VmHWM:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            }) {
+                peak_rss_kb = peak_rss_kb.max(kb);
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let wall = started.elapsed();
+    let output = child
+        .wait_with_output()
+        .expect("collect the binary's output");
+    Overload {
+        wall,
+        report: String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        warn_lines: lines.join().expect("stderr reader"),
+        peak_rss_kb,
+    }
+}
+
+/// The goodput curve as an SVG line chart, window on a log scale.
+fn plot_goodput(points: &[(usize, f64)]) -> String {
+    let (width, height, left, bottom, top, right) = (640.0, 400.0, 90.0, 50.0, 40.0, 40.0);
+    let max_rate = points.iter().map(|(_, rate)| *rate).fold(1.0, f64::max) * 1.1;
+    let (low, high) = (
+        (points.first().map_or(1, |p| p.0) as f64).log10(),
+        (points.last().map_or(10, |p| p.0) as f64).log10(),
+    );
+    let x_of = |window: usize| {
+        left + ((window as f64).log10() - low) / (high - low).max(1e-9) * (width - left - right)
+    };
+    let y_of = |rate: f64| height - bottom - rate / max_rate * (height - bottom - top);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">Mayhem goodput against the flow-control window (1 s handlers)</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">--max-in-flight (log scale)</text>\n\
+         <text x=\"20\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 20 {})\">acked/s</text>\n",
+        width / 2.0,
+        height - bottom,
+        width - right,
+        height - bottom,
+        height - bottom,
+        (left + width - right) / 2.0,
+        height - 12.0,
+        height / 2.0,
+        height / 2.0
+    );
+    for step in 0..=4 {
+        let rate = max_rate * f64::from(step) / 4.0;
+        let y = y_of(rate);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}k</text>",
+            width - right,
+            left - 6.0,
+            y + 4.0,
+            rate / 1000.0
+        );
+    }
+    let line: Vec<String> = points
+        .iter()
+        .map(|&(window, rate)| format!("{:.1},{:.1}", x_of(window), y_of(rate)))
+        .collect();
+    let _ = writeln!(
+        svg,
+        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>",
+        line.join(" ")
+    );
+    for &(window, rate) in points {
+        let (x, y) = (x_of(window), y_of(rate));
+        let label = if window >= 1_000_000 {
+            format!("{}M", window / 1_000_000)
+        } else {
+            format!("{}k", window / 1000)
+        };
+        let _ = writeln!(
+            svg,
+            "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"#1f77b4\"/><text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>",
+            height - bottom + 16.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
 
 /// Runs this bench binary in a child mode and parses the one number it prints.

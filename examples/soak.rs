@@ -63,7 +63,7 @@ fn main() {
                     break;
                 }
                 let run_seed = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let binary_run = index % 2 == 0;
+                let binary_run = index.is_multiple_of(2);
                 let outcome = if binary_run {
                     chaos::binary_run(&binary, run_seed)
                 } else {

@@ -1,12 +1,14 @@
 //! Typed errors of the library.
 //!
 //! Every error is a small `enum` with a lowercase `Display` text and no trailing period, so a
-//! caller can match on the case and a binary can print it as one line.
+//! caller can match on the case and a binary can print it as one line. They are all
+//! `#[non_exhaustive]`: new cases may come in minor releases, so a `match` needs a `_` arm.
 
 use std::fmt;
 
 /// A configuration value out of range, or two values that contradict each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConfigError {
     /// The option the bad value belongs to, spelled as the command-line flag.
     pub option: &'static str,
@@ -44,6 +46,7 @@ impl std::error::Error for ConfigError {}
 
 /// An error of a [`Source`](crate::Source) operation that is not about one lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SourceError {
     /// The source was interrupted for shutdown: no more publishes or pulls are served.
     Closed,
@@ -68,6 +71,7 @@ impl std::error::Error for SourceError {}
 
 /// Why an ack, nack or extension of a lease was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LeaseError {
     /// The lease is not held any more: its deadline passed (the message went back to the
     /// subscription or to the dead-letter list), or it was already settled.
@@ -92,6 +96,7 @@ impl std::error::Error for LeaseError {}
 /// A handler error makes the runner nack the message, so it is delivered again (and
 /// dead-lettered once it used up its delivery attempts).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HandleError {
     /// The host could not be restarted, even after the bounded retries.
     RestartFailed {
@@ -121,6 +126,7 @@ impl std::error::Error for HandleError {}
 
 /// Why [`run`](crate::run) could not run the service.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum RunError {
     /// The configuration is invalid.
     Config(ConfigError),

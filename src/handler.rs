@@ -148,7 +148,18 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Settings of the [`MayhemHandler`].
+///
+/// Settings may be added in minor releases (`#[non_exhaustive]`): start from
+/// [`MayhemConfig::default`] or [`MayhemConfig::from_config`] and set fields.
+///
+/// ```
+/// let mut settings = mayhem::MayhemConfig::default();
+/// settings.restart_failure_rate = 0.0;
+/// settings.seed = 42;
+/// let handler = mayhem::MayhemHandler::new(settings);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct MayhemConfig {
     /// Upper bound of each simulated I/O step (restart, save, cleanup); zero = none.
     pub latency: Duration,
@@ -167,6 +178,13 @@ pub struct MayhemConfig {
     /// Seed of the handler's random choices; each message draws from its own stream derived
     /// from this seed, its id and its attempt, so outcomes do not depend on scheduling.
     pub seed: u64,
+}
+
+impl Default for MayhemConfig {
+    /// The handler settings of the default [`Config`], with seed 0.
+    fn default() -> Self {
+        MayhemConfig::from_config(&Config::default(), 0)
+    }
 }
 
 impl MayhemConfig {
@@ -237,7 +255,7 @@ impl MayhemHandler {
             error!("Retrying for failure to restart: {hostname}");
             ctx.metrics().count_restart_retried();
             if !self.config.latency.is_zero() {
-                smol::Timer::after(backoff).await;
+                async_io::Timer::after(backoff).await;
                 backoff = backoff.saturating_mul(2);
             }
         }
@@ -298,5 +316,5 @@ async fn sleep_up_to(max: Duration, rng: &mut fastrand::Rng) {
         return;
     }
     let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-    smol::Timer::after(Duration::from_nanos(rng.u64(..nanos))).await;
+    async_io::Timer::after(Duration::from_nanos(rng.u64(..nanos))).await;
 }

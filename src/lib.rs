@@ -72,6 +72,49 @@
 //! assert_eq!(report.reason, "requested");
 //! assert!(report.is_balanced());
 //! ```
+//!
+//! Inside `smol::block_on` (or any executor's `block_on`), [`run`] may be called directly when
+//! that future does nothing else meanwhile, since it blocks the thread until the shutdown. An
+//! async program that goes on working hands it to a blocking pool instead:
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use mayhem::{run, Config, Context, HandleError, Handler, Shutdown, ShutdownReason, Subscription};
+//! # struct Noop;
+//! # impl Handler for Noop {
+//! #     async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+//! #         Ok(())
+//! #     }
+//! # }
+//! let mut config = Config::default();
+//! config.publish_interval = Duration::from_millis(1);
+//! let shutdown = Shutdown::new();
+//! let report = smol::block_on(async {
+//!     // `run` blocks its thread, so it runs on smol's blocking pool.
+//!     let service = {
+//!         let (config, shutdown) = (config.clone(), shutdown.clone());
+//!         smol::unblock(move || {
+//!             let subscription = Subscription::new((&config).into());
+//!             run(&config, &subscription, &Noop, &shutdown)
+//!         })
+//!     };
+//!     // Meanwhile the program goes on with async work, then stops the service.
+//!     smol::Timer::after(Duration::from_millis(50)).await;
+//!     shutdown.trigger(ShutdownReason::Requested);
+//!     service.await.unwrap()
+//! });
+//! assert_eq!(report.reason, "requested");
+//! assert!(report.is_balanced());
+//! ```
+//!
+//! `examples/embed_smol.rs` is the same as a program, with the chaos monkey's handler.
+//!
+//! # Features
+//!
+//! - `cli` (default): the `mayhem` binary and its dependencies (clap, signal-hook, env_filter,
+//!   jiff, gethostname, libc). A library user turns it off:
+//!   `mayhem-worker = { version = "0.1", default-features = false, features = ["redis"] }`.
+//! - `redis` (default): the Redis Streams source.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
@@ -89,7 +132,7 @@ pub use config::Config;
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
-pub use metrics::{Metrics, Report};
+pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
 pub use pipeline::{run, run_clients, run_with_metrics, Broker};
 pub use shutdown::{Shutdown, ShutdownReason};
 pub use source::memory::{
@@ -99,3 +142,11 @@ pub use source::memory::{
 pub use source::redis::{RedisConfig, RedisSource};
 pub use source::{Attributes, Delivery, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
 pub use uuid::Uuid;
+
+/// The random number generator that [`PubSubMessage::random`] draws from.
+///
+/// It is [fastrand](https://docs.rs/fastrand/2)'s `Rng`, re-exported so that callers need no
+/// dependency of their own on fastrand (and get the same version): seed one with
+/// `mayhem::Rng::with_seed(7)`. A new major version of fastrand would be a breaking change of
+/// this crate.
+pub use fastrand::Rng;

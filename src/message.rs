@@ -19,7 +19,7 @@ const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 /// value and creating one allocates nothing.
 ///
 /// ```
-/// let mut rng = fastrand::Rng::with_seed(7);
+/// let mut rng = mayhem::Rng::with_seed(7);
 /// let msg = mayhem::PubSubMessage::random(&mut rng);
 /// assert!(msg.instance_name().starts_with("cattle-"));
 /// assert_eq!(msg.hostname(), format!("{}.example.net", msg.instance_name()));
@@ -34,10 +34,11 @@ pub struct PubSubMessage {
 }
 
 impl PubSubMessage {
-    /// Creates a message with a random id and instance name drawn from `rng`.
+    /// Creates a message with a random id and instance name drawn from `rng` (a
+    /// [`Rng`](crate::Rng), re-exported from fastrand).
     ///
     /// The same seed gives the same messages, which keeps tests reproducible.
-    pub fn random(rng: &mut fastrand::Rng) -> Self {
+    pub fn random(rng: &mut crate::Rng) -> Self {
         let message_id = uuid::Builder::from_random_bytes(rng.u128(..).to_le_bytes()).into_uuid();
         let mut instance_name = [0u8; NAME_LEN];
         instance_name[..PREFIX.len()].copy_from_slice(PREFIX);
@@ -98,7 +99,7 @@ impl PubSubMessage {
     /// The host to restart, as a value that displays it without allocating.
     ///
     /// ```
-    /// let msg = mayhem::PubSubMessage::random(&mut fastrand::Rng::with_seed(7));
+    /// let msg = mayhem::PubSubMessage::random(&mut mayhem::Rng::with_seed(7));
     /// assert_eq!(format!("{}", msg.host()), msg.hostname());
     /// ```
     pub fn host(&self) -> Host<'_> {

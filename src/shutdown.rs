@@ -11,7 +11,11 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Why the service shuts down.
+///
+/// New reasons may come in minor releases (`#[non_exhaustive]`): a `match` needs a `_` arm,
+/// or can use [`ShutdownReason::kind`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ShutdownReason {
     /// A signal arrived; the text is its name, like `SIGTERM`.
     Signal(String),

@@ -1,5 +1,7 @@
 //! The fast subset of the chaos soak, with fixed seeds: randomized faults and signals against
 //! the binary and the library; every run must account for every message.
+// These tests start the binary, which only the `cli` feature builds.
+#![cfg(feature = "cli")]
 
 mod chaos;
 

@@ -1,4 +1,6 @@
 //! The `mayhem` binary end to end: signals, exit codes, shutdown lines, bad input.
+// These tests start the binary, which only the `cli` feature builds.
+#![cfg(feature = "cli")]
 
 mod common;
 
@@ -219,8 +221,10 @@ fn log_lines_follow_the_reference_format() {
     }
 }
 
-/// Runs the binary with bad input; expects exit 2 and one line naming `needle`.
-fn refuses(args: &[&str], env: &[(&str, &str)], needle: &str) {
+/// Runs the binary with bad input; expects exit 2 and a first line naming `needle`. Errors
+/// found by clap keep clap's whole message (tips, possible values, usage: a few more lines);
+/// the service's own checks are one line.
+fn refuses(args: &[&str], env: &[(&str, &str)], needle: &str) -> Vec<String> {
     let service = Service::start_with_env(args, env);
     let (status, _, lines, stdout) = service.finish();
     assert_eq!(status.code(), Some(2), "{args:?} {env:?}: {lines:?}");
@@ -228,10 +232,9 @@ fn refuses(args: &[&str], env: &[(&str, &str)], needle: &str) {
         .into_iter()
         .filter(|line| !line.trim().is_empty())
         .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?} {env:?}: expected one line, got {lines:?}"
+    assert!(
+        !lines.is_empty() && lines.len() <= 6,
+        "{args:?} {env:?}: expected a short error, got {lines:?}"
     );
     assert!(
         lines[0].contains(needle),
@@ -241,6 +244,14 @@ fn refuses(args: &[&str], env: &[(&str, &str)], needle: &str) {
     assert!(lines[0].starts_with("error: "), "{lines:?}");
     assert_no_panic_text(&lines);
     assert!(stdout.is_empty(), "{stdout}");
+    lines
+}
+
+/// Like `refuses`, for the service's own checks: exactly one line.
+fn refuses_in_one_line(args: &[&str], needle: &str) -> String {
+    let lines = refuses(args, &[], needle);
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {lines:?}");
+    lines[0].clone()
 }
 
 #[test]
@@ -310,6 +321,157 @@ fn help_exits_0() {
     let (status, _, _, stdout) = Service::start(&["--help"]).finish();
     assert_eq!(status.code(), Some(0));
     assert!(stdout.contains("--max-in-flight"), "{stdout}");
+}
+
+#[test]
+fn the_service_s_own_checks_are_one_line() {
+    refuses_in_one_line(&["--workers", "0"], "--workers");
+    refuses_in_one_line(&["--ack-deadline", "11m"], "--ack-deadline");
+    refuses_in_one_line(&["--log-filter", "mayhem=loud"], "--log-filter");
+}
+
+#[test]
+fn usage_errors_keep_clap_s_suggestions_and_possible_values() {
+    let lines = refuses(&["--workres", "2"], &[], "--workres");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("a similar argument exists: '--workers'")),
+        "{lines:#?}"
+    );
+    let lines = refuses(&["--report", "xml"], &[], "--report");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("[possible values: text, json]")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn enumerated_values_ignore_case() {
+    let (status, _, lines, stdout) = Service::start(&[
+        "--messages",
+        "3",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+        "--log-level",
+        "WARN",
+        "--report",
+        "JSON",
+        "--source",
+        "Memory",
+    ])
+    .finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert!(stdout.starts_with('{'), "{stdout}");
+    assert!(
+        lines.iter().all(|line| !line.contains(" INFO: ")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn help_fits_100_columns_states_ranges_exit_codes_and_signals() {
+    for flag in ["-h", "--help"] {
+        // Without a terminal, clap wraps to 100 columns; COLUMNS is what a terminal reports.
+        let service = Service::start_with_env(&[flag], &[("COLUMNS", "300")]);
+        let (status, _, _, stdout) = service.finish();
+        assert_eq!(status.code(), Some(0));
+        for line in stdout.lines() {
+            assert!(line.chars().count() <= 100, "{flag}: {line:?} is too long");
+        }
+        assert!(stdout.lines().count() <= 100, "{flag}: {stdout}");
+        let words = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+        for expected in [
+            "Consumer threads, 1 to 1024",
+            "0 to 1",
+            "10ms to 10m",
+            "Exit codes: 0",
+            "130",
+            "SIGTERM",
+            "SIGHUP",
+            "SIGQUIT",
+        ] {
+            assert!(
+                words.contains(expected),
+                "{flag}: no {expected:?} in {stdout}"
+            );
+        }
+    }
+    let (_, _, _, narrow) = Service::start_with_env(&["--help"], &[("COLUMNS", "60")]).finish();
+    for line in narrow.lines() {
+        assert!(
+            line.chars().count() <= 60,
+            "{line:?} is not wrapped to 60 columns"
+        );
+    }
+}
+
+#[test]
+fn messages_without_publishers_on_the_embedded_pub_sub_are_refused() {
+    let line = refuses_in_one_line(&["--messages", "5", "--publishers", "0"], "--messages 5");
+    assert!(line.contains("--publishers 0"), "{line}");
+    // Nothing to wait for: `--messages 0` is done at once.
+    let (status, _, lines, _) = Service::start(&["--messages", "0", "--publishers", "0"]).finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+}
+
+#[test]
+fn log_lines_carry_the_local_offset_when_it_is_not_utc() {
+    let args = [
+        "--messages",
+        "2",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+    ];
+    // A POSIX TZ rule needs no time zone database: 3 hours east of UTC, all year.
+    let (status, _, lines, _) = Service::start_with_env(&args, &[("TZ", "XYZ-3")]).finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    for line in &lines {
+        // `21:46:39,660+03:00 INFO: message`
+        assert_eq!(line.get(12..19), Some("+03:00 "), "{line}");
+    }
+    let (status, _, lines, _) = Service::start_with_env(&args, &[("TZ", "UTC")]).finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    for line in &lines {
+        assert_eq!(line.as_bytes().get(12), Some(&b' '), "{line}");
+    }
+}
+
+#[test]
+fn a_log_filter_sets_levels_per_module() {
+    let run = |level: &str, filter: &str| {
+        let (status, _, lines, _) = Service::start(&[
+            "--messages",
+            "3",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "0",
+            "--log-level",
+            level,
+            "--log-filter",
+            filter,
+        ])
+        .finish();
+        assert_eq!(status.code(), Some(0), "{lines:#?}");
+        let has = |text: &str| lines.iter().any(|line| line.contains(text));
+        (has("Published "), has("Done. Acked "))
+    };
+    // The publisher is quieter than the rest, then louder than the rest.
+    assert_eq!(
+        run("info", "mayhem::pipeline::publisher=warn"),
+        (false, true)
+    );
+    assert_eq!(
+        run("warn", "mayhem::pipeline::publisher=info"),
+        (true, false)
+    );
 }
 
 #[test]
@@ -442,4 +604,172 @@ fn as_pid_1_in_a_new_pid_namespace_sigterm_stops_cleanly() {
     assert_eq!(status.code(), Some(0), "{lines:#?}");
     assert_shutdown_sequence(&lines, "Received exit signal SIGTERM...");
     assert_balanced(&stdout);
+}
+
+/// Starts the binary with the handled signals blocked, as a supervisor that wants no window
+/// before `main` does: a signal sent at once stays pending until the binary installed its
+/// handlers and unblocked them. (Without the mask, a signal in the first millisecond after
+/// exec meets the loader and the runtime start-up, before any code of the program runs.)
+fn spawn_with_signals_blocked(args: &[&str]) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mayhem"));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only async-signal-safe calls are made (sigemptyset,
+    // sigaddset and pthread_sigmask on a local set), as `pre_exec` requires.
+    unsafe {
+        command.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::sigaddset(&mut set, signal);
+            }
+            match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+                0 => Ok(()),
+                error => Err(std::io::Error::from_raw_os_error(error)),
+            }
+        });
+    }
+    command.spawn().expect("start mayhem")
+}
+
+/// Reads a pipe to its end on a thread of its own.
+fn read_in_background(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
+/// Waits for a child's exit, killing it after `PATIENCE`; returns the status and the time.
+fn wait_bounded(child: &mut std::process::Child) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for mayhem") {
+            return (status, started.elapsed());
+        }
+        if started.elapsed() > PATIENCE {
+            let _ = child.kill();
+            panic!("mayhem did not exit within {PATIENCE:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_signal_sent_right_after_spawn_takes_the_graceful_path() {
+    use std::os::unix::process::ExitStatusExt;
+    let signals = [
+        ("SIGTERM", libc::SIGTERM),
+        ("SIGINT", libc::SIGINT),
+        ("SIGHUP", libc::SIGHUP),
+        ("SIGQUIT", libc::SIGQUIT),
+    ];
+    for round in 0..20 {
+        let (name, signal) = signals[round % signals.len()];
+        let mut child = spawn_with_signals_blocked(&[
+            "--publish-interval",
+            "10ms",
+            "--handler-latency",
+            "10ms",
+            "--report",
+            "json",
+        ]);
+        // SAFETY: `kill` on our own child's pid, which cannot be reused before `wait`.
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "kill failed");
+        let stderr = read_in_background(child.stderr.take().expect("piped stderr"));
+        let stdout = read_in_background(child.stdout.take().expect("piped stdout"));
+        let (status, _) = wait_bounded(&mut child);
+        let stderr = stderr.join().expect("stderr reader");
+        let stdout = stdout.join().expect("stdout reader");
+        assert_eq!(
+            status.signal(),
+            None,
+            "round {round}: killed by {name}: {stderr}"
+        );
+        assert_eq!(status.code(), Some(0), "round {round}: {stderr}");
+        assert!(
+            stderr.contains(&format!("Received exit signal {name}...")),
+            "round {round}: {stderr}"
+        );
+        assert!(
+            stdout.contains("\"reason\":\"signal\""),
+            "round {round}: {stdout}"
+        );
+    }
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn a_signal_during_a_stalled_source_connect_exits_gracefully() {
+    use std::os::unix::process::ExitStatusExt;
+    // A "Redis" that accepts connections and never answers.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let url = format!("redis://{}/0", stalled.local_addr().expect("local address"));
+    let service = Service::start(&["--source", &url, "--reconnect-limit", "60s"]);
+    let (accepted, connected) = mpsc::channel();
+    thread::spawn(move || {
+        // Held open until the test ends, never answered.
+        let connection = stalled.accept();
+        let _ = accepted.send(());
+        thread::sleep(PATIENCE);
+        drop(connection);
+    });
+    connected
+        .recv_timeout(PATIENCE)
+        .expect("the service connects to the stalled server");
+    // The service is now inside its start-up connect.
+    service.signal("SIGTERM");
+    let (status, took, lines, stdout) = service.finish();
+    assert_eq!(status.signal(), None, "killed by a signal: {lines:#?}");
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    for expected in [
+        "Received exit signal SIGTERM...",
+        "Start-up interrupted before the source was connected",
+        "Successfully shutdown the Mayhem service.",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(expected)),
+            "no {expected:?} in {lines:#?}"
+        );
+    }
+    assert!(stdout.is_empty(), "{stdout}");
+}
+
+#[test]
+fn a_stderr_nobody_reads_does_not_stop_the_service() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--messages",
+            "20000",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "0",
+            "--report",
+            "json",
+            "--seed",
+            "3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    // Held open and never read: about 7 MB of log lines meet a 64 KiB pipe.
+    let unread = child.stderr.take().expect("piped stderr");
+    let report = read_in_background(child.stdout.take().expect("piped stdout"));
+    let (status, _) = wait_bounded(&mut child);
+    let stdout = report.join().expect("stdout reader");
+    assert_eq!(status.code(), Some(0), "{stdout}");
+    assert_eq!(field(&stdout, "published"), 20000.0, "{stdout}");
+    assert_eq!(field(&stdout, "remaining"), 0.0, "{stdout}");
+    assert_balanced(&stdout);
+    drop(unread);
 }

@@ -8,16 +8,16 @@ use futures_lite::FutureExt;
 use mayhem::{Context, HandleError, Handler, MayhemConfig, MayhemHandler, Metrics, PubSubMessage};
 
 fn handler(restart: f64, save: f64, panic: f64, retries: u32) -> MayhemHandler {
-    MayhemHandler::new(MayhemConfig {
-        latency: Duration::ZERO,
-        restart_failure_rate: restart,
-        save_failure_rate: save,
-        panic_rate: panic,
-        stall_rate: 0.0,
-        stall: Duration::ZERO,
-        restart_retries: retries,
-        seed: 42,
-    })
+    let mut settings = MayhemConfig::default();
+    settings.latency = Duration::ZERO;
+    settings.restart_failure_rate = restart;
+    settings.save_failure_rate = save;
+    settings.panic_rate = panic;
+    settings.stall_rate = 0.0;
+    settings.stall = Duration::ZERO;
+    settings.restart_retries = retries;
+    settings.seed = 42;
+    MayhemHandler::new(settings)
 }
 
 /// Handles one message and returns the result with the metrics it left.

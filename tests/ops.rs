@@ -1,11 +1,15 @@
-//! Operations: the metrics and health endpoint, the stats line, the debugging aids, and the
-//! runtime dependencies a container image must provide.
+//! Operations: the metrics and health endpoint, the stats line and the debugging aids (the
+//! container image is tested in tests/container.rs).
+// These tests start the binary, which only the `cli` feature builds.
+#![cfg(feature = "cli")]
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -28,8 +32,20 @@ fn endpoint(service: &mut Service) -> String {
 
 /// A plain HTTP/1.0 GET; returns the status code and the body.
 fn get(addr: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = request(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    );
+    (status, body)
+}
+
+/// Sends `raw` and reads the whole response; returns the status code, the head and the body.
+fn request(addr: &str, raw: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).expect("connect to the endpoint");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send request");
+    stream
+        .set_read_timeout(Some(PATIENCE))
+        .expect("set a read timeout");
+    stream.write_all(raw.as_bytes()).expect("send request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");
     let status = response
@@ -37,11 +53,48 @@ fn get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
+        .map(|(head, body)| (head.to_owned(), body.to_owned()))
         .unwrap_or_default();
-    (status, body)
+    (status, head, body)
+}
+
+/// The threads of a process, from `/proc/PID/status`.
+fn threads(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("a Threads: line")
+}
+
+/// Polls `/metrics` until `series` reaches `at_least`; panics after `PATIENCE`.
+fn wait_for_sample(addr: &str, series: &str, at_least: f64) -> String {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(mut stream) = TcpStream::connect(addr) {
+            let _ = stream.set_read_timeout(Some(PATIENCE));
+            let _ = write!(stream, "GET /metrics HTTP/1.0\r\n\r\n");
+            let mut response = String::new();
+            let _ = stream.read_to_string(&mut response);
+            if let Some((_, body)) = response.split_once("\r\n\r\n") {
+                let samples = parse_exposition(body);
+                if samples
+                    .iter()
+                    .any(|(name, value)| name == series && *value >= at_least)
+                {
+                    return body.to_owned();
+                }
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "{series} did not reach {at_least} within {PATIENCE:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Parses a Prometheus text exposition into (series, value) pairs; panics on a bad line.
@@ -98,13 +151,16 @@ fn metrics_are_served_in_prometheus_format() {
         "4",
     ]);
     let addr = endpoint(&mut service);
-    service.wait_for("Done. Acked");
-    let (status, body) = get(&addr, "/metrics");
-    assert_eq!(status, 200);
+    // The source's counters come from a snapshot refreshed every second.
+    let body = wait_for_sample(&addr, "mayhem_published_total", 1.0);
     let samples = parse_exposition(&body);
+    let age = sample(&samples, "mayhem_source_stats_age_seconds");
+    assert!((0.0..5.0).contains(&age), "{body}");
     let acked = sample(&samples, "mayhem_acked_total");
     assert!(acked >= 1.0, "{body}");
-    assert!(sample(&samples, "mayhem_published_total") >= acked);
+    // `published` is the source's count, from the snapshot (up to a second old); `acked` is
+    // the runner's own count, read live: they are not compared.
+    assert!(sample(&samples, "mayhem_published_total") >= 1.0, "{body}");
     assert!(sample(&samples, "mayhem_in_flight") >= 0.0);
     assert!(body.contains("# TYPE mayhem_handling_seconds histogram"));
     let buckets: Vec<f64> = samples
@@ -266,37 +322,236 @@ fn a_handler_blocking_its_thread_is_reported() {
         "{lines:#?}"
     );
 }
+#[test]
+fn repeated_warnings_are_aggregated_not_a_storm() {
+    // Every lease is capped by --max-lease before its handler ends, so every ack is refused:
+    // thousands of warnings of two kinds, which must come out as at most one line a second
+    // each, with counts.
+    let (status, took, lines, stdout) = Service::start(&[
+        "--messages",
+        "3000",
+        "--max-attempts",
+        "1",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "400ms",
+        "--ack-deadline",
+        "100ms",
+        "--extend-interval",
+        "50ms",
+        "--max-lease",
+        "100ms",
+        "--restart-failure-rate",
+        "0",
+        "--save-failure-rate",
+        "0",
+        "--log-level",
+        "warn",
+        "--report",
+        "json",
+        "--seed",
+        "9",
+    ])
+    .finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_balanced(&stdout);
+    assert!(field(&stdout, "stale_acks") >= 1000.0, "{stdout}");
+    let warnings = lines.iter().filter(|line| line.contains("WARN")).count();
+    // Two kinds of warning, at most one line a second each, plus the closing counts.
+    let bound = 2 * (took.as_secs() as usize + 2) + 4;
+    assert!(
+        warnings <= bound,
+        "{warnings} warning lines in {took:?} (bound {bound}): {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("more acks refused in the last second")
+                || line.contains("more acks refused")),
+        "{lines:#?}"
+    );
+}
+
+/// Starts a lively service with the endpoint; returns it and the endpoint's address.
+fn service_with_endpoint() -> (Service, String) {
+    let mut service = Service::start(&[
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--publish-interval",
+        "5ms",
+        "--handler-latency",
+        "5ms",
+        "--report",
+        "json",
+    ]);
+    let addr = endpoint(&mut service);
+    (service, addr)
+}
 
 #[test]
-fn the_binary_needs_only_what_a_distroless_cc_image_has() {
-    let output = match Command::new("ldd")
-        .arg(env!("CARGO_BIN_EXE_mayhem"))
-        .output()
-    {
-        Ok(output) => output,
-        Err(error) => {
-            eprintln!("skipping: ldd not available ({error})");
-            return;
-        }
-    };
-    let text = String::from_utf8_lossy(&output.stdout);
-    // glibc and libgcc_s: what gcr.io/distroless/cc provides.
-    let allowed = [
-        "linux-vdso.so",
-        "libgcc_s.so",
-        "libc.so",
-        "libm.so",
-        "ld-linux",
-        "libpthread.so",
-        "libdl.so",
-        "librt.so",
-    ];
-    for line in text.lines().filter(|line| !line.trim().is_empty()) {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let name = name.rsplit('/').next().unwrap_or(name);
+fn a_client_holding_a_partial_request_blocks_neither_other_clients_nor_the_exit() {
+    let (service, addr) = service_with_endpoint();
+    // A huge announced body, a few bytes of it, and the socket held open.
+    let mut huge = TcpStream::connect(&addr).expect("connect");
+    huge.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\nabc")
+        .expect("send");
+    // A request head that never ends, held open.
+    let mut partial = TcpStream::connect(&addr).expect("connect");
+    partial
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .expect("send");
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_owned()));
+        assert_eq!(get(&addr, "/metrics").0, 200);
+        // Well below the 5 s a request may take to arrive: nobody waited for the two above.
         assert!(
-            allowed.iter().any(|lib| name.starts_with(lib)),
-            "unexpected runtime dependency: {line}"
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
         );
     }
+    // The announced body is refused at once.
+    huge.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let mut answer = [0u8; 12];
+    huge.read_exact(&mut answer)
+        .expect("an answer to the huge request");
+    assert_eq!(&answer, b"HTTP/1.1 413");
+    // Both clients still hold their sockets while the service stops.
+    service.signal("SIGTERM");
+    let (status, took, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert!(took < Duration::from_secs(3), "the exit took {took:?}");
+    assert_shutdown_sequence(&lines, "Received exit signal SIGTERM...");
+    assert!(stdout.contains("\"published\":"), "no report: {stdout}");
+    drop((huge, partial));
+}
+
+#[test]
+fn many_idle_connections_keep_the_thread_count_bounded() {
+    let (mut service, addr) = service_with_endpoint();
+    // Every thread of the service is up once a message was handled (the endpoint starts
+    // before the pipeline, and the timer thread with the first handler).
+    service.wait_for("Done. Acked ");
+    let pid = service.child.id();
+    assert_eq!(get(&addr, "/healthz").0, 200);
+    let before = threads(pid);
+    let idle: Vec<TcpStream> = (0..900)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Accepted in order: once this request is answered, the 900 were accepted before it.
+    assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_owned()));
+    let during = threads(pid);
+    assert!(
+        during <= before + 1,
+        "{before} threads before, {during} with 900 idle connections"
+    );
+    assert!(during < 64, "{during} threads");
+    drop(idle);
+    service.signal("SIGTERM");
+    let (status, _, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+}
+
+#[test]
+fn methods_paths_and_queries_are_answered_as_http_asks() {
+    let (service, addr) = service_with_endpoint();
+    let (status, head, _) = request(
+        &addr,
+        "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+    );
+    assert_eq!(status, 405, "{head}");
+    assert!(head.contains("\r\nAllow: GET, HEAD"), "{head}");
+    let (status, head, _) = request(&addr, "DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 405, "{head}");
+    for path in ["/metrics?x=1", "/metrics/", "/metrics/?x=1"] {
+        let (status, body) = get(&addr, path);
+        assert_eq!(status, 200, "{path}");
+        assert!(body.contains("mayhem_acked_total"), "{path}: {body}");
+    }
+    assert_eq!(get(&addr, "/healthz?probe=1"), (200, "ok\n".to_owned()));
+    assert_eq!(get(&addr, "/healthz/"), (200, "ok\n".to_owned()));
+    assert_eq!(get(&addr, "/nope").0, 404);
+    assert_eq!(get(&addr, "/metricsx").0, 404);
+    let (status, head, body) = request(&addr, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 200, "{head}");
+    assert!(body.is_empty(), "{body}");
+    assert!(!head.contains("Content-Length: 0\r"), "{head}");
+    assert_eq!(request(&addr, "garbage\r\n\r\n").0, 400);
+    let big_head = format!("GET /healthz HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+    assert_eq!(request(&addr, &big_head).0, 431);
+    service.signal("SIGTERM");
+    let (status, _, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+}
+
+/// A free loopback port, for a service whose stderr cannot be read to learn its address.
+fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    listener.local_addr().expect("local address").to_string()
+}
+
+#[test]
+fn a_second_signal_exits_130_even_with_a_full_unread_stderr() {
+    let addr = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--metrics-addr",
+            &addr,
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "60s",
+            "--ack-deadline",
+            "120s",
+            "--extend-interval",
+            "60s",
+            "--grace-period",
+            "60s",
+            "--max-in-flight",
+            "50",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    // Never read: 3000 "Published" lines are about 270 KB, far beyond a 64 KiB pipe.
+    let unread = child.stderr.take().expect("piped stderr");
+    wait_for_sample(&addr, "mayhem_published_total", 3000.0);
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    };
+    signal("SIGTERM");
+    // Handlers are in their 60 s grace period once health turns 503.
+    let end = Instant::now() + PATIENCE;
+    while get(&addr, "/healthz").0 != 503 {
+        assert!(Instant::now() < end, "health never turned 503");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    signal("SIGINT");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for mayhem") {
+            break status;
+        }
+        if started.elapsed() > PATIENCE {
+            let _ = child.kill();
+            panic!("no exit within {PATIENCE:?} of the second signal");
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(unread);
 }

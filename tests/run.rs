@@ -4,9 +4,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mayhem::{
-    run, run_clients, Config, Context, Envelope, HandleError, Handler, LeaseId, MayhemConfig,
-    MayhemHandler, Metrics, PubSubMessage, Publish, RunError, Shutdown, ShutdownReason, Source,
-    SourceError, Subscription,
+    run, run_clients, run_with_metrics, Config, Context, Envelope, HandleError, Handler, LeaseId,
+    MayhemConfig, MayhemHandler, Metrics, PubSubMessage, Publish, RunError, Shutdown,
+    ShutdownReason, Source, SourceError, Subscription,
 };
 
 /// A fast configuration: no pauses, no latency, no failures, fixed seed.
@@ -366,4 +366,205 @@ fn leases_beyond_the_window_are_given_back_not_handled() {
     assert_eq!(report.cancelled, 3, "{report:?}");
     assert_eq!(report.remaining, 20, "{report:?}");
     assert!(report.nacked >= 8, "{report:?}");
+}
+
+/// A handler that blocks its executor thread for `block` on every message: with one worker,
+/// the messages behind it wait in the hand-off channel and in tasks not yet polled.
+struct Hogging {
+    block: Duration,
+}
+
+impl Handler for Hogging {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        std::thread::sleep(self.block);
+        Ok(())
+    }
+}
+
+#[test]
+fn leases_waiting_for_a_handler_are_extended() {
+    // 20 messages of 50 ms each on one executor thread: the last waits about 1 s for its
+    // handler, more than three ack deadlines. The lease manager extends waiting leases too,
+    // so none expires and none is delivered twice.
+    let config = Config {
+        publishers: 0,
+        workers: 1,
+        ack_deadline: Duration::from_millis(300),
+        extend_interval: Duration::from_millis(100),
+        ..fast(20)
+    };
+    let subscription = preloaded(&config, 20, 21);
+    let handler = Hogging {
+        block: Duration::from_millis(50),
+    };
+    let report = run(&config, &subscription, &handler, &Shutdown::new()).unwrap();
+    assert!(report.is_balanced(), "{report:?}");
+    assert_eq!(
+        (
+            report.acked,
+            report.expired,
+            report.redelivered,
+            report.stale_acks
+        ),
+        (20, 0, 0, 0),
+        "{report:?}"
+    );
+    assert!(report.extended >= 20, "{report:?}");
+}
+
+#[test]
+fn an_idle_service_holds_nothing_in_flight() {
+    // The consumer reserves permits before each pull; the gauge counts leases held only.
+    let config = Config {
+        publishers: 0,
+        messages: None,
+        ..fast(0)
+    };
+    let subscription = Subscription::new(config.subscription());
+    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+    let metrics = Metrics::default();
+    let shutdown = Shutdown::new();
+    std::thread::scope(|scope| {
+        let service = scope.spawn(|| {
+            run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics).unwrap()
+        });
+        // Whenever it is read, the gauge of a service that holds nothing reads 0.
+        for _ in 0..20 {
+            assert_eq!(metrics.in_flight(), 0);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        shutdown.trigger(ShutdownReason::Requested);
+        let report = service.join().unwrap();
+        assert_eq!((report.consumed, report.reason), (0, "requested"));
+    });
+}
+
+/// A handler that takes `latency` (awaiting, not blocking).
+struct Slow {
+    latency: Duration,
+}
+
+impl Handler for Slow {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        smol::Timer::after(self.latency).await;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_lease_held_past_max_lease_is_given_up() {
+    // Handlers of 2 s, leases capped at 400 ms: no extension after that, so each delivery's
+    // lease expires, its ack is refused, and after two attempts the message is dead.
+    let config = Config {
+        publishers: 0,
+        max_attempts: 2,
+        ack_deadline: Duration::from_millis(200),
+        extend_interval: Duration::from_millis(100),
+        max_lease: Duration::from_millis(400),
+        grace_period: Duration::from_secs(5),
+        ..fast(1)
+    };
+    let subscription = preloaded(&config, 1, 22);
+    let handler = Slow {
+        latency: Duration::from_secs(2),
+    };
+    let report = run(&config, &subscription, &handler, &Shutdown::new()).unwrap();
+    assert!(report.is_balanced(), "{report:?}");
+    assert_eq!(
+        (report.acked, report.dead_lettered, report.consumed),
+        (0, 1, 2),
+        "{report:?}"
+    );
+    // Both handlers finished within the grace period; both acks came too late.
+    assert_eq!(report.stale_acks, 2, "{report:?}");
+}
+
+/// A source whose broker takes every lease back instead of extending it: each extension is
+/// refused, as a broker does after a lease expired or another consumer claimed it.
+struct Reclaiming(Subscription);
+
+impl mayhem::Source for Reclaiming {
+    fn pull(
+        &self,
+        max: usize,
+        wait: Duration,
+        out: &mut Vec<mayhem::Lease>,
+    ) -> Result<(), SourceError> {
+        self.0.pull(max, wait, out)
+    }
+    fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        self.0.ack(leases, refused)
+    }
+    fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        self.0.nack(leases, refused)
+    }
+    fn extend(
+        &self,
+        leases: &[LeaseId],
+        _by: Duration,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        // Taken back: delivered again (or dead-lettered), and refused to this holder.
+        self.0.nack(leases, &mut Vec::new())?;
+        refused.extend_from_slice(leases);
+        Ok(())
+    }
+    fn interrupt(&self) {
+        mayhem::Source::interrupt(&self.0)
+    }
+    fn nack_all(&self) -> usize {
+        self.0.nack_all()
+    }
+    fn settled(&self) -> u64 {
+        self.0.settled()
+    }
+    fn stats(&self) -> mayhem::SourceStats {
+        self.0.stats()
+    }
+}
+
+#[test]
+fn a_lost_lease_drops_its_handler_at_once() {
+    // Handlers that never end; the broker takes each lease back at its first extension. The
+    // handler is dropped (not cancelled at shutdown), and with one attempt the message is
+    // dead-lettered, which completes the run.
+    let config = Config {
+        publishers: 0,
+        max_attempts: 1,
+        ack_deadline: Duration::from_millis(200),
+        extend_interval: Duration::from_millis(100),
+        grace_period: Duration::from_secs(30),
+        ..fast(3)
+    };
+    let source = Reclaiming(preloaded(&config, 3, 23));
+    let shutdown = Shutdown::new();
+    let handler = Stalling {
+        started: AtomicUsize::new(0),
+        target: usize::MAX,
+        shutdown: shutdown.clone(),
+        latency: None,
+    };
+    let started = std::time::Instant::now();
+    let report = run_clients(
+        &config,
+        &source,
+        None,
+        &handler,
+        &shutdown,
+        &Metrics::default(),
+    )
+    .unwrap();
+    assert!(report.is_balanced(), "{report:?}");
+    assert_eq!(
+        (
+            report.lost_leases,
+            report.dead_lettered,
+            report.cancelled,
+            report.reason
+        ),
+        (3, 3, 0, "completed"),
+        "{report:?}"
+    );
+    // Nothing waited for the 30 s grace period: the lost handlers were already gone.
+    assert!(started.elapsed() < Duration::from_secs(20), "{report:?}");
 }

@@ -48,6 +48,12 @@ pub(crate) fn run_executor_thread<'a, H: Handler>(
                 &mut tasks,
             );
             tasks.drain(..).for_each(Task::detach);
+            // `Executor::run` polls this loop before the tasks it runs: without a yield, a
+            // hand-off channel that never runs dry (a large window filling up) would have the
+            // thread spawn tasks and never run them, so no handler would finish until the
+            // window was full. Yielding after each batch lets the executor run its tasks (up
+            // to 200 between two polls of this loop).
+            future::yield_now().await;
         }
         // The channel is closed and drained: keep running the tasks until stopped.
         let _ = stop.recv().await;

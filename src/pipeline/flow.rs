@@ -1,10 +1,8 @@
-//! Flow control and cancellation: the two small synchronisation tools of the runner.
+//! Flow control: the window of leases held (and reserved for a pull).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-
-use event_listener::Event;
 
 /// Bounds the messages in flight: pulled and not yet acked or nacked.
 ///
@@ -147,43 +145,6 @@ impl Gate {
     }
 }
 
-/// A one-shot broadcast that tells every handler task to stop at once.
-#[derive(Debug, Default)]
-pub(crate) struct Cancel {
-    /// Set once; never cleared.
-    cancelled: AtomicBool,
-    /// Wakes the tasks waiting in `cancelled()`.
-    event: Event,
-}
-
-impl Cancel {
-    /// Cancels every task waiting now or later.
-    pub(crate) fn trigger(&self) {
-        self.cancelled.store(true, Ordering::SeqCst);
-        self.event.notify(usize::MAX);
-    }
-
-    /// Whether `trigger` was called.
-    pub(crate) fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::SeqCst)
-    }
-
-    /// Completes once cancelled.
-    pub(crate) async fn cancelled(&self) {
-        loop {
-            if self.cancelled.load(Ordering::SeqCst) {
-                return;
-            }
-            let listener = self.event.listen();
-            // Checked again after listening, so a trigger in between is not missed.
-            if self.cancelled.load(Ordering::SeqCst) {
-                return;
-            }
-            listener.await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -243,17 +204,5 @@ mod tests {
         };
         assert!(gate.wait_idle(Duration::from_secs(60)));
         releaser.join().unwrap();
-    }
-
-    #[test]
-    fn cancel_completes_waiters_and_later_callers() {
-        let cancel = Arc::new(Cancel::default());
-        let waiter = {
-            let cancel = cancel.clone();
-            thread::spawn(move || futures_lite::future::block_on(cancel.cancelled()))
-        };
-        cancel.trigger();
-        waiter.join().unwrap();
-        futures_lite::future::block_on(cancel.cancelled());
     }
 }

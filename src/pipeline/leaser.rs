@@ -19,7 +19,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -112,6 +112,8 @@ pub(crate) struct Leaser<'a> {
     /// Bumped whenever a lease is lost, so that a task learns of it with one atomic load
     /// instead of a lock per poll.
     lost_epoch: AtomicU64,
+    /// Set once the handlers still running are cancelled (after the grace period).
+    cancelled: AtomicBool,
     /// The settings.
     settings: LeaseSettings,
     /// Set to stop the extension thread; with `wake`, interrupts its sleep.
@@ -184,6 +186,7 @@ impl<'a> Leaser<'a> {
             shards: (0..SHARDS).map(|_| Mutex::new(Slab::new())).collect(),
             next_shard: AtomicUsize::new(0),
             lost_epoch: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
             settings,
             stopped: Mutex::new(false),
             wake: Condvar::new(),
@@ -406,6 +409,24 @@ impl<'a> Leaser<'a> {
             drop(stopped);
             self.round(Instant::now(), &mut round);
         }
+    }
+
+    /// Cancels the handlers still running: wakes every task that registered its waker (the
+    /// others see the flag when they are first polled). One flag and the wakers the table
+    /// holds anyway, rather than a listener per task on a broadcast event.
+    pub(crate) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        let mut wakers = Vec::new();
+        for table in self.shards.iter() {
+            let table = table.lock().unwrap_or_else(PoisonError::into_inner);
+            wakers.extend(table.iter().filter_map(|(_, entry)| entry.waker.clone()));
+        }
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Whether the handlers were cancelled.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
     }
 
     /// Stops the extension thread.
@@ -678,10 +699,10 @@ impl<'a> LeaseGuard<'a> {
         self.leaser.settle(&self, Op::Nack)
     }
 
-    /// Completes when the lease is lost (the source refused to extend it). Its first poll
-    /// marks the handler as started.
-    pub(crate) fn lost(&self) -> LostLease<'_, 'a> {
-        LostLease {
+    /// Completes when the lease is lost (the source refused to extend it) or the handlers
+    /// are cancelled. Its first poll marks the handler as started.
+    pub(crate) fn interrupted(&self) -> Interruption<'_, 'a> {
+        Interruption {
             guard: self,
             seen_epoch: None,
         }
@@ -710,19 +731,28 @@ impl Drop for LeaseGuard<'_> {
     }
 }
 
-/// The future of [`LeaseGuard::lost`].
+/// Why a handler was interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Interrupted {
+    /// The source took its lease back.
+    Lost,
+    /// The grace period is over.
+    Cancelled,
+}
+
+/// The future of [`LeaseGuard::interrupted`].
 #[derive(Debug)]
-pub(crate) struct LostLease<'g, 'a> {
+pub(crate) struct Interruption<'g, 'a> {
     /// The lease watched.
     guard: &'g LeaseGuard<'a>,
     /// The lost epoch when last checked; `None` before the first poll.
     seen_epoch: Option<u64>,
 }
 
-impl Future for LostLease<'_, '_> {
-    type Output = ();
+impl Future for Interruption<'_, '_> {
+    type Output = Interrupted;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Interrupted> {
         let leaser = self.guard.leaser;
         // Read before the table: a loss recorded after this load bumps the epoch again, so
         // the next poll looks at the table.
@@ -734,7 +764,11 @@ impl Future for LostLease<'_, '_> {
         };
         self.seen_epoch = Some(epoch);
         if lost {
-            Poll::Ready(())
+            Poll::Ready(Interrupted::Lost)
+        } else if leaser.is_cancelled() {
+            // Checked after the waker is registered: a cancellation that came before saw no
+            // waker to wake, but set the flag first.
+            Poll::Ready(Interrupted::Cancelled)
         } else {
             Poll::Pending
         }

@@ -6,7 +6,7 @@
 //! - [`bridge`]: the executor-thread loop that turns channel receives into tasks;
 //! - [`task`]: the per-message task (handler, then ack or nack);
 //! - [`leaser`]: the lease manager, which holds and extends every lease from pull to settle;
-//! - [`flow`]: flow control and cancellation;
+//! - [`flow`]: flow control;
 //! - [`completion`]: `--messages N`;
 //! - [`throttle`]: aggregation of repeated log lines.
 
@@ -34,7 +34,6 @@ use crate::shutdown::{Shutdown, ShutdownReason};
 use crate::source::{Publish, Source};
 use completion::Completion;
 use consumer::Consumer;
-use flow::Cancel;
 use leaser::{LeaseSettings, Leaser};
 use publisher::Publisher;
 use task::panic_text;
@@ -207,7 +206,6 @@ pub fn run_clients<H: Handler>(
         shutdown,
         metrics,
         leaser: &leaser,
-        cancel: Cancel::default(),
         config,
         completion: Completion {
             source,
@@ -320,7 +318,7 @@ pub fn run_clients<H: Handler>(
             leaser.gate().wait_idle(config.grace_period);
         }
         info!("Cancelling {} outstanding tasks", leaser.gate().in_flight());
-        shared.cancel.trigger();
+        leaser.cancel();
         if !leaser.gate().wait_idle(CANCEL_WAIT) {
             warn!(
                 "{} handlers did not stop when cancelled",
@@ -369,8 +367,6 @@ struct Shared<'a, H> {
     metrics: &'a Metrics,
     /// The lease manager: holds, extends and settles every lease; owns flow control.
     leaser: &'a Leaser<'a>,
-    /// Tells handlers still running after the grace period to stop.
-    cancel: Cancel,
     /// The settings: `--blocking-threshold` and the debugging aids.
     config: &'a Config,
     /// `--messages N`.

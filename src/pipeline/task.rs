@@ -14,7 +14,7 @@ use crate::error::HandleError;
 use crate::handler::{Context, Handler};
 use crate::message::PubSubMessage;
 use crate::metrics::Metrics;
-use crate::pipeline::leaser::{LeaseGuard, Settle};
+use crate::pipeline::leaser::{Interrupted, LeaseGuard, Settle};
 use crate::pipeline::Shared;
 use crate::shutdown::ShutdownReason;
 
@@ -75,7 +75,7 @@ impl<H: Handler> Shared<'_, H> {
         let message = *guard.message();
         // A task first polled after the cancellation never starts its handler: a handler
         // could block its thread on its first poll, which would hold up the shutdown.
-        if self.cancel.is_cancelled() {
+        if self.leaser.is_cancelled() {
             self.metrics.count_cancelled();
             drop(guard);
             return;
@@ -100,12 +100,10 @@ impl<H: Handler> Shared<'_, H> {
                 message: &message,
             }
             .or(async {
-                guard.lost().await;
-                Outcome::LeaseLost
-            })
-            .or(async {
-                self.cancel.cancelled().await;
-                Outcome::Cancelled
+                match guard.interrupted().await {
+                    Interrupted::Lost => Outcome::LeaseLost,
+                    Interrupted::Cancelled => Outcome::Cancelled,
+                }
             })
             .or(self.slow_warning(&message))
             .await
@@ -152,7 +150,7 @@ impl<H: Handler> Shared<'_, H> {
     /// debugging aid, and a timer per message would cost every run.
     async fn slow_warning(&self, message: &PubSubMessage) -> Outcome {
         if let Some(limit) = self.config.debug_slow {
-            smol::Timer::after(limit).await;
+            async_io::Timer::after(limit).await;
             self.metrics.count_slow_many(1);
             self.leaser.slow_log.log(1, || {
                 format!(

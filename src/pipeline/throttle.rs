@@ -38,17 +38,9 @@ impl Throttle {
         if !log::log_enabled!(self.level) {
             return;
         }
-        let now = Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(last) = state.0 {
-            if now.duration_since(last) < PERIOD {
-                state.1 += count;
-                return;
-            }
-        }
-        let suppressed = std::mem::take(&mut state.1);
-        state.0 = Some(now);
-        drop(state);
+        let Some(suppressed) = self.admit(Instant::now(), count) else {
+            return;
+        };
         if suppressed > 0 {
             log::log!(
                 self.level,
@@ -61,6 +53,20 @@ impl Throttle {
         }
     }
 
+    /// Whether a line of `count` events is printed at `now`: `Some` with the number of events
+    /// suppressed since the last line printed, or `None` when it only counts them.
+    fn admit(&self, now: Instant, count: u64) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(last) = state.0 {
+            if now.saturating_duration_since(last) < PERIOD {
+                state.1 += count;
+                return None;
+            }
+        }
+        state.0 = Some(now);
+        Some(std::mem::take(&mut state.1))
+    }
+
     /// Prints how many lines were suppressed since the last one, if any.
     pub(crate) fn flush(&self) {
         let suppressed = {
@@ -70,5 +76,25 @@ impl Throttle {
         if suppressed > 0 {
             log::log!(self.level, "{suppressed} more {}", self.kind);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_a_second_carries_the_count_of_the_rest() {
+        let throttle = Throttle::new("test lines", Level::Warn);
+        let start = Instant::now();
+        assert_eq!(throttle.admit(start, 1), Some(0));
+        // A million events within the second print nothing and are counted.
+        for step in 0..1_000_000u32 {
+            let now = start + Duration::from_nanos(u64::from(step) * 900);
+            assert_eq!(throttle.admit(now, 1), None);
+        }
+        assert_eq!(throttle.admit(start + PERIOD, 1), Some(1_000_000));
+        assert_eq!(throttle.admit(start + PERIOD, 5), None);
+        assert_eq!(throttle.admit(start + PERIOD * 3, 1), Some(5));
     }
 }

@@ -432,7 +432,7 @@ impl Source for Subscription {
         }
         if state
             .earliest_deadline
-            .map_or(true, |earliest| deadline < earliest)
+            .is_none_or(|earliest| deadline < earliest)
         {
             state.earliest_deadline = Some(deadline);
         }
@@ -497,7 +497,7 @@ impl Source for Subscription {
         if !leases.is_empty()
             && state
                 .earliest_deadline
-                .map_or(true, |earliest| deadline < earliest)
+                .is_none_or(|earliest| deadline < earliest)
         {
             state.earliest_deadline = Some(deadline);
         }

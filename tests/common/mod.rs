@@ -27,7 +27,7 @@ pub struct Service {
     pub child: Child,
     pub lines: Receiver<String>,
     pub seen: Vec<String>,
-    stdout: JoinHandle<String>,
+    stdout: Option<JoinHandle<String>>,
 }
 
 impl Service {
@@ -37,14 +37,20 @@ impl Service {
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Service {
         let mut command = Command::new(env!("CARGO_BIN_EXE_mayhem"));
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.args(args);
         for (key, value) in env {
             command.env(key, value);
         }
+        Self::spawn(command)
+    }
+
+    /// Starts `command` (the binary, or a container engine running it) with stdout and
+    /// stderr piped and no stdin.
+    pub fn spawn(mut command: Command) -> Service {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("start mayhem");
         let stderr = child.stderr.take().expect("piped stderr");
         let mut stdout = child.stdout.take().expect("piped stdout");
@@ -65,7 +71,7 @@ impl Service {
             child,
             lines,
             seen: Vec::new(),
-            stdout,
+            stdout: Some(stdout),
         }
     }
 
@@ -130,8 +136,22 @@ impl Service {
         };
         let took = started.elapsed();
         self.seen.extend(self.lines.iter());
-        let stdout = self.stdout.join().expect("stdout reader");
-        (status, took, self.seen, stdout)
+        let stdout = self
+            .stdout
+            .take()
+            .map(|reader| reader.join().expect("stdout reader"))
+            .unwrap_or_default();
+        (status, took, std::mem::take(&mut self.seen), stdout)
+    }
+}
+
+impl Drop for Service {
+    /// A test that fails before `finish` must not leave the service running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

@@ -7,21 +7,45 @@ use clap::{Parser, ValueEnum};
 use log::LevelFilter;
 use mayhem::Config;
 
+/// What `-h` and `--help` show after the flags (one page for both: a long form would
+/// double the length of the help for little gain).
+const AFTER_HELP: &str = "\
+Durations read like 250ms, 2s or 1m30s; a bare 0 means none. Every flag can also be set by its
+MAYHEM_* variable; the command line wins. --report and --log-level ignore case.
+
+Signals: SIGINT, SIGTERM, SIGHUP and SIGQUIT start the graceful shutdown (stop pulling, give
+handlers --grace-period, nack the rest, print the report); a second one exits 130 at once.
+
+Exit codes: 0 graceful shutdown (after a signal, also during start-up, or --messages settled),
+1 a handler panicked or the source failed for good, 2 bad flags or environment variables,
+130 forced by a second signal.
+
+Logs go to stderr in local time and never block the service: lines stderr cannot take are
+dropped and counted (\"N log lines dropped\").";
+
 /// Mayhem: a mock chaos monkey that consumes "restart this host" messages from an in-memory
-/// pub/sub subscription and handles each one concurrently.
+/// pub/sub subscription (or a Redis stream) and handles each one concurrently.
 #[derive(Debug, Parser)]
-#[command(name = "mayhem", version, about, long_about = None, allow_negative_numbers = true)]
+#[command(
+    name = "mayhem",
+    version,
+    about,
+    long_about = None,
+    allow_negative_numbers = true,
+    max_term_width = 100,
+    after_help = AFTER_HELP
+)]
 pub(crate) struct Cli {
-    /// Publisher threads (0 = none).
+    /// Publisher threads, 0 to 1024 (0 = none).
     #[arg(long, env = "MAYHEM_PUBLISHERS", value_name = "N", default_value_t = 1)]
     publishers: usize,
-    /// Consumer threads.
+    /// Consumer threads, 1 to 1024.
     #[arg(long, env = "MAYHEM_CONSUMERS", value_name = "N", default_value_t = 1)]
     consumers: usize,
-    /// Executor worker threads [default: number of CPUs].
+    /// Executor worker threads, 1 to 1024 [default: number of CPUs].
     #[arg(long, env = "MAYHEM_WORKERS", value_name = "N")]
     workers: Option<usize>,
-    /// Most messages pulled and not yet acked or nacked.
+    /// Most messages pulled and not yet acked or nacked, 1 to 10000000.
     #[arg(
         long,
         env = "MAYHEM_MAX_IN_FLIGHT",
@@ -29,7 +53,7 @@ pub(crate) struct Cli {
         default_value_t = 1000
     )]
     max_in_flight: usize,
-    /// Most messages waiting in the subscription before publishers block.
+    /// Most messages waiting in the subscription before publishers block, 1 to 10000000.
     #[arg(
         long,
         env = "MAYHEM_MAX_BACKLOG",
@@ -37,28 +61,28 @@ pub(crate) struct Cli {
         default_value_t = 10_000
     )]
     max_backlog: usize,
-    /// Upper bound of a publisher's random pause between messages (0 = none).
+    /// Upper bound of a publisher's random pause between messages, up to 24h (0 = none).
     #[arg(long, env = "MAYHEM_PUBLISH_INTERVAL", value_name = "DUR", default_value = "1s", value_parser = duration, allow_hyphen_values = true)]
     publish_interval: Duration,
-    /// Upper bound of each simulated I/O step of a handler (0 = none).
+    /// Upper bound of each simulated I/O step of a handler, up to 24h (0 = none).
     #[arg(long, env = "MAYHEM_HANDLER_LATENCY", value_name = "DUR", default_value = "1s", value_parser = duration, allow_hyphen_values = true)]
     handler_latency: Duration,
-    /// Probability that one restart attempt fails.
+    /// Probability that one restart attempt fails, 0 to 1.
     #[arg(long, env = "MAYHEM_RESTART_FAILURE_RATE", value_name = "P", default_value_t = 0.25, value_parser = rate)]
     restart_failure_rate: f64,
-    /// Probability that saving a record fails.
+    /// Probability that saving a record fails, 0 to 1.
     #[arg(long, env = "MAYHEM_SAVE_FAILURE_RATE", value_name = "P", default_value_t = 0.25, value_parser = rate)]
     save_failure_rate: f64,
-    /// Probability that handling a message panics (fault injection).
+    /// Probability that handling a message panics, 0 to 1 (fault injection).
     #[arg(long, env = "MAYHEM_PANIC_RATE", value_name = "P", default_value_t = 0.0, value_parser = rate)]
     panic_rate: f64,
-    /// Probability that a handler blocks its executor thread for --stall (fault injection).
+    /// Probability that a handler blocks its thread for --stall, 0 to 1 (fault injection).
     #[arg(long, env = "MAYHEM_STALL_RATE", value_name = "P", default_value_t = 0.0, value_parser = rate)]
     stall_rate: f64,
-    /// How long an injected stall blocks an executor thread.
+    /// How long an injected stall blocks an executor thread, up to 1h.
     #[arg(long, env = "MAYHEM_STALL", value_name = "DUR", default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
     stall: Duration,
-    /// Retries of a failed restart before the message is nacked.
+    /// Retries of a failed restart before the message is nacked, 0 to 100.
     #[arg(
         long,
         env = "MAYHEM_RESTART_RETRIES",
@@ -66,13 +90,13 @@ pub(crate) struct Cli {
         default_value_t = 3
     )]
     restart_retries: u32,
-    /// How long a pulled message stays leased without an extension.
+    /// How long a pulled message stays leased without an extension, 10ms to 10m.
     #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = "3s", value_parser = duration, allow_hyphen_values = true)]
     ack_deadline: Duration,
-    /// How often the lease of a message being handled is extended (below --ack-deadline).
+    /// How often a held lease is extended, from 1ms to below --ack-deadline.
     #[arg(long, env = "MAYHEM_EXTEND_INTERVAL", value_name = "DUR", default_value = "2s", value_parser = duration, allow_hyphen_values = true)]
     extend_interval: Duration,
-    /// Deliveries of one message before it is dead-lettered.
+    /// Deliveries of one message before it is dead-lettered, 1 to 1000.
     #[arg(
         long,
         env = "MAYHEM_MAX_ATTEMPTS",
@@ -80,10 +104,11 @@ pub(crate) struct Cli {
         default_value_t = 5
     )]
     max_attempts: u32,
-    /// Past this time since its pull a lease is no longer extended (a warning names the message).
+    /// Past this time since its pull a lease is no longer extended (a warning names the
+    /// message); at least --ack-deadline, up to 24h.
     #[arg(long, env = "MAYHEM_MAX_LEASE", value_name = "DUR", default_value = "1h", value_parser = duration, allow_hyphen_values = true)]
     max_lease: Duration,
-    /// On shutdown, how long handlers in flight may take before they are cancelled.
+    /// On shutdown, how long handlers in flight may take before they are cancelled, up to 1h.
     #[arg(long, env = "MAYHEM_GRACE_PERIOD", value_name = "DUR", default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
     grace_period: Duration,
     /// Publish N messages, handle them all, then exit [default: run until a signal].
@@ -92,7 +117,7 @@ pub(crate) struct Cli {
     /// Seed of every random choice [default: random].
     #[arg(long, env = "MAYHEM_SEED", value_name = "N")]
     seed: Option<u64>,
-    /// Interval of the stats line logged at info level (0 = off).
+    /// Interval of the stats line logged at info level, up to 24h (0 = off).
     #[arg(long, env = "MAYHEM_STATS_INTERVAL", value_name = "DUR", default_value = "10s", value_parser = duration, allow_hyphen_values = true)]
     stats_interval: Duration,
     /// Warn about each handler still running after DUR [default: off].
@@ -105,10 +130,9 @@ pub(crate) struct Cli {
     #[arg(long, env = "MAYHEM_METRICS_ADDR", value_name = "HOST:PORT", value_parser = socket_addr)]
     pub(crate) metrics_addr: Option<SocketAddr>,
     /// Format of the final report on stdout.
-    #[arg(long, env = "MAYHEM_REPORT", value_name = "FORMAT", value_enum, default_value_t = ReportFormat::Text)]
+    #[arg(long, env = "MAYHEM_REPORT", value_name = "FORMAT", value_enum, ignore_case = true, default_value_t = ReportFormat::Text)]
     pub(crate) report: ReportFormat,
-    /// Where messages come from: `memory` (the embedded pub/sub) or a Redis server,
-    /// `redis://HOST:PORT/DB`.
+    /// Where messages come from: memory (the embedded pub/sub) or redis://HOST:PORT/DB.
     #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = SourceParser)]
     pub(crate) source: SourceKind,
     /// Redis stream published to and consumed from (with `--source redis://...`).
@@ -140,8 +164,11 @@ pub(crate) struct Cli {
     )]
     dead_letter_max: u64,
     /// Most verbose log level written to stderr.
-    #[arg(long, env = "MAYHEM_LOG_LEVEL", value_name = "LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    #[arg(long, env = "MAYHEM_LOG_LEVEL", value_name = "LEVEL", value_enum, ignore_case = true, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
+    /// Per-module levels over --log-level, RUST_LOG-style, like mayhem::pipeline::consumer=debug,warn.
+    #[arg(long, env = "MAYHEM_LOG_FILTER", value_name = "DIRECTIVES")]
+    pub(crate) log_filter: Option<String>,
 }
 
 /// Where messages come from.
@@ -157,9 +184,11 @@ pub(crate) enum SourceKind {
 /// How the final report is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ReportFormat {
-    /// One `name value` line per counter.
+    // Plain comments, not doc comments: clap would show doc comments as a long help and
+    // turn `--help` into a page twice as long.
+    // One `name value` line per counter.
     Text,
-    /// One JSON object on one line.
+    // One JSON object on one line.
     Json,
 }
 
@@ -225,6 +254,24 @@ impl Cli {
             dead_letter_max: self.dead_letter_max,
             ..mayhem::RedisConfig::default()
         }
+    }
+
+    /// Checks what clap and `Config::validate` cannot: combinations that can never finish.
+    ///
+    /// # Errors
+    ///
+    /// A one-line description naming the flags.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        // Only the binary refuses this: a library embedder may publish by itself.
+        if let (SourceKind::Memory, Some(messages @ 1..), 0) =
+            (&self.source, self.messages, self.publishers)
+        {
+            return Err(format!(
+                "--messages {messages} can never finish with --publishers 0 on the in-memory \
+                 source: nothing publishes (use --publishers 1 or more)"
+            ));
+        }
+        Ok(())
     }
 
     /// The log level filter.
@@ -303,7 +350,7 @@ impl clap::builder::TypedValueParser for SourceParser {
 /// Parses `--source`: `memory`, or a `redis://` URL the Redis client accepts.
 fn source(text: &str) -> Result<SourceKind, String> {
     let text = text.trim();
-    if text == "memory" {
+    if text.eq_ignore_ascii_case("memory") {
         return Ok(SourceKind::Memory);
     }
     if !text.starts_with("redis://") {
@@ -328,14 +375,15 @@ fn name(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-/// `hostname-pid`: unique per running instance on a host.
+/// `hostname-pid`: unique per running instance on a host. A hostname that is empty or not
+/// valid UTF-8 is replaced by `mayhem`.
 #[cfg(feature = "redis")]
 fn default_consumer_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    let host = gethostname::gethostname()
+        .into_string()
         .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|host| host.trim().to_owned())
-        .filter(|host| !host.is_empty())
+        .filter(|host| !host.is_empty() && !host.chars().any(char::is_whitespace))
         .unwrap_or_else(|| "mayhem".to_owned());
     format!("{host}-{}", std::process::id())
 }

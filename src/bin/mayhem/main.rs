@@ -1,9 +1,9 @@
-//! The `mayhem` binary: parse the command line, install the logger and the signal handlers,
+//! The `mayhem` binary: install the signal handlers, parse the command line, install the logger,
 //! run the service on the embedded in-memory pub/sub (or a Redis stream), print the report.
 //!
-//! Exit codes: 0 after a graceful shutdown, 1 when a handler panicked or the source failed
-//! for good (the service still shut down gracefully), 2 for bad flags or environment
-//! variables, 130 when a second signal forced the exit.
+//! Exit codes: 0 after a graceful shutdown (a signal during start-up included), 1 when a
+//! handler panicked or the source failed for good (the service still shut down gracefully),
+//! 2 for bad flags or environment variables, 130 when a second signal forced the exit.
 
 mod cli;
 mod http;
@@ -11,15 +11,16 @@ mod logger;
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
+use std::time::Duration;
 
-use clap::error::ErrorKind;
 use clap::Parser;
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use mayhem::{
     run_with_metrics, Broker, MayhemConfig, MayhemHandler, Metrics, Shutdown, ShutdownReason,
-    Source, Subscription,
+    Subscription,
 };
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -30,24 +31,81 @@ use crate::cli::{Cli, ReportFormat, SourceKind};
 const EXIT_USAGE: u8 = 2;
 /// Exit code of a forced exit (second signal), as shells report death by SIGINT.
 const EXIT_FORCED: i32 = 130;
+/// The signals that start the graceful shutdown (a second one forces the exit).
+const HANDLED: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+/// On a forced exit, how long the source may take to give its leases back.
+const FORCED_NACK_WAIT: Duration = Duration::from_secs(1);
+
+/// The connected source, shared between `main` and the signal thread.
+type SourceSlot = Arc<Mutex<Option<Arc<dyn Broker>>>>;
+
+/// What the start-up waits for: the source connected, or a signal.
+enum Startup {
+    /// The connect thread finished.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Connected(Result<Arc<dyn Broker>, String>),
+    /// The first signal arrived.
+    Signal,
+}
 
 fn main() -> ExitCode {
+    // The very first statement: from here on every handled signal takes the graceful path,
+    // during start-up too. (Before `main`, the loader and the Rust runtime run with the
+    // default actions; no program can close that window, about a millisecond after exec.)
+    let signals = match Signals::new(HANDLED) {
+        Ok(signals) => signals,
+        Err(error) => {
+            usage_error(&format!("error: cannot install signal handlers: {error}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(error) = unblock_signals() {
+        usage_error(&format!(
+            "error: cannot unblock the handled signals: {error}"
+        ));
+        return ExitCode::FAILURE;
+    }
+    let shutdown = Shutdown::new();
+    // The source, once connected and until the run is over, for the forced exit's nacks.
+    // Taken out again after the run, so that the source is dropped (a Redis source then
+    // frees its consumer name) before the process exits.
+    let source_slot: SourceSlot = Arc::new(Mutex::new(None));
+    // An mpsc channel because the connect thread and the signal thread both report to the
+    // start-up, which waits for whichever comes first; sends never block.
+    let (startup, startup_events) = mpsc::channel();
+    if let Err(error) = spawn_signal_thread(
+        signals,
+        shutdown.clone(),
+        Arc::clone(&source_slot),
+        startup.clone(),
+    ) {
+        usage_error(&format!("error: cannot start the signal thread: {error}"));
+        return ExitCode::FAILURE;
+    }
+    let code = run(shutdown, &source_slot, startup, startup_events);
+    // Lines still queued are written unless stderr takes nothing for half a second.
+    logger::flush(Duration::from_millis(500), Duration::from_secs(5));
+    code
+}
+
+/// Everything after the signal handlers: parse, start, run, report.
+fn run(
+    shutdown: Shutdown,
+    source_slot: &SourceSlot,
+    startup: Sender<Startup>,
+    startup_events: Receiver<Startup>,
+) -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(error)
-            if matches!(
-                error.kind(),
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
-            ) =>
-        {
-            let _ = write!(std::io::stdout(), "{error}");
-            return ExitCode::SUCCESS;
-        }
         Err(error) => {
-            // Only the first line: it names the flag and the bad value.
-            let text = error.to_string();
-            usage_error(text.lines().next().unwrap_or("error: invalid arguments"));
-            return ExitCode::from(EXIT_USAGE);
+            // The whole of clap's message: the bad value, suggestions ("a similar argument
+            // exists"), possible values and usage. Help and version go to stdout, exit 0.
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     let config = cli.config();
@@ -55,7 +113,21 @@ fn main() -> ExitCode {
         usage_error(&format!("error: {error}"));
         return ExitCode::from(EXIT_USAGE);
     }
-    logger::init(cli.log_level());
+    if let Err(error) = cli.check() {
+        usage_error(&format!("error: {error}"));
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let filter = match logger::filter(cli.log_level(), cli.log_filter.as_deref()) {
+        Ok(filter) => filter,
+        Err(error) => {
+            usage_error(&format!("error: {error}"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(error) = logger::init(filter) {
+        usage_error(&format!("error: {error}"));
+        return ExitCode::FAILURE;
+    }
     install_panic_hook();
 
     let seed = config.seed.unwrap_or_default();
@@ -63,66 +135,65 @@ fn main() -> ExitCode {
     let source: Arc<dyn Broker> = match &cli.source {
         SourceKind::Memory => Arc::new(Subscription::new(config.subscription())),
         #[cfg(feature = "redis")]
-        SourceKind::Redis(url) => match connect_redis(cli.redis_config(url, &config)) {
-            Ok(Some(source)) => Arc::new(source),
-            Ok(None) => return ExitCode::SUCCESS,
-            Err(()) => return ExitCode::FAILURE,
-        },
+        SourceKind::Redis(url) => {
+            let redis_config = cli.redis_config(url, &config);
+            let connecting = shutdown.clone();
+            if !shutdown.is_triggered() {
+                // Connecting may take long (a stalled server): it runs on its own thread so
+                // that a signal ends the start-up at once. An abandoned connect thread ends
+                // with the process.
+                let spawned =
+                    thread::Builder::new()
+                        .name("mayhem-connect".into())
+                        .spawn(move || {
+                            // Retries within --reconnect-limit; the shutdown a signal
+                            // triggers ends the retries.
+                            let connected =
+                                mayhem::RedisSource::connect_with(redis_config, &connecting)
+                                    .map(|source| Arc::new(source) as Arc<dyn Broker>)
+                                    .map_err(|error| error.to_string());
+                            let _ = startup.send(Startup::Connected(connected));
+                        });
+                if let Err(error) = spawned {
+                    error!("cannot start the connect thread: {error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            match startup_events.recv() {
+                Ok(Startup::Connected(Ok(source))) => source,
+                // The connect gives up with `Closed` when the signal's shutdown ends its
+                // retries, which may come before the signal thread's own message.
+                Ok(Startup::Connected(Err(_))) if shutdown.is_triggered() => {
+                    return interrupted_start(&shutdown)
+                }
+                Ok(Startup::Connected(Err(error))) => {
+                    error!("{error}");
+                    return ExitCode::FAILURE;
+                }
+                // The signal thread holds a sender for the whole run, so the channel
+                // cannot close first; either way the shutdown was triggered.
+                Ok(Startup::Signal) | Err(_) => return interrupted_start(&shutdown),
+            }
+        }
         #[cfg(not(feature = "redis"))]
         SourceKind::Redis(_) => {
+            let _ = (&startup, &startup_events);
             error!("this build has no redis support");
             return ExitCode::FAILURE;
         }
     };
+    drop(startup_events);
+    *source_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&source));
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, seed));
-    let shutdown = Shutdown::new();
-    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]) {
-        Ok(signals) => signals,
-        Err(error) => {
-            error!("cannot install signal handlers: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let signal_handle = signals.handle();
-    let signal_thread = {
-        let shutdown = shutdown.clone();
-        let source = Arc::clone(&source);
-        let spawned = thread::Builder::new()
-            .name("mayhem-signals".into())
-            .spawn(move || {
-                let mut received = 0;
-                for signal in signals.forever() {
-                    received += 1;
-                    let name = signal_name(signal);
-                    if received == 1 {
-                        shutdown.trigger(ShutdownReason::Signal(name.to_owned()));
-                    } else {
-                        // A second signal: give back what we hold and leave at once.
-                        warn!("Received exit signal {name} again, forcing exit");
-                        let nacked = source.nack_all();
-                        warn!("Nacked {nacked} leased messages");
-                        std::process::exit(EXIT_FORCED);
-                    }
-                }
-            });
-        match spawned {
-            Ok(thread) => thread,
-            Err(error) => {
-                error!("cannot start the signal thread: {error}");
-                return ExitCode::FAILURE;
-            }
-        }
-    };
 
     let metrics = Arc::new(Metrics::default());
     let endpoint = match cli.metrics_addr {
         Some(addr) => {
-            match http::Endpoint::start(
-                addr,
-                metrics.clone(),
-                Arc::clone(&source) as Arc<dyn Source>,
-                shutdown.clone(),
-            ) {
+            // The endpoint's snapshot thread holds the source weakly, so that it never keeps
+            // the source (and its connections) alive past `main`.
+            let weak = Arc::downgrade(&source);
+            let stats = move || weak.upgrade().map(|source| source.stats());
+            match http::Endpoint::start(addr, metrics.clone(), stats, shutdown.clone()) {
                 Ok(endpoint) => Some(endpoint),
                 Err(error) => {
                     error!("{error}");
@@ -137,9 +208,13 @@ fn main() -> ExitCode {
     if let Some(endpoint) = endpoint {
         endpoint.stop();
     }
-    // Ends the signal thread's loop; joined so that no thread outlives `main`'s work.
-    signal_handle.close();
-    let _ = signal_thread.join();
+    // The last references: dropping the source ends its connections and threads (bounded;
+    // a Redis source removes its consumer from the group and frees its name).
+    source_slot
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    drop(source);
     let report = match result {
         Ok(report) => report,
         Err(error) => {
@@ -151,6 +226,8 @@ fn main() -> ExitCode {
         ReportFormat::Text => format!("{report}\n"),
         ReportFormat::Json => format!("{}\n", report.to_json()),
     };
+    // The shutdown lines first, so that on a terminal the report comes after them.
+    logger::flush(Duration::from_millis(500), Duration::from_secs(5));
     // A closed stdout (`mayhem | head -c1`) must not turn a clean shutdown into a failure.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
     // The invariant holds per subscription: with a shared Redis stream, other instances
@@ -170,44 +247,102 @@ fn main() -> ExitCode {
     }
 }
 
-/// Connects to Redis, retrying within the reconnect limit. A signal meanwhile ends the
-/// start-up gracefully (`Ok(None)`); a failure is logged (`Err`).
-#[cfg(feature = "redis")]
-fn connect_redis(config: mayhem::RedisConfig) -> Result<Option<mayhem::RedisSource>, ()> {
-    let starting = Shutdown::new();
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).map_err(|error| {
-        error!("cannot install signal handlers: {error}");
-    })?;
-    let handle = signals.handle();
-    let watcher = {
-        let starting = starting.clone();
-        thread::Builder::new()
-            .name("mayhem-start-signals".into())
-            .spawn(move || {
-                if let Some(signal) = signals.forever().next() {
-                    starting.trigger(ShutdownReason::Signal(signal_name(signal).to_owned()));
-                }
-            })
-            .map_err(|error| error!("cannot start the signal thread: {error}"))?
+/// A signal arrived before the source was connected: nothing was pulled, so nothing needs
+/// to be given back. Logs the signal and exits 0, without a report.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+fn interrupted_start(shutdown: &Shutdown) -> ExitCode {
+    let name = match shutdown.reason() {
+        Some(ShutdownReason::Signal(name)) => name,
+        _ => "a signal".to_owned(),
     };
-    let result = mayhem::RedisSource::connect_with(config, &starting);
-    // Ends the watcher's loop; the service's own signal handling takes over from here.
-    handle.close();
-    let _ = watcher.join();
-    match result {
-        Ok(source) => Ok(Some(source)),
-        Err(mayhem::SourceError::Closed) => {
-            if let Some(reason) = starting.reason() {
-                log::info!("Received exit {reason} while connecting to redis");
-            }
-            log::info!("Successfully shutdown the Mayhem service.");
-            Ok(None)
+    info!("Received exit signal {name}...");
+    info!("Start-up interrupted before the source was connected: nothing to give back");
+    info!("Successfully shutdown the Mayhem service.");
+    ExitCode::SUCCESS
+}
+
+/// Unblocks the handled signals in case the parent left them blocked (signal masks survive
+/// `exec`): handled signals must not sit pending forever. Called once the handlers are
+/// installed, so a signal that arrived while blocked is delivered now, to the handler. A
+/// supervisor that must close the window before `main` can therefore start the service
+/// with these signals blocked.
+fn unblock_signals() -> std::io::Result<()> {
+    // SAFETY: `set` is initialised by `sigemptyset` before any other use, every pointer
+    // passed is valid for the call, and `pthread_sigmask` changes the calling thread's mask
+    // only (threads started later inherit it; none was started before).
+    let result = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in HANDLED {
+            libc::sigaddset(&mut set, signal);
         }
-        Err(error) => {
-            error!("{error}");
-            Err(())
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(result))
+    }
+}
+
+/// Starts the thread that turns signals into the shutdown: the first one triggers it, a
+/// second one forces the exit.
+fn spawn_signal_thread(
+    mut signals: Signals,
+    shutdown: Shutdown,
+    source: SourceSlot,
+    startup: Sender<Startup>,
+) -> std::io::Result<()> {
+    // Never joined: it must stay able to force the exit until the process ends (a report
+    // write blocked on a full stdout included).
+    thread::Builder::new()
+        .name("mayhem-signals".into())
+        .spawn(move || {
+            let mut received = 0;
+            for signal in signals.forever() {
+                received += 1;
+                let name = signal_name(signal);
+                if received == 1 {
+                    shutdown.trigger(ShutdownReason::Signal(name.to_owned()));
+                    let _ = startup.send(Startup::Signal);
+                } else {
+                    // Cloned out of the lock, so that main's take of it never waits on the
+                    // nacks.
+                    let held = source
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    force_exit(name, held.as_ref());
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// The second signal: gives back what the source holds (bounded), writes what it can of the
+/// log (bounded), and exits 130. Logging only queues, so nothing here waits on stderr or
+/// stdout beyond those bounds.
+fn force_exit(name: &str, source: Option<&Arc<dyn Broker>>) -> ! {
+    warn!("Received exit signal {name} again, forcing exit");
+    if let Some(source) = source {
+        let (done, nacked) = mpsc::channel();
+        let source = Arc::clone(source);
+        // On its own thread so that a stalled backend cannot hold the exit.
+        let spawned = thread::Builder::new()
+            .name("mayhem-nack-all".into())
+            .spawn(move || {
+                let _ = done.send(source.nack_all());
+            });
+        if spawned.is_ok() {
+            match nacked.recv_timeout(FORCED_NACK_WAIT) {
+                Ok(count) => warn!("Nacked {count} leased messages"),
+                Err(_) => warn!("Leased messages not all nacked within {FORCED_NACK_WAIT:?}"),
+            }
         }
     }
+    logger::flush(Duration::from_millis(100), Duration::from_millis(300));
+    // `_exit`: no exit handlers, no flush of stdout, whose pipe may be full.
+    signal_hook::low_level::exit(EXIT_FORCED)
 }
 
 /// Prints a one-line usage error to stderr (ignoring a closed stderr).
