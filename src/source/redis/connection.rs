@@ -461,10 +461,32 @@ impl Core {
         &self,
         command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
     ) -> Result<T, Failure> {
+        self.run_command(true, command)
+    }
+
+    /// [`with_connection`](Self::with_connection) for a command on another key than the
+    /// stream (the liveness key): its failures count, but its success does not end a failure
+    /// of the stream's commands (a `WRONGTYPE` stream would otherwise never reach the
+    /// reconnect limit).
+    pub(super) fn with_side_connection<T>(
+        &self,
+        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, Failure> {
+        self.run_command(false, command)
+    }
+
+    /// Runs `command`; `counts` says whether its success ends a failure.
+    fn run_command<T>(
+        &self,
+        counts: bool,
+        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, Failure> {
         let mut pooled = self.checkout()?;
         match command(&mut pooled.con) {
             Ok(value) => {
-                self.succeeded();
+                if counts {
+                    self.succeeded();
+                }
                 lock(&self.pool).push(pooled);
                 Ok(value)
             }

@@ -67,7 +67,7 @@ impl Core {
     /// Refreshes the liveness key; notices when another instance took the name over.
     fn refresh_name(&self) {
         let ttl_ms = self.config.liveness_ttl.as_millis().max(1) as u64;
-        let held = self.with_connection(|con| {
+        let held = self.with_side_connection(|con| {
             self.scripts
                 .liveness
                 .key(&self.live_key)
