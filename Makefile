@@ -49,10 +49,16 @@ build:
 bench:
 	$(CARGO) bench --bench pipeline
 
-## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary.
+## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary;
+## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7").
 soak:
 	$(CARGO) build --release --bins --examples
 	./target/release/examples/soak $(ARGS)
+	@if command -v redis-server >/dev/null 2>&1; then \
+	  ./target/release/examples/redis_soak $(REDIS_ARGS); \
+	else \
+	  echo "SKIPPED: the Redis soak (redis-server not installed)"; \
+	fi
 
 ## Valgrind on a counted run and on a SIGTERM shutdown: fails on any definite or indirect leak.
 VALGRIND = valgrind --quiet --leak-check=full --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect --error-exitcode=3

@@ -44,7 +44,18 @@ const OVERLOAD_MESSAGES: usize = 1_000_000;
 /// Start and end markers of the generated section of the README.
 const MARKERS: (&str, &str) = ("<!-- bench:start -->", "<!-- bench:end -->");
 
+mod redis;
+
+/// Entries per run of the Redis rows.
+const REDIS_MESSAGES: u64 = 200_000;
+
 fn main() {
+    if std::env::var("MAYHEM_BENCH").is_ok_and(|only| only == "redis") {
+        for row in redis::rows(REDIS_MESSAGES) {
+            println!("{row}");
+        }
+        return;
+    }
     match std::env::args().nth(1).as_deref() {
         Some("child-rss") => return child_rss(),
         Some("child-in-flight") => return child_in_flight(),
@@ -92,8 +103,7 @@ fn main() {
     let per_message_bytes = child("child-in-flight");
     let library_stop = stats((0..RUNS).map(|_| library_shutdown_ms(4, 4)).collect());
     let binary_stop = stats((0..RUNS).map(|_| binary_shutdown_ms()).collect());
-    let redis_messages = messages.min(50_000);
-    let redis_rate = redis_loopback(redis_messages);
+    let redis_rows = redis::rows(REDIS_MESSAGES.min(messages));
     let binary_bytes = std::fs::metadata(env!("CARGO_BIN_EXE_mayhem")).map_or(0, |m| m.len());
     let goodput: Vec<(usize, f64)> = WINDOWS
         .iter()
@@ -132,14 +142,9 @@ fn main() {
         table,
         "| ratio best / bare bridge (medians) | {ratio:.2} | >= 0.4 |"
     );
-    let _ = writeln!(
-        table,
-        "| messages/s, Redis Streams source on loopback (binary, 2 publishers, {redis_messages} messages) | {} | |",
-        redis_rate.map_or_else(
-            || "not measured: redis-server not installed".to_owned(),
-            |rate| format!("{rate:.0}")
-        )
-    );
+    for row in &redis_rows {
+        let _ = writeln!(table, "{row}");
+    }
     let _ = writeln!(
         table,
         "| peak RSS, {RSS_MESSAGES} messages to completion | {:.1} MB | <= 20 MB |",
@@ -694,79 +699,6 @@ fn binary_shutdown_ms() -> f64 {
         }
         thread::sleep(Duration::from_micros(200));
     }
-}
-
-/// Acked messages per second of the binary against a `redis-server` of its own on a free
-/// loopback port; `None` when `redis-server` is not installed.
-fn redis_loopback(messages: u64) -> Option<f64> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let dir = std::env::temp_dir().join(format!("mayhem-bench-redis-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).ok()?;
-    let mut server = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    // Wait until it accepts connections.
-    let ready = (0..500).any(|_| {
-        thread::sleep(Duration::from_millis(10));
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    let output = ready.then(|| {
-        Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args([
-                "--source",
-                &format!("redis://127.0.0.1:{port}/0"),
-                "--stream",
-                "bench",
-                "--publishers",
-                "2",
-            ])
-            .args([
-                "--messages",
-                &messages.to_string(),
-                "--publish-interval",
-                "0",
-                "--handler-latency",
-                "0",
-            ])
-            .args([
-                "--restart-failure-rate",
-                "0",
-                "--save-failure-rate",
-                "0",
-                "--log-level",
-                "warn",
-                "--report",
-                "json",
-            ])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
-    let stdout = String::from_utf8_lossy(&output?.ok()?.stdout).into_owned();
-    let key = "\"acked_per_sec\":";
-    let rest = &stdout[stdout.find(key)? + key.len()..];
-    rest[..rest.find([',', '}'])?].parse().ok()
 }
 
 /// An SVG line chart: throughput against consumers, one line per worker count.

@@ -18,6 +18,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 mod conformance;
+mod redis_soak;
 
 use mayhem::{Envelope, PubSubMessage, Publish, RedisConfig, RedisSource, Source};
 use redis::Value;
@@ -1532,4 +1533,33 @@ fn messages_n_completes_for_a_shared_group() {
     }
     assert_eq!(all.len(), 300, "each message acked once");
     assert_eq!(counts(&all).len(), 300);
+}
+
+#[test]
+fn a_fast_redis_soak_with_fixed_seeds_loses_nothing() {
+    // The fast subset of `make soak`'s Redis runs: three fixed seeds, four waves each, run
+    // side by side (each has its own server and instances).
+    if !have_redis() {
+        return;
+    }
+    let runs: Vec<_> = [11u64, 12, 13]
+        .into_iter()
+        .map(|seed| {
+            thread::spawn(move || (seed, redis_soak::run(env!("CARGO_BIN_EXE_mayhem"), seed, 4)))
+        })
+        .collect();
+    for run in runs {
+        let (seed, outcome) = run.join().expect("soak run");
+        assert!(
+            outcome.problems.is_empty(),
+            "seed {seed}: {:#?}",
+            outcome.problems
+        );
+        assert!(outcome.published > 0);
+        assert_eq!(
+            outcome.acked + outcome.dead,
+            outcome.published,
+            "seed {seed}"
+        );
+    }
 }

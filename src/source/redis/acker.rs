@@ -68,42 +68,84 @@ impl Op {
 }
 
 impl Core {
-    /// Sends lease operations in one script call and counts what Redis answered. `retried`
-    /// says that an earlier try of the same batch failed: an ack or dead letter that now
-    /// finds its entry no longer pending was most likely done by that try (the script never
-    /// acks an entry another consumer owns), so it counts as done, not as refused. The rare
-    /// exception, an entry that sat idle past the ack deadline meanwhile and was claimed and
-    /// acked by another consumer, is then counted by both: the count can be one high, the
-    /// entry is still acked once.
+    /// Sends lease operations in one round trip and counts what Redis answered: the acks
+    /// as one `XACK` of many ids, the rest in one script call that checks ownership first.
+    ///
+    /// Acks need no ownership check: an entry is acked at most once whoever acks it, and a
+    /// message whose handler succeeded is done even when its lease passed to another
+    /// consumer meanwhile (that consumer's ack then counts as a late refusal). Extensions,
+    /// requeues and dead letters are checked, as they must never touch an entry another
+    /// consumer holds.
+    ///
+    /// `retried` says that an earlier try of the same batch failed: an ack or dead letter
+    /// that now finds its entry no longer pending was most likely done by that try, so it
+    /// counts as done, not as refused. The rare exception, an entry that sat idle past the
+    /// ack deadline meanwhile and was claimed and acked by another consumer, is then counted
+    /// by both: the count can be one high, the entry is still acked once.
     pub(super) fn send_ops(&self, ops: &[Op], retried: bool) -> Result<(), Failure> {
-        let reply: Value = self.with_connection(|con| {
-            let mut invocation = self.scripts.lease.key(&self.config.stream);
-            invocation
-                .key(&self.dead_stream)
-                .arg(&self.config.group)
-                .arg(&self.config.consumer)
-                .arg(self.config.dead_letter_max);
-            for op in ops {
-                invocation
-                    .arg(op.name())
-                    .arg(op.entry.to_string())
-                    .arg(op.deliveries)
-                    .arg(op.attempt);
+        let acks: Vec<String> = ops
+            .iter()
+            .filter(|op| op.kind == OpKind::Ack)
+            .map(|op| op.entry.to_string())
+            .collect();
+        let checked: Vec<&Op> = ops.iter().filter(|op| op.kind != OpKind::Ack).collect();
+        let replies: Vec<Value> = self.with_connection(|con| {
+            let mut pipe = redis::pipe();
+            if !checked.is_empty() {
+                let command = pipe
+                    .cmd("EVALSHA")
+                    .arg(self.scripts.lease.get_hash())
+                    .arg(2)
+                    .arg(&self.config.stream)
+                    .arg(&self.dead_stream)
+                    .arg(&self.config.group)
+                    .arg(&self.config.consumer)
+                    .arg(self.config.dead_letter_max);
+                for op in &checked {
+                    command
+                        .arg(op.name())
+                        .arg(op.entry.to_string())
+                        .arg(op.deliveries)
+                        .arg(op.attempt);
+                }
             }
-            invocation.invoke(con)
+            if !acks.is_empty() {
+                pipe.cmd("XACK")
+                    .arg(&self.config.stream)
+                    .arg(&self.config.group)
+                    .arg(&acks);
+            }
+            pipe.query(con)
         })?;
-        let answers: Vec<i64> = match reply {
-            Value::Array(items) => items.iter().map(|item| int(item).unwrap_or(0)).collect(),
-            _ => Vec::new(),
+        let mut replies = replies.into_iter();
+        let answers: Vec<i64> = if checked.is_empty() {
+            Vec::new()
+        } else {
+            match replies.next() {
+                Some(Value::Array(items)) => {
+                    items.iter().map(|item| int(item).unwrap_or(0)).collect()
+                }
+                _ => Vec::new(),
+            }
         };
+        if !acks.is_empty() {
+            let done = replies
+                .next()
+                .as_ref()
+                .and_then(int)
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(0);
+            let sent = acks.len() as u64;
+            let done = if retried { sent } else { done.min(sent) };
+            self.settled.fetch_add(done, Ordering::Relaxed);
+            lock(&self.stats).late_refusals += sent - done;
+        }
         let mut stats = lock(&self.stats);
         let mut expired = Vec::new();
-        for (op, answer) in ops.iter().zip(answers) {
+        for (op, answer) in checked.iter().zip(answers) {
             match (op.kind, answer) {
-                (OpKind::Ack, 1) | (OpKind::Ack, 2) if answer == 1 || retried => {
-                    self.settled.fetch_add(1, Ordering::Relaxed);
-                }
-                (OpKind::Ack, _) => stats.late_refusals += 1,
+                // Acks went by XACK, above.
+                (OpKind::Ack, _) => {}
                 (OpKind::Dead, 1) | (OpKind::Dead, 2) if answer == 1 || retried => {
                     stats.dead_lettered += 1;
                     self.settled.fetch_add(1, Ordering::Relaxed);

@@ -9,52 +9,83 @@ use redis::Value;
 
 use super::acker::{Op, OpKind};
 use super::connection::Failure;
-use super::reply::{claim_reply, field_map, read_reply_entries, Entry, EntryId};
+use super::reply::{claim_reply, fields, read_reply_entries, Entry};
 use super::{lock, Core, Held};
 use crate::message::PubSubMessage;
 use crate::source::Lease;
 
 impl Core {
     /// Claims entries idle past the ack deadline, then reads new ones (up to `max` in all:
-    /// `XREADGROUP COUNT` is the free part of the caller's flow-control window).
+    /// `XREADGROUP COUNT` is the free part of the caller's flow-control window), blocking up
+    /// to `wait` in steps of the configured block while nothing comes.
     pub(super) fn pull_into(
         &self,
         max: usize,
         wait: Duration,
         out: &mut Vec<Lease>,
     ) -> Result<(), Failure> {
-        let start = lock(&self.claim_cursor).clone();
-        let (next, entries) = self.claim(&start, max)?;
-        *lock(&self.claim_cursor) = next;
-        self.lease_all_from(entries, Instant::now(), out);
-        let room = max.saturating_sub(out.len());
-        if room == 0 {
-            return Ok(());
-        }
-        // Block only when nothing was claimed, and never longer than the configured block.
-        let block = if out.is_empty() {
-            wait.min(self.config.block)
-        } else {
-            Duration::ZERO
-        };
-        let sent_at = Instant::now();
-        let reply = self.with_connection(|con| {
-            let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP")
-                .arg(&self.config.group)
-                .arg(&self.config.consumer)
-                .arg("COUNT")
-                .arg(room);
-            // BLOCK 0 would block forever: no wait means no BLOCK argument.
-            if !block.is_zero() {
-                cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        let end = Instant::now() + wait;
+        loop {
+            self.claim_due(max, out)?;
+            let room = max.saturating_sub(out.len());
+            if room == 0 {
+                return Ok(());
             }
-            cmd.arg("STREAMS")
-                .arg(&self.config.stream)
-                .arg(">")
-                .query::<Value>(con)
-        })?;
-        self.lease_all_from(read_reply_entries(&reply), sent_at, out);
+            // Block only when nothing was claimed, and never longer than the configured block,
+            // so that an interrupt and the next sweep are noticed promptly.
+            let left = end.saturating_duration_since(Instant::now());
+            let block = if out.is_empty() {
+                left.min(self.config.block)
+            } else {
+                Duration::ZERO
+            };
+            let sent_at = Instant::now();
+            let reply = self.with_connection(|con| {
+                let mut cmd = redis::cmd("XREADGROUP");
+                cmd.arg("GROUP")
+                    .arg(&self.config.group)
+                    .arg(&self.config.consumer)
+                    .arg("COUNT")
+                    .arg(room);
+                // BLOCK 0 would block forever: no wait means no BLOCK argument.
+                if !block.is_zero() {
+                    cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+                }
+                cmd.arg("STREAMS")
+                    .arg(&self.config.stream)
+                    .arg(">")
+                    .query::<Value>(con)
+            })?;
+            self.lease_all_from(read_reply_entries(reply), sent_at, out);
+            if !out.is_empty() || Instant::now() >= end || self.interrupted.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs one step of the sweep for expired entries when it is due. A sweep walks the
+    /// whole pending list, one bounded `XAUTOCLAIM` per pull; after a sweep that found
+    /// nothing, the next one waits a tenth of the ack deadline (10 ms to 200 ms): an
+    /// `XAUTOCLAIM` over a long pending list costs the server far more than reading new
+    /// entries, and an expired entry waits at most that much longer.
+    fn claim_due(&self, max: usize, out: &mut Vec<Lease>) -> Result<(), Failure> {
+        let start = {
+            let cursor = lock(&self.claim_cursor);
+            if cursor.start == "0-0" && Instant::now() < cursor.due {
+                return Ok(());
+            }
+            cursor.start.clone()
+        };
+        let (next, entries) = self.claim(&start, max)?;
+        let found = !entries.is_empty();
+        self.lease_all_from(entries, Instant::now(), out);
+        let mut cursor = lock(&self.claim_cursor);
+        if next == "0-0" && !found {
+            let pause = (self.config.ack_deadline / 10)
+                .clamp(Duration::from_millis(10), Duration::from_millis(200));
+            cursor.due = Instant::now() + pause;
+        }
+        cursor.start = next;
         Ok(())
     }
 
@@ -91,33 +122,34 @@ impl Core {
             return;
         }
         let deadline = since + self.config.ack_deadline;
-        let mut leases = lock(&self.leases);
+        // Parsed before the lease table is locked: the table is shared with every handler's
+        // ack, so it is held only to insert.
         let mut malformed = Vec::new();
-        for (id, fields, deliveries) in entries {
-            let Some(entry) = EntryId::parse(&id) else {
-                continue;
-            };
-            let fields = field_map(&fields);
+        let mut parsed = Vec::with_capacity(entries.len());
+        for (entry, list, deliveries) in entries {
+            let fields = fields(&list);
+            let attempt = fields.attempts.saturating_add(deliveries);
             let message = fields
-                .get("message_id")
-                .and_then(|id| uuid::Uuid::parse_str(id).ok())
-                .zip(fields.get("instance_name"))
+                .message_id
+                .zip(fields.instance_name.as_deref())
                 .and_then(|(id, name)| PubSubMessage::from_parts(id, name));
-            let prior: u32 = fields
-                .get("attempts")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            let attempt = prior.saturating_add(deliveries);
-            let Some(message) = message else {
-                malformed.push(Op {
+            match message {
+                // Every other field of the entry is an attribute (a program's own publishers
+                // may add some); the chaos monkey's own entries have none, so nothing is
+                // allocated for them.
+                Some(message) => parsed.push((entry, message, fields.others, deliveries, attempt)),
+                None => malformed.push(Op {
                     kind: OpKind::Dead,
                     lease: 0,
                     entry,
                     deliveries: 0,
                     attempt,
-                });
-                continue;
-            };
+                }),
+            }
+        }
+        let mut leases = lock(&self.leases);
+        out.reserve(parsed.len());
+        for (entry, message, attributes, deliveries, attempt) in parsed {
             let generation = leases.next_generation;
             leases.next_generation = generation.wrapping_add(1);
             let index = leases.slots.insert(Held {
@@ -127,16 +159,9 @@ impl Core {
                 deadline,
                 generation,
             });
-            // Every other field of the entry is an attribute (a program's own publishers may
-            // add some); the chaos monkey's own entries have none, so nothing is allocated.
-            let attributes = fields
-                .iter()
-                .filter(|(key, _)| !super::RESERVED_FIELDS.contains(&key.as_str()))
-                .map(|(key, value)| (key.clone(), value.clone()))
-                .collect();
             out.push(Lease {
                 message,
-                attributes,
+                attributes: attributes.into_iter().collect(),
                 attempt,
                 id: (u64::from(generation) << 32) | index as u64,
             });

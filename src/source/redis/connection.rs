@@ -414,10 +414,18 @@ impl Core {
         }
     }
 
-    /// Creates the consumer group (keeping an existing one) at its recorded floor, or at `0`,
-    /// and loads the scripts.
+    /// Creates the consumer group (keeping an existing one) at its recorded floor, or at `0`
+    /// (also when the stream itself is new), and loads the scripts.
     fn prepare(&self, con: &mut Connection) -> Result<(), RedisError> {
-        let floor: Option<String> = redis::cmd("GET").arg(&self.floor_key).query(con)?;
+        // A floor outlives its stream only when the stream was deleted as a whole: then no
+        // history is left to replay, and the floor is dropped.
+        let exists: bool = redis::cmd("EXISTS").arg(&self.config.stream).query(con)?;
+        let floor: Option<String> = if exists {
+            redis::cmd("GET").arg(&self.floor_key).query(con)?
+        } else {
+            redis::cmd("DEL").arg(&self.floor_key).query::<()>(con)?;
+            None
+        };
         let start = floor
             .as_deref()
             .and_then(EntryId::parse)
@@ -453,10 +461,32 @@ impl Core {
         &self,
         command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
     ) -> Result<T, Failure> {
+        self.run_command(true, command)
+    }
+
+    /// [`with_connection`](Self::with_connection) for a command on another key than the
+    /// stream (the liveness key): its failures count, but its success does not end a failure
+    /// of the stream's commands (a `WRONGTYPE` stream would otherwise never reach the
+    /// reconnect limit).
+    pub(super) fn with_side_connection<T>(
+        &self,
+        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, Failure> {
+        self.run_command(false, command)
+    }
+
+    /// Runs `command`; `counts` says whether its success ends a failure.
+    fn run_command<T>(
+        &self,
+        counts: bool,
+        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, Failure> {
         let mut pooled = self.checkout()?;
         match command(&mut pooled.con) {
             Ok(value) => {
-                self.succeeded();
+                if counts {
+                    self.succeeded();
+                }
                 lock(&self.pool).push(pooled);
                 Ok(value)
             }

@@ -11,7 +11,7 @@ use super::connection::Failure;
 use super::reply::{int, text};
 use super::{lock, Core};
 
-/// How often the group's state is read while messages published here may be unsettled.
+/// How often the group's state is read.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 /// The state of the consumer group.
@@ -67,7 +67,7 @@ impl Core {
     /// Refreshes the liveness key; notices when another instance took the name over.
     fn refresh_name(&self) {
         let ttl_ms = self.config.liveness_ttl.as_millis().max(1) as u64;
-        let held = self.with_connection(|con| {
+        let held = self.with_side_connection(|con| {
             self.scripts
                 .liveness
                 .key(&self.live_key)
@@ -108,15 +108,14 @@ impl Core {
         }
     }
 
-    /// With messages published here and not known settled, asks whether the group drained;
-    /// if so, every message published before the question is settled.
+    /// Reads the group's state: what it has left, and whether it drained; if so, every
+    /// message published here before the question is settled.
     fn watch_drain(&self) {
         let published = self.published.load(Ordering::SeqCst);
-        if published <= self.group_settled.load(Ordering::SeqCst) {
-            return;
-        }
         if let Some(state) = self.group_state() {
-            if state.drained {
+            self.remaining
+                .store(state.pending + state.undelivered, Ordering::SeqCst);
+            if state.drained && published > self.group_settled.load(Ordering::SeqCst) {
                 self.group_settled.fetch_max(published, Ordering::SeqCst);
             }
         }

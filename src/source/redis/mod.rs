@@ -7,17 +7,20 @@
 //! | `publish` | `XADD stream * message_id <uuid> instance_name <name>` |
 //! | start | claim the consumer name (a liveness key, see below); `XGROUP CREATE stream group <floor> MKSTREAM` (an existing group is kept); this consumer's own pending entries, left by an earlier instance of the same name, are marked expired |
 //! | `pull` | entries idle past the ack deadline (`XAUTOCLAIM`), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
-//! | `ack` | `XACK` |
+//! | `ack` | `XACK stream group id...` (one per batch) |
 //! | `extend` | `XCLAIM ... JUSTID` (resets the entry's idle time) |
 //! | `nack` | a copy of the entry with its attempt count is added to the stream and the entry acked, in one script: the message is at once deliverable to any consumer |
 //! | dead letter | a copy goes to `{stream}:dead` (bounded by [`RedisConfig::dead_letter_max`]) with its attempt count and the entry is acked, in one script |
 //! | retention | `XTRIM stream MINID <lowest floor of every group>`, every [`RedisConfig::trim_interval`] |
 //! | graceful stop | the liveness key is deleted; the consumer is removed (`XGROUP DELCONSUMER`) when it holds nothing |
 //!
-//! Lease operations are checked for ownership first: one Lua script per batch checks with
-//! `XPENDING` that this consumer still owns each entry with the same delivery count, so a
-//! lease that expired and was claimed by another consumer (or by a later pull of this one)
-//! is never acked, extended or nacked by its former holder.
+//! Extensions, nacks and dead letters are checked for ownership first: one Lua script per
+//! batch checks with `XPENDING` that this consumer still owns each entry with the same
+//! delivery count, so a lease that expired and was claimed by another consumer (or by a later
+//! pull of this one) is never extended, requeued or dead-lettered by its former holder. Acks
+//! go as one `XACK` of many ids in the same round trip: an entry is acked at most once
+//! whoever acks it, and a message whose handler succeeded is done even if its lease passed to
+//! another consumer meanwhile (whose ack then counts as a late refusal).
 //!
 //! # One live instance per consumer name
 //!
@@ -107,7 +110,7 @@ use self::reply::EntryId;
 pub use self::connection::redact_url;
 
 /// How long `stats` waits for queued lease operations to be sent.
-const FLUSH_WAIT: Duration = Duration::from_secs(5);
+const STATS_WAIT: Duration = Duration::from_millis(250);
 /// How long `stats` and dropping the source wait once the source was interrupted: the
 /// service's exit must not wait on a stalled server.
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
@@ -272,6 +275,8 @@ struct Core {
     group_settled: AtomicU64,
     /// Messages published through this source, readable without a lock.
     published: AtomicU64,
+    /// The group's pending and undelivered entries, as last read.
+    remaining: AtomicU64,
     /// Lease operations queued and not yet answered; `drained` signals when it reaches zero.
     queued: Mutex<u64>,
     /// Signalled when `queued` drops to zero.
@@ -284,8 +289,17 @@ struct Core {
     closing_signal: Condvar,
     /// Set when another instance took the consumer name over: pulls fail.
     name_lost: AtomicBool,
-    /// Where the next `XAUTOCLAIM` starts (it scans a bounded part of the pending list).
-    claim_cursor: Mutex<String>,
+    /// Where the next `XAUTOCLAIM` starts (it scans a bounded part of the pending list), and
+    /// when the next sweep of the pending list is due.
+    claim_cursor: Mutex<ClaimCursor>,
+}
+
+/// The position of the sweep of the pending list for expired entries.
+struct ClaimCursor {
+    /// Where the next `XAUTOCLAIM` starts; `0-0` starts a new sweep.
+    start: String,
+    /// No new sweep before this instant.
+    due: Instant,
 }
 
 /// The lease table.
@@ -633,28 +647,33 @@ impl Source for RedisSource {
     }
 
     /// The counters; `remaining` is what the whole group has left (entries not yet
-    /// delivered plus entries pending), or 0 when Redis cannot be asked.
+    /// delivered plus entries pending).
     ///
     /// # Blocking
     ///
-    /// Waits (up to a few seconds, or a quarter of a second once interrupted) until queued
-    /// lease operations were answered, then asks Redis: call it from a thread, not inside a
-    /// future.
+    /// Waits (at most a quarter of a second: the runner's thread that logs the stats line
+    /// also reacts to the shutdown) until queued lease operations were answered, then asks
+    /// Redis: call it from a thread, not inside a future.
     fn stats(&self) -> SourceStats {
         let core = &self.core;
-        let wait = if core.interrupted.load(Ordering::SeqCst) {
-            SHUTDOWN_WAIT
-        } else {
-            FLUSH_WAIT
-        };
-        core.flush(wait);
+        core.flush(STATS_WAIT);
         core.expire_local();
         let mut stats = *lock(&core.stats);
-        stats.remaining = if core.failing.load(Ordering::SeqCst) {
-            0
-        } else {
-            core.group_state()
-                .map_or(0, |state| state.pending + state.undelivered)
+        // Asked of the server only while it answers and the service is not stopping; else the
+        // maintenance thread's last answer (at most a tenth of a second old while it answers).
+        let fresh =
+            if core.failing.load(Ordering::SeqCst) || core.interrupted.load(Ordering::SeqCst) {
+                None
+            } else {
+                core.group_state()
+            };
+        stats.remaining = match fresh {
+            Some(state) => {
+                let remaining = state.pending + state.undelivered;
+                core.remaining.store(remaining, Ordering::SeqCst);
+                remaining
+            }
+            None => core.remaining.load(Ordering::SeqCst),
         };
         stats
     }
@@ -738,13 +757,17 @@ impl Core {
             settled: AtomicU64::new(0),
             group_settled: AtomicU64::new(0),
             published: AtomicU64::new(0),
+            remaining: AtomicU64::new(0),
             queued: Mutex::new(0),
             drained: Condvar::new(),
             interrupted: AtomicBool::new(false),
             closing: Mutex::new(false),
             closing_signal: Condvar::new(),
             name_lost: AtomicBool::new(false),
-            claim_cursor: Mutex::new("0-0".to_owned()),
+            claim_cursor: Mutex::new(ClaimCursor {
+                start: "0-0".to_owned(),
+                due: now,
+            }),
         }
     }
 

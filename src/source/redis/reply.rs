@@ -1,7 +1,6 @@
 //! Parsing of Redis replies: entry ids, entry fields, and the shapes of `XREADGROUP`,
 //! `XINFO` and the scripts' answers.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use redis::Value;
@@ -46,7 +45,64 @@ impl fmt::Display for EntryId {
 }
 
 /// A delivered entry: its id, its `field value ...` list, and its delivery count.
-pub(super) type Entry = (String, Vec<Value>, u32);
+pub(super) type Entry = (EntryId, Vec<Value>, u32);
+
+/// The bytes of a string reply.
+fn bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+/// An entry id reply.
+fn entry_id(value: &Value) -> Option<EntryId> {
+    EntryId::parse(std::str::from_utf8(bytes(value)?).ok()?)
+}
+
+/// What an entry's fields hold, read without allocating for the fields every entry has.
+#[derive(Debug, Default)]
+pub(super) struct Fields {
+    /// `message_id`, when it is a uuid.
+    pub(super) message_id: Option<uuid::Uuid>,
+    /// `instance_name`, when it is text.
+    pub(super) instance_name: Option<String>,
+    /// `attempts` of earlier deliveries (0 when absent or not a number).
+    pub(super) attempts: u32,
+    /// Every other field, in the entry's order.
+    pub(super) others: Vec<(String, String)>,
+}
+
+/// Reads an entry's flat `field value ...` list.
+pub(super) fn fields(list: &[Value]) -> Fields {
+    let mut fields = Fields::default();
+    for pair in list.chunks(2) {
+        let (Some(key), Some(value)) = (pair.first().and_then(bytes), pair.get(1).and_then(bytes))
+        else {
+            continue;
+        };
+        match key {
+            b"message_id" => fields.message_id = uuid::Uuid::try_parse_ascii(value).ok(),
+            b"instance_name" => {
+                fields.instance_name = std::str::from_utf8(value).ok().map(str::to_owned);
+            }
+            b"attempts" => {
+                fields.attempts = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+            }
+            _ => {
+                if let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(value))
+                {
+                    fields.others.push((key.to_owned(), value.to_owned()));
+                }
+            }
+        }
+    }
+    fields
+}
 
 /// A string reply as text.
 pub(super) fn text(value: &Value) -> Option<String> {
@@ -65,47 +121,42 @@ pub(super) fn int(value: &Value) -> Option<i64> {
     }
 }
 
-/// An entry's flat `field value ...` list as a map.
-pub(super) fn field_map(fields: &[Value]) -> HashMap<String, String> {
-    fields
-        .chunks(2)
-        .filter_map(|pair| Some((text(pair.first()?)?, text(pair.get(1)?)?)))
-        .collect()
-}
-
 /// The entries of an `XREADGROUP` reply on one stream: `[[stream, [[id, fields]...]]]`, or
 /// nil when the block timed out. Every entry read is delivered for the first time.
-pub(super) fn read_reply_entries(reply: &Value) -> Vec<Entry> {
+pub(super) fn read_reply_entries(reply: Value) -> Vec<Entry> {
     let mut entries = Vec::new();
-    let streams: &[Value] = match reply {
-        Value::Array(streams) => streams,
+    match reply {
+        Value::Array(streams) => {
+            for stream in streams {
+                if let Value::Array(parts) = stream {
+                    if let Some(rows) = parts.into_iter().nth(1) {
+                        push_rows(rows, &mut entries);
+                    }
+                }
+            }
+        }
         // RESP3 servers answer with a map of stream to entries.
         Value::Map(pairs) => {
             for (_, rows) in pairs {
                 push_rows(rows, &mut entries);
             }
-            return entries;
         }
-        _ => return entries,
-    };
-    for stream in streams {
-        if let Value::Array(parts) = stream {
-            if let Some(rows) = parts.get(1) {
-                push_rows(rows, &mut entries);
-            }
-        }
+        _ => {}
     }
     entries
 }
 
-/// Appends the `[[id, fields]...]` rows of one stream.
-fn push_rows(rows: &Value, entries: &mut Vec<Entry>) {
+/// Appends the `[[id, fields]...]` rows of one stream, taking the field lists over.
+fn push_rows(rows: Value, entries: &mut Vec<Entry>) {
     let Value::Array(rows) = rows else { return };
+    entries.reserve(rows.len());
     for row in rows {
         let Value::Array(cells) = row else { continue };
-        if let (Some(id), Some(Value::Array(fields))) = (cells.first().and_then(text), cells.get(1))
+        let mut cells = cells.into_iter();
+        if let (Some(Some(id)), Some(Value::Array(fields))) =
+            (cells.next().as_ref().map(entry_id), cells.next())
         {
-            entries.push((id, fields.clone(), 1));
+            entries.push((id, fields, 1));
         }
     }
 }
@@ -129,7 +180,7 @@ pub(super) fn claim_reply(reply: Value) -> (String, Vec<Entry>, u64) {
         for row in rows {
             if let Value::Array(cells) = row {
                 if let (Some(id), Some(Value::Array(fields)), Some(n)) = (
-                    cells.first().and_then(text),
+                    cells.first().and_then(entry_id),
                     cells.get(1),
                     cells.get(2).and_then(int),
                 ) {
@@ -179,11 +230,13 @@ mod tests {
                 Value::Array(vec![bulk("instance_name"), bulk("cattle-ab12")]),
             ])]),
         ])]);
-        let entries = read_reply_entries(&reply);
+        let entries = read_reply_entries(reply);
         assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].0, "1-0");
-        assert_eq!(field_map(&entries[0].1)["instance_name"], "cattle-ab12");
-        assert!(read_reply_entries(&Value::Nil).is_empty());
+        assert_eq!(entries[0].0.to_string(), "1-0");
+        let fields = fields(&entries[0].1);
+        assert_eq!(fields.instance_name.as_deref(), Some("cattle-ab12"));
+        assert_eq!((fields.message_id, fields.attempts), (None, 0));
+        assert!(read_reply_entries(Value::Nil).is_empty());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 """The same-run reference of `make bench`: a plain redis-py consumer loop.
 
 Reads a consumer group with XREADGROUP COUNT 1000 and acks each batch with one XACK, until
-N entries were acked; prints the acked entries per second. Usage: redis_reference.py PORT
+N entries were acked; prints the acked entries per second. Usage: reference.py PORT
 STREAM GROUP N.
 """
 import sys

@@ -1,0 +1,249 @@
+//! The Redis rows of `make bench`: mayhem against same-run references on one loopback
+//! `redis-server` of its own.
+//!
+//! - consume: mayhem (`--publishers 0`, entries preloaded) against `reference.py`, a
+//!   redis-py loop of `XREADGROUP COUNT 1000` and one `XACK` per batch;
+//! - end to end: mayhem publishing and consuming against pipelined `XADD` of the same
+//!   entries with `redis-cli --pipe`;
+//! - the server's own cost per command (`INFO commandstats`, `usec_per_call`) over the
+//!   mayhem runs, which says what bounds them on the server side.
+//!
+//! `MAYHEM_BENCH=redis make bench` runs these rows alone.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Runs of each measurement (the median is shown).
+const REDIS_RUNS: usize = 3;
+/// Flow-control window of the mayhem runs.
+const WINDOW: &str = "10000";
+
+/// A `redis-server` on a free loopback port, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start() -> Option<Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let dir = std::env::temp_dir().join(format!("mayhem-bench-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let server = Server { child, port, dir };
+        let ready = (0..500).any(|_| {
+            thread::sleep(Duration::from_millis(10));
+            server.cmd(&["PING"]).is_some()
+        });
+        ready.then_some(server)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Runs one command; `None` when it failed.
+    fn cmd(&self, args: &[&str]) -> Option<redis::Value> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .ok()?;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut con).ok()
+    }
+
+    /// `usec_per_call` of `command` in `INFO commandstats`.
+    fn usec_per_call(&self, command: &str) -> Option<f64> {
+        let info: String = match self.cmd(&["INFO", "commandstats"])? {
+            redis::Value::BulkString(bytes) => String::from_utf8(bytes).ok()?,
+            redis::Value::VerbatimString { text, .. } => text,
+            _ => return None,
+        };
+        let line = info
+            .lines()
+            .find(|line| line.starts_with(&format!("cmdstat_{command}:")))?;
+        let value = line.split("usec_per_call=").nth(1)?.split(',').next()?;
+        value.parse().ok()
+    }
+
+    /// Pipelines `count` `XADD`s of mayhem messages to `stream` with `redis-cli --pipe`;
+    /// returns the entries added per second.
+    fn pipe_xadd(&self, stream: &str, count: u64) -> Option<f64> {
+        let mut rng = fastrand::Rng::with_seed(count);
+        let mut resp = Vec::with_capacity(count as usize * 120);
+        for _ in 0..count {
+            let message = mayhem::PubSubMessage::random(&mut rng);
+            let id = message.message_id().to_string();
+            let args = [
+                "XADD",
+                stream,
+                "*",
+                "message_id",
+                &id,
+                "instance_name",
+                message.instance_name(),
+            ];
+            let _ = write!(resp, "*{}\r\n", args.len());
+            for arg in args {
+                let _ = write!(resp, "${}\r\n{arg}\r\n", arg.len());
+            }
+        }
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--pipe"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let started = Instant::now();
+        child.stdin.take()?.write_all(&resp).ok()?;
+        let status = child.wait().ok()?;
+        let took = started.elapsed();
+        status.success().then(|| count as f64 / took.as_secs_f64())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `acked_per_sec` of a mayhem run against `server`.
+fn mayhem(server: &Server, args: &[&str]) -> Option<f64> {
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &server.url()])
+        .args(["--handler-latency", "0", "--restart-failure-rate", "0"])
+        .args([
+            "--save-failure-rate",
+            "0",
+            "--log-level",
+            "warn",
+            "--report",
+            "json",
+        ])
+        .args(["--max-in-flight", WINDOW, "--consumers", "2"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let key = "\"acked_per_sec\":";
+    let rest = &stdout[stdout.find(key)? + key.len()..];
+    rest[..rest.find([',', '}'])?].parse().ok()
+}
+
+/// The median of what was measured, or `None` when nothing was.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// A figure, or why it is missing.
+fn show(value: Option<f64>, why: &str) -> String {
+    value.map_or_else(|| format!("not measured: {why}"), |v| format!("{v:.0}"))
+}
+
+/// The Redis rows of the bench table (`| figure | measured | target |`), measuring with
+/// `messages` entries per run.
+pub fn rows(messages: u64) -> Vec<String> {
+    let Some(server) = Server::start() else {
+        return vec!["| Redis rows | not measured: redis-server not installed | |".to_owned()];
+    };
+    let n = messages.to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/redis/reference.py");
+    let (mut consume, mut python, mut piped, mut end_to_end) = (vec![], vec![], vec![], vec![]);
+    for run in 0..REDIS_RUNS {
+        // Consume: the same preloaded entries, read by two groups.
+        let stream = format!("consume{run}");
+        let rate = server.pipe_xadd(&stream, messages);
+        piped.extend(rate);
+        server.cmd(&["XGROUP", "CREATE", &stream, "python", "0"]);
+        let reference = Command::new("python3")
+            .args([script, &server.port.to_string(), &stream, "python", &n])
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .and_then(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            });
+        python.extend(reference);
+        server.cmd(&["CONFIG", "RESETSTAT"]);
+        consume.extend(mayhem(
+            &server,
+            &["--stream", &stream, "--publishers", "0", "--messages", &n],
+        ));
+        server.cmd(&["DEL", &stream]);
+        // End to end: mayhem publishes and consumes.
+        let stream = format!("e2e{run}");
+        end_to_end.extend(mayhem(
+            &server,
+            &[
+                "--stream",
+                &stream,
+                "--publishers",
+                "2",
+                "--publish-interval",
+                "0",
+                "--messages",
+                &n,
+            ],
+        ));
+    }
+    let per_call = ["xadd", "xreadgroup", "xack", "evalsha"]
+        .iter()
+        .map(|command| {
+            format!(
+                "{} {}",
+                command.to_uppercase(),
+                server
+                    .usec_per_call(command)
+                    .map_or_else(|| "-".to_owned(), |us| format!("{us:.2}"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (consume, python, piped, end_to_end) = (
+        median(consume),
+        median(python),
+        median(piped),
+        median(end_to_end),
+    );
+    let ratio = |a: Option<f64>, b: Option<f64>| {
+        a.zip(b)
+            .map_or_else(|| "-".to_owned(), |(a, b)| format!("{:.2}", a / b))
+    };
+    vec![
+        format!("| messages/s, Redis consume: mayhem ({n} preloaded, 2 consumers, window {WINDOW}) | {} | >= 2x the redis-py loop |", show(consume, "mayhem run failed")),
+        format!("| messages/s, Redis consume: same-run reference, redis-py loop (`XREADGROUP COUNT 1000`, one `XACK` per batch) | {} | |", show(python, "python3 with redis-py not installed (pip install redis)")),
+        format!("| ratio Redis consume mayhem / redis-py (medians) | {} | >= 2 |", ratio(consume, python)),
+        format!("| messages/s, Redis end to end: mayhem (2 publishers, 2 consumers, {n} messages) | {} | >= 0.3x pipelined XADD |", show(end_to_end, "mayhem run failed")),
+        format!("| messages/s, Redis publish: same-run reference, pipelined `XADD` (`redis-cli --pipe`) | {} | |", show(piped, "redis-cli failed")),
+        format!("| ratio Redis end to end mayhem / pipelined XADD (medians) | {} | >= 0.3 |", ratio(end_to_end, piped)),
+        format!("| Redis server time per call (usec, `INFO commandstats`, consume and end-to-end runs of the last round) | {per_call} | |"),
+    ]
+}
