@@ -14,6 +14,54 @@ const POWERS: u32 = 40;
 /// Number of histogram buckets.
 const BUCKETS: usize = ((POWERS + 1) * SUB_BUCKETS) as usize;
 
+/// Stripes of the counters that every handler task updates.
+const STRIPES: usize = 8;
+
+/// A counter split into cache-line-sized stripes, one per thread (modulo [`STRIPES`]): the
+/// executor threads add to it for every message, and a single atomic would bounce between
+/// their cores. Reads sum the stripes.
+#[derive(Debug, Default)]
+struct Striped([Padded; STRIPES]);
+
+/// One stripe, alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
+impl Striped {
+    fn add(&self, count: u64) {
+        self.0[stripe()].0.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Takes `count` away; a stripe may wrap below zero, the sum does not.
+    fn sub(&self, count: u64) {
+        self.0[stripe()].0.fetch_sub(count, Ordering::Relaxed);
+    }
+
+    fn reset(&self) {
+        self.0
+            .iter()
+            .for_each(|padded| padded.0.store(0, Ordering::Relaxed));
+    }
+
+    /// The total. Wrapping: a gauge's stripes may each be "negative" (one thread adds what
+    /// another takes away), while their sum never is.
+    fn sum(&self) -> u64 {
+        self.0
+            .iter()
+            .fold(0u64, |sum, padded| sum.wrapping_add(load(&padded.0)))
+    }
+}
+
+/// The stripe of the calling thread: threads get consecutive stripes as they first count.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|stripe| *stripe)
+}
+
 /// Counters the handlers and the runner update while the service runs.
 ///
 /// All of them are atomics updated with relaxed ordering: they are statistics, read once the
@@ -24,8 +72,8 @@ pub struct Metrics {
     delivered: AtomicU64,
     /// Deliveries of a message that had been delivered before.
     redelivered: AtomicU64,
-    /// Leases acked.
-    acked: AtomicU64,
+    /// Leases acked (striped: every handler task adds to it).
+    acked: Striped,
     /// Leases nacked (handler errors, panics, cancellations, shutdown).
     nacked: AtomicU64,
     /// Successful lease extensions.
@@ -52,11 +100,13 @@ pub struct Metrics {
     /// Polls of a handler that blocked an executor thread longer than `--blocking-threshold`.
     blocking: AtomicU64,
     /// Messages pulled and not yet settled (the flow-control window in use).
-    pub(crate) in_flight: AtomicUsize,
+    in_flight: Striped,
     /// Messages handled to an ack, by handling time in microseconds (log-linear buckets).
+    /// One histogram per stripe, side by side: threads recording the same bucket write to
+    /// different cache lines.
     latency: Box<[AtomicU64]>,
     /// Sum of the handling times in `latency`, in microseconds.
-    latency_sum_micros: AtomicU64,
+    latency_sum_micros: Striped,
     /// The longest handling time in `latency`, in microseconds (exact, not a bucket bound).
     latency_max_micros: AtomicU64,
 }
@@ -66,7 +116,7 @@ impl Default for Metrics {
         Metrics {
             delivered: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
-            acked: AtomicU64::new(0),
+            acked: Striped::default(),
             nacked: AtomicU64::new(0),
             extended: AtomicU64::new(0),
             stale_acks: AtomicU64::new(0),
@@ -79,9 +129,9 @@ impl Default for Metrics {
             cancelled: AtomicU64::new(0),
             slow: AtomicU64::new(0),
             blocking: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            latency: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            latency_sum_micros: AtomicU64::new(0),
+            in_flight: Striped::default(),
+            latency: (0..BUCKETS * STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            latency_sum_micros: Striped::default(),
             latency_max_micros: AtomicU64::new(0),
         }
     }
@@ -112,7 +162,7 @@ impl Metrics {
     }
 
     pub(crate) fn count_acked(&self, count: u64) {
-        self.acked.fetch_add(count, Ordering::Relaxed);
+        self.acked.add(count);
     }
 
     pub(crate) fn count_nacked(&self, count: u64) {
@@ -137,7 +187,7 @@ impl Metrics {
 
     /// Leases acked so far.
     pub fn acked(&self) -> u64 {
-        load(&self.acked)
+        self.acked.sum()
     }
 
     /// Leases nacked so far.
@@ -174,7 +224,22 @@ impl Metrics {
     /// Leases held now: pulled and not yet acked, nacked or lost (permits a consumer reserved
     /// for a pull that has not returned yet do not count).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        usize::try_from(self.in_flight.sum()).unwrap_or(0)
+    }
+
+    /// Counts leases taken into the lease manager.
+    pub(crate) fn add_held(&self, count: usize) {
+        self.in_flight.add(count as u64);
+    }
+
+    /// Counts leases that left the lease manager.
+    pub(crate) fn sub_held(&self, count: usize) {
+        self.in_flight.sub(count as u64);
+    }
+
+    /// Starts the gauge of leases held from zero (a new run).
+    pub(crate) fn reset_held(&self) {
+        self.in_flight.reset();
     }
 
     /// Failed restart attempts so far.
@@ -195,9 +260,12 @@ impl Metrics {
     /// Records how long handling one message took.
     pub(crate) fn record_latency(&self, took: Duration) {
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.latency[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
-        self.latency_max_micros.fetch_max(micros, Ordering::Relaxed);
+        self.latency[stripe() * BUCKETS + bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.add(micros);
+        // A read first: the maximum rarely changes, and a read leaves the line shared.
+        if micros > self.latency_max_micros.load(Ordering::Relaxed) {
+            self.latency_max_micros.fetch_max(micros, Ordering::Relaxed);
+        }
     }
 
     /// The longest handling time recorded, in milliseconds (0 with no samples).
@@ -229,7 +297,7 @@ impl Metrics {
     /// Appends the `mayhem_handling_seconds` histogram in Prometheus text format.
     fn write_histogram(&self, out: &mut String) {
         let _ = write!(out, "# HELP mayhem_handling_seconds Handling time of acked messages.\n# TYPE mayhem_handling_seconds histogram\n");
-        let counts: Vec<u64> = self.latency.iter().map(load).collect();
+        let counts = self.bucket_counts();
         for le in [
             0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         ] {
@@ -246,17 +314,24 @@ impl Metrics {
         let _ = write!(
             out,
             "mayhem_handling_seconds_bucket{{le=\"+Inf\"}} {total}\nmayhem_handling_seconds_sum {}\nmayhem_handling_seconds_count {total}\n",
-            load(&self.latency_sum_micros) as f64 / 1e6
+            self.latency_sum_micros.sum() as f64 / 1e6
         );
+    }
+
+    /// The histogram's counts per bucket, summed over the stripes.
+    fn bucket_counts(&self) -> Vec<u64> {
+        let mut counts = vec![0; BUCKETS];
+        for stripe in self.latency.chunks(BUCKETS) {
+            for (count, cell) in counts.iter_mut().zip(stripe) {
+                *count += load(cell);
+            }
+        }
+        counts
     }
 
     /// The latency at quantile `q` (0..=1) in milliseconds, or 0 with no samples.
     pub(crate) fn latency_quantile_ms(&self, q: f64) -> f64 {
-        let counts: Vec<u64> = self
-            .latency
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
+        let counts = self.bucket_counts();
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return 0.0;
@@ -389,7 +464,7 @@ macro_rules! counters {
             ) -> Self {
                 let elapsed_secs = elapsed.as_secs_f64();
                 let max_ms = metrics.max_latency_ms();
-                let acked = load(&metrics.acked);
+                let acked = metrics.acked.sum();
                 Report {
                     $(
                         $name: {
@@ -419,7 +494,7 @@ counters! {
     published: Total, "Messages published.", |stats, _metrics| stats.published;
     consumed: Total, "Deliveries pulled by the consumers (a redelivered message counts again).",
         |_stats, metrics| load(&metrics.delivered);
-    acked: Total, "Messages acked.", |_stats, metrics| load(&metrics.acked);
+    acked: Total, "Messages acked.", |_stats, metrics| metrics.acked.sum();
     nacked: Total, "Leases nacked (handler errors, panics, cancellations, shutdown).",
         |_stats, metrics| load(&metrics.nacked);
     redelivered: Total, "Deliveries of a message delivered before.",

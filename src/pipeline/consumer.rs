@@ -15,7 +15,7 @@ use crate::source::{Lease, Source};
 
 /// Most messages leased in one pull: one lock of the subscription (or one round trip)
 /// serves many messages.
-pub(crate) const PULL_BATCH: usize = 64;
+pub(crate) const PULL_BATCH: usize = 256;
 /// How long a pull blocks with nothing to deliver before the loop looks around again.
 const PULL_WAIT: Duration = Duration::from_millis(50);
 /// Pause after a backend error before pulling again.

@@ -64,6 +64,31 @@ impl LeaseSettings {
     }
 }
 
+/// A point in time as milliseconds since the lease manager started: 4 bytes instead of an
+/// `Instant`'s 16, in a table that holds every lease in flight (a million, with a large
+/// window). Millisecond precision suits deadlines of at least 10 ms; `u32` covers 49 days.
+type Tick = u32;
+
+/// Converts instants to [`Tick`]s, rounding down, so that a recorded deadline is never later
+/// than the real one.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    /// Tick 0.
+    start: Instant,
+}
+
+impl Clock {
+    /// The tick of an instant (0 before the start; the last tick after 49 days).
+    fn tick(&self, at: Instant) -> Tick {
+        Self::ticks(at.saturating_duration_since(self.start))
+    }
+
+    /// A duration in ticks, saturating.
+    fn ticks(duration: Duration) -> Tick {
+        Tick::try_from(duration.as_millis()).unwrap_or(Tick::MAX)
+    }
+}
+
 /// Where a lease is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -82,11 +107,11 @@ struct Entry {
     id: LeaseId,
     /// The message, for log lines.
     message: PubSubMessage,
-    /// When it was pulled (for `max_lease`).
-    pulled: Instant,
+    /// When it was pulled (for `max_lease`), in [`Clock`] ticks.
+    pulled: Tick,
     /// The deadline the source holds it until, as far as we know (a lower bound: measured
     /// before the call that set it).
-    deadline: Instant,
+    deadline: Tick,
     /// Successful extensions.
     extended: u32,
     /// Whether its handler started.
@@ -116,6 +141,8 @@ pub(crate) struct Leaser<'a> {
     cancelled: AtomicBool,
     /// The settings.
     settings: LeaseSettings,
+    /// Turns instants into the table's compact ticks.
+    clock: Clock,
     /// Set to stop the extension thread; with `wake`, interrupts its sleep.
     stopped: Mutex<bool>,
     /// Wakes the extension thread when stopped.
@@ -178,7 +205,7 @@ impl<'a> Leaser<'a> {
         batch: usize,
         settings: LeaseSettings,
     ) -> Self {
-        metrics.in_flight.store(0, Ordering::Relaxed);
+        metrics.reset_held();
         Leaser {
             source,
             metrics,
@@ -188,6 +215,9 @@ impl<'a> Leaser<'a> {
             lost_epoch: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
             settings,
+            clock: Clock {
+                start: Instant::now(),
+            },
             stopped: Mutex::new(false),
             wake: Condvar::new(),
             lost_log: Throttle::new("leases lost", Level::Warn),
@@ -230,7 +260,8 @@ impl<'a> Leaser<'a> {
             return;
         }
         let shard = (self.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS) as u32;
-        let deadline = pulled + self.settings.ack_deadline;
+        let deadline = self.clock.tick(pulled + self.settings.ack_deadline);
+        let pulled = self.clock.tick(pulled);
         let mut redelivered = 0;
         {
             let mut table = self.shard(shard);
@@ -257,7 +288,7 @@ impl<'a> Leaser<'a> {
                 });
             }
         }
-        self.metrics.in_flight.fetch_add(count, Ordering::Relaxed);
+        self.metrics.add_held(count);
         self.metrics.count_delivered(count as u64, redelivered);
     }
 
@@ -275,7 +306,7 @@ impl<'a> Leaser<'a> {
             // The gauge and the counters were updated when it was lost.
             return Settle::Lost;
         }
-        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.sub_held(1);
         let mut refused = Vec::new();
         let ids = [guard.lease.id];
         let result = match op {
@@ -323,9 +354,7 @@ impl<'a> Leaser<'a> {
             drop(table);
             // Dropping the guard returns its permit.
         }
-        self.metrics
-            .in_flight
-            .fetch_sub(ids.len(), Ordering::Relaxed);
+        self.metrics.sub_held(ids.len());
         let mut refused = Vec::new();
         for chunk in ids.chunks(EXTEND_CHUNK) {
             refused.clear();
@@ -454,7 +483,9 @@ impl<'a> Leaser<'a> {
             .settings
             .ack_deadline
             .saturating_sub(self.settings.extend_interval);
-        let horizon = now + margin;
+        let horizon = self.clock.tick(now + margin);
+        let now_tick = self.clock.tick(now);
+        let max_lease = Clock::ticks(self.settings.max_lease);
         round.clear();
         for (shard, table) in self.shards.iter().enumerate() {
             let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
@@ -465,7 +496,7 @@ impl<'a> Leaser<'a> {
                 if entry.deadline > horizon {
                     continue;
                 }
-                if now.duration_since(entry.pulled) >= self.settings.max_lease {
+                if now_tick.saturating_sub(entry.pulled) >= max_lease {
                     entry.state = State::Capped;
                     round.capped.push(entry.message);
                     continue;
@@ -498,13 +529,8 @@ impl<'a> Leaser<'a> {
             }
             self.metrics
                 .count_extended((ids.len() - refused.len()) as u64);
-            self.apply(
-                ids,
-                keys,
-                &refused,
-                sent + self.settings.ack_deadline,
-                round,
-            );
+            let deadline = self.clock.tick(sent + self.settings.ack_deadline);
+            self.apply(ids, keys, &refused, deadline, round);
         }
         (round.ids, round.keys) = (all_ids, all_keys);
         self.log_extensions(round);
@@ -516,7 +542,7 @@ impl<'a> Leaser<'a> {
         ids: &[LeaseId],
         keys: &[(u32, u32)],
         refused: &[LeaseId],
-        deadline: Instant,
+        deadline: Tick,
         round: &mut Round,
     ) {
         // Refusals are rare; a sorted copy makes each check a binary search.
@@ -558,7 +584,7 @@ impl<'a> Leaser<'a> {
         }
         drop(current);
         if lost > 0 {
-            self.metrics.in_flight.fetch_sub(lost, Ordering::Relaxed);
+            self.metrics.sub_held(lost);
             self.metrics.count_lost(lost as u64);
             self.lost_epoch.fetch_add(1, Ordering::SeqCst);
             wakers.into_iter().for_each(Waker::wake);

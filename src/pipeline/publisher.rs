@@ -15,7 +15,7 @@ use crate::source::{Envelope, Publish};
 const ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Most messages published in one call when there is no pause between messages: one call
 /// (one lock, or one round trip to a remote broker) serves many messages.
-const PUBLISH_BATCH: u64 = 64;
+const PUBLISH_BATCH: u64 = 256;
 
 /// Aggregates the errors of every publisher thread.
 static ERRORS: Throttle = Throttle::new("publish errors", Level::Error);

@@ -51,26 +51,38 @@ pub type LeaseId = u64;
 /// assert_eq!(attributes.len(), 1);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Attributes(Vec<(String, String)>);
+pub struct Attributes(
+    /// A boxed slice, absent when empty: every lease carries its attributes through the
+    /// hand-off channel and the task, so they take two words, not a `Vec`'s three (setting one
+    /// reallocates, which only publishers do).
+    Option<Box<[(String, String)]>>,
+);
 
 impl Attributes {
     /// No attributes (allocates nothing).
     pub const fn new() -> Self {
-        Attributes(Vec::new())
+        Attributes(None)
     }
 
     /// Sets `key` to `value`, replacing an earlier value of the same key.
     pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
         let (key, value) = (key.into(), value.into());
-        match self.0.iter_mut().find(|(k, _)| *k == key) {
-            Some(slot) => slot.1 = value,
-            None => self.0.push((key, value)),
+        if let Some(slot) = self
+            .0
+            .as_deref_mut()
+            .and_then(|pairs| pairs.iter_mut().find(|(k, _)| *k == key))
+        {
+            slot.1 = value;
+            return;
         }
+        let mut pairs = self.0.take().map(Vec::from).unwrap_or_default();
+        pairs.push((key, value));
+        self.0 = Some(pairs.into_boxed_slice());
     }
 
     /// The value of `key`, if set.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0
+        self.pairs()
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
@@ -78,17 +90,22 @@ impl Attributes {
 
     /// Every attribute, in the order they were first set.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.pairs().iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// How many attributes there are.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.pairs().len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.pairs().is_empty()
+    }
+
+    /// The pairs, empty when there are none.
+    fn pairs(&self) -> &[(String, String)] {
+        self.0.as_deref().unwrap_or_default()
     }
 }
 
