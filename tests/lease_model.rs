@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mayhem::source::one;
 use mayhem::{
     Clock, Envelope, LeaseError, LeaseId, ManualClock, PubSubMessage, Publish, Source, SourceError,
     Subscription, SubscriptionConfig,
@@ -91,20 +92,6 @@ impl Model {
             }) if *held == lease => Some(*attempts),
             _ => None,
         }
-    }
-}
-
-/// Runs a batch operation on one lease, as a `Result` of that lease.
-fn one(
-    id: LeaseId,
-    op: impl FnOnce(&[LeaseId], &mut Vec<LeaseId>) -> Result<(), SourceError>,
-) -> Result<(), LeaseError> {
-    let mut refused = Vec::new();
-    op(&[id], &mut refused).map_err(LeaseError::Source)?;
-    if refused.is_empty() {
-        Ok(())
-    } else {
-        Err(LeaseError::Expired)
     }
 }
 

@@ -281,17 +281,28 @@ fn cancelled_tasks_never_start_their_handlers() {
     assert_eq!(report.nacked, 50 - report.acked, "{report:?}");
 }
 
-/// A source that ignores `max` and hands out more leases than asked (a misbehaving backend).
-struct Greedy(Subscription);
+/// How a [`Misbehaving`] source departs from the in-memory broker it wraps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Ignores `max` and hands out more leases than asked.
+    Greedy,
+    /// Takes every lease back instead of extending it: each extension is refused, as a
+    /// broker does after a lease expired or another consumer claimed it.
+    Reclaiming,
+}
 
-impl mayhem::Source for Greedy {
+/// The in-memory broker with one fault of a misbehaving backend.
+struct Misbehaving(Subscription, Fault);
+
+impl mayhem::Source for Misbehaving {
     fn pull(
         &self,
         max: usize,
         wait: Duration,
         out: &mut Vec<mayhem::Lease>,
-    ) -> Result<(), mayhem::SourceError> {
-        self.0.pull(max + 5, wait, out)
+    ) -> Result<(), SourceError> {
+        let extra = if self.1 == Fault::Greedy { 5 } else { 0 };
+        self.0.pull(max + extra, wait, out)
     }
     fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
         self.0.ack(leases, refused)
@@ -305,7 +316,13 @@ impl mayhem::Source for Greedy {
         by: Duration,
         refused: &mut Vec<LeaseId>,
     ) -> Result<(), SourceError> {
-        self.0.extend(leases, by, refused)
+        if self.1 != Fault::Reclaiming {
+            return self.0.extend(leases, by, refused);
+        }
+        // Taken back: delivered again (or dead-lettered), and refused to this holder.
+        self.0.nack(leases, &mut Vec::new())?;
+        refused.extend_from_slice(leases);
+        Ok(())
     }
     fn interrupt(&self) {
         mayhem::Source::interrupt(&self.0)
@@ -328,7 +345,7 @@ fn leases_beyond_the_window_are_given_back_not_handled() {
     config.publish.publishers = 0;
     config.run.messages = None;
     config.run.grace_period = Duration::from_millis(10);
-    let source = Greedy(preloaded(&config, 20, 9));
+    let source = Misbehaving(preloaded(&config, 20, 9), Fault::Greedy);
     let shutdown = Shutdown::new();
     let handler = Stalling {
         started: AtomicUsize::new(0),
@@ -457,50 +474,6 @@ fn a_lease_held_past_max_lease_is_given_up() {
     assert_eq!(report.stale_acks, 2, "{report:?}");
 }
 
-/// A source whose broker takes every lease back instead of extending it: each extension is
-/// refused, as a broker does after a lease expired or another consumer claimed it.
-struct Reclaiming(Subscription);
-
-impl mayhem::Source for Reclaiming {
-    fn pull(
-        &self,
-        max: usize,
-        wait: Duration,
-        out: &mut Vec<mayhem::Lease>,
-    ) -> Result<(), SourceError> {
-        self.0.pull(max, wait, out)
-    }
-    fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
-        self.0.ack(leases, refused)
-    }
-    fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
-        self.0.nack(leases, refused)
-    }
-    fn extend(
-        &self,
-        leases: &[LeaseId],
-        _by: Duration,
-        refused: &mut Vec<LeaseId>,
-    ) -> Result<(), SourceError> {
-        // Taken back: delivered again (or dead-lettered), and refused to this holder.
-        self.0.nack(leases, &mut Vec::new())?;
-        refused.extend_from_slice(leases);
-        Ok(())
-    }
-    fn interrupt(&self) {
-        mayhem::Source::interrupt(&self.0)
-    }
-    fn nack_all(&self) -> usize {
-        self.0.nack_all()
-    }
-    fn settled(&self) -> u64 {
-        self.0.settled()
-    }
-    fn stats(&self) -> mayhem::SourceStats {
-        self.0.stats()
-    }
-}
-
 #[test]
 fn a_lost_lease_drops_its_handler_at_once() {
     // Handlers that never end; the broker takes each lease back at its first extension. The
@@ -512,7 +485,7 @@ fn a_lost_lease_drops_its_handler_at_once() {
     config.lease.ack_deadline = Duration::from_millis(200);
     config.lease.extend_interval = Duration::from_millis(100);
     config.run.grace_period = Duration::from_secs(30);
-    let source = Reclaiming(preloaded(&config, 3, 23));
+    let source = Misbehaving(preloaded(&config, 3, 23), Fault::Reclaiming);
     let shutdown = Shutdown::new();
     let handler = Stalling {
         started: AtomicUsize::new(0),

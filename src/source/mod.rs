@@ -366,8 +366,27 @@ impl<'a> Delivery<'a> {
     }
 }
 
-/// Runs a batch operation on one lease and turns its outcome into a [`LeaseError`].
-fn one(
+/// Runs a batch operation of a [`Source`] on one lease, and turns its outcome into that
+/// lease's result: for programs that settle leases one at a time.
+///
+/// # Errors
+///
+/// [`LeaseError::Expired`] when the source refused the lease; [`LeaseError::Source`] when the
+/// batch failed.
+///
+/// ```
+/// use std::time::Duration;
+/// use mayhem::{source::one, Envelope, LeaseError, Publish, Source, Subscription, SubscriptionConfig};
+///
+/// let source = Subscription::new(SubscriptionConfig::default());
+/// source.publish(&[Envelope::from(mayhem::PubSubMessage::random(&mut mayhem::Rng::with_seed(4)))]).unwrap();
+/// let mut leases = Vec::new();
+/// source.pull(1, Duration::ZERO, &mut leases).unwrap();
+/// let id = leases[0].id;
+/// assert_eq!(one(id, |ids, refused| source.ack(ids, refused)), Ok(()));
+/// assert_eq!(one(id, |ids, refused| source.ack(ids, refused)), Err(LeaseError::Expired));
+/// ```
+pub fn one(
     id: LeaseId,
     op: impl FnOnce(&[LeaseId], &mut Vec<LeaseId>) -> Result<(), SourceError>,
 ) -> Result<(), LeaseError> {
