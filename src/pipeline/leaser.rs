@@ -64,10 +64,11 @@ impl LeaseSettings {
     }
 }
 
-/// A point in time as milliseconds since the lease manager started: 4 bytes instead of an
+/// A point in time as milliseconds since the lease manager started: 8 bytes instead of an
 /// `Instant`'s 16, in a table that holds every lease in flight (a million, with a large
-/// window). Millisecond precision suits deadlines of at least 10 ms; `u32` covers 49 days.
-type Tick = u32;
+/// window). Millisecond precision suits deadlines of at least 10 ms. (`u64`, not `u32`: a
+/// service runs longer than the 49 days a `u32` would cover.)
+type Tick = u64;
 
 /// Converts instants to [`Tick`]s, rounding down, so that a recorded deadline is never later
 /// than the real one.
@@ -78,7 +79,7 @@ struct Clock {
 }
 
 impl Clock {
-    /// The tick of an instant (0 before the start; the last tick after 49 days).
+    /// The tick of an instant (0 before the start).
     fn tick(&self, at: Instant) -> Tick {
         Self::ticks(at.saturating_duration_since(self.start))
     }
