@@ -11,8 +11,11 @@ ARGS ?=
 ## The terminal's SIGINT reaches make as well, which re-raises it after the recipe (make then
 ## exits 130 whatever the service did), so the recipe prints the service's own exit status;
 ## its shell traps SIGINT (the service, a new program, gets the default disposition back).
+## The build comes first, with its progress shown: on a fresh machine it takes a minute or
+## two, which a quiet `cargo run` would spend looking hung.
 run:
-	@trap 'true' INT; $(CARGO) run --release --quiet -- $(ARGS); status=$$?; \
+	$(CARGO) build --release --bin mayhem
+	@trap 'true' INT; $${CARGO_TARGET_DIR:-target}/release/mayhem $(ARGS); status=$$?; \
 	  echo "mayhem exited with status $$status" >&2; exit $$status
 
 ## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples.
