@@ -212,8 +212,11 @@ pub fn run_clients<H: Handler>(
     let budget = config.run.messages.map(AtomicU64::new);
     // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
     let executor = Executor::new();
-    // Bounded: the hand-off never holds more than the flow-control window.
-    let (handoff, handoff_rx) = async_channel::bounded(config.run.max_in_flight);
+    // Unbounded in type, bounded in fact: every lease in it holds a flow-control permit, so it
+    // never holds more than the window. A bounded channel would allocate the whole window up
+    // front (800 MB for `--max-in-flight 10000000`, whatever the traffic); this one grows in
+    // blocks as leases come.
+    let (handoff, handoff_rx) = async_channel::unbounded();
     // Never sent to: closing it tells the executor threads to return.
     let (stop, stop_rx) = async_channel::bounded::<()>(1);
 
