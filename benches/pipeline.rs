@@ -38,7 +38,7 @@ const WINDOWS: [usize; 6] = [1_000, 10_000, 100_000, 300_000, 1_000_000, 2_000_0
 /// Warm-up before a goodput point is measured: the window fills and the first handlers end.
 const GOODPUT_WARMUP: Duration = Duration::from_secs(5);
 /// How long a goodput point is measured.
-const GOODPUT_SPAN: Duration = Duration::from_secs(5);
+const GOODPUT_SPAN: Duration = Duration::from_secs(10);
 /// Messages of the overload run of the binary.
 const OVERLOAD_MESSAGES: usize = 1_000_000;
 /// Start and end markers of the generated section of the README.
@@ -168,11 +168,13 @@ fn main() {
         overload.show()
     );
     let peak = goodput.iter().map(|(_, rate)| *rate).fold(0.0, f64::max);
-    let peak_at = goodput
+    // Capacity is reached at the first window whose goodput comes within 80 % of the peak;
+    // from there on, as the window grows, goodput must stay within 80 % of the peak.
+    let saturated_at = goodput
         .iter()
-        .position(|(_, rate)| *rate == peak)
+        .position(|(_, rate)| *rate >= 0.8 * peak)
         .unwrap_or(0);
-    let worst_after_peak = goodput[peak_at..]
+    let worst_past_capacity = goodput[saturated_at..]
         .iter()
         .map(|(_, rate)| *rate)
         .fold(peak, f64::min);
@@ -193,8 +195,9 @@ fn main() {
     }
     let _ = writeln!(
         table,
-        "\nPast its peak, goodput keeps {:.0} % of it at worst (target: >= 80 %).",
-        worst_after_peak / peak.max(1.0) * 100.0
+        "\nFrom the window where it first reaches 80 % of its peak ({}) on, goodput keeps {:.0} % of the peak at worst (target: >= 80 %).",
+        goodput[saturated_at].0,
+        worst_past_capacity / peak.max(1.0) * 100.0
     );
     let _ = writeln!(
         table,
