@@ -228,7 +228,7 @@ fn nacks_past_max_attempts_go_to_the_dead_letter_queue() {
         assert!(conformance::nack(&source, &[lease.id]).is_empty());
     }
     assert_eq!(source.stats().dead_lettered, 1);
-    assert_eq!(source.dead_letter_count(), Ok(1));
+    wait_for_dead_letters(&source, 1);
     assert_eq!(source.stats().remaining, 0);
 }
 
@@ -247,6 +247,20 @@ fn a_dropped_source_gives_its_leases_back() {
     let lease = pull_one(&again);
     assert_eq!((lease.message, lease.attempt), (message, 2));
     assert!(conformance::ack(&again, &[lease.id]).is_empty());
+}
+
+/// Polls until the dead-letter queue holds `count` messages (the broker routes dead
+/// letters asynchronously).
+fn wait_for_dead_letters(source: &AmqpSource, count: u64) {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let now = source.dead_letter_count();
+        if now == Ok(count) {
+            return;
+        }
+        assert!(Instant::now() < end, "dead letters: {now:?}, not {count}");
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A running `mayhem` process; its stderr lines are collected as they come.
@@ -350,12 +364,14 @@ impl Service {
 
 /// Instance names of the messages a process logged as acked.
 fn acked_names(lines: &[String]) -> Vec<String> {
+    names_in(lines, "Done. Acked PubSubMessage(instance_name='")
+}
+
+/// Instance names that follow `prefix` in the lines.
+fn names_in(lines: &[String], prefix: &str) -> Vec<String> {
     lines
         .iter()
-        .filter_map(|line| {
-            line.split("Done. Acked PubSubMessage(instance_name='")
-                .nth(1)
-        })
+        .filter_map(|line| line.split(prefix).nth(1))
         .filter_map(|rest| rest.split('\'').next())
         .map(str::to_owned)
         .collect()
@@ -392,8 +408,9 @@ const QUIET: [&str; 12] = [
 ];
 
 /// Publishes `count` messages named `cattle-0000`, `cattle-0001`, ... to `queue`.
-fn publish_names(server: &Rabbit, queue: &str, count: usize) -> Vec<String> {
-    let source = server.source(queue, Duration::from_secs(60), 5);
+/// (`max_attempts` must be the queue's, as the service declared it.)
+fn publish_names(server: &Rabbit, queue: &str, count: usize, max_attempts: u32) -> Vec<String> {
+    let source = server.source(queue, Duration::from_secs(60), max_attempts);
     let names: Vec<String> = (0..count).map(|i| format!("cattle-{i:04}")).collect();
     let batch: Vec<Envelope> = names
         .iter()
@@ -408,8 +425,8 @@ fn publish_names(server: &Rabbit, queue: &str, count: usize) -> Vec<String> {
 }
 
 /// Polls until `queue` holds nothing, ready or leased, for `stable`.
-fn wait_until_empty(server: &Rabbit, queue: &str) {
-    let probe = server.source(queue, Duration::from_secs(60), 5);
+fn wait_until_empty(server: &Rabbit, queue: &str, max_attempts: u32) {
+    let probe = server.source(queue, Duration::from_secs(60), max_attempts);
     Source::interrupt(&probe);
     let end = Instant::now() + PATIENCE;
     while probe.stats().remaining > 0 {
@@ -428,7 +445,7 @@ fn two_instances_share_the_work_and_ack_each_message_once() {
     let b = Service::start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     a.wait_for("Starting consumer");
     b.wait_for("Starting consumer");
-    let names = publish_names(server, &queue, 300);
+    let names = publish_names(server, &queue, 300, 5);
     let end = Instant::now() + PATIENCE;
     loop {
         let done = acked_names(&a.lines.lock().unwrap()).len()
@@ -458,7 +475,7 @@ fn two_instances_share_the_work_and_ack_each_message_once() {
     all.sort();
     assert_eq!(all, names, "each message acked exactly once");
     assert_eq!(field(&report_a, "acked") + field(&report_b, "acked"), 300.0);
-    wait_until_empty(server, &queue);
+    wait_until_empty(server, &queue, 5);
 }
 
 #[test]
@@ -468,9 +485,9 @@ fn a_killed_instance_s_messages_are_redelivered_to_the_other() {
     let flags = ["--handler-latency", "300ms", "--max-in-flight", "20"];
     let victim = Service::start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     victim.wait_for("Starting consumer");
-    let names = publish_names(server, &queue, 60);
+    let names = publish_names(server, &queue, 60, 5);
     // The victim holds leases (handlers started) when it is killed.
-    victim.wait_for_count("Restarting", 5);
+    victim.wait_for_count("Consumed PubSubMessage", 5);
     victim.signal("KILL");
     let (_, victim_lines, _) = victim.finish();
     let survivor = Service::start(
@@ -502,13 +519,24 @@ fn a_killed_instance_s_messages_are_redelivered_to_the_other() {
     survivor.signal("TERM");
     let (status, lines, report) = survivor.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
-    // What the victim held comes back as a second attempt.
+    // What the victim held and had not acked is handled by the survivor.
+    let victim_acked = acked_names(&victim_lines);
+    let held: Vec<String> = names_in(&victim_lines, "Consumed PubSubMessage(instance_name='")
+        .into_iter()
+        .filter(|name| !victim_acked.contains(name))
+        .collect();
+    let survivor_acked = acked_names(&lines);
+    assert!(!held.is_empty());
     assert!(
-        lines.iter().any(|line| line.contains("attempt 2")) || field(&report, "acked") > 0.0,
-        "{}",
-        lines.join("\n")
+        held.iter().all(|name| survivor_acked.contains(name)),
+        "{held:?} not all in {survivor_acked:?}"
     );
-    wait_until_empty(server, &queue);
+    assert_eq!(
+        field(&report, "acked") as usize,
+        survivor_acked.len(),
+        "{report}"
+    );
+    wait_until_empty(server, &queue, 5);
 }
 
 #[test]
@@ -525,8 +553,8 @@ fn sigterm_gives_everything_back_within_the_grace_period() {
     ];
     let service = Service::start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     service.wait_for("Starting consumer");
-    publish_names(server, &queue, 30);
-    service.wait_for_count("Restarting", 20);
+    publish_names(server, &queue, 30, 5);
+    service.wait_for_count("Consumed PubSubMessage", 20);
     let sent = Instant::now();
     service.signal("TERM");
     let (status, lines, report) = service.finish();
@@ -536,17 +564,31 @@ fn sigterm_gives_everything_back_within_the_grace_period() {
         took < Duration::from_millis(1500),
         "the shutdown took {took:?}, more than the grace period + 1 s"
     );
-    assert_eq!(field(&report, "acked"), 0.0);
-    // Every message is back in the queue: a new consumer gets all 30.
+    // Every message not acked is back in the queue: a new consumer gets them all.
+    let back = 30 - field(&report, "acked") as usize;
+    assert!(back >= 20, "{report}");
     let source = server.source(&queue, Duration::from_secs(60), 5);
     let mut leases = Vec::new();
     let end = Instant::now() + PATIENCE;
-    while leases.len() < 30 {
-        assert!(Instant::now() < end, "only {} came back", leases.len());
+    while leases.len() < back {
+        assert!(
+            Instant::now() < end,
+            "only {} of {back} came back",
+            leases.len()
+        );
         source
-            .pull(30 - leases.len(), Duration::from_millis(100), &mut leases)
+            .pull(back - leases.len(), Duration::from_millis(100), &mut leases)
             .expect("pull");
     }
+    // The messages that were leased come back as a second attempt (the ones only
+    // prefetched too: on RabbitMQ 3.10 every give-back counts); the rest were never sent.
+    let again = leases.iter().filter(|lease| lease.attempt == 2).count();
+    let attempts: Vec<u32> = leases.iter().map(|lease| lease.attempt).collect();
+    assert!(
+        again >= back - 10,
+        "{again} of {back}: {attempts:?} {report}"
+    );
+    assert!(leases.iter().all(|lease| lease.attempt <= 2));
     let ids: Vec<u64> = leases.iter().map(|lease| lease.id).collect();
     assert!(conformance::ack(&source, &ids).is_empty());
 }
@@ -580,15 +622,15 @@ fn messages_handled_and_failing_every_time_are_dead_lettered_by_the_service() {
         ],
     );
     service.wait_for("Starting consumer");
-    publish_names(server, &queue, 10);
-    wait_until_empty(server, &queue);
+    publish_names(server, &queue, 10, 3);
+    wait_until_empty(server, &queue, 3);
     service.signal("TERM");
     let (status, lines, report) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     assert_eq!(field(&report, "dead_lettered"), 10.0, "{report}");
     // The dead letters are in `{queue}:dead`.
     let probe = server.source(&queue, Duration::from_secs(60), 3);
-    assert_eq!(probe.dead_letter_count(), Ok(10));
+    wait_for_dead_letters(&probe, 10);
 }
 
 #[test]

@@ -68,8 +68,9 @@ use std::time::{Duration, Instant};
 use async_io::Timer;
 use futures_lite::{future, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -267,9 +268,9 @@ struct Link {
     publish: Channel,
     /// The channel that consumes, acks and rejects (a delivery tag belongs to its channel).
     consume: Channel,
-    /// The consumer's deliveries. A mutex: one puller drains it at a time, and a pull holds
-    /// it only while it takes what is there.
-    consumer: Mutex<Consumer>,
+    /// The consumer's deliveries, started by the first pull (a client that only publishes
+    /// never takes deliveries). A mutex: one puller drains it at a time.
+    consumer: Mutex<Option<Consumer>>,
 }
 
 /// What the source and its worker share.
@@ -303,6 +304,8 @@ struct Core {
     drained: Condvar,
     /// Set by `interrupt`: publishes and pulls return `Closed`.
     interrupted: AtomicBool,
+    /// Set once the worker cancelled the consumer after an interrupt.
+    cancelled: AtomicBool,
     /// Set when the source is dropped: blocked calls give up.
     closing: AtomicBool,
     /// Messages that could not be read (no message id, not a uuid, a bad instance name):
@@ -439,6 +442,7 @@ impl AmqpSource {
             queued: Mutex::new(0),
             drained: Condvar::new(),
             interrupted: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             malformed: AtomicU64::new(0),
         });
@@ -737,7 +741,23 @@ impl Source for AmqpSource {
             Err(Failure::Closed) => return Err(SourceError::Closed),
         };
         let end = Instant::now() + wait;
-        let mut consumer = lock(&link.consumer);
+        let mut slot = lock(&link.consumer);
+        if slot.is_none() {
+            match core.consume(&link) {
+                Ok(consumer) => *slot = Some(consumer),
+                Err(failure) => {
+                    drop(slot);
+                    if let Failure::Closed = failure {
+                        return Err(SourceError::Closed);
+                    }
+                    core.lost(&link, &failure_text(&failure));
+                    return Ok(());
+                }
+            }
+        }
+        let Some(consumer) = slot.as_mut() else {
+            return Ok(());
+        };
         let mut taken = 0;
         let mut bad = Vec::new();
         while taken < max {
@@ -786,20 +806,20 @@ impl Source for AmqpSource {
                     }
                 },
                 Some(Some(Err(error))) => {
-                    drop(consumer);
+                    drop(slot);
                     self.enqueue(bad);
                     core.lost(&link, &error.to_string());
                     return Ok(());
                 }
                 Some(None) => {
-                    drop(consumer);
+                    drop(slot);
                     self.enqueue(bad);
                     core.lost(&link, "the broker cancelled the consumer");
                     return Ok(());
                 }
             }
         }
-        drop(consumer);
+        drop(slot);
         self.enqueue(bad);
         Ok(())
     }
@@ -1087,7 +1107,7 @@ impl Core {
         lock(&self.link).as_ref().map_or(0, |link| link.epoch)
     }
 
-    /// Opens a connection, its channels and the topology, and starts consuming.
+    /// Opens a connection, its channels and the topology.
     async fn open(&self, epoch: u64) -> Result<Link, String> {
         let scrubbed = |error: lapin::Error| scrub(&error.to_string(), &self.secret);
         let connection = Connection::connect_uri(
@@ -1161,21 +1181,27 @@ impl Core {
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await
             .map_err(scrubbed)?;
-        let consumer = consume
-            .basic_consume(
-                queue,
-                ShortString::from(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(scrubbed)?;
         Ok(Link {
             epoch,
             connection,
             publish,
             consume,
-            consumer: Mutex::new(consumer),
+            consumer: Mutex::new(None),
+        })
+    }
+
+    /// Starts consuming the queue on `link`.
+    fn consume(&self, link: &Link) -> Result<Consumer, Failure> {
+        self.bounded(CONNECT_TIMEOUT, async {
+            link.consume
+                .basic_consume(
+                    ShortString::from(self.config.queue.as_str()),
+                    ShortString::from(""),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| scrub(&error.to_string(), &self.secret))
         })
     }
 
@@ -1254,7 +1280,9 @@ impl Core {
     /// The worker: sends queued operations, and every tick requeues expired leases.
     fn run_ops(&self, queue: &mpsc::Receiver<Vec<Op>>) {
         loop {
-            match queue.recv_timeout(TICK) {
+            let next = queue.recv_timeout(TICK);
+            self.cancel_after_interrupt();
+            match next {
                 Ok(mut ops) => {
                     // Takes everything queued meanwhile: one pass sends it all.
                     while let Ok(more) = queue.try_recv() {
@@ -1271,6 +1299,28 @@ impl Core {
             if !expired.is_empty() {
                 self.send(&expired);
             }
+        }
+    }
+
+    /// After an interrupt, cancels the consumer once, before any later frame: a nack sent
+    /// after the interrupt must not bring its message straight back into this consumer's
+    /// prefetch, where the connection's close would give it back a second time (and count
+    /// a second attempt).
+    fn cancel_after_interrupt(&self) {
+        if !self.interrupted.load(Ordering::SeqCst) || self.cancelled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(link) = lock(&self.link).clone() else {
+            return;
+        };
+        let tag = lock(&link.consumer).as_ref().map(Consumer::tag);
+        if let Some(tag) = tag {
+            let _ = self.bounded(SHUTDOWN_WAIT, async {
+                link.consume
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+                    .map_err(|error| error.to_string())
+            });
         }
     }
 
