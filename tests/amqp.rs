@@ -273,7 +273,7 @@ struct Service {
 
 impl Service {
     fn start(server: &Rabbit, queue: &str, args: &[&str]) -> Service {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
             .args(["--source", &server.url(), "--stream", queue])
             .args(["--log-level", "info"])
             .args(args)
@@ -282,6 +282,11 @@ impl Service {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start mayhem");
+        Service::adopt(child)
+    }
+
+    /// Collects the output of a started `mayhem` with piped stdout and stderr.
+    fn adopt(mut child: Child) -> Service {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = {
             let pipe = child.stderr.take().expect("piped stderr");
@@ -656,4 +661,143 @@ fn the_password_never_reaches_the_log() {
     assert!(!child.status.success(), "{stderr}");
     assert!(!stderr.contains("s3cretpw"), "{stderr}");
     assert!(stderr.contains("guest:***@"), "{stderr}");
+}
+
+/// A loopback TCP proxy to the server that a test can cut: every connection through it is
+/// shut down, and while it is down new connections are closed at once.
+struct Proxy {
+    port: u16,
+    /// Both ends of every open connection, to shut them down.
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    /// Whether new connections are refused.
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (accepted, refusing) = (Arc::clone(&open), Arc::clone(&down));
+        // Threads, one per direction of each connection: a test proxy carries a handful.
+        thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                if refusing.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                accepted.lock().unwrap().extend([client, server]);
+            }
+        });
+        Proxy { port, open, down }
+    }
+
+    /// Shuts every connection down and refuses new ones until [`Proxy::restore`].
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+#[test]
+fn a_lost_connection_is_reopened_and_nothing_is_lost() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("reconnect");
+    let proxy = Proxy::start(server.port);
+    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &proxy.url(), "--stream", &queue])
+        .args(["--log-level", "info", "--handler-latency", "20ms"])
+        .args(["--max-in-flight", "20"])
+        .args(QUIET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    let service = Service::adopt(child);
+    service.wait_for("Starting consumer");
+    let names = publish_names(server, &queue, 200, 5);
+    service.wait_for_count("Done. Acked", 30);
+    proxy.cut();
+    service.wait_for("unavailable");
+    // Down for a few reconnection attempts.
+    thread::sleep(Duration::from_millis(500));
+    proxy.restore();
+    service.wait_for("reconnected to amqp");
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let mut acked = acked_names(&service.lines.lock().unwrap());
+        acked.sort();
+        acked.dedup();
+        if acked == names {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {} of {} acked",
+            acked.len(),
+            names.len()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_until_empty(server, &queue, 5);
+    service.signal("TERM");
+    let (status, lines, _) = service.finish();
+    assert!(status.success(), "{status}: {}", lines.join("\n"));
+}
+
+#[test]
+fn the_service_gives_up_after_the_reconnect_limit() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("giveup");
+    let proxy = Proxy::start(server.port);
+    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &proxy.url(), "--stream", &queue])
+        .args(["--log-level", "info", "--reconnect-limit", "1s"])
+        .args(QUIET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    let service = Service::adopt(child);
+    service.wait_for("Starting consumer");
+    let cut = Instant::now();
+    proxy.cut();
+    let (status, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("unavailable for more than 1s")),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        cut.elapsed()
+    );
 }

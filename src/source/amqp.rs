@@ -5,14 +5,15 @@
 //!
 //! | `Source` | RabbitMQ |
 //! |---|---|
-//! | start | `exchange.declare {queue}:dead` (fanout), `queue.declare {queue}:dead` bound to it, `queue.declare {queue}` as a quorum queue (`x-queue-type quorum`, `x-delivery-limit`, `x-dead-letter-exchange {queue}:dead`); `basic.qos` with the prefetch; `basic.consume` |
+//! | start | `exchange.declare {queue}:dead` (fanout), `queue.declare {queue}:dead` bound to it, `queue.declare {queue}` as a quorum queue (`x-queue-type quorum`, `x-delivery-limit`, `x-dead-letter-exchange {queue}:dead`); `basic.qos` with the prefetch |
 //! | `publish` | `basic.publish` to the default exchange with routing key `{queue}` (persistent, `message-id` the message id, the body the instance name, attributes as headers) on a channel in confirm mode: the whole batch is sent, then its confirms awaited (pipelined, never one round trip per message) |
-//! | `pull` | drains the deliveries the broker pushed ahead (the prefetch, [`AmqpConfig::prefetch`], which the binary ties to `--max-in-flight`, the flow-control window) |
+//! | `pull` | the first pull starts `basic.consume` (a client that only publishes takes no deliveries); every pull drains the deliveries the broker pushed ahead (the prefetch, [`AmqpConfig::prefetch`], which the binary ties to `--max-in-flight`, the flow-control window) |
 //! | attempt | `x-delivery-count` + 1 (absent on the first delivery; `x-acquired-count` where present, whichever is higher) |
 //! | `ack` | `basic.ack`; refused after the channel was lost (the broker gave the message back already) |
 //! | `nack` | `basic.reject` with requeue; on the last attempt `basic.reject` without requeue, which dead-letters it to `{queue}:dead` |
 //! | `extend` | local only: RabbitMQ has no lease extension (see below) |
 //! | expiry | a lease whose local deadline passed is rejected with requeue by the source itself (dead-lettered on its last attempt) |
+//! | `interrupt` | the worker cancels the consumer (`basic.cancel`) before it sends any later frame, so that a nack during the shutdown does not bring its message back into this consumer's prefetch |
 //! | give-back on shutdown | closing the connection: the broker requeues every unacked delivery |
 //!
 //! The quorum queue's `x-delivery-limit` is the broker's own backstop: a message given back
