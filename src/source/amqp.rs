@@ -291,6 +291,11 @@ struct Core {
     link: Mutex<Option<Arc<Link>>>,
     /// The epoch of the next link.
     next_epoch: AtomicU64,
+    /// The epoch of the current link, 0 while there is none: acks check leases against it
+    /// without taking any lock a connection attempt may hold.
+    live_epoch: AtomicU64,
+    /// Held by the one thread trying to connect.
+    connecting: Mutex<()>,
     /// Connection health and the reconnect schedule.
     health: Mutex<Health>,
     /// Leases this consumer holds; a lease id is the slot index plus the slot's generation.
@@ -428,6 +433,8 @@ impl AmqpSource {
             config,
             link: Mutex::new(None),
             next_epoch: AtomicU64::new(1),
+            live_epoch: AtomicU64::new(0),
+            connecting: Mutex::new(()),
             health: Mutex::new(Health {
                 failing_since: None,
                 last_error: String::new(),
@@ -588,6 +595,9 @@ impl Publish for AmqpSource {
         }
         let core = &self.core;
         loop {
+            if core.interrupted.load(Ordering::SeqCst) {
+                return Err(SourceError::Closed);
+            }
             let link = match core.link() {
                 Ok(link) => link,
                 Err(Failure::Down { retry_in }) => {
@@ -597,7 +607,7 @@ impl Publish for AmqpSource {
                 Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
                 Err(Failure::Closed) => return Err(SourceError::Closed),
             };
-            let sent = core.bounded(CONFIRM_TIMEOUT, async {
+            let sent = core.bounded(CONFIRM_TIMEOUT, true, async {
                 let mut confirms = Vec::with_capacity(batch.len());
                 for envelope in batch {
                     confirms.push(
@@ -974,20 +984,31 @@ impl fmt::Debug for AmqpSource {
 }
 
 impl Core {
+    /// The current link if it is still connected; a broken one is forgotten.
+    fn healthy(&self) -> Option<Arc<Link>> {
+        let slot = lock(&self.link);
+        let link = Arc::clone(slot.as_ref()?);
+        drop(slot);
+        if link.connection.status().connected() && link.consume.status().connected() {
+            return Some(link);
+        }
+        self.lost(&link, "the connection was closed");
+        None
+    }
+
     /// The current link, connecting when there is none and the backoff allows.
     fn link(&self) -> Result<Arc<Link>, Failure> {
         if self.closing.load(Ordering::SeqCst) {
             return Err(Failure::Closed);
         }
-        let mut slot = lock(&self.link);
-        if let Some(link) = &*slot {
-            if link.connection.status().connected() && link.consume.status().connected() {
-                return Ok(Arc::clone(link));
-            }
-            let lost = Arc::clone(link);
-            drop(slot);
-            self.lost(&lost, "the connection was closed");
-            slot = lock(&self.link);
+        if let Some(link) = self.healthy() {
+            return Ok(link);
+        }
+        // One connection attempt at a time; the `link` mutex itself is never held across
+        // one, so that acks (which read only `live_epoch`) and the worker never wait on it.
+        let _connecting = lock(&self.connecting);
+        if let Some(link) = self.healthy() {
+            return Ok(link);
         }
         let now = Instant::now();
         {
@@ -1009,11 +1030,11 @@ impl Core {
             }
         }
         let epoch = self.next_epoch.fetch_add(1, Ordering::SeqCst);
-        match self.bounded(CONNECT_TIMEOUT, self.open(epoch)) {
+        match self.bounded(CONNECT_TIMEOUT, true, self.open(epoch)) {
             Ok(link) => {
                 let link = Arc::new(link);
-                *slot = Some(Arc::clone(&link));
-                drop(slot);
+                *lock(&self.link) = Some(Arc::clone(&link));
+                self.live_epoch.store(epoch, Ordering::SeqCst);
                 let mut health = lock(&self.health);
                 if health.failing_since.take().is_some() {
                     info!("reconnected to amqp {}", self.shown_url);
@@ -1024,7 +1045,6 @@ impl Core {
             }
             Err(Failure::Closed) => Err(Failure::Closed),
             Err(failure) => {
-                drop(slot);
                 let text = match failure {
                     Failure::Down { .. } => format!(
                         "no answer within {}",
@@ -1067,6 +1087,7 @@ impl Core {
                 Some(current) if Arc::ptr_eq(current, link) => *slot = None,
                 _ => return,
             }
+            self.live_epoch.store(0, Ordering::SeqCst);
         }
         let mut leases = lock(&self.leases);
         let before = leases.slots.len();
@@ -1076,7 +1097,7 @@ impl Core {
         lock(&self.stats).expired += void;
         self.failed(text);
         // Closing frees the broker's side at once if the socket still works.
-        let _ = self.bounded(SHUTDOWN_WAIT, async {
+        let _ = self.bounded(SHUTDOWN_WAIT, false, async {
             let _ = link.connection.close(320, ShortString::from("lost")).await;
             Ok(())
         });
@@ -1086,7 +1107,7 @@ impl Core {
     /// second; `None` without an answer.
     fn count(&self, queue: &str) -> Option<u64> {
         let link = lock(&self.link).clone()?;
-        self.bounded(SHUTDOWN_WAIT, async {
+        self.bounded(SHUTDOWN_WAIT, false, async {
             link.consume
                 .queue_declare(
                     ShortString::from(queue),
@@ -1105,7 +1126,7 @@ impl Core {
 
     /// The epoch of the current link (0 when there is none: no lease matches it).
     fn current_epoch(&self) -> u64 {
-        lock(&self.link).as_ref().map_or(0, |link| link.epoch)
+        self.live_epoch.load(Ordering::SeqCst)
     }
 
     /// Opens a connection, its channels and the topology.
@@ -1193,7 +1214,7 @@ impl Core {
 
     /// Starts consuming the queue on `link`.
     fn consume(&self, link: &Link) -> Result<Consumer, Failure> {
-        self.bounded(CONNECT_TIMEOUT, async {
+        self.bounded(CONNECT_TIMEOUT, true, async {
             link.consume
                 .basic_consume(
                     ShortString::from(self.config.queue.as_str()),
@@ -1206,11 +1227,13 @@ impl Core {
         })
     }
 
-    /// Runs `work` to completion, at most `limit`; gives up early when the source closes
-    /// (or, for work that is not a lease operation, is interrupted).
+    /// Runs `work` to completion, at most `limit`; gives up early when the source closes,
+    /// or, when `interruptible` (publishing and connecting, not lease operations, which
+    /// keep working after an interrupt), when it is interrupted.
     fn bounded<T>(
         &self,
         limit: Duration,
+        interruptible: bool,
         work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, Failure> {
         let end = Instant::now() + limit;
@@ -1224,7 +1247,9 @@ impl Core {
                             retry_in: Duration::ZERO,
                         });
                     }
-                    if self.closing.load(Ordering::SeqCst) {
+                    if self.closing.load(Ordering::SeqCst)
+                        || (interruptible && self.interrupted.load(Ordering::SeqCst))
+                    {
                         return Err(Failure::Closed);
                     }
                     Timer::after(left.min(TICK)).await;
@@ -1316,7 +1341,7 @@ impl Core {
         };
         let tag = lock(&link.consumer).as_ref().map(Consumer::tag);
         if let Some(tag) = tag {
-            let _ = self.bounded(SHUTDOWN_WAIT, async {
+            let _ = self.bounded(SHUTDOWN_WAIT, false, async {
                 link.consume
                     .basic_cancel(tag, BasicCancelOptions::default())
                     .await
@@ -1343,7 +1368,7 @@ impl Core {
             // The frames are written in order; none waits for an answer (acks and rejects
             // have none), so the whole batch costs no round trip.
             let done = Cell::new(0);
-            let sent = self.bounded(CONFIRM_TIMEOUT, async {
+            let sent = self.bounded(CONFIRM_TIMEOUT, false, async {
                 for op in &current {
                     let result = match op.kind {
                         OpKind::Ack => {
