@@ -14,7 +14,6 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,13 +60,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The one server of this test binary.
+/// A `rabbitmq-server` of this test binary.
 struct Rabbit {
     /// The AMQP port.
     port: u16,
-    /// Standard input of the watchdog shell: it kills the server when this closes, which
-    /// happens when the test binary exits.
-    _watchdog: Mutex<ChildStdin>,
+    /// The Erlang distribution port.
+    dist: u16,
+    /// The node's data, logs and settings.
+    dir: PathBuf,
+    /// How many times it was started (each start logs to its own file).
+    starts: AtomicU32,
+    /// Standard input of the watchdog shell: it kills the server when this closes (on
+    /// [`Rabbit::kill`], or when the test binary exits), then removes the directory unless
+    /// the server is to be started again.
+    watchdog: Mutex<Option<(Child, ChildStdin)>>,
 }
 
 impl Rabbit {
@@ -75,12 +81,7 @@ impl Rabbit {
     /// test that asks) when `rabbitmq-server` is not installed.
     fn get() -> Option<&'static Rabbit> {
         static SERVER_CELL: OnceLock<Option<Rabbit>> = OnceLock::new();
-        let server = SERVER_CELL.get_or_init(|| {
-            if !Path::new(SERVER).exists() {
-                return None;
-            }
-            Some(Rabbit::start())
-        });
+        let server = SERVER_CELL.get_or_init(|| Rabbit::new("shared"));
         if server.is_none() {
             skip(&format!(
                 "{SERVER} not found (apt-get install rabbitmq-server)"
@@ -89,33 +90,71 @@ impl Rabbit {
         server.as_ref()
     }
 
-    fn start() -> Rabbit {
-        let dir = std::env::temp_dir().join(format!("mayhem-rabbitmq-{}", std::process::id()));
+    /// A server of its own (for a test that kills it), or `None` (said loudly).
+    fn own(tag: &str) -> Option<Rabbit> {
+        let server = Rabbit::new(tag);
+        if server.is_none() {
+            skip(&format!(
+                "{SERVER} not found (apt-get install rabbitmq-server)"
+            ));
+        }
+        server
+    }
+
+    fn new(tag: &str) -> Option<Rabbit> {
+        if !Path::new(SERVER).exists() {
+            return None;
+        }
+        let dir =
+            std::env::temp_dir().join(format!("mayhem-rabbitmq-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the server's directory");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write the plugins file");
-        let port = free_port();
-        let dist = free_port();
-        let log = dir.join("server.log");
-        // `kill -KILL 0` ends the shell's whole process group: the script, the Erlang VM and
-        // its helpers. (epmd, the Erlang port mapper, detaches and stays, as it does for
-        // every Erlang node.)
+        let server = Rabbit {
+            port: free_port(),
+            dist: free_port(),
+            dir,
+            starts: AtomicU32::new(0),
+            watchdog: Mutex::new(None),
+        };
+        server.spawn();
+        Some(server)
+    }
+
+    /// Starts the server and waits until it accepts AMQP connections.
+    fn spawn(&self) {
+        let dir = &self.dir;
+        let log = dir.join(format!(
+            "server-{}.log",
+            self.starts.fetch_add(1, Ordering::SeqCst)
+        ));
+        let name = dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("mayhem-rabbitmq")
+            .to_owned();
+        // `setsid` runs the server in a session and process group of its own, which
+        // `kill -KILL -$!` ends whole (the script, the Erlang VM and its helpers; epmd, the
+        // Erlang port mapper, detaches and stays, as for every Erlang node) once standard
+        // input closes. The directory is removed unless `keep` exists (a restart is coming).
         let mut watchdog = Command::new("sh")
             .arg("-c")
-            .arg("\"$0\" >\"$1\" 2>&1 & cat >/dev/null; kill -KILL 0")
+            .arg(
+                "setsid \"$0\" >\"$1\" 2>&1 </dev/null & echo $! >\"$2/group\"; \
+                 cat >/dev/null; kill -KILL -$!; sleep 0.2; \
+                 [ -e \"$2/keep\" ] || rm -rf \"$2\"",
+            )
             .arg(SERVER)
             .arg(&log)
-            .env("HOME", &dir)
+            .arg(dir)
+            .env("HOME", dir)
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_LOGS", "-")
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
-            .env(
-                "RABBITMQ_NODENAME",
-                format!("mayhem-test-{}@localhost", std::process::id()),
-            )
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
+            .env("RABBITMQ_NODENAME", format!("{name}@localhost"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
@@ -124,16 +163,14 @@ impl Rabbit {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0)
             .spawn()
             .expect("start rabbitmq-server");
         let stdin = watchdog.stdin.take().expect("piped stdin");
-        // The shell is reaped by nobody: it ends with the test binary.
         let end = Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if text.contains("Server startup complete")
-                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             {
                 break;
             }
@@ -142,10 +179,33 @@ impl Rabbit {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        Rabbit {
-            port,
-            _watchdog: Mutex::new(stdin),
+        *self.watchdog.lock().unwrap() = Some((watchdog, stdin));
+    }
+
+    /// Stops the server the way a service manager does (SIGTERM to its process group: the
+    /// script stops the node cleanly) and keeps its data for [`Rabbit::spawn`]. (A SIGKILL
+    /// is no restart test on a single 3.10 node: its quorum queues' registry is left
+    /// unsynced and they stay without a leader after the restart.)
+    fn stop(&self) {
+        std::fs::write(self.dir.join("keep"), "").expect("mark the directory kept");
+        let group = std::fs::read_to_string(self.dir.join("group")).expect("the server's group");
+        let group = format!("-{}", group.trim());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let end = Instant::now() + PATIENCE;
+        while Command::new("kill")
+            .args(["-0", "--", &group])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+        {
+            assert!(Instant::now() < end, "rabbitmq-server did not stop");
+            thread::sleep(Duration::from_millis(50));
         }
+        if let Some((mut watchdog, stdin)) = self.watchdog.lock().unwrap().take() {
+            drop(stdin);
+            let _ = watchdog.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.join("keep"));
     }
 
     fn url(&self) -> String {
@@ -800,4 +860,59 @@ fn the_service_gives_up_after_the_reconnect_limit() {
         "{:?}",
         cut.elapsed()
     );
+}
+
+#[test]
+fn a_server_restarted_mid_run_loses_nothing() {
+    let Some(server) = Rabbit::own("restart") else {
+        return;
+    };
+    let queue = server.queue("restart");
+    let service = Service::start(
+        &server,
+        &queue,
+        &[
+            &QUIET[..],
+            &["--handler-latency", "20ms", "--max-in-flight", "20"][..],
+        ]
+        .concat(),
+    );
+    service.wait_for("Starting consumer");
+    let names = publish_names(&server, &queue, 200, 5);
+    service.wait_for_count("Done. Acked", 30);
+    server.stop();
+    service.wait_for("unavailable");
+    server.spawn();
+    service.wait_for("reconnected to amqp");
+    // Every message is acked at least once (the durable queue kept what was not acked;
+    // acks lost with the server make a few handled twice), counted by message name.
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let mut acked = acked_names(&service.lines.lock().unwrap());
+        acked.sort();
+        acked.dedup();
+        if acked == names {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {} of {} acked:\n{}",
+            acked.len(),
+            names.len(),
+            service
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("amqp"))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_until_empty(&server, &queue, 5);
+    service.signal("TERM");
+    let (status, lines, _) = service.finish();
+    assert!(status.success(), "{status}: {}", lines.join("\n"));
 }
