@@ -1,11 +1,13 @@
 //! The RabbitMQ source against a real `rabbitmq-server` this file starts once, on free
 //! loopback ports, with its data in a temporary directory: the shared conformance suite
 //! through `AmqpSource`, and the `mayhem` binary end to end (two instances competing, a
-//! SIGKILLed instance, dead letters, SIGTERM).
+//! SIGKILLed instance, dead letters, SIGTERM, a lost connection and the reconnect limit
+//! through a proxy, a server restarted mid-run on a server of its own).
 //!
 //! The server takes about 5 s to start, so one serves every test of this file, each on its
-//! own queues. It runs under a watchdog shell that kills its whole process group when this
-//! test binary exits (its standard input closes), however the binary ends.
+//! own queues (the restart test has its own). It runs under a watchdog shell that kills its
+//! whole process group and removes its directory when this test binary exits (the shell's
+//! standard input closes), however the binary ends.
 //!
 //! Every test skips only when `rabbitmq-server` is not installed: it prints `SKIPPED` on
 //! stderr and appends a line to `target/tmp/skipped.log`, which `make test` counts. With

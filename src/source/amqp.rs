@@ -7,7 +7,7 @@
 //! |---|---|
 //! | start | `exchange.declare {queue}:dead` (fanout), `queue.declare {queue}:dead` bound to it, `queue.declare {queue}` as a quorum queue (`x-queue-type quorum`, `x-delivery-limit`, `x-dead-letter-exchange {queue}:dead`); `basic.qos` with the prefetch |
 //! | `publish` | `basic.publish` to the default exchange with routing key `{queue}` (persistent, `message-id` the message id, the body the instance name, attributes as headers) on a channel in confirm mode: the whole batch is sent, then its confirms awaited (pipelined, never one round trip per message) |
-//! | `pull` | the first pull starts `basic.consume` (a client that only publishes takes no deliveries); every pull drains the deliveries the broker pushed ahead (the prefetch, [`AmqpConfig::prefetch`], which the binary ties to `--max-in-flight`, the flow-control window) |
+//! | `pull` | the first pull starts `basic.consume` (a client that only publishes takes no deliveries; after it, every reconnection consumes again before it counts as recovered); every pull drains the deliveries the broker pushed ahead (the prefetch, [`AmqpConfig::prefetch`], which the binary ties to `--max-in-flight`, the flow-control window) |
 //! | attempt | `x-delivery-count` + 1 (absent on the first delivery; `x-acquired-count` where present, whichever is higher) |
 //! | `ack` | `basic.ack`; refused after the channel was lost (the broker gave the message back already) |
 //! | `nack` | `basic.reject` with requeue; on the last attempt `basic.reject` without requeue, which dead-letters it to `{queue}:dead` |
@@ -310,6 +310,8 @@ struct Core {
     drained: Condvar,
     /// Set by `interrupt`: publishes and pulls return `Closed`.
     interrupted: AtomicBool,
+    /// Set by the first pull: from then on every new link consumes.
+    consuming: AtomicBool,
     /// Set once the worker cancelled the consumer after an interrupt.
     cancelled: AtomicBool,
     /// Set when the source is dropped: blocked calls give up.
@@ -450,6 +452,7 @@ impl AmqpSource {
             queued: Mutex::new(0),
             drained: Condvar::new(),
             interrupted: AtomicBool::new(false),
+            consuming: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             malformed: AtomicU64::new(0),
@@ -754,6 +757,7 @@ impl Source for AmqpSource {
         let end = Instant::now() + wait;
         let mut slot = lock(&link.consumer);
         if slot.is_none() {
+            core.consuming.store(true, Ordering::SeqCst);
             match core.consume(&link) {
                 Ok(consumer) => *slot = Some(consumer),
                 Err(failure) => {
@@ -1203,12 +1207,30 @@ impl Core {
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await
             .map_err(scrubbed)?;
+        // A client that consumed before consumes again as part of the reconnection: a broker
+        // that takes connections but cannot serve the queue (a quorum queue without a
+        // leader) is still failing, and counts against the reconnect limit.
+        let consumer = if self.consuming.load(Ordering::SeqCst) {
+            Some(
+                consume
+                    .basic_consume(
+                        ShortString::from(self.config.queue.as_str()),
+                        ShortString::from(""),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(scrubbed)?,
+            )
+        } else {
+            None
+        };
         Ok(Link {
             epoch,
             connection,
             publish,
             consume,
-            consumer: Mutex::new(None),
+            consumer: Mutex::new(consumer),
         })
     }
 
