@@ -26,7 +26,7 @@ test: lint
 	@rm -f $(SKIPPED_LOG)
 	$(CARGO) test --lib --bins --tests --examples
 	$(CARGO) test --doc
-	$(CARGO) test --features amqp --lib --test amqp
+	$(CARGO) test --features amqp --lib --bins --test amqp
 	$(CARGO) test --features amqp --doc amqp
 	$(CARGO) run --quiet --example embed_sync
 	$(CARGO) run --quiet --example embed_smol

@@ -469,3 +469,36 @@ mod tests {
         assert_eq!(config, Config::default());
     }
 }
+
+#[cfg(all(test, feature = "amqp"))]
+mod amqp_tests {
+    use super::*;
+
+    #[test]
+    fn amqp_sources_parse_and_bad_ones_hide_the_password() {
+        let cli = Cli::try_parse_from([
+            "mayhem",
+            "--source",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "--max-in-flight",
+            "100000",
+        ])
+        .expect("an amqp url parses");
+        let SourceKind::Amqp(url) = &cli.source else {
+            panic!("not an amqp source: {:?}", cli.source);
+        };
+        // The prefetch is the window, capped at what AMQP can say.
+        assert_eq!(cli.amqp_config(url, &cli.config()).prefetch, u16::MAX);
+        for bad in [
+            "amqp://guest:s3cret@127.0.0.1:notaport/%2f",
+            "amqps://guest:s3cret@127.0.0.1:5671/%2f",
+        ] {
+            let error = Cli::try_parse_from(["mayhem", "--source", bad])
+                .expect_err("a bad url is refused")
+                .to_string();
+            assert!(!error.contains("s3cret"), "{error}");
+            assert!(error.contains("guest:***@127.0.0.1"), "{error}");
+            assert!(error.contains("amqp"), "{error}");
+        }
+    }
+}
