@@ -18,19 +18,23 @@ run:
 	@trap 'true' INT; $${CARGO_TARGET_DIR:-target}/release/mayhem $(ARGS); status=$$?; \
 	  echo "mayhem exited with status $$status" >&2; exit $$status
 
-## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples.
-## Tests that cannot run here (the Redis tests without redis-server) skip loudly: each appends
-## a line to $(SKIPPED_LOG), counted at the end. MAYHEM_REQUIRE_REDIS=1 (set by .ci/run) turns
+## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples,
+## and the RabbitMQ source (feature amqp, off by default: its tests and lints run here with
+## --features amqp). Tests that cannot run here (the Redis tests without redis-server, the
+## RabbitMQ tests without rabbitmq-server) skip loudly: each appends a line to $(SKIPPED_LOG),
+## counted at the end. MAYHEM_REQUIRE_REDIS=1 and MAYHEM_REQUIRE_AMQP=1 (set by .ci/run) turn
 ## a skip into a failure.
 SKIPPED_LOG = $${CARGO_TARGET_DIR:-target}/tmp/skipped.log
 test: lint
 	@rm -f $(SKIPPED_LOG)
 	$(CARGO) test --lib --bins --tests --examples
 	$(CARGO) test --doc
+	$(CARGO) test --features amqp --lib --bins --test amqp
+	$(CARGO) test --features amqp --doc amqp
 	$(CARGO) run --quiet --example embed_sync
 	$(CARGO) run --quiet --example embed_smol
 	@if [ -s $(SKIPPED_LOG) ]; then \
-	  echo "SKIPPED: $$(wc -l < $(SKIPPED_LOG)) tests, by reason (MAYHEM_REQUIRE_REDIS=1 makes a skip fail):"; \
+	  echo "SKIPPED: $$(wc -l < $(SKIPPED_LOG)) tests, by reason (MAYHEM_REQUIRE_REDIS=1 or MAYHEM_REQUIRE_AMQP=1 makes a skip fail):"; \
 	  sed 's/^[^:]*: //' $(SKIPPED_LOG) | sort | uniq -c; \
 	else \
 	  echo "Skipped: 0 tests"; \
@@ -40,7 +44,8 @@ test: lint
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
+	$(CARGO) clippy --all-targets --features amqp -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet --features amqp
 
 fmt:
 	$(CARGO) fmt --all

@@ -115,6 +115,7 @@
 //!   jiff, gethostname, libc). A library user turns it off:
 //!   `mayhem-worker = { version = "0.1", default-features = false, features = ["redis"] }`.
 //! - `redis` (default): the Redis Streams source.
+//! - `amqp`: the RabbitMQ source (`AmqpSource`, a quorum queue through `lapin` on smol).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
@@ -135,6 +136,8 @@ pub use message::PubSubMessage;
 pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
 pub use pipeline::{run, run_clients, run_with_metrics, Broker};
 pub use shutdown::{Shutdown, ShutdownReason};
+#[cfg(feature = "amqp")]
+pub use source::amqp::{AmqpConfig, AmqpSource};
 pub use source::memory::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };

@@ -15,11 +15,14 @@
 //!
 //! Implementations:
 //! - [`memory`]: [`Subscription`](memory::Subscription), the embedded in-memory pub/sub;
-//! - `redis` (feature `redis`): a Redis stream with a consumer group.
+//! - `redis` (feature `redis`): a Redis stream with a consumer group;
+//! - `amqp` (feature `amqp`): a RabbitMQ quorum queue.
 //!
 //! [`Delivery`] wraps one lease with a drop guard, for programs that use a source directly:
 //! a delivery dropped without `ack` or `nack` is nacked, so no code path can lose a message.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -132,19 +132,22 @@ pub(crate) struct Cli {
     /// Format of the final report on stdout.
     #[arg(long, env = "MAYHEM_REPORT", value_name = "FORMAT", value_enum, ignore_case = true, default_value_t = ReportFormat::Text)]
     pub(crate) report: ReportFormat,
-    /// Where messages come from: memory (the embedded pub/sub) or redis://HOST:PORT/DB.
+    /// Where messages come from: memory (the embedded pub/sub), redis://HOST:PORT/DB or
+    /// amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ, feature amqp).
     #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = SourceParser)]
     pub(crate) source: SourceKind,
-    /// Redis stream published to and consumed from (with `--source redis://...`).
+    /// Redis stream, or RabbitMQ quorum queue, published to and consumed from (dead letters
+    /// go to `{stream}:dead`).
     #[arg(long, env = "MAYHEM_STREAM", value_name = "NAME", default_value = "mayhem", value_parser = name)]
     stream: String,
-    /// Redis consumer group; instances sharing it split the messages.
+    /// Redis consumer group; instances sharing it split the messages (RabbitMQ: unused, every
+    /// consumer of a queue competes).
     #[arg(long, env = "MAYHEM_GROUP", value_name = "NAME", default_value = "mayhem", value_parser = name)]
     group: String,
     /// This instance's consumer name in the group [default: hostname-pid].
     #[arg(long, env = "MAYHEM_CONSUMER_NAME", value_name = "NAME", value_parser = name)]
     consumer_name: Option<String>,
-    /// How long Redis may stay unreachable (or keep failing) before the service gives up
+    /// How long Redis or RabbitMQ may stay unreachable (or keep failing) before the service gives up
     /// and exits 1; start-up retries as long.
     #[arg(long, env = "MAYHEM_RECONNECT_LIMIT", value_name = "DUR", default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
     reconnect_limit: Duration,
@@ -179,6 +182,9 @@ pub(crate) enum SourceKind {
     /// A Redis server at this URL.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Redis(String),
+    /// A RabbitMQ server at this URL.
+    #[cfg_attr(not(feature = "amqp"), allow(dead_code))]
+    Amqp(String),
 }
 
 /// How the final report is printed.
@@ -266,6 +272,20 @@ impl Cli {
         }
     }
 
+    /// The settings of the RabbitMQ source (the URL is taken from `--source`); the prefetch
+    /// is the flow-control window, `--max-in-flight` (at most 65535).
+    #[cfg(feature = "amqp")]
+    pub(crate) fn amqp_config(&self, url: &str, config: &Config) -> mayhem::AmqpConfig {
+        mayhem::AmqpConfig {
+            url: url.to_owned(),
+            queue: self.stream.clone(),
+            ack_deadline: config.lease.ack_deadline,
+            max_attempts: config.lease.max_attempts,
+            prefetch: u16::try_from(config.run.max_in_flight).unwrap_or(u16::MAX),
+            reconnect_limit: self.reconnect_limit,
+        }
+    }
+
     /// Checks what clap and `Config::validate` cannot: combinations that can never finish.
     ///
     /// # Errors
@@ -346,25 +366,47 @@ impl clap::builder::TypedValueParser for SourceParser {
         let Some(text) = value.to_str() else {
             return Err(invalid(
                 "(not utf-8)",
-                "write memory or redis://HOST:PORT/DB",
+                "write memory, redis://HOST:PORT/DB or amqp://USER:PASS@HOST:PORT/VHOST",
             ));
         };
-        #[cfg(feature = "redis")]
-        let shown = mayhem::source::redis::redact_url(text);
-        #[cfg(not(feature = "redis"))]
-        let shown = text.to_owned();
+        let shown = redact(text);
         source(text).map_err(|reason| invalid(&shown, &reason))
     }
 }
 
-/// Parses `--source`: `memory`, or a `redis://` URL the Redis client accepts.
+/// `--source` with any password replaced by `***`, for error messages.
+fn redact(text: &str) -> String {
+    if text.trim().starts_with("amqp") {
+        // The same rule as the Redis source's: the password between `user:` and `@`.
+        #[cfg(feature = "amqp")]
+        return mayhem::source::amqp::redact_url(text);
+    }
+    #[cfg(feature = "redis")]
+    return mayhem::source::redis::redact_url(text);
+    #[cfg(not(feature = "redis"))]
+    text.split_once('@')
+        .map_or_else(|| text.to_owned(), |(_, host)| format!("***@{host}"))
+}
+
+/// Parses `--source`: `memory`, a `redis://` URL the Redis client accepts, or an `amqp://`
+/// URL.
 fn source(text: &str) -> Result<SourceKind, String> {
     let text = text.trim();
     if text.eq_ignore_ascii_case("memory") {
         return Ok(SourceKind::Memory);
     }
+    if text.starts_with("amqp://") || text.starts_with("amqps://") {
+        #[cfg(feature = "amqp")]
+        return mayhem::source::amqp::parse_url(text)
+            .map(|()| SourceKind::Amqp(text.to_owned()))
+            .map_err(|error| format!("{error} (write amqp://USER:PASS@HOST:PORT/VHOST)"));
+        #[cfg(not(feature = "amqp"))]
+        return Err("this build has no amqp support (feature amqp)".to_owned());
+    }
     if !text.starts_with("redis://") {
-        return Err("write memory or redis://HOST:PORT/DB".to_owned());
+        return Err(
+            "write memory, redis://HOST:PORT/DB or amqp://USER:PASS@HOST:PORT/VHOST".to_owned(),
+        );
     }
     #[cfg(feature = "redis")]
     {
@@ -414,6 +456,7 @@ mod tests {
         if std::env::vars().any(|(key, _)| {
             key.starts_with("MAYHEM_")
                 && key != "MAYHEM_REQUIRE_REDIS"
+                && key != "MAYHEM_REQUIRE_AMQP"
                 && key != "MAYHEM_REQUIRE_CONTAINER"
         }) {
             panic!("a MAYHEM_* variable is set: this test needs the defaults");
@@ -424,5 +467,38 @@ mod tests {
         assert!(config.run.seed.is_some());
         config.run.seed = None;
         assert_eq!(config, Config::default());
+    }
+}
+
+#[cfg(all(test, feature = "amqp"))]
+mod amqp_tests {
+    use super::*;
+
+    #[test]
+    fn amqp_sources_parse_and_bad_ones_hide_the_password() {
+        let cli = Cli::try_parse_from([
+            "mayhem",
+            "--source",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "--max-in-flight",
+            "100000",
+        ])
+        .expect("an amqp url parses");
+        let SourceKind::Amqp(url) = &cli.source else {
+            panic!("not an amqp source: {:?}", cli.source);
+        };
+        // The prefetch is the window, capped at what AMQP can say.
+        assert_eq!(cli.amqp_config(url, &cli.config()).prefetch, u16::MAX);
+        for bad in [
+            "amqp://guest:s3cret@127.0.0.1:notaport/%2f",
+            "amqps://guest:s3cret@127.0.0.1:5671/%2f",
+        ] {
+            let error = Cli::try_parse_from(["mayhem", "--source", bad])
+                .expect_err("a bad url is refused")
+                .to_string();
+            assert!(!error.contains("s3cret"), "{error}");
+            assert!(error.contains("guest:***@127.0.0.1"), "{error}");
+            assert!(error.contains("amqp"), "{error}");
+        }
     }
 }

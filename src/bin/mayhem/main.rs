@@ -1,5 +1,6 @@
 //! The `mayhem` binary: install the signal handlers, parse the command line, install the logger,
-//! run the service on the embedded in-memory pub/sub (or a Redis stream), print the report.
+//! run the service on the embedded in-memory pub/sub (or a Redis stream, or a RabbitMQ queue),
+//! print the report.
 //!
 //! Exit codes: 0 after a graceful shutdown (a signal during start-up included), 1 when a
 //! handler panicked or the source failed for good (the service still shut down gracefully),
@@ -42,7 +43,7 @@ type SourceSlot = Arc<Mutex<Option<Arc<dyn Broker>>>>;
 /// What the start-up waits for: the source connected, or a signal.
 enum Startup {
     /// The connect thread finished.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
     Connected(Result<Arc<dyn Broker>, String>),
     /// The first signal arrived.
     Signal,
@@ -137,48 +138,35 @@ fn run(
         #[cfg(feature = "redis")]
         SourceKind::Redis(url) => {
             let redis_config = cli.redis_config(url, &config);
-            let connecting = shutdown.clone();
-            if !shutdown.is_triggered() {
-                // Connecting may take long (a stalled server): it runs on its own thread so
-                // that a signal ends the start-up at once. An abandoned connect thread ends
-                // with the process.
-                let spawned =
-                    thread::Builder::new()
-                        .name("mayhem-connect".into())
-                        .spawn(move || {
-                            // Retries within --reconnect-limit; the shutdown a signal
-                            // triggers ends the retries.
-                            let connected =
-                                mayhem::RedisSource::connect_with(redis_config, &connecting)
-                                    .map(|source| Arc::new(source) as Arc<dyn Broker>)
-                                    .map_err(|error| error.to_string());
-                            let _ = startup.send(Startup::Connected(connected));
-                        });
-                if let Err(error) = spawned {
-                    error!("cannot start the connect thread: {error}");
-                    return ExitCode::FAILURE;
-                }
-            }
-            match startup_events.recv() {
-                Ok(Startup::Connected(Ok(source))) => source,
-                // The connect gives up with `Closed` when the signal's shutdown ends its
-                // retries, which may come before the signal thread's own message.
-                Ok(Startup::Connected(Err(_))) if shutdown.is_triggered() => {
-                    return interrupted_start(&shutdown)
-                }
-                Ok(Startup::Connected(Err(error))) => {
-                    error!("{error}");
-                    return ExitCode::FAILURE;
-                }
-                // The signal thread holds a sender for the whole run, so the channel
-                // cannot close first; either way the shutdown was triggered.
-                Ok(Startup::Signal) | Err(_) => return interrupted_start(&shutdown),
+            match connect_in_background(&shutdown, startup, &startup_events, move |stop| {
+                mayhem::RedisSource::connect_with(redis_config, stop)
+                    .map(|source| Arc::new(source) as Arc<dyn Broker>)
+            }) {
+                Ok(source) => source,
+                Err(code) => return code,
             }
         }
         #[cfg(not(feature = "redis"))]
         SourceKind::Redis(_) => {
             let _ = (&startup, &startup_events);
             error!("this build has no redis support");
+            return ExitCode::FAILURE;
+        }
+        #[cfg(feature = "amqp")]
+        SourceKind::Amqp(url) => {
+            let amqp_config = cli.amqp_config(url, &config);
+            match connect_in_background(&shutdown, startup, &startup_events, move |stop| {
+                mayhem::AmqpSource::connect_with(amqp_config, stop)
+                    .map(|source| Arc::new(source) as Arc<dyn Broker>)
+            }) {
+                Ok(source) => source,
+                Err(code) => return code,
+            }
+        }
+        #[cfg(not(feature = "amqp"))]
+        SourceKind::Amqp(_) => {
+            let _ = (&startup, &startup_events);
+            error!("this build has no amqp support");
             return ExitCode::FAILURE;
         }
     };
@@ -247,9 +235,51 @@ fn run(
     }
 }
 
+/// Connects a remote source on its own thread, so that a signal ends the start-up at once
+/// (connecting may take long: a stalled server, retries within --reconnect-limit); returns
+/// the source, or the exit code when a signal or a failure ended the start-up. An abandoned
+/// connect thread ends with the process.
+#[cfg(any(feature = "redis", feature = "amqp"))]
+fn connect_in_background(
+    shutdown: &Shutdown,
+    startup: Sender<Startup>,
+    startup_events: &Receiver<Startup>,
+    connect: impl FnOnce(&Shutdown) -> Result<Arc<dyn Broker>, mayhem::SourceError> + Send + 'static,
+) -> Result<Arc<dyn Broker>, ExitCode> {
+    let connecting = shutdown.clone();
+    if !shutdown.is_triggered() {
+        let spawned = thread::Builder::new()
+            .name("mayhem-connect".into())
+            .spawn(move || {
+                // The shutdown a signal triggers ends the retries.
+                let connected = connect(&connecting).map_err(|error| error.to_string());
+                let _ = startup.send(Startup::Connected(connected));
+            });
+        if let Err(error) = spawned {
+            error!("cannot start the connect thread: {error}");
+            return Err(ExitCode::FAILURE);
+        }
+    }
+    match startup_events.recv() {
+        Ok(Startup::Connected(Ok(source))) => Ok(source),
+        // The connect gives up with `Closed` when the signal's shutdown ends its retries,
+        // which may come before the signal thread's own message.
+        Ok(Startup::Connected(Err(_))) if shutdown.is_triggered() => {
+            Err(interrupted_start(shutdown))
+        }
+        Ok(Startup::Connected(Err(error))) => {
+            error!("{error}");
+            Err(ExitCode::FAILURE)
+        }
+        // The signal thread holds a sender for the whole run, so the channel cannot close
+        // first; either way the shutdown was triggered.
+        Ok(Startup::Signal) | Err(_) => Err(interrupted_start(shutdown)),
+    }
+}
+
 /// A signal arrived before the source was connected: nothing was pulled, so nothing needs
 /// to be given back. Logs the signal and exits 0, without a report.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
 fn interrupted_start(shutdown: &Shutdown) -> ExitCode {
     let name = match shutdown.reason() {
         Some(ShutdownReason::Signal(name)) => name,

@@ -1,0 +1,1531 @@
+//! A [`Source`] on a RabbitMQ quorum queue (feature `amqp`, off by default), through
+//! `lapin` on smol (no tokio, no TLS).
+//!
+//! # Mapping
+//!
+//! | `Source` | RabbitMQ |
+//! |---|---|
+//! | start | `exchange.declare {queue}:dead` (fanout), `queue.declare {queue}:dead` bound to it, `queue.declare {queue}` as a quorum queue (`x-queue-type quorum`, `x-delivery-limit`, `x-dead-letter-exchange {queue}:dead`); `basic.qos` with the prefetch |
+//! | `publish` | `basic.publish` to the default exchange with routing key `{queue}` (persistent, `message-id` the message id, the body the instance name, attributes as headers) on a channel in confirm mode: the whole batch is sent, then its confirms awaited (pipelined, never one round trip per message) |
+//! | `pull` | the first pull starts `basic.consume` (a client that only publishes takes no deliveries; after it, every reconnection consumes again before it counts as recovered); every pull drains the deliveries the broker pushed ahead (the prefetch, [`AmqpConfig::prefetch`], which the binary ties to `--max-in-flight`, the flow-control window) |
+//! | attempt | `x-delivery-count` + 1 (absent on the first delivery; `x-acquired-count` where present, whichever is higher) |
+//! | `ack` | `basic.ack`; refused after the channel was lost (the broker gave the message back already) |
+//! | `nack` | `basic.reject` with requeue; on the last attempt `basic.reject` without requeue, which dead-letters it to `{queue}:dead` |
+//! | `extend` | local only: RabbitMQ has no lease extension (see below) |
+//! | expiry | a lease whose local deadline passed is rejected with requeue by the source itself (dead-lettered on its last attempt) |
+//! | `interrupt` | the worker cancels the consumer (`basic.cancel`) before it sends any later frame, so that a nack during the shutdown does not bring its message back into this consumer's prefetch |
+//! | give-back on shutdown | closing the connection: the broker requeues every unacked delivery |
+//!
+//! The quorum queue's `x-delivery-limit` is the broker's own backstop: a message given back
+//! by lost channels (killed consumers) more than `max_attempts` times is dead-lettered by the
+//! broker (reason `delivery_limit`) without any consumer deciding it. On RabbitMQ 3.10 every
+//! give-back counts as a delivery attempt, closing the channel included, even for messages
+//! that were only prefetched and never handed to a handler.
+//!
+//! # Extensions and `consumer_timeout`
+//!
+//! RabbitMQ cannot extend a lease: the only time limit on an unacked delivery is the
+//! server-wide `consumer_timeout` (30 minutes by default), which closes the whole channel
+//! when it fires. The source keeps each lease's deadline locally: `extend` moves it, and a
+//! lease whose deadline passed is requeued by the source (and any later ack of it refused).
+//! Set `consumer_timeout` in `rabbitmq.conf` above the longest handler (`--max-lease`),
+//! or a slow handler costs every lease of the channel.
+//!
+//! # Acks are queued
+//!
+//! `ack`, `nack` and `extend` check the lease in a local table (an unknown lease, one whose
+//! local deadline passed, or one from a channel that was lost since is refused at once),
+//! queue the frames and return; a worker thread sends them, and requeues expired leases.
+//! An ack that cannot be sent because the channel was lost meanwhile is counted in
+//! [`SourceStats::late_refusals`]: the broker delivers the message again.
+//!
+//! # Failures
+//!
+//! A lost connection is reopened with exponential backoff (50 ms doubling to 2 s): the first
+//! failure logs one line, a different failure another, and the first success after them
+//! `reconnected to amqp ...`. When the failure lasts longer than
+//! [`AmqpConfig::reconnect_limit`], `pull` and `publish` return
+//! [`SourceError::Unavailable`] and the runner shuts the service down. Start-up retries the
+//! same way within the same limit ([`AmqpSource::connect_with`] stops early when its
+//! [`Shutdown`] is triggered). A publish retried after a lost connection may add the same
+//! message twice (at least once).
+//!
+//! # Shutdown
+//!
+//! Every broker call is bounded; dropping the source waits at most a quarter of a second
+//! for queued frames and for the connection to close. The password of the URL is never
+//! logged: every address and error text goes through one redaction.
+
+use std::cell::Cell;
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use futures_lite::{future, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use log::{error, info, warn};
+use slab::Slab;
+
+use crate::error::SourceError;
+use crate::message::PubSubMessage;
+use crate::shutdown::Shutdown;
+use crate::source::{Attributes, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::Uuid;
+
+/// How long `stats`, `flush` after an interrupt, and dropping the source wait on the broker.
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
+/// Longest wait for a connection, its channels and the topology.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the confirms of one published batch before the link counts as lost.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the worker looks for leases whose deadline passed, and how often a blocked
+/// call looks at the interrupt flag.
+const TICK: Duration = Duration::from_millis(50);
+/// First and longest pause between reconnection attempts.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+
+/// The URL with its password replaced by `***` (the address is left as written otherwise).
+///
+/// ```
+/// use mayhem::source::amqp::redact_url;
+/// assert_eq!(redact_url("amqp://guest:s3cret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+/// assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    match credentials(url) {
+        Some((start, end)) if url[start..end].contains(':') => {
+            let colon = start + url[start..end].find(':').unwrap_or(0);
+            format!("{}:***{}", &url[..colon], &url[end..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The byte range of `user[:password]` in `url` (before the authority's last `@`).
+fn credentials(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://")? + 3;
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let at = url[start..authority_end].rfind('@')?;
+    Some((start, start + at))
+}
+
+/// The host as written in the URL's authority (brackets of an IPv6 address removed).
+fn written_host(url: &str) -> Option<String> {
+    let start = url.find("://")? + 3;
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let authority = &url[start..end];
+    let host_port = authority
+        .rfind('@')
+        .map_or(authority, |at| &authority[at + 1..]);
+    let host = if let Some(rest) = host_port.strip_prefix('[') {
+        rest.split(']').next()?
+    } else {
+        host_port.split(':').next()?
+    };
+    (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// Replaces `secret` in `text` and joins its lines into one.
+fn scrub(text: &str, secret: &str) -> String {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if secret.is_empty() {
+        text
+    } else {
+        text.replace(secret, "***")
+    }
+}
+
+/// Parses an `amqp://USER:PASS@HOST:PORT/VHOST` address, without connecting.
+///
+/// ```
+/// use mayhem::source::amqp::parse_url;
+/// assert!(parse_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
+/// assert!(parse_url("amqp://127.0.0.1:notaport").is_err());
+/// assert!(parse_url("amqps://127.0.0.1").is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`SourceError::Backend`] saying what is wrong (the address itself, which may hold a
+/// password, is not repeated).
+pub fn parse_url(url: &str) -> Result<(), SourceError> {
+    parse_uri(url).map(|_| ())
+}
+
+/// The parsed address. lapin's parser takes the host from the URL's domain only, so an IP
+/// address would become `localhost`: the host is set again as written.
+fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
+    let secret = password(url);
+    if !url.starts_with("amqp://") {
+        return Err(SourceError::Backend(
+            "invalid amqp url: the scheme must be amqp:// (this build has no TLS)".to_owned(),
+        ));
+    }
+    let mut uri = AMQPUri::from_str(url).map_err(|error| {
+        SourceError::Backend(format!("invalid amqp url: {}", scrub(&error, &secret)))
+    })?;
+    if let Some(host) = written_host(url) {
+        uri.authority.host = host;
+    }
+    Ok(uri)
+}
+
+/// The URL's password (empty when there is none).
+fn password(url: &str) -> String {
+    credentials(url)
+        .and_then(|(start, end)| url[start..end].split_once(':').map(|(_, p)| p.to_owned()))
+        .unwrap_or_default()
+}
+
+/// Settings of an [`AmqpSource`].
+///
+/// `Debug` shows the URL with its password replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpConfig {
+    /// Server address, like `amqp://guest:guest@127.0.0.1:5672/%2f` (`%2f` is the vhost `/`).
+    pub url: String,
+    /// The quorum queue messages are published to and consumed from; dead letters go to
+    /// `{queue}:dead`.
+    pub queue: String,
+    /// How long a pulled message stays leased without an extension (kept locally).
+    pub ack_deadline: Duration,
+    /// Deliveries of one message before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Deliveries the broker may push ahead of acks (`basic.qos`), 1 to 65535.
+    pub prefetch: u16,
+    /// How long the server may stay unreachable before `pull` and `publish` fail with
+    /// [`SourceError::Unavailable`]; start-up retries as long.
+    pub reconnect_limit: Duration,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            queue: "mayhem".to_owned(),
+            ack_deadline: Duration::from_secs(3),
+            max_attempts: 5,
+            prefetch: 200,
+            reconnect_limit: Duration::from_secs(30),
+        }
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("queue", &self.queue)
+            .field("ack_deadline", &self.ack_deadline)
+            .field("max_attempts", &self.max_attempts)
+            .field("prefetch", &self.prefetch)
+            .field("reconnect_limit", &self.reconnect_limit)
+            .finish()
+    }
+}
+
+/// The address with its password replaced, and the queue.
+impl fmt::Display for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} queue {}", redact_url(&self.url), self.queue)
+    }
+}
+
+/// A RabbitMQ quorum queue with the lease semantics of [`Source`]; see the
+/// [module docs](self).
+pub struct AmqpSource {
+    /// The state shared with the worker thread.
+    core: Arc<Core>,
+    /// The queue of lease operations; `None` only while dropping.
+    ops: Option<mpsc::Sender<Vec<Op>>>,
+    /// The worker thread sending queued operations and requeueing expired leases.
+    worker: Option<JoinHandle<()>>,
+}
+
+/// One connection with its two channels.
+struct Link {
+    /// Which link this is: leases remember it, and a lease of a lost link is void.
+    epoch: u64,
+    /// The connection.
+    connection: Connection,
+    /// The channel in confirm mode that publishes.
+    publish: Channel,
+    /// The channel that consumes, acks and rejects (a delivery tag belongs to its channel).
+    consume: Channel,
+    /// The consumer's deliveries, started by the first pull (a client that only publishes
+    /// never takes deliveries). A mutex: one puller drains it at a time.
+    consumer: Mutex<Option<Consumer>>,
+}
+
+/// What the source and its worker share.
+struct Core {
+    /// The settings.
+    config: AmqpConfig,
+    /// The parsed address.
+    uri: AMQPUri,
+    /// The URL with its password replaced, for log lines and errors.
+    shown_url: String,
+    /// The URL's password, removed from every error text (empty when there is none).
+    secret: String,
+    /// `{queue}:dead`, the dead-letter exchange and queue.
+    dead: String,
+    /// The current link; `None` while the broker is unreachable. A mutex, not a lock-free
+    /// cell: it is held only to clone the link out or to replace it.
+    link: Mutex<Option<Arc<Link>>>,
+    /// The epoch of the next link.
+    next_epoch: AtomicU64,
+    /// The epoch of the current link, 0 while there is none: acks check leases against it
+    /// without taking any lock a connection attempt may hold.
+    live_epoch: AtomicU64,
+    /// Held by the one thread trying to connect.
+    connecting: Mutex<()>,
+    /// Connection health and the reconnect schedule.
+    health: Mutex<Health>,
+    /// Leases this consumer holds; a lease id is the slot index plus the slot's generation.
+    leases: Mutex<Leases>,
+    /// The counters (`remaining` is asked of the broker).
+    stats: Mutex<SourceStats>,
+    /// Acks sent and dead letters, readable without a lock.
+    settled: AtomicU64,
+    /// Lease operations queued and not yet sent; `drained` signals when it reaches zero.
+    queued: Mutex<u64>,
+    /// Signalled when `queued` drops to zero.
+    drained: Condvar,
+    /// Set by `interrupt`: publishes and pulls return `Closed`.
+    interrupted: AtomicBool,
+    /// Set by the first pull: from then on every new link consumes.
+    consuming: AtomicBool,
+    /// Set once the worker cancelled the consumer after an interrupt.
+    cancelled: AtomicBool,
+    /// Set when the source is dropped: blocked calls give up.
+    closing: AtomicBool,
+    /// Messages that could not be read (no message id, not a uuid, a bad instance name):
+    /// dead-lettered, the first one logged.
+    malformed: AtomicU64,
+}
+
+/// The lease table.
+struct Leases {
+    /// Held leases.
+    slots: Slab<Held>,
+    /// Generation of the next lease.
+    next_generation: u32,
+}
+
+/// One lease this consumer holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The delivery tag on the consume channel of link `epoch`.
+    tag: u64,
+    /// The link the delivery came on.
+    epoch: u64,
+    /// Delivery attempt of the message.
+    attempt: u32,
+    /// Local deadline; past it the source requeues the message.
+    deadline: Instant,
+    /// Tells this lease from earlier ones of the same slot.
+    generation: u32,
+}
+
+/// What to send for a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    /// `basic.ack`.
+    Ack,
+    /// `basic.reject` with requeue.
+    Requeue,
+    /// `basic.reject` without requeue: dead-lettered.
+    Dead,
+}
+
+/// One queued lease operation.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    /// What to send.
+    kind: OpKind,
+    /// The delivery tag.
+    tag: u64,
+    /// The link the delivery came on.
+    epoch: u64,
+}
+
+/// Why a broker call did not succeed.
+enum Failure {
+    /// The broker is unreachable; try again after `retry_in`.
+    Down {
+        /// When the next attempt is due.
+        retry_in: Duration,
+    },
+    /// It stayed unreachable past the reconnect limit.
+    GaveUp(String),
+    /// The source was interrupted or is closing.
+    Closed,
+}
+
+/// Connection health and the reconnect schedule.
+struct Health {
+    /// Since when the broker has been failing; `None` while it answers.
+    failing_since: Option<Instant>,
+    /// The last failure's text (logged once per different text).
+    last_error: String,
+    /// No reconnection attempt before this instant.
+    next_try: Instant,
+    /// The pause after the next failure.
+    delay: Duration,
+}
+
+impl AmqpSource {
+    /// Connects (retrying within [`AmqpConfig::reconnect_limit`]) and declares the
+    /// topology; see [`AmqpSource::connect_with`].
+    ///
+    /// # Errors
+    ///
+    /// As [`AmqpSource::connect_with`].
+    pub fn connect(config: AmqpConfig) -> Result<Self, SourceError> {
+        AmqpSource::connect_with(config, &Shutdown::new())
+    }
+
+    /// Connects, retrying within [`AmqpConfig::reconnect_limit`] unless `stop` is triggered
+    /// first, declares the queues and starts consuming.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the calling thread while retrying; do not call it inside a future.
+    ///
+    /// # Errors
+    ///
+    /// [`SourceError::Backend`] for bad settings; [`SourceError::Unavailable`] when the
+    /// broker stayed unreachable (or kept refusing the topology) past the limit;
+    /// [`SourceError::Closed`] when `stop` was triggered.
+    pub fn connect_with(config: AmqpConfig, stop: &Shutdown) -> Result<Self, SourceError> {
+        if config.queue.is_empty() || config.queue.len() > 200 {
+            return Err(SourceError::Backend(format!(
+                "the queue name '{}' must have 1 to 200 bytes",
+                config.queue
+            )));
+        }
+        if config.ack_deadline.is_zero() || config.max_attempts == 0 || config.prefetch == 0 {
+            return Err(SourceError::Backend(
+                "ack deadline, max attempts and prefetch must be above zero".to_owned(),
+            ));
+        }
+        let uri = parse_uri(&config.url)?;
+        let core = Arc::new(Core {
+            shown_url: redact_url(&config.url),
+            secret: password(&config.url),
+            dead: format!("{}:dead", config.queue),
+            uri,
+            config,
+            link: Mutex::new(None),
+            next_epoch: AtomicU64::new(1),
+            live_epoch: AtomicU64::new(0),
+            connecting: Mutex::new(()),
+            health: Mutex::new(Health {
+                failing_since: None,
+                last_error: String::new(),
+                next_try: Instant::now(),
+                delay: BACKOFF.0,
+            }),
+            leases: Mutex::new(Leases {
+                slots: Slab::new(),
+                next_generation: 0,
+            }),
+            stats: Mutex::new(SourceStats::default()),
+            settled: AtomicU64::new(0),
+            queued: Mutex::new(0),
+            drained: Condvar::new(),
+            interrupted: AtomicBool::new(false),
+            consuming: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            malformed: AtomicU64::new(0),
+        });
+        loop {
+            if stop.is_triggered() {
+                return Err(SourceError::Closed);
+            }
+            match core.link() {
+                Ok(_) => break,
+                Err(Failure::Down { retry_in }) => {
+                    // Wakes early for a shutdown.
+                    stop.wait_timeout(retry_in.min(TICK));
+                }
+                Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
+                Err(Failure::Closed) => return Err(SourceError::Closed),
+            }
+        }
+        let (ops, queue) = mpsc::channel();
+        let worker_core = Arc::clone(&core);
+        // A thread, not a task: the source is used from plain threads and owns no executor,
+        // and the frames are sent with `block_on` on lapin's own smol reactor.
+        let worker = thread::Builder::new()
+            .name("mayhem-amqp-acks".into())
+            .spawn(move || worker_core.run_ops(&queue))
+            .map_err(|error| SourceError::Backend(format!("cannot start a thread: {error}")))?;
+        Ok(AmqpSource {
+            core,
+            ops: Some(ops),
+            worker: Some(worker),
+        })
+    }
+
+    /// Queues lease operations for the worker.
+    fn enqueue(&self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        *lock(&self.core.queued) += ops.len() as u64;
+        let count = ops.len() as u64;
+        let sent = self
+            .ops
+            .as_ref()
+            .is_some_and(|queue| queue.send(ops).is_ok());
+        if !sent {
+            // The worker is gone (only while dropping): the frames are not sent, and the
+            // connection's close gives the messages back.
+            self.core.answered(count);
+        }
+    }
+
+    /// Removes the leases of `ids` from the table and turns each into an operation; an
+    /// unknown lease, or one of a lost link, is refused; one whose deadline passed is
+    /// refused and requeued.
+    fn take_all(
+        &self,
+        ids: &[LeaseId],
+        refused: &mut Vec<LeaseId>,
+        kind: impl Fn(&Held) -> OpKind,
+    ) -> Vec<Op> {
+        let now = Instant::now();
+        let epoch = self.core.current_epoch();
+        let max_attempts = self.core.config.max_attempts;
+        let mut ops = Vec::with_capacity(ids.len());
+        let mut expired = 0;
+        let mut leases = lock(&self.core.leases);
+        for &id in ids {
+            let index = (id & u64::from(u32::MAX)) as usize;
+            match leases.slots.get(index) {
+                Some(held) if held.generation == (id >> 32) as u32 && held.epoch == epoch => {
+                    let held = leases.slots.remove(index);
+                    if held.deadline <= now {
+                        expired += 1;
+                        refused.push(id);
+                        ops.push(Op {
+                            kind: expiry_kind(&held, max_attempts),
+                            tag: held.tag,
+                            epoch: held.epoch,
+                        });
+                    } else {
+                        ops.push(Op {
+                            kind: kind(&held),
+                            tag: held.tag,
+                            epoch: held.epoch,
+                        });
+                    }
+                }
+                _ => refused.push(id),
+            }
+        }
+        drop(leases);
+        if expired > 0 {
+            lock(&self.core.stats).expired += expired;
+        }
+        ops
+    }
+}
+
+impl AmqpSource {
+    /// How many messages the dead-letter queue `{queue}:dead` holds (asked of the broker).
+    ///
+    /// # Blocking
+    ///
+    /// One round trip, at most a quarter of a second: call it from a thread.
+    ///
+    /// # Errors
+    ///
+    /// [`SourceError::Unavailable`] when the broker did not answer.
+    pub fn dead_letter_count(&self) -> Result<u64, SourceError> {
+        self.core.count(&self.core.dead).ok_or_else(|| {
+            SourceError::Unavailable(format!("amqp {} did not answer", self.core.shown_url))
+        })
+    }
+}
+
+/// What an expired lease becomes: requeued, or dead-lettered on its last attempt.
+fn expiry_kind(held: &Held, max_attempts: u32) -> OpKind {
+    if held.attempt >= max_attempts {
+        OpKind::Dead
+    } else {
+        OpKind::Requeue
+    }
+}
+
+impl Publish for AmqpSource {
+    /// Publishes the batch on the confirm channel, then awaits every confirm (one round
+    /// trip per batch). After a failure the whole batch is sent again once the broker
+    /// answers: publishing is at least once.
+    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
+        for envelope in batch {
+            if let Some((key, _)) = envelope
+                .attributes
+                .iter()
+                .find(|(key, _)| key.starts_with("x-") || key.len() > 255)
+            {
+                return Err(SourceError::Backend(format!(
+                    "attribute name '{key}' is reserved for the broker (x-...) or too long"
+                )));
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let core = &self.core;
+        loop {
+            if core.interrupted.load(Ordering::SeqCst) {
+                return Err(SourceError::Closed);
+            }
+            let link = match core.link() {
+                Ok(link) => link,
+                Err(Failure::Down { retry_in }) => {
+                    thread::sleep(retry_in.min(TICK));
+                    continue;
+                }
+                Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
+                Err(Failure::Closed) => return Err(SourceError::Closed),
+            };
+            let sent = core.bounded(CONFIRM_TIMEOUT, true, async {
+                let mut confirms = Vec::with_capacity(batch.len());
+                for envelope in batch {
+                    confirms.push(
+                        link.publish
+                            .basic_publish(
+                                ShortString::from(""),
+                                ShortString::from(core.config.queue.as_str()),
+                                BasicPublishOptions::default(),
+                                envelope.message.instance_name().as_bytes(),
+                                properties(envelope),
+                            )
+                            .await
+                            .map_err(|error| error.to_string())?,
+                    );
+                }
+                for confirm in confirms {
+                    let confirmation = confirm.await.map_err(|error| error.to_string())?;
+                    if confirmation.is_nack() {
+                        return Err("the broker refused a published message".to_owned());
+                    }
+                }
+                Ok(())
+            });
+            match sent {
+                Ok(()) => {
+                    lock(&core.stats).published += batch.len() as u64;
+                    return Ok(());
+                }
+                Err(Failure::Closed) => return Err(SourceError::Closed),
+                Err(failure) => {
+                    core.lost(&link, &failure_text(&failure));
+                }
+            }
+        }
+    }
+
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The text a failure carries, for the log.
+fn failure_text(failure: &Failure) -> String {
+    match failure {
+        Failure::Down { .. } => "the broker did not answer in time".to_owned(),
+        Failure::GaveUp(text) => text.clone(),
+        Failure::Closed => "closed".to_owned(),
+    }
+}
+
+/// The AMQP properties of a published message: persistent, its id, its attributes.
+fn properties(envelope: &Envelope) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(
+            envelope.message.message_id().hyphenated().to_string(),
+        ));
+    if envelope.attributes.is_empty() {
+        return properties;
+    }
+    let mut headers = FieldTable::default();
+    for (key, value) in envelope.attributes.iter() {
+        headers.insert(
+            ShortString::from(key),
+            AMQPValue::LongString(value.as_bytes().into()),
+        );
+    }
+    properties.with_headers(headers)
+}
+
+/// An integer header, if it is one.
+fn integer(value: &AMQPValue) -> Option<u64> {
+    match value {
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Timestamp(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// A header value as an attribute string (strings as they are, numbers and booleans
+/// written out; other types are left out).
+fn text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        AMQPValue::ShortString(v) => Some(v.as_str().to_owned()),
+        AMQPValue::Boolean(v) => Some(v.to_string()),
+        other => integer(other).map(|v| v.to_string()),
+    }
+}
+
+/// Reads a delivery: the message, its attributes and its attempt; `None` when it is not a
+/// message of ours.
+fn read(delivery: &lapin::message::Delivery) -> Option<(PubSubMessage, Attributes, u32)> {
+    let id = delivery.properties.message_id().as_ref()?;
+    let id = Uuid::parse_str(id.as_str()).ok()?;
+    let name = std::str::from_utf8(&delivery.data).ok()?;
+    let message = PubSubMessage::from_parts(id, name)?;
+    let mut attributes = Attributes::new();
+    let mut returned = 0u64;
+    if let Some(headers) = delivery.properties.headers() {
+        for (key, value) in headers.inner() {
+            let key = key.as_str();
+            if key == "x-delivery-count" || key == "x-acquired-count" {
+                returned = returned.max(integer(value).unwrap_or(0));
+            } else if !key.starts_with("x-") {
+                if let Some(value) = text(value) {
+                    attributes.insert(key, value);
+                }
+            }
+        }
+    }
+    let attempt = u32::try_from(returned.saturating_add(1)).unwrap_or(u32::MAX);
+    Some((message, attributes, attempt))
+}
+
+impl Source for AmqpSource {
+    /// Takes the deliveries the broker pushed ahead, up to `max` (the free part of the
+    /// window); waits up to `wait` for the first.
+    fn pull(&self, max: usize, wait: Duration, out: &mut Vec<Lease>) -> Result<(), SourceError> {
+        let core = &self.core;
+        if core.interrupted.load(Ordering::SeqCst) {
+            return Err(SourceError::Closed);
+        }
+        if max == 0 {
+            return Ok(());
+        }
+        self.enqueue(core.expire_local());
+        let link = match core.link() {
+            Ok(link) => link,
+            Err(Failure::Down { retry_in }) => {
+                // Nothing to deliver while the broker is away; the consumer loop comes back.
+                thread::sleep(retry_in.min(wait));
+                return Ok(());
+            }
+            Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
+            Err(Failure::Closed) => return Err(SourceError::Closed),
+        };
+        let end = Instant::now() + wait;
+        let mut slot = lock(&link.consumer);
+        if slot.is_none() {
+            core.consuming.store(true, Ordering::SeqCst);
+            match core.consume(&link) {
+                Ok(consumer) => *slot = Some(consumer),
+                Err(failure) => {
+                    drop(slot);
+                    if let Failure::Closed = failure {
+                        return Err(SourceError::Closed);
+                    }
+                    core.lost(&link, &failure_text(&failure));
+                    return Ok(());
+                }
+            }
+        }
+        let Some(consumer) = slot.as_mut() else {
+            return Ok(());
+        };
+        let mut taken = 0;
+        let mut bad = Vec::new();
+        while taken < max {
+            let next = if taken == 0 {
+                // Waits in short slices, so that an interrupt ends the pull promptly.
+                let left = end.saturating_duration_since(Instant::now());
+                future::block_on(future::or(async { Some(consumer.next().await) }, async {
+                    Timer::after(left.min(TICK)).await;
+                    None
+                }))
+            } else {
+                future::block_on(future::poll_once(consumer.next()))
+            };
+            match next {
+                None => {
+                    if taken > 0 || Instant::now() >= end || core.interrupted.load(Ordering::SeqCst)
+                    {
+                        break;
+                    }
+                }
+                Some(Some(Ok(delivery))) => match read(&delivery) {
+                    Some((message, attributes, attempt)) => {
+                        let id = core.hold(delivery.delivery_tag, link.epoch, attempt);
+                        out.push(Lease {
+                            message,
+                            attributes,
+                            attempt,
+                            id,
+                        });
+                        taken += 1;
+                    }
+                    None => {
+                        if core.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            warn!(
+                                "a message on amqp queue {} is not a mayhem message; \
+                                 it is dead-lettered (further ones are only counted)",
+                                core.config.queue
+                            );
+                        }
+                        lock(&core.stats).dead_lettered += 1;
+                        bad.push(Op {
+                            kind: OpKind::Dead,
+                            tag: delivery.delivery_tag,
+                            epoch: link.epoch,
+                        });
+                    }
+                },
+                Some(Some(Err(error))) => {
+                    drop(slot);
+                    self.enqueue(bad);
+                    core.lost(&link, &error.to_string());
+                    return Ok(());
+                }
+                Some(None) => {
+                    drop(slot);
+                    self.enqueue(bad);
+                    core.lost(&link, "the broker cancelled the consumer");
+                    return Ok(());
+                }
+            }
+        }
+        drop(slot);
+        self.enqueue(bad);
+        Ok(())
+    }
+
+    fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        let ops = self.take_all(leases, refused, |_| OpKind::Ack);
+        self.enqueue(ops);
+        Ok(())
+    }
+
+    fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
+        let max_attempts = self.core.config.max_attempts;
+        let ops = self.take_all(leases, refused, |held| expiry_kind(held, max_attempts));
+        self.enqueue(ops);
+        Ok(())
+    }
+
+    /// Moves the local deadlines: RabbitMQ has no lease extension.
+    fn extend(
+        &self,
+        leases: &[LeaseId],
+        by: Duration,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        let now = Instant::now();
+        let epoch = self.core.current_epoch();
+        let mut table = lock(&self.core.leases);
+        for &lease in leases {
+            let index = (lease & u64::from(u32::MAX)) as usize;
+            match table.slots.get_mut(index) {
+                Some(held)
+                    if held.generation == (lease >> 32) as u32
+                        && held.epoch == epoch
+                        && held.deadline > now =>
+                {
+                    held.deadline = now + by;
+                }
+                _ => refused.push(lease),
+            }
+        }
+        Ok(())
+    }
+
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for the queued frames; once the source is interrupted, at most a quarter of a
+    /// second.
+    fn flush(&self, timeout: Duration) -> usize {
+        let timeout = if self.core.interrupted.load(Ordering::SeqCst) {
+            timeout.min(SHUTDOWN_WAIT)
+        } else {
+            timeout
+        };
+        self.core.flush(timeout)
+    }
+
+    fn nack_all(&self) -> usize {
+        let held: Vec<Held> = lock(&self.core.leases).slots.drain().collect();
+        let count = held.len();
+        self.enqueue(
+            held.into_iter()
+                .map(|held| Op {
+                    kind: OpKind::Requeue,
+                    tag: held.tag,
+                    epoch: held.epoch,
+                })
+                .collect(),
+        );
+        self.core.flush(SHUTDOWN_WAIT);
+        count
+    }
+
+    /// Acks this instance sent and messages it dead-lettered.
+    fn settled(&self) -> u64 {
+        self.core.settled.load(Ordering::SeqCst)
+    }
+
+    /// The counters; `remaining` is the queue's ready messages (asked of the broker, at
+    /// most a quarter of a second) plus the leases this instance holds. Deliveries
+    /// prefetched but not pulled yet, and other instances' leases, are not counted.
+    ///
+    /// # Blocking
+    ///
+    /// Waits for queued frames and the broker: call it from a thread, not inside a future.
+    fn stats(&self) -> SourceStats {
+        let core = &self.core;
+        core.flush(SHUTDOWN_WAIT);
+        let mut stats = *lock(&core.stats);
+        let held = lock(&core.leases).slots.len() as u64;
+        let ready = core.count(&core.config.queue);
+        stats.remaining = ready.unwrap_or(0) + held;
+        stats
+    }
+}
+
+impl Drop for AmqpSource {
+    fn drop(&mut self) {
+        let core = &self.core;
+        // Closing the queue ends the worker once it has sent what is queued.
+        self.ops = None;
+        let unsent = core.flush(SHUTDOWN_WAIT);
+        if unsent > 0 {
+            warn!(
+                "{unsent} lease operations were left unsent to amqp; closing the connection \
+                 gives their messages back"
+            );
+        }
+        core.closing.store(true, Ordering::SeqCst);
+        let end = Instant::now() + SHUTDOWN_WAIT;
+        if let Some(handle) = self.worker.take() {
+            while !handle.is_finished() && Instant::now() < end {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if handle.is_finished() {
+                if handle.join().is_err() {
+                    error!("the amqp ack thread panicked");
+                }
+            } else {
+                warn!("the amqp ack thread is still waiting on the broker; not waiting for it");
+            }
+        }
+        // Closing the connection gives every unacked delivery back to the queue.
+        if let Some(link) = lock(&core.link).take() {
+            let closed = future::block_on(future::or(
+                async {
+                    link.connection
+                        .close(200, ShortString::from("shutdown"))
+                        .await
+                        .is_ok()
+                },
+                async {
+                    Timer::after(SHUTDOWN_WAIT).await;
+                    false
+                },
+            ));
+            if !closed {
+                warn!("the amqp connection did not close in time; the broker gives the messages back when it notices");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for AmqpSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSource")
+            .field("config", &self.core.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// The current link if it is still connected; a broken one is forgotten.
+    fn healthy(&self) -> Option<Arc<Link>> {
+        let slot = lock(&self.link);
+        let link = Arc::clone(slot.as_ref()?);
+        drop(slot);
+        if link.connection.status().connected() && link.consume.status().connected() {
+            return Some(link);
+        }
+        self.lost(&link, "the connection was closed");
+        None
+    }
+
+    /// The current link, connecting when there is none and the backoff allows.
+    fn link(&self) -> Result<Arc<Link>, Failure> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Failure::Closed);
+        }
+        if let Some(link) = self.healthy() {
+            return Ok(link);
+        }
+        // One connection attempt at a time; the `link` mutex itself is never held across
+        // one, so that acks (which read only `live_epoch`) and the worker never wait on it.
+        let _connecting = lock(&self.connecting);
+        if let Some(link) = self.healthy() {
+            return Ok(link);
+        }
+        let now = Instant::now();
+        {
+            let health = lock(&self.health);
+            if let Some(since) = health.failing_since {
+                if now.duration_since(since) >= self.config.reconnect_limit {
+                    return Err(Failure::GaveUp(format!(
+                        "amqp {} unavailable for more than {}: {}",
+                        self.shown_url,
+                        humantime::format_duration(self.config.reconnect_limit),
+                        health.last_error
+                    )));
+                }
+                if now < health.next_try {
+                    return Err(Failure::Down {
+                        retry_in: health.next_try - now,
+                    });
+                }
+            }
+        }
+        let epoch = self.next_epoch.fetch_add(1, Ordering::SeqCst);
+        match self.bounded(CONNECT_TIMEOUT, true, self.open(epoch)) {
+            Ok(link) => {
+                let link = Arc::new(link);
+                *lock(&self.link) = Some(Arc::clone(&link));
+                self.live_epoch.store(epoch, Ordering::SeqCst);
+                let mut health = lock(&self.health);
+                if health.failing_since.take().is_some() {
+                    info!("reconnected to amqp {}", self.shown_url);
+                }
+                health.last_error.clear();
+                health.delay = BACKOFF.0;
+                Ok(link)
+            }
+            Err(Failure::Closed) => Err(Failure::Closed),
+            Err(failure) => {
+                let text = match failure {
+                    Failure::Down { .. } => format!(
+                        "no answer within {}",
+                        humantime::format_duration(CONNECT_TIMEOUT)
+                    ),
+                    Failure::GaveUp(text) => text,
+                    Failure::Closed => String::new(),
+                };
+                Err(self.failed(&text))
+            }
+        }
+    }
+
+    /// Records a failure and schedules the next attempt.
+    fn failed(&self, text: &str) -> Failure {
+        let text = scrub(text, &self.secret);
+        let now = Instant::now();
+        let mut health = lock(&self.health);
+        if health.last_error != text {
+            warn!(
+                "amqp {} unavailable: {text}; retrying for up to {}",
+                self.shown_url,
+                humantime::format_duration(self.config.reconnect_limit)
+            );
+            health.last_error = text;
+        }
+        health.failing_since.get_or_insert(now);
+        let delay = health.delay;
+        health.next_try = now + delay;
+        health.delay = (delay * 2).min(BACKOFF.1);
+        Failure::Down { retry_in: delay }
+    }
+
+    /// Forgets a link found broken: its leases are void (the broker gives their messages
+    /// back) and counted as expired; the next call reconnects.
+    fn lost(&self, link: &Arc<Link>, text: &str) {
+        {
+            let mut slot = lock(&self.link);
+            match &*slot {
+                Some(current) if Arc::ptr_eq(current, link) => *slot = None,
+                _ => return,
+            }
+            self.live_epoch.store(0, Ordering::SeqCst);
+        }
+        let mut leases = lock(&self.leases);
+        let before = leases.slots.len();
+        leases.slots.retain(|_, held| held.epoch != link.epoch);
+        let void = (before - leases.slots.len()) as u64;
+        drop(leases);
+        lock(&self.stats).expired += void;
+        self.failed(text);
+        // Closing frees the broker's side at once if the socket still works.
+        let _ = self.bounded(SHUTDOWN_WAIT, false, async {
+            let _ = link.connection.close(320, ShortString::from("lost")).await;
+            Ok(())
+        });
+    }
+
+    /// The ready messages of a queue (a passive `queue.declare`), at most a quarter of a
+    /// second; `None` without an answer.
+    fn count(&self, queue: &str) -> Option<u64> {
+        let link = lock(&self.link).clone()?;
+        self.bounded(SHUTDOWN_WAIT, false, async {
+            link.consume
+                .queue_declare(
+                    ShortString::from(queue),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|queue| u64::from(queue.message_count()))
+                .map_err(|error| error.to_string())
+        })
+        .ok()
+    }
+
+    /// The epoch of the current link (0 when there is none: no lease matches it).
+    fn current_epoch(&self) -> u64 {
+        self.live_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Opens a connection, its channels and the topology.
+    async fn open(&self, epoch: u64) -> Result<Link, String> {
+        let scrubbed = |error: lapin::Error| scrub(&error.to_string(), &self.secret);
+        let connection = Connection::connect_uri(
+            self.uri.clone(),
+            ConnectionProperties::default().with_connection_name("mayhem".into()),
+        )
+        .await
+        .map_err(scrubbed)?;
+        let publish = connection.create_channel().await.map_err(scrubbed)?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(scrubbed)?;
+        let consume = connection.create_channel().await.map_err(scrubbed)?;
+        let dead = ShortString::from(self.dead.as_str());
+        let queue = ShortString::from(self.config.queue.as_str());
+        consume
+            .exchange_declare(
+                dead.clone(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(scrubbed)?;
+        consume
+            .queue_declare(
+                dead.clone(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(scrubbed)?;
+        consume
+            .queue_bind(
+                dead.clone(),
+                dead.clone(),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(scrubbed)?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.config.max_attempts)),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead.as_str().into()),
+        );
+        consume
+            .queue_declare(queue.clone(), QueueDeclareOptions::durable(), arguments)
+            .await
+            .map_err(|error| {
+                format!(
+                    "{} (a queue named {} with other arguments exists already?)",
+                    scrubbed(error),
+                    self.config.queue
+                )
+            })?;
+        consume
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(scrubbed)?;
+        // A client that consumed before consumes again as part of the reconnection: a broker
+        // that takes connections but cannot serve the queue (a quorum queue without a
+        // leader) is still failing, and counts against the reconnect limit.
+        let consumer = if self.consuming.load(Ordering::SeqCst) {
+            Some(
+                consume
+                    .basic_consume(
+                        ShortString::from(self.config.queue.as_str()),
+                        ShortString::from(""),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(scrubbed)?,
+            )
+        } else {
+            None
+        };
+        Ok(Link {
+            epoch,
+            connection,
+            publish,
+            consume,
+            consumer: Mutex::new(consumer),
+        })
+    }
+
+    /// Starts consuming the queue on `link`.
+    fn consume(&self, link: &Link) -> Result<Consumer, Failure> {
+        self.bounded(CONNECT_TIMEOUT, true, async {
+            link.consume
+                .basic_consume(
+                    ShortString::from(self.config.queue.as_str()),
+                    ShortString::from(""),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| scrub(&error.to_string(), &self.secret))
+        })
+    }
+
+    /// Runs `work` to completion, at most `limit`; gives up early when the source closes,
+    /// or, when `interruptible` (publishing and connecting, not lease operations, which
+    /// keep working after an interrupt), when it is interrupted.
+    fn bounded<T>(
+        &self,
+        limit: Duration,
+        interruptible: bool,
+        work: impl Future<Output = Result<T, String>>,
+    ) -> Result<T, Failure> {
+        let end = Instant::now() + limit;
+        future::block_on(future::or(
+            async { work.await.map_err(Failure::GaveUp) },
+            async {
+                loop {
+                    let left = end.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Failure::Down {
+                            retry_in: Duration::ZERO,
+                        });
+                    }
+                    if self.closing.load(Ordering::SeqCst)
+                        || (interruptible && self.interrupted.load(Ordering::SeqCst))
+                    {
+                        return Err(Failure::Closed);
+                    }
+                    Timer::after(left.min(TICK)).await;
+                }
+            },
+        ))
+    }
+
+    /// Takes a delivery as a lease; returns its id.
+    fn hold(&self, tag: u64, epoch: u64, attempt: u32) -> LeaseId {
+        let mut leases = lock(&self.leases);
+        let generation = leases.next_generation;
+        leases.next_generation = generation.wrapping_add(1);
+        let index = leases.slots.insert(Held {
+            tag,
+            epoch,
+            attempt,
+            deadline: Instant::now() + self.config.ack_deadline,
+            generation,
+        });
+        (u64::from(generation) << 32) | index as u64
+    }
+
+    /// Removes the leases whose deadline passed; returns the rejects that give them back.
+    fn expire_local(&self) -> Vec<Op> {
+        let now = Instant::now();
+        let max_attempts = self.config.max_attempts;
+        let mut leases = lock(&self.leases);
+        let expired: Vec<usize> = leases
+            .slots
+            .iter()
+            .filter(|(_, held)| held.deadline <= now)
+            .map(|(index, _)| index)
+            .collect();
+        if expired.is_empty() {
+            return Vec::new();
+        }
+        let ops: Vec<Op> = expired
+            .into_iter()
+            .map(|index| {
+                let held = leases.slots.remove(index);
+                Op {
+                    kind: expiry_kind(&held, max_attempts),
+                    tag: held.tag,
+                    epoch: held.epoch,
+                }
+            })
+            .collect();
+        drop(leases);
+        lock(&self.stats).expired += ops.len() as u64;
+        ops
+    }
+
+    /// The worker: sends queued operations, and every tick requeues expired leases.
+    fn run_ops(&self, queue: &mpsc::Receiver<Vec<Op>>) {
+        loop {
+            let next = queue.recv_timeout(TICK);
+            self.cancel_after_interrupt();
+            match next {
+                Ok(mut ops) => {
+                    // Takes everything queued meanwhile: one pass sends it all.
+                    while let Ok(more) = queue.try_recv() {
+                        ops.extend(more);
+                    }
+                    let count = ops.len() as u64;
+                    self.send(&ops);
+                    self.answered(count);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let expired = self.expire_local();
+            if !expired.is_empty() {
+                self.send(&expired);
+            }
+        }
+    }
+
+    /// After an interrupt, cancels the consumer once, before any later frame: a nack sent
+    /// after the interrupt must not bring its message straight back into this consumer's
+    /// prefetch, where the connection's close would give it back a second time (and count
+    /// a second attempt).
+    fn cancel_after_interrupt(&self) {
+        if !self.interrupted.load(Ordering::SeqCst) || self.cancelled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(link) = lock(&self.link).clone() else {
+            return;
+        };
+        let tag = lock(&link.consumer).as_ref().map(Consumer::tag);
+        if let Some(tag) = tag {
+            let _ = self.bounded(SHUTDOWN_WAIT, false, async {
+                link.consume
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+                    .map_err(|error| error.to_string())
+            });
+        }
+    }
+
+    /// Sends lease operations on the current link; an operation of a lost link is void
+    /// (the broker gave its message back), and an ack among them is a late refusal.
+    fn send(&self, ops: &[Op]) {
+        let link = lock(&self.link).clone();
+        let mut void_acks = 0;
+        let mut current = Vec::with_capacity(ops.len());
+        for op in ops {
+            match &link {
+                Some(link) if link.epoch == op.epoch => current.push(*op),
+                _ => void_acks += u64::from(op.kind == OpKind::Ack),
+            }
+        }
+        let mut settled = 0;
+        let mut dead = 0;
+        if let Some(link) = link.filter(|_| !current.is_empty()) {
+            // The frames are written in order; none waits for an answer (acks and rejects
+            // have none), so the whole batch costs no round trip.
+            let done = Cell::new(0);
+            let sent = self.bounded(CONFIRM_TIMEOUT, false, async {
+                for op in &current {
+                    let result = match op.kind {
+                        OpKind::Ack => {
+                            link.consume
+                                .basic_ack(op.tag, BasicAckOptions::default())
+                                .await
+                        }
+                        OpKind::Requeue | OpKind::Dead => {
+                            link.consume
+                                .basic_reject(
+                                    op.tag,
+                                    BasicRejectOptions {
+                                        requeue: op.kind == OpKind::Requeue,
+                                    },
+                                )
+                                .await
+                        }
+                    };
+                    result.map_err(|error| error.to_string())?;
+                    done.set(done.get() + 1);
+                }
+                Ok(())
+            });
+            match sent {
+                Ok(()) => {}
+                Err(Failure::Closed) => {}
+                Err(failure) => self.lost(&link, &failure_text(&failure)),
+            }
+            let failed_at = done.get();
+            for (i, op) in current.iter().enumerate() {
+                if i < failed_at {
+                    match op.kind {
+                        OpKind::Ack => settled += 1,
+                        OpKind::Dead => dead += 1,
+                        OpKind::Requeue => {}
+                    }
+                } else if op.kind == OpKind::Ack {
+                    void_acks += 1;
+                }
+            }
+        }
+        if settled + dead + void_acks > 0 {
+            let mut stats = lock(&self.stats);
+            stats.dead_lettered += dead;
+            stats.late_refusals += void_acks;
+            drop(stats);
+            self.settled.fetch_add(settled + dead, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until the queue of lease operations is empty, up to `timeout`; returns how
+    /// many are left.
+    fn flush(&self, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        let mut queued = lock(&self.queued);
+        while *queued > 0 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            queued = self
+                .drained
+                .wait_timeout(queued, left.min(Duration::from_millis(20)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        usize::try_from(*queued).unwrap_or(usize::MAX)
+    }
+
+    /// Counts sent lease operations and wakes `flush` when none is left.
+    fn answered(&self, count: u64) {
+        let mut queued = lock(&self.queued);
+        *queued = queued.saturating_sub(count);
+        if *queued == 0 {
+            self.drained.notify_all();
+        }
+    }
+}
+
+/// Locks a mutex, taking over a poisoned one: no code panics while holding these locks, and
+/// each is consistent after every statement that changes it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_shows() {
+        let config = AmqpConfig {
+            url: "amqp://user:s3cret@127.0.0.1:1/%2f".to_owned(),
+            ..AmqpConfig::default()
+        };
+        for shown in [format!("{config:?}"), config.to_string()] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("amqp://user:***@127.0.0.1:1/%2f"), "{shown}");
+        }
+        assert_eq!(password(&config.url), "s3cret");
+        assert_eq!(scrub("bad s3cret\nthing", "s3cret"), "bad *** thing");
+    }
+
+    #[test]
+    fn an_ip_host_is_kept_as_written() {
+        let uri = parse_uri("amqp://guest:guest@127.0.0.1:5673/v").expect("parses");
+        assert_eq!(
+            (
+                uri.authority.host.as_str(),
+                uri.authority.port,
+                uri.vhost.as_str()
+            ),
+            ("127.0.0.1", 5673, "v")
+        );
+        let uri = parse_uri("amqp://[::1]:5673").expect("parses");
+        assert_eq!(uri.authority.host, "::1");
+    }
+
+    #[test]
+    fn connect_refuses_bad_urls_and_settings() {
+        let bad_url = AmqpConfig {
+            url: "amqp://h:notaport".to_owned(),
+            ..AmqpConfig::default()
+        };
+        assert!(matches!(
+            AmqpSource::connect(bad_url),
+            Err(SourceError::Backend(text)) if text.starts_with("invalid amqp url")
+        ));
+        let empty_queue = AmqpConfig {
+            queue: String::new(),
+            ..AmqpConfig::default()
+        };
+        assert!(matches!(
+            AmqpSource::connect(empty_queue),
+            Err(SourceError::Backend(text)) if text.contains("queue")
+        ));
+    }
+}
