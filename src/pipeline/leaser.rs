@@ -670,7 +670,15 @@ struct Round {
 }
 
 impl Round {
+    /// Empties the scratch space, and gives back most of it when it is far larger than the
+    /// last round needed (a burst of a million leases must not keep its memory for good).
     fn clear(&mut self) {
+        let used = self.ids.len();
+        if self.ids.capacity() > 4 * used + 1024 {
+            self.ids.shrink_to(2 * used);
+            self.keys.shrink_to(2 * used);
+            self.handled.shrink_to(2 * used);
+        }
         self.ids.clear();
         self.keys.clear();
         self.handled.clear();
