@@ -53,9 +53,10 @@ fmt:
 build:
 	$(CARGO) build --release
 
-## Benchmarks of the real pipeline against a bare channel + executor baseline.
+## Benchmarks of the real pipeline against a bare channel + executor baseline, with the Redis
+## and RabbitMQ rows (each printed as not measured when its server is not installed).
 bench:
-	$(CARGO) bench --bench pipeline
+	$(CARGO) bench --features amqp --bench pipeline
 
 ## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary;
 ## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7").

@@ -7,6 +7,8 @@
 //! argument) so that each one starts from a clean heap.
 //!
 //! `MAYHEM_BENCH_MESSAGES` sets the message count of the throughput runs (default 1,000,000).
+//! `MAYHEM_BENCH=redis` runs only the Redis rows; `MAYHEM_BENCH=amqp` only the RabbitMQ rows
+//! (measured when built with `--features amqp`, as `make bench` builds it).
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -44,14 +46,36 @@ const OVERLOAD_MESSAGES: usize = 1_000_000;
 /// Start and end markers of the generated section of the README.
 const MARKERS: (&str, &str) = ("<!-- bench:start -->", "<!-- bench:end -->");
 
+#[cfg(feature = "amqp")]
+mod amqp;
 mod redis;
 
 /// Entries per run of the Redis rows.
 const REDIS_MESSAGES: u64 = 200_000;
+/// Messages per run of the RabbitMQ rows.
+const AMQP_MESSAGES: u64 = 50_000;
+
+/// The RabbitMQ rows, measured when the bench is built with `--features amqp`.
+#[cfg(feature = "amqp")]
+fn amqp_rows(messages: u64) -> Vec<String> {
+    amqp::rows(messages)
+}
+
+/// The RabbitMQ rows, measured when the bench is built with `--features amqp`.
+#[cfg(not(feature = "amqp"))]
+fn amqp_rows(_messages: u64) -> Vec<String> {
+    vec!["| RabbitMQ rows | not measured: bench built without `--features amqp` | |".to_owned()]
+}
 
 fn main() {
-    if std::env::var("MAYHEM_BENCH").is_ok_and(|only| only == "redis") {
-        for row in redis::rows(REDIS_MESSAGES) {
+    let only = std::env::var("MAYHEM_BENCH").unwrap_or_default();
+    if only == "redis" || only == "amqp" {
+        let rows = if only == "redis" {
+            redis::rows(REDIS_MESSAGES)
+        } else {
+            amqp_rows(AMQP_MESSAGES)
+        };
+        for row in rows {
             println!("{row}");
         }
         return;
@@ -104,6 +128,7 @@ fn main() {
     let library_stop = stats((0..RUNS).map(|_| library_shutdown_ms(4, 4)).collect());
     let binary_stop = stats((0..RUNS).map(|_| binary_shutdown_ms()).collect());
     let redis_rows = redis::rows(REDIS_MESSAGES.min(messages));
+    let amqp_rows = amqp_rows(AMQP_MESSAGES.min(messages));
     let binary_bytes = std::fs::metadata(env!("CARGO_BIN_EXE_mayhem")).map_or(0, |m| m.len());
     let goodput: Vec<(usize, f64)> = WINDOWS
         .iter()
@@ -142,7 +167,7 @@ fn main() {
         table,
         "| ratio best / bare bridge (medians) | {ratio:.2} | >= 0.4 |"
     );
-    for row in &redis_rows {
+    for row in redis_rows.iter().chain(&amqp_rows) {
         let _ = writeln!(table, "{row}");
     }
     let _ = writeln!(

@@ -1,0 +1,262 @@
+//! The RabbitMQ rows of `make bench` (built with `--features amqp`): mayhem against a
+//! same-run reference on one loopback `rabbitmq-server` of its own.
+//!
+//! - publish: the library's `AmqpSource::publish` in batches of [`BATCH`] (confirm mode,
+//!   persistent messages) into a fresh quorum queue; these runs also preload the consume runs;
+//! - consume: mayhem (`--publishers 0`, messages preloaded) against `reference.py`, a plain
+//!   pika consumer with prefetch 200 and one `basic.ack` per message, on the same messages;
+//! - end to end: mayhem publishing (2 publishers) and consuming (2 consumers).
+//!
+//! `MAYHEM_BENCH=amqp cargo bench --features amqp --bench pipeline` runs these rows alone.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mayhem::{AmqpConfig, AmqpSource, Envelope, PubSubMessage, Publish};
+
+/// Runs of each measurement (the median is shown).
+const AMQP_RUNS: usize = 3;
+/// Flow-control window of the mayhem runs (the binary makes it the prefetch).
+const WINDOW: &str = "10000";
+/// Messages per `publish` call of the publish runs.
+const BATCH: usize = 1000;
+/// The server script of Debian's package (the copy under /usr/sbin insists on a service
+/// user).
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+/// A free loopback port (free when asked).
+fn free_port() -> Option<u16> {
+    Some(
+        TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port(),
+    )
+}
+
+/// A `rabbitmq-server` on free loopback ports, with its data in a temporary directory.
+///
+/// It runs under a watchdog shell that kills its whole process group (the script, the Erlang
+/// VM and its helpers) and removes the directory when its standard input closes: on drop,
+/// or when the bench exits however it ends.
+struct Server {
+    port: u16,
+    watchdog: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Server {
+    /// Starts the server and waits until it accepts AMQP connections; `None` when it is not
+    /// installed or did not start within a minute.
+    fn start() -> Option<Server> {
+        if !Path::new(SERVER).exists() {
+            return None;
+        }
+        let dir: PathBuf =
+            std::env::temp_dir().join(format!("mayhem-bench-rabbitmq-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").ok()?;
+        let (port, dist) = (free_port()?, free_port()?);
+        let log = dir.join("server.log");
+        let name = dir.file_name()?.to_str()?.to_owned();
+        let mut watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "setsid \"$0\" >\"$1\" 2>&1 </dev/null & \
+                 cat >/dev/null; kill -KILL -$!; sleep 0.2; rm -rf \"$2\"",
+            )
+            .arg(SERVER)
+            .arg(&log)
+            .arg(&dir)
+            .env("HOME", &dir)
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_LOGS", "-")
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_NODENAME", format!("{name}@localhost"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdin = watchdog.stdin.take();
+        let server = Server {
+            port,
+            watchdog,
+            stdin,
+        };
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Server startup complete")
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                return Some(server);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Publishes `count` mayhem messages to `queue` through the library, in batches of
+    /// [`BATCH`]; returns the messages published (confirmed) per second.
+    fn publish(&self, queue: &str, count: u64) -> Option<f64> {
+        let source = AmqpSource::connect(AmqpConfig {
+            url: self.url(),
+            queue: queue.to_owned(),
+            ..AmqpConfig::default()
+        })
+        .ok()?;
+        let mut rng = fastrand::Rng::with_seed(count);
+        let messages: Vec<Envelope> = (0..count)
+            .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+            .collect();
+        let started = Instant::now();
+        for batch in messages.chunks(BATCH) {
+            source.publish(batch).ok()?;
+        }
+        Some(count as f64 / started.elapsed().as_secs_f64())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.watchdog.wait();
+    }
+}
+
+/// `acked_per_sec` of a mayhem run against `server`.
+fn mayhem(server: &Server, args: &[&str]) -> Option<f64> {
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &server.url()])
+        .args(["--handler-latency", "0", "--restart-failure-rate", "0"])
+        .args([
+            "--save-failure-rate",
+            "0",
+            "--log-level",
+            "warn",
+            "--report",
+            "json",
+        ])
+        .args(["--max-in-flight", WINDOW, "--consumers", "2"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let key = "\"acked_per_sec\":";
+    let rest = &stdout[stdout.find(key)? + key.len()..];
+    rest[..rest.find([',', '}'])?].parse().ok()
+}
+
+/// What `reference.py` printed: a rate, or why it measured nothing.
+fn reference(server: &Server, queue: &str, n: &str) -> Result<f64, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/amqp/reference.py");
+    let output = Command::new("python3")
+        .args([script, &server.port.to_string(), queue, n])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|_| "python3 not installed".to_owned())?;
+    let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    text.parse::<f64>().map_err(|_| {
+        if text.is_empty() {
+            "pika consumer failed".to_owned()
+        } else {
+            text
+        }
+    })
+}
+
+/// The median of what was measured, or `None` when nothing was.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// A figure, or why it is missing.
+fn show(value: Option<f64>, why: &str) -> String {
+    value.map_or_else(|| format!("not measured: {why}"), |v| format!("{v:.0}"))
+}
+
+/// The RabbitMQ rows of the bench table (`| figure | measured | target |`), measuring with
+/// `messages` messages per run.
+pub fn rows(messages: u64) -> Vec<String> {
+    let Some(server) = Server::start() else {
+        let why = if Path::new(SERVER).exists() {
+            "rabbitmq-server did not start within 60 s"
+        } else {
+            "rabbitmq-server not installed"
+        };
+        return vec![format!("| RabbitMQ rows | not measured: {why} | |")];
+    };
+    let n = messages.to_string();
+    let (mut publish, mut consume, mut python, mut end_to_end) = (vec![], vec![], vec![], vec![]);
+    let mut python_missing = "pika consumer failed".to_owned();
+    for run in 0..AMQP_RUNS {
+        // Publish, which preloads the consume run of mayhem.
+        let queue = format!("consume{run}");
+        publish.extend(server.publish(&queue, messages));
+        consume.extend(mayhem(
+            &server,
+            &["--stream", &queue, "--publishers", "0", "--messages", &n],
+        ));
+        // The same messages again for the pika consumer (its rate is not a publish figure).
+        let queue = format!("pika{run}");
+        if server.publish(&queue, messages).is_some() {
+            match reference(&server, &queue, &n) {
+                Ok(rate) => python.push(rate),
+                Err(why) => python_missing = why,
+            }
+        }
+        // End to end: mayhem publishes and consumes.
+        let queue = format!("e2e{run}");
+        end_to_end.extend(mayhem(
+            &server,
+            &[
+                "--stream",
+                &queue,
+                "--publishers",
+                "2",
+                "--publish-interval",
+                "0",
+                "--messages",
+                &n,
+            ],
+        ));
+    }
+    let (publish, consume, python, end_to_end) = (
+        median(publish),
+        median(consume),
+        median(python),
+        median(end_to_end),
+    );
+    let ratio = consume
+        .zip(python)
+        .map_or_else(|| "-".to_owned(), |(a, b)| format!("{:.2}", a / b));
+    vec![
+        format!("| messages/s, RabbitMQ consume: mayhem ({n} preloaded, 2 consumers, window and prefetch {WINDOW}) | {} | >= 1.5x the pika consumer |", show(consume, "mayhem run failed")),
+        format!("| messages/s, RabbitMQ consume: same-run reference, pika consumer (prefetch 200, one `basic.ack` per message) | {} | |", show(python, &python_missing)),
+        format!("| ratio RabbitMQ consume mayhem / pika (medians) | {ratio} | >= 1.5 |"),
+        format!("| messages/s, RabbitMQ publish: `AmqpSource::publish` (batches of {BATCH}, confirmed, persistent, quorum queue) | {} | >= 50,000 |", show(publish, "publish failed")),
+        format!("| messages/s, RabbitMQ end to end: mayhem (2 publishers, 2 consumers, {n} messages) | {} | |", show(end_to_end, "mayhem run failed")),
+    ]
+}
