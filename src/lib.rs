@@ -128,6 +128,7 @@ pub mod metrics;
 mod pipeline;
 pub mod shutdown;
 pub mod source;
+mod sync;
 
 pub use config::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};

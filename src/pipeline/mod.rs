@@ -340,7 +340,8 @@ pub fn run_clients<H: Handler>(
 
     let unsent = source.flush(FLUSH_WAIT);
     if unsent > 0 {
-        warn!("{unsent} lease operations could not be sent: their messages will be delivered again after their ack deadline");
+        // The same words as a source's own report at drop, so that either says it.
+        warn!("{unsent} lease operations were left unsent: their messages will be delivered again after their ack deadline");
     }
     leaser.flush_logs();
     info!("Flushing metrics");

@@ -62,7 +62,7 @@ use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,7 @@ use crate::error::SourceError;
 use crate::message::PubSubMessage;
 use crate::shutdown::Shutdown;
 use crate::source::{Attributes, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::sync::{lock, Outstanding};
 use crate::Uuid;
 
 /// How long `stats`, `flush` after an interrupt, and dropping the source wait on the broker.
@@ -304,10 +305,8 @@ struct Core {
     stats: Mutex<SourceStats>,
     /// Acks sent and dead letters, readable without a lock.
     settled: AtomicU64,
-    /// Lease operations queued and not yet sent; `drained` signals when it reaches zero.
-    queued: Mutex<u64>,
-    /// Signalled when `queued` drops to zero.
-    drained: Condvar,
+    /// Lease operations queued and not yet sent.
+    queued: Outstanding,
     /// Set by `interrupt`: publishes and pulls return `Closed`.
     interrupted: AtomicBool,
     /// Set by the first pull: from then on every new link consumes.
@@ -449,8 +448,7 @@ impl AmqpSource {
             }),
             stats: Mutex::new(SourceStats::default()),
             settled: AtomicU64::new(0),
-            queued: Mutex::new(0),
-            drained: Condvar::new(),
+            queued: Outstanding::default(),
             interrupted: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
@@ -491,7 +489,7 @@ impl AmqpSource {
         if ops.is_empty() {
             return;
         }
-        *lock(&self.core.queued) += ops.len() as u64;
+        self.core.queued.add(ops.len() as u64);
         let count = ops.len() as u64;
         let sent = self
             .ops
@@ -1444,36 +1442,13 @@ impl Core {
     /// Waits until the queue of lease operations is empty, up to `timeout`; returns how
     /// many are left.
     fn flush(&self, timeout: Duration) -> usize {
-        let end = Instant::now() + timeout;
-        let mut queued = lock(&self.queued);
-        while *queued > 0 {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            queued = self
-                .drained
-                .wait_timeout(queued, left.min(Duration::from_millis(20)))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        usize::try_from(*queued).unwrap_or(usize::MAX)
+        self.queued.wait_drained(timeout, || false)
     }
 
     /// Counts sent lease operations and wakes `flush` when none is left.
     fn answered(&self, count: u64) {
-        let mut queued = lock(&self.queued);
-        *queued = queued.saturating_sub(count);
-        if *queued == 0 {
-            self.drained.notify_all();
-        }
+        self.queued.done(count);
     }
-}
-
-/// Locks a mutex, taking over a poisoned one: no code panics while holding these locks, and
-/// each is consistent after every statement that changes it.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -91,7 +91,7 @@ mod reply;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,7 @@ use slab::Slab;
 use crate::error::SourceError;
 use crate::shutdown::Shutdown;
 use crate::source::{Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::sync::{lock, Outstanding};
 
 use self::acker::{Op, OpKind};
 use self::connection::{Failure, Health, Pooled, Scripts};
@@ -277,10 +278,8 @@ struct Core {
     published: AtomicU64,
     /// The group's pending and undelivered entries, as last read.
     remaining: AtomicU64,
-    /// Lease operations queued and not yet answered; `drained` signals when it reaches zero.
-    queued: Mutex<u64>,
-    /// Signalled when `queued` drops to zero.
-    drained: Condvar,
+    /// Lease operations queued and not yet answered.
+    queued: Outstanding,
     /// Set by `interrupt`: publishes and pulls return `Closed`, commands get short timeouts.
     interrupted: AtomicBool,
     /// Set when the source is dropped: the threads stop retrying and end.
@@ -425,7 +424,7 @@ impl RedisSource {
             return;
         }
         let count = ops.len() as u64;
-        *lock(&self.core.queued) += count;
+        self.core.queued.add(count);
         let sent = self.ops.as_ref().map(|queue| queue.send(ops));
         if !matches!(sent, Some(Ok(()))) {
             // The worker is gone (only while dropping): the entries stay pending in the group
@@ -758,8 +757,7 @@ impl Core {
             group_settled: AtomicU64::new(0),
             published: AtomicU64::new(0),
             remaining: AtomicU64::new(0),
-            queued: Mutex::new(0),
-            drained: Condvar::new(),
+            queued: Outstanding::default(),
             interrupted: AtomicBool::new(false),
             closing: Mutex::new(false),
             closing_signal: Condvar::new(),
@@ -779,36 +777,14 @@ impl Core {
     /// Waits until the queue of lease operations is empty, up to `timeout` or until the
     /// server is found failing; returns how many are left.
     fn flush(&self, timeout: Duration) -> usize {
-        let end = Instant::now() + timeout;
-        let mut queued = lock(&self.queued);
-        while *queued > 0 {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() || self.failing.load(Ordering::SeqCst) {
-                break;
-            }
-            queued = self
-                .drained
-                .wait_timeout(queued, left.min(Duration::from_millis(20)))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        usize::try_from(*queued).unwrap_or(usize::MAX)
+        self.queued
+            .wait_drained(timeout, || self.failing.load(Ordering::SeqCst))
     }
 
     /// Counts answered lease operations and wakes `flush` when none is left.
     fn answered(&self, count: u64) {
-        let mut queued = lock(&self.queued);
-        *queued = queued.saturating_sub(count);
-        if *queued == 0 {
-            self.drained.notify_all();
-        }
+        self.queued.done(count);
     }
-}
-
-/// Locks a mutex, taking over a poisoned one: no code panics while holding these locks, and
-/// each is consistent after every statement that changes it.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
