@@ -436,18 +436,6 @@ fn an_idle_service_holds_nothing_in_flight() {
     });
 }
 
-/// A handler that takes `latency` (awaiting, not blocking).
-struct Slow {
-    latency: Duration,
-}
-
-impl Handler for Slow {
-    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
-        smol::Timer::after(self.latency).await;
-        Ok(())
-    }
-}
-
 #[test]
 fn a_lease_held_past_max_lease_is_given_up() {
     // Handlers of 2 s, leases capped at 400 ms: no extension after that, so each delivery's
@@ -460,10 +448,14 @@ fn a_lease_held_past_max_lease_is_given_up() {
     config.lease.max_lease = Duration::from_millis(400);
     config.run.grace_period = Duration::from_secs(5);
     let subscription = preloaded(&config, 1, 22);
-    let handler = Slow {
-        latency: Duration::from_secs(2),
+    let shutdown = Shutdown::new();
+    let handler = Stalling {
+        started: AtomicUsize::new(0),
+        target: usize::MAX,
+        shutdown: shutdown.clone(),
+        latency: Some(Duration::from_secs(2)),
     };
-    let report = run(&config, &subscription, &handler, &Shutdown::new()).unwrap();
+    let report = run(&config, &subscription, &handler, &shutdown).unwrap();
     assert!(report.is_balanced(), "{report:?}");
     assert_eq!(
         (report.acked, report.dead_lettered, report.consumed),
