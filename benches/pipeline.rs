@@ -8,7 +8,8 @@
 //!
 //! `MAYHEM_BENCH_MESSAGES` sets the message count of the throughput runs (default 1,000,000).
 //! `MAYHEM_BENCH=redis` runs only the Redis rows; `MAYHEM_BENCH=amqp` only the RabbitMQ rows
-//! (measured when built with `--features amqp`, as `make bench` builds it).
+//! (measured when built with `--features amqp`, as `make bench` builds it); `MAYHEM_BENCH=noop`
+//! only the no-op pipeline and the bare bridge, interleaved.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -79,6 +80,9 @@ fn main() {
             println!("{row}");
         }
         return;
+    }
+    if only == "noop" {
+        return noop_ab();
     }
     match std::env::args().nth(1).as_deref() {
         Some("child-rss") => return child_rss(),
@@ -290,6 +294,36 @@ fn stats(mut values: Vec<f64>) -> Stats {
         min: values[0],
         max: values[values.len() - 1],
     }
+}
+
+/// `MAYHEM_BENCH=noop`: the no-op pipeline (1 publisher, 1 consumer, 1 and 2 workers) and
+/// the bare bridge, interleaved run by run so that both see the same machine, with the
+/// ratio of the medians.
+fn noop_ab() {
+    let messages: u64 = std::env::var("MAYHEM_BENCH_MESSAGES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(1_000_000);
+    let cpus = thread::available_parallelism().map_or(2, |n| n.get());
+    let (mut one, mut two, mut bare) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        one.push(pipeline(1, 1, 1, messages));
+        two.push(pipeline(1, 1, cpus, messages));
+        bare.push(bare_bridge(cpus, messages));
+        println!(
+            "run {run}: pipeline w=1 {:>10.0}  w={cpus} {:>10.0}  bare {:>10.0}",
+            one[run], two[run], bare[run]
+        );
+    }
+    let (one, two, bare) = (stats(one), stats(two), stats(bare));
+    println!(
+        "medians: w=1 {} / w={cpus} {} / bare {}: ratios {:.2} and {:.2}",
+        one.show(0),
+        two.show(0),
+        bare.show(0),
+        one.median / bare.median,
+        two.median / bare.median
+    );
 }
 
 /// A configuration for pure throughput: no pauses, no latency, no failures.

@@ -167,13 +167,19 @@ impl Queue {
         self.ready.notify_one();
     }
 
-    /// The writer thread: writes batches to stderr forever. It is the only thread writing
-    /// to stderr once the logger is installed, so a full stderr blocks this thread only.
+    /// The writer thread: writes batches to stderr forever. It is the only thread that
+    /// logs to stderr once the logger is installed, so a full stderr blocks this thread only.
+    ///
+    /// The handle is `Stderr`, not a `StderrLock` held across batches: `write_all` on it takes
+    /// the process-wide stderr lock for the one write of a batch only. Holding the lock while
+    /// waiting for lines would hang, forever, any other writer of stderr (a dependency's
+    /// `eprintln!`, a panic message printed before the hook is installed).
     fn write_forever(&self) {
         let mut batch = Vec::with_capacity(64 * 1024);
+        let mut stderr = std::io::stderr();
         loop {
             // A closed stderr is ignored: the lines are lost, the service goes on.
-            self.write_batch(&mut batch, &mut std::io::stderr().lock());
+            self.write_batch(&mut batch, &mut stderr);
         }
     }
 
@@ -303,5 +309,29 @@ mod tests {
         let west = TimeZone::fixed(jiff::tz::Offset::from_seconds(-(9 * 3600 + 30 * 60)).unwrap());
         let line = format_line(&west, Level::Warn, &format_args!("hello"));
         assert_eq!(&line[12..], "-09:30 WARN: hello\n", "{line}");
+    }
+
+    #[test]
+    fn an_idle_writer_leaves_stderr_to_other_writers() {
+        let queue: &'static Queue = Box::leak(Box::new(queue()));
+        thread::spawn(move || queue.write_forever());
+        // An empty line: the writer writes nothing, then waits for the next line.
+        queue.push(String::new());
+        let mut state = queue.lock();
+        while state.batches == 0 {
+            state = queue.written.wait(state).unwrap();
+        }
+        drop(state);
+        // Another writer of stderr gets it at once; a writer that kept the lock while
+        // waiting would hold it forever. The bound only decides how long a failure takes.
+        let (done, finished) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let _ = std::io::stderr().lock().write_all(b"");
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_secs(30)).is_ok(),
+            "the log writer holds the stderr lock while idle"
+        );
     }
 }
