@@ -296,34 +296,65 @@ fn stats(mut values: Vec<f64>) -> Stats {
     }
 }
 
-/// `MAYHEM_BENCH=noop`: the no-op pipeline (1 publisher, 1 consumer, 1 and 2 workers) and
+/// `MAYHEM_BENCH=noop`: the no-op pipeline (1 publisher, 1 consumer, 1 and all workers) and
 /// the bare bridge, interleaved run by run so that both see the same machine, with the
-/// ratio of the medians.
+/// ratio of the medians. Beside the rate, the CPU time the process spent per message (user
+/// plus system, all threads): a figure that other load on the machine disturbs far less.
 fn noop_ab() {
     let messages: u64 = std::env::var("MAYHEM_BENCH_MESSAGES")
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or(1_000_000);
     let cpus = thread::available_parallelism().map_or(2, |n| n.get());
-    let (mut one, mut two, mut bare) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut cpu: [Vec<f64>; 3] = Default::default();
     for run in 0..RUNS {
-        one.push(pipeline(1, 1, 1, messages));
-        two.push(pipeline(1, 1, cpus, messages));
-        bare.push(bare_bridge(cpus, messages));
-        println!(
-            "run {run}: pipeline w=1 {:>10.0}  w={cpus} {:>10.0}  bare {:>10.0}",
-            one[run], two[run], bare[run]
-        );
+        let mut line = format!("run {run}:");
+        for (index, name) in ["pipeline w=1", "pipeline w=all", "bare bridge"]
+            .iter()
+            .enumerate()
+        {
+            let before = cpu_seconds();
+            let rate = match index {
+                0 => pipeline(1, 1, 1, messages),
+                1 => pipeline(1, 1, cpus, messages),
+                _ => bare_bridge(cpus, messages),
+            };
+            let nanos = (cpu_seconds() - before) * 1e9 / messages as f64;
+            rates[index].push(rate);
+            cpu[index].push(nanos);
+            let _ = write!(line, "  {name} {rate:>10.0}/s {nanos:>4.0} ns CPU/msg");
+        }
+        println!("{line}");
     }
-    let (one, two, bare) = (stats(one), stats(two), stats(bare));
+    let [one, all, bare] = rates.map(stats);
+    let [one_cpu, all_cpu, bare_cpu] = cpu.map(stats);
     println!(
-        "medians: w=1 {} / w={cpus} {} / bare {}: ratios {:.2} and {:.2}",
+        "rate medians: w=1 {} / w={cpus} {} / bare {}: ratios {:.2} and {:.2}",
         one.show(0),
-        two.show(0),
+        all.show(0),
         bare.show(0),
         one.median / bare.median,
-        two.median / bare.median
+        all.median / bare.median
     );
+    println!(
+        "CPU ns per message, medians: w=1 {} / w={cpus} {} / bare {}",
+        one_cpu.show(0),
+        all_cpu.show(0),
+        bare_cpu.show(0),
+    );
+}
+
+/// CPU time of this process so far (user plus system, every thread), in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` writes into the zeroed struct it is given and reads nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// A configuration for pure throughput: no pauses, no latency, no failures.

@@ -1,50 +1,51 @@
 //! The sync-to-async bridge: the loop each executor thread runs.
 //!
-//! Consumer threads push held leases into a bounded `async_channel` with `send_blocking`;
-//! here, inside `Executor::run`, each executor thread receives them with `recv().await` and
-//! spawns one task per message.
+//! Consumer threads push the held leases of each pull, as one batch, into an `async_channel`
+//! with `send_blocking`; here, inside `Executor::run`, each executor thread receives batches
+//! with `recv().await` and spawns one task per message.
+
+use std::time::Instant;
 
 use async_executor::{Executor, Task};
 use futures_lite::future;
 
 use crate::handler::Handler;
+use crate::pipeline::acker::Acks;
+use crate::pipeline::consumer::PULL_BATCH;
 use crate::pipeline::leaser::LeaseGuard;
 use crate::pipeline::Shared;
 
-/// Most deliveries a worker takes from the hand-off channel and spawns at once.
-const SPAWN_BATCH: usize = 32;
-
-/// Runs one executor thread: spawns a task per received lease until the hand-off channel is
-/// closed and drained, then keeps running the tasks until `stop` is closed.
+/// Runs executor thread `index`: spawns its ack flusher, then a task per lease of each batch
+/// received, until the hand-off channel is closed and drained; then keeps running the tasks
+/// until `stop` is closed.
 ///
 /// # Blocking
 ///
 /// Blocks the calling thread (an executor thread) until `stop` is closed.
-pub(crate) fn run_executor_thread<'a, H: Handler>(
+pub(crate) fn run_executor_thread<'a, 'l: 'a, H: Handler>(
     executor: &Executor<'a>,
     shared: &'a Shared<'a, H>,
-    handoff: async_channel::Receiver<LeaseGuard<'a>>,
+    acks: &'a Acks<'l>,
+    index: usize,
+    handoff: async_channel::Receiver<Vec<LeaseGuard<'l>>>,
     stop: async_channel::Receiver<()>,
 ) {
+    Acks::enter(index);
+    executor.spawn(shared.flush_acks(acks, index)).detach();
     future::block_on(executor.run(async {
-        // Taking what else is queued in the same go locks the executor's task table once per
-        // batch; after shutdown began the batch is given back instead.
-        let mut batch = Vec::with_capacity(SPAWN_BATCH);
-        let mut tasks = Vec::with_capacity(SPAWN_BATCH);
-        while let Ok(first) = handoff.recv().await {
-            batch.push(first);
-            while batch.len() < SPAWN_BATCH {
-                match handoff.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
+        let mut tasks = Vec::with_capacity(PULL_BATCH);
+        // A batch is the leases of one pull: one receive, and one lock of the executor's
+        // task table, serve all of them.
+        while let Ok(batch) = handoff.recv().await {
             if shared.shutdown.is_triggered() {
-                shared.leaser.nack_all(std::mem::take(&mut batch));
+                shared.leaser.nack_all(batch);
                 continue;
             }
+            let spawned = Instant::now();
             executor.spawn_many(
-                batch.drain(..).map(|guard| shared.handle(guard)),
+                batch
+                    .into_iter()
+                    .map(|guard| shared.handle(acks, guard, spawned)),
                 &mut tasks,
             );
             tasks.drain(..).for_each(Task::detach);

@@ -1,10 +1,10 @@
 //! Consumer threads: pull leases (a blocking, synchronous pull), put them under the lease
-//! manager, and hand each one to the executor through the bounded hand-off channel with
-//! `send_blocking`.
+//! manager, and hand each pull's leases to the executor, as one batch, through the hand-off
+//! channel with `send_blocking`.
 
 use std::time::{Duration, Instant};
 
-use log::{error, info, Level};
+use log::{error, info, log_enabled, Level};
 
 use crate::error::SourceError;
 use crate::pipeline::completion::Completion;
@@ -33,7 +33,7 @@ pub(crate) struct Consumer<'a> {
     /// The lease manager, which also holds the flow-control gate.
     pub(crate) leaser: &'a Leaser<'a>,
     /// The hand-off channel to the executor.
-    pub(crate) handoff: async_channel::Sender<LeaseGuard<'a>>,
+    pub(crate) handoff: async_channel::Sender<Vec<LeaseGuard<'a>>>,
     /// Checked after each pull: expired leases may dead-letter the last messages without any
     /// handler running.
     pub(crate) completion: Completion<'a>,
@@ -49,7 +49,6 @@ impl Consumer<'_> {
         info!("Starting consumer");
         let gate = self.leaser.gate();
         let mut leases: Vec<Lease> = Vec::with_capacity(PULL_BATCH);
-        let mut guards = Vec::with_capacity(PULL_BATCH);
         while !self.shutdown.is_triggered() {
             let permits = gate.acquire(PULL_BATCH);
             if permits == 0 {
@@ -89,14 +88,21 @@ impl Consumer<'_> {
                 self.leaser.give_back_unadmitted(&extra);
             }
             gate.release(permits - leases.len());
+            let mut guards = Vec::with_capacity(leases.len());
             self.leaser.admit(leases.drain(..), pulled, &mut guards);
-            for guard in guards.drain(..) {
-                info!("Consumed {}", guard.message());
-                // The channel closes only during shutdown; the guard comes back and its drop
-                // nacks the lease and returns the permit.
-                if let Err(refused) = self.handoff.send_blocking(guard) {
-                    drop(refused.0);
+            if guards.is_empty() {
+                self.completion.check();
+                continue;
+            }
+            if log_enabled!(Level::Info) {
+                for guard in &guards {
+                    info!("Consumed {}", guard.message());
                 }
+            }
+            // One send per pull. The channel closes only during shutdown; the batch comes
+            // back, and the drop of each guard nacks its lease and returns its permit.
+            if let Err(refused) = self.handoff.send_blocking(guards) {
+                drop(refused.0);
             }
             self.completion.check();
         }

@@ -176,6 +176,16 @@ pub(crate) struct LeaseGuard<'a> {
     settled: bool,
 }
 
+/// A lease whose handler succeeded, waiting in an executor thread's buffer for its ack
+/// (see `acker`).
+#[derive(Debug)]
+pub(crate) struct Finished<'a> {
+    /// The lease, still in the table and holding its permit.
+    pub(crate) guard: LeaseGuard<'a>,
+    /// When its handler started, for the handling time.
+    pub(crate) started: Instant,
+}
+
 /// How a settle went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Settle {
@@ -187,13 +197,6 @@ pub(crate) enum Settle {
     Lost,
     /// The source failed; the lease will expire and its message be delivered again.
     Failed(String),
-}
-
-/// Which settle operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Ack,
-    Nack,
 }
 
 impl<'a> Leaser<'a> {
@@ -293,8 +296,9 @@ impl<'a> Leaser<'a> {
         self.metrics.count_delivered(count as u64, redelivered);
     }
 
-    /// Removes a lease from the table and settles it at the source.
-    fn settle(&self, guard: &LeaseGuard<'_>, op: Op) -> Settle {
+    /// Removes a lease from the table and nacks it at the source. (Acks are coalesced, see
+    /// [`Leaser::ack_all`]; a nack is sent at once, to give the message back without delay.)
+    fn settle_nack(&self, guard: &LeaseGuard<'_>) -> Settle {
         let entry = {
             let mut table = self.shard(guard.shard);
             match table.get(guard.slot as usize) {
@@ -309,30 +313,96 @@ impl<'a> Leaser<'a> {
         }
         self.metrics.sub_held(1);
         let mut refused = Vec::new();
-        let ids = [guard.lease.id];
-        let result = match op {
-            Op::Ack => self.source.ack(&ids, &mut refused),
-            Op::Nack => self.source.nack(&ids, &mut refused),
-        };
-        match result {
+        match self.source.nack(&[guard.lease.id], &mut refused) {
             Ok(()) if refused.is_empty() => {
-                match op {
-                    Op::Ack => self.metrics.count_acked(1),
-                    Op::Nack => self.metrics.count_nacked(1),
-                }
+                self.metrics.count_nacked(1);
                 Settle::Done
             }
-            Ok(()) => {
-                if op == Op::Ack {
-                    self.metrics.count_stale_acks(1);
-                }
-                Settle::Refused
-            }
+            Ok(()) => Settle::Refused,
             Err(error) => {
                 let text = error.to_string();
                 self.error_log
                     .log(1, || format!("Could not settle a lease: {text}"));
                 Settle::Failed(text)
+            }
+        }
+    }
+
+    /// Acks a buffer of finished leases: one lock per run of leases of the same shard (the
+    /// leases of one pull share a shard), one call to the source per [`EXTEND_CHUNK`]. Fills
+    /// `outcomes` with how each went, in order; the guards are marked settled, so dropping
+    /// them only returns their permits.
+    pub(crate) fn ack_all(&self, batch: &mut [Finished<'_>], outcomes: &mut Vec<Settle>) {
+        outcomes.clear();
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut rest = &mut batch[..];
+        while let Some(first) = rest.first() {
+            let shard = first.guard.shard;
+            let run = rest
+                .iter()
+                .position(|finished| finished.guard.shard != shard)
+                .unwrap_or(rest.len());
+            let (same, after) = std::mem::take(&mut rest).split_at_mut(run);
+            let mut table = self.shard(shard);
+            for finished in same {
+                let guard = &mut finished.guard;
+                guard.settled = true;
+                let outcome = match table.get(guard.slot as usize) {
+                    Some(entry) if entry.id == guard.lease.id => {
+                        let entry = table.remove(guard.slot as usize);
+                        if entry.state == State::Lost {
+                            // The gauge and the counters were updated when it was lost.
+                            Settle::Lost
+                        } else {
+                            ids.push(entry.id);
+                            Settle::Done
+                        }
+                    }
+                    // Only the guard removes its entry, and it settles once: not reached.
+                    _ => Settle::Lost,
+                };
+                outcomes.push(outcome);
+            }
+            drop(table);
+            rest = after;
+        }
+        if ids.is_empty() {
+            return;
+        }
+        self.metrics.sub_held(ids.len());
+        let mut refused = Vec::new();
+        let mut failed: Vec<(LeaseId, String)> = Vec::new();
+        for chunk in ids.chunks(EXTEND_CHUNK) {
+            let before = refused.len();
+            match self.source.ack(chunk, &mut refused) {
+                Ok(()) => self
+                    .metrics
+                    .count_acked((chunk.len() - (refused.len() - before)) as u64),
+                Err(error) => {
+                    refused.truncate(before);
+                    let text = error.to_string();
+                    self.error_log.log(chunk.len() as u64, || {
+                        format!("Could not ack {} leases: {text}", chunk.len())
+                    });
+                    failed.extend(chunk.iter().map(|&id| (id, text.clone())));
+                }
+            }
+        }
+        if refused.is_empty() && failed.is_empty() {
+            return;
+        }
+        self.metrics.count_stale_acks(refused.len() as u64);
+        refused.sort_unstable();
+        failed.sort_unstable_by_key(|(id, _)| *id);
+        for (finished, outcome) in batch.iter().zip(outcomes.iter_mut()) {
+            if *outcome != Settle::Done {
+                continue;
+            }
+            let id = finished.guard.lease.id;
+            if refused.binary_search(&id).is_ok() {
+                *outcome = Settle::Refused;
+            } else if let Ok(at) = failed.binary_search_by_key(&id, |(id, _)| *id) {
+                *outcome = Settle::Failed(failed[at].1.clone());
             }
         }
     }
@@ -722,16 +792,10 @@ impl<'a> LeaseGuard<'a> {
         self.lease.attempt
     }
 
-    /// Acknowledges the message.
-    pub(crate) fn ack(mut self) -> Settle {
-        self.settled = true;
-        self.leaser.settle(&self, Op::Ack)
-    }
-
     /// Gives the message back for another delivery.
     pub(crate) fn nack(mut self) -> Settle {
         self.settled = true;
-        self.leaser.settle(&self, Op::Nack)
+        self.leaser.settle_nack(&self)
     }
 
     /// Completes when the lease is lost (the source refused to extend it) or the handlers
@@ -760,7 +824,7 @@ impl Drop for LeaseGuard<'_> {
             self.settled = true;
             // Whatever the outcome, the message is not lost: a refused or failed nack leaves
             // the lease to expire at the source.
-            let _ = self.leaser.settle(self, Op::Nack);
+            let _ = self.leaser.settle_nack(self);
         }
         self.leaser.gate.release(1);
     }
@@ -807,5 +871,75 @@ impl Future for Interruption<'_, '_> {
         } else {
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{Envelope, ManualClock, Publish, Subscription, SubscriptionConfig};
+
+    const DEADLINE: Duration = Duration::from_secs(3);
+
+    #[test]
+    fn a_buffer_of_acks_spanning_shards_reports_each_lease() {
+        let clock = Arc::new(ManualClock::new());
+        let config = SubscriptionConfig {
+            ack_deadline: DEADLINE,
+            max_attempts: 5,
+            max_backlog: 100,
+        };
+        let subscription = Subscription::with_clock(config, clock.clone());
+        let mut rng = fastrand::Rng::with_seed(3);
+        let envelopes: Vec<Envelope> = (0..3)
+            .map(|_| PubSubMessage::random(&mut rng).into())
+            .collect();
+        subscription.publish(&envelopes).unwrap();
+        let metrics = Metrics::default();
+        let settings = LeaseSettings {
+            ack_deadline: DEADLINE,
+            extend_interval: Duration::from_secs(1),
+            max_lease: Duration::from_secs(3600),
+        };
+        let leaser = Leaser::new(&subscription, &metrics, 10, 1, settings);
+        // Two pulls, two shards: the first pull's leases expire at the source before the
+        // acks, the second's do not.
+        let mut guards = Vec::new();
+        for count in [2, 1] {
+            assert_eq!(leaser.gate().acquire(count), count);
+            let mut leases = Vec::new();
+            subscription
+                .pull(count, Duration::ZERO, &mut leases)
+                .unwrap();
+            assert_eq!(leases.len(), count);
+            leaser.admit(leases.into_iter(), Instant::now(), &mut guards);
+            clock.advance(DEADLINE - Duration::from_secs(1));
+        }
+        assert_ne!(guards[0].shard, guards[2].shard);
+        // Interleaved, so that the shards alternate within the buffer.
+        let order = [0, 2, 1];
+        let mut slots: Vec<Option<LeaseGuard<'_>>> = guards.into_iter().map(Some).collect();
+        let mut batch: Vec<Finished<'_>> = order
+            .iter()
+            .map(|&index| Finished {
+                guard: slots[index].take().unwrap(),
+                started: Instant::now(),
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        leaser.ack_all(&mut batch, &mut outcomes);
+        assert_eq!(outcomes, [Settle::Refused, Settle::Done, Settle::Refused]);
+        let report = metrics.report(&crate::source::SourceStats::default());
+        assert_eq!((report.acked, report.stale_acks), (1, 2), "{report:?}");
+        assert_eq!(leaser.held(), 0, "every lease left the table");
+        assert_eq!(
+            leaser.gate().in_flight(),
+            3,
+            "the guards still hold their permits"
+        );
+        drop(batch);
+        assert_eq!(leaser.gate().in_flight(), 0);
     }
 }

@@ -5,11 +5,13 @@
 //! - [`consumer`]: consumer threads (blocking pull, then `send_blocking`);
 //! - [`bridge`]: the executor-thread loop that turns channel receives into tasks;
 //! - [`task`]: the per-message task (handler, then ack or nack);
+//! - [`acker`]: the per-thread buffers that coalesce the acks of the tasks;
 //! - [`leaser`]: the lease manager, which holds and extends every lease from pull to settle;
 //! - [`flow`]: flow control;
 //! - [`completion`]: `--messages N`;
 //! - [`throttle`]: aggregation of repeated log lines.
 
+mod acker;
 mod bridge;
 mod completion;
 mod consumer;
@@ -32,6 +34,7 @@ use crate::handler::Handler;
 use crate::metrics::{Metrics, Report};
 use crate::shutdown::{Shutdown, ShutdownReason};
 use crate::source::{Publish, Source};
+use acker::Acks;
 use completion::Completion;
 use consumer::Consumer;
 use leaser::{LeaseSettings, Leaser};
@@ -197,6 +200,8 @@ pub fn run_clients<H: Handler>(
             max_lease: config.lease.max_lease,
         },
     );
+    // Outside `shared`: it holds lease guards, whose lifetime is the lease manager's.
+    let acks = Acks::new(config.run.workers);
     let shared = Shared {
         handler,
         shutdown,
@@ -234,13 +239,18 @@ pub fn run_clients<H: Handler>(
             Box::new(|| leaser.run(seed.rotate_left(7))) as Body<'_>,
         );
         for index in 0..config.run.workers {
-            let (executor, shared, handoff_rx, stop_rx) =
-                (&executor, &shared, handoff_rx.clone(), stop_rx.clone());
+            let (executor, shared, acks, handoff_rx, stop_rx) = (
+                &executor,
+                &shared,
+                &acks,
+                handoff_rx.clone(),
+                stop_rx.clone(),
+            );
             spawn(
                 format!("mayhem-worker-{index}"),
                 &mut workers,
                 Box::new(move || {
-                    bridge::run_executor_thread(executor, shared, handoff_rx, stop_rx)
+                    bridge::run_executor_thread(executor, shared, acks, index, handoff_rx, stop_rx)
                 }),
             );
         }
@@ -304,8 +314,8 @@ pub fn run_clients<H: Handler>(
         info!("Nacking outstanding messages");
         handoff.close();
         let mut waiting = Vec::new();
-        while let Ok(guard) = handoff_rx.try_recv() {
-            waiting.push(guard);
+        while let Ok(batch) = handoff_rx.try_recv() {
+            waiting.extend(batch);
         }
         leaser.nack_all(waiting);
         let in_flight = leaser.gate().in_flight();

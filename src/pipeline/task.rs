@@ -14,7 +14,8 @@ use crate::error::HandleError;
 use crate::handler::{Context, Handler};
 use crate::message::PubSubMessage;
 use crate::metrics::Metrics;
-use crate::pipeline::leaser::{Interrupted, LeaseGuard, Settle};
+use crate::pipeline::acker::Acks;
+use crate::pipeline::leaser::{Finished, Interrupted, LeaseGuard, Settle};
 use crate::pipeline::Shared;
 use crate::shutdown::ShutdownReason;
 
@@ -71,7 +72,15 @@ enum Outcome {
 impl<H: Handler> Shared<'_, H> {
     /// Handles one held lease: runs the handler, then acks or nacks. The lease manager
     /// extends the lease meanwhile; the guard returns the flow-control permit when it drops.
-    pub(crate) async fn handle(&self, guard: LeaseGuard<'_>) {
+    ///
+    /// `spawned` is when the task was spawned, read once for the whole batch: the handling
+    /// time counts from there, so it includes any wait for an executor thread.
+    pub(crate) async fn handle<'l>(
+        &self,
+        acks: &Acks<'l>,
+        guard: LeaseGuard<'l>,
+        spawned: Instant,
+    ) {
         let message = *guard.message();
         // A task first polled after the cancellation never starts its handler: a handler
         // could block its thread on its first poll, which would hold up the shutdown.
@@ -81,7 +90,6 @@ impl<H: Handler> Shared<'_, H> {
             return;
         }
         info!("Handling {message}");
-        let started = Instant::now();
         let outcome = {
             let ctx = Context::of_lease(
                 &message,
@@ -109,16 +117,17 @@ impl<H: Handler> Shared<'_, H> {
             .await
         };
         match outcome {
-            Outcome::Finished(Ok(Ok(()))) => match guard.ack() {
-                Settle::Done => {
-                    self.metrics.record_latency(started.elapsed());
-                    info!("Done. Acked {message}");
+            // The ack is coalesced with those of the other tasks of this thread (see
+            // `acker`); the flush logs it and checks the completion.
+            Outcome::Finished(Ok(Ok(()))) => {
+                if let Some(mut full) = acks.push(Finished {
+                    guard,
+                    started: spawned,
+                }) {
+                    self.ack_finished(&mut full);
                 }
-                Settle::Refused | Settle::Lost => self.leaser.refused_log.log(1, || {
-                    format!("Ack of {message} refused: the lease had expired, the message will be delivered again")
-                }),
-                Settle::Failed(text) => debug!("Ack of {message} not sent: {text}"),
-            },
+                return;
+            }
             Outcome::Finished(Ok(Err(error))) => {
                 debug!("Nacking {message}: {error}");
                 guard.nack();
@@ -145,22 +154,70 @@ impl<H: Handler> Shared<'_, H> {
 }
 
 impl<H: Handler> Shared<'_, H> {
+    /// Acks a buffer of finished leases in one batched call, logs each, records their
+    /// handling times (against one reading of the clock), and empties the buffer, which
+    /// returns their permits.
+    pub(crate) fn ack_finished(&self, batch: &mut Vec<Finished<'_>>) {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        self.leaser.ack_all(batch, &mut outcomes);
+        let now = Instant::now();
+        for (finished, outcome) in batch.iter().zip(outcomes) {
+            let message = finished.guard.message();
+            match outcome {
+                Settle::Done => {
+                    self.metrics
+                        .record_latency(now.saturating_duration_since(finished.started));
+                    info!("Done. Acked {message}");
+                }
+                Settle::Refused | Settle::Lost => self.leaser.refused_log.log(1, || {
+                    format!("Ack of {message} refused: the lease had expired, the message will be delivered again")
+                }),
+                Settle::Failed(text) => debug!("Ack of {message} not sent: {text}"),
+            }
+        }
+        batch.clear();
+        self.completion.check();
+    }
+
+    /// The flusher task of executor thread `index`: acks its buffer whenever it holds
+    /// leases. Never completes; it is dropped with the executor, once no lease is held.
+    pub(crate) async fn flush_acks(&self, acks: &Acks<'_>, index: usize) {
+        let mut batch = Vec::new();
+        loop {
+            acks.next_batch(index, &mut batch).await;
+            self.ack_finished(&mut batch);
+        }
+    }
+}
+
+impl<H: Handler> Shared<'_, H> {
     /// With `--debug-slow`, warns once when the handler has run that long; never completes.
     /// Without it, no timer is made: the lease manager's rounds are too coarse for this
-    /// debugging aid, and a timer per message would cost every run.
-    async fn slow_warning(&self, message: &PubSubMessage) -> Outcome {
-        if let Some(limit) = self.config.run.debug_slow {
-            async_io::Timer::after(limit).await;
-            self.metrics.count_slow_many(1);
-            self.leaser.slow_log.log(1, || {
-                format!(
-                    "Slow handler: {message} (message id {}) still running after {}",
-                    message.message_id(),
-                    humantime::format_duration(limit)
-                )
-            });
+    /// debugging aid, and a timer per message would cost every run. The timer's future is
+    /// boxed, so that without the option it takes no room in every task.
+    fn slow_warning<'m>(
+        &'m self,
+        message: &'m PubSubMessage,
+    ) -> impl Future<Output = Outcome> + Send + 'm {
+        let warning = self.config.run.debug_slow.map(|limit| {
+            Box::pin(async move {
+                async_io::Timer::after(limit).await;
+                self.metrics.count_slow_many(1);
+                self.leaser.slow_log.log(1, || {
+                    format!(
+                        "Slow handler: {message} (message id {}) still running after {}",
+                        message.message_id(),
+                        humantime::format_duration(limit)
+                    )
+                });
+            })
+        });
+        async move {
+            if let Some(warning) = warning {
+                warning.await;
+            }
+            std::future::pending().await
         }
-        std::future::pending().await
     }
 }
 
