@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_lite::FutureExt;
 use log::{debug, error, info, warn};
 use pin_project_lite::pin_project;
 
@@ -15,45 +14,68 @@ use crate::handler::{Context, Handler};
 use crate::message::PubSubMessage;
 use crate::metrics::Metrics;
 use crate::pipeline::acker::Acks;
-use crate::pipeline::leaser::{Finished, Interrupted, LeaseGuard, Settle};
+use crate::pipeline::leaser::{Finished, Interrupted, Interruption, LeaseGuard, Settle};
 use crate::pipeline::Shared;
 use crate::shutdown::ShutdownReason;
 
 pin_project! {
-    /// A handler's future (with panics caught), measuring each poll when `threshold` is set:
-    /// a poll that holds the thread longer is a handler that blocks instead of awaiting,
-    /// which starves every task on that executor thread.
-    struct Handling<'a, F> {
+    /// A handler's future under supervision, in one future rather than a chain of
+    /// combinators (each of which would move the handler's state once more on the way to the
+    /// task):
+    /// - panics of the handler are caught;
+    /// - each poll is measured when `threshold` is set: a poll that holds the thread longer is
+    ///   a handler that blocks instead of awaiting, which starves every task on that thread;
+    /// - it ends early when the lease is lost or the handlers are cancelled;
+    /// - `slow` runs beside it (the `--debug-slow` warning; it never completes).
+    struct Supervised<'a, 'g, 'l, F, S> {
         #[pin]
-        inner: F,
+        handler: F,
+        #[pin]
+        interruption: Interruption<'g, 'l>,
+        #[pin]
+        slow: S,
         threshold: Option<Duration>,
         metrics: &'a Metrics,
         message: &'a PubSubMessage,
     }
 }
 
-impl<F> Future for Handling<'_, F>
+impl<F, S> Future for Supervised<'_, '_, '_, F, S>
 where
-    F: Future<Output = std::thread::Result<Result<(), HandleError>>>,
+    F: Future<Output = Result<(), HandleError>>,
+    S: Future<Output = ()>,
 {
     type Output = Outcome;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Outcome> {
         let this = self.project();
-        let Some(threshold) = *this.threshold else {
-            return this.inner.poll(cx).map(Outcome::Finished);
-        };
-        let started = Instant::now();
-        let poll = this.inner.poll(cx);
-        let took = started.elapsed();
-        if took > threshold {
-            this.metrics.count_blocking();
-            warn!(
-                "Handler of {} blocked an executor thread for {took:?}",
-                this.message
-            );
+        let started = this.threshold.map(|_| Instant::now());
+        let mut handler = this.handler;
+        let poll = std::panic::catch_unwind(AssertUnwindSafe(|| handler.as_mut().poll(cx)));
+        if let (Some(threshold), Some(started)) = (*this.threshold, started) {
+            let took = started.elapsed();
+            if took > threshold {
+                this.metrics.count_blocking();
+                warn!(
+                    "Handler of {} blocked an executor thread for {took:?}",
+                    this.message
+                );
+            }
         }
-        poll.map(Outcome::Finished)
+        match poll {
+            Ok(Poll::Ready(result)) => return Poll::Ready(Outcome::Finished(Ok(result))),
+            Err(panic) => return Poll::Ready(Outcome::Finished(Err(panic))),
+            Ok(Poll::Pending) => {}
+        }
+        // Polled only once the handler is pending: a handler that finishes on its first poll
+        // never registers with the lease manager.
+        match this.interruption.poll(cx) {
+            Poll::Ready(Interrupted::Lost) => return Poll::Ready(Outcome::LeaseLost),
+            Poll::Ready(Interrupted::Cancelled) => return Poll::Ready(Outcome::Cancelled),
+            Poll::Pending => {}
+        }
+        let _ = this.slow.poll(cx);
+        Poll::Pending
     }
 }
 
@@ -98,22 +120,17 @@ impl<H: Handler> Shared<'_, H> {
                 &guard,
                 self.metrics,
             );
-            // The three futures are built inside the awaited expression, not bound to locals
-            // first: a local moved into a future that is then awaited would be stored twice
-            // in this task (most of its memory is the handler's future).
-            Handling {
-                inner: AssertUnwindSafe(self.handler.handle(&ctx)).catch_unwind(),
+            // Built inside the awaited expression, not bound to a local first: a local moved
+            // into a future that is then awaited would be stored twice in this task (most of
+            // its memory is the handler's future).
+            Supervised {
+                handler: self.handler.handle(&ctx),
+                interruption: guard.interrupted(),
+                slow: self.slow_warning(&message),
                 threshold: self.config.run.blocking_threshold,
                 metrics: self.metrics,
                 message: &message,
             }
-            .or(async {
-                match guard.interrupted().await {
-                    Interrupted::Lost => Outcome::LeaseLost,
-                    Interrupted::Cancelled => Outcome::Cancelled,
-                }
-            })
-            .or(self.slow_warning(&message))
             .await
         };
         match outcome {
@@ -198,7 +215,7 @@ impl<H: Handler> Shared<'_, H> {
     fn slow_warning<'m>(
         &'m self,
         message: &'m PubSubMessage,
-    ) -> impl Future<Output = Outcome> + Send + 'm {
+    ) -> impl Future<Output = ()> + Send + 'm {
         let warning = self.config.run.debug_slow.map(|limit| {
             Box::pin(async move {
                 async_io::Timer::after(limit).await;
