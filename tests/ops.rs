@@ -323,6 +323,43 @@ fn a_handler_blocking_its_thread_is_reported() {
     );
 }
 #[test]
+fn one_signal_ends_the_process_even_when_a_handler_never_returns() {
+    // Every handler blocks its executor thread for an hour: it can be neither awaited nor
+    // cancelled, so only the watchdog can end the shutdown, at --grace-period + 5 s.
+    let mut service = Service::start(&[
+        "--stall-rate",
+        "1",
+        "--stall",
+        "1h",
+        "--grace-period",
+        "1s",
+        "--publish-interval",
+        "100ms",
+        "--handler-latency",
+        "0",
+    ]);
+    service.wait_for("Handling ");
+    service.signal("SIGTERM");
+    let (status, took, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(1), "{lines:#?}");
+    // 6 s after the trigger; `took` starts a little after it, hence the second of slack.
+    assert!(
+        took >= Duration::from_secs(5),
+        "forced before its time: {took:?}"
+    );
+    let forced = lines
+        .iter()
+        .position(|line| line.contains("The shutdown did not finish within 6s (--grace-period plus 5s): a handler blocks its thread; forcing exit"))
+        .unwrap_or_else(|| panic!("no watchdog line: {lines:#?}"));
+    assert!(
+        lines[forced..]
+            .iter()
+            .any(|line| line.contains("Nacked") && line.contains("leased messages")),
+        "the held leases were not given back: {lines:#?}"
+    );
+}
+
+#[test]
 fn repeated_warnings_are_aggregated_not_a_storm() {
     // Every lease is capped by --max-lease before its handler ends, so every ack is refused:
     // thousands of warnings of two kinds, which must come out as at most one line a second

@@ -17,7 +17,8 @@ Signals: SIGINT, SIGTERM, SIGHUP and SIGQUIT start the graceful shutdown (stop p
 handlers --grace-period, nack the rest, print the report); a second one exits 130 at once.
 
 Exit codes: 0 graceful shutdown (after a signal, also during start-up, or --messages settled),
-1 a handler panicked or the source failed for good, 2 bad flags or environment variables,
+1 a handler panicked, the source failed for good, or the shutdown took longer than
+--grace-period + 5s (a handler blocking its thread), 2 bad flags or environment variables,
 130 forced by a second signal.
 
 Logs go to stderr in local time and never block the service: lines stderr cannot take are

@@ -3,8 +3,10 @@
 //! print the report.
 //!
 //! Exit codes: 0 after a graceful shutdown (a signal during start-up included), 1 when a
-//! handler panicked or the source failed for good (the service still shut down gracefully),
-//! 2 for bad flags or environment variables, 130 when a second signal forced the exit.
+//! handler panicked or the source failed for good (the service still shut down gracefully)
+//! or when the shutdown did not finish within --grace-period + 5 s (a handler blocking its
+//! thread), 2 for bad flags or environment variables, 130 when a second signal forced the
+//! exit.
 
 mod cli;
 mod http;
@@ -36,6 +38,12 @@ const EXIT_FORCED: i32 = 130;
 const HANDLED: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
 /// On a forced exit, how long the source may take to give its leases back.
 const FORCED_NACK_WAIT: Duration = Duration::from_secs(1);
+/// Exit code when the shutdown did not finish in time (a handler blocking its thread).
+const EXIT_STUCK: i32 = 1;
+/// Past the grace period, how long a shutdown may still take before the watchdog forces the
+/// exit. The graceful path needs at most 1 s to cancel handlers and 1 s to send the last
+/// lease operations; the rest is margin.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 
 /// The connected source, shared between `main` and the signal thread.
 type SourceSlot = Arc<Mutex<Option<Arc<dyn Broker>>>>;
@@ -192,6 +200,11 @@ fn run(
         None => None,
     };
 
+    spawn_watchdog(
+        shutdown.clone(),
+        config.run.grace_period.saturating_add(SHUTDOWN_MARGIN),
+        Arc::clone(source_slot),
+    );
     let result = run_with_metrics(&config, &*source, &handler, &shutdown, &metrics);
     if let Some(endpoint) = endpoint {
         endpoint.stop();
@@ -342,18 +355,49 @@ fn spawn_signal_thread(
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .clone();
-                    force_exit(name, held.as_ref());
+                    warn!("Received exit signal {name} again, forcing exit");
+                    force_exit(held.as_ref(), EXIT_FORCED);
                 }
             }
         })
         .map(drop)
 }
 
-/// The second signal: gives back what the source holds (bounded), writes what it can of the
-/// log (bounded), and exits 130. Logging only queues, so nothing here waits on stderr or
-/// stdout beyond those bounds.
-fn force_exit(name: &str, source: Option<&Arc<dyn Broker>>) -> ! {
-    warn!("Received exit signal {name} again, forcing exit");
+/// Starts the thread that bounds the shutdown: once it is triggered (by a signal, by
+/// `--messages N`, by a failure or a panic), the process exits within `limit`, whatever its
+/// handlers do. A handler that blocks its executor thread and never returns cannot be
+/// cancelled, and the run cannot return while the thread is held; past `limit` the watchdog
+/// gives back what the source holds and exits 1, as a second signal would (but with 1: no
+/// one asked for it).
+fn spawn_watchdog(shutdown: Shutdown, limit: Duration, source: SourceSlot) {
+    // Never joined: the process ends with it, or it ends the process. Not starting it only
+    // loses the bound, so a failure is logged and the service goes on.
+    let spawned = thread::Builder::new()
+        .name("mayhem-watchdog".into())
+        .spawn(move || {
+            shutdown.wait();
+            thread::sleep(limit);
+            error!(
+                "The shutdown did not finish within {} (--grace-period plus {}): a handler \
+                 blocks its thread; forcing exit",
+                humantime::format_duration(limit),
+                humantime::format_duration(SHUTDOWN_MARGIN)
+            );
+            let held = source
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            force_exit(held.as_ref(), EXIT_STUCK);
+        });
+    if let Err(error) = spawned {
+        warn!("cannot start the shutdown watchdog: {error}");
+    }
+}
+
+/// A forced exit (a second signal, or the watchdog): gives back what the source holds
+/// (bounded), writes what it can of the log (bounded), and exits with `code`. Logging only
+/// queues, so nothing here waits on stderr or stdout beyond those bounds.
+fn force_exit(source: Option<&Arc<dyn Broker>>, code: i32) -> ! {
     if let Some(source) = source {
         let (done, nacked) = mpsc::channel();
         let source = Arc::clone(source);
@@ -372,7 +416,7 @@ fn force_exit(name: &str, source: Option<&Arc<dyn Broker>>) -> ! {
     }
     logger::flush(Duration::from_millis(100), Duration::from_millis(300));
     // `_exit`: no exit handlers, no flush of stdout, whose pipe may be full.
-    signal_hook::low_level::exit(EXIT_FORCED)
+    signal_hook::low_level::exit(code)
 }
 
 /// Prints a one-line usage error to stderr (ignoring a closed stderr).
