@@ -7,6 +7,8 @@ use crate::source::memory::SubscriptionConfig;
 
 /// Longest duration any setting accepts (one day); longer values are surely mistakes.
 const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Shortest interval of the stats line (at most 20 lines a second).
+const MIN_STATS_INTERVAL: Duration = Duration::from_millis(50);
 /// Largest thread count for publishers, consumers and executor workers.
 const MAX_THREADS: usize = 1024;
 /// Largest flow-control window.
@@ -218,12 +220,24 @@ impl RunConfig {
             Duration::ZERO,
             Duration::from_secs(3600),
         )?;
-        duration(
-            "--stats-interval",
-            self.stats_interval,
-            Duration::ZERO,
-            MAX_DURATION,
-        )?;
+        // Zero turns the line off; above zero, a floor: the line is logged at that pace, and
+        // a nanosecond would be a log storm (a million lines a second).
+        if !self.stats_interval.is_zero() {
+            duration(
+                "--stats-interval",
+                self.stats_interval,
+                MIN_STATS_INTERVAL,
+                MAX_DURATION,
+            )
+            .map_err(|error| ConfigError {
+                reason: format!(
+                    "must be 0 (off) or between {} and {}",
+                    humantime::format_duration(MIN_STATS_INTERVAL),
+                    humantime::format_duration(MAX_DURATION)
+                ),
+                ..error
+            })?;
+        }
         if let Some(limit) = self.debug_slow {
             duration(
                 "--debug-slow",

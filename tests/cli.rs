@@ -295,6 +295,11 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--ack-deadline", "11m"], "--ack-deadline"),
         (&["--messages", "-3"], "--messages"),
         (&["--workers", ""], "--workers"),
+        // Intervals whose floor keeps a log line or a server call from running flat out.
+        (&["--stats-interval", "1ns"], "--stats-interval"),
+        (&["--consumer-ttl", "1ns"], "--consumer-ttl"),
+        (&["--trim-interval", "1ns"], "--trim-interval"),
+        (&["--consumer-ttl", "400d"], "--consumer-ttl"),
     ];
     for (args, needle) in cases {
         refuses(args, &[], needle);

@@ -158,6 +158,8 @@ pub(crate) struct Leaser<'a> {
     error_log: Throttle,
     /// Aggregates the warnings about slow handlers.
     pub(crate) slow_log: Throttle,
+    /// Aggregates the warnings about handlers that block their executor thread.
+    pub(crate) blocking_log: Throttle,
 }
 
 /// A lease held by the lease manager, with its flow-control permit: dropping it without
@@ -229,6 +231,7 @@ impl<'a> Leaser<'a> {
             max_lease_log: Throttle::new("leases past --max-lease", Level::Warn),
             error_log: Throttle::new("failed lease operations", Level::Warn),
             slow_log: Throttle::new("slow handlers", Level::Warn),
+            blocking_log: Throttle::new("blocking polls", Level::Warn),
         }
     }
 
@@ -543,6 +546,7 @@ impl<'a> Leaser<'a> {
             &self.max_lease_log,
             &self.error_log,
             &self.slow_log,
+            &self.blocking_log,
         ] {
             throttle.flush();
         }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{debug, error, info};
 use pin_project_lite::pin_project;
 
 use crate::error::HandleError;
@@ -15,6 +15,7 @@ use crate::message::PubSubMessage;
 use crate::metrics::Metrics;
 use crate::pipeline::acker::Acks;
 use crate::pipeline::leaser::{Finished, Interrupted, Interruption, LeaseGuard, Settle};
+use crate::pipeline::throttle::Throttle;
 use crate::pipeline::Shared;
 use crate::shutdown::ShutdownReason;
 
@@ -36,6 +37,7 @@ pin_project! {
         slow: S,
         threshold: Option<Duration>,
         metrics: &'a Metrics,
+        blocking_log: &'a Throttle,
         message: &'a PubSubMessage,
     }
 }
@@ -56,10 +58,13 @@ where
             let took = started.elapsed();
             if took > threshold {
                 this.metrics.count_blocking();
-                warn!(
-                    "Handler of {} blocked an executor thread for {took:?}",
-                    this.message
-                );
+                // Aggregated: with a low threshold every poll could warn.
+                this.blocking_log.log(1, || {
+                    format!(
+                        "Handler of {} blocked an executor thread for {took:?}",
+                        this.message
+                    )
+                });
             }
         }
         match poll {
@@ -129,6 +134,7 @@ impl<H: Handler> Shared<'_, H> {
                 slow: self.slow_warning(&message),
                 threshold: self.config.run.blocking_threshold,
                 metrics: self.metrics,
+                blocking_log: &self.leaser.blocking_log,
                 message: &message,
             }
             .await
