@@ -384,12 +384,23 @@ fn frame_len(bytes: &[u8]) -> Result<Option<usize>, ()> {
     Ok(Some(pos))
 }
 
-/// A header's decimal number.
+/// A header's decimal number (an optional `-`, then 1 to 18 digits).
 fn signed(line: &[u8]) -> Result<i64, ()> {
-    std::str::from_utf8(line)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .ok_or(())
+    let (negative, digits) = match line.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, line),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return Err(());
+    }
+    let mut n: i64 = 0;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return Err(());
+        }
+        n = n * 10 + i64::from(digit - b'0');
+    }
+    Ok(if negative { -n } else { n })
 }
 
 /// A reader of one framed reply.
@@ -539,6 +550,10 @@ mod tests {
         assert_eq!(frame_len(b"HTTP/1.1 400 Bad Request\r\n"), Err(()));
         assert_eq!(frame_len(b"$3\r\nfoobar\r\n"), Err(()));
         assert_eq!(frame_len(b"*x\r\n"), Err(()));
+        assert_eq!(frame_len(b"*\r\n"), Err(()));
+        assert_eq!(signed(b"-1"), Ok(-1));
+        assert_eq!(signed(b"1234567"), Ok(1_234_567));
+        assert_eq!(signed(b"1x"), Err(()));
     }
 
     #[test]
