@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `publish` | `XADD stream * message_id <uuid> instance_name <name>` |
 //! | start | claim the consumer name (a liveness key, see below); `XGROUP CREATE stream group <floor> MKSTREAM` (an existing group is kept); this consumer's own pending entries, left by an earlier instance of the same name, are marked expired |
-//! | `pull` | entries idle past the ack deadline (`XAUTOCLAIM`), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
+//! | `pull` | entries idle past the ack deadline (`XPENDING ... IDLE` probes for one, `XAUTOCLAIM` claims them), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
 //! | `ack` | `XACK stream group id...` (one per batch) |
 //! | `extend` | `XCLAIM ... JUSTID` (resets the entry's idle time) |
 //! | `nack` | a copy of the entry with its attempt count is added to the stream and the entry acked, in one script: the message is at once deliverable to any consumer |
@@ -61,6 +61,14 @@
 //! the floor are delivered again: the ones that were pending or not yet delivered, plus the
 //! few acked since the last retention pass (at most [`RedisConfig::trim_interval`] of work).
 //! Without a recorded floor the group is created at `0`.
+//!
+//! # Connections
+//!
+//! The `redis` crate parses addresses and builds commands and scripts, but the connections
+//! are the source's own (a socket and a read buffer, RESP2): a reply is framed without being
+//! parsed, and the hot paths read it in place: the entries of an `XREADGROUP`, the
+//! confirmations of a pipeline of `XADD`s. Every other reply is handed to the crate's parser.
+//! TCP and Unix socket addresses are supported (`redis://`, `redis+unix://`), TLS is not.
 //!
 //! # Failures
 //!
