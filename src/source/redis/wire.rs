@@ -28,6 +28,9 @@ use super::reply::{self, Entry, EntryId, Fields};
 
 /// Size of the read buffer at first; it doubles while a reply does not fit.
 const BUFFER: usize = 64 * 1024;
+/// Longest reply read: twice Redis's own longest bulk string (`proto-max-bulk-len`). A
+/// longer one is not a reply this source asked for.
+const MAX_REPLY: usize = 1 << 30;
 
 /// The socket.
 enum Stream {
@@ -214,6 +217,14 @@ impl Wire {
         }
         let unconsumed = self.end - self.start;
         if unconsumed * 2 > self.buf.len() {
+            if self.buf.len() >= MAX_REPLY {
+                self.open = false;
+                return Err(RedisError::from((
+                    ErrorKind::Parse,
+                    "invalid reply",
+                    format!("a reply longer than {MAX_REPLY} bytes"),
+                )));
+            }
             self.buf.resize(self.buf.len() * 2, 0);
         }
         if self.buf.len() - self.end < self.buf.len() / 2 {
@@ -580,6 +591,69 @@ mod tests {
         );
         assert_eq!(read_entries(b"*-1\r\n").map(|e| e.len()), Some(0));
         assert!(read_entries(b"-NOGROUP no group\r\n").is_none());
+    }
+
+    /// A connection to a loopback "server" that answers each request with the next of
+    /// `replies`, written in small pieces so that replies arrive split.
+    fn scripted(replies: Vec<Vec<u8>>) -> (Wire, std::thread::JoinHandle<()>) {
+        use redis::IntoConnectionInfo;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut request = [0u8; 4096];
+            for reply in replies {
+                let _ = stream.read(&mut request).expect("request");
+                for piece in reply.chunks(1000) {
+                    stream.write_all(piece).expect("reply");
+                }
+            }
+        });
+        let info = format!("redis://127.0.0.1:{port}/0")
+            .into_connection_info()
+            .expect("url");
+        let wire = Wire::open(&info, Duration::from_secs(5)).expect("connect");
+        (wire, server)
+    }
+
+    #[test]
+    fn long_and_split_replies_are_read_whole() {
+        let long = "x".repeat(300_000);
+        let entries =
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n4-2\r\n*2\r\n$8\r\nattempts\r\n$1\r\n2\r\n"
+                .to_vec();
+        let (mut wire, server) = scripted(vec![
+            format!("${}\r\n{long}\r\n", long.len()).into_bytes(),
+            entries,
+            b"+OK\r\n+OK\r\n-ERR no\r\n".to_vec(),
+            b"HTTP/1.1 400 Bad Request\r\n".to_vec(),
+        ]);
+        let value = wire
+            .req_packed_command(b"*1\r\n$4\r\nPING\r\n")
+            .expect("a reply");
+        assert_eq!(value, Value::BulkString(long.into_bytes()));
+        let read = wire.read_group(b"*1\r\n$4\r\nPING\r\n").expect("entries");
+        assert_eq!(read.len(), 1);
+        assert_eq!(
+            (read[0].0.to_string(), read[0].1.attempts),
+            ("4-2".to_owned(), 2)
+        );
+        let failed = wire.pipeline_ok(b"*1\r\n$4\r\nPING\r\n", 3);
+        assert_eq!(
+            failed.map_err(|error| error.code().map(str::to_owned)),
+            Err(Some("ERR".to_owned()))
+        );
+        assert!(
+            wire.is_open(),
+            "an error reply leaves the connection usable"
+        );
+        let garbage = wire.req_packed_command(b"*1\r\n$4\r\nPING\r\n");
+        assert!(matches!(garbage, Err(error) if error.kind() == ErrorKind::Parse));
+        assert!(
+            !wire.is_open(),
+            "a reply that is not the protocol closes the connection"
+        );
+        server.join().expect("server");
     }
 
     #[test]
