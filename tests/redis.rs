@@ -117,6 +117,9 @@ impl Server {
                 .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
                 .args(["--save", "", "--dir"])
                 .arg(&self.dir)
+                // Also a Unix socket, for the test of `redis+unix://` addresses.
+                .arg("--unixsocket")
+                .arg(self.dir.join("redis.sock"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             if let Some(password) = &self.password {
@@ -555,6 +558,42 @@ fn redis() -> Option<Redis> {
 }
 
 conformance_tests!(redis());
+
+#[test]
+fn unix_sockets_and_database_numbers_are_honoured() {
+    // The source has its own connection code (it reads replies in place): the address forms
+    // the client accepts must keep working with it.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let socket = server.dir.join("redis.sock");
+    for (url, db) in [
+        (format!("redis+unix://{}", socket.display()), 0),
+        (format!("redis://127.0.0.1:{}/3", server.port), 3),
+    ] {
+        let stream = format!("db{db}");
+        let source = RedisSource::connect(RedisConfig {
+            url: url.clone(),
+            ..source_config(&server, &stream, Duration::from_secs(5))
+        })
+        .unwrap_or_else(|error| panic!("connect to {url}: {error}"));
+        let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(db));
+        publish_one(&source, message);
+        let lease = pull_one(&source);
+        assert_eq!(lease.message, message, "{url}");
+        let mut refused = Vec::new();
+        source.ack(&[lease.id], &mut refused).expect("ack");
+        assert!(refused.is_empty(), "{url}");
+        assert_eq!(source.flush(PATIENCE), 0, "{url}");
+        let mut con = server.connection();
+        let len: i64 = redis::cmd("SELECT")
+            .arg(db)
+            .query::<()>(&mut con)
+            .and_then(|()| redis::cmd("XLEN").arg(&stream).query(&mut con))
+            .expect("XLEN");
+        assert_eq!(len, 1, "{url}: the entry is in database {db}");
+    }
+}
 
 fn publish_one(source: &RedisSource, message: PubSubMessage) {
     source.publish(&[Envelope::from(message)]).expect("publish");

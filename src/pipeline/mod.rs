@@ -48,6 +48,9 @@ const SEED_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 /// How long the end of a run waits for a remote source to send the lease operations it
 /// accepted.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// How often the main thread checks `--messages N` completion itself (see
+/// `wait_reporting_stats`): at most this late, at a cost of a wake-up per period.
+const COMPLETION_POLL: Duration = Duration::from_millis(5);
 
 /// A broker client that both publishes and consumes, as the in-memory [`Subscription`]
 /// does; every type that implements both traits is one.
@@ -287,7 +290,13 @@ pub fn run_clients<H: Handler>(
         // `--messages 0` is done before it starts.
         shared.completion.check();
 
-        let reason = wait_reporting_stats(shutdown, source, metrics, config.run.stats_interval);
+        let reason = wait_reporting_stats(
+            shutdown,
+            source,
+            metrics,
+            config.run.stats_interval,
+            &shared.completion,
+        );
         match &reason {
             ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
             ShutdownReason::Requested => info!("Received shutdown request..."),
@@ -410,24 +419,43 @@ fn spawn_in<'scope>(
 }
 
 /// Blocks until the shutdown is triggered, logging a stats line every `interval` (never when
-/// it is zero).
+/// it is zero). With `--messages N` it also checks completion every [`COMPLETION_POLL`]: a
+/// remote source confirms the last acks on a thread of its own after the handlers settled
+/// them, and a consumer may not come back from its pull (and check) for up to a pull's wait.
 fn wait_reporting_stats(
     shutdown: &Shutdown,
     source: &dyn Source,
     metrics: &Metrics,
     interval: Duration,
+    completion: &Completion<'_>,
 ) -> ShutdownReason {
-    if interval.is_zero() {
+    let poll = completion.target.map(|_| COMPLETION_POLL);
+    if interval.is_zero() && poll.is_none() {
         return shutdown.wait();
     }
     let mut last_acked = metrics.acked();
     let mut last_time = Instant::now();
     loop {
-        if shutdown.wait_timeout(interval) {
+        let until_stats = if interval.is_zero() {
+            None
+        } else {
+            Some((last_time + interval).saturating_duration_since(Instant::now()))
+        };
+        let step = match (until_stats, poll) {
+            (Some(stats), Some(poll)) => stats.min(poll),
+            (Some(stats), None) => stats,
+            (None, Some(poll)) => poll,
+            (None, None) => return shutdown.wait(),
+        };
+        if shutdown.wait_timeout(step) {
             return shutdown.wait();
         }
-        let acked = metrics.acked();
+        completion.check();
         let now = Instant::now();
+        if interval.is_zero() || now < last_time + interval {
+            continue;
+        }
+        let acked = metrics.acked();
         let rate = (acked - last_acked) as f64 / (now - last_time).as_secs_f64().max(1e-9);
         info!(
             "Stats: {rate:.1} acked/s, in flight {}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}",

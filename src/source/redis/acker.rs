@@ -6,10 +6,11 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use log::debug;
-use redis::Value;
+use redis::{ConnectionLike, Value};
 
 use super::connection::{Failure, BACKOFF_MAX};
 use super::reply::{int, EntryId};
+use super::wire;
 use super::{lock, Core, Held};
 use crate::source::LeaseId;
 
@@ -83,39 +84,54 @@ impl Core {
     /// ack deadline meanwhile and was claimed and acked by another consumer, is then counted
     /// by both: the count can be one high, the entry is still acked once.
     pub(super) fn send_ops(&self, ops: &[Op], retried: bool) -> Result<(), Failure> {
-        let acks: Vec<String> = ops
+        let acks: Vec<EntryId> = ops
             .iter()
             .filter(|op| op.kind == OpKind::Ack)
-            .map(|op| op.entry.to_string())
+            .map(|op| op.entry)
             .collect();
         let checked: Vec<&Op> = ops.iter().filter(|op| op.kind != OpKind::Ack).collect();
+        // One pipeline: the script call for the checked operations, then one XACK of every
+        // acked id (encoded by hand: no string per id).
+        let mut packed = Vec::new();
+        let mut commands = 0;
+        if !checked.is_empty() {
+            let mut command = redis::cmd("EVALSHA");
+            command
+                .arg(self.scripts.lease.get_hash())
+                .arg(2)
+                .arg(&self.config.stream)
+                .arg(&self.dead_stream)
+                .arg(&self.config.group)
+                .arg(&self.config.consumer)
+                .arg(self.config.dead_letter_max);
+            for op in &checked {
+                command
+                    .arg(op.name())
+                    .arg(op.entry.to_string())
+                    .arg(op.deliveries)
+                    .arg(op.attempt);
+            }
+            command.write_packed_command(&mut packed);
+            commands += 1;
+        }
+        if !acks.is_empty() {
+            packed.reserve(40 + acks.len() * 24);
+            wire::command(&mut packed, 3 + acks.len());
+            wire::arg(&mut packed, b"XACK");
+            wire::arg(&mut packed, self.config.stream.as_bytes());
+            wire::arg(&mut packed, self.config.group.as_bytes());
+            for &id in &acks {
+                wire::arg_id(&mut packed, id);
+            }
+            commands += 1;
+        }
         let replies: Vec<Value> = self.with_connection(|con| {
-            let mut pipe = redis::pipe();
-            if !checked.is_empty() {
-                let command = pipe
-                    .cmd("EVALSHA")
-                    .arg(self.scripts.lease.get_hash())
-                    .arg(2)
-                    .arg(&self.config.stream)
-                    .arg(&self.dead_stream)
-                    .arg(&self.config.group)
-                    .arg(&self.config.consumer)
-                    .arg(self.config.dead_letter_max);
-                for op in &checked {
-                    command
-                        .arg(op.name())
-                        .arg(op.entry.to_string())
-                        .arg(op.deliveries)
-                        .arg(op.attempt);
-                }
-            }
-            if !acks.is_empty() {
-                pipe.cmd("XACK")
-                    .arg(&self.config.stream)
-                    .arg(&self.config.group)
-                    .arg(&acks);
-            }
-            pipe.query(con)
+            let replies = con.req_packed_commands(&packed, 0, commands)?;
+            // An error reply of either command fails the batch, as a pipeline query does.
+            replies
+                .into_iter()
+                .map(Value::extract_error)
+                .collect::<Result<Vec<Value>, _>>()
         })?;
         let mut replies = replies.into_iter();
         let answers: Vec<i64> = if checked.is_empty() {

@@ -9,9 +9,9 @@ use redis::Value;
 
 use super::acker::{Op, OpKind};
 use super::connection::Failure;
-use super::reply::{claim_reply, fields, read_reply_entries, Entry};
+use super::reply::{claim_reply, Entry};
+use super::wire;
 use super::{lock, Core, Held};
-use crate::message::PubSubMessage;
 use crate::source::Lease;
 
 impl Core {
@@ -40,23 +40,32 @@ impl Core {
                 Duration::ZERO
             };
             let sent_at = Instant::now();
-            let reply = self.with_connection(|con| {
-                let mut cmd = redis::cmd("XREADGROUP");
-                cmd.arg("GROUP")
-                    .arg(&self.config.group)
-                    .arg(&self.config.consumer)
-                    .arg("COUNT")
-                    .arg(room);
-                // BLOCK 0 would block forever: no wait means no BLOCK argument.
-                if !block.is_zero() {
-                    cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
-                }
-                cmd.arg("STREAMS")
-                    .arg(&self.config.stream)
-                    .arg(">")
-                    .query::<Value>(con)
-            })?;
-            self.lease_all_from(read_reply_entries(reply), sent_at, out);
+            // Encoded by hand and read in place (see `wire`): no reply tree is built.
+            let mut packed = Vec::with_capacity(128);
+            wire::command(&mut packed, if block.is_zero() { 9 } else { 11 });
+            for part in [
+                &b"XREADGROUP"[..],
+                b"GROUP",
+                self.config.group.as_bytes(),
+                self.config.consumer.as_bytes(),
+                b"COUNT",
+                room.to_string().as_bytes(),
+            ] {
+                wire::arg(&mut packed, part);
+            }
+            // BLOCK 0 would block forever: no wait means no BLOCK argument.
+            if !block.is_zero() {
+                wire::arg(&mut packed, b"BLOCK");
+                wire::arg(
+                    &mut packed,
+                    (block.as_millis().max(1) as u64).to_string().as_bytes(),
+                );
+            }
+            for part in [&b"STREAMS"[..], self.config.stream.as_bytes(), b">"] {
+                wire::arg(&mut packed, part);
+            }
+            let entries = self.with_connection(|con| con.read_group(&packed))?;
+            self.lease_all_from(entries, sent_at, out);
             if !out.is_empty() || Instant::now() >= end || self.interrupted.load(Ordering::SeqCst) {
                 return Ok(());
             }
@@ -126,14 +135,9 @@ impl Core {
         // ack, so it is held only to insert.
         let mut malformed = Vec::new();
         let mut parsed = Vec::with_capacity(entries.len());
-        for (entry, list, deliveries) in entries {
-            let fields = fields(&list);
+        for (entry, fields, deliveries) in entries {
             let attempt = fields.attempts.saturating_add(deliveries);
-            let message = fields
-                .message_id
-                .zip(fields.instance_name.as_deref())
-                .and_then(|(id, name)| PubSubMessage::from_parts(id, name));
-            match message {
+            match fields.message {
                 // Every other field of the entry is an attribute (a program's own publishers
                 // may add some); the chaos monkey's own entries have none, so nothing is
                 // allocated for them.

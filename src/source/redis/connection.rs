@@ -6,9 +6,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use redis::{Connection, RedisError, Value};
+use redis::{ConnectionLike, RedisError, Value};
 
 use super::reply::{int, EntryId};
+use super::wire::Wire;
 use super::{lock, Core};
 use crate::error::SourceError;
 use crate::shutdown::Shutdown;
@@ -85,7 +86,7 @@ pub(super) struct Pooled {
     /// Whether its timeouts were shortened for the shutdown.
     short: bool,
     /// The connection.
-    con: Connection,
+    con: Wire,
 }
 
 /// The health of the server as this source sees it.
@@ -299,7 +300,7 @@ impl Core {
     }
 
     /// One try of `start`.
-    fn try_start(&self, stop: &Shutdown) -> Result<Connection, StartError> {
+    fn try_start(&self, stop: &Shutdown) -> Result<Wire, StartError> {
         let mut con = self
             .open()
             .map_err(|error| StartError::Retry(self.describe(&error)))?;
@@ -341,10 +342,10 @@ impl Core {
     /// Takes the consumer name: sets the liveness key, or waits up to one time to live for a
     /// dead holder's key to expire. A key that is refreshed meanwhile belongs to a live
     /// instance: then the name is refused.
-    fn claim_name(&self, con: &mut Connection, stop: &Shutdown) -> Result<(), StartError> {
+    fn claim_name(&self, con: &mut Wire, stop: &Shutdown) -> Result<(), StartError> {
         let ttl = self.config.liveness_ttl;
         let ttl_ms = ttl.as_millis().max(1) as u64;
-        let take = |con: &mut Connection| -> Result<bool, StartError> {
+        let take = |con: &mut Wire| -> Result<bool, StartError> {
             let set: Value = redis::cmd("SET")
                 .arg(&self.live_key)
                 .arg(&self.token)
@@ -390,14 +391,14 @@ impl Core {
     }
 
     /// Opens a connection with timeouts and prepares the server.
-    fn open(&self) -> Result<Connection, RedisError> {
+    fn open(&self) -> Result<Wire, RedisError> {
         let stopping = self.interrupted.load(Ordering::SeqCst);
         let connect = if stopping {
             SHUTDOWN_IO
         } else {
             CONNECT_TIMEOUT
         };
-        let mut con = self.client.get_connection_with_timeout(connect)?;
+        let mut con = Wire::open(self.client.get_connection_info(), connect)?;
         let (read, write) = self.timeouts(stopping);
         con.set_write_timeout(Some(write))?;
         con.set_read_timeout(Some(read))?;
@@ -416,7 +417,7 @@ impl Core {
 
     /// Creates the consumer group (keeping an existing one) at its recorded floor, or at `0`
     /// (also when the stream itself is new), and loads the scripts.
-    fn prepare(&self, con: &mut Connection) -> Result<(), RedisError> {
+    fn prepare(&self, con: &mut Wire) -> Result<(), RedisError> {
         // A floor outlives its stream only when the stream was deleted as a whole: then no
         // history is left to replay, and the floor is dropped.
         let exists: bool = redis::cmd("EXISTS").arg(&self.config.stream).query(con)?;
@@ -459,7 +460,7 @@ impl Core {
     /// Runs `command` on a pooled (or new) connection, keeping track of the server's health.
     pub(super) fn with_connection<T>(
         &self,
-        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+        command: impl FnOnce(&mut Wire) -> Result<T, RedisError>,
     ) -> Result<T, Failure> {
         self.run_command(true, command)
     }
@@ -470,7 +471,7 @@ impl Core {
     /// reconnect limit).
     pub(super) fn with_side_connection<T>(
         &self,
-        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+        command: impl FnOnce(&mut Wire) -> Result<T, RedisError>,
     ) -> Result<T, Failure> {
         self.run_command(false, command)
     }
@@ -479,7 +480,7 @@ impl Core {
     fn run_command<T>(
         &self,
         counts: bool,
-        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+        command: impl FnOnce(&mut Wire) -> Result<T, RedisError>,
     ) -> Result<T, Failure> {
         let mut pooled = self.checkout()?;
         match command(&mut pooled.con) {
@@ -487,7 +488,7 @@ impl Core {
                 if counts {
                     self.succeeded();
                 }
-                lock(&self.pool).push(pooled);
+                self.give_back(pooled);
                 Ok(value)
             }
             Err(error) if is_connection_error(&error) => Err(self.lost(pooled.epoch, &error)),
@@ -500,7 +501,7 @@ impl Core {
                 );
                 match self.prepare(&mut pooled.con) {
                     Ok(()) => {
-                        lock(&self.pool).push(pooled);
+                        self.give_back(pooled);
                         Err(Failure::Down {
                             retry_in: Duration::ZERO,
                         })
@@ -509,15 +510,23 @@ impl Core {
                         Err(self.lost(pooled.epoch, &error))
                     }
                     Err(error) => {
-                        lock(&self.pool).push(pooled);
+                        self.give_back(pooled);
                         Err(self.failed(&error))
                     }
                 }
             }
             Err(error) => {
-                lock(&self.pool).push(pooled);
+                self.give_back(pooled);
                 Err(self.failed(&error))
             }
+        }
+    }
+
+    /// Returns a connection to the pool, unless it broke (a reply that was not the Redis
+    /// protocol leaves the stream at an unknown position): a broken one is closed.
+    fn give_back(&self, pooled: Pooled) {
+        if pooled.con.is_open() {
+            lock(&self.pool).push(pooled);
         }
     }
 

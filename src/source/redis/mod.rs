@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `publish` | `XADD stream * message_id <uuid> instance_name <name>` |
 //! | start | claim the consumer name (a liveness key, see below); `XGROUP CREATE stream group <floor> MKSTREAM` (an existing group is kept); this consumer's own pending entries, left by an earlier instance of the same name, are marked expired |
-//! | `pull` | entries idle past the ack deadline (`XAUTOCLAIM`), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
+//! | `pull` | entries idle past the ack deadline (`XPENDING ... IDLE` probes for one, `XAUTOCLAIM` claims them), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
 //! | `ack` | `XACK stream group id...` (one per batch) |
 //! | `extend` | `XCLAIM ... JUSTID` (resets the entry's idle time) |
 //! | `nack` | a copy of the entry with its attempt count is added to the stream and the entry acked, in one script: the message is at once deliverable to any consumer |
@@ -62,6 +62,14 @@
 //! few acked since the last retention pass (at most [`RedisConfig::trim_interval`] of work).
 //! Without a recorded floor the group is created at `0`.
 //!
+//! # Connections
+//!
+//! The `redis` crate parses addresses and builds commands and scripts, but the connections
+//! are the source's own (a socket and a read buffer, RESP2): a reply is framed without being
+//! parsed, and the hot paths read it in place: the entries of an `XREADGROUP`, the
+//! confirmations of a pipeline of `XADD`s. Every other reply is handed to the crate's parser.
+//! TCP and Unix socket addresses are supported (`redis://`, `redis+unix://`), TLS is not.
+//!
 //! # Failures
 //!
 //! Lost connections are reopened with exponential backoff (50 ms doubling to 2 s), and so
@@ -87,6 +95,7 @@ mod claim;
 mod connection;
 mod maintenance;
 mod reply;
+mod wire;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -472,7 +481,8 @@ impl RedisSource {
 const RESERVED_FIELDS: [&str; 3] = ["message_id", "instance_name", "attempts"];
 
 impl Publish for RedisSource {
-    /// Adds the batch with one pipeline of `XADD`s (one round trip). After a failure the
+    /// Adds the batch with one pipeline of `XADD`s (one round trip), whose replies are only
+    /// checked, not kept. After a failure the
     /// whole batch is sent again once the server answers: publishing is at least once.
     fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
         for envelope in batch {
@@ -490,29 +500,37 @@ impl Publish for RedisSource {
             return Ok(());
         }
         let core = &self.core;
+        // Encoded once, by hand (no argument vectors, no uuid string), and sent again as is
+        // after a failure.
+        let mut packed = Vec::with_capacity(batch.len() * 160);
+        let mut uuid = uuid::Uuid::encode_buffer();
+        for envelope in batch {
+            let message = &envelope.message;
+            wire::command(&mut packed, 7 + 2 * envelope.attributes.len());
+            wire::arg(&mut packed, b"XADD");
+            wire::arg(&mut packed, core.config.stream.as_bytes());
+            wire::arg(&mut packed, b"*");
+            wire::arg(&mut packed, b"message_id");
+            wire::arg(
+                &mut packed,
+                message
+                    .message_id()
+                    .hyphenated()
+                    .encode_lower(&mut uuid)
+                    .as_bytes(),
+            );
+            wire::arg(&mut packed, b"instance_name");
+            wire::arg(&mut packed, message.instance_name().as_bytes());
+            for (key, value) in envelope.attributes.iter() {
+                wire::arg(&mut packed, key.as_bytes());
+                wire::arg(&mut packed, value.as_bytes());
+            }
+        }
         loop {
             if core.interrupted.load(Ordering::SeqCst) {
                 return Err(SourceError::Closed);
             }
-            let added = core.with_connection(|con| {
-                let mut pipe = redis::pipe();
-                for envelope in batch {
-                    let message = &envelope.message;
-                    let command = pipe
-                        .cmd("XADD")
-                        .arg(&core.config.stream)
-                        .arg("*")
-                        .arg("message_id")
-                        .arg(message.message_id().hyphenated().to_string())
-                        .arg("instance_name")
-                        .arg(message.instance_name());
-                    for (key, value) in envelope.attributes.iter() {
-                        command.arg(key).arg(value);
-                    }
-                    command.ignore();
-                }
-                pipe.query::<()>(con)
-            });
+            let added = core.with_connection(|con| con.pipeline_ok(&packed, batch.len()));
             match added {
                 Ok(()) => {
                     let count = batch.len() as u64;

@@ -5,6 +5,8 @@ use std::fmt;
 
 use redis::Value;
 
+use crate::message::PubSubMessage;
+
 /// A stream entry id, `ms-seq`, stored without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct EntryId {
@@ -44,8 +46,8 @@ impl fmt::Display for EntryId {
     }
 }
 
-/// A delivered entry: its id, its `field value ...` list, and its delivery count.
-pub(super) type Entry = (EntryId, Vec<Value>, u32);
+/// A delivered entry: its id, what its fields hold, and its delivery count.
+pub(super) type Entry = (EntryId, Fields, u32);
 
 /// The bytes of a string reply.
 fn bytes(value: &Value) -> Option<&[u8]> {
@@ -64,44 +66,52 @@ fn entry_id(value: &Value) -> Option<EntryId> {
 /// What an entry's fields hold, read without allocating for the fields every entry has.
 #[derive(Debug, Default)]
 pub(super) struct Fields {
-    /// `message_id`, when it is a uuid.
-    pub(super) message_id: Option<uuid::Uuid>,
-    /// `instance_name`, when it is text.
-    pub(super) instance_name: Option<String>,
+    /// The message, when `message_id` is a uuid and `instance_name` a valid name.
+    pub(super) message: Option<PubSubMessage>,
     /// `attempts` of earlier deliveries (0 when absent or not a number).
     pub(super) attempts: u32,
     /// Every other field, in the entry's order.
     pub(super) others: Vec<(String, String)>,
 }
 
-/// Reads an entry's flat `field value ...` list.
-pub(super) fn fields(list: &[Value]) -> Fields {
-    let mut fields = Fields::default();
-    for pair in list.chunks(2) {
-        let (Some(key), Some(value)) = (pair.first().and_then(bytes), pair.get(1).and_then(bytes))
-        else {
-            continue;
-        };
-        match key {
-            b"message_id" => fields.message_id = uuid::Uuid::try_parse_ascii(value).ok(),
-            b"instance_name" => {
-                fields.instance_name = std::str::from_utf8(value).ok().map(str::to_owned);
-            }
-            b"attempts" => {
-                fields.attempts = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0);
-            }
-            _ => {
-                if let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(value))
-                {
-                    fields.others.push((key.to_owned(), value.to_owned()));
+impl Fields {
+    /// Reads an entry's `(field, value)` pairs.
+    pub(super) fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Self {
+        let mut fields = Fields::default();
+        let mut message_id = None;
+        let mut instance_name = None;
+        for (key, value) in pairs {
+            match key {
+                b"message_id" => message_id = uuid::Uuid::try_parse_ascii(value).ok(),
+                b"instance_name" => instance_name = std::str::from_utf8(value).ok(),
+                b"attempts" => {
+                    fields.attempts = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                }
+                _ => {
+                    if let (Ok(key), Ok(value)) =
+                        (std::str::from_utf8(key), std::str::from_utf8(value))
+                    {
+                        fields.others.push((key.to_owned(), value.to_owned()));
+                    }
                 }
             }
         }
+        fields.message = message_id
+            .zip(instance_name)
+            .and_then(|(id, name)| PubSubMessage::from_parts(id, name));
+        fields
     }
-    fields
+}
+
+/// Reads an entry's flat `field value ...` list.
+pub(super) fn fields(list: &[Value]) -> Fields {
+    Fields::from_pairs(
+        list.chunks(2)
+            .filter_map(|pair| Some((bytes(pair.first()?)?, bytes(pair.get(1)?)?))),
+    )
 }
 
 /// A string reply as text.
@@ -156,7 +166,7 @@ fn push_rows(rows: Value, entries: &mut Vec<Entry>) {
         if let (Some(Some(id)), Some(Value::Array(fields))) =
             (cells.next().as_ref().map(entry_id), cells.next())
         {
-            entries.push((id, fields, 1));
+            entries.push((id, self::fields(&fields), 1));
         }
     }
 }
@@ -184,7 +194,11 @@ pub(super) fn claim_reply(reply: Value) -> (String, Vec<Entry>, u64) {
                     cells.get(1),
                     cells.get(2).and_then(int),
                 ) {
-                    entries.push((id, fields.clone(), u32::try_from(n).unwrap_or(u32::MAX)));
+                    entries.push((
+                        id,
+                        self::fields(fields),
+                        u32::try_from(n).unwrap_or(u32::MAX),
+                    ));
                 }
             }
         }
@@ -233,9 +247,9 @@ mod tests {
         let entries = read_reply_entries(reply);
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].0.to_string(), "1-0");
-        let fields = fields(&entries[0].1);
-        assert_eq!(fields.instance_name.as_deref(), Some("cattle-ab12"));
-        assert_eq!((fields.message_id, fields.attempts), (None, 0));
+        let fields = &entries[0].1;
+        assert!(fields.message.is_none(), "no message id");
+        assert_eq!(fields.attempts, 0);
         assert!(read_reply_entries(Value::Nil).is_empty());
     }
 
