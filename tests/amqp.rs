@@ -488,6 +488,7 @@ fn publish_names(server: &Rabbit, queue: &str, count: usize, max_attempts: u32) 
         })
         .collect();
     source.publish(&batch).expect("publish");
+    assert_eq!(source.wait_confirmed(Duration::from_secs(10)), 0);
     names
 }
 
@@ -828,6 +829,77 @@ fn a_lost_connection_is_reopened_and_nothing_is_lost() {
     service.signal("TERM");
     let (status, lines, _) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
+}
+
+#[test]
+fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("unconfirmed");
+    let proxy = Proxy::start(server.port);
+    let publisher = AmqpSource::connect(AmqpConfig {
+        url: proxy.url(),
+        queue: queue.clone(),
+        reconnect_limit: Duration::from_secs(10),
+        ..AmqpConfig::default()
+    })
+    .expect("connect");
+    let batches: Vec<Vec<Envelope>> = (0..5u128)
+        .map(|batch| {
+            (0..200u128)
+                .map(|i| {
+                    let id = mayhem::Uuid::from_u128(batch * 1000 + i + 1);
+                    let name = format!("cattle-{batch}{i:03}");
+                    Envelope::from(PubSubMessage::from_parts(id, &name).expect("a valid name"))
+                })
+                .collect()
+        })
+        .collect();
+    // Three batches go out and their confirms are not awaited; the connection is cut under
+    // them, and the next publish reconnects once the proxy is back.
+    for batch in &batches[..3] {
+        publisher.publish(batch).expect("publish");
+    }
+    proxy.cut();
+    let restorer = thread::spawn({
+        let down = Arc::clone(&proxy.down);
+        move || {
+            thread::sleep(Duration::from_millis(300));
+            down.store(false, Ordering::SeqCst);
+        }
+    });
+    for batch in &batches[3..] {
+        publisher
+            .publish(batch)
+            .expect("publish after the reconnection");
+    }
+    assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
+    restorer.join().expect("the restorer");
+    // Every message arrives at least once.
+    let mut want: Vec<PubSubMessage> = batches.iter().flatten().map(|e| e.message).collect();
+    want.sort_by_key(|message| message.message_id());
+    let consumer = server.source(&queue, Duration::from_secs(60), 5);
+    let mut seen = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let mut leases = Vec::new();
+        consumer
+            .pull(500, Duration::from_millis(200), &mut leases)
+            .expect("pull");
+        let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
+        assert!(conformance::ack(&consumer, &ids).is_empty());
+        seen.extend(leases.into_iter().map(|lease| lease.message));
+        seen.sort_by_key(|message| message.message_id());
+        seen.dedup();
+        if seen == want {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{} of {} messages arrived",
+            seen.len(),
+            want.len()
+        );
+    }
 }
 
 #[test]
