@@ -1,5 +1,6 @@
 //! A [`Source`] on a RabbitMQ quorum queue (feature `amqp`, off by default), through
-//! `lapin` on smol (no tokio, no TLS).
+//! `lapin` on smol (no tokio). `amqps://` addresses need the feature `amqp-tls` (rustls);
+//! a private CA is trusted through [`AmqpConfig::ca_file`].
 //!
 //! # Mapping
 //!
@@ -60,6 +61,7 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -74,6 +76,7 @@ use lapin::options::{
     BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{
@@ -162,13 +165,15 @@ fn scrub(text: &str, secret: &str) -> String {
     }
 }
 
-/// Parses an `amqp://USER:PASS@HOST:PORT/VHOST` address, without connecting.
+/// Parses an `amqp://USER:PASS@HOST:PORT/VHOST` address (or `amqps://` with the feature
+/// `amqp-tls`), without connecting.
 ///
 /// ```
 /// use mayhem::source::amqp::parse_url;
 /// assert!(parse_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
 /// assert!(parse_url("amqp://127.0.0.1:notaport").is_err());
-/// assert!(parse_url("amqps://127.0.0.1").is_err());
+/// // `amqps://` needs the feature `amqp-tls`.
+/// assert_eq!(parse_url("amqps://127.0.0.1").is_ok(), cfg!(feature = "amqp-tls"));
 /// ```
 ///
 /// # Errors
@@ -183,9 +188,15 @@ pub fn parse_url(url: &str) -> Result<(), SourceError> {
 /// address would become `localhost`: the host is set again as written.
 fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
     let secret = password(url);
-    if !url.starts_with("amqp://") {
+    if url.starts_with("amqps://") && !cfg!(feature = "amqp-tls") {
         return Err(SourceError::Backend(
-            "invalid amqp url: the scheme must be amqp:// (this build has no TLS)".to_owned(),
+            "amqps:// needs TLS, which this build lacks: build with the cargo feature amqp-tls"
+                .to_owned(),
+        ));
+    }
+    if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
+        return Err(SourceError::Backend(
+            "invalid amqp url: the scheme must be amqp:// or amqps://".to_owned(),
         ));
     }
     let mut uri = AMQPUri::from_str(url).map_err(|error| {
@@ -195,6 +206,34 @@ fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
         uri.authority.host = host;
     }
     Ok(uri)
+}
+
+/// Reads a PEM file of CA certificates for [`AmqpConfig::ca_file`].
+///
+/// ```
+/// use mayhem::source::amqp::read_ca_file;
+/// let error = read_ca_file("/nonexistent/ca.pem".as_ref()).unwrap_err();
+/// assert!(error.to_string().contains("/nonexistent/ca.pem"));
+/// ```
+///
+/// # Errors
+///
+/// [`SourceError::Backend`] naming the file when it cannot be read or holds no PEM
+/// certificate.
+pub fn read_ca_file(path: &Path) -> Result<String, SourceError> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        SourceError::Backend(format!(
+            "cannot read the amqp CA file {}: {error}",
+            path.display()
+        ))
+    })?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(SourceError::Backend(format!(
+            "the amqp CA file {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(text)
 }
 
 /// The URL's password (empty when there is none).
@@ -223,6 +262,9 @@ pub struct AmqpConfig {
     /// How long the server may stay unreachable before `pull` and `publish` fail with
     /// [`SourceError::Unavailable`]; start-up retries as long.
     pub reconnect_limit: Duration,
+    /// A PEM file of CA certificates to trust for `amqps://` besides the system's (a broker
+    /// whose certificate a private CA signed); only with `amqps://` URLs.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for AmqpConfig {
@@ -234,6 +276,7 @@ impl Default for AmqpConfig {
             max_attempts: 5,
             prefetch: 200,
             reconnect_limit: Duration::from_secs(30),
+            ca_file: None,
         }
     }
 }
@@ -247,6 +290,7 @@ impl fmt::Debug for AmqpConfig {
             .field("max_attempts", &self.max_attempts)
             .field("prefetch", &self.prefetch)
             .field("reconnect_limit", &self.reconnect_limit)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -290,6 +334,8 @@ struct Core {
     config: AmqpConfig,
     /// The parsed address.
     uri: AMQPUri,
+    /// The PEM text of [`AmqpConfig::ca_file`], read once at start.
+    ca: Option<String>,
     /// The URL with its password replaced, for log lines and errors.
     shown_url: String,
     /// The URL's password, removed from every error text (empty when there is none).
@@ -438,7 +484,17 @@ impl AmqpSource {
             ));
         }
         let uri = parse_uri(&config.url)?;
+        let ca = match &config.ca_file {
+            Some(_) if !config.url.starts_with("amqps://") => {
+                return Err(SourceError::Backend(
+                    "a CA file is only used with amqps:// urls".to_owned(),
+                ))
+            }
+            Some(path) => Some(read_ca_file(path)?),
+            None => None,
+        };
         let core = Arc::new(Core {
+            ca,
             shown_url: redact_url(&config.url),
             secret: password(&config.url),
             dead: format!("{}:dead", config.queue),
@@ -1303,9 +1359,16 @@ impl Core {
     /// Opens a connection, its channels and the topology.
     async fn open(&self, epoch: u64) -> Result<Link, String> {
         let scrubbed = |error: lapin::Error| scrub(&error.to_string(), &self.secret);
-        let connection = Connection::connect_uri(
+        // `amqps://` takes the TLS settings (built with `amqp-tls`); `amqp://` ignores them.
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.ca.clone(),
+        };
+        let connection = Connection::connect_uri_with_config(
             self.uri.clone(),
             ConnectionProperties::default().with_connection_name("mayhem".into()),
+            tls,
+            lapin::runtime::default_runtime().map_err(scrubbed)?,
         )
         .await
         .map_err(scrubbed)?;
