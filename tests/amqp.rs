@@ -85,7 +85,8 @@ struct Rabbit {
 struct Tls {
     /// The AMQPS port.
     port: u16,
-    /// The CA certificate (PEM) to trust.
+    /// The CA certificate (PEM) to trust (read by the TLS tests only).
+    #[cfg_attr(not(feature = "amqp-tls"), allow(dead_code))]
     ca: PathBuf,
 }
 

@@ -1734,5 +1734,28 @@ mod tests {
             AmqpSource::connect(empty_queue),
             Err(SourceError::Backend(text)) if text.contains("queue")
         ));
+        let ca_on_plain_amqp = AmqpConfig {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..AmqpConfig::default()
+        };
+        assert!(matches!(
+            AmqpSource::connect(ca_on_plain_amqp),
+            Err(SourceError::Backend(text)) if text.contains("amqps://")
+        ));
+        let missing_ca = AmqpConfig {
+            url: "amqps://guest:s3cret@127.0.0.1:1/%2f".to_owned(),
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..AmqpConfig::default()
+        };
+        // Without TLS the scheme is refused first, naming the feature.
+        let want = if cfg!(feature = "amqp-tls") {
+            "/nonexistent/ca.pem"
+        } else {
+            "amqp-tls"
+        };
+        assert!(matches!(
+            AmqpSource::connect(missing_ca),
+            Err(SourceError::Backend(text)) if text.contains(want) && !text.contains("s3cret")
+        ));
     }
 }

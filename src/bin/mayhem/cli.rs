@@ -499,6 +499,27 @@ mod tests {
     }
 }
 
+/// Whatever the features, `amqps://` says which feature it needs when the build lacks it.
+#[cfg(all(test, not(feature = "amqp-tls")))]
+mod amqps_tests {
+    use super::*;
+
+    #[test]
+    fn amqps_names_the_feature_it_needs_and_hides_the_password() {
+        let error = Cli::try_parse_from([
+            "mayhem",
+            "--source",
+            "amqps://guest:s3cret@127.0.0.1:5671/%2f",
+        ])
+        .expect_err("amqps is refused without the feature")
+        .to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+        assert!(error.contains("guest:***@127.0.0.1"), "{error}");
+        assert!(error.contains("cargo feature amqp-tls"), "{error}");
+        assert_eq!(error.trim_end().lines().count(), 1, "{error}");
+    }
+}
+
 #[cfg(all(test, feature = "amqp"))]
 mod amqp_tests {
     use super::*;
@@ -531,14 +552,8 @@ mod amqp_tests {
     fn amqps_needs_the_tls_feature_and_a_ca_file_needs_amqps() {
         let tls = "amqps://guest:s3cret@127.0.0.1:5671/%2f";
         let parsed = Cli::try_parse_from(["mayhem", "--source", tls]);
-        if cfg!(feature = "amqp-tls") {
-            assert!(parsed.is_ok());
-        } else {
-            let error = parsed.expect_err("amqps is refused").to_string();
-            assert!(!error.contains("s3cret"), "{error}");
-            assert!(error.contains("guest:***@127.0.0.1"), "{error}");
-            assert!(error.contains("feature amqp-tls"), "{error}");
-        }
+        // Without the feature, `amqps_tests` checks the refusal.
+        assert_eq!(parsed.is_ok(), cfg!(feature = "amqp-tls"));
         let error = Cli::try_parse_from(["mayhem", "--amqp-ca-file", "/nonexistent/ca.pem"])
             .expect_err("a missing CA file is refused")
             .to_string();
@@ -548,5 +563,21 @@ mod amqp_tests {
             .expect_err("a file without a certificate is refused")
             .to_string();
         assert!(error.contains("holds no PEM certificate"), "{error}");
+        // A CA file is refused with a source that is not amqps://.
+        let pem = std::env::temp_dir().join(format!("mayhem-cli-ca-{}.pem", std::process::id()));
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n").expect("write a CA file");
+        let cli = Cli::try_parse_from([
+            "mayhem",
+            "--source",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "--amqp-ca-file",
+            pem.to_str().expect("a utf-8 path"),
+        ]);
+        let _ = std::fs::remove_file(&pem);
+        let error = cli.expect("parses").check().expect_err("refused");
+        assert!(
+            error.contains("--amqp-ca-file") && error.contains("amqps://"),
+            "{error}"
+        );
     }
 }
