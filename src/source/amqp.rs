@@ -7,7 +7,7 @@
 //! | `Source` | RabbitMQ |
 //! |---|---|
 //! | start | `exchange.declare {queue}:dead` (fanout), `queue.declare {queue}:dead` bound to it, `queue.declare {queue}` as a quorum queue (`x-queue-type quorum`, `x-delivery-limit`, `x-dead-letter-exchange {queue}:dead`); `basic.qos` with the prefetch |
-//! | `publish` | `basic.publish` to the default exchange with routing key `{queue}` (persistent, `message-id` the message id, the body the instance name, attributes as headers) on a channel in confirm mode: the whole batch is sent, then its confirms awaited (pipelined, never one round trip per message) |
+//! | `publish` | `basic.publish` to the default exchange with routing key `{queue}` (persistent, `message-id` the message id, the body the instance name, attributes as headers) on a channel in confirm mode; the confirms are pipelined across batches (see below), never one round trip per message |
 //! | `pull` | the first pull starts `basic.consume` (a client that only publishes takes no deliveries; after it, every reconnection consumes again before it counts as recovered); every pull drains the deliveries the broker pushed ahead (the prefetch, [`AmqpConfig::prefetch`], which the binary ties to `--max-in-flight`, the flow-control window) |
 //! | attempt | `x-delivery-count` + 1 (absent on the first delivery; `x-acquired-count` where present, whichever is higher) |
 //! | `ack` | `basic.ack`; refused after the channel was lost (the broker gave the message back already) |
@@ -22,6 +22,25 @@
 //! broker (reason `delivery_limit`) without any consumer deciding it. On RabbitMQ 3.10 every
 //! give-back counts as a delivery attempt, closing the channel included, even for messages
 //! that were only prefetched and never handed to a handler.
+//!
+//! # Publishing
+//!
+//! `publish` sends its batch and returns without waiting for the batch's confirms: it
+//! awaits the oldest outstanding confirms, in order, only when the new batch would take more
+//! than [`PUBLISH_WINDOW`] messages past them, so the broker always has confirms to send
+//! while the next batch goes out. A confirmed batch counts in [`SourceStats::published`].
+//! A nack, an error or a lost connection while a batch's confirms are awaited makes the
+//! source reconnect and send that batch and every later unconfirmed one again (at least
+//! once, as before). [`Publish::wait_confirmed`] awaits what is left (the runner calls it
+//! with the grace period once the publishers stopped, and says how many stayed
+//! unconfirmed); dropping the source waits at most a quarter of a second for them.
+//!
+//! # TLS
+//!
+//! With the feature `amqp-tls`, `amqps://` URLs connect through rustls (ring), trusting the
+//! system's CA certificates and those of [`AmqpConfig::ca_file`]; the host name of the URL
+//! is checked against the broker's certificate. Without the feature `amqps://` is refused,
+//! naming the feature.
 //!
 //! # Extensions and `consumer_timeout`
 //!
