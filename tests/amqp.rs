@@ -957,6 +957,28 @@ fn a_lost_connection_is_reopened_and_nothing_is_lost() {
 }
 
 #[test]
+fn confirms_outstanding_at_an_interrupt_are_still_awaited() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("interrupted");
+    let source = server.source(&queue, Duration::from_secs(60), 5);
+    let mut rng = fastrand::Rng::with_seed(5);
+    for _ in 0..3 {
+        let batch: Vec<Envelope> = (0..100)
+            .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+            .collect();
+        source.publish(&batch).expect("publish");
+    }
+    Publish::interrupt(&source);
+    let late = [Envelope::from(PubSubMessage::random(&mut rng))];
+    assert!(matches!(
+        source.publish(&late),
+        Err(mayhem::SourceError::Closed)
+    ));
+    assert_eq!(source.wait_confirmed(PATIENCE), 0);
+    assert_eq!(source.stats().published, 300);
+}
+
+#[test]
 fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("unconfirmed");

@@ -306,7 +306,10 @@ pub fn run_clients<H: Handler>(
             // the publishers were told were published are confirmed (or counted) here.
             let unconfirmed = sink.wait_confirmed(config.run.grace_period);
             if unconfirmed > 0 {
-                warn!("{unconfirmed} published messages were not confirmed by the broker");
+                warn!(
+                    "{unconfirmed} published messages were not confirmed by the broker: \
+                     they may be lost or published twice"
+                );
             }
         }
 

@@ -751,6 +751,26 @@ struct Sent {
     epoch: u64,
     /// One confirm per message, in order.
     confirms: Vec<PublisherConfirm>,
+    /// How many leading `confirms` arrived as acks (those futures are spent).
+    acked: usize,
+}
+
+impl Sent {
+    /// Whether every confirm arrived as an ack, looking without waiting. A nack or an
+    /// error marks the batch to be sent again (epoch 0).
+    fn arrived(&mut self) -> bool {
+        while self.acked < self.confirms.len() {
+            match future::block_on(future::poll_once(&mut self.confirms[self.acked])) {
+                Some(Ok(confirmation)) if confirmation.is_ack() => self.acked += 1,
+                Some(_) => {
+                    self.epoch = 0;
+                    return false;
+                }
+                None => return false,
+            }
+        }
+        self.epoch != 0
+    }
 }
 
 impl Core {
@@ -795,6 +815,7 @@ impl Core {
             envelopes,
             epoch: link.epoch,
             confirms,
+            acked: 0,
         })
     }
 
@@ -810,6 +831,8 @@ impl Core {
         limit: Duration,
         interruptible: bool,
     ) -> Result<(), Failure> {
+        // A batch of a lost link whose confirms all came before the loss is not sent again.
+        self.collect_arrived(unconfirmed);
         for index in 0..unconfirmed.batches.len() {
             if unconfirmed.batches[index].epoch != link.epoch {
                 let envelopes = std::mem::take(&mut unconfirmed.batches[index].envelopes);
@@ -826,13 +849,15 @@ impl Core {
             let Some(sent) = unconfirmed.batches.front_mut() else {
                 break;
             };
-            let confirms = std::mem::take(&mut sent.confirms);
             let answered = self.bounded(limit, interruptible, async {
-                for confirm in confirms {
-                    let confirmation = confirm.await.map_err(|error| error.to_string())?;
-                    if confirmation.is_nack() {
+                while sent.acked < sent.confirms.len() {
+                    let confirmation = (&mut sent.confirms[sent.acked])
+                        .await
+                        .map_err(|error| error.to_string())?;
+                    if !confirmation.is_ack() {
                         return Err("the broker refused a published message".to_owned());
                     }
+                    sent.acked += 1;
                 }
                 Ok(())
             });
@@ -849,8 +874,26 @@ impl Core {
         Ok(())
     }
 
+    /// Counts as published, and forgets, every batch whose confirms all arrived as acks,
+    /// wherever it stands in the queue and whatever link it came on.
+    fn collect_arrived(&self, unconfirmed: &mut Unconfirmed) {
+        let mut published = 0;
+        unconfirmed.batches.retain_mut(|sent| {
+            if sent.arrived() {
+                published += sent.envelopes.len();
+                false
+            } else {
+                true
+            }
+        });
+        if published > 0 {
+            unconfirmed.count -= published;
+            lock(&self.stats).published += published as u64;
+        }
+    }
+
     /// Awaits every outstanding confirm, up to `timeout`; returns the messages left
-    /// unconfirmed (and logs them).
+    /// unconfirmed (the caller says so): those whose confirms did not all arrive.
     /// Without `reconnect` only a connected link is used (dropping the source must not
     /// wait for a connection attempt).
     fn confirm_all(&self, timeout: Duration, reconnect: bool) -> usize {
@@ -880,15 +923,9 @@ impl Core {
                 Err(failure) => self.lost(&link, &failure_text(&failure)),
             }
         }
-        let count = unconfirmed.count;
-        if count > 0 {
-            warn!(
-                "{count} messages published to amqp {} were not confirmed; \
-                 they may be lost or published twice",
-                self.shown_url
-            );
-        }
-        count
+        // Without a link (or time) left, what arrived still counts.
+        self.collect_arrived(&mut unconfirmed);
+        unconfirmed.count
     }
 }
 
@@ -1176,7 +1213,14 @@ impl Drop for AmqpSource {
     fn drop(&mut self) {
         let core = &self.core;
         // A source dropped without `wait_confirmed` still waits briefly for its confirms.
-        core.confirm_all(SHUTDOWN_WAIT, false);
+        let unconfirmed = core.confirm_all(SHUTDOWN_WAIT, false);
+        if unconfirmed > 0 {
+            warn!(
+                "{unconfirmed} messages published to amqp {} were not confirmed; \
+                 they may be lost or published twice",
+                core.shown_url
+            );
+        }
         // Closing the queue ends the worker once it has sent what is queued.
         self.ops = None;
         let unsent = core.flush(SHUTDOWN_WAIT);
