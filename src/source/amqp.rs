@@ -832,7 +832,14 @@ impl Core {
         interruptible: bool,
     ) -> Result<(), Failure> {
         // A batch of a lost link whose confirms all came before the loss is not sent again.
-        self.collect_arrived(unconfirmed);
+        // (Only then: while the link holds, the loop below takes confirms in order.)
+        if unconfirmed
+            .batches
+            .iter()
+            .any(|sent| sent.epoch != link.epoch)
+        {
+            self.collect_arrived(unconfirmed);
+        }
         for index in 0..unconfirmed.batches.len() {
             if unconfirmed.batches[index].epoch != link.epoch {
                 let envelopes = std::mem::take(&mut unconfirmed.batches[index].envelopes);
