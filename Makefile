@@ -19,8 +19,9 @@ run:
 	  echo "mayhem exited with status $$status" >&2; exit $$status
 
 ## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples,
-## and the RabbitMQ source (feature amqp, off by default: its tests and lints run here with
-## --features amqp). Tests that cannot run here (the Redis tests without redis-server, the
+## and the RabbitMQ source (features amqp and amqp-tls, off by default: its tests run here with
+## --features amqp-tls, which adds the amqps:// tests to the same run, its doc tests with
+## --features amqp, which refuses amqps://; clippy runs with each). Tests that cannot run here (the Redis tests without redis-server, the
 ## RabbitMQ tests without rabbitmq-server) skip loudly: each appends a line to $(SKIPPED_LOG),
 ## counted at the end. MAYHEM_REQUIRE_REDIS=1 and MAYHEM_REQUIRE_AMQP=1 (set by .ci/run) turn
 ## a skip into a failure.
@@ -29,7 +30,7 @@ test: lint
 	@rm -f $(SKIPPED_LOG)
 	$(CARGO) test --lib --bins --tests --examples
 	$(CARGO) test --doc
-	$(CARGO) test --features amqp --lib --bins --test amqp
+	$(CARGO) test --features amqp-tls --lib --bins --test amqp
 	$(CARGO) test --features amqp --doc amqp
 	$(CARGO) run --quiet --example embed_sync
 	$(CARGO) run --quiet --example embed_smol
@@ -45,7 +46,8 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet --features amqp
+	$(CARGO) clippy --all-targets --features amqp-tls -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet --features amqp-tls
 
 fmt:
 	$(CARGO) fmt --all

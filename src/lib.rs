@@ -116,6 +116,8 @@
 //!   `mayhem-worker = { version = "0.1", default-features = false, features = ["redis"] }`.
 //! - `redis` (default): the Redis Streams source.
 //! - `amqp`: the RabbitMQ source (`AmqpSource`, a quorum queue through `lapin` on smol).
+//! - `amqp-tls`: `amqp` with `amqps://` (rustls with ring, the system's CA certificates and
+//!   `AmqpConfig::ca_file`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]

@@ -76,6 +76,104 @@ struct Rabbit {
     /// [`Rabbit::kill`], or when the test binary exits), then removes the directory unless
     /// the server is to be started again.
     watchdog: Mutex<Option<(Child, ChildStdin)>>,
+    /// The TLS listener of the shared server (built with `amqp-tls`), or why there is none.
+    tls: Result<Tls, String>,
+}
+
+/// A TLS listener whose certificate a CA of the test signed.
+#[derive(Debug)]
+struct Tls {
+    /// The AMQPS port.
+    port: u16,
+    /// The CA certificate (PEM) to trust (read by the TLS tests only).
+    #[cfg_attr(not(feature = "amqp-tls"), allow(dead_code))]
+    ca: PathBuf,
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1 signed by it, with `openssl`, in
+/// `dir`; returns the CA file, the certificate and the key.
+fn make_certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), String> {
+    std::fs::create_dir_all(dir).map_err(|error| format!("create {}: {error}", dir.display()))?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|error| format!("write server.ext: {error}"))?;
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mayhem test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+    ];
+    for args in steps {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|error| format!("openssl not found ({error}): apt-get install openssl"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "openssl {} failed: {}",
+                args[0],
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+    }
+    Ok((
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    ))
 }
 
 impl Rabbit {
@@ -83,7 +181,7 @@ impl Rabbit {
     /// test that asks) when `rabbitmq-server` is not installed.
     fn get() -> Option<&'static Rabbit> {
         static SERVER_CELL: OnceLock<Option<Rabbit>> = OnceLock::new();
-        let server = SERVER_CELL.get_or_init(|| Rabbit::new("shared"));
+        let server = SERVER_CELL.get_or_init(|| Rabbit::new("shared", cfg!(feature = "amqp-tls")));
         if server.is_none() {
             skip(&format!(
                 "{SERVER} not found (apt-get install rabbitmq-server)"
@@ -94,7 +192,7 @@ impl Rabbit {
 
     /// A server of its own (for a test that kills it), or `None` (said loudly).
     fn own(tag: &str) -> Option<Rabbit> {
-        let server = Rabbit::new(tag);
+        let server = Rabbit::new(tag, false);
         if server.is_none() {
             skip(&format!(
                 "{SERVER} not found (apt-get install rabbitmq-server)"
@@ -103,7 +201,9 @@ impl Rabbit {
         server
     }
 
-    fn new(tag: &str) -> Option<Rabbit> {
+    /// A server on free ports; with `tls` also a TLS listener (when `openssl` can make
+    /// its certificates).
+    fn new(tag: &str, tls: bool) -> Option<Rabbit> {
         if !Path::new(SERVER).exists() {
             return None;
         }
@@ -112,12 +212,34 @@ impl Rabbit {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the server's directory");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write the plugins file");
+        let tls = if tls {
+            make_certificates(&dir.join("tls")).map(|(ca, certificate, key)| {
+                let port = free_port();
+                let settings = format!(
+                    "listeners.ssl.default = 127.0.0.1:{port}\n\
+                     ssl_options.cacertfile = {}\n\
+                     ssl_options.certfile = {}\n\
+                     ssl_options.keyfile = {}\n\
+                     ssl_options.verify = verify_none\n\
+                     ssl_options.fail_if_no_peer_cert = false\n",
+                    ca.display(),
+                    certificate.display(),
+                    key.display()
+                );
+                std::fs::write(dir.join("rabbitmq.conf"), settings)
+                    .expect("write the server's settings");
+                Tls { port, ca }
+            })
+        } else {
+            Err("the server of this test has no TLS listener".to_owned())
+        };
         let server = Rabbit {
             port: free_port(),
             dist: free_port(),
             dir,
             starts: AtomicU32::new(0),
             watchdog: Mutex::new(None),
+            tls,
         };
         server.spawn();
         Some(server)
@@ -173,6 +295,9 @@ impl Rabbit {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if text.contains("Server startup complete")
                 && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && self.tls.as_ref().map_or(true, |tls| {
+                    TcpStream::connect(("127.0.0.1", tls.port)).is_ok()
+                })
             {
                 break;
             }
@@ -488,6 +613,7 @@ fn publish_names(server: &Rabbit, queue: &str, count: usize, max_attempts: u32) 
         })
         .collect();
     source.publish(&batch).expect("publish");
+    assert_eq!(source.wait_confirmed(Duration::from_secs(10)), 0);
     names
 }
 
@@ -828,6 +954,191 @@ fn a_lost_connection_is_reopened_and_nothing_is_lost() {
     service.signal("TERM");
     let (status, lines, _) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
+}
+
+#[test]
+fn confirms_outstanding_at_an_interrupt_are_still_awaited() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("interrupted");
+    let source = server.source(&queue, Duration::from_secs(60), 5);
+    let mut rng = fastrand::Rng::with_seed(5);
+    for _ in 0..3 {
+        let batch: Vec<Envelope> = (0..100)
+            .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+            .collect();
+        source.publish(&batch).expect("publish");
+    }
+    Publish::interrupt(&source);
+    let late = [Envelope::from(PubSubMessage::random(&mut rng))];
+    assert!(matches!(
+        source.publish(&late),
+        Err(mayhem::SourceError::Closed)
+    ));
+    assert_eq!(source.wait_confirmed(PATIENCE), 0);
+    assert_eq!(source.stats().published, 300);
+}
+
+#[test]
+fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("unconfirmed");
+    let proxy = Proxy::start(server.port);
+    let publisher = AmqpSource::connect(AmqpConfig {
+        url: proxy.url(),
+        queue: queue.clone(),
+        reconnect_limit: Duration::from_secs(10),
+        ..AmqpConfig::default()
+    })
+    .expect("connect");
+    let batches: Vec<Vec<Envelope>> = (0..5u128)
+        .map(|batch| {
+            (0..200u128)
+                .map(|i| {
+                    let id = mayhem::Uuid::from_u128(batch * 1000 + i + 1);
+                    let name = format!("cattle-{batch}{i:03}");
+                    Envelope::from(PubSubMessage::from_parts(id, &name).expect("a valid name"))
+                })
+                .collect()
+        })
+        .collect();
+    // Three batches go out and their confirms are not awaited; the connection is cut under
+    // them, and the next publish reconnects once the proxy is back.
+    for batch in &batches[..3] {
+        publisher.publish(batch).expect("publish");
+    }
+    proxy.cut();
+    let restorer = thread::spawn({
+        let down = Arc::clone(&proxy.down);
+        move || {
+            thread::sleep(Duration::from_millis(300));
+            down.store(false, Ordering::SeqCst);
+        }
+    });
+    for batch in &batches[3..] {
+        publisher
+            .publish(batch)
+            .expect("publish after the reconnection");
+    }
+    assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
+    restorer.join().expect("the restorer");
+    // Every message arrives at least once.
+    let mut want: Vec<PubSubMessage> = batches.iter().flatten().map(|e| e.message).collect();
+    want.sort_by_key(|message| message.message_id());
+    let consumer = server.source(&queue, Duration::from_secs(60), 5);
+    let mut seen = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let mut leases = Vec::new();
+        consumer
+            .pull(500, Duration::from_millis(200), &mut leases)
+            .expect("pull");
+        let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
+        assert!(conformance::ack(&consumer, &ids).is_empty());
+        seen.extend(leases.into_iter().map(|lease| lease.message));
+        seen.sort_by_key(|message| message.message_id());
+        seen.dedup();
+        if seen == want {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{} of {} messages arrived",
+            seen.len(),
+            want.len()
+        );
+    }
+}
+
+/// The shared server's TLS listener, or `None` (said loudly, and a failure under
+/// `MAYHEM_REQUIRE_AMQP=1`) when `openssl` could not make its certificates.
+#[cfg(feature = "amqp-tls")]
+fn tls(server: &Rabbit) -> Option<&Tls> {
+    match &server.tls {
+        Ok(tls) => Some(tls),
+        Err(reason) => {
+            skip(reason);
+            None
+        }
+    }
+}
+
+#[cfg(feature = "amqp-tls")]
+#[test]
+fn amqps_publishes_and_consumes_trusting_a_private_ca() {
+    let Some(server) = Rabbit::get() else { return };
+    let Some(tls) = tls(server) else { return };
+    let queue = server.queue("tls");
+    let config = AmqpConfig {
+        url: format!("amqps://guest:s3cret-not-used@127.0.0.1:{}/%2f", tls.port),
+        queue: queue.clone(),
+        reconnect_limit: Duration::from_millis(500),
+        ..AmqpConfig::default()
+    };
+    // Without the CA the broker's certificate is not trusted: no connection.
+    match AmqpSource::connect(config.clone()) {
+        Err(mayhem::SourceError::Unavailable(text)) => {
+            assert!(text.contains("certificate"), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        other => panic!("connected without trusting the CA: {other:?}"),
+    }
+    let source = AmqpSource::connect(AmqpConfig {
+        url: format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port),
+        ca_file: Some(tls.ca.clone()),
+        reconnect_limit: Duration::from_secs(10),
+        ack_deadline: Duration::from_secs(60),
+        ..config
+    })
+    .expect("connect through amqps");
+    let mut sent = conformance::publish(&source, 50, 11);
+    let mut leases = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    while leases.len() < sent.len() {
+        assert!(Instant::now() < end, "{} of 50 arrived", leases.len());
+        source
+            .pull(50, Duration::from_millis(200), &mut leases)
+            .expect("pull");
+    }
+    let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
+    assert!(conformance::ack(&source, &ids).is_empty());
+    let mut got: Vec<PubSubMessage> = leases.iter().map(|lease| lease.message).collect();
+    got.sort_by_key(|message| message.message_id());
+    sent.sort_by_key(|message| message.message_id());
+    assert_eq!(got, sent);
+    assert_eq!(source.stats().remaining, 0);
+}
+
+#[cfg(feature = "amqp-tls")]
+#[test]
+fn the_service_runs_over_amqps() {
+    let Some(server) = Rabbit::get() else { return };
+    let Some(tls) = tls(server) else { return };
+    let queue = server.queue("tlssvc");
+    let ca = tls.ca.to_str().expect("a utf-8 path");
+    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--source",
+            &format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port),
+        ])
+        .args(["--amqp-ca-file", ca, "--stream", &queue])
+        .args([
+            "--log-level",
+            "info",
+            "--handler-latency",
+            "0",
+            "--messages",
+            "40",
+        ])
+        .args(["--publishers", "1", "--publish-interval", "0"])
+        .args(&QUIET[2..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    let (status, lines, report) = Service::adopt(child).finish();
+    assert!(status.success(), "{status}: {}", lines.join("\n"));
+    assert_eq!(field(&report, "acked"), 40.0, "{report}");
 }
 
 #[test]

@@ -69,7 +69,8 @@ impl<T: Source + Publish + ?Sized> Broker for T {}
 /// threads, which run one `handler` task per message; one lease-manager thread extends every
 /// lease held, in batches, from pull to settle.
 ///
-/// Shutdown order: stop publishers and consumers; nack what sits in the hand-off channel;
+/// Shutdown order: stop publishers and consumers; await the publisher confirms the publishing
+/// client still holds (up to `config.run.grace_period`); nack what sits in the hand-off channel;
 /// give handlers in flight `config.run.grace_period` to finish (their leases still extended);
 /// cancel and nack the rest; stop the executor threads and the lease manager; build the
 /// report. Every thread is joined before `run` returns: none outlives it.
@@ -319,6 +320,17 @@ pub fn run_clients<H: Handler>(
         }
         leaser.gate().close();
         join_all(feeders);
+        if let Some(sink) = publisher {
+            // A broker that pipelines its publisher confirms still holds some: the messages
+            // the publishers were told were published are confirmed (or counted) here.
+            let unconfirmed = sink.wait_confirmed(config.run.grace_period);
+            if unconfirmed > 0 {
+                warn!(
+                    "{unconfirmed} published messages were not confirmed by the broker: \
+                     they may be lost or published twice"
+                );
+            }
+        }
 
         info!("Nacking outstanding messages");
         handoff.close();

@@ -183,8 +183,11 @@ pub struct SourceStats {
 pub trait Publish: Send + Sync {
     /// Publishes a batch of messages, in order, blocking while the backend has no room.
     ///
-    /// `Ok` means the backend accepted every message of the batch. A remote backend sends the
-    /// batch in one round trip (pipelined), not one per message.
+    /// `Ok` means the backend accepted every message of the batch, or, for a backend that
+    /// pipelines its confirms across calls, sent it and holds it until it is confirmed: such
+    /// a backend sends a batch again when its confirms fail, and confirms everything before
+    /// [`wait_confirmed`](Publish::wait_confirmed) returns (or says how many it could not).
+    /// A remote backend sends the batch in one round trip (pipelined), not one per message.
     ///
     /// # Errors
     ///
@@ -195,6 +198,20 @@ pub trait Publish: Send + Sync {
     /// Wakes every thread blocked in `publish`; from now on it returns
     /// [`SourceError::Closed`].
     fn interrupt(&self);
+
+    /// Waits until the backend confirmed every message `publish` accepted, up to `timeout`,
+    /// also after [`interrupt`](Publish::interrupt); returns how many are still unconfirmed.
+    ///
+    /// A backend that confirms within `publish` has nothing to wait for (the default). One
+    /// that keeps confirms outstanding across calls, to pipeline them, awaits them here.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the calling thread up to `timeout`.
+    fn wait_confirmed(&self, timeout: Duration) -> usize {
+        let _ = timeout;
+        0
+    }
 }
 
 /// The consuming client of a broker: a subscription with lease semantics, used from plain

@@ -41,6 +41,11 @@ pub fn publish<B: Publish + ?Sized>(broker: &B, count: usize, seed: u64) -> Vec<
         .collect();
     let batch: Vec<Envelope> = sent.iter().copied().map(Envelope::from).collect();
     broker.publish(&batch).expect("publish");
+    assert_eq!(
+        broker.wait_confirmed(Duration::from_secs(10)),
+        0,
+        "published messages left unconfirmed"
+    );
     sent
 }
 

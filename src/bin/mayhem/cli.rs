@@ -134,9 +134,13 @@ pub(crate) struct Cli {
     #[arg(long, env = "MAYHEM_REPORT", value_name = "FORMAT", value_enum, ignore_case = true, default_value_t = ReportFormat::Text)]
     pub(crate) report: ReportFormat,
     /// Where messages come from: memory (the embedded pub/sub), redis://HOST:PORT/DB or
-    /// amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ, feature amqp).
+    /// amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ, feature amqp; amqps://, feature amqp-tls).
     #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = SourceParser)]
     pub(crate) source: SourceKind,
+    /// PEM file of CA certificates to trust for an amqps:// source, besides the system's.
+    #[cfg(feature = "amqp")]
+    #[arg(long, env = "MAYHEM_AMQP_CA_FILE", value_name = "PATH", value_parser = ca_file)]
+    amqp_ca_file: Option<std::path::PathBuf>,
     /// Redis stream, or RabbitMQ quorum queue, published to and consumed from (dead letters
     /// go to `{stream}:dead`).
     #[arg(long, env = "MAYHEM_STREAM", value_name = "NAME", default_value = "mayhem", value_parser = name)]
@@ -284,6 +288,7 @@ impl Cli {
             max_attempts: config.lease.max_attempts,
             prefetch: u16::try_from(config.run.max_in_flight).unwrap_or(u16::MAX),
             reconnect_limit: self.reconnect_limit,
+            ca_file: self.amqp_ca_file.clone(),
         }
     }
 
@@ -293,6 +298,12 @@ impl Cli {
     ///
     /// A one-line description naming the flags.
     pub(crate) fn check(&self) -> Result<(), String> {
+        #[cfg(feature = "amqp")]
+        if self.amqp_ca_file.is_some()
+            && !matches!(&self.source, SourceKind::Amqp(url) if url.starts_with("amqps://"))
+        {
+            return Err("--amqp-ca-file is only used with an amqps:// --source".to_owned());
+        }
         // Only the binary refuses this: a library embedder may publish by itself.
         if let (SourceKind::Memory, Some(messages @ 1..), 0) =
             (&self.source, self.messages, self.publishers)
@@ -354,6 +365,18 @@ fn duration(text: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(text.trim())
         .map_err(|error| format!("{error} (write a duration like 250ms or 2s)"))
+}
+
+/// Checks `--amqp-ca-file`: a readable file holding a PEM certificate.
+#[cfg(feature = "amqp")]
+fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
+    let path = std::path::PathBuf::from(text);
+    mayhem::source::amqp::read_ca_file(&path)
+        .map(|_| path)
+        .map_err(|error| match error {
+            mayhem::SourceError::Backend(text) => text,
+            other => other.to_string(),
+        })
 }
 
 /// Parses `HOST:PORT` (a name is resolved once, at start).
@@ -424,6 +447,12 @@ fn source(text: &str) -> Result<SourceKind, String> {
     let text = text.trim();
     if text.eq_ignore_ascii_case("memory") {
         return Ok(SourceKind::Memory);
+    }
+    if text.starts_with("amqps://") && !cfg!(feature = "amqp-tls") {
+        return Err(
+            "amqps:// needs TLS, which this build lacks: build with the cargo feature amqp-tls"
+                .to_owned(),
+        );
     }
     if text.starts_with("amqp://") || text.starts_with("amqps://") {
         #[cfg(feature = "amqp")]
@@ -500,6 +529,27 @@ mod tests {
     }
 }
 
+/// Whatever the features, `amqps://` says which feature it needs when the build lacks it.
+#[cfg(all(test, not(feature = "amqp-tls")))]
+mod amqps_tests {
+    use super::*;
+
+    #[test]
+    fn amqps_names_the_feature_it_needs_and_hides_the_password() {
+        let error = Cli::try_parse_from([
+            "mayhem",
+            "--source",
+            "amqps://guest:s3cret@127.0.0.1:5671/%2f",
+        ])
+        .expect_err("amqps is refused without the feature")
+        .to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+        assert!(error.contains("guest:***@127.0.0.1"), "{error}");
+        assert!(error.contains("cargo feature amqp-tls"), "{error}");
+        assert_eq!(error.trim_end().lines().count(), 1, "{error}");
+    }
+}
+
 #[cfg(all(test, feature = "amqp"))]
 mod amqp_tests {
     use super::*;
@@ -519,16 +569,45 @@ mod amqp_tests {
         };
         // The prefetch is the window, capped at what AMQP can say.
         assert_eq!(cli.amqp_config(url, &cli.config()).prefetch, u16::MAX);
-        for bad in [
-            "amqp://guest:s3cret@127.0.0.1:notaport/%2f",
-            "amqps://guest:s3cret@127.0.0.1:5671/%2f",
-        ] {
-            let error = Cli::try_parse_from(["mayhem", "--source", bad])
-                .expect_err("a bad url is refused")
-                .to_string();
-            assert!(!error.contains("s3cret"), "{error}");
-            assert!(error.contains("guest:***@127.0.0.1"), "{error}");
-            assert!(error.contains("amqp"), "{error}");
-        }
+        let bad = "amqp://guest:s3cret@127.0.0.1:notaport/%2f";
+        let error = Cli::try_parse_from(["mayhem", "--source", bad])
+            .expect_err("a bad url is refused")
+            .to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+        assert!(error.contains("guest:***@127.0.0.1"), "{error}");
+        assert!(error.contains("amqp"), "{error}");
+    }
+
+    #[test]
+    fn amqps_needs_the_tls_feature_and_a_ca_file_needs_amqps() {
+        let tls = "amqps://guest:s3cret@127.0.0.1:5671/%2f";
+        let parsed = Cli::try_parse_from(["mayhem", "--source", tls]);
+        // Without the feature, `amqps_tests` checks the refusal.
+        assert_eq!(parsed.is_ok(), cfg!(feature = "amqp-tls"));
+        let error = Cli::try_parse_from(["mayhem", "--amqp-ca-file", "/nonexistent/ca.pem"])
+            .expect_err("a missing CA file is refused")
+            .to_string();
+        assert!(error.contains("/nonexistent/ca.pem"), "{error}");
+        let not_pem = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let error = Cli::try_parse_from(["mayhem", "--amqp-ca-file", not_pem])
+            .expect_err("a file without a certificate is refused")
+            .to_string();
+        assert!(error.contains("holds no PEM certificate"), "{error}");
+        // A CA file is refused with a source that is not amqps://.
+        let pem = std::env::temp_dir().join(format!("mayhem-cli-ca-{}.pem", std::process::id()));
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n").expect("write a CA file");
+        let cli = Cli::try_parse_from([
+            "mayhem",
+            "--source",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "--amqp-ca-file",
+            pem.to_str().expect("a utf-8 path"),
+        ]);
+        let _ = std::fs::remove_file(&pem);
+        let error = cli.expect("parses").check().expect_err("refused");
+        assert!(
+            error.contains("--amqp-ca-file") && error.contains("amqps://"),
+            "{error}"
+        );
     }
 }
