@@ -41,12 +41,15 @@ test: lint
 	  echo "Skipped: 0 tests"; \
 	fi
 
-## Formatting, clippy with warnings denied, and rustdoc with warnings denied.
+## Formatting, clippy with warnings denied (also on the library alone, without features, and
+## with the RabbitMQ source only), and rustdoc with warnings denied.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp-tls -- -D warnings
+	$(CARGO) clippy --lib --no-default-features -- -D warnings
+	$(CARGO) clippy --lib --no-default-features --features amqp -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet --features amqp-tls
 
 fmt:

@@ -130,6 +130,7 @@ pub mod metrics;
 mod pipeline;
 pub mod shutdown;
 pub mod source;
+#[cfg(any(feature = "redis", feature = "amqp"))]
 mod sync;
 
 pub use config::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
