@@ -152,7 +152,10 @@ fn metrics_are_served_in_prometheus_format() {
     ]);
     let addr = endpoint(&mut service);
     // The source's counters come from a snapshot refreshed every second.
-    let body = wait_for_sample(&addr, "mayhem_published_total", 1.0);
+    wait_for_sample(&addr, "mayhem_published_total", 1.0);
+    // The first ack comes a few milliseconds after the first publish (three handler steps
+    // of up to 2 ms): waited for, not assumed.
+    let body = wait_for_sample(&addr, "mayhem_acked_total", 1.0);
     let samples = parse_exposition(&body);
     let age = sample(&samples, "mayhem_source_stats_age_seconds");
     assert!((0.0..5.0).contains(&age), "{body}");

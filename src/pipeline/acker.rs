@@ -92,6 +92,15 @@ impl<'a> Acks<'a> {
         None
     }
 
+    /// Takes what every buffer holds (the end of a run, once no task is left).
+    pub(crate) fn take_all(&self) -> Vec<Finished<'a>> {
+        let mut all = Vec::new();
+        for index in 0..self.buffers.len() {
+            all.append(&mut self.buffer(index).finished);
+        }
+        all
+    }
+
     /// Waits until buffer `index` holds leases, then swaps them into `batch` (empty).
     pub(crate) async fn next_batch(&self, index: usize, batch: &mut Vec<Finished<'a>>) {
         future::poll_fn(|cx| {

@@ -219,8 +219,6 @@ pub fn run_clients<H: Handler>(
         },
     };
     let budget = config.run.messages.map(AtomicU64::new);
-    // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
-    let executor = Executor::new();
     // Unbounded in type, bounded in fact: every lease in it holds a flow-control permit, so it
     // never holds more than the window. A bounded channel would allocate the whole window up
     // front (800 MB for `--max-in-flight 10000000`, whatever the traffic); this one grows in
@@ -230,141 +228,158 @@ pub fn run_clients<H: Handler>(
     let (stop, stop_rx) = async_channel::bounded::<()>(1);
 
     let mut spawn_error = None;
-    let reason = thread::scope(|scope| {
-        let mut workers = Vec::new();
-        let mut feeders = Vec::new();
+    // Two scopes: the lease manager's thread in the outer one, the rest in the inner one, and
+    // the executor between them. It is dropped once its threads are joined, and so are the
+    // tasks the cancellation did not reach (a large window leaves many queued): each gives its
+    // lease back while the lease manager still extends it, instead of after it stopped, when
+    // the lease could expire first.
+    let reason = thread::scope(|outer| {
         let mut keepers = Vec::new();
-        let mut spawn = |name: String, handles: &mut Vec<_>, body| {
-            spawn_in(scope, name, handles, &mut spawn_error, shutdown, body);
-        };
-        spawn(
+        spawn_in(
+            outer,
             "mayhem-leaser".to_owned(),
             &mut keepers,
-            Box::new(|| leaser.run(seed.rotate_left(7))) as Body<'_>,
+            &mut spawn_error,
+            shutdown,
+            Box::new(|| leaser.run(seed.rotate_left(7))),
         );
-        for index in 0..config.run.workers {
-            let (executor, shared, acks, handoff_rx, stop_rx) = (
-                &executor,
-                &shared,
-                &acks,
-                handoff_rx.clone(),
-                stop_rx.clone(),
-            );
-            spawn(
-                format!("mayhem-worker-{index}"),
-                &mut workers,
-                Box::new(move || {
-                    bridge::run_executor_thread(executor, shared, acks, index, handoff_rx, stop_rx)
-                }),
-            );
-        }
-        for index in 0..config.run.consumers {
-            let consumer = Consumer {
-                source,
-                shutdown,
-                leaser: &leaser,
-                handoff: handoff.clone(),
-                completion: shared.completion,
+        // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
+        let executor = Executor::new();
+        let reason = thread::scope(|scope| {
+            let mut workers = Vec::new();
+            let mut feeders = Vec::new();
+            let mut spawn = |name: String, handles: &mut Vec<_>, body| {
+                spawn_in(scope, name, handles, &mut spawn_error, shutdown, body);
             };
-            spawn(
-                format!("mayhem-consumer-{index}"),
-                &mut feeders,
-                Box::new(move || consumer.run()),
-            );
-        }
-        if let Some(sink) = publisher {
-            for index in 0..config.publish.publishers {
-                let publisher = Publisher {
-                    sink,
+            for index in 0..config.run.workers {
+                let (executor, shared, acks, handoff_rx, stop_rx) = (
+                    &executor,
+                    &shared,
+                    &acks,
+                    handoff_rx.clone(),
+                    stop_rx.clone(),
+                );
+                spawn(
+                    format!("mayhem-worker-{index}"),
+                    &mut workers,
+                    Box::new(move || {
+                        bridge::run_executor_thread(
+                            executor, shared, acks, index, handoff_rx, stop_rx,
+                        )
+                    }),
+                );
+            }
+            for index in 0..config.run.consumers {
+                let consumer = Consumer {
+                    source,
                     shutdown,
-                    interval: config.publish.interval,
-                    budget: budget.as_ref(),
-                    seed: seed ^ SEED_STEP.wrapping_mul(index as u64 + 1),
+                    leaser: &leaser,
+                    handoff: handoff.clone(),
+                    completion: shared.completion,
                 };
                 spawn(
-                    format!("mayhem-publisher-{index}"),
+                    format!("mayhem-consumer-{index}"),
                     &mut feeders,
-                    Box::new(move || publisher.run()),
+                    Box::new(move || consumer.run()),
                 );
             }
-        }
-        // `--messages 0` is done before it starts.
-        shared.completion.check();
-
-        let reason = wait_reporting_stats(
-            shutdown,
-            source,
-            metrics,
-            config.run.stats_interval,
-            &shared.completion,
-        );
-        match &reason {
-            ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
-            ShutdownReason::Requested => info!("Received shutdown request..."),
-            ShutdownReason::Completed => {
-                info!(
-                    "Settled all {} messages...",
-                    config.run.messages.unwrap_or_default()
-                )
+            if let Some(sink) = publisher {
+                for index in 0..config.publish.publishers {
+                    let publisher = Publisher {
+                        sink,
+                        shutdown,
+                        interval: config.publish.interval,
+                        budget: budget.as_ref(),
+                        seed: seed ^ SEED_STEP.wrapping_mul(index as u64 + 1),
+                    };
+                    spawn(
+                        format!("mayhem-publisher-{index}"),
+                        &mut feeders,
+                        Box::new(move || publisher.run()),
+                    );
+                }
             }
-            // The task that caught the panic logged it.
-            ShutdownReason::Panicked(_) => {}
-            // The consumer that saw the failure logged it.
-            ShutdownReason::Failed(_) => {}
-        }
+            // `--messages 0` is done before it starts.
+            shared.completion.check();
 
-        info!("Closing database connections");
-        source.interrupt();
-        if let Some(sink) = publisher {
-            sink.interrupt();
-        }
-        leaser.gate().close();
-        join_all(feeders);
-        if let Some(sink) = publisher {
-            // A broker that pipelines its publisher confirms still holds some: the messages
-            // the publishers were told were published are confirmed (or counted) here.
-            let unconfirmed = sink.wait_confirmed(config.run.grace_period);
-            if unconfirmed > 0 {
-                warn!(
-                    "{unconfirmed} published messages were not confirmed by the broker: \
+            let reason = wait_reporting_stats(
+                shutdown,
+                source,
+                metrics,
+                config.run.stats_interval,
+                &shared.completion,
+            );
+            match &reason {
+                ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
+                ShutdownReason::Requested => info!("Received shutdown request..."),
+                ShutdownReason::Completed => {
+                    info!(
+                        "Settled all {} messages...",
+                        config.run.messages.unwrap_or_default()
+                    )
+                }
+                // The task that caught the panic logged it.
+                ShutdownReason::Panicked(_) => {}
+                // The consumer that saw the failure logged it.
+                ShutdownReason::Failed(_) => {}
+            }
+
+            info!("Closing database connections");
+            source.interrupt();
+            if let Some(sink) = publisher {
+                sink.interrupt();
+            }
+            leaser.gate().close();
+            join_all(feeders);
+            if let Some(sink) = publisher {
+                // A broker that pipelines its publisher confirms still holds some: the messages
+                // the publishers were told were published are confirmed (or counted) here.
+                let unconfirmed = sink.wait_confirmed(config.run.grace_period);
+                if unconfirmed > 0 {
+                    warn!(
+                        "{unconfirmed} published messages were not confirmed by the broker: \
                      they may be lost or published twice"
+                    );
+                }
+            }
+
+            info!("Nacking outstanding messages");
+            handoff.close();
+            let mut waiting = Vec::new();
+            while let Ok(batch) = handoff_rx.try_recv() {
+                waiting.extend(batch);
+            }
+            leaser.nack_all(waiting);
+            let in_flight = leaser.gate().in_flight();
+            if in_flight > 0 {
+                info!(
+                    "Waiting up to {} for {in_flight} handlers to finish",
+                    humantime::format_duration(config.run.grace_period)
+                );
+                leaser.gate().wait_idle(config.run.grace_period);
+            }
+            info!("Cancelling {} outstanding tasks", leaser.gate().in_flight());
+            leaser.cancel();
+            if !leaser.gate().wait_idle(CANCEL_WAIT) {
+                warn!(
+                    "{} handlers did not stop when cancelled",
+                    leaser.gate().in_flight()
                 );
             }
-        }
 
-        info!("Nacking outstanding messages");
-        handoff.close();
-        let mut waiting = Vec::new();
-        while let Ok(batch) = handoff_rx.try_recv() {
-            waiting.extend(batch);
-        }
-        leaser.nack_all(waiting);
-        let in_flight = leaser.gate().in_flight();
-        if in_flight > 0 {
-            info!(
-                "Waiting up to {} for {in_flight} handlers to finish",
-                humantime::format_duration(config.run.grace_period)
-            );
-            leaser.gate().wait_idle(config.run.grace_period);
-        }
-        info!("Cancelling {} outstanding tasks", leaser.gate().in_flight());
-        leaser.cancel();
-        if !leaser.gate().wait_idle(CANCEL_WAIT) {
-            warn!(
-                "{} handlers did not stop when cancelled",
-                leaser.gate().in_flight()
-            );
-        }
-
-        info!("Shutting down executor");
-        stop.close();
-        join_all(workers);
+            info!("Shutting down executor");
+            stop.close();
+            join_all(workers);
+            reason
+        });
+        // Tasks still queued are dropped: each nacks its lease. Then what the ack buffers
+        // still hold (their flushers were tasks too) is acked.
+        drop(executor);
+        shared.ack_finished(&mut acks.take_all());
         leaser.stop();
         join_all(keepers);
         reason
     });
-    // No task is left: each ended, or was cancelled and gave its message back.
-    drop(executor);
     if let Some(error) = spawn_error {
         return Err(RunError::Spawn(error));
     }
