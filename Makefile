@@ -60,15 +60,12 @@ build:
 
 ## Benchmarks of the real pipeline against a bare channel + executor baseline, with the Redis
 ## and RabbitMQ rows (each printed as not measured when its server is not installed).
-## The default build's binary is copied aside first, and back at the end: the bench's build
-## (with amqp) writes the same path, and the size row is about what `make build` gives.
+## The bench builds in a target directory of its own (target/bench): its build (with amqp)
+## would otherwise replace the default build's binary in target/release, which `make run`
+## runs and whose size the bench reports.
 bench:
 	$(CARGO) build --release --bin mayhem
-	@mkdir -p $${CARGO_TARGET_DIR:-target}/tmp
-	cp $${CARGO_TARGET_DIR:-target}/release/mayhem $${CARGO_TARGET_DIR:-target}/tmp/mayhem-default
-	MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/tmp/mayhem-default $(CARGO) bench --features amqp --bench pipeline
-	@# Put the default build back: cargo, finding it fresh, would not copy it again for `make run`.
-	cp $${CARGO_TARGET_DIR:-target}/tmp/mayhem-default $${CARGO_TARGET_DIR:-target}/release/mayhem
+	MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/release/mayhem CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-target}/bench $(CARGO) bench --features amqp --bench pipeline
 
 ## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary;
 ## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7").
