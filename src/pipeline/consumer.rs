@@ -90,19 +90,17 @@ impl Consumer<'_> {
             gate.release(permits - leases.len());
             let mut guards = Vec::with_capacity(leases.len());
             self.leaser.admit(leases.drain(..), pulled, &mut guards);
-            if guards.is_empty() {
-                self.completion.check();
-                continue;
-            }
-            if log_enabled!(Level::Info) {
-                for guard in &guards {
-                    info!("Consumed {}", guard.message());
+            if !guards.is_empty() {
+                if log_enabled!(Level::Info) {
+                    for guard in &guards {
+                        info!("Consumed {}", guard.message());
+                    }
                 }
-            }
-            // One send per pull. The channel closes only during shutdown; the batch comes
-            // back, and the drop of each guard nacks its lease and returns its permit.
-            if let Err(refused) = self.handoff.send_blocking(guards) {
-                drop(refused.0);
+                // One send per pull. The channel closes only during shutdown; the batch comes
+                // back, and the drop of each guard nacks its lease and returns its permit.
+                if let Err(refused) = self.handoff.send_blocking(guards) {
+                    drop(refused.0);
+                }
             }
             self.completion.check();
         }

@@ -184,7 +184,7 @@ pub(crate) struct LeaseGuard<'a> {
 pub(crate) struct Finished<'a> {
     /// The lease, still in the table and holding its permit.
     pub(crate) guard: LeaseGuard<'a>,
-    /// When its handler started, for the handling time.
+    /// When its task was spawned, for the handling time.
     pub(crate) started: Instant,
 }
 
@@ -302,13 +302,8 @@ impl<'a> Leaser<'a> {
     /// Removes a lease from the table and nacks it at the source. (Acks are coalesced, see
     /// [`Leaser::ack_all`]; a nack is sent at once, to give the message back without delay.)
     fn settle_nack(&self, guard: &LeaseGuard<'_>) -> Settle {
-        let entry = {
-            let mut table = self.shard(guard.shard);
-            match table.get(guard.slot as usize) {
-                Some(entry) if entry.id == guard.lease.id => table.remove(guard.slot as usize),
-                // Only the guard removes its entry, and it settles once: not reached.
-                _ => return Settle::Lost,
-            }
+        let Some(entry) = guard.take_entry(&mut self.shard(guard.shard)) else {
+            return Settle::Lost;
         };
         if entry.state == State::Lost {
             // The gauge and the counters were updated when it was lost.
@@ -350,18 +345,12 @@ impl<'a> Leaser<'a> {
             for finished in same {
                 let guard = &mut finished.guard;
                 guard.settled = true;
-                let outcome = match table.get(guard.slot as usize) {
-                    Some(entry) if entry.id == guard.lease.id => {
-                        let entry = table.remove(guard.slot as usize);
-                        if entry.state == State::Lost {
-                            // The gauge and the counters were updated when it was lost.
-                            Settle::Lost
-                        } else {
-                            ids.push(entry.id);
-                            Settle::Done
-                        }
+                let outcome = match guard.take_entry(&mut table) {
+                    Some(entry) if entry.state != State::Lost => {
+                        ids.push(entry.id);
+                        Settle::Done
                     }
-                    // Only the guard removes its entry, and it settles once: not reached.
+                    // Lost: the gauge and the counters were updated then.
                     _ => Settle::Lost,
                 };
                 outcomes.push(outcome);
@@ -416,16 +405,11 @@ impl<'a> Leaser<'a> {
         let mut ids = Vec::with_capacity(guards.len());
         for mut guard in guards {
             guard.settled = true;
-            let mut table = self.shard(guard.shard);
-            if let Some(entry) = table.get(guard.slot as usize) {
-                if entry.id == guard.lease.id {
-                    let entry = table.remove(guard.slot as usize);
-                    if entry.state != State::Lost {
-                        ids.push(entry.id);
-                    }
+            if let Some(entry) = guard.take_entry(&mut self.shard(guard.shard)) {
+                if entry.state != State::Lost {
+                    ids.push(entry.id);
                 }
             }
-            drop(table);
             // Dropping the guard returns its permit.
         }
         self.metrics.sub_held(ids.len());
@@ -794,6 +778,16 @@ impl<'a> LeaseGuard<'a> {
     /// Which delivery of the message this is.
     pub(crate) fn attempt(&self) -> u32 {
         self.lease.attempt
+    }
+
+    /// Removes this guard's entry from its shard's `table` (locked by the caller), if the slot
+    /// still holds it. Only the guard removes its entry, and it settles once, so `None` is
+    /// not reached in practice; it is treated as a lost lease.
+    fn take_entry(&self, table: &mut Slab<Entry>) -> Option<Entry> {
+        match table.get(self.slot as usize) {
+            Some(entry) if entry.id == self.lease.id => Some(table.remove(self.slot as usize)),
+            _ => None,
+        }
     }
 
     /// Gives the message back for another delivery.
