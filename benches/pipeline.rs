@@ -612,26 +612,19 @@ fn overload_run() -> Overload {
     }
 }
 
-/// The goodput curve as an SVG line chart, window on a log scale.
-fn plot_goodput(points: &[(usize, f64)]) -> String {
-    let (width, height, left, bottom, top, right) = (640.0, 400.0, 90.0, 50.0, 40.0, 40.0);
-    let max_rate = points.iter().map(|(_, rate)| *rate).fold(1.0, f64::max) * 1.1;
-    let (low, high) = (
-        (points.first().map_or(1, |p| p.0) as f64).log10(),
-        (points.last().map_or(10, |p| p.0) as f64).log10(),
-    );
-    let x_of = |window: usize| {
-        left + ((window as f64).log10() - low) / (high - low).max(1e-9) * (width - left - right)
-    };
+/// The frame both plots share (640x400, margins of 90, 50 and 40 and `right`): the title,
+/// the axes with their labels, and four grid lines from 0 to `max_rate`.
+fn svg_frame(right: f64, title: &str, x_label: &str, y_label: &str, max_rate: f64) -> String {
+    let (width, height, left, bottom, top) = (640.0, 400.0, 90.0, 50.0, 40.0);
     let y_of = |rate: f64| height - bottom - rate / max_rate * (height - bottom - top);
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">Mayhem goodput against the flow-control window (1 s handlers)</text>\n\
+         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">{title}</text>\n\
          <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
          <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">--max-in-flight (log scale)</text>\n\
-         <text x=\"20\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 20 {})\">acked/s</text>\n",
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n\
+         <text x=\"20\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 20 {})\">{y_label}</text>\n",
         width / 2.0,
         height - bottom,
         width - right,
@@ -654,6 +647,28 @@ fn plot_goodput(points: &[(usize, f64)]) -> String {
             rate / 1000.0
         );
     }
+    svg
+}
+
+/// The goodput curve as an SVG line chart, window on a log scale.
+fn plot_goodput(points: &[(usize, f64)]) -> String {
+    let (width, height, left, bottom, top, right) = (640.0, 400.0, 90.0, 50.0, 40.0, 40.0);
+    let max_rate = points.iter().map(|(_, rate)| *rate).fold(1.0, f64::max) * 1.1;
+    let (low, high) = (
+        (points.first().map_or(1, |p| p.0) as f64).log10(),
+        (points.last().map_or(10, |p| p.0) as f64).log10(),
+    );
+    let x_of = |window: usize| {
+        left + ((window as f64).log10() - low) / (high - low).max(1e-9) * (width - left - right)
+    };
+    let y_of = |rate: f64| height - bottom - rate / max_rate * (height - bottom - top);
+    let mut svg = svg_frame(
+        right,
+        "Mayhem goodput against the flow-control window (1 s handlers)",
+        "--max-in-flight (log scale)",
+        "acked/s",
+        max_rate,
+    );
     let line: Vec<String> = points
         .iter()
         .map(|&(window, rate)| format!("{:.1},{:.1}", x_of(window), y_of(rate)))
@@ -849,36 +864,13 @@ fn plot(sweep: &[((usize, usize, usize), f64)], publishers: usize) -> String {
         left + index * (width - left - right) / (SWEEP.len() - 1) as f64
     };
     let y_of = |rate: f64| height - bottom - rate / max_rate * (height - bottom - top);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">Mayhem throughput ({publishers} publisher(s), {SWEEP_MESSAGES} messages)</text>\n\
-         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">consumer threads</text>\n\
-         <text x=\"20\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 20 {})\">messages/s</text>\n",
-        width / 2.0,
-        height - bottom,
-        width - right,
-        height - bottom,
-        height - bottom,
-        (left + width - right) / 2.0,
-        height - 12.0,
-        height / 2.0,
-        height / 2.0
+    let mut svg = svg_frame(
+        right,
+        &format!("Mayhem throughput ({publishers} publisher(s), {SWEEP_MESSAGES} messages)"),
+        "consumer threads",
+        "messages/s",
+        max_rate,
     );
-    for step in 0..=4 {
-        let rate = max_rate * f64::from(step) / 4.0;
-        let y = y_of(rate);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}k</text>",
-            width - right,
-            left - 6.0,
-            y + 4.0,
-            rate / 1000.0
-        );
-    }
     for &consumers in &SWEEP {
         let _ = writeln!(
             svg,
