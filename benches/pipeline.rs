@@ -338,6 +338,33 @@ fn stats(mut values: Vec<f64>) -> Stats {
     }
 }
 
+/// `acked_per_sec` of a run of the binary against the broker at `source`, with no latency
+/// and no failures, `window` messages in flight and 2 consumers, plus `args` (the Redis and
+/// RabbitMQ rows).
+fn binary_rate(source: &str, window: &str, args: &[&str]) -> Option<f64> {
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", source])
+        .args(["--handler-latency", "0", "--restart-failure-rate", "0"])
+        .args([
+            "--save-failure-rate",
+            "0",
+            "--log-level",
+            "warn",
+            "--report",
+            "json",
+        ])
+        .args(["--max-in-flight", window, "--consumers", "2"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let key = "\"acked_per_sec\":";
+    let rest = &stdout[stdout.find(key)? + key.len()..];
+    rest[..rest.find([',', '}'])?].parse().ok()
+}
+
 /// `MAYHEM_BENCH=noop`: the no-op pipeline (1 publisher, 1 consumer, 1 and all workers) and
 /// the bare bridge, interleaved run by run so that both see the same machine, with the
 /// ratio of the medians. Beside the rate, the CPU time the process spent per message (user

@@ -149,27 +149,7 @@ impl Drop for Server {
 
 /// `acked_per_sec` of a mayhem run against `server`.
 fn mayhem(server: &Server, args: &[&str]) -> Option<f64> {
-    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &server.url()])
-        .args(["--handler-latency", "0", "--restart-failure-rate", "0"])
-        .args([
-            "--save-failure-rate",
-            "0",
-            "--log-level",
-            "warn",
-            "--report",
-            "json",
-        ])
-        .args(["--max-in-flight", WINDOW, "--consumers", "2"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let key = "\"acked_per_sec\":";
-    let rest = &stdout[stdout.find(key)? + key.len()..];
-    rest[..rest.find([',', '}'])?].parse().ok()
+    super::binary_rate(&server.url(), WINDOW, args)
 }
 
 /// What `reference.py` printed: a rate, or why it measured nothing.
