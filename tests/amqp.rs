@@ -904,6 +904,19 @@ impl Proxy {
         self.down.store(false, Ordering::SeqCst);
     }
 
+    /// The connections open through the proxy, once there are at least `at_least` (the
+    /// proxy registers a connection just after it started carrying it).
+    fn connections(&self, at_least: usize) -> usize {
+        let end = Instant::now() + PATIENCE;
+        loop {
+            let open = self.open.lock().unwrap().len() / 2;
+            if open >= at_least || Instant::now() >= end {
+                return open;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
@@ -990,17 +1003,7 @@ fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
         ..AmqpConfig::default()
     })
     .expect("connect");
-    let batches: Vec<Vec<Envelope>> = (0..5u128)
-        .map(|batch| {
-            (0..200u128)
-                .map(|i| {
-                    let id = mayhem::Uuid::from_u128(batch * 1000 + i + 1);
-                    let name = format!("cattle-{batch}{i:03}");
-                    Envelope::from(PubSubMessage::from_parts(id, &name).expect("a valid name"))
-                })
-                .collect()
-        })
-        .collect();
+    let batches = numbered_batches(5);
     // Three batches go out and their confirms are not awaited; the connection is cut under
     // them, and the next publish reconnects once the proxy is back.
     for batch in &batches[..3] {
@@ -1022,9 +1025,31 @@ fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
     assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
     restorer.join().expect("the restorer");
     // Every message arrives at least once.
-    let mut want: Vec<PubSubMessage> = batches.iter().flatten().map(|e| e.message).collect();
+    let want: Vec<PubSubMessage> = batches.iter().flatten().map(|e| e.message).collect();
+    consume_until(server, &queue, &want);
+}
+
+/// `count` batches of 200 messages with ids of their own.
+fn numbered_batches(count: u128) -> Vec<Vec<Envelope>> {
+    (0..count)
+        .map(|batch| {
+            (0..200u128)
+                .map(|i| {
+                    let id = mayhem::Uuid::from_u128(batch * 1000 + i + 1);
+                    let name = format!("cattle-{batch}{i:03}");
+                    Envelope::from(PubSubMessage::from_parts(id, &name).expect("a valid name"))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Consumes `queue`, acking, until every message of `want` arrived; returns every
+/// delivery, duplicates included, sorted by message id.
+fn consume_until(server: &Rabbit, queue: &str, want: &[PubSubMessage]) -> Vec<PubSubMessage> {
+    let mut want = want.to_vec();
     want.sort_by_key(|message| message.message_id());
-    let consumer = server.source(&queue, Duration::from_secs(60), 5);
+    let consumer = server.source(queue, Duration::from_secs(60), 5);
     let mut seen = Vec::new();
     let end = Instant::now() + PATIENCE;
     loop {
@@ -1036,15 +1061,60 @@ fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
         assert!(conformance::ack(&consumer, &ids).is_empty());
         seen.extend(leases.into_iter().map(|lease| lease.message));
         seen.sort_by_key(|message| message.message_id());
-        seen.dedup();
-        if seen == want {
-            break;
+        let mut distinct = seen.clone();
+        distinct.dedup();
+        if distinct == want {
+            return seen;
         }
         assert!(
             Instant::now() < end,
             "{} of {} messages arrived",
-            seen.len(),
+            distinct.len(),
             want.len()
+        );
+    }
+}
+
+#[test]
+fn batches_take_the_publishing_connections_in_turn_and_each_message_arrives_once() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("lanes");
+    let proxy = Proxy::start(server.port);
+    let publisher = AmqpSource::connect(AmqpConfig {
+        url: proxy.url(),
+        queue: queue.clone(),
+        publish_connections: 3,
+        ..AmqpConfig::default()
+    })
+    .expect("connect");
+    // Connecting opens one connection; the others open at their first batch (inside
+    // `publish`, so none is on its way once `connect` returned).
+    assert_eq!(proxy.connections(1), 1);
+    let batches = numbered_batches(6);
+    for batch in &batches {
+        publisher.publish(batch).expect("publish");
+    }
+    assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
+    assert_eq!(proxy.connections(3), 3);
+    // `published` counts the confirmed messages of every connection.
+    assert_eq!(publisher.stats().published, 1200);
+    // Without a lost connection nothing is sent twice.
+    let want: Vec<PubSubMessage> = batches.iter().flatten().map(|e| e.message).collect();
+    let seen = consume_until(server, &queue, &want);
+    assert_eq!(seen.len(), want.len());
+}
+
+#[test]
+fn publish_connections_out_of_range_are_refused() {
+    for count in [0, mayhem::source::amqp::MAX_PUBLISH_CONNECTIONS + 1] {
+        let refused = AmqpSource::connect(AmqpConfig {
+            url: "amqp://guest:guest@127.0.0.1:1/%2f".to_owned(),
+            publish_connections: count,
+            ..AmqpConfig::default()
+        });
+        assert!(
+            matches!(&refused, Err(mayhem::SourceError::Backend(text)) if text.contains(&format!("publish connections {count}"))),
+            "{refused:?}"
         );
     }
 }

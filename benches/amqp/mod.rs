@@ -2,7 +2,8 @@
 //! same-run reference on one loopback `rabbitmq-server` of its own.
 //!
 //! - publish: the library's `AmqpSource::publish` in batches of [`BATCH`] (confirm mode,
-//!   persistent messages) into a fresh quorum queue; these runs also preload the consume runs;
+//!   persistent messages) into a fresh quorum queue, over the default publishing connections
+//!   (these runs also preload the consume runs) and, as the same-run reference, over one;
 //! - consume: mayhem (`--publishers 0`, messages preloaded) against `reference.py`, a plain
 //!   pika consumer with prefetch 200 and one `basic.ack` per message, on the same messages;
 //! - end to end: mayhem publishing (2 publishers) and consuming (2 consumers).
@@ -115,12 +116,13 @@ impl Server {
     }
 
     /// Publishes `count` mayhem messages to `queue` through the library, in batches of
-    /// [`BATCH`], and waits for the last confirms; returns the messages published (confirmed)
-    /// per second.
-    fn publish(&self, queue: &str, count: u64) -> Option<f64> {
+    /// [`BATCH`] over `connections` publishing connections, and waits for the last confirms;
+    /// returns the messages published (confirmed) per second.
+    fn publish(&self, queue: &str, count: u64, connections: usize) -> Option<f64> {
         let source = AmqpSource::connect(AmqpConfig {
             url: self.url(),
             queue: queue.to_owned(),
+            publish_connections: connections,
             ..AmqpConfig::default()
         })
         .ok()?;
@@ -203,19 +205,23 @@ pub fn rows(messages: u64) -> Vec<String> {
         return vec![format!("| RabbitMQ rows | not measured: {why} | |")];
     };
     let n = messages.to_string();
-    let (mut publish, mut consume, mut python, mut end_to_end) = (vec![], vec![], vec![], vec![]);
+    let connections = AmqpConfig::default().publish_connections;
+    let (mut publish, mut publish_one, mut consume, mut python, mut end_to_end) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let mut python_missing = "pika consumer failed".to_owned();
     for run in 0..AMQP_RUNS {
         // Publish, which preloads the consume run of mayhem.
         let queue = format!("consume{run}");
-        publish.extend(server.publish(&queue, messages));
+        publish.extend(server.publish(&queue, messages, connections));
         consume.extend(mayhem(
             &server,
             &["--stream", &queue, "--publishers", "0", "--messages", &n],
         ));
         // The same messages again for the pika consumer (its rate is not a publish figure).
+        // Published over one connection, the same-run reference of the publish row.
         let queue = format!("pika{run}");
-        if server.publish(&queue, messages).is_some() {
+        if let Some(rate) = server.publish(&queue, messages, 1) {
+            publish_one.push(rate);
             match reference(&server, &queue, &n) {
                 Ok(rate) => python.push(rate),
                 Err(why) => python_missing = why,
@@ -237,9 +243,10 @@ pub fn rows(messages: u64) -> Vec<String> {
             ],
         ));
     }
-    let publish_runs = runs(&publish);
-    let (publish, consume, python, end_to_end) = (
+    let (publish_runs, publish_one_runs) = (runs(&publish), runs(&publish_one));
+    let (publish, publish_one, consume, python, end_to_end) = (
         median(publish),
+        median(publish_one),
         median(consume),
         median(python),
         median(end_to_end),
@@ -251,7 +258,8 @@ pub fn rows(messages: u64) -> Vec<String> {
         format!("| messages/s, RabbitMQ consume: mayhem ({n} preloaded, 2 consumers, window and prefetch {WINDOW}) | {} | >= 1.5x the pika consumer |", show(consume, "mayhem run failed")),
         format!("| messages/s, RabbitMQ consume: same-run reference, pika consumer (prefetch 200, one `basic.ack` per message) | {} | |", show(python, &python_missing)),
         format!("| ratio RabbitMQ consume mayhem / pika (medians) | {ratio} | >= 1.5 |"),
-        format!("| messages/s, RabbitMQ publish: `AmqpSource::publish` (batches of {BATCH}, confirmed, persistent, quorum queue; runs {publish_runs}) | {} | >= 50,000 |", show(publish, "publish failed")),
+        format!("| messages/s, RabbitMQ publish: `AmqpSource::publish` (batches of {BATCH}, confirmed, persistent, quorum queue, {connections} connections; runs {publish_runs}) | {} | >= 50,000 |", show(publish, "publish failed")),
+        format!("| messages/s, RabbitMQ publish: same-run reference, 1 connection (runs {publish_one_runs}) | {} | |", show(publish_one, "publish failed")),
         format!("| messages/s, RabbitMQ end to end: mayhem (2 publishers, 2 consumers, {n} messages) | {} | |", show(end_to_end, "mayhem run failed")),
     ]
 }

@@ -82,7 +82,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -123,6 +123,8 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// messages held for sending again (about 100 bytes each) and how many a lost connection
 /// makes the source send twice.
 pub const PUBLISH_WINDOW: usize = 10_000;
+/// Most connections [`AmqpConfig::publish_connections`] may ask for.
+pub const MAX_PUBLISH_CONNECTIONS: usize = 16;
 /// How often the worker looks for leases whose deadline passed, and how often a blocked
 /// call looks at the interrupt flag.
 const TICK: Duration = Duration::from_millis(50);
@@ -284,6 +286,11 @@ pub struct AmqpConfig {
     /// A PEM file of CA certificates to trust for `amqps://` besides the system's (a broker
     /// whose certificate a private CA signed); only with `amqps://` URLs.
     pub ca_file: Option<PathBuf>,
+    /// Connections that publish, 1 to [`MAX_PUBLISH_CONNECTIONS`]: `publish` calls take
+    /// them in turn (see [Publishing](self#publishing)). The first is also the one that
+    /// consumes; the others open at their first `publish`, so a source that only consumes
+    /// opens one connection.
+    pub publish_connections: usize,
 }
 
 impl Default for AmqpConfig {
@@ -296,6 +303,7 @@ impl Default for AmqpConfig {
             prefetch: 200,
             reconnect_limit: Duration::from_secs(30),
             ca_file: None,
+            publish_connections: 2,
         }
     }
 }
@@ -310,6 +318,7 @@ impl fmt::Debug for AmqpConfig {
             .field("prefetch", &self.prefetch)
             .field("reconnect_limit", &self.reconnect_limit)
             .field("ca_file", &self.ca_file)
+            .field("publish_connections", &self.publish_connections)
             .finish()
     }
 }
@@ -326,6 +335,12 @@ impl fmt::Display for AmqpConfig {
 pub struct AmqpSource {
     /// The state shared with the worker thread.
     core: Arc<Core>,
+    /// The connections that only publish ([`AmqpConfig::publish_connections`] - 1), each a
+    /// core of its own that never consumes and holds no lease; connected at their first
+    /// `publish`.
+    lanes: Vec<Core>,
+    /// Which publishing connection the next `publish` takes (`core` is number 0).
+    next_lane: AtomicUsize,
     /// The queue of lease operations; `None` only while dropping.
     ops: Option<mpsc::Sender<Vec<Op>>>,
     /// The worker thread sending queued operations and requeueing expired leases.
@@ -512,7 +527,52 @@ impl AmqpSource {
             Some(path) => Some(read_ca_file(path)?),
             None => None,
         };
-        let core = Arc::new(Core {
+        if !(1..=MAX_PUBLISH_CONNECTIONS).contains(&config.publish_connections) {
+            return Err(SourceError::Backend(format!(
+                "publish connections {} must be between 1 and {MAX_PUBLISH_CONNECTIONS}",
+                config.publish_connections
+            )));
+        }
+        let lanes = (1..config.publish_connections)
+            .map(|_| Core::new(config.clone(), uri.clone(), ca.clone()))
+            .collect();
+        let core = Arc::new(Core::new(config, uri, ca));
+        loop {
+            if stop.is_triggered() {
+                return Err(SourceError::Closed);
+            }
+            match core.link() {
+                Ok(_) => break,
+                Err(Failure::Down { retry_in }) => {
+                    // Wakes early for a shutdown.
+                    stop.wait_timeout(retry_in.min(TICK));
+                }
+                Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
+                Err(Failure::Closed) => return Err(SourceError::Closed),
+            }
+        }
+        let (ops, queue) = mpsc::channel();
+        let worker_core = Arc::clone(&core);
+        // A thread, not a task: the source is used from plain threads and owns no executor,
+        // and the frames are sent with `block_on` on lapin's own smol reactor.
+        let worker = thread::Builder::new()
+            .name("mayhem-amqp-acks".into())
+            .spawn(move || worker_core.run_ops(&queue))
+            .map_err(|error| SourceError::Backend(format!("cannot start a thread: {error}")))?;
+        Ok(AmqpSource {
+            core,
+            lanes,
+            next_lane: AtomicUsize::new(0),
+            ops: Some(ops),
+            worker: Some(worker),
+        })
+    }
+}
+
+impl Core {
+    /// The state of a source that has not connected yet.
+    fn new(config: AmqpConfig, uri: AMQPUri, ca: Option<String>) -> Core {
+        Core {
             ca,
             shown_url: redact_url(&config.url),
             secret: password(&config.url),
@@ -542,36 +602,11 @@ impl AmqpSource {
             cancelled: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             malformed: AtomicU64::new(0),
-        });
-        loop {
-            if stop.is_triggered() {
-                return Err(SourceError::Closed);
-            }
-            match core.link() {
-                Ok(_) => break,
-                Err(Failure::Down { retry_in }) => {
-                    // Wakes early for a shutdown.
-                    stop.wait_timeout(retry_in.min(TICK));
-                }
-                Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
-                Err(Failure::Closed) => return Err(SourceError::Closed),
-            }
         }
-        let (ops, queue) = mpsc::channel();
-        let worker_core = Arc::clone(&core);
-        // A thread, not a task: the source is used from plain threads and owns no executor,
-        // and the frames are sent with `block_on` on lapin's own smol reactor.
-        let worker = thread::Builder::new()
-            .name("mayhem-amqp-acks".into())
-            .spawn(move || worker_core.run_ops(&queue))
-            .map_err(|error| SourceError::Backend(format!("cannot start a thread: {error}")))?;
-        Ok(AmqpSource {
-            core,
-            ops: Some(ops),
-            worker: Some(worker),
-        })
     }
+}
 
+impl AmqpSource {
     /// Queues lease operations for the worker.
     fn enqueue(&self, ops: Vec<Op>) {
         if ops.is_empty() {
@@ -663,12 +698,21 @@ fn expiry_kind(held: &Held, max_attempts: u32) -> OpKind {
     }
 }
 
+impl AmqpSource {
+    /// Every publishing connection's core: `core` (number 0), then the lanes.
+    fn publishers(&self) -> impl Iterator<Item = &Core> {
+        std::iter::once(&*self.core).chain(&self.lanes)
+    }
+}
+
 impl Publish for AmqpSource {
-    /// Sends the batch on the confirm channel and returns once it is sent, without waiting
-    /// for its confirms: they are awaited in order by later calls, which keep at most
-    /// [`PUBLISH_WINDOW`] messages unconfirmed, and by [`Publish::wait_confirmed`]. A batch
-    /// whose confirms fail (a nack, a lost connection) is sent again, with every later one,
-    /// once the broker answers: publishing is at least once.
+    /// Sends the batch on the confirm channel of the next publishing connection (they are
+    /// taken in turn) and returns once it is sent, without waiting for its confirms: they
+    /// are awaited in order by later calls on the same connection, which keep at most its
+    /// share of [`PUBLISH_WINDOW`] messages unconfirmed, and by
+    /// [`Publish::wait_confirmed`]. A batch whose confirms fail (a nack, a lost connection)
+    /// is sent again, with every later one of its connection, once the broker answers:
+    /// publishing is at least once.
     fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
         for envelope in batch {
             if let Some((key, _)) = envelope
@@ -684,16 +728,46 @@ impl Publish for AmqpSource {
         if batch.is_empty() {
             return Ok(());
         }
-        let core = &self.core;
+        let lanes = 1 + self.lanes.len();
+        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed) % lanes;
+        let core = if lane == 0 {
+            &*self.core
+        } else {
+            &self.lanes[lane - 1]
+        };
+        core.publish(batch, PUBLISH_WINDOW / lanes)
+    }
+
+    fn interrupt(&self) {
+        for core in self.publishers() {
+            core.interrupted.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Awaits the outstanding confirms of every publishing connection, in order, up to
+    /// `timeout` in all, also after an interrupt. Batches of a lost connection are sent
+    /// again while the source is not interrupted; after an interrupt they count as
+    /// unconfirmed.
+    fn wait_confirmed(&self, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        self.publishers()
+            .map(|core| core.confirm_all(end.saturating_duration_since(Instant::now()), true))
+            .sum()
+    }
+}
+
+impl Core {
+    /// `publish` on this connection, keeping at most `window` messages unconfirmed.
+    fn publish(&self, batch: &[Envelope], window: usize) -> Result<(), SourceError> {
         // One publisher at a time: the unconfirmed batches are settled in the order they
         // were sent, and a thread waiting for room would wait for the same confirms anyway.
-        let mut unconfirmed = lock(&core.unconfirmed);
-        let room = PUBLISH_WINDOW.saturating_sub(batch.len());
+        let mut unconfirmed = lock(&self.unconfirmed);
+        let room = window.saturating_sub(batch.len());
         loop {
-            if core.interrupted.load(Ordering::SeqCst) {
+            if self.interrupted.load(Ordering::SeqCst) {
                 return Err(SourceError::Closed);
             }
-            let link = match core.link() {
+            let link = match self.link() {
                 Ok(link) => link,
                 Err(Failure::Down { retry_in }) => {
                     thread::sleep(retry_in.min(TICK));
@@ -702,35 +776,24 @@ impl Publish for AmqpSource {
                 Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
                 Err(Failure::Closed) => return Err(SourceError::Closed),
             };
-            match core.settle(&mut unconfirmed, &link, room, CONFIRM_TIMEOUT, true) {
+            match self.settle(&mut unconfirmed, &link, room, CONFIRM_TIMEOUT, true) {
                 Ok(()) => {}
                 Err(Failure::Closed) => return Err(SourceError::Closed),
                 Err(failure) => {
-                    core.lost(&link, &failure_text(&failure));
+                    self.lost(&link, &failure_text(&failure));
                     continue;
                 }
             }
-            match core.send_batch(&link, batch.to_vec(), true) {
+            match self.send_batch(&link, batch.to_vec(), true) {
                 Ok(sent) => {
                     unconfirmed.count += batch.len();
                     unconfirmed.batches.push_back(sent);
                     return Ok(());
                 }
                 Err(Failure::Closed) => return Err(SourceError::Closed),
-                Err(failure) => core.lost(&link, &failure_text(&failure)),
+                Err(failure) => self.lost(&link, &failure_text(&failure)),
             }
         }
-    }
-
-    fn interrupt(&self) {
-        self.core.interrupted.store(true, Ordering::SeqCst);
-    }
-
-    /// Awaits the outstanding confirms in order, up to `timeout`, also after an interrupt.
-    /// Batches of a lost connection are sent again while the source is not interrupted;
-    /// after an interrupt they count as unconfirmed.
-    fn wait_confirmed(&self, timeout: Duration) -> usize {
-        self.core.confirm_all(timeout, true)
     }
 }
 
@@ -1162,8 +1225,10 @@ impl Source for AmqpSource {
         Ok(())
     }
 
+    /// Also stops publishing, on every connection (one flag, as for
+    /// [`Publish::interrupt`]).
     fn interrupt(&self) {
-        self.core.interrupted.store(true, Ordering::SeqCst);
+        Publish::interrupt(self);
     }
 
     /// Waits for the queued frames; once the source is interrupted, at most a quarter of a
@@ -1209,6 +1274,11 @@ impl Source for AmqpSource {
         let core = &self.core;
         core.flush(SHUTDOWN_WAIT);
         let mut stats = *lock(&core.stats);
+        stats.published += self
+            .lanes
+            .iter()
+            .map(|lane| lock(&lane.stats).published)
+            .sum::<u64>();
         let held = lock(&core.leases).slots.len() as u64;
         let ready = core.count(&core.config.queue);
         stats.remaining = ready.unwrap_or(0) + held;
@@ -1220,7 +1290,11 @@ impl Drop for AmqpSource {
     fn drop(&mut self) {
         let core = &self.core;
         // A source dropped without `wait_confirmed` still waits briefly for its confirms.
-        let unconfirmed = core.confirm_all(SHUTDOWN_WAIT, false);
+        let end = Instant::now() + SHUTDOWN_WAIT;
+        let unconfirmed: usize = self
+            .publishers()
+            .map(|core| core.confirm_all(end.saturating_duration_since(Instant::now()), false))
+            .sum();
         if unconfirmed > 0 {
             warn!(
                 "{unconfirmed} messages published to amqp {} were not confirmed; \
@@ -1251,23 +1325,12 @@ impl Drop for AmqpSource {
                 warn!("the amqp ack thread is still waiting on the broker; not waiting for it");
             }
         }
-        // Closing the connection gives every unacked delivery back to the queue.
-        if let Some(link) = lock(&core.link).take() {
-            let closed = future::block_on(future::or(
-                async {
-                    link.connection
-                        .close(200, ShortString::from("shutdown"))
-                        .await
-                        .is_ok()
-                },
-                async {
-                    Timer::after(SHUTDOWN_WAIT).await;
-                    false
-                },
-            ));
-            if !closed {
-                warn!("the amqp connection did not close in time; the broker gives the messages back when it notices");
-            }
+        // Closing the connection gives every unacked delivery back to the queue. Every
+        // connection waits until the same instant, so many take no longer than one.
+        let end = Instant::now() + SHUTDOWN_WAIT;
+        for core in self.publishers() {
+            core.closing.store(true, Ordering::SeqCst);
+            core.close(end);
         }
     }
 }
@@ -1281,6 +1344,27 @@ impl fmt::Debug for AmqpSource {
 }
 
 impl Core {
+    /// Closes the current link, waiting for the broker at most until `end`.
+    fn close(&self, end: Instant) {
+        if let Some(link) = lock(&self.link).take() {
+            let closed = future::block_on(future::or(
+                async {
+                    link.connection
+                        .close(200, ShortString::from("shutdown"))
+                        .await
+                        .is_ok()
+                },
+                async {
+                    Timer::at(end).await;
+                    false
+                },
+            ));
+            if !closed {
+                warn!("the amqp connection did not close in time; the broker gives the messages back when it notices");
+            }
+        }
+    }
+
     /// The current link if it is still connected; a broken one is forgotten.
     fn healthy(&self) -> Option<Arc<Link>> {
         let slot = lock(&self.link);

@@ -141,6 +141,11 @@ pub(crate) struct Cli {
     #[cfg(feature = "amqp")]
     #[arg(long, env = "MAYHEM_AMQP_CA_FILE", value_name = "PATH", value_parser = ca_file)]
     amqp_ca_file: Option<std::path::PathBuf>,
+    /// Connections publishing to RabbitMQ, 1 to 16, taken in turn by the batches (more than
+    /// one gives up the order between batches) [default: 2].
+    #[cfg(feature = "amqp")]
+    #[arg(long, env = "MAYHEM_AMQP_PUBLISH_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=mayhem::source::amqp::MAX_PUBLISH_CONNECTIONS as i64))]
+    amqp_publish_connections: Option<u8>,
     /// Redis stream, or RabbitMQ quorum queue, published to and consumed from (dead letters
     /// go to `{stream}:dead`).
     #[arg(long, env = "MAYHEM_STREAM", value_name = "NAME", default_value = "mayhem", value_parser = name)]
@@ -289,6 +294,10 @@ impl Cli {
             prefetch: u16::try_from(config.run.max_in_flight).unwrap_or(u16::MAX),
             reconnect_limit: self.reconnect_limit,
             ca_file: self.amqp_ca_file.clone(),
+            publish_connections: self.amqp_publish_connections.map_or(
+                mayhem::AmqpConfig::default().publish_connections,
+                usize::from,
+            ),
         }
     }
 
@@ -303,6 +312,13 @@ impl Cli {
             && !matches!(&self.source, SourceKind::Amqp(url) if url.starts_with("amqps://"))
         {
             return Err("--amqp-ca-file is only used with an amqps:// --source".to_owned());
+        }
+        #[cfg(feature = "amqp")]
+        if self.amqp_publish_connections.is_some() && !matches!(&self.source, SourceKind::Amqp(_)) {
+            return Err(
+                "--amqp-publish-connections is only used with an amqp:// or amqps:// --source"
+                    .to_owned(),
+            );
         }
         // Only the binary refuses this: a library embedder may publish by itself.
         if let (SourceKind::Memory, Some(messages @ 1..), 0) =
@@ -609,5 +625,44 @@ mod amqp_tests {
             error.contains("--amqp-ca-file") && error.contains("amqps://"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn publish_connections_take_1_to_16_and_only_an_amqp_source() {
+        for bad in ["0", "17", "two", "-1"] {
+            let error = Cli::try_parse_from(["mayhem", "--amqp-publish-connections", bad])
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                error.contains(&format!("'{bad}'")) && error.contains("--amqp-publish-connections"),
+                "{error}"
+            );
+        }
+        let amqp = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        let cli = Cli::try_parse_from(["mayhem", "--source", amqp]).expect("parses");
+        assert_eq!(
+            cli.amqp_config(amqp, &Config::default())
+                .publish_connections,
+            mayhem::AmqpConfig::default().publish_connections
+        );
+        let cli = Cli::try_parse_from([
+            "mayhem",
+            "--source",
+            amqp,
+            "--amqp-publish-connections",
+            "5",
+        ])
+        .expect("parses");
+        assert!(cli.check().is_ok());
+        assert_eq!(
+            cli.amqp_config(amqp, &Config::default())
+                .publish_connections,
+            5
+        );
+        let error = Cli::try_parse_from(["mayhem", "--amqp-publish-connections", "3"])
+            .expect("parses")
+            .check()
+            .expect_err("refused without an amqp source");
+        assert!(error.contains("--amqp-publish-connections"), "{error}");
     }
 }
