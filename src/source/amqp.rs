@@ -837,43 +837,31 @@ impl Sent {
 }
 
 impl Core {
-    /// Sends `envelopes` on the publish channel of `link` (bounded by [`CONFIRM_TIMEOUT`]).
-    ///
-    /// Every `basic.publish` future is polled once, in order, before any is awaited: lapin
-    /// queues a message's frames on the first poll, and the future then waits for its I/O
-    /// thread to write them. Awaiting each before starting the next would cost a wake-up of
-    /// that thread per message (measured: about 25k msg/s at most); started together, the
-    /// frames are written in bulk.
+    /// Sends `envelopes` on the publish channel of `link` (bounded by [`CONFIRM_TIMEOUT`]);
+    /// the `basic.publish` methods are started together (see [`in_order`]).
     fn send_batch(
         &self,
         link: &Link,
         envelopes: Vec<Envelope>,
         interruptible: bool,
     ) -> Result<Sent, Failure> {
-        let confirms = self.bounded(CONFIRM_TIMEOUT, interruptible, async {
-            let mut started = Vec::with_capacity(envelopes.len());
-            let mut done = Vec::with_capacity(envelopes.len());
-            for envelope in &envelopes {
-                let mut publishing = Box::pin(link.publish.basic_publish(
-                    ShortString::from(""),
-                    ShortString::from(self.config.queue.as_str()),
-                    BasicPublishOptions::default(),
-                    envelope.message.instance_name().as_bytes(),
-                    properties(envelope),
-                ));
-                done.push(future::poll_once(&mut publishing).await);
-                started.push(publishing);
-            }
-            let mut confirms = Vec::with_capacity(envelopes.len());
-            for (publishing, ready) in started.into_iter().zip(done) {
-                let confirm = match ready {
-                    Some(result) => result,
-                    None => publishing.await,
-                };
-                confirms.push(confirm.map_err(|error| error.to_string())?);
-            }
-            Ok(confirms)
-        })?;
+        let done = Cell::new(0);
+        let confirms = self.bounded(
+            CONFIRM_TIMEOUT,
+            interruptible,
+            in_order(
+                envelopes.iter().map(|envelope| {
+                    link.publish.basic_publish(
+                        ShortString::from(""),
+                        ShortString::from(self.config.queue.as_str()),
+                        BasicPublishOptions::default(),
+                        envelope.message.instance_name().as_bytes(),
+                        properties(envelope),
+                    )
+                }),
+                &done,
+            ),
+        )?;
         Ok(Sent {
             envelopes,
             epoch: link.epoch,
@@ -997,6 +985,40 @@ impl Core {
         self.collect_arrived(&mut unconfirmed);
         unconfirmed.count
     }
+}
+
+/// Runs lapin methods in order, started together: polls each future once, in order, then
+/// awaits each in order; counts in `done` the leading ones that succeeded, and stops at the
+/// first error.
+///
+/// lapin queues a method's frames on the first poll, and the future then waits for its I/O
+/// thread to write them. Awaiting each before starting the next costs a wake-up of that
+/// thread, and a write, per method (measured: publishing at about 25k msg/s at most, and
+/// about 30 µs of CPU per consumed message, most of it in futex and sendto); started
+/// together, the frames are written in bulk.
+async fn in_order<T, F>(
+    methods: impl Iterator<Item = F>,
+    done: &Cell<usize>,
+) -> Result<Vec<T>, String>
+where
+    F: Future<Output = lapin::Result<T>>,
+{
+    let mut started = Vec::with_capacity(methods.size_hint().0);
+    for method in methods {
+        let mut method = Box::pin(method);
+        let ready = future::poll_once(&mut method).await;
+        started.push((method, ready));
+    }
+    let mut results = Vec::with_capacity(started.len());
+    for (method, ready) in started {
+        let result = match ready {
+            Some(result) => result,
+            None => method.await,
+        };
+        results.push(result.map_err(|error| error.to_string())?);
+        done.set(done.get() + 1);
+    }
+    Ok(results)
 }
 
 /// The text a failure carries, for the log.
@@ -1774,32 +1796,35 @@ impl Core {
             // The frames are written in order; none waits for an answer (acks and rejects
             // have none), so the whole batch costs no round trip.
             let done = Cell::new(0);
-            let sent = self.bounded(CONFIRM_TIMEOUT, false, async {
-                for op in &current {
-                    let result = match op.kind {
-                        OpKind::Ack => {
-                            link.consume
-                                .basic_ack(op.tag, BasicAckOptions::default())
-                                .await
+            let sent = self.bounded(
+                CONFIRM_TIMEOUT,
+                false,
+                in_order(
+                    current.iter().map(|op| {
+                        let consume = &link.consume;
+                        async move {
+                            match op.kind {
+                                OpKind::Ack => {
+                                    consume.basic_ack(op.tag, BasicAckOptions::default()).await
+                                }
+                                OpKind::Requeue | OpKind::Dead => {
+                                    consume
+                                        .basic_reject(
+                                            op.tag,
+                                            BasicRejectOptions {
+                                                requeue: op.kind == OpKind::Requeue,
+                                            },
+                                        )
+                                        .await
+                                }
+                            }
                         }
-                        OpKind::Requeue | OpKind::Dead => {
-                            link.consume
-                                .basic_reject(
-                                    op.tag,
-                                    BasicRejectOptions {
-                                        requeue: op.kind == OpKind::Requeue,
-                                    },
-                                )
-                                .await
-                        }
-                    };
-                    result.map_err(|error| error.to_string())?;
-                    done.set(done.get() + 1);
-                }
-                Ok(())
-            });
+                    }),
+                    &done,
+                ),
+            );
             match sent {
-                Ok(()) => {}
+                Ok(_) => {}
                 Err(Failure::Closed) => {}
                 Err(failure) => self.lost(&link, &failure_text(&failure)),
             }
