@@ -30,6 +30,8 @@ use mayhem::{AmqpConfig, AmqpSource, Envelope, PubSubMessage, Publish, Source};
 /// Upper bound for anything a test waits for; only reached when something is broken.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// `rabbitmqctl`, next to the server script.
+const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 /// The server script of Debian's package (the copy under /usr/sbin insists on a service
 /// user).
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
@@ -252,11 +254,7 @@ impl Rabbit {
             "server-{}.log",
             self.starts.fetch_add(1, Ordering::SeqCst)
         ));
-        let name = dir
-            .file_name()
-            .and_then(|name| name.to_str())
-            .unwrap_or("mayhem-rabbitmq")
-            .to_owned();
+        let node = self.node();
         // `setsid` runs the server in a session and process group of its own, which
         // `kill -KILL -$!` ends whole (the script, the Erlang VM and its helpers; epmd, the
         // Erlang port mapper, detaches and stays, as for every Erlang node) once standard
@@ -278,7 +276,7 @@ impl Rabbit {
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist.to_string())
-            .env("RABBITMQ_NODENAME", format!("{name}@localhost"))
+            .env("RABBITMQ_NODENAME", &node)
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
@@ -337,6 +335,35 @@ impl Rabbit {
 
     fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The Erlang node name of the server.
+    fn node(&self) -> String {
+        let name = self
+            .dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("mayhem-rabbitmq");
+        format!("{name}@localhost")
+    }
+
+    /// Runs `rabbitmqctl` on the server (the copy next to the server script: the one under
+    /// /usr/sbin insists on a service user).
+    fn ctl(&self, args: &[&str]) {
+        let output = Command::new(CTL)
+            .arg("-n")
+            .arg(self.node())
+            .args(args)
+            .env("HOME", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?}: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     /// A queue name no other test uses.
@@ -1087,15 +1114,15 @@ fn batches_take_the_publishing_connections_in_turn_and_each_message_arrives_once
         ..AmqpConfig::default()
     })
     .expect("connect");
-    // Connecting opens one connection; the others open at their first batch (inside
-    // `publish`, so none is on its way once `connect` returned).
+    // Connecting opens the consuming connection; the publishing ones open at their first
+    // batch (inside `publish`, so none is on its way once `connect` returned).
     assert_eq!(proxy.connections(1), 1);
     let batches = numbered_batches(6);
     for batch in &batches {
         publisher.publish(batch).expect("publish");
     }
     assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
-    assert_eq!(proxy.connections(3), 3);
+    assert_eq!(proxy.connections(4), 4);
     // `published` counts the confirmed messages of every connection.
     assert_eq!(publisher.stats().published, 1200);
     // Without a lost connection nothing is sent twice.
@@ -1243,6 +1270,60 @@ fn the_service_gives_up_after_the_reconnect_limit() {
         "{:?}",
         cut.elapsed()
     );
+}
+
+#[test]
+fn a_resource_alarm_blocks_publishing_but_not_consuming() {
+    let Some(server) = Rabbit::own("alarm") else {
+        return;
+    };
+    let queue = server.queue("alarm");
+    let names = publish_names(&server, &queue, 200, 5);
+    // A memory alarm: the broker blocks every connection that publishes.
+    server.ctl(&["set_vm_memory_high_watermark", "0.00001"]);
+    let service = Service::start(
+        &server,
+        &queue,
+        &[
+            "--publish-interval",
+            "1ms",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--report",
+            "json",
+        ],
+    );
+    service.wait_for("blocked publishing");
+    // The consuming connection is not a publishing one: the preloaded messages are all
+    // handled and acked while publishing is blocked.
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let acked = acked_names(&service.lines.lock().unwrap());
+        if names.iter().all(|name| acked.contains(name)) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the consumer stalled with the publisher"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Blocked longer than a publish waits for its confirms (10 s): a blocked broker is no
+    // lost connection, so nothing is reconnected or sent again meanwhile.
+    thread::sleep(Duration::from_secs(11));
+    server.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    service.wait_for("unblocked publishing");
+    // Publishing resumes: messages published after the alarm are handled too.
+    let acked_before = acked_names(&service.lines.lock().unwrap()).len();
+    service.wait_for_count("Done. Acked", acked_before + 20);
+    service.signal("TERM");
+    let (status, lines, report) = service.finish();
+    assert!(status.success(), "{status}: {}", lines.join("\n"));
+    let unavailable: Vec<&String> = lines.iter().filter(|l| l.contains("unavailable")).collect();
+    assert!(unavailable.is_empty(), "{unavailable:?}");
+    assert_eq!(field(&report, "stale_acks"), 0.0, "{report}");
 }
 
 #[test]

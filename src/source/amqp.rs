@@ -37,11 +37,19 @@
 //! source waits at most a quarter of a second for them.
 //!
 //! Batches take [`AmqpConfig::publish_connections`] connections in turn (2 by default),
-//! each with its own confirm channel and its own reconnection; the first is the one that
-//! consumes, the others open at their first `publish`. On one channel RabbitMQ 3.10's flow
+//! each with its own confirm channel and its own reconnection, apart from the connection
+//! that consumes; they open at their first `publish`. On one channel RabbitMQ 3.10's flow
 //! control toward a quorum queue stalls the publisher before the CPUs are busy; a second
-//! connection measured about a fifth more messages per second (see the README). The
-//! order between batches holds only with one connection.
+//! connection measured about a fifth more messages per second (see the README). The order
+//! between batches holds only with one connection.
+//!
+//! # Resource alarms
+//!
+//! During a memory or disk alarm RabbitMQ stops reading from every connection that
+//! publishes. Publishing then waits, logging one line when the broker blocks it and one
+//! when it unblocks; the time blocked does not count as a broker that does not answer, so
+//! nothing is reconnected or sent again. Consuming goes on: it has a connection of its own,
+//! and its acks are not held up behind blocked publishes.
 //!
 //! # TLS
 //!
@@ -295,9 +303,9 @@ pub struct AmqpConfig {
     /// whose certificate a private CA signed); only with `amqps://` URLs.
     pub ca_file: Option<PathBuf>,
     /// Connections that publish, 1 to [`MAX_PUBLISH_CONNECTIONS`]: `publish` calls take
-    /// them in turn (see [Publishing](self#publishing)). The first is also the one that
-    /// consumes; the others open at their first `publish`, so a source that only consumes
-    /// opens one connection.
+    /// them in turn (see [Publishing](self#publishing)). They are apart from the connection
+    /// that consumes and open at their first `publish`, so a source that only consumes opens
+    /// one connection.
     pub publish_connections: usize,
 }
 
@@ -343,11 +351,12 @@ impl fmt::Display for AmqpConfig {
 pub struct AmqpSource {
     /// The state shared with the worker thread.
     core: Arc<Core>,
-    /// The connections that only publish ([`AmqpConfig::publish_connections`] - 1), each a
-    /// core of its own that never consumes and holds no lease; connected at their first
-    /// `publish`.
+    /// The connections that publish ([`AmqpConfig::publish_connections`]), each a core of
+    /// its own that never consumes and holds no lease; connected at their first `publish`.
+    /// `core` never publishes: RabbitMQ blocks a connection that publishes during a resource
+    /// alarm, and a consumer on it would stall with it, its acks included.
     lanes: Vec<Core>,
-    /// Which publishing connection the next `publish` takes (`core` is number 0).
+    /// Which publishing connection the next `publish` takes.
     next_lane: AtomicUsize,
     /// The queue of lease operations; `None` only while dropping.
     ops: Option<mpsc::Sender<Vec<Op>>>,
@@ -413,6 +422,8 @@ struct Core {
     consuming: AtomicBool,
     /// Set once the worker cancelled the consumer after an interrupt.
     cancelled: AtomicBool,
+    /// Whether a publish last saw the broker blocking this connection (logged on change).
+    blocked: AtomicBool,
     /// Set when the source is dropped: blocked calls give up.
     closing: AtomicBool,
     /// Messages that could not be read (no message id, not a uuid, a bad instance name):
@@ -541,7 +552,7 @@ impl AmqpSource {
                 config.publish_connections
             )));
         }
-        let lanes = (1..config.publish_connections)
+        let lanes = (0..config.publish_connections)
             .map(|_| Core::new(config.clone(), uri.clone(), ca.clone()))
             .collect();
         let core = Arc::new(Core::new(config, uri, ca));
@@ -608,6 +619,7 @@ impl Core {
             interrupted: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             malformed: AtomicU64::new(0),
         }
@@ -707,8 +719,8 @@ fn expiry_kind(held: &Held, max_attempts: u32) -> OpKind {
 }
 
 impl AmqpSource {
-    /// Every publishing connection's core: `core` (number 0), then the lanes.
-    fn publishers(&self) -> impl Iterator<Item = &Core> {
+    /// Every core: the consuming one, then the publishing ones.
+    fn cores(&self) -> impl Iterator<Item = &Core> {
         std::iter::once(&*self.core).chain(&self.lanes)
     }
 }
@@ -736,19 +748,13 @@ impl Publish for AmqpSource {
         if batch.is_empty() {
             return Ok(());
         }
-        let lanes = 1 + self.lanes.len();
-        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed) % lanes;
-        let core = if lane == 0 {
-            &*self.core
-        } else {
-            &self.lanes[lane - 1]
-        };
-        core.publish(batch, PUBLISH_WINDOW / lanes)
+        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        self.lanes[lane].publish(batch, PUBLISH_WINDOW / self.lanes.len())
     }
 
     fn interrupt(&self) {
-        for core in self.publishers() {
-            core.interrupted.store(true, Ordering::SeqCst);
+        for lane in &self.lanes {
+            lane.interrupted.store(true, Ordering::SeqCst);
         }
     }
 
@@ -758,8 +764,9 @@ impl Publish for AmqpSource {
     /// unconfirmed.
     fn wait_confirmed(&self, timeout: Duration) -> usize {
         let end = Instant::now() + timeout;
-        self.publishers()
-            .map(|core| core.confirm_all(end.saturating_duration_since(Instant::now()), true))
+        self.lanes
+            .iter()
+            .map(|lane| lane.confirm_all(end.saturating_duration_since(Instant::now()), true))
             .sum()
     }
 }
@@ -854,7 +861,8 @@ impl Core {
         interruptible: bool,
     ) -> Result<Sent, Failure> {
         let done = Cell::new(0);
-        let confirms = self.bounded(
+        let confirms = self.bounded_publishing(
+            link,
             CONFIRM_TIMEOUT,
             interruptible,
             in_order(
@@ -915,7 +923,7 @@ impl Core {
             let Some(sent) = unconfirmed.batches.front_mut() else {
                 break;
             };
-            let answered = self.bounded(limit, interruptible, async {
+            let answered = self.bounded_publishing(link, limit, interruptible, async {
                 while sent.acked < sent.confirms.len() {
                     let confirmation = (&mut sent.confirms[sent.acked])
                         .await
@@ -1255,9 +1263,9 @@ impl Source for AmqpSource {
         Ok(())
     }
 
-    /// Also stops publishing, on every connection (one flag, as for
-    /// [`Publish::interrupt`]).
+    /// Also stops publishing, as [`Publish::interrupt`] does.
     fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
         Publish::interrupt(self);
     }
 
@@ -1322,8 +1330,9 @@ impl Drop for AmqpSource {
         // A source dropped without `wait_confirmed` still waits briefly for its confirms.
         let end = Instant::now() + SHUTDOWN_WAIT;
         let unconfirmed: usize = self
-            .publishers()
-            .map(|core| core.confirm_all(end.saturating_duration_since(Instant::now()), false))
+            .lanes
+            .iter()
+            .map(|lane| lane.confirm_all(end.saturating_duration_since(Instant::now()), false))
             .sum();
         if unconfirmed > 0 {
             warn!(
@@ -1358,7 +1367,7 @@ impl Drop for AmqpSource {
         // Closing the connection gives every unacked delivery back to the queue. Every
         // connection waits until the same instant, so many take no longer than one.
         let end = Instant::now() + SHUTDOWN_WAIT;
-        for core in self.publishers() {
+        for core in self.cores() {
             core.closing.store(true, Ordering::SeqCst);
             core.close(end);
         }
@@ -1672,12 +1681,50 @@ impl Core {
         interruptible: bool,
         work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, Failure> {
-        let end = Instant::now() + limit;
+        self.bounded_unless(limit, interruptible, None, work)
+    }
+
+    /// [`Core::bounded`] for a publish on `link`: when `interruptible` (a `publish`, not the
+    /// shutdown's `wait_confirmed`), the time the broker blocks the connection (a memory or
+    /// disk alarm: it reads nothing from a publishing connection then) does not count
+    /// against `limit`. A blocked broker is not a lost connection: reconnecting would only
+    /// send the same batches again into the same block.
+    fn bounded_publishing<T>(
+        &self,
+        link: &Link,
+        limit: Duration,
+        interruptible: bool,
+        work: impl Future<Output = Result<T, String>>,
+    ) -> Result<T, Failure> {
+        let blocking = interruptible.then_some(&link.connection);
+        self.bounded_unless(limit, interruptible, blocking, work)
+    }
+
+    /// [`Core::bounded`], not counting the time `blocking` is blocked by the broker; logs
+    /// when the broker blocks and unblocks it.
+    fn bounded_unless<T>(
+        &self,
+        limit: Duration,
+        interruptible: bool,
+        blocking: Option<&Connection>,
+        work: impl Future<Output = Result<T, String>>,
+    ) -> Result<T, Failure> {
+        let mut end = Instant::now() + limit;
+        let mut checked = Instant::now();
         future::block_on(future::or(
             async { work.await.map_err(Failure::GaveUp) },
             async {
                 loop {
-                    let left = end.saturating_duration_since(Instant::now());
+                    let now = Instant::now();
+                    if let Some(connection) = blocking {
+                        let blocked = connection.status().blocked();
+                        if blocked {
+                            end += now - checked;
+                        }
+                        self.note_blocked(blocked);
+                    }
+                    checked = now;
+                    let left = end.saturating_duration_since(now);
                     if left.is_zero() {
                         return Err(Failure::Down {
                             retry_in: Duration::ZERO,
@@ -1692,6 +1739,23 @@ impl Core {
                 }
             },
         ))
+    }
+
+    /// Logs once when the broker blocks this publishing connection, and once when it is
+    /// seen unblocked again.
+    fn note_blocked(&self, blocked: bool) {
+        if self.blocked.swap(blocked, Ordering::SeqCst) == blocked {
+            return;
+        }
+        if blocked {
+            warn!(
+                "amqp {} blocked publishing (a memory or disk alarm on the broker); publishing \
+                 waits until it unblocks",
+                self.shown_url
+            );
+        } else {
+            info!("amqp {} unblocked publishing", self.shown_url);
+        }
     }
 
     /// Takes a delivery as a lease; returns its id.
