@@ -1273,6 +1273,40 @@ fn the_service_gives_up_after_the_reconnect_limit() {
 }
 
 #[test]
+fn the_last_report_of_a_lone_instance_balances() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("balance");
+    let service = Service::start(
+        server,
+        &queue,
+        &[
+            "--publish-interval",
+            "1ms",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--grace-period",
+            "1s",
+            "--report",
+            "json",
+        ],
+    );
+    // Stopped mid-run: leases held by handlers, deliveries prefetched and not pulled yet.
+    service.wait_for_count("Done. Acked", 200);
+    service.signal("TERM");
+    let (status, lines, report) = service.finish();
+    assert!(status.success(), "{status}: {}", lines.join("\n"));
+    let published = field(&report, "published");
+    assert!(published >= 200.0, "{report}");
+    assert_eq!(
+        published,
+        field(&report, "acked") + field(&report, "dead_lettered") + field(&report, "remaining"),
+        "{report}"
+    );
+}
+
+#[test]
 fn a_resource_alarm_blocks_publishing_but_not_consuming() {
     let Some(server) = Rabbit::own("alarm") else {
         return;

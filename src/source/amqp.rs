@@ -422,6 +422,8 @@ struct Core {
     consuming: AtomicBool,
     /// Set once the worker cancelled the consumer after an interrupt.
     cancelled: AtomicBool,
+    /// Held while the consumer is being cancelled.
+    cancelling: Mutex<()>,
     /// Whether a publish last saw the broker blocking this connection (logged on change).
     blocked: AtomicBool,
     /// Set when the source is dropped: blocked calls give up.
@@ -619,6 +621,7 @@ impl Core {
             interrupted: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
+            cancelling: Mutex::new(()),
             blocked: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             malformed: AtomicU64::new(0),
@@ -1280,18 +1283,24 @@ impl Source for AmqpSource {
         self.core.flush(timeout)
     }
 
+    /// After an interrupt, also gives back the deliveries the broker pushed ahead that no
+    /// pull took, so that the last count ([`Source::stats`]) finds them ready rather than
+    /// still held by this channel (they are not leases: the count returned leaves them out).
     fn nack_all(&self) -> usize {
         let held: Vec<Held> = lock(&self.core.leases).slots.drain().collect();
         let count = held.len();
-        self.enqueue(
-            held.into_iter()
-                .map(|held| Op {
-                    kind: OpKind::Requeue,
-                    tag: held.tag,
-                    epoch: held.epoch,
-                })
-                .collect(),
-        );
+        let mut ops: Vec<Op> = held
+            .into_iter()
+            .map(|held| Op {
+                kind: OpKind::Requeue,
+                tag: held.tag,
+                epoch: held.epoch,
+            })
+            .collect();
+        if self.core.interrupted.load(Ordering::SeqCst) {
+            ops.extend(self.core.prefetched());
+        }
+        self.enqueue(ops);
         self.core.flush(SHUTDOWN_WAIT);
         count
     }
@@ -1304,6 +1313,12 @@ impl Source for AmqpSource {
     /// The counters; `remaining` is the queue's ready messages (asked of the broker, at
     /// most a quarter of a second) plus the leases this instance holds. Deliveries
     /// prefetched but not pulled yet, and other instances' leases, are not counted.
+    ///
+    /// After an interrupt (the last count of a run) the deliveries prefetched and never
+    /// pulled are given back first, and the count is read until it holds still (at most a
+    /// second): a quorum queue counts what was given back only once it applied the return.
+    /// With one instance on the queue, `published == acked + dead_lettered + remaining`
+    /// then holds.
     ///
     /// # Blocking
     ///
@@ -1318,7 +1333,18 @@ impl Source for AmqpSource {
             .map(|lane| lock(&lane.stats).published)
             .sum::<u64>();
         let held = lock(&core.leases).slots.len() as u64;
-        let ready = core.count(&core.config.queue);
+        let ready = if core.interrupted.load(Ordering::SeqCst) {
+            // The deliveries pushed ahead that no pull took are given back first, then
+            // counted once the broker holds them as ready.
+            let prefetched = core.prefetched();
+            if !prefetched.is_empty() {
+                self.enqueue(prefetched);
+                core.flush(SHUTDOWN_WAIT);
+            }
+            core.settled_count(&core.config.queue)
+        } else {
+            core.count(&core.config.queue)
+        };
         stats.remaining = ready.unwrap_or(0) + held;
         stats
     }
@@ -1542,6 +1568,47 @@ impl Core {
                 .map_err(|error| error.to_string())
         })
         .ok()
+    }
+
+    /// The ready messages of a queue once the broker has taken back what this instance gave
+    /// back: the count read again every 50 ms until two reads agree, at most a second (a
+    /// quorum queue counts a returned message as ready only once it applied the return).
+    fn settled_count(&self, queue: &str) -> Option<u64> {
+        let end = Instant::now() + Duration::from_secs(1);
+        let mut last = self.count(queue)?;
+        while Instant::now() < end {
+            thread::sleep(Duration::from_millis(50));
+            let now = self.count(queue)?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        Some(last)
+    }
+
+    /// After an interrupt: cancels the consumer (or waits for the cancel under way) and
+    /// returns rejects with requeue for every delivery it received that no pull took.
+    fn prefetched(&self) -> Vec<Op> {
+        self.cancel_after_interrupt();
+        let Some(link) = lock(&self.link).clone() else {
+            return Vec::new();
+        };
+        let mut slot = lock(&link.consumer);
+        let Some(consumer) = slot.as_mut() else {
+            return Vec::new();
+        };
+        let mut ops = Vec::new();
+        // The consumer is cancelled: the broker sends it nothing more, and what it sent
+        // before the cancel was answered is buffered already.
+        while let Some(Some(Ok(delivery))) = future::block_on(future::poll_once(consumer.next())) {
+            ops.push(Op {
+                kind: OpKind::Requeue,
+                tag: delivery.delivery_tag,
+                epoch: link.epoch,
+            });
+        }
+        ops
     }
 
     /// The epoch of the current link (0 when there is none: no lease matches it).
@@ -1833,7 +1900,12 @@ impl Core {
     /// prefetch, where the connection's close would give it back a second time (and count
     /// a second attempt).
     fn cancel_after_interrupt(&self) {
-        if !self.interrupted.load(Ordering::SeqCst) || self.cancelled.swap(true, Ordering::SeqCst) {
+        if !self.interrupted.load(Ordering::SeqCst) {
+            return;
+        }
+        // A second caller waits here until the first one's cancel is answered.
+        let _cancelling = lock(&self.cancelling);
+        if self.cancelled.swap(true, Ordering::SeqCst) {
             return;
         }
         let Some(link) = lock(&self.link).clone() else {
