@@ -1132,6 +1132,31 @@ fn batches_take_the_publishing_connections_in_turn_and_each_message_arrives_once
 }
 
 #[test]
+fn a_queue_deleted_under_the_publisher_is_declared_again_and_nothing_vanishes() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("deleted");
+    let publisher = AmqpSource::connect(AmqpConfig {
+        url: server.url(),
+        queue: queue.clone(),
+        publish_connections: 1,
+        ..AmqpConfig::default()
+    })
+    .expect("connect");
+    let batches = numbered_batches(4);
+    publisher.publish(&batches[0]).expect("publish");
+    assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
+    // Deleted behind the service's back, with the first batch in it: the later batches
+    // must not be confirmed into nowhere.
+    server.ctl(&["delete_queue", &queue]);
+    for batch in &batches[1..] {
+        publisher.publish(batch).expect("publish");
+    }
+    assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
+    let want: Vec<PubSubMessage> = batches[1..].iter().flatten().map(|e| e.message).collect();
+    consume_until(server, &queue, &want);
+}
+
+#[test]
 fn publish_connections_out_of_range_are_refused() {
     for count in [0, mayhem::source::amqp::MAX_PUBLISH_CONNECTIONS + 1] {
         let refused = AmqpSource::connect(AmqpConfig {

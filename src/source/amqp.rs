@@ -7,7 +7,7 @@
 //! | `Source` | RabbitMQ |
 //! |---|---|
 //! | start | `exchange.declare {queue}:dead` (fanout), `queue.declare {queue}:dead` bound to it, `queue.declare {queue}` as a quorum queue (`x-queue-type quorum`, `x-delivery-limit`, `x-dead-letter-exchange {queue}:dead`); `basic.qos` with the prefetch |
-//! | `publish` | `basic.publish` to the default exchange with routing key `{queue}` (persistent, `message-id` the message id, the body the instance name, attributes as headers) on a channel in confirm mode; the confirms are pipelined across batches (see below), never one round trip per message |
+//! | `publish` | `basic.publish` to the default exchange with routing key `{queue}` (mandatory, persistent, `message-id` the message id, the body the instance name, attributes as headers) on a channel in confirm mode; the confirms are pipelined across batches (see below), never one round trip per message; a message returned unroutable (its queue was deleted) counts as a failed confirm |
 //! | `pull` | the first pull starts `basic.consume` (a client that only publishes takes no deliveries; after it, every reconnection consumes again before it counts as recovered); every pull drains the deliveries the broker pushed ahead (the prefetch, [`AmqpConfig::prefetch`], which the binary ties to `--max-in-flight`, the flow-control window) |
 //! | attempt | `x-delivery-count` + 1 (absent on the first delivery; `x-acquired-count` where present, whichever is higher) |
 //! | `ack` | `basic.ack`; refused after the channel was lost (the broker gave the message back already) |
@@ -115,8 +115,8 @@ use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
-    PublisherConfirm,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind, PublisherConfirm,
 };
 use log::{error, info, warn};
 use slab::Slab;
@@ -842,7 +842,7 @@ impl Sent {
     fn arrived(&mut self) -> bool {
         while self.acked < self.confirms.len() {
             match future::block_on(future::poll_once(&mut self.confirms[self.acked])) {
-                Some(Ok(confirmation)) if confirmation.is_ack() => self.acked += 1,
+                Some(Ok(confirmation)) if stored(&confirmation) => self.acked += 1,
                 Some(_) => {
                     self.epoch = 0;
                     return false;
@@ -873,7 +873,12 @@ impl Core {
                     link.publish.basic_publish(
                         ShortString::from(""),
                         ShortString::from(self.config.queue.as_str()),
-                        BasicPublishOptions::default(),
+                        // Mandatory: a message the queue is not there to take (deleted
+                        // behind the service's back) comes back instead of vanishing.
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
                         envelope.message.instance_name().as_bytes(),
                         properties(envelope),
                     )
@@ -931,8 +936,8 @@ impl Core {
                     let confirmation = (&mut sent.confirms[sent.acked])
                         .await
                         .map_err(|error| error.to_string())?;
-                    if !confirmation.is_ack() {
-                        return Err("the broker refused a published message".to_owned());
+                    if !stored(&confirmation) {
+                        return Err(refusal(&confirmation, &self.config.queue));
                     }
                     sent.acked += 1;
                 }
@@ -1038,6 +1043,23 @@ where
         done.set(done.get() + 1);
     }
     Ok(results)
+}
+
+/// Whether the broker took a published message: acked and not returned. A mandatory
+/// message that no queue took (its queue was deleted) comes back before its ack.
+fn stored(confirmation: &Confirmation) -> bool {
+    matches!(confirmation, Confirmation::Ack(None))
+}
+
+/// Why a published message was not taken, for the log.
+fn refusal(confirmation: &Confirmation, queue: &str) -> String {
+    match confirmation {
+        Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => format!(
+            "a published message was returned unroutable: the queue {queue} is gone \
+             (declared again on reconnecting)"
+        ),
+        _ => "the broker refused a published message".to_owned(),
+    }
 }
 
 /// The text a failure carries, for the log.
