@@ -375,7 +375,7 @@ fn count(option: &'static str, value: usize, min: usize, max: usize) -> Result<(
 }
 
 /// Checks that a duration lies in `min..=max`.
-fn duration(
+pub(crate) fn duration(
     option: &'static str,
     value: Duration,
     min: Duration,

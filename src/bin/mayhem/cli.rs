@@ -331,24 +331,14 @@ impl Cli {
         }
         // The Redis settings the source would refuse only once connecting, or that would
         // hammer the server: refused here, named by their flags, before anything starts.
-        if self.consumer_ttl < MIN_CONSUMER_TTL || self.consumer_ttl > MAX_REDIS_INTERVAL {
-            return Err(format!(
-                "invalid value '{}' for '--consumer-ttl': must be between {} and {}",
-                humantime::format_duration(self.consumer_ttl),
-                humantime::format_duration(MIN_CONSUMER_TTL),
-                humantime::format_duration(MAX_REDIS_INTERVAL)
-            ));
+        #[cfg(feature = "redis")]
+        mayhem::RedisConfig {
+            liveness_ttl: self.consumer_ttl,
+            trim_interval: self.trim_interval,
+            ..mayhem::RedisConfig::default()
         }
-        if !self.trim_interval.is_zero()
-            && (self.trim_interval < MIN_TRIM_INTERVAL || self.trim_interval > MAX_REDIS_INTERVAL)
-        {
-            return Err(format!(
-                "invalid value '{}' for '--trim-interval': must be 0 (never) or between {} and {}",
-                humantime::format_duration(self.trim_interval),
-                humantime::format_duration(MIN_TRIM_INTERVAL),
-                humantime::format_duration(MAX_REDIS_INTERVAL)
-            ));
-        }
+        .validate()
+        .map_err(|error| error.to_string())?;
         Ok(())
     }
 
@@ -364,15 +354,6 @@ impl Cli {
         }
     }
 }
-
-/// Shortest `--consumer-ttl` (the Redis source refuses less): the liveness key is refreshed
-/// five times per ttl.
-const MIN_CONSUMER_TTL: Duration = Duration::from_millis(100);
-/// Shortest `--trim-interval` above zero: each pass is a script call on the server (at most
-/// a hundred a second).
-const MIN_TRIM_INTERVAL: Duration = Duration::from_millis(10);
-/// Longest `--consumer-ttl` and `--trim-interval`.
-const MAX_REDIS_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Parses a duration like `250ms`, `2s` or `1m 30s`; a bare `0` means none.
 fn duration(text: &str) -> Result<Duration, String> {

@@ -108,7 +108,7 @@ use log::{error, warn};
 use redis::Client;
 use slab::Slab;
 
-use crate::error::SourceError;
+use crate::error::{ConfigError, SourceError};
 use crate::shutdown::Shutdown;
 use crate::source::{Envelope, Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
@@ -179,6 +179,57 @@ pub struct RedisConfig {
     pub trim_interval: Duration,
     /// Approximate bound of the dead-letter stream's length (`XADD ... MAXLEN ~`).
     pub dead_letter_max: u64,
+}
+
+/// Shortest [`RedisConfig::liveness_ttl`]: the key is refreshed five times per time to live.
+pub const MIN_LIVENESS_TTL: Duration = Duration::from_millis(100);
+/// Shortest [`RedisConfig::trim_interval`] above zero: each pass is a script call on the
+/// server (at most a hundred a second).
+pub const MIN_TRIM_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest [`RedisConfig::liveness_ttl`] and [`RedisConfig::trim_interval`].
+pub const MAX_REDIS_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
+impl RedisConfig {
+    /// Checks the intervals: [`liveness_ttl`](Self::liveness_ttl) between
+    /// [`MIN_LIVENESS_TTL`] and [`MAX_REDIS_INTERVAL`], [`trim_interval`](Self::trim_interval)
+    /// zero (never) or between [`MIN_TRIM_INTERVAL`] and [`MAX_REDIS_INTERVAL`].
+    /// [`RedisSource::connect`] checks them too.
+    ///
+    /// # Errors
+    ///
+    /// The first bad value, named by its command-line flag (`--consumer-ttl`,
+    /// `--trim-interval`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = mayhem::RedisConfig {
+    ///     trim_interval: Duration::from_nanos(1),
+    ///     ..mayhem::RedisConfig::default()
+    /// };
+    /// assert_eq!(config.validate().unwrap_err().option, "--trim-interval");
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::config::duration(
+            "--consumer-ttl",
+            self.liveness_ttl,
+            MIN_LIVENESS_TTL,
+            MAX_REDIS_INTERVAL,
+        )?;
+        if !self.trim_interval.is_zero()
+            && !(MIN_TRIM_INTERVAL..=MAX_REDIS_INTERVAL).contains(&self.trim_interval)
+        {
+            return Err(ConfigError::new(
+                "--trim-interval",
+                humantime::format_duration(self.trim_interval),
+                format!(
+                    "must be 0 (never) or between {} and {}",
+                    humantime::format_duration(MIN_TRIM_INTERVAL),
+                    humantime::format_duration(MAX_REDIS_INTERVAL)
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for RedisConfig {
@@ -373,12 +424,9 @@ impl RedisSource {
                 "ack deadline and max attempts must be above zero".to_owned(),
             ));
         }
-        if config.liveness_ttl < Duration::from_millis(100) {
-            return Err(SourceError::Backend(format!(
-                "liveness ttl {} is below 100ms",
-                humantime::format_duration(config.liveness_ttl)
-            )));
-        }
+        config
+            .validate()
+            .map_err(|error| SourceError::Backend(error.to_string()))?;
         parse_url(&config.url)?;
         let client = Client::open(config.url.as_str()).map_err(|error| {
             SourceError::Backend(format!(
@@ -810,6 +858,41 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intervals_are_checked_against_their_bounds() {
+        let with = |liveness_ttl, trim_interval| RedisConfig {
+            liveness_ttl,
+            trim_interval,
+            ..RedisConfig::default()
+        };
+        let ms = Duration::from_millis;
+        for (ttl, trim, refused) in [
+            (MIN_LIVENESS_TTL, Duration::ZERO, None),
+            (MAX_REDIS_INTERVAL, MIN_TRIM_INTERVAL, None),
+            (ms(100), MAX_REDIS_INTERVAL, None),
+            (ms(99), ms(1000), Some("--consumer-ttl")),
+            (MAX_REDIS_INTERVAL + ms(1), ms(1000), Some("--consumer-ttl")),
+            (ms(5000), ms(9), Some("--trim-interval")),
+            (
+                ms(5000),
+                MAX_REDIS_INTERVAL + ms(1),
+                Some("--trim-interval"),
+            ),
+        ] {
+            let checked = with(ttl, trim).validate();
+            assert_eq!(
+                checked.as_ref().err().map(|e| e.option),
+                refused,
+                "{checked:?}"
+            );
+        }
+        // Connecting checks them too, before any connection attempt.
+        assert!(matches!(
+            RedisSource::connect(with(ms(5000), Duration::from_nanos(1))),
+            Err(SourceError::Backend(text)) if text.contains("--trim-interval")
+        ));
+    }
 
     #[test]
     fn connect_refuses_bad_urls_and_settings() {
