@@ -1575,6 +1575,54 @@ fn messages_n_completes_for_a_shared_group() {
 }
 
 #[test]
+fn messages_n_waits_for_its_own_messages_when_the_stream_held_others() {
+    // `--messages N` with publishers completed as soon as this instance had acked or
+    // dead-lettered N entries of any origin: with entries left in the stream (messages of an
+    // earlier run, foreign entries that are dead-lettered), it logged "Settled all 5
+    // messages" after publishing one of its 5, and left the rest unhandled in the stream.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    server.cmd(&["XGROUP", "CREATE", "mayhem", "mayhem", "0", "MKSTREAM"]);
+    let leftovers = server.publish("mayhem", 50);
+    for i in 0..50 {
+        server.cmd(&["XADD", "mayhem", "*", "foreign", &i.to_string()]);
+    }
+    let service = Service::start(
+        &server,
+        &[
+            "--messages",
+            "5",
+            "--publish-interval",
+            "50ms",
+            "--handler-latency",
+            "0",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--report",
+            "json",
+        ],
+    );
+    let (status, lines, report) = service.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(field(&report, "published"), 5.0, "{report}");
+    // Its own five and the fifty leftovers, each acked once; the foreign entries
+    // dead-lettered; nothing left in the group.
+    let acked = acked_names(&lines);
+    assert_eq!(acked.len(), 55, "{acked:?}");
+    assert_eq!(counts(&acked).len(), 55, "{acked:?}");
+    assert!(leftovers.iter().all(|name| acked.contains(name)));
+    assert_eq!(field(&report, "dead_lettered"), 50.0, "{report}");
+    assert_eq!(
+        server.group("mayhem", "mayhem").map(|g| (g.0, g.1)),
+        Some((0, 0))
+    );
+}
+
+#[test]
 fn a_fast_redis_soak_with_fixed_seeds_loses_nothing() {
     // The fast subset of `make soak`'s Redis runs: three fixed seeds, four waves each, run
     // side by side (each has its own server and instances).

@@ -286,7 +286,8 @@ pub trait Source: Send + Sync {
     fn nack_all(&self) -> usize;
 
     /// Messages that reached a final state (acked or dead-lettered), as far as this source
-    /// can tell; `--messages N` completes when it reaches N. Cheap to call often.
+    /// can tell; `--messages N` completes when it reaches N (and the run's publishers
+    /// published N). Cheap to call often.
     fn settled(&self) -> u64;
 
     /// What the source alone knows.

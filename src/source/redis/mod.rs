@@ -652,15 +652,20 @@ impl Source for RedisSource {
         count
     }
 
-    /// Acks and dead letters this instance had confirmed; once the whole group has drained
-    /// (every entry delivered, none pending), at least every message published through this
-    /// source: `--messages N` on a shared group completes when the instance published its N
-    /// and the group settled everything, whoever handled it.
+    /// For a source that published: the messages it published that the group is known to
+    /// have settled (all of them once the whole group drained: every entry delivered, none
+    /// pending), so `--messages N` on a shared group completes when the instance published
+    /// its N and the group settled everything, whoever handled it. This instance's own acks
+    /// and dead letters do not count then: they include entries it did not publish (another
+    /// instance's messages, entries left from an earlier run, foreign entries dead-lettered),
+    /// and counting them ended a run before its own messages were handled. For a source
+    /// that did not publish: the acks and dead letters this instance had confirmed.
     fn settled(&self) -> u64 {
-        self.core
-            .settled
-            .load(Ordering::Relaxed)
-            .max(self.core.group_settled.load(Ordering::SeqCst))
+        if self.core.published.load(Ordering::SeqCst) > 0 {
+            self.core.group_settled.load(Ordering::SeqCst)
+        } else {
+            self.core.settled.load(Ordering::Relaxed)
+        }
     }
 
     /// The counters; `remaining` is what the whole group has left (entries not yet
