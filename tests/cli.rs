@@ -56,6 +56,46 @@ fn sigquit_shuts_down_cleanly() {
 }
 
 #[test]
+fn sigusr1_and_sigusr2_are_logged_and_ignored() {
+    // Their default action ended the process at once: no shutdown, no report.
+    let mut service = Service::start(&[
+        "--publish-interval",
+        "10ms",
+        "--handler-latency",
+        "20ms",
+        "--seed",
+        "1",
+        "--report",
+        "json",
+    ]);
+    service.wait_for("Handling");
+    service.signal("SIGUSR1");
+    service.wait_for("Ignoring signal SIGUSR1");
+    // More than one a second is not logged line by line; SIGUSR2 is ignored as well, and
+    // neither counts as a first signal of the shutdown.
+    for _ in 0..20 {
+        service.signal("SIGUSR2");
+    }
+    assert!(
+        matches!(service.child.try_wait(), Ok(None)),
+        "{:#?}",
+        service.seen
+    );
+    service.signal("SIGTERM");
+    let (status, _, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_shutdown_sequence(&lines, "Received exit signal SIGTERM...");
+    assert!(stdout.contains("\"reason\":\"signal\""), "{stdout}");
+    assert_balanced(&stdout);
+    let ignored = lines
+        .iter()
+        .filter(|line| line.contains("Ignoring signal"))
+        .count();
+    // One line, or a few on a machine so slow that the twenty `kill`s took seconds.
+    assert!((1..=5).contains(&ignored), "{lines:#?}");
+}
+
+#[test]
 fn a_second_signal_forces_exit_130() {
     let mut service = Service::start(&[
         "--publish-interval",

@@ -15,6 +15,7 @@ MAYHEM_* variable; the command line wins. --report and --log-level ignore case.
 
 Signals: SIGINT, SIGTERM, SIGHUP and SIGQUIT start the graceful shutdown (stop pulling, give
 handlers --grace-period, nack the rest, print the report); a second one exits 130 at once.
+SIGUSR1 and SIGUSR2 are logged and ignored.
 
 Exit codes: 0 graceful shutdown (after a signal, also during start-up, or --messages settled),
 1 a handler panicked, the source failed for good, or the shutdown took longer than
