@@ -1254,6 +1254,14 @@ fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
         .filter(|l| l.contains("refuses commands"))
         .count();
     assert!((1..=3).contains(&refusals), "{}", lines.join("\n"));
+    // The refusal names the stream: Redis's WRONGTYPE does not say which key it is.
+    assert!(
+        lines.iter().any(
+            |l| l.contains("WRONGTYPE") && l.contains("mayhem and mayhem:dead must be streams")
+        ),
+        "{}",
+        lines.join("\n")
+    );
     let noisy = lines
         .iter()
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
@@ -1261,6 +1269,29 @@ fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
     assert!(noisy <= 10, "{}", lines.join("\n"));
     assert!(
         lines.iter().any(|l| l.contains("failing for")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn a_stream_key_of_another_type_at_start_up_is_named() {
+    // Redis's WRONGTYPE error names no key: the start-up error said only "Operation against
+    // a key holding the wrong kind of value", for 30 seconds of retries, then exit 1.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    server.cmd(&["RPUSH", "jobs", "a", "b"]);
+    let service = Service::start(
+        &server,
+        &[&QUIET[..], &["--stream", "jobs", "--reconnect-limit", "1s"]].concat(),
+    );
+    let (status, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    assert!(lines.len() <= 3, "{}", lines.join("\n"));
+    let last = lines.last().map_or("", String::as_str);
+    assert!(
+        last.contains("WRONGTYPE") && last.contains("jobs and jobs:dead must be streams"),
         "{}",
         lines.join("\n")
     );
