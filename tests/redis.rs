@@ -1653,6 +1653,115 @@ fn messages_n_waits_for_its_own_messages_when_the_stream_held_others() {
     );
 }
 
+/// A loopback proxy to a Redis server that swallows the answer to the first lease script
+/// dead-lettering anything: Redis runs the script, but its client never hears back, as when
+/// a script copying huge entries outlasts the client's socket timeout. Everything else is
+/// passed through.
+struct SwallowingProxy {
+    port: u16,
+    /// Set once an answer was swallowed.
+    swallowed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SwallowingProxy {
+    fn start(upstream: u16) -> SwallowingProxy {
+        use std::io::Write;
+        use std::net::TcpStream;
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let swallowed = Arc::new(AtomicBool::new(false));
+        let armed = Arc::clone(&swallowed);
+        // Threads, one per direction of each connection: a test proxy carries a handful.
+        thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                // Whether this connection's answers are swallowed from now on.
+                let mute = Arc::new(AtomicBool::new(false));
+                let (Ok(mut from_client), Ok(mut to_server)) =
+                    (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                let (muting, armed) = (Arc::clone(&mute), Arc::clone(&armed));
+                thread::spawn(move || {
+                    let mut buffer = vec![0; 1 << 16];
+                    while let Ok(read @ 1..) = from_client.read(&mut buffer) {
+                        let chunk = &buffer[..read];
+                        // The lease script's operation name as a bulk string: muted before
+                        // the command goes on, so that no part of its answer slips through.
+                        let dead = chunk.windows(10).any(|w| w == b"$4\r\ndead\r\n");
+                        if dead && !armed.swap(true, Ordering::SeqCst) {
+                            muting.store(true, Ordering::SeqCst);
+                        }
+                        if to_server.write_all(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_server.shutdown(std::net::Shutdown::Both);
+                });
+                let (Ok(mut from_server), Ok(mut to_client)) =
+                    (server.try_clone(), client.try_clone())
+                else {
+                    continue;
+                };
+                thread::spawn(move || {
+                    let mut buffer = vec![0; 1 << 16];
+                    while let Ok(read @ 1..) = from_server.read(&mut buffer) {
+                        if !mute.load(Ordering::SeqCst)
+                            && to_client.write_all(&buffer[..read]).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = to_client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        SwallowingProxy { port, swallowed }
+    }
+}
+
+#[test]
+fn entries_that_are_not_messages_are_counted_when_the_answer_to_their_dead_letter_is_lost() {
+    // A dead letter of entries that are not messages whose answer was lost (ten entries of
+    // 16 MiB: the script outlasted the socket timeout) was done by Redis but never counted:
+    // the report said 0 dead letters, and `--messages 10 --publishers 0` never completed.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    server.cmd(&["XGROUP", "CREATE", "mayhem", "mayhem", "0", "MKSTREAM"]);
+    for i in 0..10 {
+        server.cmd(&["XADD", "mayhem", "*", "foreign", &i.to_string()]);
+    }
+    let proxy = SwallowingProxy::start(server.port);
+    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &format!("redis://127.0.0.1:{}/0", proxy.port)])
+        .args(["--log-level", "info", "--messages", "10"])
+        .args(QUIET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    let (status, lines, report) = Service::adopt(child).finish();
+    assert!(
+        proxy.swallowed.load(Ordering::SeqCst),
+        "no dead letter went through the proxy:\n{}",
+        lines.join("\n")
+    );
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(field(&report, "dead_lettered"), 10.0, "{report}");
+    assert_eq!(server.xlen("mayhem:dead"), 10);
+    assert_eq!(
+        server.group("mayhem", "mayhem").map(|g| (g.0, g.1)),
+        Some((0, 0))
+    );
+}
+
 #[test]
 fn a_fast_redis_soak_with_fixed_seeds_loses_nothing() {
     // The fast subset of `make soak`'s Redis runs: three fixed seeds, four waves each, run
