@@ -979,6 +979,38 @@ fn confirms_outstanding_at_an_interrupt_are_still_awaited() {
 }
 
 #[test]
+fn remaining_keeps_the_broker_s_last_count_while_it_does_not_answer() {
+    // A broker that did not answer made `remaining` (the report's, and `/metrics`'s
+    // `mayhem_remaining`) read 0, as if the queue had drained.
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("remaining");
+    let proxy = Proxy::start(server.port);
+    let source = AmqpSource::connect(AmqpConfig {
+        url: proxy.url(),
+        queue: queue.clone(),
+        reconnect_limit: Duration::from_secs(10),
+        ..AmqpConfig::default()
+    })
+    .expect("connect");
+    let batch: Vec<Envelope> = (0..5u128)
+        .map(|i| {
+            let id = mayhem::Uuid::from_u128(i + 1);
+            let name = format!("cattle-r{i:03}");
+            Envelope::from(PubSubMessage::from_parts(id, &name).expect("a valid name"))
+        })
+        .collect();
+    source.publish(&batch).expect("publish");
+    assert_eq!(source.wait_confirmed(PATIENCE), 0);
+    let end = Instant::now() + PATIENCE;
+    while source.stats().remaining != 5 {
+        assert!(Instant::now() < end, "{:?}", source.stats());
+        thread::sleep(Duration::from_millis(20));
+    }
+    proxy.cut();
+    assert_eq!(source.stats().remaining, 5);
+}
+
+#[test]
 fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("unconfirmed");

@@ -369,6 +369,9 @@ struct Core {
     /// The epoch of the current link, 0 while there is none: acks check leases against it
     /// without taking any lock a connection attempt may hold.
     live_epoch: AtomicU64,
+    /// The queue's ready messages as the broker last told them (for `stats` while the broker
+    /// does not answer).
+    last_ready: AtomicU64,
     /// Held by the one thread trying to connect.
     connecting: Mutex<()>,
     /// Connection health and the reconnect schedule.
@@ -522,6 +525,7 @@ impl AmqpSource {
             link: Mutex::new(None),
             next_epoch: AtomicU64::new(1),
             live_epoch: AtomicU64::new(0),
+            last_ready: AtomicU64::new(0),
             connecting: Mutex::new(()),
             health: Mutex::new(Health {
                 failing_since: None,
@@ -1199,7 +1203,8 @@ impl Source for AmqpSource {
     }
 
     /// The counters; `remaining` is the queue's ready messages (asked of the broker, at
-    /// most a quarter of a second) plus the leases this instance holds. Deliveries
+    /// most a quarter of a second; its last answer while it does not answer) plus the leases
+    /// this instance holds. Deliveries
     /// prefetched but not pulled yet, and other instances' leases, are not counted.
     ///
     /// # Blocking
@@ -1210,8 +1215,17 @@ impl Source for AmqpSource {
         core.flush(SHUTDOWN_WAIT);
         let mut stats = *lock(&core.stats);
         let held = lock(&core.leases).slots.len() as u64;
-        let ready = core.count(&core.config.queue);
-        stats.remaining = ready.unwrap_or(0) + held;
+        // A broker that does not answer (stalled, unreachable) does not empty the queue:
+        // its last answer stands, else `remaining` (and `mayhem_remaining`) read 0 as if the
+        // queue had drained.
+        let ready = match core.count(&core.config.queue) {
+            Some(ready) => {
+                core.last_ready.store(ready, Ordering::SeqCst);
+                ready
+            }
+            None => core.last_ready.load(Ordering::SeqCst),
+        };
+        stats.remaining = ready + held;
         stats
     }
 }
