@@ -859,6 +859,9 @@ struct Proxy {
     open: Arc<Mutex<Vec<TcpStream>>>,
     /// Whether new connections are refused.
     down: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether nothing is passed on any more, in either direction, while every connection
+    /// stays open (a stopped server, or a network that drops packets).
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -867,7 +870,9 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy address").port();
         let open = Arc::new(Mutex::new(Vec::new()));
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (accepted, refusing) = (Arc::clone(&open), Arc::clone(&down));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (accepted, refusing, stalling) =
+            (Arc::clone(&open), Arc::clone(&down), Arc::clone(&stalled));
         // Threads, one per direction of each connection: a test proxy carries a handful.
         thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
@@ -881,15 +886,36 @@ impl Proxy {
                     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
                         continue;
                     };
+                    let stalling = Arc::clone(&stalling);
                     thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        use std::io::Write;
+                        let mut buffer = vec![0; 1 << 16];
+                        while let Ok(read @ 1..) = from.read(&mut buffer) {
+                            // A stalled proxy holds what it read, forever.
+                            while stalling.load(Ordering::SeqCst) {
+                                thread::sleep(Duration::from_millis(10));
+                            }
+                            if to.write_all(&buffer[..read]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 }
                 accepted.lock().unwrap().extend([client, server]);
             }
         });
-        Proxy { port, open, down }
+        Proxy {
+            port,
+            open,
+            down,
+            stalled,
+        }
+    }
+
+    /// Passes nothing on any more, keeping every connection open and accepting new ones.
+    fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
     }
 
     /// Shuts every connection down and refuses new ones until [`Proxy::restore`].
@@ -1204,6 +1230,45 @@ fn the_service_gives_up_after_the_reconnect_limit() {
         cut.elapsed() < Duration::from_secs(10),
         "{:?}",
         cut.elapsed()
+    );
+}
+
+#[test]
+fn a_stalled_broker_is_found_out_and_the_service_gives_up_after_the_reconnect_limit() {
+    // A broker that stops answering without closing its connections was noticed only by
+    // RabbitMQ's default heartbeat of 60 s: a consuming instance went on for two minutes
+    // and more before `--reconnect-limit` even began to count.
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("stalled");
+    let proxy = Proxy::start(server.port);
+    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &proxy.url(), "--stream", &queue])
+        .args(["--log-level", "info", "--reconnect-limit", "1s"])
+        .args(QUIET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    let service = Service::adopt(child);
+    service.wait_for("Starting consumer");
+    let stalled = Instant::now();
+    proxy.stall();
+    let (status, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("unavailable for more than 1s")),
+        "{}",
+        lines.join("\n")
+    );
+    // Two heartbeats of 5 s, a connection attempt that times out after 5 s, the limit of
+    // 1 s, and margin.
+    assert!(
+        stalled.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        stalled.elapsed()
     );
 }
 

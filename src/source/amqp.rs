@@ -116,6 +116,13 @@ use crate::Uuid;
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
 /// Longest wait for a connection, its channels and the topology.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The heartbeat asked of the broker, in seconds, unless the URL asks for one
+/// (`?heartbeat=N`). A broker that stops answering without closing the connection (stopped,
+/// or behind a network that drops packets) is found out only when nothing arrived for two
+/// heartbeats; RabbitMQ's own default, 60 s, left a consuming instance two minutes before
+/// `--reconnect-limit` even began to count. Five seconds is the low end of the range
+/// RabbitMQ's documentation recommends.
+const HEARTBEAT_SECS: u16 = 5;
 /// Longest wait for the confirms of one published batch before the link counts as lost.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most published messages whose confirms are outstanding: `publish` returns once its batch is
@@ -204,7 +211,8 @@ pub fn parse_url(url: &str) -> Result<(), SourceError> {
 }
 
 /// The parsed address. lapin's parser takes the host from the URL's domain only, so an IP
-/// address would become `localhost`: the host is set again as written.
+/// address would become `localhost`: the host is set again as written. The heartbeat is
+/// [`HEARTBEAT_SECS`] unless the URL sets one.
 fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
     let secret = password(url);
     if url.starts_with("amqps://") && !cfg!(feature = "amqp-tls") {
@@ -224,6 +232,7 @@ fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
     if let Some(host) = written_host(url) {
         uri.authority.host = host;
     }
+    uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS.into());
     Ok(uri)
 }
 
@@ -1798,6 +1807,14 @@ mod tests {
         );
         let uri = parse_uri("amqp://[::1]:5673").expect("parses");
         assert_eq!(uri.authority.host, "::1");
+    }
+
+    #[test]
+    fn the_heartbeat_is_short_unless_the_url_sets_one() {
+        let uri = parse_uri("amqp://guest:guest@127.0.0.1:5673/v").expect("parses");
+        assert_eq!(uri.query.heartbeat, Some(HEARTBEAT_SECS.into()));
+        let uri = parse_uri("amqp://127.0.0.1:5673/v?heartbeat=30").expect("parses");
+        assert_eq!(uri.query.heartbeat, Some(30));
     }
 
     #[test]
