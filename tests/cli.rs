@@ -489,6 +489,43 @@ fn log_lines_carry_the_local_offset_when_it_is_not_utc() {
 }
 
 #[test]
+fn a_tz_naming_a_fifo_or_a_device_is_refused_not_read() {
+    // The time zone library reads the file `TZ` names whole: a FIFO nobody writes to hung
+    // the start for good (one signal could not end it), and `TZ=/dev/zero` took memory
+    // until the kernel killed the process. The FIFO is what this test sends: a regression
+    // hangs (and is killed), it does not eat the machine's memory.
+    let fifo = std::env::temp_dir().join(format!("mayhem-tz-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let tz = fifo.to_str().expect("a utf-8 path").to_owned();
+    let args = [
+        "--messages",
+        "2",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+    ];
+    let (status, took, lines, _) = Service::start_with_env(&args, &[("TZ", &tz)]).finish();
+    let _ = std::fs::remove_file(&fifo);
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let warning = format!("WARN: TZ={tz} is not a time zone file");
+    assert!(
+        lines.iter().any(|line| line.contains(&warning)),
+        "{lines:#?}"
+    );
+    // UTC: no offset after the time.
+    for line in &lines {
+        assert_eq!(line.as_bytes().get(12), Some(&b' '), "{line}");
+    }
+}
+
+#[test]
 fn a_log_filter_sets_levels_per_module() {
     let run = |level: &str, filter: &str| {
         let (status, _, lines, _) = Service::start(&[
