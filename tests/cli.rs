@@ -362,6 +362,38 @@ fn bad_environment_variables_exit_2_naming_the_setting() {
 }
 
 #[test]
+fn values_that_are_not_utf8_are_refused_naming_the_flag_or_variable() {
+    // Clap said only "invalid UTF-8 was detected in one or more arguments".
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let bad = || OsString::from_vec(vec![b'x', 0xff]);
+    let run = |command: &mut Command| {
+        let output = command.stdin(Stdio::null()).output().expect("run mayhem");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--messages", "1"])
+        .env("MAYHEM_STREAM", bad()));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: invalid value for 'MAYHEM_STREAM' (the variable of '--stream'): not valid \
+         UTF-8\n"
+    );
+    let (code, stderr) = run(Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .arg("--workers")
+        .arg(bad()));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: invalid value for '--workers': not valid UTF-8\n"
+    );
+}
+
+#[test]
 fn help_exits_0() {
     let (status, _, _, stdout) = Service::start(&["--help"]).finish();
     assert_eq!(status.code(), Some(0));

@@ -110,6 +110,11 @@ fn run(
     startup: Sender<Startup>,
     startup_events: Receiver<Startup>,
 ) -> ExitCode {
+    // Clap refuses a value that is not UTF-8 without naming its flag or variable.
+    if let Err(error) = cli::check_utf8(std::env::args_os(), |name| std::env::var_os(name)) {
+        usage_error(&format!("error: {error}"));
+        return ExitCode::from(EXIT_USAGE);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
