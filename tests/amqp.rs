@@ -1005,6 +1005,70 @@ fn confirms_outstanding_at_an_interrupt_are_still_awaited() {
 }
 
 #[test]
+fn messages_that_are_not_mayhem_messages_are_dead_lettered_and_counted_once() {
+    // Each was counted twice in `dead_lettered`: once when pulled, once when its dead
+    // letter was sent.
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("foreign");
+    let source = server.source(&queue, Duration::from_secs(60), 5);
+    // Three messages another program published: no message id, a body that is not an
+    // instance name, a message id that is not a UUID.
+    smol::block_on(async {
+        let connection = lapin::Connection::connect(&server.url(), Default::default())
+            .await
+            .expect("connect");
+        let channel = connection.create_channel().await.expect("a channel");
+        let properties = [
+            lapin::BasicProperties::default(),
+            lapin::BasicProperties::default()
+                .with_message_id("00000000-0000-0000-0000-000000000001".into()),
+            lapin::BasicProperties::default().with_message_id("not-a-uuid".into()),
+        ];
+        let bodies: [&[u8]; 3] = [b"cattle-abcd", b"\xff\xfe", b"cattle-abcd"];
+        for (body, properties) in bodies.into_iter().zip(properties) {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    Default::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("the broker takes it");
+        }
+        connection.close(200, "done".into()).await.expect("close");
+    });
+    wait_for_dead_letters_after_pulls(&source, 3);
+    assert_eq!(source.stats().dead_lettered, 3, "{:?}", source.stats());
+    assert_eq!(source.settled(), 3);
+}
+
+/// Pulls (which dead-letters what is not a message) until the dead-letter queue holds
+/// `count`.
+fn wait_for_dead_letters_after_pulls(source: &AmqpSource, count: u64) {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let mut leases = Vec::new();
+        source
+            .pull(10, Duration::from_millis(100), &mut leases)
+            .expect("pull");
+        assert!(leases.is_empty(), "{} messages pulled", leases.len());
+        if source.dead_letter_count() == Ok(count) && source.settled() >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "dead letters: {:?}, settled {}",
+            source.dead_letter_count(),
+            source.settled()
+        );
+    }
+}
+
+#[test]
 fn remaining_keeps_the_broker_s_last_count_while_it_does_not_answer() {
     // A broker that did not answer made `remaining` (the report's, and `/metrics`'s
     // `mayhem_remaining`) read 0, as if the queue had drained.

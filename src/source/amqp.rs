@@ -232,7 +232,7 @@ fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
     if let Some(host) = written_host(url) {
         uri.authority.host = host;
     }
-    uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS.into());
+    uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
     Ok(uri)
 }
 
@@ -1109,7 +1109,8 @@ impl Source for AmqpSource {
                                 core.config.queue
                             );
                         }
-                        lock(&core.stats).dead_lettered += 1;
+                        // Counted once the dead letter is sent, as every other one (the
+                        // worker's count): counting it here too counted it twice.
                         bad.push(Op {
                             kind: OpKind::Dead,
                             tag: delivery.delivery_tag,
@@ -1812,7 +1813,7 @@ mod tests {
     #[test]
     fn the_heartbeat_is_short_unless_the_url_sets_one() {
         let uri = parse_uri("amqp://guest:guest@127.0.0.1:5673/v").expect("parses");
-        assert_eq!(uri.query.heartbeat, Some(HEARTBEAT_SECS.into()));
+        assert_eq!(uri.query.heartbeat, Some(HEARTBEAT_SECS));
         let uri = parse_uri("amqp://127.0.0.1:5673/v?heartbeat=30").expect("parses");
         assert_eq!(uri.query.heartbeat, Some(30));
     }
