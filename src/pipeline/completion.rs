@@ -29,23 +29,14 @@ pub(crate) struct Completion<'a> {
 }
 
 impl Completion<'_> {
-    /// Triggers the shutdown if the target is reached: without publishers, once the source
-    /// settled N messages; with publishers, once they published N and the source settled
-    /// N (of those published through it, when it can tell them apart).
+    /// Triggers the shutdown if the target is reached: the source settled N messages, and
+    /// the run's publishers (if any) published N.
     pub(crate) fn check(&self) {
         let Some(target) = self.target else { return };
-        let settled = match self.published {
-            None => self.source.settled(),
-            Some(published) => {
-                if published.load(Ordering::SeqCst) < target {
-                    return;
-                }
-                self.source
-                    .settled_of_published()
-                    .unwrap_or_else(|| self.source.settled())
-            }
-        };
-        if settled >= target {
+        let published = self
+            .published
+            .map_or(target, |published| published.load(Ordering::SeqCst));
+        if published >= target && self.source.settled() >= target {
             self.shutdown.trigger(ShutdownReason::Completed);
         }
     }

@@ -290,17 +290,6 @@ pub trait Source: Send + Sync {
     /// published N). Cheap to call often.
     fn settled(&self) -> u64;
 
-    /// Of the messages published through this client, how many are known to have reached a
-    /// final state, for a source whose [`settled`](Source::settled) count may include
-    /// messages published elsewhere (a shared Redis group: this client's acks of another
-    /// instance's messages, or of entries left from an earlier run). `--messages N` with
-    /// publishers completes on this count when a source gives one. `None` (the default)
-    /// when the source cannot tell, or nothing was published through it. Cheap to call
-    /// often.
-    fn settled_of_published(&self) -> Option<u64> {
-        None
-    }
-
     /// What the source alone knows.
     fn stats(&self) -> SourceStats;
 }

@@ -283,9 +283,6 @@ struct Core {
     settled: AtomicU64,
     /// Messages published through this source that the group is known to have settled.
     group_settled: AtomicU64,
-    /// This instance's settled count when it last asked the maintenance thread to read the
-    /// group's state at once (see `settled`).
-    drain_asked: AtomicU64,
     /// Messages published through this source, readable without a lock.
     published: AtomicU64,
     /// The group's pending and undelivered entries, as last read.
@@ -296,8 +293,7 @@ struct Core {
     interrupted: AtomicBool,
     /// Set when the source is dropped: the threads stop retrying and end.
     closing: Mutex<bool>,
-    /// Wakes the maintenance thread when `closing` is set, or to read the group's state at
-    /// once (a wake that comes while it is not waiting is lost: it reads at its next poll).
+    /// Wakes the maintenance thread when `closing` is set.
     closing_signal: Condvar,
     /// Set when another instance took the consumer name over: pulls fail.
     name_lost: AtomicBool,
@@ -658,42 +654,15 @@ impl Source for RedisSource {
 
     /// Acks and dead letters this instance had confirmed; once the whole group has drained
     /// (every entry delivered, none pending), at least every message published through this
-    /// source.
+    /// source: `--messages N` on a shared group completes when the instance published its N
+    /// and either the group settled everything, whoever handled it, or this instance settled
+    /// N entries itself (its own or others': on a stream where other instances publish
+    /// without end, the group may never drain).
     fn settled(&self) -> u64 {
         self.core
             .settled
             .load(Ordering::Relaxed)
             .max(self.core.group_settled.load(Ordering::SeqCst))
-    }
-
-    /// The messages published through this source that the group is known to have settled
-    /// (all of them once the whole group drained: every entry delivered, none pending), so
-    /// that `--messages N` on a shared group completes when the instance published its N
-    /// and the group settled everything, whoever handled it. This instance's own acks and
-    /// dead letters cannot say it: they include entries it did not publish (another
-    /// instance's messages, entries left from an earlier run, foreign entries
-    /// dead-lettered), and counting them ended a run before its own messages were handled.
-    /// `None` when nothing was published through this source.
-    fn settled_of_published(&self) -> Option<u64> {
-        let core = &self.core;
-        let published = core.published.load(Ordering::SeqCst);
-        if published == 0 {
-            return None;
-        }
-        let group = core.group_settled.load(Ordering::SeqCst);
-        if group < published {
-            // The group has most likely drained once this instance settled as many as it
-            // published (alone on its stream, it has): the maintenance thread is asked to
-            // read the group's state now instead of at its next poll, a tenth of a second
-            // later, once per change of this count. (The condition variable also wakes
-            // threads napping between retries; they find their backoff not over and nap
-            // again.)
-            let own = core.settled.load(Ordering::Relaxed);
-            if own >= published && core.drain_asked.swap(own, Ordering::SeqCst) != own {
-                core.closing_signal.notify_all();
-            }
-        }
-        Some(group)
     }
 
     /// The counters; `remaining` is what the whole group has left (entries not yet
@@ -806,7 +775,6 @@ impl Core {
             stats: Mutex::new(SourceStats::default()),
             settled: AtomicU64::new(0),
             group_settled: AtomicU64::new(0),
-            drain_asked: AtomicU64::new(0),
             published: AtomicU64::new(0),
             remaining: AtomicU64::new(0),
             queued: Outstanding::default(),
