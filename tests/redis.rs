@@ -1235,6 +1235,23 @@ fn a_port_that_is_not_redis_gives_a_one_line_error() {
 }
 
 #[test]
+fn a_short_password_does_not_mangle_the_error_text() {
+    // Every occurrence of the password in an error text was replaced: with the password
+    // `i`, "Connection refused" read "Connect***on refused". No server is needed: nothing
+    // listens on the port.
+    let url = format!("redis://:i@127.0.0.1:{}/0", free_port());
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &url, "--reconnect-limit", "100ms"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(stderr.contains("redis://:***@127.0.0.1:"), "{stderr}");
+}
+
+#[test]
 fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
     // Defect 7: the stream key becomes a string mid-run.
     let Some(server) = Server::start(false) else {

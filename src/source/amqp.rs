@@ -181,14 +181,11 @@ fn written_host(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_owned())
 }
 
-/// Replaces `secret` in `text` and joins its lines into one.
+/// Replaces `secret` in `text` (see [`hide_secret`](crate::source::hide_secret)) and joins
+/// its lines into one.
 fn scrub(text: &str, secret: &str) -> String {
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if secret.is_empty() {
-        text
-    } else {
-        text.replace(secret, "***")
-    }
+    crate::source::hide_secret(&text, secret)
 }
 
 /// Parses an `amqp://USER:PASS@HOST:PORT/VHOST` address (or `amqps://` with the feature

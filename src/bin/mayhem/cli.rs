@@ -651,6 +651,13 @@ mod amqp_tests {
         assert!(!error.contains("s3cret"), "{error}");
         assert!(error.contains("guest:***@127.0.0.1"), "{error}");
         assert!(error.contains("amqp"), "{error}");
+        // A password that is part of words of the message leaves them whole ("invalid ***ort
+        // number" said nothing).
+        let error = Cli::try_parse_from(["mayhem", "--source", "amqp://u:p@127.0.0.1:99999/%2f"])
+            .expect_err("a bad port is refused")
+            .to_string();
+        assert!(error.contains("invalid port number"), "{error}");
+        assert!(error.contains("u:***@127.0.0.1"), "{error}");
     }
 
     #[test]

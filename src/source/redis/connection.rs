@@ -205,11 +205,7 @@ pub(super) fn one_line(text: &str, url: &str) -> String {
 
 /// `text` as one bounded line without `secret`.
 fn scrub(text: &str, secret: &str) -> String {
-    let mut line = if secret.is_empty() {
-        text.to_owned()
-    } else {
-        text.replace(secret, "***")
-    };
+    let mut line = crate::source::hide_secret(text, secret);
     line = line
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
