@@ -886,6 +886,9 @@ struct Proxy {
     open: Arc<Mutex<Vec<TcpStream>>>,
     /// Whether new connections are refused.
     down: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether nothing is passed on any more, in either direction, while every connection
+    /// stays open (a stopped server, or a network that drops packets).
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -894,7 +897,9 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy address").port();
         let open = Arc::new(Mutex::new(Vec::new()));
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (accepted, refusing) = (Arc::clone(&open), Arc::clone(&down));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (accepted, refusing, stalling) =
+            (Arc::clone(&open), Arc::clone(&down), Arc::clone(&stalled));
         // Threads, one per direction of each connection: a test proxy carries a handful.
         thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
@@ -908,15 +913,36 @@ impl Proxy {
                     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
                         continue;
                     };
+                    let stalling = Arc::clone(&stalling);
                     thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        use std::io::Write;
+                        let mut buffer = vec![0; 1 << 16];
+                        while let Ok(read @ 1..) = from.read(&mut buffer) {
+                            // A stalled proxy holds what it read, forever.
+                            while stalling.load(Ordering::SeqCst) {
+                                thread::sleep(Duration::from_millis(10));
+                            }
+                            if to.write_all(&buffer[..read]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 }
                 accepted.lock().unwrap().extend([client, server]);
             }
         });
-        Proxy { port, open, down }
+        Proxy {
+            port,
+            open,
+            down,
+            stalled,
+        }
+    }
+
+    /// Passes nothing on any more, keeping every connection open and accepting new ones.
+    fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
     }
 
     /// Shuts every connection down and refuses new ones until [`Proxy::restore`].
@@ -1016,6 +1042,102 @@ fn confirms_outstanding_at_an_interrupt_are_still_awaited() {
     ));
     assert_eq!(source.wait_confirmed(PATIENCE), 0);
     assert_eq!(source.stats().published, 300);
+}
+
+#[test]
+fn messages_that_are_not_mayhem_messages_are_dead_lettered_and_counted_once() {
+    // Each was counted twice in `dead_lettered`: once when pulled, once when its dead
+    // letter was sent.
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("foreign");
+    let source = server.source(&queue, Duration::from_secs(60), 5);
+    // Three messages another program published: no message id, a body that is not an
+    // instance name, a message id that is not a UUID.
+    smol::block_on(async {
+        let connection = lapin::Connection::connect(&server.url(), Default::default())
+            .await
+            .expect("connect");
+        let channel = connection.create_channel().await.expect("a channel");
+        let properties = [
+            lapin::BasicProperties::default(),
+            lapin::BasicProperties::default()
+                .with_message_id("00000000-0000-0000-0000-000000000001".into()),
+            lapin::BasicProperties::default().with_message_id("not-a-uuid".into()),
+        ];
+        let bodies: [&[u8]; 3] = [b"cattle-abcd", b"\xff\xfe", b"cattle-abcd"];
+        for (body, properties) in bodies.into_iter().zip(properties) {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    Default::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("the broker takes it");
+        }
+        connection.close(200, "done".into()).await.expect("close");
+    });
+    wait_for_dead_letters_after_pulls(&source, 3);
+    assert_eq!(source.stats().dead_lettered, 3, "{:?}", source.stats());
+    assert_eq!(source.settled(), 3);
+}
+
+/// Pulls (which dead-letters what is not a message) until the dead-letter queue holds
+/// `count`.
+fn wait_for_dead_letters_after_pulls(source: &AmqpSource, count: u64) {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let mut leases = Vec::new();
+        source
+            .pull(10, Duration::from_millis(100), &mut leases)
+            .expect("pull");
+        assert!(leases.is_empty(), "{} messages pulled", leases.len());
+        if source.dead_letter_count() == Ok(count) && source.settled() >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "dead letters: {:?}, settled {}",
+            source.dead_letter_count(),
+            source.settled()
+        );
+    }
+}
+
+#[test]
+fn remaining_keeps_the_broker_s_last_count_while_it_does_not_answer() {
+    // A broker that did not answer made `remaining` (the report's, and `/metrics`'s
+    // `mayhem_remaining`) read 0, as if the queue had drained.
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("remaining");
+    let proxy = Proxy::start(server.port);
+    let source = AmqpSource::connect(AmqpConfig {
+        url: proxy.url(),
+        queue: queue.clone(),
+        reconnect_limit: Duration::from_secs(10),
+        ..AmqpConfig::default()
+    })
+    .expect("connect");
+    let batch: Vec<Envelope> = (0..5u128)
+        .map(|i| {
+            let id = mayhem::Uuid::from_u128(i + 1);
+            let name = format!("cattle-r{i:03}");
+            Envelope::from(PubSubMessage::from_parts(id, &name).expect("a valid name"))
+        })
+        .collect();
+    source.publish(&batch).expect("publish");
+    assert_eq!(source.wait_confirmed(PATIENCE), 0);
+    let end = Instant::now() + PATIENCE;
+    while source.stats().remaining != 5 {
+        assert!(Instant::now() < end, "{:?}", source.stats());
+        thread::sleep(Duration::from_millis(20));
+    }
+    proxy.cut();
+    assert_eq!(source.stats().remaining, 5);
 }
 
 #[test]
@@ -1328,6 +1450,45 @@ fn the_last_report_of_a_lone_instance_balances() {
         published,
         field(&report, "acked") + field(&report, "dead_lettered") + field(&report, "remaining"),
         "{report}"
+    );
+}
+
+#[test]
+fn a_stalled_broker_is_found_out_and_the_service_gives_up_after_the_reconnect_limit() {
+    // A broker that stops answering without closing its connections was noticed only by
+    // RabbitMQ's default heartbeat of 60 s: a consuming instance went on for two minutes
+    // and more before `--reconnect-limit` even began to count.
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("stalled");
+    let proxy = Proxy::start(server.port);
+    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &proxy.url(), "--stream", &queue])
+        .args(["--log-level", "info", "--reconnect-limit", "1s"])
+        .args(QUIET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    let service = Service::adopt(child);
+    service.wait_for("Starting consumer");
+    let stalled = Instant::now();
+    proxy.stall();
+    let (status, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("unavailable for more than 1s")),
+        "{}",
+        lines.join("\n")
+    );
+    // Two heartbeats of 5 s, a connection attempt that times out after 5 s, the limit of
+    // 1 s, and margin.
+    assert!(
+        stalled.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        stalled.elapsed()
     );
 }
 

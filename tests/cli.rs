@@ -56,6 +56,46 @@ fn sigquit_shuts_down_cleanly() {
 }
 
 #[test]
+fn sigusr1_and_sigusr2_are_logged_and_ignored() {
+    // Their default action ended the process at once: no shutdown, no report.
+    let mut service = Service::start(&[
+        "--publish-interval",
+        "10ms",
+        "--handler-latency",
+        "20ms",
+        "--seed",
+        "1",
+        "--report",
+        "json",
+    ]);
+    service.wait_for("Handling");
+    service.signal("SIGUSR1");
+    service.wait_for("Ignoring signal SIGUSR1");
+    // More than one a second is not logged line by line; SIGUSR2 is ignored as well, and
+    // neither counts as a first signal of the shutdown.
+    for _ in 0..20 {
+        service.signal("SIGUSR2");
+    }
+    assert!(
+        matches!(service.child.try_wait(), Ok(None)),
+        "{:#?}",
+        service.seen
+    );
+    service.signal("SIGTERM");
+    let (status, _, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_shutdown_sequence(&lines, "Received exit signal SIGTERM...");
+    assert!(stdout.contains("\"reason\":\"signal\""), "{stdout}");
+    assert_balanced(&stdout);
+    let ignored = lines
+        .iter()
+        .filter(|line| line.contains("Ignoring signal"))
+        .count();
+    // One line, or a few on a machine so slow that the twenty `kill`s took seconds.
+    assert!((1..=5).contains(&ignored), "{lines:#?}");
+}
+
+#[test]
 fn a_second_signal_forces_exit_130() {
     let mut service = Service::start(&[
         "--publish-interval",
@@ -322,6 +362,38 @@ fn bad_environment_variables_exit_2_naming_the_setting() {
 }
 
 #[test]
+fn values_that_are_not_utf8_are_refused_naming_the_flag_or_variable() {
+    // Clap said only "invalid UTF-8 was detected in one or more arguments".
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let bad = || OsString::from_vec(vec![b'x', 0xff]);
+    let run = |command: &mut Command| {
+        let output = command.stdin(Stdio::null()).output().expect("run mayhem");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--messages", "1"])
+        .env("MAYHEM_STREAM", bad()));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: invalid value for 'MAYHEM_STREAM' (the variable of '--stream'): not valid \
+         UTF-8\n"
+    );
+    let (code, stderr) = run(Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .arg("--workers")
+        .arg(bad()));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: invalid value for '--workers': not valid UTF-8\n"
+    );
+}
+
+#[test]
 fn help_exits_0() {
     let (status, _, _, stdout) = Service::start(&["--help"]).finish();
     assert_eq!(status.code(), Some(0));
@@ -443,6 +515,43 @@ fn log_lines_carry_the_local_offset_when_it_is_not_utc() {
     }
     let (status, _, lines, _) = Service::start_with_env(&args, &[("TZ", "UTC")]).finish();
     assert_eq!(status.code(), Some(0), "{lines:#?}");
+    for line in &lines {
+        assert_eq!(line.as_bytes().get(12), Some(&b' '), "{line}");
+    }
+}
+
+#[test]
+fn a_tz_naming_a_fifo_or_a_device_is_refused_not_read() {
+    // The time zone library reads the file `TZ` names whole: a FIFO nobody writes to hung
+    // the start for good (one signal could not end it), and `TZ=/dev/zero` took memory
+    // until the kernel killed the process. The FIFO is what this test sends: a regression
+    // hangs (and is killed), it does not eat the machine's memory.
+    let fifo = std::env::temp_dir().join(format!("mayhem-tz-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let tz = fifo.to_str().expect("a utf-8 path").to_owned();
+    let args = [
+        "--messages",
+        "2",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+    ];
+    let (status, took, lines, _) = Service::start_with_env(&args, &[("TZ", &tz)]).finish();
+    let _ = std::fs::remove_file(&fifo);
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let warning = format!("WARN: TZ={tz} is not a time zone file");
+    assert!(
+        lines.iter().any(|line| line.contains(&warning)),
+        "{lines:#?}"
+    );
+    // UTC: no offset after the time.
     for line in &lines {
         assert_eq!(line.as_bytes().get(12), Some(&b' '), "{line}");
     }

@@ -1270,6 +1270,23 @@ fn a_port_that_is_not_redis_gives_a_one_line_error() {
 }
 
 #[test]
+fn a_short_password_does_not_mangle_the_error_text() {
+    // Every occurrence of the password in an error text was replaced: with the password
+    // `i`, "Connection refused" read "Connect***on refused". No server is needed: nothing
+    // listens on the port.
+    let url = format!("redis://:i@127.0.0.1:{}/0", free_port());
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &url, "--reconnect-limit", "100ms"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(stderr.contains("redis://:***@127.0.0.1:"), "{stderr}");
+}
+
+#[test]
 fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
     // Defect 7: the stream key becomes a string mid-run.
     let Some(server) = Server::start(false) else {
@@ -1289,6 +1306,14 @@ fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
         .filter(|l| l.contains("refuses commands"))
         .count();
     assert!((1..=3).contains(&refusals), "{}", lines.join("\n"));
+    // The refusal names the stream: Redis's WRONGTYPE does not say which key it is.
+    assert!(
+        lines.iter().any(
+            |l| l.contains("WRONGTYPE") && l.contains("mayhem and mayhem:dead must be streams")
+        ),
+        "{}",
+        lines.join("\n")
+    );
     let noisy = lines
         .iter()
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
@@ -1296,6 +1321,29 @@ fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
     assert!(noisy <= 10, "{}", lines.join("\n"));
     assert!(
         lines.iter().any(|l| l.contains("failing for")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn a_stream_key_of_another_type_at_start_up_is_named() {
+    // Redis's WRONGTYPE error names no key: the start-up error said only "Operation against
+    // a key holding the wrong kind of value", for 30 seconds of retries, then exit 1.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    server.cmd(&["RPUSH", "jobs", "a", "b"]);
+    let service = Service::start(
+        &server,
+        &[&QUIET[..], &["--stream", "jobs", "--reconnect-limit", "1s"]].concat(),
+    );
+    let (status, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    assert!(lines.len() <= 3, "{}", lines.join("\n"));
+    let last = lines.last().map_or("", String::as_str);
+    assert!(
+        last.contains("WRONGTYPE") && last.contains("jobs and jobs:dead must be streams"),
         "{}",
         lines.join("\n")
     );
@@ -1607,6 +1655,170 @@ fn messages_n_completes_for_a_shared_group() {
     }
     assert_eq!(all.len(), 300, "each message acked once");
     assert_eq!(counts(&all).len(), 300);
+}
+
+#[test]
+fn messages_n_publishes_all_n_when_the_stream_held_other_entries() {
+    // `--messages N` with publishers completed as soon as this instance had acked or
+    // dead-lettered N entries of any origin: with entries left in the stream (messages of an
+    // earlier run, foreign entries that are dead-lettered), it logged "Settled all 5
+    // messages" after publishing one of its 5.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    server.cmd(&["XGROUP", "CREATE", "mayhem", "mayhem", "0", "MKSTREAM"]);
+    let leftovers = server.publish("mayhem", 50);
+    for i in 0..50 {
+        server.cmd(&["XADD", "mayhem", "*", "foreign", &i.to_string()]);
+    }
+    let service = Service::start(
+        &server,
+        &[
+            "--messages",
+            "5",
+            // Slow enough that the leftovers are handled long before the fifth publish.
+            "--publish-interval",
+            "200ms",
+            "--handler-latency",
+            "0",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--report",
+            "json",
+        ],
+    );
+    let (status, lines, report) = service.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(field(&report, "published"), 5.0, "{report}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|line| line.contains("INFO: Published PubSubMessage("))
+            .count(),
+        5,
+        "{}",
+        lines.join("\n")
+    );
+    // The leftovers acked once each, the foreign entries dead-lettered.
+    let acked = acked_names(&lines);
+    assert!(
+        leftovers.iter().all(|name| acked.contains(name)),
+        "{acked:?}"
+    );
+    assert_eq!(counts(&acked).len(), acked.len(), "{acked:?}");
+    assert_eq!(field(&report, "dead_lettered"), 50.0, "{report}");
+}
+
+/// A loopback proxy to a Redis server that swallows the answer to the first lease script
+/// dead-lettering anything: Redis runs the script, but its client never hears back, as when
+/// a script copying huge entries outlasts the client's socket timeout. Everything else is
+/// passed through.
+struct SwallowingProxy {
+    port: u16,
+    /// Set once an answer was swallowed.
+    swallowed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SwallowingProxy {
+    fn start(upstream: u16) -> SwallowingProxy {
+        use std::io::Write;
+        use std::net::TcpStream;
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let swallowed = Arc::new(AtomicBool::new(false));
+        let armed = Arc::clone(&swallowed);
+        // Threads, one per direction of each connection: a test proxy carries a handful.
+        thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                // Whether this connection's answers are swallowed from now on.
+                let mute = Arc::new(AtomicBool::new(false));
+                let (Ok(mut from_client), Ok(mut to_server)) =
+                    (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                let (muting, armed) = (Arc::clone(&mute), Arc::clone(&armed));
+                thread::spawn(move || {
+                    let mut buffer = vec![0; 1 << 16];
+                    while let Ok(read @ 1..) = from_client.read(&mut buffer) {
+                        let chunk = &buffer[..read];
+                        // The lease script's operation name as a bulk string: muted before
+                        // the command goes on, so that no part of its answer slips through.
+                        let dead = chunk.windows(10).any(|w| w == b"$4\r\ndead\r\n");
+                        if dead && !armed.swap(true, Ordering::SeqCst) {
+                            muting.store(true, Ordering::SeqCst);
+                        }
+                        if to_server.write_all(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_server.shutdown(std::net::Shutdown::Both);
+                });
+                let (Ok(mut from_server), Ok(mut to_client)) =
+                    (server.try_clone(), client.try_clone())
+                else {
+                    continue;
+                };
+                thread::spawn(move || {
+                    let mut buffer = vec![0; 1 << 16];
+                    while let Ok(read @ 1..) = from_server.read(&mut buffer) {
+                        if !mute.load(Ordering::SeqCst)
+                            && to_client.write_all(&buffer[..read]).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = to_client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        SwallowingProxy { port, swallowed }
+    }
+}
+
+#[test]
+fn entries_that_are_not_messages_are_counted_when_the_answer_to_their_dead_letter_is_lost() {
+    // A dead letter of entries that are not messages whose answer was lost (ten entries of
+    // 16 MiB: the script outlasted the socket timeout) was done by Redis but never counted:
+    // the report said 0 dead letters, and `--messages 10 --publishers 0` never completed.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    server.cmd(&["XGROUP", "CREATE", "mayhem", "mayhem", "0", "MKSTREAM"]);
+    for i in 0..10 {
+        server.cmd(&["XADD", "mayhem", "*", "foreign", &i.to_string()]);
+    }
+    let proxy = SwallowingProxy::start(server.port);
+    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", &format!("redis://127.0.0.1:{}/0", proxy.port)])
+        .args(["--log-level", "info", "--messages", "10"])
+        .args(QUIET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    let (status, lines, report) = Service::adopt(child).finish();
+    assert!(
+        proxy.swallowed.load(Ordering::SeqCst),
+        "no dead letter went through the proxy:\n{}",
+        lines.join("\n")
+    );
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(field(&report, "dead_lettered"), 10.0, "{report}");
+    assert_eq!(server.xlen("mayhem:dead"), 10);
+    assert_eq!(
+        server.group("mayhem", "mayhem").map(|g| (g.0, g.1)),
+        Some((0, 0))
+    );
 }
 
 #[test]

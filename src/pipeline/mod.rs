@@ -192,6 +192,9 @@ pub fn run_clients<H: Handler>(
         )));
     }
     let started = Instant::now();
+    // Messages the run's publishers published: `--messages N` completes only once they
+    // published their N (the source's settled count may include messages they did not).
+    let published = AtomicU64::new(0);
     let seed = config.run.seed.unwrap_or_else(|| fastrand::u64(..));
     let leaser = Leaser::new(
         source,
@@ -216,6 +219,7 @@ pub fn run_clients<H: Handler>(
             source,
             shutdown,
             target: config.run.messages,
+            published: (publisher.is_some() && config.publish.publishers > 0).then_some(&published),
         },
     };
     let budget = config.run.messages.map(AtomicU64::new);
@@ -290,6 +294,7 @@ pub fn run_clients<H: Handler>(
                         shutdown,
                         interval: config.publish.interval,
                         budget: budget.as_ref(),
+                        published: &published,
                         seed: seed ^ SEED_STEP.wrapping_mul(index as u64 + 1),
                     };
                     spawn(

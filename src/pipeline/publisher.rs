@@ -30,6 +30,8 @@ pub(crate) struct Publisher<'a> {
     pub(crate) interval: Duration,
     /// Messages still to publish, shared by all publishers; `None` = no limit.
     pub(crate) budget: Option<&'a AtomicU64>,
+    /// Messages published by every publisher, counted once their publish returned.
+    pub(crate) published: &'a AtomicU64,
     /// Seed of this publisher's messages and pauses.
     pub(crate) seed: u64,
 }
@@ -66,6 +68,7 @@ impl Publisher<'_> {
             batch.extend((0..count).map(|_| Envelope::from(PubSubMessage::random(&mut rng))));
             match self.sink.publish(&batch) {
                 Ok(()) => {
+                    self.published.fetch_add(count, Ordering::SeqCst);
                     for envelope in &batch {
                         info!("Published {}", envelope.message);
                     }

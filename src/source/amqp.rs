@@ -132,6 +132,13 @@ use crate::Uuid;
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
 /// Longest wait for a connection, its channels and the topology.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The heartbeat asked of the broker, in seconds, unless the URL asks for one
+/// (`?heartbeat=N`). A broker that stops answering without closing the connection (stopped,
+/// or behind a network that drops packets) is found out only when nothing arrived for two
+/// heartbeats; RabbitMQ's own default, 60 s, left a consuming instance two minutes before
+/// `--reconnect-limit` even began to count. Five seconds is the low end of the range
+/// RabbitMQ's documentation recommends.
+const HEARTBEAT_SECS: u16 = 5;
 /// Longest wait for the confirms of one published batch before the link counts as lost.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most published messages whose confirms are outstanding: `publish` returns once its batch is
@@ -192,14 +199,11 @@ fn written_host(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_owned())
 }
 
-/// Replaces `secret` in `text` and joins its lines into one.
+/// Replaces `secret` in `text` (see [`hide_secret`](crate::source::hide_secret)) and joins
+/// its lines into one.
 fn scrub(text: &str, secret: &str) -> String {
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if secret.is_empty() {
-        text
-    } else {
-        text.replace(secret, "***")
-    }
+    crate::source::hide_secret(&text, secret)
 }
 
 /// Parses an `amqp://USER:PASS@HOST:PORT/VHOST` address (or `amqps://` with the feature
@@ -222,7 +226,8 @@ pub fn parse_url(url: &str) -> Result<(), SourceError> {
 }
 
 /// The parsed address. lapin's parser takes the host from the URL's domain only, so an IP
-/// address would become `localhost`: the host is set again as written.
+/// address would become `localhost`: the host is set again as written. The heartbeat is
+/// [`HEARTBEAT_SECS`] unless the URL sets one.
 fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
     let secret = password(url);
     if url.starts_with("amqps://") && !cfg!(feature = "amqp-tls") {
@@ -242,6 +247,7 @@ fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
     if let Some(host) = written_host(url) {
         uri.authority.host = host;
     }
+    uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
     Ok(uri)
 }
 
@@ -401,6 +407,9 @@ struct Core {
     /// The epoch of the current link, 0 while there is none: acks check leases against it
     /// without taking any lock a connection attempt may hold.
     live_epoch: AtomicU64,
+    /// The queue's ready messages as the broker last told them (for `stats` while the broker
+    /// does not answer).
+    last_ready: AtomicU64,
     /// Held by the one thread trying to connect.
     connecting: Mutex<()>,
     /// Connection health and the reconnect schedule.
@@ -603,6 +612,7 @@ impl Core {
             link: Mutex::new(None),
             next_epoch: AtomicU64::new(1),
             live_epoch: AtomicU64::new(0),
+            last_ready: AtomicU64::new(0),
             connecting: Mutex::new(()),
             health: Mutex::new(Health {
                 failing_since: None,
@@ -1222,7 +1232,8 @@ impl Source for AmqpSource {
                                 core.config.queue
                             );
                         }
-                        lock(&core.stats).dead_lettered += 1;
+                        // Counted once the dead letter is sent, as every other one (the
+                        // worker's count): counting it here too counted it twice.
                         bad.push(Op {
                             kind: OpKind::Dead,
                             tag: delivery.delivery_tag,
@@ -1333,7 +1344,8 @@ impl Source for AmqpSource {
     }
 
     /// The counters; `remaining` is the queue's ready messages (asked of the broker, at
-    /// most a quarter of a second) plus the leases this instance holds. Deliveries
+    /// most a quarter of a second; its last answer while it does not answer) plus the leases
+    /// this instance holds. Deliveries
     /// prefetched but not pulled yet, and other instances' leases, are not counted.
     ///
     /// After an interrupt (the last count of a run) the deliveries prefetched and never
@@ -1367,7 +1379,17 @@ impl Source for AmqpSource {
         } else {
             core.count(&core.config.queue)
         };
-        stats.remaining = ready.unwrap_or(0) + held;
+        // A broker that does not answer (stalled, unreachable) does not empty the queue:
+        // its last answer stands, else `remaining` (and `mayhem_remaining`) read 0 as if the
+        // queue had drained.
+        let ready = match ready {
+            Some(ready) => {
+                core.last_ready.store(ready, Ordering::SeqCst);
+                ready
+            }
+            None => core.last_ready.load(Ordering::SeqCst),
+        };
+        stats.remaining = ready + held;
         stats
     }
 }
@@ -2059,6 +2081,14 @@ mod tests {
         );
         let uri = parse_uri("amqp://[::1]:5673").expect("parses");
         assert_eq!(uri.authority.host, "::1");
+    }
+
+    #[test]
+    fn the_heartbeat_is_short_unless_the_url_sets_one() {
+        let uri = parse_uri("amqp://guest:guest@127.0.0.1:5673/v").expect("parses");
+        assert_eq!(uri.query.heartbeat, Some(HEARTBEAT_SECS));
+        let uri = parse_uri("amqp://127.0.0.1:5673/v?heartbeat=30").expect("parses");
+        assert_eq!(uri.query.heartbeat, Some(30));
     }
 
     #[test]

@@ -15,6 +15,7 @@ MAYHEM_* variable; the command line wins. --report and --log-level ignore case.
 
 Signals: SIGINT, SIGTERM, SIGHUP and SIGQUIT start the graceful shutdown (stop pulling, give
 handlers --grace-period, nack the rest, print the report); a second one exits 130 at once.
+SIGUSR1 and SIGUSR2 are logged and ignored.
 
 Exit codes: 0 graceful shutdown (after a signal, also during start-up, or --messages settled),
 1 a handler panicked, the source failed for good, or the shutdown took longer than
@@ -355,6 +356,46 @@ impl Cli {
     }
 }
 
+/// Finds a command-line argument or `MAYHEM_*` variable that is not UTF-8, which clap
+/// refuses without naming it (`invalid UTF-8 was detected in one or more arguments`).
+///
+/// # Errors
+///
+/// One line naming the flag or the variable; not the value, which may hold a password
+/// (`--source`) and does not print anyway.
+pub(crate) fn check_utf8(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), String> {
+    let mut previous: Option<String> = None;
+    for arg in args.into_iter().skip(1) {
+        let Some(text) = arg.to_str() else {
+            let shown = arg.to_string_lossy();
+            let flag = match shown.split_once('=') {
+                Some((flag, _)) if flag.starts_with("--") => flag.to_owned(),
+                _ => previous
+                    .filter(|flag| flag.starts_with('-'))
+                    .unwrap_or_else(|| "an argument".to_owned()),
+            };
+            return Err(format!("invalid value for '{flag}': not valid UTF-8"));
+        };
+        previous = Some(text.to_owned());
+    }
+    let command = <Cli as clap::CommandFactory>::command();
+    for arg in command.get_arguments() {
+        let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        let Some(name) = name.to_str() else { continue };
+        if env(name).is_some_and(|value| value.to_str().is_none()) {
+            return Err(format!(
+                "invalid value for '{name}' (the variable of '--{long}'): not valid UTF-8"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses a duration like `250ms`, `2s` or `1m 30s`; a bare `0` means none.
 fn duration(text: &str) -> Result<Duration, String> {
     if text.trim() == "0" {
@@ -505,6 +546,40 @@ fn default_consumer_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn arguments_and_variables_that_are_not_utf8_are_named() {
+        let bad = || OsString::from_vec(vec![b'a', 0xff]);
+        let args = |rest: Vec<OsString>| {
+            std::iter::once(OsString::from("mayhem"))
+                .chain(rest)
+                .collect::<Vec<_>>()
+        };
+        let none = |_: &str| None;
+        assert_eq!(
+            check_utf8(args(vec!["--stream".into(), bad()]), none),
+            Err("invalid value for '--stream': not valid UTF-8".to_owned())
+        );
+        // A password in `--source` is never shown.
+        let mut joined = OsString::from("--source=amqp://user:s3cret");
+        joined.push(bad());
+        let error = check_utf8(args(vec![joined]), none).expect_err("refused");
+        assert_eq!(error, "invalid value for '--source': not valid UTF-8");
+        let error = check_utf8(args(vec![]), |name| {
+            (name == "MAYHEM_CONSUMER_NAME").then(bad)
+        })
+        .expect_err("refused");
+        assert!(
+            error.contains("'MAYHEM_CONSUMER_NAME' (the variable of '--consumer-name')"),
+            "{error}"
+        );
+        assert_eq!(
+            check_utf8(args(vec!["--stream".into(), "x".into()]), none),
+            Ok(())
+        );
+    }
 
     #[test]
     fn the_command_line_defaults_are_the_library_defaults() {
@@ -573,6 +648,13 @@ mod amqp_tests {
         assert!(!error.contains("s3cret"), "{error}");
         assert!(error.contains("guest:***@127.0.0.1"), "{error}");
         assert!(error.contains("amqp"), "{error}");
+        // A password that is part of words of the message leaves them whole ("invalid ***ort
+        // number" said nothing).
+        let error = Cli::try_parse_from(["mayhem", "--source", "amqp://u:p@127.0.0.1:99999/%2f"])
+            .expect_err("a bad port is refused")
+            .to_string();
+        assert!(error.contains("invalid port number"), "{error}");
+        assert!(error.contains("u:***@127.0.0.1"), "{error}");
     }
 
     #[test]

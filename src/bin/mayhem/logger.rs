@@ -100,11 +100,15 @@ pub(crate) fn filter(
 ///
 /// A one-line description when the writer thread cannot start.
 pub(crate) fn init(filter: env_filter::Filter) -> Result<(), String> {
+    let (zone, refused) = match local_zone() {
+        Ok(zone) => (zone, None),
+        Err(refused) => (TimeZone::UTC, Some(refused)),
+    };
     let queue = QUEUE.get_or_init(|| Queue {
         state: Mutex::new(QueueState::default()),
         ready: Condvar::new(),
         written: Condvar::new(),
-        zone: TimeZone::try_system().unwrap_or(TimeZone::UTC),
+        zone,
     });
     thread::Builder::new()
         .name("mayhem-log".into())
@@ -113,7 +117,41 @@ pub(crate) fn init(filter: env_filter::Filter) -> Result<(), String> {
     log::set_max_level(filter.filter());
     // Fails only if a logger is already set, and `main` sets it once.
     let _ = log::set_boxed_logger(Box::new(QueueLogger { filter, queue }));
+    if let Some(refused) = refused {
+        log::warn!("{refused}: logging in UTC");
+    }
     Ok(())
+}
+
+/// The largest time zone file `TZ` may name, 1 MiB (TZif files of the time zone database
+/// are a few KiB).
+const MAX_TZ_FILE: u64 = 1024 * 1024;
+
+/// The local time zone: `TZ` (a POSIX rule, a name of the time zone database, or a file),
+/// else `/etc/localtime`, else UTC, as `jiff` reads them.
+///
+/// # Errors
+///
+/// A `TZ` naming a file that is not a regular file of at most [`MAX_TZ_FILE`] bytes, which
+/// is not read: `jiff` reads such a file whole, so `TZ=/dev/zero` took memory until the
+/// kernel killed the process, and a FIFO nobody writes to hung the start for good.
+fn local_zone() -> Result<TimeZone, String> {
+    if let Some(value) = std::env::var_os("TZ") {
+        let text = value.to_string_lossy();
+        let name = text.strip_prefix(':').unwrap_or(&text);
+        // A name of the database or a POSIX rule is never read from the working directory.
+        let named = name.is_empty() || TimeZone::get(name).is_ok() || TimeZone::posix(name).is_ok();
+        if !named {
+            if let Ok(metadata) = std::fs::metadata(name) {
+                if !metadata.is_file() || metadata.len() > MAX_TZ_FILE {
+                    return Err(format!(
+                        "TZ={name} is not a time zone file (a regular file of at most 1 MiB)"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(TimeZone::try_system().unwrap_or(TimeZone::UTC))
 }
 
 /// Waits until every queued line was written, giving up once stderr took nothing for

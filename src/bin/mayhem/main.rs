@@ -25,7 +25,7 @@ use mayhem::{
     run_with_metrics, Broker, MayhemConfig, MayhemHandler, Metrics, Shutdown, ShutdownReason,
     Subscription,
 };
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crate::cli::{Cli, ReportFormat, SourceKind};
@@ -36,6 +36,12 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FORCED: i32 = 130;
 /// The signals that start the graceful shutdown (a second one forces the exit).
 const HANDLED: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+/// Signals that mean nothing to the service and are logged and ignored. Their default action
+/// ends the process at once, without the shutdown: no lease given back, no report. A stray
+/// one (a log rotation's `kill -USR1` aimed at another program) must not do that.
+const IGNORED: [i32; 2] = [SIGUSR1, SIGUSR2];
+/// The least time between two lines about ignored signals (a flood of them is no log storm).
+const IGNORED_LOG_EVERY: Duration = Duration::from_secs(1);
 /// On a forced exit, how long the source may take to give its leases back.
 const FORCED_NACK_WAIT: Duration = Duration::from_secs(1);
 /// Exit code when the shutdown did not finish in time (a handler blocking its thread).
@@ -61,7 +67,7 @@ fn main() -> ExitCode {
     // The very first statement: from here on every handled signal takes the graceful path,
     // during start-up too. (Before `main`, the loader and the Rust runtime run with the
     // default actions; no program can close that window, about a millisecond after exec.)
-    let signals = match Signals::new(HANDLED) {
+    let signals = match Signals::new(HANDLED.iter().chain(&IGNORED)) {
         Ok(signals) => signals,
         Err(error) => {
             usage_error(&format!("error: cannot install signal handlers: {error}"));
@@ -104,6 +110,11 @@ fn run(
     startup: Sender<Startup>,
     startup_events: Receiver<Startup>,
 ) -> ExitCode {
+    // Clap refuses a value that is not UTF-8 without naming its flag or variable.
+    if let Err(error) = cli::check_utf8(std::env::args_os(), |name| std::env::var_os(name)) {
+        usage_error(&format!("error: {error}"));
+        return ExitCode::from(EXIT_USAGE);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -329,7 +340,7 @@ fn unblock_signals() -> std::io::Result<()> {
 }
 
 /// Starts the thread that turns signals into the shutdown: the first one triggers it, a
-/// second one forces the exit.
+/// second one forces the exit; SIGUSR1 and SIGUSR2 are logged and ignored.
 fn spawn_signal_thread(
     mut signals: Signals,
     shutdown: Shutdown,
@@ -342,9 +353,16 @@ fn spawn_signal_thread(
         .name("mayhem-signals".into())
         .spawn(move || {
             let mut received = 0;
+            // (When the last line about an ignored signal was logged, signals left unlogged
+            // since.)
+            let mut ignored: (Option<std::time::Instant>, u64) = (None, 0);
             for signal in signals.forever() {
-                received += 1;
                 let name = signal_name(signal);
+                if IGNORED.contains(&signal) {
+                    log_ignored(name, &mut ignored);
+                    continue;
+                }
+                received += 1;
                 if received == 1 {
                     shutdown.trigger(ShutdownReason::Signal(name.to_owned()));
                     let _ = startup.send(Startup::Signal);
@@ -361,6 +379,25 @@ fn spawn_signal_thread(
             }
         })
         .map(drop)
+}
+
+/// Logs an ignored signal: at most one line per [`IGNORED_LOG_EVERY`], which counts the
+/// ones left unlogged since. `last` holds when the last line was logged and that count.
+fn log_ignored(name: &str, last: &mut (Option<std::time::Instant>, u64)) {
+    let now = std::time::Instant::now();
+    if last
+        .0
+        .is_some_and(|logged| now.duration_since(logged) < IGNORED_LOG_EVERY)
+    {
+        last.1 += 1;
+        return;
+    }
+    let since = match last.1 {
+        0 => String::new(),
+        count => format!(" ({count} more ignored signals since the last line)"),
+    };
+    warn!("Ignoring signal {name}: SIGINT, SIGTERM, SIGHUP or SIGQUIT stop the service{since}");
+    *last = (Some(now), 0);
 }
 
 /// Starts the thread that bounds the shutdown: once it is triggered (by a signal, by
@@ -431,6 +468,8 @@ fn signal_name(signal: i32) -> &'static str {
         SIGTERM => "SIGTERM",
         SIGHUP => "SIGHUP",
         SIGQUIT => "SIGQUIT",
+        SIGUSR1 => "SIGUSR1",
+        SIGUSR2 => "SIGUSR2",
         _ => "signal",
     }
 }

@@ -14,6 +14,10 @@ use super::wire;
 use super::{lock, Core, Held};
 use crate::source::Lease;
 
+/// Tries to dead-letter a pull's entries that are not messages before they are left for the
+/// claim path (a try waits for the reconnection backoff, at most two seconds).
+const MALFORMED_TRIES: u32 = 3;
+
 impl Core {
     /// Claims entries idle past the ack deadline, then reads new ones (up to `max` in all:
     /// `XREADGROUP COUNT` is the free part of the caller's flow-control window), blocking up
@@ -177,12 +181,34 @@ impl Core {
                 malformed.len(),
                 self.config.stream
             );
-            // Sent on this thread: a pull may block. A failure leaves the entries pending:
-            // they are claimed (and dead-lettered) again after the ack deadline.
-            if self.send_ops(&malformed, false).is_err() {
-                error!("could not dead-letter the entries that are not messages yet");
+            self.dead_letter_malformed(&malformed);
+        }
+    }
+
+    /// Dead-letters entries that are not messages. Sent on this thread: a pull may block.
+    ///
+    /// A try whose answer is lost may have done its work all the same: the script copying
+    /// huge entries can outlast the socket timeout (ten entries of 16 MiB did), and is then
+    /// taken for a lost connection although Redis ran it to the end. So a failed try is
+    /// followed by another marked as a retry, which counts an entry no longer pending as
+    /// dead-lettered, as the acker's retries do; else the dead letters went uncounted and a
+    /// `--messages N` that counts them never completed. When every try fails, the entries
+    /// stay pending: they are claimed (and dead-lettered) again after the ack deadline.
+    fn dead_letter_malformed(&self, malformed: &[Op]) {
+        let mut retried = false;
+        for tried in 1..=MALFORMED_TRIES {
+            match self.send_ops(malformed, retried) {
+                Ok(()) => return,
+                Err(Failure::Down { retry_in })
+                    if tried < MALFORMED_TRIES && !self.interrupted.load(Ordering::SeqCst) =>
+                {
+                    retried = true;
+                    self.nap(retry_in);
+                }
+                Err(_) => break,
             }
         }
+        error!("could not dead-letter the entries that are not messages yet");
     }
 
     /// Drops leases whose local deadline passed: their entries are claimed again (by any

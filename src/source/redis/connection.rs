@@ -205,11 +205,7 @@ pub(super) fn one_line(text: &str, url: &str) -> String {
 
 /// `text` as one bounded line without `secret`.
 fn scrub(text: &str, secret: &str) -> String {
-    let mut line = if secret.is_empty() {
-        text.to_owned()
-    } else {
-        text.replace(secret, "***")
-    };
+    let mut line = crate::source::hide_secret(text, secret);
     line = line
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -244,6 +240,14 @@ impl Core {
         let text = scrub(&error.to_string(), &self.secret);
         if error.kind() == redis::ErrorKind::Parse {
             format!("the server does not speak the redis protocol ({text})")
+        } else if error.code() == Some("WRONGTYPE") {
+            // Redis does not say which key: name the source's keys and the type each must
+            // have, so that the one another program wrote over can be found.
+            format!(
+                "{text} (a key of this source holds another type: {} and {} must be streams, \
+                 {} and {} strings)",
+                self.config.stream, self.dead_stream, self.floor_key, self.live_key
+            )
         } else {
             text
         }

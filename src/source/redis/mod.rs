@@ -703,7 +703,9 @@ impl Source for RedisSource {
     /// Acks and dead letters this instance had confirmed; once the whole group has drained
     /// (every entry delivered, none pending), at least every message published through this
     /// source: `--messages N` on a shared group completes when the instance published its N
-    /// and the group settled everything, whoever handled it.
+    /// and either the group settled everything, whoever handled it, or this instance settled
+    /// N entries itself (its own or others': on a stream where other instances publish
+    /// without end, the group may never drain).
     fn settled(&self) -> u64 {
         self.core
             .settled
