@@ -856,7 +856,7 @@ fn messages_handled_and_failing_every_time_are_dead_lettered_by_the_service() {
 #[test]
 fn the_password_never_reaches_the_log() {
     let Some(server) = Rabbit::get() else { return };
-    // A wrong password: the service retries, logs the failure, and gives up after the limit.
+    // A wrong password: the broker refuses it for good, and the service says so and exits 1.
     let url = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", server.port);
     let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
         .args([
@@ -876,6 +876,60 @@ fn the_password_never_reaches_the_log() {
     assert!(!child.status.success(), "{stderr}");
     assert!(!stderr.contains("s3cretpw"), "{stderr}");
     assert!(stderr.contains("guest:***@"), "{stderr}");
+}
+
+#[test]
+fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
+    let Some(server) = Rabbit::get() else { return };
+    // A classic queue under the name the service wants as a quorum queue.
+    let taken = server.queue("classic");
+    smol::block_on(async {
+        let connection = lapin::Connection::connect(&server.url(), Default::default())
+            .await
+            .expect("connect");
+        let channel = connection.create_channel().await.expect("a channel");
+        channel
+            .queue_declare(
+                taken.as_str().into(),
+                lapin::options::QueueDeclareOptions::durable(),
+                Default::default(),
+            )
+            .await
+            .expect("declare a classic queue");
+        connection.close(200, "done".into()).await.expect("close");
+    });
+    let port = server.port;
+    for (url, stream, refusal) in [
+        (
+            format!("amqp://guest:s3cretpw@127.0.0.1:{port}/%2f"),
+            "mayhem",
+            "ACCESS_REFUSED",
+        ),
+        (
+            format!("amqp://guest:guest@127.0.0.1:{port}/nosuchvhost"),
+            "mayhem",
+            "NOT_ALLOWED",
+        ),
+        (server.url(), taken.as_str(), "PRECONDITION_FAILED"),
+    ] {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(["--source", &url, "--stream", stream])
+            .args(["--reconnect-limit", "60s"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mayhem");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        // Not retried for the 60 s of the limit.
+        assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
+        assert!(
+            stderr.contains("refused the connection") && stderr.contains(refusal),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("retrying"), "{stderr}");
+        assert!(!stderr.contains("s3cretpw"), "{stderr}");
+    }
 }
 
 /// A loopback TCP proxy to the server that a test can cut: every connection through it is

@@ -82,7 +82,9 @@
 //! `reconnected to amqp ...`. When the failure lasts longer than
 //! [`AmqpConfig::reconnect_limit`], `pull` and `publish` return
 //! [`SourceError::Unavailable`] and the runner shuts the service down. Start-up retries the
-//! same way within the same limit ([`AmqpSource::connect_with`] stops early when its
+//! same way within the same limit, except for a refusal retrying cannot cure (credentials,
+//! a missing vhost, a queue declared with other arguments), which ends it at once
+//! ([`AmqpSource::connect_with`] also stops early when its
 //! [`Shutdown`] is triggered). A publish retried after a lost connection may add the same
 //! message twice (at least once).
 //!
@@ -435,6 +437,10 @@ struct Core {
     cancelling: Mutex<()>,
     /// Whether a publish last saw the broker blocking this connection (logged on change).
     blocked: AtomicBool,
+    /// Set by a connection attempt the broker refused for good (see [`refused_for_good`]).
+    refused: AtomicBool,
+    /// Set once a link was established.
+    connected_once: AtomicBool,
     /// Set when the source is dropped: blocked calls give up.
     closing: AtomicBool,
     /// Messages that could not be read (no message id, not a uuid, a bad instance name):
@@ -633,6 +639,8 @@ impl Core {
             cancelled: AtomicBool::new(false),
             cancelling: Mutex::new(()),
             blocked: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
+            connected_once: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             malformed: AtomicU64::new(0),
         }
@@ -1070,6 +1078,13 @@ fn refusal(confirmation: &Confirmation, queue: &str) -> String {
         ),
         _ => "the broker refused a published message".to_owned(),
     }
+}
+
+/// Whether the broker refused for a reason retrying cannot cure: `ACCESS_REFUSED` (403:
+/// credentials, permissions), `PRECONDITION_FAILED` (406: a queue or exchange declared with
+/// other arguments) or `NOT_ALLOWED` (530: a vhost that does not exist).
+fn refused_for_good(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 406 | 530))
 }
 
 /// The text a failure carries, for the log.
@@ -1523,6 +1538,7 @@ impl Core {
         match self.bounded(CONNECT_TIMEOUT, true, self.open(epoch)) {
             Ok(link) => {
                 let link = Arc::new(link);
+                self.connected_once.store(true, Ordering::SeqCst);
                 *lock(&self.link) = Some(Arc::clone(&link));
                 self.live_epoch.store(epoch, Ordering::SeqCst);
                 let mut health = lock(&self.health);
@@ -1543,6 +1559,17 @@ impl Core {
                     Failure::GaveUp(text) => text,
                     Failure::Closed => String::new(),
                 };
+                // A refusal that retrying cannot cure (credentials, a missing vhost, a queue
+                // declared with other arguments) ends the start at once; once connected, a
+                // refusal may be a broker being reconfigured, and is retried as any failure.
+                if self.refused.swap(false, Ordering::SeqCst)
+                    && !self.connected_once.load(Ordering::SeqCst)
+                {
+                    return Err(Failure::GaveUp(format!(
+                        "amqp {} refused the connection: {text}",
+                        self.shown_url
+                    )));
+                }
                 Err(self.failed(&text))
             }
         }
@@ -1662,7 +1689,12 @@ impl Core {
 
     /// Opens a connection, its channels and the topology.
     async fn open(&self, epoch: u64) -> Result<Link, String> {
-        let scrubbed = |error: lapin::Error| scrub(&error.to_string(), &self.secret);
+        let scrubbed = |error: lapin::Error| {
+            if refused_for_good(&error) {
+                self.refused.store(true, Ordering::SeqCst);
+            }
+            scrub(&error.to_string(), &self.secret)
+        };
         // `amqps://` takes the TLS settings (built with `amqp-tls`); `amqp://` ignores them.
         let tls = OwnedTLSConfig {
             identity: None,
