@@ -224,6 +224,13 @@ fn scrub(text: &str, secret: &str) -> String {
     line
 }
 
+/// Whether the server refused the credentials: a wrong password (`WRONGPASS`), none where
+/// one is required (`NOAUTH`), or a user without the permission (`NOPERM`).
+fn refused_for_good(error: &RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+}
+
 /// Whether an error means the connection is unusable.
 fn is_connection_error(error: &RedisError) -> bool {
     error.is_io_error()
@@ -305,9 +312,19 @@ impl Core {
 
     /// One try of `start`.
     fn try_start(&self, stop: &Shutdown) -> Result<Wire, StartError> {
-        let mut con = self
-            .open()
-            .map_err(|error| StartError::Retry(self.describe(&error)))?;
+        let mut con = self.open().map_err(|error| {
+            let text = self.describe(&error);
+            // Credentials retrying cannot cure end the start at once (once running, a
+            // reconnection retries them: the server may be being reconfigured).
+            if refused_for_good(&error) {
+                StartError::Refused(format!(
+                    "redis at {} refused the connection: {text}",
+                    self.shown_url
+                ))
+            } else {
+                StartError::Retry(text)
+            }
+        })?;
         self.claim_name(&mut con, stop)?;
         let mut start = "-".to_owned();
         let mut marked = 0;
