@@ -1556,9 +1556,37 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
         );
         thread::sleep(Duration::from_millis(20));
     }
+    // A second instance stopped while the alarm blocks its publishing exits within its
+    // grace period, saying how many stayed unconfirmed (it used to wait 10 s for lapin to
+    // write a batch sent again, until the watchdog ended it with exit 1).
+    let blocked_at = Instant::now();
+    let second = Service::start(
+        &server,
+        &queue,
+        &[
+            "--publish-interval",
+            "1ms",
+            "--grace-period",
+            "1s",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+        ],
+    );
+    second.wait_for("blocked publishing");
+    let stopped = Instant::now();
+    second.signal("TERM");
+    let (status, lines, _) = second.finish();
+    assert!(status.success(), "{status}: {}", lines.join("\n"));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        stopped.elapsed()
+    );
     // Blocked longer than a publish waits for its confirms (10 s): a blocked broker is no
     // lost connection, so nothing is reconnected or sent again meanwhile.
-    thread::sleep(Duration::from_secs(11));
+    thread::sleep(Duration::from_secs(11).saturating_sub(blocked_at.elapsed()));
     server.ctl(&["set_vm_memory_high_watermark", "0.4"]);
     service.wait_for("unblocked publishing");
     // Publishing resumes: messages published after the alarm are handled too.

@@ -366,6 +366,8 @@ pub struct AmqpSource {
     lanes: Vec<Core>,
     /// Which publishing connection the next `publish` takes.
     next_lane: AtomicUsize,
+    /// Set by [`Publish::wait_confirmed`], whose caller reports what stayed unconfirmed.
+    waited: AtomicBool,
     /// The queue of lease operations; `None` only while dropping.
     ops: Option<mpsc::Sender<Vec<Op>>>,
     /// The worker thread sending queued operations and requeueing expired leases.
@@ -599,6 +601,7 @@ impl AmqpSource {
             core,
             lanes,
             next_lane: AtomicUsize::new(0),
+            waited: AtomicBool::new(false),
             ops: Some(ops),
             worker: Some(worker),
         })
@@ -784,6 +787,7 @@ impl Publish for AmqpSource {
     /// again while the source is not interrupted; after an interrupt they count as
     /// unconfirmed.
     fn wait_confirmed(&self, timeout: Duration) -> usize {
+        self.waited.store(true, Ordering::SeqCst);
         let end = Instant::now() + timeout;
         self.lanes
             .iter()
@@ -820,7 +824,7 @@ impl Core {
                     continue;
                 }
             }
-            match self.send_batch(&link, batch.to_vec(), true) {
+            match self.send_batch(&link, batch.to_vec(), CONFIRM_TIMEOUT, true) {
                 Ok(sent) => {
                     unconfirmed.count += batch.len();
                     unconfirmed.batches.push_back(sent);
@@ -873,18 +877,19 @@ impl Sent {
 }
 
 impl Core {
-    /// Sends `envelopes` on the publish channel of `link` (bounded by [`CONFIRM_TIMEOUT`]);
-    /// the `basic.publish` methods are started together (see [`in_order`]).
+    /// Sends `envelopes` on the publish channel of `link`, waiting at most `limit` for lapin
+    /// to write them; the `basic.publish` methods are started together (see [`in_order`]).
     fn send_batch(
         &self,
         link: &Link,
         envelopes: Vec<Envelope>,
+        limit: Duration,
         interruptible: bool,
     ) -> Result<Sent, Failure> {
         let done = Cell::new(0);
         let confirms = self.bounded_publishing(
             link,
-            CONFIRM_TIMEOUT,
+            limit,
             interruptible,
             in_order(
                 envelopes.iter().map(|envelope| {
@@ -936,7 +941,13 @@ impl Core {
         for index in 0..unconfirmed.batches.len() {
             if unconfirmed.batches[index].epoch != link.epoch {
                 let envelopes = std::mem::take(&mut unconfirmed.batches[index].envelopes);
-                match self.send_batch(link, envelopes.clone(), interruptible) {
+                // Within the caller's limit: at shutdown, what is left of the grace period.
+                match self.send_batch(
+                    link,
+                    envelopes.clone(),
+                    limit.min(CONFIRM_TIMEOUT),
+                    interruptible,
+                ) {
                     Ok(sent) => unconfirmed.batches[index] = sent,
                     Err(failure) => {
                         unconfirmed.batches[index].envelopes = envelopes;
@@ -1020,6 +1031,9 @@ impl Core {
             match self.settle(&mut unconfirmed, &link, 0, left, false) {
                 Ok(()) => {}
                 Err(Failure::Closed) => break,
+                // A broker that blocks publishing (a resource alarm) confirms nothing until
+                // it unblocks: the time is up, and reconnecting would not change that.
+                Err(_) if link.connection.status().blocked() => break,
                 Err(failure) => self.lost(&link, &failure_text(&failure)),
             }
         }
@@ -1419,7 +1433,8 @@ impl Drop for AmqpSource {
             .iter()
             .map(|lane| lane.confirm_all(end.saturating_duration_since(Instant::now()), false))
             .sum();
-        if unconfirmed > 0 {
+        // After `wait_confirmed` the caller has said how many stayed unconfirmed already.
+        if unconfirmed > 0 && !self.waited.load(Ordering::SeqCst) {
             warn!(
                 "{unconfirmed} messages published to amqp {} were not confirmed; \
                  they may be lost or published twice",
@@ -1483,8 +1498,12 @@ impl Core {
                     false
                 },
             ));
-            if !closed {
+            // Only the consuming connection holds deliveries; a publishing one that the
+            // broker blocks (a resource alarm) cannot send its close, and holds nothing.
+            if !closed && self.consuming.load(Ordering::SeqCst) {
                 warn!("the amqp connection did not close in time; the broker gives the messages back when it notices");
+            } else if !closed {
+                log::debug!("an amqp publishing connection did not close in time");
             }
         }
     }
