@@ -830,6 +830,35 @@ pub fn run(binary: &str, seed: u64, waves: usize) -> Outcome {
             outcome.fault_names.join(", ")
         ));
     }
+    if !outcome.problems.is_empty() {
+        match keep_logs(seed, &server, &ended) {
+            Ok(dir) => outcome
+                .problems
+                .push(format!("the logs of this run are in {}", dir.display())),
+            Err(error) => outcome
+                .problems
+                .push(format!("the logs of this run could not be kept: {error}")),
+        }
+    }
     drop(server);
     outcome
+}
+
+/// Copies the log of every instance life and of every server start to a directory of its
+/// own (the server's directory goes with the server); returns the directory.
+fn keep_logs(seed: u64, server: &Server, ended: &[Instance]) -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("mayhem-amqp-soak-{}-{seed}-logs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    for (life, instance) in ended.iter().enumerate() {
+        let lines = instance.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let file = dir.join(format!("{life:02}-{}.log", instance.name));
+        std::fs::write(&file, lines.join("\n") + "\n")
+            .map_err(|e| format!("write {}: {e}", file.display()))?;
+    }
+    for start in 0..server.starts {
+        let name = format!("server-{start}.log");
+        let _ = std::fs::copy(server.dir.join(&name), dir.join(&name));
+    }
+    Ok(dir)
 }
