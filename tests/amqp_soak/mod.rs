@@ -847,7 +847,10 @@ pub fn run(binary: &str, seed: u64, waves: usize) -> Outcome {
 /// Copies the log of every instance life and of every server start to a directory of its
 /// own (the server's directory goes with the server); returns the directory.
 fn keep_logs(seed: u64, server: &Server, ended: &[Instance]) -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("mayhem-amqp-soak-{}-{seed}-logs", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "mayhem-amqp-soak-{}-{seed}-logs",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     for (life, instance) in ended.iter().enumerate() {
