@@ -481,6 +481,37 @@ impl Instance {
         Ok(())
     }
 
+    fn count_lines(&self, pattern: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|l| l.contains(pattern))
+            .count()
+    }
+
+    /// Waits until the instance logged more reconnections than `before`, or says why not.
+    fn wait_reconnected(&mut self, before: usize) -> Result<(), String> {
+        let end = Instant::now() + PATIENCE;
+        while self.count_lines("reconnected to amqp") <= before {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "{} exited with {status} instead of reconnecting: {}",
+                    self.name,
+                    self.tail(2)
+                ));
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "{} did not reconnect within {PATIENCE:?} of the broker's restart",
+                    self.name
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     fn signal(&self, name: &str) {
         let _ = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
@@ -511,6 +542,15 @@ impl Instance {
     /// Sends SIGTERM and checks the exit: within the grace period plus one second, with
     /// status 0.
     fn terminate(&mut self, outcome: &mut Outcome) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            outcome.problems.push(format!(
+                "{} had exited on its own with {status} before its SIGTERM: {}",
+                self.name,
+                self.tail(2)
+            ));
+            self.wait(PATIENCE);
+            return;
+        }
         self.signal("TERM");
         match self.wait(PATIENCE) {
             Some((took, status)) => {
@@ -710,12 +750,24 @@ pub fn run(binary: &str, seed: u64, waves: usize) -> Outcome {
                 "broker frozen (SIGSTOP, SIGCONT)"
             }
             4 => {
+                let before: Vec<usize> = live
+                    .iter()
+                    .map(|i| i.count_lines("reconnected to amqp"))
+                    .collect();
                 if let Err(error) = server.stop() {
                     outcome.problems.push(error);
                 }
                 if let Err(error) = server.spawn() {
                     outcome.problems.push(error);
                     break;
+                }
+                // Every instance reconnects before the next fault: two restarts in a row,
+                // each with the broker up for a moment, would otherwise add up to an outage
+                // longer than the reconnect limit, which ends the instances by design.
+                for (instance, before) in live.iter_mut().zip(before) {
+                    if let Err(error) = instance.wait_reconnected(before) {
+                        outcome.problems.push(error);
+                    }
                 }
                 "broker stopped and started again"
             }
