@@ -68,7 +68,10 @@ bench:
 	MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/release/mayhem CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-target}/bench $(CARGO) bench --features amqp --bench pipeline
 
 ## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary;
-## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7").
+## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7"), then on
+## RabbitMQ (AMQP_ARGS, e.g. "--runs 20 --seed 7"; the binary is built again with the feature
+## amqp for them, each run starts a rabbitmq-server of its own).
+RABBITMQ_SERVER = /usr/lib/rabbitmq/bin/rabbitmq-server
 soak:
 	$(CARGO) build --release --bins --examples
 	./target/release/examples/soak $(ARGS)
@@ -76,6 +79,12 @@ soak:
 	  ./target/release/examples/redis_soak $(REDIS_ARGS); \
 	else \
 	  echo "SKIPPED: the Redis soak (redis-server not installed)"; \
+	fi
+	@if [ -x $(RABBITMQ_SERVER) ]; then \
+	  $(CARGO) build --release --features amqp --bins --examples && \
+	  ./target/release/examples/amqp_soak $(AMQP_ARGS); \
+	else \
+	  echo "SKIPPED: the RabbitMQ soak ($(RABBITMQ_SERVER) not installed)"; \
 	fi
 
 ## Valgrind on a counted run and on a SIGTERM shutdown: fails on any definite or indirect leak.

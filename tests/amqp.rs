@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+mod amqp_soak;
 mod conformance;
 
 use mayhem::{AmqpConfig, AmqpSource, Envelope, PubSubMessage, Publish, Source};
@@ -1653,4 +1654,48 @@ fn a_server_restarted_mid_run_loses_nothing() {
     service.signal("TERM");
     let (status, lines, _) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
+}
+
+#[test]
+fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
+    // The fast subset of `make soak`'s RabbitMQ runs: two fixed seeds, three waves each, run
+    // side by side (each has its own server and instances). Together they inject every kind
+    // of fault once: seed 1 stops the broker and starts it again, SIGKILLs an instance and
+    // raises a memory alarm; seed 45 publishes foreign messages, freezes the broker and
+    // SIGTERMs an instance.
+    if !Path::new(SERVER).exists() {
+        skip(&format!(
+            "{SERVER} not found (apt-get install rabbitmq-server)"
+        ));
+        return;
+    }
+    let runs: Vec<_> = [1u64, 45]
+        .into_iter()
+        .map(|seed| {
+            thread::spawn(move || (seed, amqp_soak::run(env!("CARGO_BIN_EXE_mayhem"), seed, 3)))
+        })
+        .collect();
+    let mut faults = Vec::new();
+    for run in runs {
+        let (seed, outcome) = run.join().expect("soak run");
+        eprintln!("seed {seed}: {outcome:?}");
+        faults.extend(outcome.fault_names.iter().copied());
+        assert!(
+            outcome.problems.is_empty(),
+            "seed {seed}: {:#?}",
+            outcome.problems
+        );
+        assert!(outcome.published > 0);
+        assert!(outcome.faults > 0, "seed {seed}: no fault");
+        // A message may be both acked and dead-lettered (an ack lost with the broker, then
+        // the delivery limit), so the sum may pass the published count, never fall short.
+        assert!(
+            outcome.acked + outcome.dead >= outcome.published,
+            "seed {seed}: {outcome:?}"
+        );
+    }
+    faults.sort_unstable();
+    assert_eq!(faults.len(), 6, "{faults:?}");
+    faults.dedup();
+    assert_eq!(faults.len(), 6, "not every kind of fault: {faults:?}");
 }
