@@ -6,7 +6,7 @@
 //!
 //! | `Source` | RabbitMQ |
 //! |---|---|
-//! | start | `exchange.declare {queue}:dead` (fanout), `queue.declare {queue}:dead` bound to it, `queue.declare {queue}` as a quorum queue (`x-queue-type quorum`, `x-delivery-limit`, `x-dead-letter-exchange {queue}:dead`); `basic.qos` with the prefetch |
+//! | start | `exchange.declare {queue}:dead` (fanout), `queue.declare {queue}:dead` bound to it, `queue.declare {queue}` as a quorum queue (`x-queue-type quorum`, `x-delivery-limit`, `x-dead-letter-exchange {queue}:dead`, `x-dead-letter-strategy at-least-once`, `x-overflow reject-publish`); `basic.qos` with the prefetch |
 //! | `publish` | `basic.publish` to the default exchange with routing key `{queue}` (mandatory, persistent, `message-id` the message id, the body the instance name, attributes as headers) on a channel in confirm mode; the confirms are pipelined across batches (see below), never one round trip per message; a message returned unroutable (its queue was deleted) counts as a failed confirm |
 //! | `pull` | the first pull starts `basic.consume` (a client that only publishes takes no deliveries; after it, every reconnection consumes again before it counts as recovered); every pull drains the deliveries the broker pushed ahead (the prefetch, [`AmqpConfig::prefetch`], which the binary ties to `--max-in-flight`, the flow-control window) |
 //! | attempt | `x-delivery-count` + 1 (absent on the first delivery; `x-acquired-count` where present, whichever is higher) |
@@ -1777,6 +1777,20 @@ impl Core {
         arguments.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(self.dead.as_str().into()),
+        );
+        // Dead letters at least once: the quorum queue keeps a dead-lettered message until
+        // the dead-letter queue confirmed it. The default, at most once, drops it when the
+        // dead-letter queue cannot take it at that moment, as while the broker stops (on
+        // 3.10 every give-back of a clean stop counts as a delivery, so messages cross the
+        // limit then) or after `{queue}:dead` was deleted. RabbitMQ takes this strategy only
+        // with `x-overflow` `reject-publish`; no length limit is set, so nothing is rejected.
+        arguments.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
         );
         consume
             .queue_declare(queue.clone(), QueueDeclareOptions::durable(), arguments)
