@@ -366,8 +366,8 @@ pub struct AmqpSource {
     lanes: Vec<Core>,
     /// Which publishing connection the next `publish` takes.
     next_lane: AtomicUsize,
-    /// Set by [`Publish::wait_confirmed`], whose caller reports what stayed unconfirmed.
-    waited: AtomicBool,
+    /// What the last [`Publish::wait_confirmed`] returned: its caller reports those.
+    told_unconfirmed: AtomicUsize,
     /// The queue of lease operations; `None` only while dropping.
     ops: Option<mpsc::Sender<Vec<Op>>>,
     /// The worker thread sending queued operations and requeueing expired leases.
@@ -601,7 +601,7 @@ impl AmqpSource {
             core,
             lanes,
             next_lane: AtomicUsize::new(0),
-            waited: AtomicBool::new(false),
+            told_unconfirmed: AtomicUsize::new(0),
             ops: Some(ops),
             worker: Some(worker),
         })
@@ -787,12 +787,14 @@ impl Publish for AmqpSource {
     /// again while the source is not interrupted; after an interrupt they count as
     /// unconfirmed.
     fn wait_confirmed(&self, timeout: Duration) -> usize {
-        self.waited.store(true, Ordering::SeqCst);
         let end = Instant::now() + timeout;
-        self.lanes
+        let unconfirmed = self
+            .lanes
             .iter()
             .map(|lane| lane.confirm_all(end.saturating_duration_since(Instant::now()), true))
-            .sum()
+            .sum();
+        self.told_unconfirmed.store(unconfirmed, Ordering::SeqCst);
+        unconfirmed
     }
 }
 
@@ -1345,24 +1347,18 @@ impl Source for AmqpSource {
         self.core.flush(timeout)
     }
 
-    /// After an interrupt, also gives back the deliveries the broker pushed ahead that no
-    /// pull took, so that the last count ([`Source::stats`]) finds them ready rather than
-    /// still held by this channel (they are not leases: the count returned leaves them out).
     fn nack_all(&self) -> usize {
         let held: Vec<Held> = lock(&self.core.leases).slots.drain().collect();
         let count = held.len();
-        let mut ops: Vec<Op> = held
-            .into_iter()
-            .map(|held| Op {
-                kind: OpKind::Requeue,
-                tag: held.tag,
-                epoch: held.epoch,
-            })
-            .collect();
-        if self.core.interrupted.load(Ordering::SeqCst) {
-            ops.extend(self.core.prefetched());
-        }
-        self.enqueue(ops);
+        self.enqueue(
+            held.into_iter()
+                .map(|held| Op {
+                    kind: OpKind::Requeue,
+                    tag: held.tag,
+                    epoch: held.epoch,
+                })
+                .collect(),
+        );
         self.core.flush(SHUTDOWN_WAIT);
         count
     }
@@ -1433,8 +1429,9 @@ impl Drop for AmqpSource {
             .iter()
             .map(|lane| lane.confirm_all(end.saturating_duration_since(Instant::now()), false))
             .sum();
-        // After `wait_confirmed` the caller has said how many stayed unconfirmed already.
-        if unconfirmed > 0 && !self.waited.load(Ordering::SeqCst) {
+        // Those the last `wait_confirmed` returned, its caller has reported already.
+        let unconfirmed = unconfirmed.saturating_sub(self.told_unconfirmed.load(Ordering::SeqCst));
+        if unconfirmed > 0 {
             warn!(
                 "{unconfirmed} messages published to amqp {} were not confirmed; \
                  they may be lost or published twice",
