@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use async_executor::Executor;
 use futures_lite::future;
 use mayhem::{
-    run, run_with_metrics, Config, Envelope, MayhemConfig, MayhemHandler, Metrics, PubSubMessage,
-    Publish, Shutdown, ShutdownReason, Source, Subscription,
+    run, run_with_metrics, Config, MayhemConfig, MayhemHandler, Metrics, PubSubMessage, Publish,
+    Shutdown, ShutdownReason, Source, Subscription,
 };
 
 /// Thread counts swept for publishers, consumers and workers.
@@ -779,8 +779,8 @@ fn child_in_flight() {
     config.run.seed = Some(1);
     let subscription = Subscription::new(config.subscription());
     let mut rng = fastrand::Rng::with_seed(1);
-    let batch: Vec<Envelope> = (0..IN_FLIGHT)
-        .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+    let batch: Vec<PubSubMessage> = (0..IN_FLIGHT)
+        .map(|_| PubSubMessage::random(&mut rng))
         .collect();
     subscription.publish(&batch).expect("room in the backlog");
     drop(batch);

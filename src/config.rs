@@ -13,6 +13,8 @@ const MIN_STATS_INTERVAL: Duration = Duration::from_millis(50);
 const MAX_THREADS: usize = 1024;
 /// Largest flow-control window.
 const MAX_IN_FLIGHT: usize = 10_000_000;
+/// The default [`RunConfig::max_in_flight_bytes`]: 100 MiB, as Pub/Sub's clients.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 100 * 1024 * 1024;
 /// Longest ack deadline, as in Google Cloud Pub/Sub.
 const MAX_ACK_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -54,6 +56,11 @@ pub struct RunConfig {
     pub workers: usize,
     /// Flow control: the most leases held (pulled and not yet settled).
     pub max_in_flight: usize,
+    /// Flow control by size: consumers stop pulling while the messages held count this many
+    /// bytes or more ([`PubSubMessage::size`](crate::PubSubMessage::size): data and
+    /// attributes). A pull may go past it by one pull's messages, and a single message larger
+    /// than the limit is still taken, alone, so that nothing deadlocks.
+    pub max_in_flight_bytes: usize,
     /// Publish this many messages, wait until each is acked or dead-lettered, then stop.
     /// `None` runs until shut down.
     pub messages: Option<u64>,
@@ -113,6 +120,8 @@ pub struct HandlerConfig {
     pub stall: Duration,
     /// Retries of a failed restart before the handler gives up (the reference only logs).
     pub restart_retries: u32,
+    /// The domain of the hosts restarted: data `web-01` restarts `web-01.{domain}`.
+    pub domain: String,
 }
 
 /// The embedded in-memory broker.
@@ -128,6 +137,7 @@ impl Default for RunConfig {
             consumers: 1,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_in_flight: 1000,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             messages: None,
             seed: None,
             grace_period: Duration::from_secs(5),
@@ -168,6 +178,7 @@ impl Default for HandlerConfig {
             stall_rate: 0.0,
             stall: Duration::from_secs(5),
             restart_retries: 3,
+            domain: crate::handler::DEFAULT_DOMAIN.to_owned(),
         }
     }
 }
@@ -214,6 +225,12 @@ impl RunConfig {
         count("--consumers", self.consumers, 1, MAX_THREADS)?;
         count("--workers", self.workers, 1, MAX_THREADS)?;
         count("--max-in-flight", self.max_in_flight, 1, MAX_IN_FLIGHT)?;
+        count(
+            "--max-in-flight-bytes",
+            self.max_in_flight_bytes,
+            1,
+            usize::MAX,
+        )?;
         duration(
             "--grace-period",
             self.grace_period,
@@ -346,7 +363,20 @@ impl HandlerConfig {
             Duration::ZERO,
             Duration::from_secs(3600),
         )?;
-        count("--restart-retries", self.restart_retries as usize, 0, 100)
+        count("--restart-retries", self.restart_retries as usize, 0, 100)?;
+        crate::message::host_name(self.domain.as_bytes())
+            .map(|_| ())
+            .map_err(|error| {
+                let reason = error.to_string();
+                let reason = reason
+                    .strip_prefix("data is not a host name: ")
+                    .unwrap_or(&reason);
+                ConfigError::new(
+                    "--domain",
+                    &self.domain,
+                    format!("must be a host name: {reason}"),
+                )
+            })
     }
 }
 

@@ -133,10 +133,11 @@ pub mod source;
 #[cfg(any(feature = "redis", feature = "amqp"))]
 mod sync;
 
+pub use bytes::Bytes;
 pub use config::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
-pub use message::PubSubMessage;
+pub use message::{Attributes, HostNameError, MessageError, MessageId, PubSubMessage};
 pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
 pub use pipeline::{run, run_clients, run_with_metrics, Broker};
 pub use shutdown::{Shutdown, ShutdownReason};
@@ -147,7 +148,7 @@ pub use source::memory::{
 };
 #[cfg(feature = "redis")]
 pub use source::redis::{RedisConfig, RedisSource};
-pub use source::{Attributes, Delivery, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+pub use source::{Delivery, Lease, LeaseId, Publish, Source, SourceStats};
 pub use uuid::Uuid;
 
 /// The random number generator that [`PubSubMessage::random`] draws from.

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mayhem::{
-    run, run_clients, run_with_metrics, Config, Context, Envelope, HandleError, Handler, LeaseId,
+    run, run_clients, run_with_metrics, Config, Context, HandleError, Handler, LeaseId,
     MayhemConfig, MayhemHandler, Metrics, PubSubMessage, Publish, RunError, Shutdown,
     ShutdownReason, Source, SourceError, Subscription,
 };
@@ -98,8 +98,8 @@ fn zero_messages_ends_at_once() {
 fn preloaded(config: &Config, count: usize, seed: u64) -> Subscription {
     let subscription = Subscription::new(config.subscription());
     let mut rng = fastrand::Rng::with_seed(seed);
-    let batch: Vec<Envelope> = (0..count)
-        .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+    let batch: Vec<PubSubMessage> = (0..count)
+        .map(|_| PubSubMessage::random(&mut rng))
         .collect();
     subscription.publish(&batch).unwrap();
     subscription
@@ -309,6 +309,14 @@ impl mayhem::Source for Misbehaving {
     }
     fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
         self.0.nack(leases, refused)
+    }
+    fn reject(
+        &self,
+        lease: LeaseId,
+        reason: &str,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        self.0.reject(lease, reason, refused)
     }
     fn extend(
         &self,

@@ -91,15 +91,15 @@ impl Server {
         let mut resp = Vec::with_capacity(count as usize * 120);
         for _ in 0..count {
             let message = mayhem::PubSubMessage::random(&mut rng);
-            let id = message.message_id().to_string();
+            let id = message.id().to_string();
             let args = [
                 "XADD",
                 stream,
                 "*",
+                "data",
+                message.instance_name().unwrap_or("cattle-0000"),
                 "message_id",
                 &id,
-                "instance_name",
-                message.instance_name(),
             ];
             let _ = write!(resp, "*{}\r\n", args.len());
             for arg in args {

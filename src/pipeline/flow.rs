@@ -23,6 +23,10 @@ pub(crate) struct Gate {
     /// Permits out now: leases held plus permits reserved by consumers for a pull. (The
     /// service's in-flight gauge counts leases held only; the lease manager keeps it.)
     in_flight: AtomicUsize,
+    /// Bytes of the messages held ([`PubSubMessage::size`](crate::PubSubMessage::size)).
+    bytes: AtomicUsize,
+    /// Consumers wait while `bytes` is at or above this (flow control by size).
+    max_bytes: usize,
     /// Threads waiting for permits or for idleness.
     waiters: AtomicUsize,
     /// Set on shutdown: `acquire` returns 0 from then on.
@@ -36,11 +40,19 @@ pub(crate) struct Gate {
 impl Gate {
     /// A gate allowing `limit` permits; blocked takers wake once `batch` permits (at most an
     /// eighth of the window, at least one) are free.
+    #[cfg(test)]
     pub(crate) fn new(limit: usize, batch: usize) -> Self {
+        Gate::with_bytes(limit, batch, usize::MAX)
+    }
+
+    /// [`Gate::new`], also waiting while the messages held count `max_bytes` or more.
+    pub(crate) fn with_bytes(limit: usize, batch: usize, max_bytes: usize) -> Self {
         Gate {
             limit,
             wake_at: batch.min(limit / 8).max(1),
             in_flight: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
             waiters: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             lock: Mutex::new(()),
@@ -49,7 +61,10 @@ impl Gate {
     }
 
     /// Takes between 1 and `max` permits; 0 once closed. While the window is full it blocks
-    /// until `wake_at` permits are free (or the gate closes).
+    /// until `wake_at` permits are free (or the gate closes); while the messages held count
+    /// `max_bytes` or more, until they count less. The byte limit is checked before a pull,
+    /// not per message: a pull may go past it by its own messages, and a message larger than
+    /// the limit is taken when the bytes held are below it, so no size deadlocks.
     ///
     /// # Blocking
     ///
@@ -60,7 +75,8 @@ impl Gate {
                 return 0;
             }
             let current = self.in_flight.load(Ordering::SeqCst);
-            if current < self.limit {
+            let room = self.bytes.load(Ordering::SeqCst) < self.max_bytes;
+            if current < self.limit && room {
                 let take = max.min(self.limit - current);
                 if self
                     .in_flight
@@ -73,9 +89,9 @@ impl Gate {
             }
             let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.waiters.fetch_add(1, Ordering::SeqCst);
-            if self.in_flight.load(Ordering::SeqCst) + self.wake_at > self.limit
-                && !self.closed.load(Ordering::SeqCst)
-            {
+            let full = self.in_flight.load(Ordering::SeqCst) + self.wake_at > self.limit
+                || self.bytes.load(Ordering::SeqCst) >= self.max_bytes;
+            if full && !self.closed.load(Ordering::SeqCst) {
                 drop(
                     self.changed
                         .wait(guard)
@@ -100,6 +116,36 @@ impl Gate {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.changed.notify_all();
         }
+    }
+
+    /// Counts `count` more bytes held.
+    pub(crate) fn add_bytes(&self, count: usize) {
+        if count > 0 {
+            self.bytes.fetch_add(count, Ordering::SeqCst);
+        }
+    }
+
+    /// Counts `count` bytes fewer held; wakes the waiting consumers when that brings the
+    /// bytes below the limit.
+    pub(crate) fn release_bytes(&self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let before = self.bytes.fetch_sub(count, Ordering::SeqCst);
+        let after = before - count;
+        if before >= self.max_bytes
+            && after < self.max_bytes
+            && self.waiters.load(Ordering::SeqCst) > 0
+        {
+            let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Bytes of the messages held now.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
     }
 
     /// Permits out now.
@@ -177,6 +223,23 @@ mod tests {
         }
         assert_eq!(taker.join().unwrap(), 8);
         assert_eq!(gate.in_flight(), 64);
+    }
+
+    #[test]
+    fn consumers_wait_while_the_bytes_held_reach_the_limit() {
+        let gate = Arc::new(Gate::with_bytes(100, 1, 1000));
+        assert_eq!(gate.acquire(1), 1);
+        // One message larger than the whole limit is taken, alone.
+        gate.add_bytes(5000);
+        let taker = {
+            let gate = gate.clone();
+            thread::spawn(move || gate.acquire(10))
+        };
+        // The taker blocks until the bytes fall below the limit, whatever the permits.
+        gate.release(1);
+        gate.release_bytes(4500);
+        assert_eq!(gate.bytes(), 500);
+        assert_eq!(taker.join().unwrap(), 10);
     }
 
     #[test]

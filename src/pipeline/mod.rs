@@ -200,6 +200,7 @@ pub fn run_clients<H: Handler>(
         source,
         metrics,
         config.run.max_in_flight,
+        config.run.max_in_flight_bytes,
         consumer::PULL_BATCH,
         LeaseSettings {
             ack_deadline: config.lease.ack_deadline,

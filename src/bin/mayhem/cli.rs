@@ -55,6 +55,15 @@ pub(crate) struct Cli {
         default_value_t = RunConfig::default().max_in_flight
     )]
     max_in_flight: usize,
+    /// Consumers stop pulling while the messages held count this many bytes of data and
+    /// attributes; a larger message is still taken, alone.
+    #[arg(
+        long,
+        env = "MAYHEM_MAX_IN_FLIGHT_BYTES",
+        value_name = "BYTES",
+        default_value_t = RunConfig::default().max_in_flight_bytes
+    )]
+    max_in_flight_bytes: usize,
     /// Most messages waiting in the subscription before publishers block, 1 to 10000000.
     #[arg(
         long,
@@ -92,6 +101,9 @@ pub(crate) struct Cli {
         default_value_t = HandlerConfig::default().restart_retries
     )]
     restart_retries: u32,
+    /// Domain of the hosts restarted: data `web-01` restarts `web-01.DOMAIN`.
+    #[arg(long, env = "MAYHEM_DOMAIN", value_name = "DOMAIN", default_value_t = HandlerConfig::default().domain)]
+    domain: String,
     /// How long a pulled message stays leased without an extension, 10ms to 10m.
     #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = human(LeaseConfig::default().ack_deadline), value_parser = duration, allow_hyphen_values = true)]
     ack_deadline: Duration,
@@ -230,6 +242,7 @@ impl Cli {
                 consumers: self.consumers,
                 workers: self.workers.unwrap_or(defaults.run.workers),
                 max_in_flight: self.max_in_flight,
+                max_in_flight_bytes: self.max_in_flight_bytes,
                 messages: self.messages,
                 seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
                 grace_period: self.grace_period,
@@ -255,6 +268,7 @@ impl Cli {
                 stall_rate: self.stall_rate,
                 stall: self.stall,
                 restart_retries: self.restart_retries,
+                domain: self.domain.clone(),
             },
             memory: MemoryConfig {
                 max_backlog: self.max_backlog,

@@ -129,7 +129,7 @@ impl Core {
     }
 
     /// Turns entries delivered at `since` into leases; dead-letters entries that are not
-    /// messages at all.
+    /// messages at all, with the reason.
     fn lease_all_from(&self, entries: Vec<Entry>, since: Instant, out: &mut Vec<Lease>) {
         if entries.is_empty() {
             return;
@@ -142,22 +142,20 @@ impl Core {
         for (entry, fields, deliveries) in entries {
             let attempt = fields.attempts.saturating_add(deliveries);
             match fields.message {
-                // Every other field of the entry is an attribute (a program's own publishers
-                // may add some); the chaos monkey's own entries have none, so nothing is
-                // allocated for them.
-                Some(message) => parsed.push((entry, message, fields.others, deliveries, attempt)),
-                None => malformed.push(Op {
-                    kind: OpKind::Dead,
+                Ok(message) => parsed.push((entry, message, deliveries, attempt)),
+                Err(reason) => malformed.push(Op {
+                    kind: OpKind::Undecodable,
                     lease: 0,
                     entry,
                     deliveries: 0,
                     attempt,
+                    reason: Some(reason.into()),
                 }),
             }
         }
         let mut leases = lock(&self.leases);
         out.reserve(parsed.len());
-        for (entry, message, attributes, deliveries, attempt) in parsed {
+        for (entry, message, deliveries, attempt) in parsed {
             let generation = leases.next_generation;
             leases.next_generation = generation.wrapping_add(1);
             let index = leases.slots.insert(Held {
@@ -169,7 +167,6 @@ impl Core {
             });
             out.push(Lease {
                 message,
-                attributes: attributes.into_iter().collect(),
                 attempt,
                 id: (u64::from(generation) << 32) | index as u64,
             });
@@ -177,9 +174,10 @@ impl Core {
         drop(leases);
         if !malformed.is_empty() {
             warn!(
-                "dead-lettering {} entries of {} that are not messages",
+                "dead-lettering {} entries of {} that are not messages (the first: {})",
                 malformed.len(),
-                self.config.stream
+                self.config.stream,
+                malformed[0].reason.as_deref().unwrap_or("")
             );
             self.dead_letter_malformed(&malformed);
         }

@@ -4,7 +4,7 @@
 //!
 //! | `Source` | Redis |
 //! |---|---|
-//! | `publish` | `XADD stream * message_id <uuid> instance_name <name>` |
+//! | `publish` | `XADD stream * data <data> [message_id <id>] [ordering_key <key>] [<attribute> <value>]...` |
 //! | start | claim the consumer name (a liveness key, see below); `XGROUP CREATE stream group <floor> MKSTREAM` (an existing group is kept); this consumer's own pending entries, left by an earlier instance of the same name, are marked expired |
 //! | `pull` | entries idle past the ack deadline (`XPENDING ... IDLE` probes for one, `XAUTOCLAIM` claims them), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
 //! | `ack` | `XACK stream group id...` (one per batch) |
@@ -109,13 +109,14 @@ use redis::Client;
 use slab::Slab;
 
 use crate::error::{ConfigError, SourceError};
+use crate::message::PubSubMessage;
 use crate::shutdown::Shutdown;
-use crate::source::{Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
 use self::acker::{Op, OpKind};
 use self::connection::{Failure, Health, Pooled, Scripts};
-use self::reply::EntryId;
+use self::reply::{EntryId, RESERVED_FIELDS};
 
 pub use self::connection::redact_url;
 
@@ -525,51 +526,48 @@ impl RedisSource {
     }
 }
 
-/// Fields of an entry that are the message itself; every other field is an attribute.
-const RESERVED_FIELDS: [&str; 3] = ["message_id", "instance_name", "attempts"];
-
 impl Publish for RedisSource {
     /// Adds the batch with one pipeline of `XADD`s (one round trip), whose replies are only
     /// checked, not kept. After a failure the
     /// whole batch is sent again once the server answers: publishing is at least once.
-    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
-        for envelope in batch {
-            if let Some((key, _)) = envelope
-                .attributes
-                .iter()
-                .find(|(key, _)| RESERVED_FIELDS.contains(key))
-            {
-                return Err(SourceError::Backend(format!(
-                    "attribute name '{key}' is reserved for the entry's own fields"
-                )));
-            }
-        }
+    ///
+    /// Each message is one entry: `data`, then `message_id` when the message has one, then
+    /// `ordering_key` when set, then its attributes; a message without an id gets the entry
+    /// id as its id when consumed.
+    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
+        check_batch(batch, &RESERVED_FIELDS, "redis")?;
         if batch.is_empty() {
             return Ok(());
         }
         let core = &self.core;
         // Encoded once, by hand (no argument vectors, no uuid string), and sent again as is
         // after a failure.
-        let mut packed = Vec::with_capacity(batch.len() * 160);
-        let mut uuid = uuid::Uuid::encode_buffer();
-        for envelope in batch {
-            let message = &envelope.message;
-            wire::command(&mut packed, 7 + 2 * envelope.attributes.len());
+        let size: usize = batch.iter().map(|m| m.size() + 160).sum();
+        let mut packed = Vec::with_capacity(size);
+        for message in batch {
+            let has_id = !message.id().is_empty();
+            let key = message.ordering_key();
+            let argc = 5
+                + 2 * usize::from(has_id)
+                + 2 * usize::from(key.is_some())
+                + 2 * message.attributes().len();
+            wire::command(&mut packed, argc);
             wire::arg(&mut packed, b"XADD");
             wire::arg(&mut packed, core.config.stream.as_bytes());
             wire::arg(&mut packed, b"*");
-            wire::arg(&mut packed, b"message_id");
-            wire::arg(
-                &mut packed,
+            wire::arg(&mut packed, b"data");
+            wire::arg(&mut packed, message.data());
+            if has_id {
+                wire::arg(&mut packed, b"message_id");
                 message
-                    .message_id()
-                    .hyphenated()
-                    .encode_lower(&mut uuid)
-                    .as_bytes(),
-            );
-            wire::arg(&mut packed, b"instance_name");
-            wire::arg(&mut packed, message.instance_name().as_bytes());
-            for (key, value) in envelope.attributes.iter() {
+                    .id()
+                    .with_str(|id| wire::arg(&mut packed, id.as_bytes()));
+            }
+            if let Some(key) = key {
+                wire::arg(&mut packed, b"ordering_key");
+                wire::arg(&mut packed, key.as_bytes());
+            }
+            for (key, value) in message.attributes().iter() {
                 wire::arg(&mut packed, key.as_bytes());
                 wire::arg(&mut packed, value.as_bytes());
             }
@@ -641,6 +639,22 @@ impl Source for RedisSource {
                 OpKind::Requeue
             }
         });
+        self.enqueue(ops);
+        Ok(())
+    }
+
+    /// Dead-letters the entry at once with `dead_reason` (queued, as every lease operation).
+    fn reject(
+        &self,
+        lease: LeaseId,
+        reason: &str,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        let mut ops = self.take_all(&[lease], refused, |_| OpKind::Reject);
+        let reason: Arc<str> = reason.into();
+        for op in &mut ops {
+            op.reason = Some(reason.clone());
+        }
         self.enqueue(ops);
         Ok(())
     }
