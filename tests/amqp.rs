@@ -416,6 +416,14 @@ impl conformance::Harness for Amqp {
         // The source requeues an expired lease on its worker's next tick (every 50 ms).
         thread::sleep(by + Duration::from_millis(100));
     }
+
+    fn reserved(&self) -> &'static [&'static str] {
+        &["x-mayhem-ordering-key", "x-death"]
+    }
+
+    fn ids_optional(&self) -> bool {
+        true
+    }
 }
 
 conformance_tests!(Rabbit::get().map(Amqp));
@@ -439,7 +447,9 @@ fn nacks_past_max_attempts_go_to_the_dead_letter_queue() {
     let queue = server.queue("dead");
     let source = server.source(&queue, Duration::from_secs(5), 3);
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(2));
-    source.publish(std::slice::from_ref(&message)).expect("publish");
+    source
+        .publish(std::slice::from_ref(&message))
+        .expect("publish");
     for attempt in 1..=3 {
         let lease = pull_one(&source);
         conformance::assert_same(&lease.message, &message);
@@ -458,7 +468,9 @@ fn a_dropped_source_gives_its_leases_back() {
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(4));
     {
         let first = server.source(&queue, Duration::from_secs(60), 5);
-        first.publish(std::slice::from_ref(&message)).expect("publish");
+        first
+            .publish(std::slice::from_ref(&message))
+            .expect("publish");
         pull_one(&first);
         // Dropped without ack: closing the connection gives the message back.
     }
@@ -1103,24 +1115,33 @@ fn confirms_outstanding_at_an_interrupt_are_still_awaited() {
 }
 
 #[test]
-fn messages_that_are_not_mayhem_messages_are_dead_lettered_and_counted_once() {
+fn messages_no_decoding_can_read_are_dead_lettered_and_counted_once() {
     // Each was counted twice in `dead_lettered`: once when pulled, once when its dead
-    // letter was sent.
+    // letter was sent. Any other producer's message is a message: no id, binary data, an
+    // id that is not a UUID.
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("foreign");
     let source = server.source(&queue, Duration::from_secs(60), 5);
-    // Three messages another program published: no message id, a body that is not an
-    // instance name, a message id that is not a UUID.
+    let not_utf8 = |properties: lapin::BasicProperties| {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "origin".into(),
+            lapin::types::AMQPValue::LongString(b"\xff\xfe"[..].into()),
+        );
+        properties.with_headers(headers)
+    };
     smol::block_on(async {
         let connection = lapin::Connection::connect(&server.url(), Default::default())
             .await
             .expect("connect");
         let channel = connection.create_channel().await.expect("a channel");
         let properties = [
-            lapin::BasicProperties::default(),
-            lapin::BasicProperties::default()
-                .with_message_id("00000000-0000-0000-0000-000000000001".into()),
-            lapin::BasicProperties::default().with_message_id("not-a-uuid".into()),
+            not_utf8(lapin::BasicProperties::default()),
+            not_utf8(
+                lapin::BasicProperties::default()
+                    .with_message_id("00000000-0000-0000-0000-000000000001".into()),
+            ),
+            not_utf8(lapin::BasicProperties::default().with_message_id("not-a-uuid".into())),
         ];
         let bodies: [&[u8]; 3] = [b"cattle-abcd", b"\xff\xfe", b"cattle-abcd"];
         for (body, properties) in bodies.into_iter().zip(properties) {
@@ -1140,8 +1161,79 @@ fn messages_that_are_not_mayhem_messages_are_dead_lettered_and_counted_once() {
         connection.close(200, "done".into()).await.expect("close");
     });
     wait_for_dead_letters_after_pulls(&source, 3);
-    assert_eq!(source.stats().dead_lettered, 3, "{:?}", source.stats());
+    let stats = source.stats();
+    assert_eq!(
+        (stats.dead_lettered, stats.undecodable),
+        (3, 3),
+        "{stats:?}"
+    );
     assert_eq!(source.settled(), 3);
+}
+
+#[test]
+fn any_producer_s_message_is_read_whole() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("anyproducer");
+    let source = server.source(&queue, Duration::from_secs(60), 5);
+    smol::block_on(async {
+        let connection = lapin::Connection::connect(&server.url(), Default::default())
+            .await
+            .expect("connect");
+        let channel = connection.create_channel().await.expect("a channel");
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "origin".into(),
+            lapin::types::AMQPValue::LongString(b"ops"[..].into()),
+        );
+        headers.insert("count".into(), lapin::types::AMQPValue::LongInt(7));
+        let messages = [
+            (&b"\0\xff binary"[..], lapin::BasicProperties::default()),
+            (
+                &b"web-01"[..],
+                lapin::BasicProperties::default()
+                    .with_message_id("not-a-uuid".into())
+                    .with_timestamp(1_700_000_000)
+                    .with_headers(headers),
+            ),
+        ];
+        for (body, properties) in messages {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    Default::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("the broker takes it");
+        }
+        connection.close(200, "done".into()).await.expect("close");
+    });
+    let mut leases = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    while leases.len() < 2 {
+        assert!(Instant::now() < end, "{} pulled", leases.len());
+        source
+            .pull(10, Duration::from_millis(100), &mut leases)
+            .expect("pull");
+    }
+    let (first, second) = (&leases[0].message, &leases[1].message);
+    assert_eq!(&first.data()[..], b"\0\xff binary");
+    assert!(first.id().is_empty(), "RabbitMQ has no ids of its own");
+    assert_eq!(first.publish_time(), None);
+    assert_eq!(&second.data()[..], b"web-01");
+    assert_eq!(second.id().to_string(), "not-a-uuid");
+    assert_eq!(second.attributes().get("origin"), Some("ops"));
+    assert_eq!(second.attributes().get("count"), Some("7"));
+    assert_eq!(
+        second.publish_time(),
+        Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+    );
+    let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
+    assert!(conformance::ack(&source, &ids).is_empty());
 }
 
 /// Pulls (which dead-letters what is not a message) until the dead-letter queue holds

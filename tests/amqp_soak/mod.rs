@@ -316,12 +316,14 @@ impl Server {
                 .map_err(|e| format!("confirm mode: {e}"))?;
             for n in first..first + count {
                 let (body, properties) = match n % 3 {
+                    // Data that is no host name: the chaos monkey rejects it, so it is
+                    // dead-lettered at once.
                     0 => (
-                        format!("foreign-{n}").into_bytes(),
+                        format!("no host foreign-{n}").into_bytes(),
                         lapin::BasicProperties::default(),
                     ),
                     1 => (
-                        format!("foreign-{n}").into_bytes(),
+                        format!("no host foreign-{n}").into_bytes(),
                         lapin::BasicProperties::default()
                             .with_message_id(format!("not-a-uuid-{n}").into()),
                     ),
