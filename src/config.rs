@@ -56,10 +56,11 @@ pub struct RunConfig {
     pub workers: usize,
     /// Flow control: the most leases held (pulled and not yet settled).
     pub max_in_flight: usize,
-    /// Flow control by size: consumers stop pulling while the messages held count this many
-    /// bytes or more ([`PubSubMessage::size`](crate::PubSubMessage::size): data and
-    /// attributes). A pull may go past it by one pull's messages, and a single message larger
-    /// than the limit is still taken, alone, so that nothing deadlocks.
+    /// Flow control by size: the most bytes of messages handed to handlers and not settled
+    /// yet ([`PubSubMessage::size`](crate::PubSubMessage::size): data and attributes). A
+    /// pulled message that would go past it waits, held and extended, until handlers settle
+    /// enough; a single message larger than the limit is still handed over, alone, so that
+    /// nothing deadlocks.
     pub max_in_flight_bytes: usize,
     /// Publish this many messages, wait until each is acked or dead-lettered, then stop.
     /// `None` runs until shut down.

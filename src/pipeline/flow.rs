@@ -23,9 +23,11 @@ pub(crate) struct Gate {
     /// Permits out now: leases held plus permits reserved by consumers for a pull. (The
     /// service's in-flight gauge counts leases held only; the lease manager keeps it.)
     in_flight: AtomicUsize,
-    /// Bytes of the messages held ([`PubSubMessage::size`](crate::PubSubMessage::size)).
+    /// Bytes of the messages handed to handlers and not settled yet
+    /// ([`PubSubMessage::size`](crate::PubSubMessage::size)).
     bytes: AtomicUsize,
-    /// Consumers wait while `bytes` is at or above this (flow control by size).
+    /// Most bytes handed to handlers at once (flow control by size); a single message
+    /// larger than this is handed over alone.
     max_bytes: usize,
     /// Threads waiting for permits or for idleness.
     waiters: AtomicUsize,
@@ -61,10 +63,7 @@ impl Gate {
     }
 
     /// Takes between 1 and `max` permits; 0 once closed. While the window is full it blocks
-    /// until `wake_at` permits are free (or the gate closes); while the messages held count
-    /// `max_bytes` or more, until they count less. The byte limit is checked before a pull,
-    /// not per message: a pull may go past it by its own messages, and a message larger than
-    /// the limit is taken when the bytes held are below it, so no size deadlocks.
+    /// until `wake_at` permits are free (or the gate closes).
     ///
     /// # Blocking
     ///
@@ -75,8 +74,7 @@ impl Gate {
                 return 0;
             }
             let current = self.in_flight.load(Ordering::SeqCst);
-            let room = self.bytes.load(Ordering::SeqCst) < self.max_bytes;
-            if current < self.limit && room {
+            if current < self.limit {
                 let take = max.min(self.limit - current);
                 if self
                     .in_flight
@@ -89,9 +87,9 @@ impl Gate {
             }
             let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.waiters.fetch_add(1, Ordering::SeqCst);
-            let full = self.in_flight.load(Ordering::SeqCst) + self.wake_at > self.limit
-                || self.bytes.load(Ordering::SeqCst) >= self.max_bytes;
-            if full && !self.closed.load(Ordering::SeqCst) {
+            if self.in_flight.load(Ordering::SeqCst) + self.wake_at > self.limit
+                && !self.closed.load(Ordering::SeqCst)
+            {
                 drop(
                     self.changed
                         .wait(guard)
@@ -118,25 +116,66 @@ impl Gate {
         }
     }
 
-    /// Counts `count` more bytes held.
-    pub(crate) fn add_bytes(&self, count: usize) {
-        if count > 0 {
-            self.bytes.fetch_add(count, Ordering::SeqCst);
+    /// Counts the first messages of `sizes` as handed to handlers: as many as fit under
+    /// `max_bytes` with the bytes already handed over, and at least one when nothing is
+    /// handed over (a message larger than the limit goes alone, so no size deadlocks).
+    /// Returns how many; 0 once closed. While none fits it blocks until settled messages
+    /// make room.
+    ///
+    /// The leases waiting here are held and extended like the others, as python-pubsub
+    /// holds the messages its byte limit keeps from the callbacks.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the calling thread (a consumer thread).
+    pub(crate) fn take_bytes(&self, sizes: &[usize]) -> usize {
+        loop {
+            if self.closed.load(Ordering::SeqCst) || sizes.is_empty() {
+                return 0;
+            }
+            let current = self.bytes.load(Ordering::SeqCst);
+            let mut total = current;
+            let mut fit = 0;
+            for &size in sizes {
+                match total.checked_add(size) {
+                    Some(next) if next <= self.max_bytes || (fit == 0 && current == 0) => {
+                        total = next;
+                        fit += 1;
+                    }
+                    _ => break,
+                }
+            }
+            if fit > 0 {
+                if self
+                    .bytes
+                    .compare_exchange(current, total, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return fit;
+                }
+                continue;
+            }
+            let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            if self.bytes.load(Ordering::SeqCst) == current && !self.closed.load(Ordering::SeqCst) {
+                drop(
+                    self.changed
+                        .wait(guard)
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+            }
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
-    /// Counts `count` bytes fewer held; wakes the waiting consumers when that brings the
-    /// bytes below the limit.
+    /// Counts `count` bytes fewer handed to handlers; wakes the consumers waiting in
+    /// [`Gate::take_bytes`].
     pub(crate) fn release_bytes(&self, count: usize) {
         if count == 0 {
             return;
         }
-        let before = self.bytes.fetch_sub(count, Ordering::SeqCst);
-        let after = before - count;
-        if before >= self.max_bytes
-            && after < self.max_bytes
-            && self.waiters.load(Ordering::SeqCst) > 0
-        {
+        self.bytes.fetch_sub(count, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.changed.notify_all();
         }
@@ -226,20 +265,33 @@ mod tests {
     }
 
     #[test]
-    fn consumers_wait_while_the_bytes_held_reach_the_limit() {
+    fn bytes_are_handed_over_up_to_the_limit_and_a_large_message_alone() {
         let gate = Arc::new(Gate::with_bytes(100, 1, 1000));
-        assert_eq!(gate.acquire(1), 1);
-        // One message larger than the whole limit is taken, alone.
-        gate.add_bytes(5000);
+        assert_eq!(gate.take_bytes(&[400, 400, 400]), 2);
+        assert_eq!(gate.bytes(), 800);
+        gate.release_bytes(800);
+        // Larger than the whole limit: it goes, alone, when nothing else is handed over.
+        assert_eq!(gate.take_bytes(&[5000, 10]), 1);
         let taker = {
             let gate = gate.clone();
-            thread::spawn(move || gate.acquire(10))
+            thread::spawn(move || gate.take_bytes(&[10, 990, 1]))
         };
-        // The taker blocks until the bytes fall below the limit, whatever the permits.
-        gate.release(1);
-        gate.release_bytes(4500);
-        assert_eq!(gate.bytes(), 500);
-        assert_eq!(taker.join().unwrap(), 10);
+        // The taker can only go once the large one is settled; then two of three fit.
+        gate.release_bytes(5000);
+        assert_eq!(taker.join().unwrap(), 2);
+        assert_eq!(gate.bytes(), 1000);
+    }
+
+    #[test]
+    fn close_wakes_a_consumer_waiting_for_bytes() {
+        let gate = Arc::new(Gate::with_bytes(100, 1, 10));
+        assert_eq!(gate.take_bytes(&[10]), 1);
+        let taker = {
+            let gate = gate.clone();
+            thread::spawn(move || gate.take_bytes(&[5]))
+        };
+        gate.close();
+        assert_eq!(taker.join().unwrap(), 0);
     }
 
     #[test]

@@ -182,6 +182,9 @@ pub(crate) struct LeaseGuard<'a> {
     attempt: u32,
     /// The bytes it counts for in flow control.
     size: usize,
+    /// Whether `size` was counted in the bytes handed to handlers (the consumer counts it
+    /// when it hands the lease over; the drop takes it off again).
+    size_counted: bool,
     /// Set once acked or nacked, so the drop guard only returns the permit.
     settled: bool,
 }
@@ -245,6 +248,11 @@ impl<'a> Leaser<'a> {
         }
     }
 
+    /// Adds `bytes` handed to handlers to the gauge (the gate counted them already).
+    pub(crate) fn count_handed_bytes(&self, bytes: usize) {
+        self.metrics.add_held_bytes(bytes);
+    }
+
     /// The flow-control gate.
     pub(crate) fn gate(&self) -> &Gate {
         &self.gate
@@ -280,13 +288,11 @@ impl<'a> Leaser<'a> {
         let deadline = self.clock.tick(pulled + self.settings.ack_deadline);
         let pulled = self.clock.tick(pulled);
         let mut redelivered = 0;
-        let mut bytes = 0;
         {
             let mut table = self.shard(shard);
             for lease in leases {
                 redelivered += u64::from(lease.attempt > 1);
                 let size = lease.message.size();
-                bytes += size;
                 let message = Arc::new(lease.message);
                 let slot = table.insert(Entry {
                     id: lease.id,
@@ -308,13 +314,12 @@ impl<'a> Leaser<'a> {
                     id: lease.id,
                     attempt: lease.attempt,
                     size,
+                    size_counted: false,
                     settled: false,
                 });
             }
         }
         self.metrics.add_held(count);
-        self.gate.add_bytes(bytes);
-        self.metrics.add_held_bytes(bytes);
         self.metrics.count_delivered(count as u64, redelivered);
     }
 
@@ -820,6 +825,18 @@ impl<'a> LeaseGuard<'a> {
         self.attempt
     }
 
+    /// The bytes the message counts for in flow control.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Records that the consumer counted this lease's size in the bytes handed to
+    /// handlers ([`Gate::take_bytes`] and the gauge); dropping the guard takes it off
+    /// again.
+    pub(crate) fn count_size(&mut self) {
+        self.size_counted = true;
+    }
+
     /// Removes this guard's entry from its shard's `table` (locked by the caller), if the slot
     /// still holds it. Only the guard removes its entry, and it settles once, so `None` is
     /// not reached in practice; it is treated as a lost lease.
@@ -871,8 +888,10 @@ impl Drop for LeaseGuard<'_> {
             let _ = self.leaser.settle_nack(self);
         }
         self.leaser.gate.release(1);
-        self.leaser.gate.release_bytes(self.size);
-        self.leaser.metrics.sub_held_bytes(self.size);
+        if self.size_counted {
+            self.leaser.gate.release_bytes(self.size);
+            self.leaser.metrics.sub_held_bytes(self.size);
+        }
     }
 }
 

@@ -55,8 +55,8 @@ pub(crate) struct Cli {
         default_value_t = RunConfig::default().max_in_flight
     )]
     max_in_flight: usize,
-    /// Consumers stop pulling while the messages held count this many bytes of data and
-    /// attributes; a larger message is still taken, alone.
+    /// Most bytes of data and attributes handed to handlers at once; the rest of a pull
+    /// waits, held; a larger message is still handled, alone.
     #[arg(
         long,
         env = "MAYHEM_MAX_IN_FLIGHT_BYTES",
