@@ -164,7 +164,11 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The bytes of a hex string.
 fn unhex(text: &str) -> Vec<u8> {
-    assert!(text.len() % 2 == 0, "odd hex length {}", text.len());
+    assert!(
+        text.len().is_multiple_of(2),
+        "odd hex length {}",
+        text.len()
+    );
     (0..text.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
@@ -969,4 +973,75 @@ fn the_amqp_source_s_messages_reach_pika_consumers_byte_for_byte() {
             .collect();
         assert_eq!(attributes, sample.attributes, "{name}: headers");
     }
+}
+
+#[test]
+fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name() {
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = "hosts";
+    let url = server.url();
+    let mut service = Service::start(
+        &[
+            &["--source", url.as_str(), "--stream", queue][..],
+            &TWO_AND_DONE[..],
+        ]
+        .concat(),
+    );
+    // The service declared its queue before it starts consuming.
+    service.wait_for("Starting consumer");
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({
+            "url": url,
+            "queue": queue,
+            "messages": [
+                {"data": hex(b"web-02")},
+                {"data": hex(b"not a host!"), "attributes": {"origin": "pika"}},
+            ],
+        }),
+    );
+    service.wait_for("Restarted web-02.example.net");
+    let (status, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert_eq!(report_field(&report, "acked"), 1, "{report}");
+    assert_eq!(report_field(&report, "rejected"), 1, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), 1, "{report}");
+    assert_eq!(report_field(&report, "nacked"), 0, "{report}");
+    assert!(!log.contains("panicked"), "{log}");
+    // RabbitMQ's dead-lettering cannot carry the reason: the service logs it.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Rejected PubSubMessage(") && l.contains("host name")),
+        "{log}"
+    );
+
+    let answer = python(
+        "amqp_interop.py",
+        "consume",
+        &json!({
+            "url": url,
+            "queue": format!("{queue}:dead"),
+            "count": 1,
+            "patience": PATIENCE.as_secs(),
+        }),
+    );
+    let dead = answer["messages"].as_array().expect("messages");
+    assert_eq!(dead.len(), 1, "{answer}");
+    let dead = &dead[0];
+    assert_eq!(dead["data"], json!(hex(b"not a host!")), "{dead}");
+    let headers = &dead["headers"];
+    assert_eq!(headers["origin"], json!("pika"), "{dead}");
+    // Dead-lettered by the service's reject, once, from its queue.
+    assert_eq!(headers["x-first-death-reason"], json!("rejected"), "{dead}");
+    let deaths = headers["x-death"].as_array().expect("an x-death header");
+    assert_eq!(deaths.len(), 1, "{dead}");
+    assert_eq!(deaths[0]["reason"], json!("rejected"), "{dead}");
+    assert_eq!(deaths[0]["queue"], json!(queue), "{dead}");
+    assert_eq!(deaths[0]["count"], json!(1), "{dead}");
 }
