@@ -8,7 +8,7 @@
 //! # Data flow
 //!
 //! ```text
-//!  publisher threads ──Publish::publish (batches)──▶ broker (in-memory pub/sub, or Redis)
+//!  publisher threads ──Publish::publish (batches)──▶ broker (in-memory, Redis, RabbitMQ)
 //!                                                     │ Source::pull: blocking, leases in batches
 //!                                                     ▼
 //!  consumer threads ──lease manager admits each lease──▶ bounded async_channel (send_blocking)
@@ -27,13 +27,16 @@
 //!
 //! # Modules
 //!
-//! - [`message`]: [`PubSubMessage`], the "restart this host" message.
+//! - [`message`]: [`PubSubMessage`], Pub/Sub's message model for every broker (id, data as
+//!   bytes, attributes, publish time, ordering key), its limits, and the host-name rule of the
+//!   chaos monkey.
 //! - [`source`]: the broker traits [`Publish`] and [`Source`] (batched ack, nack and extend),
 //!   [`Lease`], [`Attributes`], and [`Delivery`], a lease with a drop guard that nacks;
 //!   [`source::memory`] is [`Subscription`], the embedded in-memory pub/sub with real lease
 //!   semantics, and the [`Clock`] it reads.
 //!   `source::redis` (feature `redis`, on by default) is `RedisSource`, a broker on a Redis
-//!   stream with a consumer group.
+//!   stream with a consumer group; `source::amqp` (feature `amqp`) is `AmqpSource`, a
+//!   RabbitMQ quorum queue.
 //! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
 //! - [`config`]: [`Config`], every setting.
