@@ -98,7 +98,7 @@ mod reply;
 mod wire;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -352,6 +352,9 @@ struct Core {
     /// Where the next `XAUTOCLAIM` starts (it scans a bounded part of the pending list), and
     /// when the next sweep of the pending list is due.
     claim_cursor: Mutex<ClaimCursor>,
+    /// The mean size of the entries of the last read ([`PubSubMessage::size`]), 0 before
+    /// the first: bounds how many entries one read asks for (see `claim::READ_BYTES`).
+    entry_bytes: AtomicUsize,
 }
 
 /// The position of the sweep of the pending list for expired entries.
@@ -846,6 +849,7 @@ impl Core {
             closing: Mutex::new(false),
             closing_signal: Condvar::new(),
             name_lost: AtomicBool::new(false),
+            entry_bytes: AtomicUsize::new(0),
             claim_cursor: Mutex::new(ClaimCursor {
                 start: "0-0".to_owned(),
                 due: now,
