@@ -351,7 +351,16 @@ impl Sender<'_> {
         let mut batch = Vec::new();
         let mut bytes = 0;
         let mut number = 0u64;
-        while let Some(data) = read_line(&mut input, number + 1)? {
+        loop {
+            let data = match read_line(&mut input, number + 1) {
+                Ok(Some(data)) => data,
+                Ok(None) => break,
+                Err(stop) => {
+                    // The lines before it are published; none after it.
+                    self.send(&batch)?;
+                    return Err(stop);
+                }
+            };
             number += 1;
             if !data.is_empty() {
                 let message = with_data(template, data);
