@@ -1757,3 +1757,37 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
     faults.dedup();
     assert_eq!(faults.len(), 6, "not every kind of fault: {faults:?}");
 }
+
+#[test]
+fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("cli-publish");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["publish", "--source", &server.url(), "--stream", &queue])
+        .args(["--attribute", "origin=ops", "--ordering-key", "web"])
+        .args(["web-03", "db-7.eu-west"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem publish");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    // One id per line, printed once the broker confirmed the messages.
+    let ids: Vec<&str> = stdout.lines().collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    // The queue was declared as the service declares it (default --max-attempts 5).
+    let consumer = server.source(&queue, Duration::from_secs(30), 5);
+    for (id, data) in ids.iter().zip(["web-03", "db-7.eu-west"]) {
+        let lease = pull_one(&consumer);
+        let message = &lease.message;
+        assert_eq!(message.id().to_string(), *id);
+        assert_eq!(message.id().as_uuid().map(|u| u.get_version_num()), Some(4));
+        assert_eq!(&message.data()[..], data.as_bytes());
+        assert_eq!(message.attributes().get("origin"), Some("ops"));
+        assert_eq!(message.attributes().len(), 1);
+        assert_eq!(message.ordering_key(), Some("web"));
+        assert!(message.publish_time().is_some());
+        assert!(conformance::ack(&consumer, &[lease.id]).is_empty());
+    }
+}

@@ -575,6 +575,30 @@ fn publish_flags_found_bad_by_clap_exit_2() {
     assert_eq!(lines.len(), 1, "{lines:?}");
 }
 
+#[test]
+fn a_signal_ends_a_publish_waiting_for_its_broker_with_130() {
+    // Retrying for the default 30 s (said at warn level): the signal ends it at once.
+    let mut service = Service::start(&[
+        "publish",
+        "--source",
+        NOWHERE,
+        "--log-level",
+        "warn",
+        "web-03",
+    ]);
+    service.wait_for("retrying for up to 30s");
+    service.signal("SIGTERM");
+    let (status, took, lines, stdout) = service.finish();
+    assert_eq!(status.code(), Some(130), "{lines:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].starts_with("error: interrupted by SIGTERM"),
+        "{lines:?}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+}
+
 #[cfg(feature = "amqp")]
 #[test]
 fn publish_refuses_headers_rabbitmq_keeps() {
