@@ -566,13 +566,32 @@ fn publish_flags_found_bad_by_clap_exit_2() {
     );
     // The service's flags mean nothing to publish.
     refuses(&["--workers", "2", "publish", "x"], &[], "publish");
-    // The service's variables do not stop publish (it reads only its own).
+    // The service's variables are not read by publish, even one the service would refuse.
     let lines = refuses(
         &["publish", "x"],
-        &[("MAYHEM_WORKERS", "2")],
+        &[("MAYHEM_WORKERS", "2"), ("MAYHEM_PUBLISHERS", "abc")],
         "--source memory",
     );
     assert_eq!(lines.len(), 1, "{lines:?}");
+}
+
+#[test]
+fn publish_has_its_own_help_and_the_service_s_help_names_it() {
+    let (status, _, _, stdout) = Service::start(&["publish", "--help"]).finish();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        stdout.contains("Usage: mayhem publish [OPTIONS] [DATA]..."),
+        "{stdout}"
+    );
+    for expected in ["--attribute <KEY=VALUE>", "--ordering-key", "Exit codes: 0"] {
+        assert!(stdout.contains(expected), "no {expected:?} in {stdout}");
+    }
+    for line in stdout.lines() {
+        assert!(line.chars().count() <= 100, "{line:?} is too long");
+    }
+    let (status, _, _, stdout) = Service::start(&["--help"]).finish();
+    assert_eq!(status.code(), Some(0));
+    assert!(stdout.contains("publish  Publish messages"), "{stdout}");
 }
 
 #[test]

@@ -393,6 +393,20 @@ pub(crate) fn check_utf8(
     args: impl IntoIterator<Item = std::ffi::OsString>,
     env: impl Fn(&str) -> Option<std::ffi::OsString>,
 ) -> Result<(), String> {
+    check_utf8_for(&<Cli as clap::CommandFactory>::command(), args, env)
+}
+
+/// [`check_utf8`] for the arguments and variables of `command` (the first argument is its
+/// name).
+///
+/// # Errors
+///
+/// As [`check_utf8`].
+pub(crate) fn check_utf8_for(
+    command: &clap::Command,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), String> {
     let mut previous: Option<String> = None;
     for arg in args.into_iter().skip(1) {
         let Some(text) = arg.to_str() else {
@@ -407,7 +421,6 @@ pub(crate) fn check_utf8(
         };
         previous = Some(text.to_owned());
     }
-    let command = <Cli as clap::CommandFactory>::command();
     for arg in command.get_arguments() {
         let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else {
             continue;

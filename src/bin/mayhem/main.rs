@@ -111,6 +111,14 @@ fn run(
     startup: Sender<Startup>,
     startup_events: Receiver<Startup>,
 ) -> ExitCode {
+    // `mayhem publish ...` is parsed on its own: the service's variables (MAYHEM_WORKERS, ...)
+    // are not even read.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == "publish")
+    {
+        return publish::main(&shutdown);
+    }
     // Clap refuses a value that is not UTF-8 without naming its flag or variable.
     if let Err(error) = cli::check_utf8(std::env::args_os(), |name| std::env::var_os(name)) {
         usage_error(&format!("error: {error}"));

@@ -88,6 +88,22 @@ pub(crate) struct PublishArgs {
     data: Vec<String>,
 }
 
+/// `mayhem publish` parsed on its own, so that the service's flags and variables play no
+/// part (`mayhem --help` lists it through [`crate::cli::Command`]).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "mayhem publish",
+    bin_name = "mayhem publish",
+    about = "Publish messages to a broker (Redis or RabbitMQ) and print their ids once confirmed",
+    long_about = None,
+    max_term_width = 100
+)]
+struct PublishCli {
+    /// The flags and DATA.
+    #[command(flatten)]
+    args: PublishArgs,
+}
+
 /// Why publishing stopped.
 enum Stop {
     /// Bad input: one line, exit 2.
@@ -100,6 +116,28 @@ enum Stop {
 
 /// Checks a message as the broker's `publish` would, before anything is sent.
 type Check = fn(&PubSubMessage) -> Result<(), MessageError>;
+
+/// `mayhem publish ...`: parses its arguments (the first is `publish`), then [`run`].
+pub(crate) fn main(shutdown: &Shutdown) -> ExitCode {
+    let command = <PublishCli as clap::CommandFactory>::command();
+    let args = || std::env::args_os().skip(1);
+    if let Err(error) = cli::check_utf8_for(&command, args(), |name| std::env::var_os(name)) {
+        usage_error(&format!("error: {error}"));
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match <PublishCli as clap::Parser>::try_parse_from(args()) {
+        Ok(parsed) => run(&parsed.args, shutdown),
+        Err(error) => {
+            // Clap's whole message; help goes to stdout with exit 0.
+            let _ = error.print();
+            if error.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}
 
 /// Runs `mayhem publish`: checks the input, connects, publishes, prints the ids.
 pub(crate) fn run(args: &PublishArgs, shutdown: &Shutdown) -> ExitCode {
