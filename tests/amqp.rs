@@ -1791,3 +1791,43 @@ fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
         assert!(conformance::ack(&consumer, &[lease.id]).is_empty());
     }
 }
+
+#[cfg(feature = "amqp-tls")]
+#[test]
+fn mayhem_publish_over_amqps_publishes_the_lines_of_stdin() {
+    use std::io::Write;
+    let Some(server) = Rabbit::get() else { return };
+    let Some(tls) = tls(server) else { return };
+    let queue = server.queue("cli-publish-tls");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "publish",
+            "--source",
+            &format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port),
+        ])
+        .args(["--amqp-ca-file", tls.ca.to_str().expect("a utf-8 path")])
+        .args(["--stream", &queue, "--attribute", "origin=stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mayhem publish");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(b"web-05\n\nweb-06").expect("write stdin");
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait for mayhem publish");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let ids: Vec<&str> = stdout.lines().collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    let consumer = server.source(&queue, Duration::from_secs(30), 5);
+    for (id, data) in ids.iter().zip(["web-05", "web-06"]) {
+        let lease = pull_one(&consumer);
+        assert_eq!(lease.message.id().to_string(), *id);
+        assert_eq!(&lease.message.data()[..], data.as_bytes());
+        assert_eq!(lease.message.attributes().get("origin"), Some("stdin"));
+        assert!(conformance::ack(&consumer, &[lease.id]).is_empty());
+    }
+}

@@ -359,8 +359,8 @@ impl Sender<'_> {
         }
         if unconfirmed > 0 {
             return Err(Stop::Broker(format!(
-                "the broker did not confirm {unconfirmed} of the last {} messages within {} \
-                 (their ids are not printed; they may still arrive)",
+                "the broker did not confirm {unconfirmed} of the last {} messages (waited up \
+                 to {}; their ids are not printed, and they may still arrive)",
                 batch.len(),
                 humantime::format_duration(self.confirm_timeout)
             )));
