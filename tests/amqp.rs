@@ -1831,3 +1831,37 @@ fn mayhem_publish_over_amqps_publishes_the_lines_of_stdin() {
         assert!(conformance::ack(&consumer, &[lease.id]).is_empty());
     }
 }
+
+#[test]
+fn mayhem_publish_exits_1_in_one_line_on_a_refusal_or_an_unreachable_broker() {
+    // Nobody listens on a port just freed: no broker needed.
+    let nowhere = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", free_port());
+    let run = |url: &str, limit: &str| {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(["publish", "--source", url, "--reconnect-limit", limit])
+            .arg("web-03")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mayhem publish");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(output.stdout.is_empty(), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(!stderr.contains("s3cretpw"), "{stderr}");
+        (started.elapsed(), stderr)
+    };
+    let (took, stderr) = run(&nowhere, "1s");
+    assert!(stderr.contains("unavailable"), "{stderr}");
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(5)).contains(&took),
+        "took {took:?}"
+    );
+    // Refused credentials end it at once, not after the 60 s of the limit.
+    let Some(server) = Rabbit::get() else { return };
+    let refused = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", server.port);
+    let (took, stderr) = run(&refused, "60s");
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
