@@ -2122,3 +2122,47 @@ fn a_bad_line_of_stdin_exits_2_after_publishing_the_lines_before_it() {
         ]]
     );
 }
+
+#[test]
+fn a_server_lost_while_publishing_stdin_ends_publish_with_exit_1() {
+    use std::io::Write;
+    let Some(mut server) = Server::start(false) else {
+        return;
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "publish",
+            "--source",
+            &server.url(),
+            "--reconnect-limit",
+            "1s",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem publish");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    // A line typed at a terminal is published at once: its id comes back before the next.
+    stdin.write_all(b"web-10\n").expect("write a line");
+    let mut id = String::new();
+    stdout.read_line(&mut id).expect("read the first id");
+    assert_eq!(printed_ids(&id).len(), 1, "{id:?}");
+    server.kill();
+    let started = Instant::now();
+    let _ = stdin.write_all(b"web-11\n");
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait for mayhem publish");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: redis at ") && stderr.contains("unreachable"),
+        "{stderr}"
+    );
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("read stdout");
+    assert!(rest.is_empty(), "{rest}");
+}
