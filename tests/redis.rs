@@ -2166,3 +2166,24 @@ fn a_server_lost_while_publishing_stdin_ends_publish_with_exit_1() {
     stdout.read_to_string(&mut rest).expect("read stdout");
     assert!(rest.is_empty(), "{rest}");
 }
+
+#[test]
+fn publish_with_a_wrong_password_exits_1_at_once_without_showing_it() {
+    let Some(server) = Server::start_with(false, None, Some("right-pw")) else {
+        return;
+    };
+    let url = format!("redis://:wr0ng-pw@127.0.0.1:{}/0", server.port);
+    let started = Instant::now();
+    let (code, stdout, stderr) = run_publish(&url, &["web-03"], None);
+    assert_eq!(code, Some(1), "{stderr}");
+    // Not retried for the 30 s of the default limit.
+    assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("refused the connection"), "{stderr}");
+    assert!(!stderr.contains("wr0ng-pw"), "{stderr}");
+    // With the right one it publishes.
+    let (code, stdout, stderr) = run_publish(&server.url(), &["web-03"], None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(printed_ids(&stdout).len(), 1);
+}
