@@ -150,7 +150,7 @@ pub use source::memory::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };
 #[cfg(feature = "redis")]
-pub use source::redis::{RedisConfig, RedisSource};
+pub use source::redis::{RedisConfig, RedisPublisher, RedisSource};
 pub use source::{Delivery, Lease, LeaseId, Publish, Source, SourceStats};
 pub use uuid::Uuid;
 

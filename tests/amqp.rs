@@ -1845,3 +1845,111 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
     faults.dedup();
     assert_eq!(faults.len(), 6, "not every kind of fault: {faults:?}");
 }
+
+#[test]
+fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("cli-publish");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["publish", "--source", &server.url(), "--stream", &queue])
+        .args(["--attribute", "origin=ops", "--ordering-key", "web"])
+        .args(["web-03", "db-7.eu-west"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem publish");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    // One id per line, printed once the broker confirmed the messages.
+    let ids: Vec<&str> = stdout.lines().collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    // The queue was declared as the service declares it (default --max-attempts 5).
+    let consumer = server.source(&queue, Duration::from_secs(30), 5);
+    for (id, data) in ids.iter().zip(["web-03", "db-7.eu-west"]) {
+        let lease = pull_one(&consumer);
+        let message = &lease.message;
+        assert_eq!(message.id().to_string(), *id);
+        assert_eq!(message.id().as_uuid().map(|u| u.get_version_num()), Some(4));
+        assert_eq!(&message.data()[..], data.as_bytes());
+        assert_eq!(message.attributes().get("origin"), Some("ops"));
+        assert_eq!(message.attributes().len(), 1);
+        assert_eq!(message.ordering_key(), Some("web"));
+        assert!(message.publish_time().is_some());
+        assert!(conformance::ack(&consumer, &[lease.id]).is_empty());
+    }
+}
+
+#[cfg(feature = "amqp-tls")]
+#[test]
+fn mayhem_publish_over_amqps_publishes_the_lines_of_stdin() {
+    use std::io::Write;
+    let Some(server) = Rabbit::get() else { return };
+    let Some(tls) = tls(server) else { return };
+    let queue = server.queue("cli-publish-tls");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "publish",
+            "--source",
+            &format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port),
+        ])
+        .args(["--amqp-ca-file", tls.ca.to_str().expect("a utf-8 path")])
+        .args(["--stream", &queue, "--attribute", "origin=stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mayhem publish");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(b"web-05\n\nweb-06").expect("write stdin");
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait for mayhem publish");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let ids: Vec<&str> = stdout.lines().collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    let consumer = server.source(&queue, Duration::from_secs(30), 5);
+    for (id, data) in ids.iter().zip(["web-05", "web-06"]) {
+        let lease = pull_one(&consumer);
+        assert_eq!(lease.message.id().to_string(), *id);
+        assert_eq!(&lease.message.data()[..], data.as_bytes());
+        assert_eq!(lease.message.attributes().get("origin"), Some("stdin"));
+        assert!(conformance::ack(&consumer, &[lease.id]).is_empty());
+    }
+}
+
+#[test]
+fn mayhem_publish_exits_1_in_one_line_on_a_refusal_or_an_unreachable_broker() {
+    // Nobody listens on a port just freed: no broker needed.
+    let nowhere = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", free_port());
+    let run = |url: &str, limit: &str| {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(["publish", "--source", url, "--reconnect-limit", limit])
+            .arg("web-03")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mayhem publish");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(output.stdout.is_empty(), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(!stderr.contains("s3cretpw"), "{stderr}");
+        (started.elapsed(), stderr)
+    };
+    let (took, stderr) = run(&nowhere, "1s");
+    assert!(stderr.contains("unavailable"), "{stderr}");
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(5)).contains(&took),
+        "took {took:?}"
+    );
+    // Refused credentials end it at once, not after the 60 s of the limit.
+    let Some(server) = Rabbit::get() else { return };
+    let refused = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", server.port);
+    let (took, stderr) = run(&refused, "60s");
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}

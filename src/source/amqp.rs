@@ -127,7 +127,7 @@ use crate::error::SourceError;
 use crate::message::PubSubMessage;
 use crate::message::{Attributes, MessageError, MessageId};
 use crate::shutdown::Shutdown;
-use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::source::{Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
 /// How long `stats`, `flush` after an interrupt, and dropping the source wait on the broker.
@@ -758,23 +758,8 @@ impl Publish for AmqpSource {
     /// is sent again, with every later one of its connection, once the broker answers:
     /// publishing is at least once.
     fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
-        check_batch(batch, &[ORDERING_KEY_HEADER], "rabbitmq")?;
         for message in batch {
-            if let Some((key, _)) = message
-                .attributes()
-                .iter()
-                .find(|(key, _)| key.starts_with("x-"))
-            {
-                return Err(SourceError::Message(MessageError::ReservedKey {
-                    key: key.to_owned(),
-                    broker: "rabbitmq (x-... headers are the broker's)",
-                }));
-            }
-            if message.attributes().iter().any(|(key, _)| key.len() > 255) {
-                return Err(SourceError::Message(MessageError::Unsupported(
-                    "an attribute key over 255 bytes cannot be an AMQP header name".to_owned(),
-                )));
-            }
+            check_message(message).map_err(SourceError::Message)?;
         }
         if batch.is_empty() {
             return Ok(());
@@ -1121,6 +1106,42 @@ fn failure_text(failure: &Failure) -> String {
         Failure::GaveUp(text) => text.clone(),
         Failure::Closed => "closed".to_owned(),
     }
+}
+
+/// Checks a message as [`Publish::publish`] does before sending anything: Pub/Sub's limits
+/// ([`PubSubMessage::check`]), and the header names RabbitMQ cannot carry as attributes:
+/// `x-...` (the broker's own, and the ordering key's `x-mayhem-ordering-key`) and names over
+/// 255 bytes (an AMQP short string). A program can check its messages before connecting.
+///
+/// # Errors
+///
+/// The first rule the message breaks.
+///
+/// ```
+/// use mayhem::source::amqp::check_message;
+/// use mayhem::{MessageError, PubSubMessage};
+/// assert_eq!(check_message(&PubSubMessage::new("web-03").with_attribute("origin", "ops")), Ok(()));
+/// let reserved = PubSubMessage::new("web-03").with_attribute("x-death", "1");
+/// assert!(matches!(check_message(&reserved), Err(MessageError::ReservedKey { .. })));
+/// ```
+pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
+    crate::source::check_message(message, &[ORDERING_KEY_HEADER], "rabbitmq")?;
+    if let Some((key, _)) = message
+        .attributes()
+        .iter()
+        .find(|(key, _)| key.starts_with("x-"))
+    {
+        return Err(MessageError::ReservedKey {
+            key: key.to_owned(),
+            broker: "rabbitmq (x-... headers are the broker's)",
+        });
+    }
+    if message.attributes().iter().any(|(key, _)| key.len() > 255) {
+        return Err(MessageError::Unsupported(
+            "an attribute key over 255 bytes cannot be an AMQP header name".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// The header that carries a message's ordering key (RabbitMQ has no field for it).

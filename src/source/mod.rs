@@ -70,25 +70,36 @@ pub(crate) fn hide_secret(text: &str, secret: &str) -> String {
 /// Opaque to the runner: a source packs into it whatever it needs to find the lease again.
 pub type LeaseId = u64;
 
-/// The attribute keys no broker's wire format can carry as attributes, because they name the
-/// message's own fields; a broker refuses them when publishing, with its own reserved names.
+/// Checks one message before a broker publishes it: Pub/Sub's limits
+/// ([`PubSubMessage::check`]), then the attribute keys the broker's wire format reserves for
+/// the message's own fields (`reserved`, named with `broker` in the error).
+pub(crate) fn check_message(
+    message: &PubSubMessage,
+    reserved: &[&str],
+    broker: &'static str,
+) -> Result<(), MessageError> {
+    message.check()?;
+    if let Some((key, _)) = message
+        .attributes()
+        .iter()
+        .find(|(key, _)| reserved.contains(key))
+    {
+        return Err(MessageError::ReservedKey {
+            key: key.to_owned(),
+            broker,
+        });
+    }
+    Ok(())
+}
+
+/// [`check_message`] for every message of a batch, as [`Publish::publish`] refuses it.
 pub(crate) fn check_batch(
     batch: &[PubSubMessage],
     reserved: &[&str],
     broker: &'static str,
 ) -> Result<(), SourceError> {
     for message in batch {
-        message.check().map_err(SourceError::Message)?;
-        if let Some((key, _)) = message
-            .attributes()
-            .iter()
-            .find(|(key, _)| reserved.contains(key))
-        {
-            return Err(SourceError::Message(MessageError::ReservedKey {
-                key: key.to_owned(),
-                broker,
-            }));
-        }
+        check_message(message, reserved, broker).map_err(SourceError::Message)?;
     }
     Ok(())
 }

@@ -35,7 +35,9 @@ dropped and counted (\"N log lines dropped\").";
     long_about = None,
     allow_negative_numbers = true,
     max_term_width = 100,
-    after_help = AFTER_HELP
+    after_help = AFTER_HELP,
+    // `mayhem --workers 2 publish ...` is refused: the service's flags mean nothing there.
+    args_conflicts_with_subcommands = true
 )]
 pub(crate) struct Cli {
     /// Publisher threads, 0 to 1024 (0 = none).
@@ -195,6 +197,16 @@ pub(crate) struct Cli {
     /// Per-module levels over --log-level, RUST_LOG-style, like mayhem::pipeline::consumer=debug,warn.
     #[arg(long, env = "MAYHEM_LOG_FILTER", value_name = "DIRECTIVES")]
     pub(crate) log_filter: Option<String>,
+    /// Without a command, mayhem runs the service.
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+}
+
+/// The subcommands; without one, mayhem runs the service.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Publish messages to a broker (Redis or RabbitMQ) and print their ids once confirmed.
+    Publish(crate::publish::PublishArgs),
 }
 
 /// Where messages come from.
@@ -223,7 +235,7 @@ pub(crate) enum ReportFormat {
 
 /// The log levels a user can pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogLevel {
+pub(crate) enum LogLevel {
     Off,
     Error,
     Warn,
@@ -381,6 +393,20 @@ pub(crate) fn check_utf8(
     args: impl IntoIterator<Item = std::ffi::OsString>,
     env: impl Fn(&str) -> Option<std::ffi::OsString>,
 ) -> Result<(), String> {
+    check_utf8_for(&<Cli as clap::CommandFactory>::command(), args, env)
+}
+
+/// [`check_utf8`] for the arguments and variables of `command` (the first argument is its
+/// name).
+///
+/// # Errors
+///
+/// As [`check_utf8`].
+pub(crate) fn check_utf8_for(
+    command: &clap::Command,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), String> {
     let mut previous: Option<String> = None;
     for arg in args.into_iter().skip(1) {
         let Some(text) = arg.to_str() else {
@@ -395,7 +421,6 @@ pub(crate) fn check_utf8(
         };
         previous = Some(text.to_owned());
     }
-    let command = <Cli as clap::CommandFactory>::command();
     for arg in command.get_arguments() {
         let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else {
             continue;
@@ -411,7 +436,7 @@ pub(crate) fn check_utf8(
 }
 
 /// Parses a duration like `250ms`, `2s` or `1m 30s`; a bare `0` means none.
-fn duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     if text.trim() == "0" {
         return Ok(Duration::ZERO);
     }
@@ -421,7 +446,7 @@ fn duration(text: &str) -> Result<Duration, String> {
 
 /// Checks `--amqp-ca-file`: a readable file holding a PEM certificate.
 #[cfg(feature = "amqp")]
-fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
+pub(crate) fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
     let path = std::path::PathBuf::from(text);
     mayhem::source::amqp::read_ca_file(&path)
         .map(|_| path)
@@ -449,7 +474,7 @@ fn rate(text: &str) -> Result<f64, String> {
 
 /// The parser of `--source`: its error repeats the value with any password replaced.
 #[derive(Debug, Clone, Copy)]
-struct SourceParser;
+pub(crate) struct SourceParser;
 
 impl clap::builder::TypedValueParser for SourceParser {
     type Value = SourceKind;
@@ -537,7 +562,7 @@ fn human(duration: Duration) -> String {
 }
 
 /// Parses a stream, group or consumer name: not empty, no whitespace.
-fn name(text: &str) -> Result<String, String> {
+pub(crate) fn name(text: &str) -> Result<String, String> {
     if text.is_empty() || text.chars().any(char::is_whitespace) {
         return Err("must be a non-empty name without spaces".to_owned());
     }
