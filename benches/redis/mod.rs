@@ -234,7 +234,8 @@ fn payload_rows(server: &Server, script: &str) -> Vec<String> {
                 });
             theirs.extend(reference.map(|rate| rate * payload as f64 / 1e6));
             ours.extend(
-                library_rate(server, &stream, count).map(|rate| rate * payload as f64 / 1e6),
+                library_rate(server, &stream, count, consumers)
+                    .map(|rate| rate * payload as f64 / 1e6),
             );
             server.cmd(&["DEL", &stream, &format!("{stream}:dead")]);
         }
