@@ -614,28 +614,34 @@ pub(crate) fn host_name(data: &[u8]) -> Result<&str, HostNameError> {
     if data.len() > MAX_HOST_NAME_BYTES {
         return Err(HostNameError::TooLong { bytes: data.len() });
     }
-    if let Some(at) = data
-        .iter()
-        .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.'))
-    {
-        return Err(HostNameError::BadByte { byte: data[at], at });
-    }
-    for label in data.split(|b| *b == b'.') {
-        if label.is_empty() {
-            return Err(HostNameError::EmptyLabel);
-        }
-        if label.len() > MAX_LABEL_BYTES {
-            return Err(HostNameError::LabelTooLong { bytes: label.len() });
-        }
-        if label.starts_with(b"-") || label.ends_with(b"-") {
-            return Err(HostNameError::Hyphen {
-                label: String::from_utf8_lossy(label).into_owned(),
-            });
+    // One pass: the chaos monkey checks every message it handles.
+    let mut start = 0;
+    for (at, &byte) in data.iter().enumerate() {
+        if byte == b'.' {
+            check_label(&data[start..at])?;
+            start = at + 1;
+        } else if !(byte.is_ascii_alphanumeric() || byte == b'-') {
+            return Err(HostNameError::BadByte { byte, at });
         }
     }
+    check_label(&data[start..])?;
     // Every byte was checked to be ASCII above, so this never takes the error path; it
     // exists to avoid an `unwrap` in library code.
     std::str::from_utf8(data).map_err(|_| HostNameError::Empty)
+}
+
+/// Checks one label of a host name (its bytes are checked already).
+fn check_label(label: &[u8]) -> Result<(), HostNameError> {
+    match label {
+        [] => Err(HostNameError::EmptyLabel),
+        _ if label.len() > MAX_LABEL_BYTES => {
+            Err(HostNameError::LabelTooLong { bytes: label.len() })
+        }
+        [b'-', ..] | [.., b'-'] => Err(HostNameError::Hyphen {
+            label: String::from_utf8_lossy(label).into_owned(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl fmt::Display for PubSubMessage {

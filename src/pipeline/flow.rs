@@ -31,6 +31,10 @@ pub(crate) struct Gate {
     max_bytes: usize,
     /// Threads waiting for permits or for idleness.
     waiters: AtomicUsize,
+    /// Consumers waiting for bytes ([`Gate::take_bytes`]): a release of bytes notifies only
+    /// when there are some, so that settling a message wakes no consumer that waits for
+    /// permits (a wake-up per message took a context switch per message).
+    byte_waiters: AtomicUsize,
     /// Set on shutdown: `acquire` returns 0 from then on.
     closed: AtomicBool,
     /// Guards the waits on `changed`.
@@ -56,6 +60,7 @@ impl Gate {
             bytes: AtomicUsize::new(0),
             max_bytes,
             waiters: AtomicUsize::new(0),
+            byte_waiters: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             lock: Mutex::new(()),
             changed: Condvar::new(),
@@ -156,7 +161,7 @@ impl Gate {
                 continue;
             }
             let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-            self.waiters.fetch_add(1, Ordering::SeqCst);
+            self.byte_waiters.fetch_add(1, Ordering::SeqCst);
             if self.bytes.load(Ordering::SeqCst) == current && !self.closed.load(Ordering::SeqCst) {
                 drop(
                     self.changed
@@ -164,7 +169,7 @@ impl Gate {
                         .unwrap_or_else(PoisonError::into_inner),
                 );
             }
-            self.waiters.fetch_sub(1, Ordering::SeqCst);
+            self.byte_waiters.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -175,7 +180,7 @@ impl Gate {
             return;
         }
         self.bytes.fetch_sub(count, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        if self.byte_waiters.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.changed.notify_all();
         }
