@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, log_enabled, Level};
 use slab::Slab;
 
+use crate::error::SourceError;
 use crate::handler::ExtensionCount;
 use crate::message::{Label, PubSubMessage};
 use crate::metrics::Metrics;
@@ -325,6 +326,28 @@ impl<'a> Leaser<'a> {
     /// Removes a lease from the table and nacks it at the source. (Acks are coalesced, see
     /// [`Leaser::ack_all`]; a nack is sent at once, to give the message back without delay.)
     fn settle_nack(&self, guard: &LeaseGuard<'_>) -> Settle {
+        let settle = self.settle_one(guard, |id, refused| self.source.nack(&[id], refused));
+        if settle == Settle::Done {
+            self.metrics.count_nacked(1);
+        }
+        settle
+    }
+
+    /// Removes a lease from the table and dead-letters it at the source with `reason`.
+    fn settle_reject(&self, guard: &LeaseGuard<'_>, reason: &str) -> Settle {
+        let settle = self.settle_one(guard, |id, refused| self.source.reject(id, reason, refused));
+        if settle == Settle::Done {
+            self.metrics.count_rejected(1);
+        }
+        settle
+    }
+
+    /// Removes a lease from the table and settles it at the source with `op`, at once.
+    fn settle_one(
+        &self,
+        guard: &LeaseGuard<'_>,
+        op: impl FnOnce(LeaseId, &mut Vec<LeaseId>) -> Result<(), SourceError>,
+    ) -> Settle {
         let Some(entry) = guard.take_entry(&mut self.shard(guard.shard)) else {
             return Settle::Lost;
         };
@@ -334,36 +357,8 @@ impl<'a> Leaser<'a> {
         }
         self.metrics.sub_held(1);
         let mut refused = Vec::new();
-        match self.source.nack(&[guard.id], &mut refused) {
-            Ok(()) if refused.is_empty() => {
-                self.metrics.count_nacked(1);
-                Settle::Done
-            }
-            Ok(()) => Settle::Refused,
-            Err(error) => {
-                let text = error.to_string();
-                self.error_log
-                    .log(1, || format!("Could not settle a lease: {text}"));
-                Settle::Failed(text)
-            }
-        }
-    }
-
-    /// Removes a lease from the table and dead-letters it at the source with `reason`.
-    fn settle_reject(&self, guard: &LeaseGuard<'_>, reason: &str) -> Settle {
-        let Some(entry) = guard.take_entry(&mut self.shard(guard.shard)) else {
-            return Settle::Lost;
-        };
-        if entry.state == State::Lost {
-            return Settle::Lost;
-        }
-        self.metrics.sub_held(1);
-        let mut refused = Vec::new();
-        match self.source.reject(guard.id, reason, &mut refused) {
-            Ok(()) if refused.is_empty() => {
-                self.metrics.count_rejected(1);
-                Settle::Done
-            }
+        match op(guard.id, &mut refused) {
+            Ok(()) if refused.is_empty() => Settle::Done,
             Ok(()) => Settle::Refused,
             Err(error) => {
                 let text = error.to_string();
