@@ -130,7 +130,7 @@ pub mod metrics;
 mod pipeline;
 pub mod shutdown;
 pub mod source;
-#[cfg(any(feature = "redis", feature = "amqp"))]
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 mod sync;
 
 pub use bytes::Bytes;
@@ -146,6 +146,8 @@ pub use source::amqp::{AmqpConfig, AmqpSource};
 pub use source::memory::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };
+#[cfg(feature = "pubsub")]
+pub use source::pubsub::{PubSubConfig, PubSubSource};
 #[cfg(feature = "redis")]
 pub use source::redis::{RedisConfig, RedisSource};
 pub use source::{Delivery, Lease, LeaseId, Publish, Source, SourceStats};

@@ -439,7 +439,9 @@ fn nacks_past_max_attempts_go_to_the_dead_letter_queue() {
     let queue = server.queue("dead");
     let source = server.source(&queue, Duration::from_secs(5), 3);
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(2));
-    source.publish(std::slice::from_ref(&message)).expect("publish");
+    source
+        .publish(std::slice::from_ref(&message))
+        .expect("publish");
     for attempt in 1..=3 {
         let lease = pull_one(&source);
         conformance::assert_same(&lease.message, &message);
@@ -458,7 +460,9 @@ fn a_dropped_source_gives_its_leases_back() {
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(4));
     {
         let first = server.source(&queue, Duration::from_secs(60), 5);
-        first.publish(std::slice::from_ref(&message)).expect("publish");
+        first
+            .publish(std::slice::from_ref(&message))
+            .expect("publish");
         pull_one(&first);
         // Dropped without ack: closing the connection gives the message back.
     }

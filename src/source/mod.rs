@@ -24,6 +24,8 @@
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod memory;
+#[cfg(feature = "pubsub")]
+pub mod pubsub;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -1,0 +1,423 @@
+//! The lease table: every delivery this source holds, from pull to settle, with its local
+//! deadline; and, on a subscription with message ordering, the deliveries of an ordering
+//! key held back until the one before them is settled (python-pubsub's `messages_on_hold`).
+//!
+//! Pub/Sub's ack ids stay valid after their deadline (an ack of an expired one is answered
+//! with success), so the table is what refuses a stale lease: a lease id is a slot and a
+//! generation, and a slot's next lease gets a new generation.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use slab::Slab;
+
+use crate::message::PubSubMessage;
+use crate::source::{Lease, LeaseId};
+
+/// A lease id taken apart: the table's slot and the generation of the lease in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    /// The slot in the table.
+    slot: usize,
+    /// Tells this lease from earlier ones of the same slot.
+    generation: u32,
+}
+
+impl Key {
+    /// The id the runner sees: the generation above the slot.
+    fn id(self) -> LeaseId {
+        (u64::from(self.generation) << 32) | self.slot as u64
+    }
+
+    /// The parts of an id this table made (slots stay below 2^32: a table that large would
+    /// hold more messages than any flow-control window allows).
+    fn from_id(id: LeaseId) -> Self {
+        Key {
+            slot: (id & u64::from(u32::MAX)) as usize,
+            generation: (id >> 32) as u32,
+        }
+    }
+}
+
+/// One delivery held.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    /// Pub/Sub's id of the delivery.
+    pub(super) ack_id: String,
+    /// Pub/Sub's id of the message (attempts are counted by it where Pub/Sub does not).
+    server_id: String,
+    /// The message (kept for a dead letter, and to hand out a message held back).
+    pub(super) message: PubSubMessage,
+    /// Which delivery this is.
+    pub(super) attempt: u32,
+    /// Past it, the server may have delivered the message again: the lease is refused.
+    pub(super) deadline: Instant,
+    /// The generation of the lease id.
+    generation: u32,
+    /// Held back behind an earlier message of its ordering key, not handed out yet.
+    on_hold: bool,
+}
+
+/// What the end of a lease means for the messages held back behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// Acked or dead-lettered: the next message of the key is handed out.
+    Settled,
+    /// Nacked or expired: Pub/Sub delivers it again, and every later message of its key
+    /// after it, so those held back are given back too.
+    Returned,
+}
+
+/// Why a lease was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// Not held (settled already, or never).
+    Unknown,
+    /// Its deadline passed.
+    Expired,
+}
+
+/// The table.
+#[derive(Debug)]
+pub(super) struct Table {
+    /// Held deliveries.
+    slots: Slab<Held>,
+    /// Generation of the next lease.
+    next_generation: u32,
+    /// Whether deliveries of one ordering key are handed out one at a time.
+    ordering: bool,
+    /// Ordering keys with a message handed out, each with the ids held back behind it, in
+    /// delivery order.
+    keys: HashMap<Box<str>, VecDeque<LeaseId>>,
+    /// Held-back leases whose turn came, for the next pull to hand out.
+    released: VecDeque<LeaseId>,
+    /// How many leases are held back.
+    on_hold: usize,
+    /// Deliveries counted per server message id, for subscriptions where Pub/Sub does not
+    /// count them (no dead-letter policy); forgotten once settled.
+    seen: HashMap<String, u32>,
+}
+
+impl Table {
+    /// An empty table.
+    pub(super) fn new(ordering: bool) -> Self {
+        Table {
+            slots: Slab::new(),
+            next_generation: 0,
+            ordering,
+            keys: HashMap::new(),
+            released: VecDeque::new(),
+            on_hold: 0,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Leases held, handed out or held back.
+    pub(super) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether messages of one ordering key are handed out one at a time (the
+    /// subscription's setting, read at start).
+    pub(super) fn set_ordering(&mut self, ordering: bool) {
+        self.ordering = ordering;
+    }
+
+    /// The attempt of a handed-out lease, if held.
+    pub(super) fn attempt_of(&self, id: LeaseId) -> Option<u32> {
+        self.get(id).map(|held| held.attempt)
+    }
+
+    /// Leases held back.
+    pub(super) fn on_hold(&self) -> usize {
+        self.on_hold
+    }
+
+    /// The attempt of a delivery: Pub/Sub's when it counts, else counted here by message id.
+    pub(super) fn attempt(&mut self, given: Option<u32>, server_id: &str) -> u32 {
+        match given {
+            Some(attempt) => attempt.max(1),
+            None => {
+                let count = self.seen.entry(server_id.to_owned()).or_insert(0);
+                *count += 1;
+                *count
+            }
+        }
+    }
+
+    /// Adds a delivery; returns its lease when it may be handed out now, `None` when it is
+    /// held back behind an earlier message of its ordering key.
+    pub(super) fn insert(
+        &mut self,
+        ack_id: String,
+        server_id: String,
+        message: PubSubMessage,
+        attempt: u32,
+        deadline: Instant,
+    ) -> Option<Lease> {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let key = message
+            .ordering_key()
+            .filter(|_| self.ordering)
+            .map(Box::<str>::from);
+        let busy = key.as_ref().is_some_and(|key| self.keys.contains_key(key));
+        let slot = self.slots.insert(Held {
+            ack_id,
+            server_id,
+            message,
+            attempt,
+            deadline,
+            generation,
+            on_hold: busy,
+        });
+        let id = Key { slot, generation }.id();
+        match key {
+            Some(key) if busy => {
+                self.on_hold += 1;
+                if let Some(queue) = self.keys.get_mut(&key) {
+                    queue.push_back(id);
+                }
+                None
+            }
+            Some(key) => {
+                self.keys.insert(key, VecDeque::new());
+                Some(self.lease(id))
+            }
+            None => Some(self.lease(id)),
+        }
+    }
+
+    /// Hands out up to `max` held-back leases whose turn came.
+    pub(super) fn released(&mut self, max: usize, out: &mut Vec<Lease>) {
+        while out.len() < max {
+            let Some(id) = self.released.pop_front() else {
+                break;
+            };
+            if self.get(id).is_some() {
+                out.push(self.lease(id));
+            }
+        }
+    }
+
+    /// Takes a handed-out lease out of the table to end it; `Err` when it is not held (or
+    /// its deadline passed: then it is removed as expired). Returns the lease, and the
+    /// leases held back behind it that must be given back with it.
+    pub(super) fn take(
+        &mut self,
+        id: LeaseId,
+        now: Instant,
+        end: End,
+    ) -> Result<(Held, Vec<Held>), Refused> {
+        let held = self.get(id).ok_or(Refused::Unknown)?;
+        if held.on_hold {
+            return Err(Refused::Unknown);
+        }
+        if held.deadline <= now {
+            self.finish(id, End::Returned);
+            return Err(Refused::Expired);
+        }
+        Ok(self.finish(id, end))
+    }
+
+    /// Moves the deadline of a handed-out lease; `false` when it is not held or expired.
+    pub(super) fn extend(&mut self, id: LeaseId, now: Instant, deadline: Instant) -> Option<&str> {
+        let held = self.get_mut(id)?;
+        if held.on_hold || held.deadline <= now {
+            return None;
+        }
+        held.deadline = deadline;
+        Some(&held.ack_id)
+    }
+
+    /// Removes every handed-out lease whose deadline passed; returns how many, and the
+    /// leases held back behind them, to give back.
+    pub(super) fn expire(&mut self, now: Instant) -> (u64, Vec<Held>) {
+        let expired: Vec<LeaseId> = self
+            .slots
+            .iter()
+            .filter(|(_, held)| !held.on_hold && held.deadline <= now)
+            .map(|(slot, held)| {
+                Key {
+                    slot,
+                    generation: held.generation,
+                }
+                .id()
+            })
+            .collect();
+        let mut behind = Vec::new();
+        for &id in &expired {
+            behind.extend(self.finish(id, End::Returned).1);
+        }
+        (expired.len() as u64, behind)
+    }
+
+    /// The ack ids of held-back leases whose deadline comes before `before`, their deadline
+    /// moved to `deadline`: the source extends these itself, as the runner does not know them.
+    pub(super) fn due_on_hold(&mut self, before: Instant, deadline: Instant) -> Vec<String> {
+        self.slots
+            .iter_mut()
+            .filter(|(_, held)| held.on_hold && held.deadline < before)
+            .map(|(_, held)| {
+                held.deadline = deadline;
+                held.ack_id.clone()
+            })
+            .collect()
+    }
+
+    /// Empties the table (a forced exit gives everything back).
+    pub(super) fn drain(&mut self) -> Vec<Held> {
+        self.keys.clear();
+        self.released.clear();
+        self.on_hold = 0;
+        self.slots.drain().collect()
+    }
+
+    /// Forgets the attempts counted for a message that is done.
+    pub(super) fn forget(&mut self, held: &Held) {
+        if !self.seen.is_empty() {
+            self.seen.remove(&held.server_id);
+        }
+    }
+
+    /// A lease for a held entry.
+    fn lease(&self, id: LeaseId) -> Lease {
+        let held = &self.slots[Key::from_id(id).slot];
+        Lease {
+            message: held.message.clone(),
+            attempt: held.attempt,
+            id,
+        }
+    }
+
+    /// The held entry of `id`, if the id is current.
+    fn get(&self, id: LeaseId) -> Option<&Held> {
+        let key = Key::from_id(id);
+        self.slots
+            .get(key.slot)
+            .filter(|held| held.generation == key.generation)
+    }
+
+    /// The held entry of `id`, to change, if the id is current.
+    fn get_mut(&mut self, id: LeaseId) -> Option<&mut Held> {
+        let key = Key::from_id(id);
+        self.slots
+            .get_mut(key.slot)
+            .filter(|held| held.generation == key.generation)
+    }
+
+    /// Removes a handed-out lease and settles its ordering key: the next one held back is
+    /// released, or, when the lease was returned, every one held back is removed too.
+    fn finish(&mut self, id: LeaseId, end: End) -> (Held, Vec<Held>) {
+        let held = self.slots.remove(Key::from_id(id).slot);
+        let mut behind = Vec::new();
+        let Some(key) = held.message.ordering_key().filter(|_| self.ordering) else {
+            return (held, behind);
+        };
+        let Some(queue) = self.keys.get_mut(key) else {
+            return (held, behind);
+        };
+        match end {
+            End::Settled => match queue.pop_front() {
+                Some(next) => {
+                    self.on_hold -= 1;
+                    if let Some(next_held) = self.get_mut(next) {
+                        next_held.on_hold = false;
+                    }
+                    self.released.push_back(next);
+                }
+                None => {
+                    self.keys.remove(key);
+                }
+            },
+            End::Returned => {
+                if let Some(queue) = self.keys.remove(key) {
+                    self.on_hold -= queue.len();
+                    for later in queue {
+                        behind.push(self.slots.remove(Key::from_id(later).slot));
+                    }
+                }
+            }
+        }
+        (held, behind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn keyed(key: &str, n: u32) -> PubSubMessage {
+        PubSubMessage::new(format!("m{n}"))
+            .with_id(format!("{key}-{n}"))
+            .with_ordering_key(key)
+    }
+
+    #[test]
+    fn a_key_is_handed_out_one_message_at_a_time() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(10);
+        let mut table = Table::new(true);
+        let first = table
+            .insert("a1".into(), "1".into(), keyed("a", 1), 1, later)
+            .unwrap();
+        assert!(table
+            .insert("a2".into(), "n".into(), keyed("a", 2), 1, later)
+            .is_none());
+        assert!(table
+            .insert("a3".into(), "n".into(), keyed("a", 3), 1, later)
+            .is_none());
+        let other = table.insert("b1".into(), "n".into(), keyed("b", 1), 1, later);
+        assert!(other.is_some(), "another key goes on");
+        assert_eq!(table.on_hold(), 2);
+        let mut out = Vec::new();
+        table.released(10, &mut out);
+        assert!(out.is_empty());
+        // Acked: the second comes out, not the third.
+        table.take(first.id, now, End::Settled).unwrap();
+        table.released(10, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].message.id().to_string(), "a-2");
+        // Nacked: the third is given back with it.
+        let (nacked, behind) = table.take(out[0].id, now, End::Returned).unwrap();
+        assert_eq!(nacked.ack_id, "a2");
+        assert_eq!(behind.len(), 1);
+        assert_eq!(behind[0].ack_id, "a3");
+        assert_eq!((table.on_hold(), table.len()), (0, 1));
+        // The key is free again: its redelivery is handed out at once.
+        assert!(table
+            .insert("a2'".into(), "n".into(), keyed("a", 2), 2, later)
+            .is_some());
+    }
+
+    #[test]
+    fn a_stale_or_expired_lease_is_refused() {
+        let now = Instant::now();
+        let mut table = Table::new(false);
+        let lease = table
+            .insert(
+                "x".into(),
+                "1".into(),
+                PubSubMessage::new("x"),
+                1,
+                now + Duration::from_secs(1),
+            )
+            .unwrap();
+        table.take(lease.id, now, End::Settled).unwrap();
+        let again = table
+            .insert("y".into(), "1".into(), PubSubMessage::new("x"), 2, now)
+            .unwrap();
+        assert_eq!(Key::from_id(again.id).slot, Key::from_id(lease.id).slot);
+        assert_eq!(
+            table.take(lease.id, now, End::Settled).unwrap_err(),
+            Refused::Unknown
+        );
+        assert_eq!(
+            table.take(again.id, now, End::Settled).unwrap_err(),
+            Refused::Expired
+        );
+        assert_eq!(table.len(), 0);
+    }
+}
