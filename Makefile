@@ -19,12 +19,13 @@ run:
 	  echo "mayhem exited with status $$status" >&2; exit $$status
 
 ## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples,
-## and the RabbitMQ source (features amqp and amqp-tls, off by default: its tests run here with
+## the RabbitMQ source (features amqp and amqp-tls, off by default: its tests run here with
 ## --features amqp-tls, which adds the amqps:// tests to the same run, its doc tests with
-## --features amqp, which refuses amqps://; clippy runs with each). Tests that cannot run here (the Redis tests without redis-server, the
-## RabbitMQ tests without rabbitmq-server) skip loudly: each appends a line to $(SKIPPED_LOG),
-## counted at the end. MAYHEM_REQUIRE_REDIS=1 and MAYHEM_REQUIRE_AMQP=1 (set by .ci/run) turn
-## a skip into a failure.
+## --features amqp, which refuses amqps://; clippy runs with each), and the Google Cloud
+## Pub/Sub source (feature pubsub, off by default; its tests start the emulator). Tests that cannot run here (the Redis tests without redis-server, the
+## RabbitMQ tests without rabbitmq-server, the Pub/Sub tests without its emulator) skip loudly: each appends a line to $(SKIPPED_LOG),
+## counted at the end. MAYHEM_REQUIRE_REDIS=1, MAYHEM_REQUIRE_AMQP=1 and MAYHEM_REQUIRE_PUBSUB=1
+## (set by .ci/run) turn a skip into a failure.
 SKIPPED_LOG = $${CARGO_TARGET_DIR:-target}/tmp/skipped.log
 test: lint
 	@rm -f $(SKIPPED_LOG)
@@ -32,10 +33,12 @@ test: lint
 	$(CARGO) test --doc
 	$(CARGO) test --features amqp-tls --lib --bins --test amqp
 	$(CARGO) test --features amqp --doc amqp
+	$(CARGO) test --features pubsub --lib --bins --test pubsub
+	$(CARGO) test --features pubsub --doc pubsub
 	$(CARGO) run --quiet --example embed_sync
 	$(CARGO) run --quiet --example embed_smol
 	@if [ -s $(SKIPPED_LOG) ]; then \
-	  echo "SKIPPED: $$(wc -l < $(SKIPPED_LOG)) tests, by reason (MAYHEM_REQUIRE_REDIS=1 or MAYHEM_REQUIRE_AMQP=1 makes a skip fail):"; \
+	  echo "SKIPPED: $$(wc -l < $(SKIPPED_LOG)) tests, by reason (MAYHEM_REQUIRE_REDIS=1, MAYHEM_REQUIRE_AMQP=1 or MAYHEM_REQUIRE_PUBSUB=1 makes a skip fail):"; \
 	  sed 's/^[^:]*: //' $(SKIPPED_LOG) | sort | uniq -c; \
 	else \
 	  echo "Skipped: 0 tests"; \
@@ -48,9 +51,11 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp-tls -- -D warnings
+	$(CARGO) clippy --all-targets --features pubsub -- -D warnings
+	$(CARGO) clippy --lib --no-default-features --features pubsub -- -D warnings
 	$(CARGO) clippy --lib --no-default-features -- -D warnings
 	$(CARGO) clippy --lib --no-default-features --features amqp -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet --features amqp-tls
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet --features amqp-tls,pubsub
 
 fmt:
 	$(CARGO) fmt --all

@@ -628,6 +628,7 @@ mod tests {
             key.starts_with("MAYHEM_")
                 && key != "MAYHEM_REQUIRE_REDIS"
                 && key != "MAYHEM_REQUIRE_AMQP"
+                && key != "MAYHEM_REQUIRE_PUBSUB"
                 && key != "MAYHEM_REQUIRE_CONTAINER"
         }) {
             panic!("a MAYHEM_* variable is set: this test needs the defaults");

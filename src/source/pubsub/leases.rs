@@ -7,7 +7,7 @@
 //! generation, and a slot's next lease gets a new generation.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
@@ -68,6 +68,18 @@ pub(super) enum End {
     Returned,
 }
 
+/// Where a new delivery goes.
+#[derive(Debug)]
+pub(super) enum Placed {
+    /// Handed out now.
+    Handed(Lease),
+    /// Held back behind an earlier message of its ordering key.
+    Held,
+    /// Given back at once (this ack id): its key waits for the redelivery of a message
+    /// returned before it, which Pub/Sub sends first.
+    GiveBack(String),
+}
+
 /// Why a lease was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Refused {
@@ -93,15 +105,23 @@ pub(super) struct Table {
     released: VecDeque<LeaseId>,
     /// How many leases are held back.
     on_hold: usize,
+    /// Ordering keys whose handed-out message was returned: until its redelivery comes
+    /// (the server id), or the time passes, every other message of the key is given back.
+    returned: HashMap<Box<str>, (String, Instant)>,
+    /// How long a key waits for the redelivery of its returned message.
+    wait_redelivery: Duration,
     /// Deliveries counted per server message id, for subscriptions where Pub/Sub does not
     /// count them (no dead-letter policy); forgotten once settled.
     seen: HashMap<String, u32>,
 }
 
 impl Table {
-    /// An empty table.
-    pub(super) fn new(ordering: bool) -> Self {
+    /// An empty table; a key whose message was returned waits up to `wait_redelivery` for
+    /// it to come again.
+    pub(super) fn new(ordering: bool, wait_redelivery: Duration) -> Self {
         Table {
+            returned: HashMap::new(),
+            wait_redelivery,
             slots: Slab::new(),
             next_generation: 0,
             ordering,
@@ -145,8 +165,8 @@ impl Table {
         }
     }
 
-    /// Adds a delivery; returns its lease when it may be handed out now, `None` when it is
-    /// held back behind an earlier message of its ordering key.
+    /// Adds a delivery: handed out now, held back behind an earlier message of its ordering
+    /// key, or given back when its key waits for the redelivery of a returned message.
     pub(super) fn insert(
         &mut self,
         ack_id: String,
@@ -154,7 +174,16 @@ impl Table {
         message: PubSubMessage,
         attempt: u32,
         deadline: Instant,
-    ) -> Option<Lease> {
+    ) -> Placed {
+        if let Some(key) = message.ordering_key().filter(|_| self.ordering) {
+            if let Some((awaited, until)) = self.returned.get(key) {
+                if *awaited == server_id || *until <= Instant::now() {
+                    self.returned.remove(key);
+                } else {
+                    return Placed::GiveBack(ack_id);
+                }
+            }
+        }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let key = message
@@ -178,13 +207,27 @@ impl Table {
                 if let Some(queue) = self.keys.get_mut(&key) {
                     queue.push_back(id);
                 }
-                None
+                Placed::Held
             }
             Some(key) => {
                 self.keys.insert(key, VecDeque::new());
-                Some(self.lease(id))
+                Placed::Handed(self.lease(id))
             }
-            None => Some(self.lease(id)),
+            None => Placed::Handed(self.lease(id)),
+        }
+    }
+
+    /// Stops waiting for the redelivery of a message that will not be handed out (it is
+    /// dead-lettered as it arrives).
+    pub(super) fn not_coming(&mut self, message: &PubSubMessage, server_id: &str) {
+        if let Some(key) = message.ordering_key() {
+            if self
+                .returned
+                .get(key)
+                .is_some_and(|(awaited, _)| awaited == server_id)
+            {
+                self.returned.remove(key);
+            }
         }
     }
 
@@ -268,6 +311,7 @@ impl Table {
     /// Empties the table (a forced exit gives everything back).
     pub(super) fn drain(&mut self) -> Vec<Held> {
         self.keys.clear();
+        self.returned.clear();
         self.released.clear();
         self.on_hold = 0;
         self.slots.drain().collect()
@@ -331,6 +375,9 @@ impl Table {
                 }
             },
             End::Returned => {
+                let until = Instant::now() + self.wait_redelivery;
+                self.returned
+                    .insert(key.into(), (held.server_id.clone(), until));
                 if let Some(queue) = self.keys.remove(key) {
                     self.on_hold -= queue.len();
                     for later in queue {
@@ -345,8 +392,6 @@ impl Table {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn keyed(key: &str, n: u32) -> PubSubMessage {
@@ -355,22 +400,36 @@ mod tests {
             .with_ordering_key(key)
     }
 
+    fn handed(placed: Placed) -> Lease {
+        match placed {
+            Placed::Handed(lease) => lease,
+            other => panic!("not handed out: {other:?}"),
+        }
+    }
+
     #[test]
     fn a_key_is_handed_out_one_message_at_a_time() {
         let now = Instant::now();
         let later = now + Duration::from_secs(10);
-        let mut table = Table::new(true);
-        let first = table
-            .insert("a1".into(), "1".into(), keyed("a", 1), 1, later)
-            .unwrap();
-        assert!(table
-            .insert("a2".into(), "n".into(), keyed("a", 2), 1, later)
-            .is_none());
-        assert!(table
-            .insert("a3".into(), "n".into(), keyed("a", 3), 1, later)
-            .is_none());
-        let other = table.insert("b1".into(), "n".into(), keyed("b", 1), 1, later);
-        assert!(other.is_some(), "another key goes on");
+        let mut table = Table::new(true, Duration::from_secs(10));
+        let first = handed(table.insert("a1".into(), "1".into(), keyed("a", 1), 1, later));
+        let held = |placed| matches!(placed, Placed::Held);
+        assert!(held(table.insert(
+            "a2".into(),
+            "2".into(),
+            keyed("a", 2),
+            1,
+            later
+        )));
+        assert!(held(table.insert(
+            "a3".into(),
+            "3".into(),
+            keyed("a", 3),
+            1,
+            later
+        )));
+        // Another key goes on.
+        handed(table.insert("b1".into(), "b".into(), keyed("b", 1), 1, later));
         assert_eq!(table.on_hold(), 2);
         let mut out = Vec::new();
         table.released(10, &mut out);
@@ -386,29 +445,28 @@ mod tests {
         assert_eq!(behind.len(), 1);
         assert_eq!(behind[0].ack_id, "a3");
         assert_eq!((table.on_hold(), table.len()), (0, 1));
-        // The key is free again: its redelivery is handed out at once.
-        assert!(table
-            .insert("a2'".into(), "n".into(), keyed("a", 2), 2, later)
-            .is_some());
+        // Until the returned message comes again, a later one of its key is given back.
+        assert!(matches!(
+            table.insert("a4".into(), "4".into(), keyed("a", 4), 1, later),
+            Placed::GiveBack(id) if id == "a4"
+        ));
+        // Its redelivery is handed out at once.
+        handed(table.insert("a2'".into(), "2".into(), keyed("a", 2), 2, later));
     }
 
     #[test]
     fn a_stale_or_expired_lease_is_refused() {
         let now = Instant::now();
-        let mut table = Table::new(false);
-        let lease = table
-            .insert(
-                "x".into(),
-                "1".into(),
-                PubSubMessage::new("x"),
-                1,
-                now + Duration::from_secs(1),
-            )
-            .unwrap();
+        let mut table = Table::new(false, Duration::from_secs(10));
+        let lease = handed(table.insert(
+            "x".into(),
+            "1".into(),
+            PubSubMessage::new("x"),
+            1,
+            now + Duration::from_secs(1),
+        ));
         table.take(lease.id, now, End::Settled).unwrap();
-        let again = table
-            .insert("y".into(), "1".into(), PubSubMessage::new("x"), 2, now)
-            .unwrap();
+        let again = handed(table.insert("y".into(), "1".into(), PubSubMessage::new("x"), 2, now));
         assert_eq!(Key::from_id(again.id).slot, Key::from_id(lease.id).slot);
         assert_eq!(
             table.take(lease.id, now, End::Settled).unwrap_err(),

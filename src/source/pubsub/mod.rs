@@ -64,7 +64,7 @@ use crate::shutdown::Shutdown;
 use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
-use self::leases::{End, Held, Refused, Table};
+use self::leases::{End, Held, Placed, Refused, Table};
 use self::ops::{DeadLetter, Op};
 use self::rest::{Rest, RestError, ID_ATTRIBUTE};
 
@@ -151,6 +151,12 @@ struct Core {
     dead_topic: String,
     /// The subscription's ack deadline: the local deadline of a pulled message.
     deadline: Duration,
+    /// Whether the subscription delivers messages of one ordering key in order.
+    ordering: bool,
+    /// Held across a pull and the insertion of its messages when `ordering` is on: two
+    /// consumers' pulls answered in one order and put in the table in the other would hand
+    /// out a key's later message first.
+    pull_turn: Mutex<()>,
     /// The HTTP client.
     rest: Rest,
     /// Leases held. A mutex: every operation takes it once per batch.
@@ -227,7 +233,9 @@ impl PubSubSource {
             topic: url.topic_path(),
             dead_topic: url.dead_topic_path(),
             deadline: Duration::from_secs(DEADLINE_MIN),
-            leases: Mutex::new(Table::new(url.ordering)),
+            leases: Mutex::new(Table::new(url.ordering, Duration::from_secs(DEADLINE_MIN))),
+            ordering: url.ordering,
+            pull_turn: Mutex::new(()),
             url,
             config,
             rest,
@@ -253,7 +261,8 @@ impl PubSubSource {
                     core.topic = info.topic;
                     core.deadline =
                         Duration::from_secs(info.ack_deadline_seconds.max(DEADLINE_MIN));
-                    lock(&core.leases).set_ordering(info.enable_message_ordering);
+                    core.ordering = info.enable_message_ordering;
+                    lock(&core.leases).set_ordering(core.ordering);
                     break;
                 }
                 Err(error) if error.is_transient() => {
@@ -373,9 +382,10 @@ impl PubSubSource {
     /// `out`, deliveries over the attempts and unreadable ones to the dead-letter topic.
     fn pull_once(&self, max: usize, out: &mut Vec<Lease>) -> Result<(), RestError> {
         let core = &self.core;
+        let _turn = core.ordering.then(|| lock(&core.pull_turn));
         let sent = Instant::now();
         let deliveries = core.rest.pull(&core.subscription, max.min(PULL_MAX))?;
-        let mut dead = Vec::new();
+        let mut ops = Vec::new();
         let mut table = lock(&core.leases);
         for delivery in deliveries {
             let attempt = table.attempt(delivery.attempt, &delivery.server_id);
@@ -394,25 +404,31 @@ impl PubSubSource {
                     true,
                 ),
             };
-            match reason {
-                Some(reason) => dead.push(Op::Dead(Box::new(DeadLetter {
+            if let Some(reason) = reason {
+                table.not_coming(&message, &delivery.server_id);
+                ops.push(Op::Dead(Box::new(DeadLetter {
                     ack_id: delivery.ack_id,
                     message,
                     reason: reason.into(),
                     attempt,
                     undecodable,
-                }))),
-                None => out.extend(table.insert(
-                    delivery.ack_id,
-                    delivery.server_id,
-                    message,
-                    attempt,
-                    sent + core.deadline,
-                )),
+                })));
+                continue;
+            }
+            match table.insert(
+                delivery.ack_id,
+                delivery.server_id,
+                message,
+                attempt,
+                sent + core.deadline,
+            ) {
+                Placed::Handed(lease) => out.push(lease),
+                Placed::Held => {}
+                Placed::GiveBack(ack_id) => ops.push(Op::Modify(ack_id, 0)),
             }
         }
         drop(table);
-        self.enqueue(dead);
+        self.enqueue(ops);
         Ok(())
     }
 }
