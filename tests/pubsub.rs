@@ -102,8 +102,11 @@ impl Emulator {
                 .join(format!("mayhem-pubsub-{}-{attempt}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("create the emulator's directory");
             // `setsid` puts the launcher and its Java in a process group of their own, which
-            // `kill -KILL -$!` ends whole once the shell's standard input closes.
-            let mut watchdog = Command::new("sh")
+            // `kill -KILL -$!` ends whole once the shell's standard input closes. The shell
+            // has a session of its own too: a signal to this test's process group (a runner
+            // ending it) must not end the shell first and leave the emulator running.
+            let mut watchdog = Command::new("setsid")
+                .arg("sh")
                 .arg("-c")
                 .arg(
                     "setsid \"$0\" --host=127.0.0.1 --port=\"$1\" >\"$2/emulator.log\" 2>&1 \
@@ -631,4 +634,54 @@ fn ordering_keys_are_handled_in_publish_order_under_latency_and_failures() {
         checker.most_at_once.load(Ordering::SeqCst) > 1,
         "keys were handled concurrently"
     );
+}
+
+/// Sends `DELETE /v1/{path}` to the emulator; returns the status line.
+fn delete(emulator: &Emulator, path: &str) -> String {
+    use std::io::Write;
+    let mut stream = TcpStream::connect(&emulator.host).expect("connect to the emulator");
+    let request =
+        format!("DELETE /v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    // The status line is all that is read: the emulator may keep the connection open.
+    let mut answer = [0u8; 64];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a timeout");
+    let read = stream.read(&mut answer).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_subscription_lost_mid_run_is_created_again() {
+    // The emulator keeps everything in memory: a restart loses the subscription. The source
+    // creates it again, with one line, and goes on.
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("lost");
+    let source = emulator.source(&subscription, 5);
+    conformance::publish(&source, 3, 21);
+    let leases = pull_all(&source, 3);
+    let mut refused = Vec::new();
+    let ids: Vec<mayhem::LeaseId> = leases.iter().map(|lease| lease.id).collect();
+    source.ack(&ids, &mut refused).expect("ack");
+    assert_eq!(source.flush(Duration::from_secs(5)), 0);
+    let status = delete(
+        emulator,
+        &format!("projects/{PROJECT}/subscriptions/{subscription}"),
+    );
+    assert!(status.contains("200"), "{status}");
+    // The first pull finds it missing and creates it; what is published afterwards arrives.
+    source
+        .pull(10, Duration::from_millis(200), &mut Vec::new())
+        .expect("pull");
+    let sent = conformance::publish(&source, 5, 22);
+    let again = pull_all(&source, 5);
+    let mut got: Vec<String> = again.iter().map(|l| l.message.id().to_string()).collect();
+    let mut want: Vec<String> = sent.iter().map(|m| m.id().to_string()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
 }

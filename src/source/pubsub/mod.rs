@@ -45,9 +45,11 @@
 //! everything in memory and loses it on a restart) is created again, with one line.
 
 mod auth;
+mod health;
 mod leases;
 mod ops;
 mod rest;
+mod topology;
 mod url;
 
 use std::fmt;
@@ -56,7 +58,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{error, warn};
 
 use crate::error::SourceError;
 use crate::message::{MessageError, PubSubMessage};
@@ -64,6 +66,7 @@ use crate::shutdown::Shutdown;
 use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
+use self::health::Health;
 use self::leases::{End, Held, Placed, Refused, Table};
 use self::ops::{DeadLetter, Op};
 use self::rest::{Rest, RestError, ID_ATTRIBUTE};
@@ -72,16 +75,16 @@ pub use self::auth::AuthError;
 pub use self::rest::RestError as PubSubError;
 pub use self::url::{endpoint, PubSubUrl, UrlError, SERVICE_ENDPOINT};
 
+/// The shortest ack deadline Pub/Sub accepts, in seconds.
+const DEADLINE_MIN: u64 = 10;
+/// The longest ack deadline Pub/Sub accepts (and the longest extension), in seconds.
+const DEADLINE_MAX: u64 = 600;
 /// How long `stats`, `nack_all` and the drop wait for queued operations once interrupted.
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
 /// Longest pause of a pull that found nothing before it asks again.
 const POLL_MAX: Duration = Duration::from_millis(50);
 /// Most messages one pull asks for.
 const PULL_MAX: usize = 1000;
-/// Pub/Sub's bounds of a subscription's ack deadline, and of one extension.
-const DEADLINE_MIN: u64 = 10;
-/// The longest ack deadline Pub/Sub accepts, in seconds.
-const DEADLINE_MAX: u64 = 600;
 
 /// Checks that `url` is a `pubsub://PROJECT/SUBSCRIPTION[?topic=NAME&ordering=true]` URL.
 ///
@@ -175,13 +178,6 @@ struct Core {
     health: Health,
 }
 
-/// Whether requests fail, since when, and what was logged.
-#[derive(Debug)]
-struct Health {
-    /// The first failure of the current run of failures, and the kind last logged.
-    state: Mutex<Option<(Instant, String)>>,
-}
-
 impl PubSubSource {
     /// Finds (or creates) the subscription, its topic and the dead-letter topic, retrying
     /// within [`PubSubConfig::reconnect_limit`], and starts the worker thread.
@@ -244,9 +240,7 @@ impl PubSubSource {
             queued: Outstanding::default(),
             interrupted: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            health: Health {
-                state: Mutex::new(None),
-            },
+            health: Health::default(),
         };
         let start = Instant::now();
         let mut backoff = Duration::from_millis(50);
@@ -723,41 +717,6 @@ fn dead(held: &Held, reason: String) -> Op {
 }
 
 impl Core {
-    /// Finds the subscription, or creates it with its topic; creates the dead-letter topic;
-    /// returns the subscription's settings.
-    fn ensure(&self) -> Result<rest::SubscriptionInfo, RestError> {
-        let info = match self.rest.get_subscription(&self.subscription) {
-            Err(error) if error.is_not_found() => {
-                self.rest.create_topic(&self.url.topic_path())?;
-                self.rest.create_topic(&self.dead_topic)?;
-                let seconds = self
-                    .config
-                    .ack_deadline
-                    .as_secs()
-                    .clamp(DEADLINE_MIN, DEADLINE_MAX);
-                let settings = serde_json::json!({
-                    "topic": self.url.topic_path(),
-                    "ackDeadlineSeconds": seconds,
-                    "enableMessageOrdering": self.url.ordering,
-                    "deadLetterPolicy": {
-                        "deadLetterTopic": self.dead_topic,
-                        "maxDeliveryAttempts": (self.config.max_attempts + 1).clamp(5, 100),
-                    },
-                });
-                self.rest
-                    .create_subscription(&self.subscription, &settings)?;
-                info!("created pubsub subscription {}", self.subscription);
-                self.rest.get_subscription(&self.subscription)?
-            }
-            other => {
-                let info = other?;
-                self.rest.create_topic(&self.dead_topic)?;
-                info
-            }
-        };
-        Ok(info)
-    }
-
     /// Waits until the queue of lease operations is empty, up to `timeout` or until requests
     /// are found failing; returns how many are left.
     fn flush(&self, timeout: Duration) -> usize {
@@ -775,38 +734,5 @@ impl Core {
             }
             thread::sleep((end - now).min(POLL_MAX));
         }
-    }
-}
-
-impl Health {
-    /// Records a failure: logs it when its kind changed; returns how long requests have
-    /// been failing.
-    fn failed(&self, base: &str, error: &RestError) -> Duration {
-        let kind = match error {
-            RestError::Status { code, status, .. } => format!("{code} {status}"),
-            other => other.to_string().chars().take(40).collect(),
-        };
-        let mut state = lock(&self.state);
-        let since = state
-            .as_ref()
-            .map_or_else(Instant::now, |(since, _)| *since);
-        if state.as_ref().is_none_or(|(_, logged)| *logged != kind) {
-            warn!("pubsub at {base} unavailable: {error}; retrying");
-        }
-        *state = Some((since, kind));
-        since.elapsed()
-    }
-
-    /// Records a success: logs the recovery after failures.
-    fn recovered(&self, base: &str) {
-        let mut state = lock(&self.state);
-        if state.take().is_some() {
-            info!("reconnected to pubsub at {base}");
-        }
-    }
-
-    /// Whether requests are failing now.
-    fn is_failing(&self) -> bool {
-        lock(&self.state).is_some()
     }
 }
