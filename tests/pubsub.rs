@@ -685,3 +685,243 @@ fn a_subscription_lost_mid_run_is_created_again() {
     want.sort();
     assert_eq!(got, want);
 }
+
+/// The Python with Google's client (`MAYHEM_PUBSUB_PYTHON`, else `python3`), or `None`
+/// (said loudly) when `google.cloud.pubsub_v1` cannot be imported.
+fn python_pubsub() -> Option<String> {
+    let python = std::env::var("MAYHEM_PUBSUB_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let imported = Command::new(&python)
+        .args(["-c", "import google.cloud.pubsub_v1"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !imported {
+        skip(&format!(
+            "{python} cannot import google.cloud.pubsub_v1 (pip install google-cloud-pubsub, \
+             and MAYHEM_PUBSUB_PYTHON naming that python)"
+        ));
+        return None;
+    }
+    Some(python)
+}
+
+/// Runs `tests/pubsub_interop.py` with `args` and `input` on stdin; returns its stdout lines.
+fn python(python: &str, emulator: &Emulator, args: &[&str], input: &str) -> Vec<String> {
+    use std::io::Write;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pubsub_interop.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .args(args)
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start python");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .expect("write to python");
+    let output = child.wait_with_output().expect("run python");
+    assert!(
+        output.status.success(),
+        "python {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Messages with binary data, attributes and ordering keys, as both sides send them.
+fn interop_messages() -> Vec<PubSubMessage> {
+    (0..30u8)
+        .map(|n| {
+            PubSubMessage::new(vec![n, 0, 0xff, b'x', n.wrapping_mul(7)])
+                .with_attribute("origin", format!("side-{}", n % 3))
+                .with_attribute("n", n.to_string())
+                .with_ordering_key(format!("key-{}", n % 4))
+        })
+        .collect()
+}
+
+#[test]
+fn python_pubsub_and_mayhem_read_each_others_messages() {
+    use base64::Engine;
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let Some(interpreter) = python_pubsub() else {
+        return;
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let subscription = unique("interop");
+    let source = PubSubSource::connect(PubSubConfig {
+        url: format!("pubsub://{PROJECT}/{subscription}?ordering=true"),
+        emulator_host: Some(emulator.host.clone()),
+        ..PubSubConfig::default()
+    })
+    .expect("connect");
+    let sent = interop_messages();
+
+    // Python publishes, Mayhem reads: data, attributes, ordering keys, and Pub/Sub's ids.
+    let input: String = sent
+        .iter()
+        .map(|message| {
+            let attributes: HashMap<&str, &str> = message.attributes().iter().collect();
+            let line = serde_json::json!({
+                "data": b64.encode(message.data()),
+                "attributes": attributes,
+                "ordering_key": message.ordering_key(),
+            });
+            format!("{line}\n")
+        })
+        .collect();
+    let ids = python(
+        &interpreter,
+        emulator,
+        &["publish", PROJECT, &subscription],
+        &input,
+    );
+    assert_eq!(ids.len(), sent.len());
+    // One key at a time: the source hands out the next of a key once the one before is acked.
+    let mut got = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    while got.len() < sent.len() {
+        assert!(Instant::now() < end, "got {} of {}", got.len(), sent.len());
+        let mut leases = Vec::new();
+        source
+            .pull(100, Duration::from_millis(200), &mut leases)
+            .expect("pull");
+        let lease_ids: Vec<mayhem::LeaseId> = leases.iter().map(|lease| lease.id).collect();
+        source.ack(&lease_ids, &mut Vec::new()).expect("ack");
+        got.extend(leases.into_iter().map(|lease| lease.message));
+    }
+    for message in &got {
+        let n: usize = message.attributes().get("n").unwrap().parse().unwrap();
+        let original = &sent[n];
+        assert_eq!(message.data(), original.data());
+        // Pub/Sub's attributes are a map: compared without their order.
+        let sorted = |message: &PubSubMessage| {
+            let mut pairs: Vec<(String, String)> = message
+                .attributes()
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            pairs.sort();
+            pairs
+        };
+        assert_eq!(sorted(message), sorted(original));
+        assert_eq!(message.ordering_key(), original.ordering_key());
+        assert_eq!(message.id().to_string(), ids[n], "the id is Pub/Sub's");
+    }
+    for key in 0..4 {
+        let order: Vec<&str> = got
+            .iter()
+            .filter(|m| m.ordering_key() == Some(&format!("key-{key}")))
+            .map(|m| m.attributes().get("n").unwrap())
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_by_key(|n| n.parse::<u32>().unwrap());
+        assert_eq!(order, sorted, "key-{key} in publish order");
+    }
+
+    // Mayhem publishes, Python reads: the same, with Mayhem's id as an attribute.
+    let reader = format!("py-{subscription}");
+    python(
+        &interpreter,
+        emulator,
+        &["subscribe", PROJECT, &subscription, &reader],
+        "",
+    );
+    let ours: Vec<PubSubMessage> = sent
+        .iter()
+        .enumerate()
+        .map(|(n, message)| message.clone().with_id(format!("ours-{n}")))
+        .collect();
+    source.publish(&ours).expect("publish");
+    let lines = python(
+        &interpreter,
+        emulator,
+        &["pull", PROJECT, &reader, "30"],
+        "",
+    );
+    assert_eq!(lines.len(), ours.len());
+    let mut last_of_key: HashMap<String, usize> = HashMap::new();
+    for line in lines {
+        let read: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        let n: usize = read["attributes"]["n"].as_str().unwrap().parse().unwrap();
+        let original = &ours[n];
+        assert_eq!(
+            b64.decode(read["data"].as_str().unwrap()).unwrap(),
+            original.data().as_ref()
+        );
+        assert_eq!(read["ordering_key"].as_str(), original.ordering_key());
+        assert_eq!(
+            read["attributes"]["origin"].as_str(),
+            original.attributes().get("origin")
+        );
+        assert_eq!(read["attributes"]["mayhem_message_id"], format!("ours-{n}"));
+        let key = read["ordering_key"].as_str().unwrap().to_owned();
+        if let Some(before) = last_of_key.insert(key, n) {
+            assert!(before < n, "publish order kept within a key");
+        }
+    }
+}
+
+/// Holds every message for `hold`, then succeeds.
+struct Holding {
+    /// How long.
+    hold: Duration,
+}
+
+impl Handler for Holding {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        smol::Timer::after(self.hold).await;
+        Ok(())
+    }
+}
+
+#[test]
+fn twenty_thousand_leases_held_a_minute_past_a_ten_second_deadline_are_never_redelivered() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    const COUNT: usize = 20_000;
+    let source = emulator.source(&unique("held"), 5);
+    let mut rng = mayhem::Rng::with_seed(31);
+    let batch: Vec<PubSubMessage> = (0..COUNT)
+        .map(|_| PubSubMessage::random(&mut rng))
+        .collect();
+    source.publish(&batch).expect("publish");
+    let mut config = Config::default();
+    config.publish.publishers = 0;
+    config.run.messages = Some(COUNT as u64);
+    config.run.max_in_flight = COUNT;
+    config.run.consumers = 2;
+    config.run.workers = 2;
+    config.run.grace_period = Duration::from_secs(1);
+    config.lease.ack_deadline = DEADLINE;
+    config.lease.extend_interval = Duration::from_secs(5);
+    let started = Instant::now();
+    let report = mayhem::run(
+        &config,
+        &source,
+        &Holding {
+            hold: Duration::from_secs(60),
+        },
+        &Shutdown::new(),
+    )
+    .expect("run");
+    assert!(started.elapsed() >= Duration::from_secs(60));
+    assert_eq!(report.acked, COUNT as u64, "{report:?}");
+    assert_eq!(
+        (report.redelivered, report.expired, report.lost_leases),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert!(report.extended > 0, "{report:?}");
+}
