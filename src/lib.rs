@@ -33,7 +33,9 @@
 //!   [`source::memory`] is [`Subscription`], the embedded in-memory pub/sub with real lease
 //!   semantics, and the [`Clock`] it reads.
 //!   `source::redis` (feature `redis`, on by default) is `RedisSource`, a broker on a Redis
-//!   stream with a consumer group.
+//!   stream with a consumer group; `source::amqp` (feature `amqp`) is `AmqpSource`, a
+//!   RabbitMQ quorum queue; `source::pubsub` (feature `pubsub`) is `PubSubSource`, a Google
+//!   Cloud Pub/Sub subscription over REST.
 //! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
 //! - [`config`]: [`Config`], every setting.
@@ -118,6 +120,8 @@
 //! - `amqp`: the RabbitMQ source (`AmqpSource`, a quorum queue through `lapin` on smol).
 //! - `amqp-tls`: `amqp` with `amqps://` (rustls with ring, the system's CA certificates and
 //!   `AmqpConfig::ca_file`).
+//! - `pubsub`: the Google Cloud Pub/Sub source (`PubSubSource`, REST over ureq with rustls,
+//!   serde_json, base64, ring for service-account JWTs; no tokio).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]

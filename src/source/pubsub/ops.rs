@@ -71,6 +71,9 @@ impl Core {
                     Err(_) => break,
                 }
             }
+            // Only the queued operations count as answered; the extensions added below are
+            // the worker's own.
+            let queued = pass.len() as u64;
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + tick;
                 let now = Instant::now();
@@ -78,9 +81,8 @@ impl Core {
                 let seconds = self.deadline.as_secs().max(1) as u32;
                 pass.extend(due.into_iter().map(|ack_id| Op::Modify(ack_id, seconds)));
             }
-            let count = pass.len() as u64;
             self.send(std::mem::take(&mut pass));
-            self.queued.done(count);
+            self.queued.done(queued);
         }
     }
 
