@@ -629,6 +629,7 @@ mod tests {
                 && key != "MAYHEM_REQUIRE_REDIS"
                 && key != "MAYHEM_REQUIRE_AMQP"
                 && key != "MAYHEM_REQUIRE_PUBSUB"
+                && key != "MAYHEM_PUBSUB_PYTHON"
                 && key != "MAYHEM_REQUIRE_CONTAINER"
         }) {
             panic!("a MAYHEM_* variable is set: this test needs the defaults");
