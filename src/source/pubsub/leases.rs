@@ -191,7 +191,18 @@ impl Table {
             .filter(|_| self.ordering)
             .map(Box::<str>::from);
         let busy = key.as_ref().is_some_and(|key| self.keys.contains_key(key));
-        let slot = self.slots.insert(Held {
+        let entry = self.slots.vacant_entry();
+        let id = Key {
+            slot: entry.key(),
+            generation,
+        }
+        .id();
+        let lease = Lease {
+            message: message.clone(),
+            attempt,
+            id,
+        };
+        entry.insert(Held {
             ack_id,
             server_id,
             message,
@@ -200,7 +211,6 @@ impl Table {
             generation,
             on_hold: busy,
         });
-        let id = Key { slot, generation }.id();
         match key {
             Some(key) if busy => {
                 self.on_hold += 1;
@@ -211,9 +221,9 @@ impl Table {
             }
             Some(key) => {
                 self.keys.insert(key, VecDeque::new());
-                Placed::Handed(self.lease(id))
+                Placed::Handed(lease)
             }
-            None => Placed::Handed(self.lease(id)),
+            None => Placed::Handed(lease),
         }
     }
 
@@ -237,9 +247,7 @@ impl Table {
             let Some(id) = self.released.pop_front() else {
                 break;
             };
-            if self.get(id).is_some() {
-                out.push(self.lease(id));
-            }
+            out.extend(self.lease(id));
         }
     }
 
@@ -260,7 +268,7 @@ impl Table {
             self.finish(id, End::Returned);
             return Err(Refused::Expired);
         }
-        Ok(self.finish(id, end))
+        self.finish(id, end).ok_or(Refused::Unknown)
     }
 
     /// Moves the deadline of a handed-out lease; `false` when it is not held or expired.
@@ -290,7 +298,9 @@ impl Table {
             .collect();
         let mut behind = Vec::new();
         for &id in &expired {
-            behind.extend(self.finish(id, End::Returned).1);
+            if let Some((_, later)) = self.finish(id, End::Returned) {
+                behind.extend(later);
+            }
         }
         (expired.len() as u64, behind)
     }
@@ -324,14 +334,13 @@ impl Table {
         }
     }
 
-    /// A lease for a held entry.
-    fn lease(&self, id: LeaseId) -> Lease {
-        let held = &self.slots[Key::from_id(id).slot];
-        Lease {
+    /// The lease of a held entry, if the id is current.
+    fn lease(&self, id: LeaseId) -> Option<Lease> {
+        self.get(id).map(|held| Lease {
             message: held.message.clone(),
             attempt: held.attempt,
             id,
-        }
+        })
     }
 
     /// The held entry of `id`, if the id is current.
@@ -352,19 +361,21 @@ impl Table {
 
     /// Removes a handed-out lease and settles its ordering key: the next one held back is
     /// released, or, when the lease was returned, every one held back is removed too.
-    fn finish(&mut self, id: LeaseId, end: End) -> (Held, Vec<Held>) {
-        let held = self.slots.remove(Key::from_id(id).slot);
+    /// `None` when the id is not current.
+    fn finish(&mut self, id: LeaseId, end: End) -> Option<(Held, Vec<Held>)> {
+        self.get(id)?;
+        let held = self.slots.try_remove(Key::from_id(id).slot)?;
         let mut behind = Vec::new();
         let Some(key) = held.message.ordering_key().filter(|_| self.ordering) else {
-            return (held, behind);
+            return Some((held, behind));
         };
         let Some(queue) = self.keys.get_mut(key) else {
-            return (held, behind);
+            return Some((held, behind));
         };
         match end {
             End::Settled => match queue.pop_front() {
                 Some(next) => {
-                    self.on_hold -= 1;
+                    self.on_hold = self.on_hold.saturating_sub(1);
                     if let Some(next_held) = self.get_mut(next) {
                         next_held.on_hold = false;
                     }
@@ -379,14 +390,14 @@ impl Table {
                 self.returned
                     .insert(key.into(), (held.server_id.clone(), until));
                 if let Some(queue) = self.keys.remove(key) {
-                    self.on_hold -= queue.len();
+                    self.on_hold = self.on_hold.saturating_sub(queue.len());
                     for later in queue {
-                        behind.push(self.slots.remove(Key::from_id(later).slot));
+                        behind.extend(self.slots.try_remove(Key::from_id(later).slot));
                     }
                 }
             }
         }
-        (held, behind)
+        Some((held, behind))
     }
 }
 
