@@ -238,8 +238,12 @@ impl Rest {
     }
 
     /// `POST` of a JSON value.
-    fn post(&self, path: &str, body: &serde_json::Value) -> Result<Vec<u8>, RestError> {
-        self.call("POST", path, Some(body.to_string().into_bytes()))
+    /// `POST` of a body serialized straight to JSON bytes (no `serde_json::Value` in
+    /// between: a publish of 1,000 messages or an acknowledge of 2,500 ids would build one
+    /// map or string per element first).
+    fn post(&self, path: &str, body: &impl Serialize) -> Result<Vec<u8>, RestError> {
+        let bytes = serde_json::to_vec(body).map_err(RestError::Json)?;
+        self.call("POST", path, Some(bytes))
     }
 
     /// The subscription's settings.
@@ -280,7 +284,11 @@ impl Rest {
             .iter()
             .map(|message| out_message(message, extra))
             .collect();
-        let body = serde_json::json!({ "messages": messages });
+        #[derive(Serialize)]
+        struct Body<'a> {
+            messages: Vec<OutMessage<'a>>,
+        }
+        let body = Body { messages };
         let answer = self.post(&format!("{topic}:publish"), &body)?;
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
@@ -305,7 +313,12 @@ impl Rest {
 
     /// Acknowledges ack ids (at most [`ACK_IDS_PER_REQUEST`]).
     pub(super) fn acknowledge(&self, subscription: &str, ids: &[&str]) -> Result<(), RestError> {
-        let body = serde_json::json!({ "ackIds": ids });
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body<'a> {
+            ack_ids: &'a [&'a str],
+        }
+        let body = Body { ack_ids: ids };
         self.post(&format!("{subscription}:acknowledge"), &body)
             .map(drop)
     }
@@ -317,7 +330,16 @@ impl Rest {
         ids: &[&str],
         seconds: u32,
     ) -> Result<(), RestError> {
-        let body = serde_json::json!({ "ackIds": ids, "ackDeadlineSeconds": seconds });
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body<'a> {
+            ack_ids: &'a [&'a str],
+            ack_deadline_seconds: u32,
+        }
+        let body = Body {
+            ack_ids: ids,
+            ack_deadline_seconds: seconds,
+        };
         self.post(&format!("{subscription}:modifyAckDeadline"), &body)
             .map(drop)
     }
