@@ -45,7 +45,7 @@ test: lint
 	fi
 
 ## Formatting, clippy with warnings denied (also on the library alone, without features, and
-## with the RabbitMQ source only), and rustdoc with warnings denied.
+## with the RabbitMQ or the Pub/Sub source only), and rustdoc with warnings denied.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
@@ -63,14 +63,15 @@ fmt:
 build:
 	$(CARGO) build --release
 
-## Benchmarks of the real pipeline against a bare channel + executor baseline, with the Redis
-## and RabbitMQ rows (each printed as not measured when its server is not installed).
+## Benchmarks of the real pipeline against a bare channel + executor baseline, with the Redis,
+## RabbitMQ and Pub/Sub rows (each printed as not measured when its server is not installed;
+## MAYHEM_PUBSUB_PYTHON names a Python with google-cloud-pubsub for the streaming-pull row).
 ## The bench builds in a target directory of its own (target/bench): its build (with amqp)
 ## would otherwise replace the default build's binary in target/release, which `make run`
 ## runs and whose size the bench reports.
 bench:
 	$(CARGO) build --release --bin mayhem
-	MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/release/mayhem CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-target}/bench $(CARGO) bench --features amqp --bench pipeline
+	MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/release/mayhem CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-target}/bench $(CARGO) bench --features amqp,pubsub --bench pipeline
 
 ## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary;
 ## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7"), then on
