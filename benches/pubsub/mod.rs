@@ -215,8 +215,8 @@ pub fn rows(messages: u64) -> Vec<String> {
     let (mut rest_missing, mut streaming_missing, mut python_missing) =
         (String::new(), String::new(), String::new());
     // One pass of each kind first, not counted: the emulator's JVM compiles its hot paths
-    // during the first runs (measured here: the first run of a fresh emulator consumed and
-    // published at a fifth to a half of the later ones).
+    // during the first runs (measured here: the first run of a fresh emulator consumed at a
+    // third to two thirds of the later ones' rate, and published at a tenth to a sixth).
     let _ = emulator.publish("warmup", messages);
     let _ = emulator.mayhem("warmup", &["--publishers", "0", "--messages", &n]);
     let _ = emulator.reference("publish", "warmup-rest", &n);
