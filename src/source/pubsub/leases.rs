@@ -81,12 +81,13 @@ pub(super) enum Placed {
 }
 
 /// Why a lease was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Refused {
     /// Not held (settled already, or never).
     Unknown,
-    /// Its deadline passed.
-    Expired,
+    /// Its deadline passed: it is removed, with the leases held back behind it, which
+    /// must be given back.
+    Expired(Vec<Held>),
 }
 
 /// The table.
@@ -265,8 +266,11 @@ impl Table {
             return Err(Refused::Unknown);
         }
         if held.deadline <= now {
-            self.finish(id, End::Returned);
-            return Err(Refused::Expired);
+            let behind = self
+                .finish(id, End::Returned)
+                .map(|(_, behind)| behind)
+                .unwrap_or_default();
+            return Err(Refused::Expired(behind));
         }
         self.finish(id, end).ok_or(Refused::Unknown)
     }
@@ -479,14 +483,31 @@ mod tests {
         table.take(lease.id, now, End::Settled).unwrap();
         let again = handed(table.insert("y".into(), "1".into(), PubSubMessage::new("x"), 2, now));
         assert_eq!(Key::from_id(again.id).slot, Key::from_id(lease.id).slot);
-        assert_eq!(
-            table.take(lease.id, now, End::Settled).unwrap_err(),
-            Refused::Unknown
-        );
-        assert_eq!(
-            table.take(again.id, now, End::Settled).unwrap_err(),
-            Refused::Expired
-        );
+        assert!(matches!(
+            table.take(lease.id, now, End::Settled),
+            Err(Refused::Unknown)
+        ));
+        assert!(matches!(
+            table.take(again.id, now, End::Settled),
+            Err(Refused::Expired(behind)) if behind.is_empty()
+        ));
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn an_expired_head_gives_back_the_messages_held_behind_it() {
+        let now = Instant::now();
+        let mut table = Table::new(true, Duration::from_secs(10));
+        let head = handed(table.insert("a1".into(), "1".into(), keyed("a", 1), 1, now));
+        let later = now + Duration::from_secs(10);
+        assert!(matches!(
+            table.insert("a2".into(), "2".into(), keyed("a", 2), 1, later),
+            Placed::Held
+        ));
+        match table.take(head.id, now, End::Settled) {
+            Err(Refused::Expired(behind)) => assert_eq!(behind[0].ack_id, "a2"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((table.len(), table.on_hold()), (0, 0));
     }
 }

@@ -344,7 +344,8 @@ impl PubSubSource {
                     ops.push(first);
                     ops.extend(behind.into_iter().map(|held| Op::Modify(held.ack_id, 0)));
                 }
-                Err(Refused::Expired) => {
+                Err(Refused::Expired(behind)) => {
+                    ops.extend(behind.into_iter().map(|held| Op::Modify(held.ack_id, 0)));
                     expired += 1;
                     refused.push(id);
                 }
