@@ -925,3 +925,62 @@ fn twenty_thousand_leases_held_a_minute_past_a_ten_second_deadline_are_never_red
     );
     assert!(report.extended > 0, "{report:?}");
 }
+
+#[test]
+fn a_killed_instance_s_messages_are_handled_by_the_next_after_the_ack_deadline() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("killed");
+    let publisher = emulator.source(&subscription, 5);
+    let mut rng = mayhem::Rng::with_seed(41);
+    let sent: Vec<PubSubMessage> = (0..50).map(|_| PubSubMessage::random(&mut rng)).collect();
+    publisher.publish(&sent).expect("publish");
+    drop(publisher);
+    let quiet = [
+        "--publishers",
+        "0",
+        "--restart-failure-rate",
+        "0",
+        "--save-failure-rate",
+        "0",
+        "--report",
+        "json",
+        "--seed",
+        "7",
+    ];
+    // The first instance takes every message and holds it (its handlers' three steps take up
+    // to a minute each: with this seed none ends before the kill, a fraction of a second in).
+    let first = Service::start(
+        emulator,
+        &subscription,
+        &[&quiet[..], &["--handler-latency", "60s"]].concat(),
+    );
+    first.wait_for("Handling PubSubMessage", 50);
+    first.signal("KILL");
+    let _ = first.finish();
+    // The next one gets them once their ack deadline (10 s) passed, and acks each.
+    let started = Instant::now();
+    let second = Service::start(
+        emulator,
+        &subscription,
+        &[&quiet[..], &["--handler-latency", "5ms"]].concat(),
+    );
+    second.wait_for("Done. Acked", 50);
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "redelivered only after the deadline"
+    );
+    second.signal("TERM");
+    let (status, lines, report) = second.finish();
+    assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
+    let mut names = acked_names(&lines);
+    names.sort();
+    let mut expected: Vec<String> = sent
+        .iter()
+        .map(|m| m.instance_name().unwrap().to_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(field(&report, "redelivered"), 50.0, "{report}");
+}
