@@ -148,8 +148,8 @@ pub(crate) struct Cli {
     pub(crate) report: ReportFormat,
     /// Where messages come from: memory (the embedded pub/sub), redis://HOST:PORT/DB,
     /// amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ, feature amqp; amqps://, feature amqp-tls)
-    /// or pubsub://PROJECT/SUBSCRIPTION[?topic=NAME&ordering=true] (Google Cloud Pub/Sub,
-    /// feature pubsub; PUBSUB_EMULATOR_HOST selects the emulator).
+    /// or pubsub://PROJECT/SUBSCRIPTION (Google Cloud Pub/Sub, feature pubsub; parameters
+    /// ?topic=NAME and &ordering=true; PUBSUB_EMULATOR_HOST selects the emulator).
     #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = SourceParser)]
     pub(crate) source: SourceKind,
     /// PEM file of CA certificates to trust for an amqps:// source, besides the system's.
