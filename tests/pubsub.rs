@@ -72,6 +72,8 @@ fn free_port() -> u16 {
 struct Emulator {
     /// `127.0.0.1:PORT`, as `PUBSUB_EMULATOR_HOST` names it.
     host: String,
+    /// Its directory, with its log and its process id (`pid`).
+    dir: PathBuf,
     /// Standard input of the watchdog shell: the emulator is killed when it closes (when
     /// this test binary exits).
     _watchdog: Mutex<(Child, ChildStdin)>,
@@ -110,7 +112,8 @@ impl Emulator {
                 .arg("-c")
                 .arg(
                     "setsid \"$0\" --host=127.0.0.1 --port=\"$1\" >\"$2/emulator.log\" 2>&1 \
-                     </dev/null & cat >/dev/null; kill -KILL -$!; sleep 0.2; rm -rf \"$2\"",
+                     </dev/null & echo $! >\"$2/pid\"; cat >/dev/null; kill -KILL -$!; \
+                     sleep 0.2; rm -rf \"$2\"",
                 )
                 .arg(EMULATOR)
                 .arg(port.to_string())
@@ -126,6 +129,7 @@ impl Emulator {
                 if answers(port) {
                     return Some(Emulator {
                         host: format!("127.0.0.1:{port}"),
+                        dir: dir.clone(),
                         _watchdog: Mutex::new((watchdog, stdin)),
                     });
                 }
@@ -983,4 +987,68 @@ fn a_killed_instance_s_messages_are_handled_by_the_next_after_the_ack_deadline()
     expected.sort();
     assert_eq!(names, expected);
     assert_eq!(field(&report, "redelivered"), 50.0, "{report}");
+}
+
+#[test]
+fn a_frozen_emulator_delays_the_service_but_loses_nothing() {
+    // An emulator of its own: freezing the shared one would stall the other tests.
+    if Emulator::get().is_none() {
+        return;
+    }
+    let emulator = Emulator::start().expect("a second emulator");
+    // The emulator's Java (its launcher execs it), whose process id the watchdog wrote.
+    let pid = std::fs::read_to_string(emulator.dir.join("pid"))
+        .expect("the emulator's pid")
+        .trim()
+        .to_owned();
+    let subscription = unique("frozen");
+    let publisher = emulator.source(&subscription, 5);
+    let mut rng = mayhem::Rng::with_seed(51);
+    let sent: Vec<PubSubMessage> = (0..200).map(|_| PubSubMessage::random(&mut rng)).collect();
+    publisher.publish(&sent).expect("publish");
+    drop(publisher);
+    let service = Service::start(
+        &emulator,
+        &subscription,
+        &[
+            "--publishers",
+            "0",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--handler-latency",
+            "200ms",
+            "--max-in-flight",
+            "20",
+            "--seed",
+            "9",
+            "--report",
+            "json",
+        ],
+    );
+    service.wait_for("Done. Acked", 20);
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    };
+    signal("STOP");
+    thread::sleep(Duration::from_secs(3));
+    signal("CONT");
+    service.wait_for("Done. Acked", 200);
+    service.signal("TERM");
+    let (status, lines, _) = service.finish();
+    assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
+    let mut names = acked_names(&lines);
+    names.sort();
+    names.dedup();
+    let mut expected: Vec<String> = sent
+        .iter()
+        .map(|m| m.instance_name().unwrap().to_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected, "every message acked, by name");
 }
