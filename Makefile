@@ -19,14 +19,16 @@ run:
 	  echo "mayhem exited with status $$status" >&2; exit $$status
 
 ## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples,
-## and the RabbitMQ source (features amqp and amqp-tls, off by default: its tests run here with
+## the RabbitMQ source (features amqp and amqp-tls, off by default: its tests run here with
 ## --features amqp-tls, which adds the amqps:// tests to the same run, its doc tests with
-## --features amqp, which refuses amqps://; clippy runs with each), and the interop tests
-## (tests/interop.rs: Python producers and consumers, redis-py and pika, against both sources).
-## Tests that cannot run here (the Redis tests without redis-server, the RabbitMQ tests without
-## rabbitmq-server, the interop tests without them or without python3's redis and pika) skip
-## loudly: each appends a line to $(SKIPPED_LOG), counted at the end. MAYHEM_REQUIRE_REDIS=1,
-## MAYHEM_REQUIRE_AMQP=1 and MAYHEM_REQUIRE_INTEROP=1 (set by .ci/run) turn a skip into a
+## --features amqp, which refuses amqps://; clippy runs with each), the interop tests
+## (tests/interop.rs: Python producers and consumers, redis-py and pika, against both sources),
+## and the Google Cloud Pub/Sub source (feature pubsub, off by default; its tests start the
+## emulator). Tests that cannot run here (the Redis tests without redis-server, the RabbitMQ
+## tests without rabbitmq-server, the interop tests without them or without python3's redis and
+## pika, the Pub/Sub tests without its emulator) skip loudly: each appends a line to
+## $(SKIPPED_LOG), counted at the end. MAYHEM_REQUIRE_REDIS=1, MAYHEM_REQUIRE_AMQP=1,
+## MAYHEM_REQUIRE_INTEROP=1 and MAYHEM_REQUIRE_PUBSUB=1 (set by .ci/run) turn a skip into a
 ## failure.
 SKIPPED_LOG = $${CARGO_TARGET_DIR:-target}/tmp/skipped.log
 test: lint
@@ -35,26 +37,30 @@ test: lint
 	$(CARGO) test --doc
 	$(CARGO) test --features amqp-tls --lib --bins --test amqp --test interop
 	$(CARGO) test --features amqp --doc amqp
+	$(CARGO) test --features pubsub --lib --bins --test pubsub
+	$(CARGO) test --features pubsub --doc pubsub
 	$(CARGO) run --quiet --example embed_sync
 	$(CARGO) run --quiet --example embed_smol
 	$(CARGO) run --quiet --example embed_json
 	@if [ -s $(SKIPPED_LOG) ]; then \
-	  echo "SKIPPED: $$(wc -l < $(SKIPPED_LOG)) tests, by reason (MAYHEM_REQUIRE_REDIS=1, MAYHEM_REQUIRE_AMQP=1 or MAYHEM_REQUIRE_INTEROP=1 makes a skip fail):"; \
+	  echo "SKIPPED: $$(wc -l < $(SKIPPED_LOG)) tests, by reason (MAYHEM_REQUIRE_REDIS=1, MAYHEM_REQUIRE_AMQP=1, MAYHEM_REQUIRE_INTEROP=1 or MAYHEM_REQUIRE_PUBSUB=1 makes a skip fail):"; \
 	  sed 's/^[^:]*: //' $(SKIPPED_LOG) | sort | uniq -c; \
 	else \
 	  echo "Skipped: 0 tests"; \
 	fi
 
 ## Formatting, clippy with warnings denied (also on the library alone, without features, and
-## with the RabbitMQ source only), and rustdoc with warnings denied.
+## with the RabbitMQ or the Pub/Sub source only), and rustdoc with warnings denied.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp-tls -- -D warnings
+	$(CARGO) clippy --all-targets --features pubsub -- -D warnings
+	$(CARGO) clippy --lib --no-default-features --features pubsub -- -D warnings
 	$(CARGO) clippy --lib --no-default-features -- -D warnings
 	$(CARGO) clippy --lib --no-default-features --features amqp -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet --features amqp-tls
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet --features amqp-tls,pubsub
 
 fmt:
 	$(CARGO) fmt --all
@@ -62,14 +68,15 @@ fmt:
 build:
 	$(CARGO) build --release
 
-## Benchmarks of the real pipeline against a bare channel + executor baseline, with the Redis
-## and RabbitMQ rows (each printed as not measured when its server is not installed).
+## Benchmarks of the real pipeline against a bare channel + executor baseline, with the Redis,
+## RabbitMQ and Pub/Sub rows (each printed as not measured when its server is not installed;
+## MAYHEM_PUBSUB_PYTHON names a Python with google-cloud-pubsub for the streaming-pull row).
 ## The bench builds in a target directory of its own (target/bench): its build (with amqp)
 ## would otherwise replace the default build's binary in target/release, which `make run`
 ## runs and whose size the bench reports.
 bench:
 	$(CARGO) build --release --bin mayhem
-	MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/release/mayhem CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-target}/bench $(CARGO) bench --features amqp --bench pipeline
+	MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/release/mayhem CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-target}/bench $(CARGO) bench --features amqp,pubsub --bench pipeline
 
 ## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary;
 ## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7"), then on

@@ -8,7 +8,8 @@
 //!
 //! `MAYHEM_BENCH_MESSAGES` sets the message count of the throughput runs (default 1,000,000).
 //! `MAYHEM_BENCH=redis` runs only the Redis rows; `MAYHEM_BENCH=amqp` only the RabbitMQ rows
-//! (measured when built with `--features amqp`, as `make bench` builds it); `MAYHEM_BENCH=noop`
+//! (measured when built with `--features amqp`, as `make bench` builds it);
+//! `MAYHEM_BENCH=pubsub` only the Pub/Sub rows (built with `--features pubsub`); `MAYHEM_BENCH=noop`
 //! only the no-op pipeline and the bare bridge, interleaved.
 
 use std::fmt::Write as _;
@@ -49,12 +50,29 @@ const MARKERS: (&str, &str) = ("<!-- bench:start -->", "<!-- bench:end -->");
 
 #[cfg(feature = "amqp")]
 mod amqp;
+#[cfg(feature = "pubsub")]
+mod pubsub;
 mod redis;
 
 /// Entries per run of the Redis rows.
 const REDIS_MESSAGES: u64 = 200_000;
 /// Messages per run of the RabbitMQ rows.
 const AMQP_MESSAGES: u64 = 50_000;
+
+/// Messages per run of the Pub/Sub rows.
+const PUBSUB_MESSAGES: u64 = 40_000;
+
+/// The Pub/Sub rows, measured when the bench is built with `--features pubsub`.
+#[cfg(feature = "pubsub")]
+fn pubsub_rows(messages: u64) -> Vec<String> {
+    pubsub::rows(messages)
+}
+
+/// The Pub/Sub rows, measured when the bench is built with `--features pubsub`.
+#[cfg(not(feature = "pubsub"))]
+fn pubsub_rows(_messages: u64) -> Vec<String> {
+    vec!["| Pub/Sub rows | not measured: bench built without `--features pubsub` | |".to_owned()]
+}
 
 /// The RabbitMQ rows, measured when the bench is built with `--features amqp`.
 #[cfg(feature = "amqp")]
@@ -70,11 +88,11 @@ fn amqp_rows(_messages: u64) -> Vec<String> {
 
 fn main() {
     let only = std::env::var("MAYHEM_BENCH").unwrap_or_default();
-    if only == "redis" || only == "amqp" {
-        let rows = if only == "redis" {
-            redis::rows(REDIS_MESSAGES)
-        } else {
-            amqp_rows(AMQP_MESSAGES)
+    if only == "redis" || only == "amqp" || only == "pubsub" {
+        let rows = match only.as_str() {
+            "redis" => redis::rows(REDIS_MESSAGES),
+            "amqp" => amqp_rows(AMQP_MESSAGES),
+            _ => pubsub_rows(PUBSUB_MESSAGES),
         };
         for row in rows {
             println!("{row}");
@@ -142,6 +160,7 @@ fn main() {
     let binary_stop = stats((0..RUNS).map(|_| binary_shutdown_ms()).collect());
     let redis_rows = redis::rows(REDIS_MESSAGES.min(messages));
     let amqp_rows = amqp_rows(AMQP_MESSAGES.min(messages));
+    let pubsub_rows = pubsub_rows(PUBSUB_MESSAGES.min(messages));
     // The binary users build (`make build`: default features), which `make bench` builds
     // first and names in MAYHEM_BENCH_BINARY; and the one this bench runs (its features).
     let default_binary = std::env::var("MAYHEM_BENCH_BINARY").ok();
@@ -193,7 +212,7 @@ fn main() {
         best_cpu.show(0),
         bare_cpu.show(0)
     );
-    for row in redis_rows.iter().chain(&amqp_rows) {
+    for row in redis_rows.iter().chain(&amqp_rows).chain(&pubsub_rows) {
         let _ = writeln!(table, "{row}");
     }
     let _ = writeln!(

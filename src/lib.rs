@@ -36,7 +36,8 @@
 //!   semantics, and the [`Clock`] it reads.
 //!   `source::redis` (feature `redis`, on by default) is `RedisSource`, a broker on a Redis
 //!   stream with a consumer group; `source::amqp` (feature `amqp`) is `AmqpSource`, a
-//!   RabbitMQ quorum queue.
+//!   RabbitMQ quorum queue; `source::pubsub` (feature `pubsub`) is `PubSubSource`, a Google
+//!   Cloud Pub/Sub subscription over REST.
 //! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
 //! - [`config`]: [`Config`], every setting.
@@ -121,6 +122,8 @@
 //! - `amqp`: the RabbitMQ source (`AmqpSource`, a quorum queue through `lapin` on smol).
 //! - `amqp-tls`: `amqp` with `amqps://` (rustls with ring, the system's CA certificates and
 //!   `AmqpConfig::ca_file`).
+//! - `pubsub`: the Google Cloud Pub/Sub source (`PubSubSource`, REST over ureq with rustls,
+//!   serde_json, base64, ring for service-account JWTs; no tokio).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
@@ -133,7 +136,7 @@ pub mod metrics;
 mod pipeline;
 pub mod shutdown;
 pub mod source;
-#[cfg(any(feature = "redis", feature = "amqp"))]
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 mod sync;
 
 pub use bytes::Bytes;
@@ -149,6 +152,8 @@ pub use source::amqp::{AmqpConfig, AmqpSource};
 pub use source::memory::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };
+#[cfg(feature = "pubsub")]
+pub use source::pubsub::{PubSubConfig, PubSubSource};
 #[cfg(feature = "redis")]
 pub use source::redis::{RedisConfig, RedisPublisher, RedisSource};
 pub use source::{Delivery, Lease, LeaseId, Publish, Source, SourceStats};

@@ -16,7 +16,8 @@
 //! Implementations:
 //! - [`memory`]: [`Subscription`](memory::Subscription), the embedded in-memory pub/sub;
 //! - `redis` (feature `redis`): a Redis stream with a consumer group;
-//! - `amqp` (feature `amqp`): a RabbitMQ quorum queue.
+//! - `amqp` (feature `amqp`): a RabbitMQ quorum queue;
+//! - `pubsub` (feature `pubsub`): a Google Cloud Pub/Sub subscription, over REST.
 //!
 //! [`Delivery`] wraps one lease with a drop guard, for programs that use a source directly:
 //! a delivery dropped without `ack` or `nack` is nacked, so no code path can lose a message.
@@ -24,6 +25,8 @@
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod memory;
+#[cfg(feature = "pubsub")]
+pub mod pubsub;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -148,8 +148,10 @@ pub(crate) struct Cli {
     /// Format of the final report on stdout.
     #[arg(long, env = "MAYHEM_REPORT", value_name = "FORMAT", value_enum, ignore_case = true, default_value_t = ReportFormat::Text)]
     pub(crate) report: ReportFormat,
-    /// Where messages come from: memory (the embedded pub/sub), redis://HOST:PORT/DB or
-    /// amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ, feature amqp; amqps://, feature amqp-tls).
+    /// Where messages come from: memory (the embedded pub/sub), redis://HOST:PORT/DB,
+    /// amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ, feature amqp; amqps://, feature amqp-tls)
+    /// or pubsub://PROJECT/SUBSCRIPTION (Google Cloud Pub/Sub, feature pubsub; parameters
+    /// ?topic=NAME and &ordering=true; PUBSUB_EMULATOR_HOST selects the emulator).
     #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = SourceParser)]
     pub(crate) source: SourceKind,
     /// PEM file of CA certificates to trust for an amqps:// source, besides the system's.
@@ -220,6 +222,9 @@ pub(crate) enum SourceKind {
     /// A RabbitMQ server at this URL.
     #[cfg_attr(not(feature = "amqp"), allow(dead_code))]
     Amqp(String),
+    /// A Google Cloud Pub/Sub subscription, `pubsub://PROJECT/SUBSCRIPTION`.
+    #[cfg_attr(not(feature = "pubsub"), allow(dead_code))]
+    PubSub(String),
 }
 
 /// How the final report is printed.
@@ -325,6 +330,19 @@ impl Cli {
                 mayhem::AmqpConfig::default().publish_connections,
                 usize::from,
             ),
+        }
+    }
+
+    /// The settings of the Pub/Sub source (the URL is taken from `--source`; the emulator
+    /// from `PUBSUB_EMULATOR_HOST`).
+    #[cfg(feature = "pubsub")]
+    pub(crate) fn pubsub_config(&self, url: &str, config: &Config) -> mayhem::PubSubConfig {
+        mayhem::PubSubConfig {
+            url: url.to_owned(),
+            ack_deadline: config.lease.ack_deadline,
+            max_attempts: config.lease.max_attempts,
+            reconnect_limit: self.reconnect_limit,
+            ..mayhem::PubSubConfig::default()
         }
     }
 
@@ -496,7 +514,7 @@ impl clap::builder::TypedValueParser for SourceParser {
         let Some(text) = value.to_str() else {
             return Err(invalid(
                 "(not utf-8)",
-                "write memory, redis://HOST:PORT/DB or amqp://USER:PASS@HOST:PORT/VHOST",
+                "write memory, redis://HOST:PORT/DB, amqp://USER:PASS@HOST:PORT/VHOST or pubsub://PROJECT/SUBSCRIPTION",
             ));
         };
         let shown = redact(text);
@@ -531,6 +549,14 @@ fn source(text: &str) -> Result<SourceKind, String> {
                 .to_owned(),
         );
     }
+    if text.starts_with("pubsub://") {
+        #[cfg(feature = "pubsub")]
+        return mayhem::source::pubsub::PubSubUrl::parse(text)
+            .map(|_| SourceKind::PubSub(text.to_owned()))
+            .map_err(|error| error.reason);
+        #[cfg(not(feature = "pubsub"))]
+        return Err("this build has no pubsub support (feature pubsub)".to_owned());
+    }
     if text.starts_with("amqp://") || text.starts_with("amqps://") {
         #[cfg(feature = "amqp")]
         return mayhem::source::amqp::parse_url(text)
@@ -541,7 +567,7 @@ fn source(text: &str) -> Result<SourceKind, String> {
     }
     if !text.starts_with("redis://") {
         return Err(
-            "write memory, redis://HOST:PORT/DB or amqp://USER:PASS@HOST:PORT/VHOST".to_owned(),
+            "write memory, redis://HOST:PORT/DB, amqp://USER:PASS@HOST:PORT/VHOST or pubsub://PROJECT/SUBSCRIPTION".to_owned(),
         );
     }
     #[cfg(feature = "redis")]
@@ -627,6 +653,8 @@ mod tests {
             key.starts_with("MAYHEM_")
                 && key != "MAYHEM_REQUIRE_REDIS"
                 && key != "MAYHEM_REQUIRE_AMQP"
+                && key != "MAYHEM_REQUIRE_PUBSUB"
+                && key != "MAYHEM_PUBSUB_PYTHON"
                 && key != "MAYHEM_REQUIRE_CONTAINER"
         }) {
             panic!("a MAYHEM_* variable is set: this test needs the defaults");

@@ -58,7 +58,10 @@ type SourceSlot = Arc<Mutex<Option<Arc<dyn Broker>>>>;
 /// What the start-up waits for: the source connected, or a signal.
 enum Startup {
     /// The connect thread finished.
-    #[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "amqp", feature = "pubsub")),
+        allow(dead_code)
+    )]
     Connected(Result<Arc<dyn Broker>, String>),
     /// The first signal arrived.
     Signal,
@@ -200,6 +203,23 @@ fn run(
             error!("this build has no amqp support");
             return ExitCode::FAILURE;
         }
+        #[cfg(feature = "pubsub")]
+        SourceKind::PubSub(url) => {
+            let pubsub_config = cli.pubsub_config(url, &config);
+            match connect_in_background(&shutdown, startup, &startup_events, move |stop| {
+                mayhem::PubSubSource::connect_with(pubsub_config, stop)
+                    .map(|source| Arc::new(source) as Arc<dyn Broker>)
+            }) {
+                Ok(source) => source,
+                Err(code) => return code,
+            }
+        }
+        #[cfg(not(feature = "pubsub"))]
+        SourceKind::PubSub(_) => {
+            let _ = (&startup, &startup_events);
+            error!("this build has no pubsub support");
+            return ExitCode::FAILURE;
+        }
     };
     drop(startup_events);
     *source_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&source));
@@ -275,7 +295,7 @@ fn run(
 /// (connecting may take long: a stalled server, retries within --reconnect-limit); returns
 /// the source, or the exit code when a signal or a failure ended the start-up. An abandoned
 /// connect thread ends with the process.
-#[cfg(any(feature = "redis", feature = "amqp"))]
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 fn connect_in_background(
     shutdown: &Shutdown,
     startup: Sender<Startup>,
@@ -315,7 +335,10 @@ fn connect_in_background(
 
 /// A signal arrived before the source was connected: nothing was pulled, so nothing needs
 /// to be given back. Logs the signal and exits 0, without a report.
-#[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "redis", feature = "amqp", feature = "pubsub")),
+    allow(dead_code)
+)]
 fn interrupted_start(shutdown: &Shutdown) -> ExitCode {
     let name = match shutdown.reason() {
         Some(ShutdownReason::Signal(name)) => name,

@@ -1,0 +1,269 @@
+//! The Google Cloud Pub/Sub rows of `make bench` (built with `--features pubsub`): mayhem
+//! against same-run references on one emulator of its own, runs interleaved.
+//!
+//! - publish: the library's `PubSubSource::publish` in batches of [`BATCH`] (each message
+//!   carries its id as an attribute) against `reference.py publish`, Python's REST
+//!   `publish` in batches of 1,000 (data only), which also preloads the consume runs;
+//! - consume: mayhem (`--publishers 0`, 4 consumers, messages preloaded) against
+//!   `reference.py rest`, a Python loop of REST `pull` and batched `acknowledge`, and
+//!   `reference.py streaming`, python-pubsub's streaming-pull subscriber (with
+//!   `MAYHEM_PUBSUB_PYTHON` naming a Python that has google-cloud-pubsub);
+//! - end to end: mayhem publishing (2 publishers) and consuming (4 consumers).
+//!
+//! A warm-up pass of each kind comes first and is not counted.
+//!
+//! `MAYHEM_BENCH=pubsub cargo bench --features pubsub --bench pipeline` runs these rows alone.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mayhem::{PubSubConfig, PubSubMessage, PubSubSource, Publish};
+
+/// The emulator's launcher.
+const EMULATOR: &str =
+    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator";
+/// Runs of each measurement (the median is shown).
+const PUBSUB_RUNS: usize = 3;
+/// Messages per `publish` call of the publish runs.
+const BATCH: usize = 1000;
+/// The project of every run.
+const PROJECT: &str = "bench";
+
+/// An emulator on a free loopback port, killed with its process group when the watchdog
+/// shell's standard input closes (on drop, or when the bench exits however it ends).
+struct Emulator {
+    host: String,
+    watchdog: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Emulator {
+    /// Starts the emulator and waits until it answers; `None` when it is not installed or
+    /// did not start within a minute.
+    fn start() -> Option<Emulator> {
+        if !Path::new(EMULATOR).exists() {
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut watchdog = Command::new("setsid")
+            .args(["sh", "-c"])
+            .arg(
+                "setsid \"$0\" --host=127.0.0.1 --port=\"$1\" >/dev/null 2>&1 </dev/null & \
+                 cat >/dev/null; kill -KILL -$!",
+            )
+            .arg(EMULATOR)
+            .arg(port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdin = watchdog.stdin.take();
+        let emulator = Emulator {
+            host: format!("127.0.0.1:{port}"),
+            watchdog,
+            stdin,
+        };
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            if answers(port) {
+                return Some(emulator);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    /// Publishes `count` mayhem messages to topic and subscription `name` through the
+    /// library, in batches of [`BATCH`]; returns the messages published per second.
+    fn publish(&self, name: &str, count: u64) -> Option<f64> {
+        let source = PubSubSource::connect(PubSubConfig {
+            url: format!("pubsub://{PROJECT}/{name}"),
+            emulator_host: Some(self.host.clone()),
+            ..PubSubConfig::default()
+        })
+        .ok()?;
+        let mut rng = fastrand::Rng::with_seed(count);
+        let messages: Vec<PubSubMessage> = (0..count)
+            .map(|_| PubSubMessage::random(&mut rng))
+            .collect();
+        let started = Instant::now();
+        for batch in messages.chunks(BATCH) {
+            source.publish(batch).ok()?;
+        }
+        Some(count as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// `acked_per_sec` of a run of the binary on subscription `name`, without latency or
+    /// failures, 4 consumers and 5,000 messages in flight, plus `args`.
+    fn mayhem(&self, name: &str, args: &[&str]) -> Option<f64> {
+        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(["--source", &format!("pubsub://{PROJECT}/{name}")])
+            .args(["--handler-latency", "0", "--restart-failure-rate", "0"])
+            .args(["--save-failure-rate", "0", "--log-level", "warn"])
+            .args(["--report", "json", "--ack-deadline", "10s"])
+            .args(["--extend-interval", "5s", "--max-in-flight", "5000"])
+            .args(["--consumers", "4"])
+            .args(args)
+            .env("PUBSUB_EMULATOR_HOST", &self.host)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let key = "\"acked_per_sec\":";
+        let rest = &stdout[stdout.find(key)? + key.len()..];
+        rest[..rest.find([',', '}'])?].parse().ok()
+    }
+
+    /// What `reference.py MODE` printed: a rate, or why it measured nothing.
+    fn reference(&self, mode: &str, name: &str, n: &str) -> Result<f64, String> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/pubsub/reference.py");
+        let python = std::env::var("MAYHEM_PUBSUB_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+        let output = Command::new(python)
+            .args([script, &self.host, PROJECT, mode, name, n])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map_err(|_| "python3 not installed".to_owned())?;
+        let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        text.parse::<f64>().map_err(|_| {
+            if text.is_empty() {
+                format!("reference.py {mode} failed")
+            } else {
+                text
+            }
+        })
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.watchdog.wait();
+    }
+}
+
+/// Whether the emulator on `port` answers `GET /`.
+fn answers(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = [0u8; 16];
+    stream
+        .read(&mut answer)
+        .is_ok_and(|n| answer[..n].starts_with(b"HTTP/1.1 200"))
+}
+
+/// The median of what was measured, or `None` when nothing was.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// Every run's figure, in the order measured.
+fn runs(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A figure with its runs, or why it is missing.
+fn show(values: &[f64], why: &str) -> String {
+    median(values.to_vec()).map_or_else(
+        || format!("not measured: {why}"),
+        |v| format!("{v:.0} (runs {})", runs(values)),
+    )
+}
+
+/// The ratio of two medians.
+fn ratio(a: &[f64], b: &[f64]) -> String {
+    median(a.to_vec())
+        .zip(median(b.to_vec()))
+        .map_or_else(|| "-".to_owned(), |(a, b)| format!("{:.2}", a / b))
+}
+
+/// The Pub/Sub rows of the bench table (`| figure | measured | target |`), measuring with
+/// `messages` messages per run.
+pub fn rows(messages: u64) -> Vec<String> {
+    let Some(emulator) = Emulator::start() else {
+        let why = if Path::new(EMULATOR).exists() {
+            "the emulator did not start within 60 s"
+        } else {
+            "the Pub/Sub emulator is not installed"
+        };
+        return vec![format!("| Pub/Sub rows | not measured: {why} | |")];
+    };
+    let n = messages.to_string();
+    let (mut publish, mut python_publish, mut consume, mut rest, mut streaming, mut end_to_end) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut rest_missing, mut streaming_missing, mut python_missing) =
+        (String::new(), String::new(), String::new());
+    // One pass of each kind first, not counted: the emulator's JVM compiles its hot paths
+    // during the first runs (measured here: the first run of a fresh emulator consumed at a
+    // third to two thirds of the later ones' rate, and published at a tenth to a sixth).
+    let _ = emulator.publish("warmup", messages);
+    let _ = emulator.mayhem("warmup", &["--publishers", "0", "--messages", &n]);
+    let _ = emulator.reference("publish", "warmup-rest", &n);
+    let _ = emulator.reference("rest", "warmup-rest", &n);
+    for run in 0..PUBSUB_RUNS {
+        // Mayhem publishes, and consumes what it published.
+        let name = format!("mayhem{run}");
+        publish.extend(emulator.publish(&name, messages));
+        consume.extend(emulator.mayhem(&name, &["--publishers", "0", "--messages", &n]));
+        // Python publishes (the publish reference), and its REST loop consumes.
+        let name = format!("rest{run}");
+        match emulator.reference("publish", &name, &n) {
+            Ok(rate) => python_publish.push(rate),
+            Err(why) => python_missing = why,
+        }
+        match emulator.reference("rest", &name, &n) {
+            Ok(rate) => rest.push(rate),
+            Err(why) => rest_missing = why,
+        }
+        // The streaming-pull subscriber on messages Python published.
+        let name = format!("streaming{run}");
+        if emulator.reference("publish", &name, &n).is_ok() {
+            match emulator.reference("streaming", &name, &n) {
+                Ok(rate) => streaming.push(rate),
+                Err(why) => streaming_missing = why,
+            }
+        }
+        let name = format!("e2e{run}");
+        end_to_end.extend(emulator.mayhem(
+            &name,
+            &[
+                "--publishers",
+                "2",
+                "--publish-interval",
+                "0",
+                "--messages",
+                &n,
+            ],
+        ));
+    }
+    vec![
+        format!("| messages/s, Pub/Sub consume: mayhem ({n} preloaded, 4 consumers, window 5000, emulator) | {} | >= 3x streaming pull, >= 1.5x REST loop |", show(&consume, "mayhem run failed")),
+        format!("| messages/s, Pub/Sub consume: same-run reference, Python REST `pull` loop (1,000, one `acknowledge` per batch) | {} | |", show(&rest, &rest_missing)),
+        format!("| messages/s, Pub/Sub consume: same-run reference, python-pubsub streaming pull (callback acks) | {} | |", show(&streaming, &streaming_missing)),
+        format!("| ratio Pub/Sub consume mayhem / REST loop, / streaming pull (medians) | {} / {} | >= 1.5 / >= 3 |", ratio(&consume, &rest), ratio(&consume, &streaming)),
+        format!("| messages/s, Pub/Sub publish: `PubSubSource::publish` (batches of {BATCH}, each message with its id attribute) | {} | >= the Python REST publish |", show(&publish, "publish failed")),
+        format!("| messages/s, Pub/Sub publish: same-run reference, Python REST `publish` (batches of 1,000, data only) | {} | |", show(&python_publish, &python_missing)),
+        format!("| messages/s, Pub/Sub end to end: mayhem (2 publishers, 4 consumers, {n} messages) | {} | |", show(&end_to_end, "mayhem run failed")),
+    ]
+}

@@ -1,0 +1,544 @@
+//! The REST calls of Pub/Sub v1 and their JSON: one blocking `ureq` agent whose idle
+//! connections are kept alive and shared by the threads (each consumer's pull takes one of
+//! its own from the pool).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::auth::Credentials;
+use crate::message::PubSubMessage;
+
+/// The attribute that carries a message's own id across Pub/Sub, whose ids are the server's.
+pub(super) const ID_ATTRIBUTE: &str = "mayhem_message_id";
+/// Most messages in one publish request (the API's limit).
+pub(super) const PUBLISH_MAX_MESSAGES: usize = 1000;
+/// Most bytes of one publish request's JSON: the API takes 10 MB; the rest is margin.
+pub(super) const PUBLISH_MAX_BYTES: usize = 9_500_000;
+/// Most ack ids in one acknowledge or modifyAckDeadline request: python-pubsub's choice,
+/// which keeps a request well under the API's 512 kB limit with ack ids of ~180 bytes.
+pub(super) const ACK_IDS_PER_REQUEST: usize = 2500;
+/// Largest response read (a pull of 1,000 messages of large data).
+const MAX_RESPONSE: u64 = 1 << 30;
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum RestError {
+    /// No answer: the connection failed or timed out.
+    Transport(ureq::Error),
+    /// The server answered with an error status.
+    Status {
+        /// The HTTP status.
+        code: u16,
+        /// Pub/Sub's error status, like `NOT_FOUND` (empty when the body had none).
+        status: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The answer was not the JSON expected.
+    Json(serde_json::Error),
+    /// No token could be had for the request.
+    Credentials(super::auth::AuthError),
+}
+
+impl RestError {
+    /// Whether trying again may help: no answer, a server error, or throttling.
+    pub(super) fn is_transient(&self) -> bool {
+        match self {
+            RestError::Transport(_) | RestError::Credentials(_) => true,
+            RestError::Status { code, .. } => *code >= 500 || *code == 429 || *code == 408,
+            RestError::Json(_) => false,
+        }
+    }
+
+    /// Whether the server said the resource does not exist.
+    pub(super) fn is_not_found(&self) -> bool {
+        matches!(self, RestError::Status { code: 404, .. })
+    }
+
+    /// Whether the server said the resource exists already.
+    fn is_conflict(&self) -> bool {
+        matches!(self, RestError::Status { code: 409, .. })
+    }
+}
+
+impl fmt::Display for RestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestError::Transport(error) => write!(f, "no answer: {error}"),
+            RestError::Status {
+                code,
+                status,
+                message,
+            } => write!(f, "HTTP {code} {status}: {message}"),
+            RestError::Json(error) => write!(f, "unexpected answer: {error}"),
+            RestError::Credentials(error) => write!(f, "no credentials: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for RestError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RestError::Transport(error) => Some(error),
+            RestError::Json(error) => Some(error),
+            RestError::Credentials(error) => Some(error),
+            RestError::Status { .. } => None,
+        }
+    }
+}
+
+/// A message as the API sends it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InMessage {
+    /// Base64 of the data.
+    #[serde(default)]
+    data: String,
+    /// The attributes (a map, without order: read sorted by key).
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    /// The server's id.
+    #[serde(default)]
+    message_id: String,
+    /// RFC 3339, in UTC.
+    #[serde(default)]
+    publish_time: String,
+    /// Empty when none.
+    #[serde(default)]
+    ordering_key: String,
+}
+
+/// One message of a pull.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Received {
+    /// The id to ack, nack or extend this delivery with.
+    ack_id: String,
+    /// The message.
+    message: InMessage,
+    /// Set by Pub/Sub on subscriptions with a dead-letter policy.
+    delivery_attempt: Option<u32>,
+}
+
+/// A pull's answer.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PullResponse {
+    /// Absent when nothing was delivered.
+    #[serde(default)]
+    received_messages: Vec<Received>,
+}
+
+/// A subscription as the API describes it (only what the source reads).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct SubscriptionInfo {
+    /// `projects/P/topics/T` (`_deleted-topic_` once the topic was deleted).
+    pub(super) topic: String,
+    /// The ack deadline of a delivery.
+    #[serde(default)]
+    pub(super) ack_deadline_seconds: u64,
+    /// Whether messages of one ordering key are delivered in order.
+    #[serde(default)]
+    pub(super) enable_message_ordering: bool,
+}
+
+/// A message to publish.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutMessage<'a> {
+    /// Base64 of the data.
+    data: String,
+    /// The attributes, with the message's id under [`ID_ATTRIBUTE`].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    attributes: BTreeMap<&'a str, Cow<'a, str>>,
+    /// The ordering key, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ordering_key: Option<&'a str>,
+}
+
+/// A delivery decoded, or why it could not be.
+pub(super) struct Delivery {
+    /// The id to settle it with.
+    pub(super) ack_id: String,
+    /// Pub/Sub's count, when the subscription has a dead-letter policy.
+    pub(super) attempt: Option<u32>,
+    /// The message, or why its data could not be read.
+    pub(super) message: Result<PubSubMessage, String>,
+    /// The server's id, to count attempts by when Pub/Sub does not.
+    pub(super) server_id: String,
+}
+
+/// The HTTP client of one source.
+pub(super) struct Rest {
+    /// Keeps connections alive between calls (HTTP/1.1), one per thread in use.
+    agent: ureq::Agent,
+    /// `http://host:port` or `https://pubsub.googleapis.com`.
+    base: String,
+    /// Where bearer tokens come from (none for the emulator).
+    credentials: Credentials,
+}
+
+impl Rest {
+    /// A client of `base`, whose calls give up after `timeout`.
+    pub(super) fn new(base: String, credentials: Credentials, timeout: Duration) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .max_idle_connections(256)
+            .max_idle_connections_per_host(256)
+            .user_agent("mayhem")
+            .build()
+            .into();
+        Rest {
+            agent,
+            base,
+            credentials,
+        }
+    }
+
+    /// The endpoint, for log lines (it holds no secret).
+    pub(super) fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// One call: `method` on `/v1/{path}` with a JSON body; returns the answer's body.
+    fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, RestError> {
+        let url = format!("{}/v1/{path}", self.base);
+        let token = self.credentials.bearer().map_err(RestError::Credentials)?;
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("content-type", "application/json");
+        let request = match &token {
+            Some(token) => request.header("authorization", format!("Bearer {}", token.expose())),
+            None => request,
+        };
+        let request = request
+            .body(body.unwrap_or_default())
+            .map_err(|error| RestError::Transport(ureq::Error::BadUri(error.to_string())))?;
+        let mut response = self.agent.run(request).map_err(RestError::Transport)?;
+        let code = response.status().as_u16();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE)
+            .read_to_vec()
+            .map_err(RestError::Transport)?;
+        if (200..300).contains(&code) {
+            return Ok(bytes);
+        }
+        Err(status_error(code, &bytes))
+    }
+
+    /// `POST` of a JSON value.
+    /// `POST` of a body serialized straight to JSON bytes (no `serde_json::Value` in
+    /// between: a publish of 1,000 messages or an acknowledge of 2,500 ids would build one
+    /// map or string per element first).
+    fn post(&self, path: &str, body: &impl Serialize) -> Result<Vec<u8>, RestError> {
+        let bytes = serde_json::to_vec(body).map_err(RestError::Json)?;
+        self.call("POST", path, Some(bytes))
+    }
+
+    /// The subscription's settings.
+    pub(super) fn get_subscription(&self, path: &str) -> Result<SubscriptionInfo, RestError> {
+        let body = self.call("GET", path, None)?;
+        serde_json::from_slice(&body).map_err(RestError::Json)
+    }
+
+    /// Creates a topic; one that exists already is fine.
+    pub(super) fn create_topic(&self, path: &str) -> Result<(), RestError> {
+        match self.call("PUT", path, Some(b"{}".to_vec())) {
+            Err(error) if error.is_conflict() => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Creates a subscription; one that exists already is fine.
+    pub(super) fn create_subscription(
+        &self,
+        path: &str,
+        settings: &serde_json::Value,
+    ) -> Result<(), RestError> {
+        match self.call("PUT", path, Some(settings.to_string().into_bytes())) {
+            Err(error) if error.is_conflict() => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Publishes one request's worth of messages (see [`publish_chunks`]), with extra
+    /// attributes on each; returns the server's ids.
+    pub(super) fn publish(
+        &self,
+        topic: &str,
+        batch: &[PubSubMessage],
+        extra: &[(&str, &str)],
+    ) -> Result<Vec<String>, RestError> {
+        let messages: Vec<OutMessage<'_>> = batch
+            .iter()
+            .map(|message| out_message(message, extra))
+            .collect();
+        #[derive(Serialize)]
+        struct Body<'a> {
+            messages: Vec<OutMessage<'a>>,
+        }
+        let body = Body { messages };
+        let answer = self.post(&format!("{topic}:publish"), &body)?;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Ids {
+            #[serde(default)]
+            message_ids: Vec<String>,
+        }
+        let ids: Ids = serde_json::from_slice(&answer).map_err(RestError::Json)?;
+        Ok(ids.message_ids)
+    }
+
+    /// Pulls up to `max` messages without waiting for more to arrive.
+    pub(super) fn pull(&self, subscription: &str, max: usize) -> Result<Vec<Delivery>, RestError> {
+        // `returnImmediately`: a pull that waits is held by the server until a message comes
+        // (over 40 s on the emulator), and one the client gives up on stays registered and
+        // takes the next message, which then waits out its ack deadline.
+        let body = serde_json::json!({ "maxMessages": max, "returnImmediately": true });
+        let answer = self.post(&format!("{subscription}:pull"), &body)?;
+        let answer: PullResponse = serde_json::from_slice(&answer).map_err(RestError::Json)?;
+        Ok(answer.received_messages.into_iter().map(decode).collect())
+    }
+
+    /// Acknowledges ack ids (at most [`ACK_IDS_PER_REQUEST`]).
+    pub(super) fn acknowledge(&self, subscription: &str, ids: &[&str]) -> Result<(), RestError> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body<'a> {
+            ack_ids: &'a [&'a str],
+        }
+        let body = Body { ack_ids: ids };
+        self.post(&format!("{subscription}:acknowledge"), &body)
+            .map(drop)
+    }
+
+    /// Sets the deadline of ack ids (at most [`ACK_IDS_PER_REQUEST`]) to `seconds` from now.
+    pub(super) fn modify(
+        &self,
+        subscription: &str,
+        ids: &[&str],
+        seconds: u32,
+    ) -> Result<(), RestError> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body<'a> {
+            ack_ids: &'a [&'a str],
+            ack_deadline_seconds: u32,
+        }
+        let body = Body {
+            ack_ids: ids,
+            ack_deadline_seconds: seconds,
+        };
+        self.post(&format!("{subscription}:modifyAckDeadline"), &body)
+            .map(drop)
+    }
+}
+
+impl fmt::Debug for Rest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rest")
+            .field("base", &self.base)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits a batch into publish requests: at most [`PUBLISH_MAX_MESSAGES`] messages and about
+/// [`PUBLISH_MAX_BYTES`] of JSON each (a larger message goes alone).
+pub(super) fn publish_chunks(batch: &[PubSubMessage]) -> impl Iterator<Item = &[PubSubMessage]> {
+    let mut rest = batch;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut take = 0;
+        for message in rest.iter().take(PUBLISH_MAX_MESSAGES) {
+            // Base64 takes 4 bytes per 3, and each attribute some quoting.
+            let size = message.data().len() * 4 / 3 + message.size() + 64;
+            if take > 0 && bytes + size > PUBLISH_MAX_BYTES {
+                break;
+            }
+            bytes += size;
+            take += 1;
+        }
+        let (chunk, after) = rest.split_at(take);
+        rest = after;
+        Some(chunk)
+    })
+}
+
+/// The JSON of one message to publish.
+fn out_message<'a>(message: &'a PubSubMessage, extra: &[(&'a str, &'a str)]) -> OutMessage<'a> {
+    let mut attributes: BTreeMap<&str, Cow<'_, str>> = message
+        .attributes()
+        .iter()
+        .map(|(key, value)| (key, Cow::Borrowed(value)))
+        .collect();
+    if !message.id().is_empty() {
+        attributes.insert(ID_ATTRIBUTE, Cow::Owned(message.id().to_string()));
+    }
+    attributes.extend(
+        extra
+            .iter()
+            .map(|&(key, value)| (key, Cow::Borrowed(value))),
+    );
+    OutMessage {
+        data: STANDARD.encode(message.data()),
+        attributes,
+        ordering_key: message.ordering_key(),
+    }
+}
+
+/// Turns a delivery's JSON into a message.
+fn decode(received: Received) -> Delivery {
+    let Received {
+        ack_id,
+        message: wire,
+        delivery_attempt,
+    } = received;
+    let server_id = wire.message_id.clone();
+    let message = STANDARD
+        .decode(wire.data.as_bytes())
+        .map_err(|error| format!("its data is not base64: {error}"))
+        .map(|data| {
+            let mut attributes = wire.attributes;
+            let id = attributes
+                .remove(ID_ATTRIBUTE)
+                .unwrap_or_else(|| wire.message_id.clone());
+            let mut message = PubSubMessage::new(data)
+                .with_id(id)
+                .with_attributes(attributes.into_iter().collect())
+                .with_ordering_key(wire.ordering_key);
+            if let Some(time) = parse_time(&wire.publish_time) {
+                message = message.with_publish_time(time);
+            }
+            message
+        });
+    Delivery {
+        ack_id,
+        attempt: delivery_attempt,
+        message,
+        server_id,
+    }
+}
+
+/// The error of a non-2xx answer: Pub/Sub's `{"error": {"code", "message", "status"}}`, or
+/// the start of whatever else came.
+fn status_error(code: u16, body: &[u8]) -> RestError {
+    #[derive(Deserialize)]
+    struct Wrapper {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        status: String,
+    }
+    match serde_json::from_slice::<Wrapper>(body) {
+        Ok(Wrapper { error }) => RestError::Status {
+            code,
+            status: error.status,
+            message: error.message,
+        },
+        Err(_) => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+            RestError::Status {
+                code,
+                status: String::new(),
+                message: text.trim().to_owned(),
+            }
+        }
+    }
+}
+
+/// Parses RFC 3339 in UTC as Pub/Sub writes it (`2026-12-06T20:26:58.332Z`, up to 9 digits
+/// of fraction); `None` for anything else.
+pub(super) fn parse_time(text: &str) -> Option<SystemTime> {
+    let text = text.strip_suffix('Z')?;
+    let (date, time) = text.split_once('T')?;
+    let mut date = date.splitn(3, '-').map(|part| part.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let (clock, fraction) = time.split_once('.').unwrap_or((time, ""));
+    let mut clock = clock.splitn(3, ':').map(|part| part.parse::<u64>().ok());
+    let (hour, minute, second) = (clock.next()??, clock.next()??, clock.next()??);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    // Days since 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let digits: String = fraction.chars().take(9).collect();
+    let nanos = if digits.is_empty() {
+        0
+    } else {
+        digits.parse::<u32>().ok()? * 10u32.pow(9 - digits.len() as u32)
+    };
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(UNIX_EPOCH + Duration::new(seconds, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_times_parse_to_the_nanosecond() {
+        // `date -u -d 2026-12-06T20:26:58Z +%s` says 1796588818.
+        let time = parse_time("2026-12-06T20:26:58.332Z").unwrap();
+        let since = time.duration_since(UNIX_EPOCH).unwrap();
+        assert_eq!(since, Duration::new(1_796_588_818, 332_000_000));
+        assert_eq!(
+            parse_time("1970-01-01T00:00:00.000000001Z"),
+            Some(UNIX_EPOCH + Duration::from_nanos(1))
+        );
+        assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn publish_requests_stay_under_the_limits() {
+        let small: Vec<PubSubMessage> = (0..2500).map(|_| PubSubMessage::new("web-01")).collect();
+        let sizes: Vec<usize> = publish_chunks(&small).map(<[_]>::len).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        let big: Vec<PubSubMessage> = (0..3)
+            .map(|_| PubSubMessage::new(vec![0u8; 4_000_000]))
+            .collect();
+        assert_eq!(
+            publish_chunks(&big).map(<[_]>::len).collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+    }
+
+    #[test]
+    fn errors_keep_pubsubs_status() {
+        let error = status_error(
+            404,
+            br#"{"error":{"code":404,"message":"Subscription does not exist","status":"NOT_FOUND"}}"#,
+        );
+        assert!(error.is_not_found());
+        assert_eq!(
+            error.to_string(),
+            "HTTP 404 NOT_FOUND: Subscription does not exist"
+        );
+        assert!(!error.is_transient());
+        assert!(status_error(503, b"<html>busy</html>").is_transient());
+    }
+}

@@ -1,0 +1,1054 @@
+//! The Google Cloud Pub/Sub source against the official emulator, which this file starts
+//! once for the whole test binary on a free loopback port (about 4 s; Java 17): the shared
+//! conformance suite through `PubSubSource`, ordering keys under random latency and
+//! failures, and the `mayhem` binary end to end.
+//!
+//! The emulator runs under a watchdog shell that kills its whole process group and removes
+//! its directory when this test binary exits (the shell's standard input closes).
+//!
+//! Every test skips only when the emulator is not installed (Debian package
+//! `google-cloud-cli-pubsub-emulator`): it prints `SKIPPED` on stderr and appends a line to
+//! `target/tmp/skipped.log`, which `make test` counts. With `MAYHEM_REQUIRE_PUBSUB=1` (as
+//! `.ci/run` sets it) a skip fails the test instead.
+#![cfg(all(feature = "pubsub", feature = "cli"))]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+mod conformance;
+
+use mayhem::{
+    Config, Context, HandleError, Handler, PubSubConfig, PubSubMessage, PubSubSource, Publish,
+    Shutdown, Source,
+};
+
+/// The emulator's launcher.
+const EMULATOR: &str =
+    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator";
+/// Upper bound for anything a test waits for; only reached when something is broken.
+const PATIENCE: Duration = Duration::from_secs(60);
+/// The project of every test.
+const PROJECT: &str = "mayhem-test";
+/// The ack deadline of the conformance brokers: Pub/Sub's shortest.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Says loudly that a test is skipped, and records it for `make test`'s summary; with
+/// `MAYHEM_REQUIRE_PUBSUB=1` (set by CI) a skip is a failure instead.
+fn skip(reason: &str) {
+    let test = thread::current().name().unwrap_or("pubsub test").to_owned();
+    if std::env::var("MAYHEM_REQUIRE_PUBSUB").is_ok_and(|v| v == "1") {
+        panic!("{test}: {reason}, and MAYHEM_REQUIRE_PUBSUB=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        use std::io::Write;
+        // One write per line: appends of whole lines from parallel tests do not interleave.
+        let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
+    }
+}
+
+/// A free loopback port (free when asked; the emulator started on it may still find it
+/// taken, and then the start is tried on another).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+/// The emulator shared by the tests of this binary.
+struct Emulator {
+    /// `127.0.0.1:PORT`, as `PUBSUB_EMULATOR_HOST` names it.
+    host: String,
+    /// Its directory, with its log and its process id (`pid`).
+    dir: PathBuf,
+    /// Standard input of the watchdog shell: the emulator is killed when it closes (when
+    /// this test binary exits).
+    _watchdog: Mutex<(Child, ChildStdin)>,
+}
+
+impl Emulator {
+    /// The shared emulator, started by the first test that asks; `None` (said loudly by
+    /// every test that asks) when it is not installed.
+    fn get() -> Option<&'static Emulator> {
+        static CELL: OnceLock<Option<Emulator>> = OnceLock::new();
+        let emulator = CELL.get_or_init(Emulator::start);
+        if emulator.is_none() {
+            skip(&format!(
+                "{EMULATOR} not found (apt-get install google-cloud-cli-pubsub-emulator)"
+            ));
+        }
+        emulator.as_ref()
+    }
+
+    /// Starts the emulator on a free port and waits until it answers `GET /`.
+    fn start() -> Option<Emulator> {
+        if !Path::new(EMULATOR).exists() {
+            return None;
+        }
+        for attempt in 0..3 {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("mayhem-pubsub-{}-{attempt}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("create the emulator's directory");
+            // `setsid` puts the launcher and its Java in a process group of their own, which
+            // `kill -KILL -$!` ends whole once the shell's standard input closes. The shell
+            // has a session of its own too: a signal to this test's process group (a runner
+            // ending it) must not end the shell first and leave the emulator running.
+            let mut watchdog = Command::new("setsid")
+                .arg("sh")
+                .arg("-c")
+                .arg(
+                    "setsid \"$0\" --host=127.0.0.1 --port=\"$1\" >\"$2/emulator.log\" 2>&1 \
+                     </dev/null & echo $! >\"$2/pid\"; cat >/dev/null; kill -KILL -$!; \
+                     sleep 0.2; rm -rf \"$2\"",
+                )
+                .arg(EMULATOR)
+                .arg(port.to_string())
+                .arg(&dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the emulator's watchdog shell");
+            let stdin = watchdog.stdin.take().expect("piped stdin");
+            let end = Instant::now() + PATIENCE;
+            while Instant::now() < end {
+                if answers(port) {
+                    return Some(Emulator {
+                        host: format!("127.0.0.1:{port}"),
+                        dir: dir.clone(),
+                        _watchdog: Mutex::new((watchdog, stdin)),
+                    });
+                }
+                let log = std::fs::read_to_string(dir.join("emulator.log")).unwrap_or_default();
+                if log.contains("Address already in use") {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            drop(stdin);
+            let _ = watchdog.wait();
+        }
+        panic!("the pubsub emulator did not start");
+    }
+
+    /// A source on `subscription` (created with its topic), dead-lettering after
+    /// `max_attempts`.
+    fn source(&self, subscription: &str, max_attempts: u32) -> PubSubSource {
+        PubSubSource::connect(PubSubConfig {
+            url: format!("pubsub://{PROJECT}/{subscription}"),
+            emulator_host: Some(self.host.clone()),
+            ack_deadline: DEADLINE,
+            max_attempts,
+            ..PubSubConfig::default()
+        })
+        .expect("connect to the emulator")
+    }
+}
+
+/// Whether the emulator on `port` answers `GET /` with `Ok`.
+fn answers(port: u16) -> bool {
+    use std::io::Write;
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200")
+}
+
+/// A name no other test of this run uses (subscriptions live as long as the emulator).
+fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// The emulator for the conformance suite: one subscription (and topic) per broker.
+struct Emulated(&'static Emulator);
+
+impl conformance::Harness for Emulated {
+    type Broker = PubSubSource;
+
+    fn broker(&self, max_attempts: u32) -> PubSubSource {
+        self.0.source(&unique("conf"), max_attempts)
+    }
+
+    fn deadline(&self) -> Duration {
+        DEADLINE
+    }
+
+    fn pass(&self, _broker: &PubSubSource, by: Duration) {
+        // The emulator starts a deadline when it answers a pull, a little after the source
+        // sent it: the slack makes sure a deadline that passed here passed there too.
+        thread::sleep(by + Duration::from_millis(300));
+    }
+
+    fn pull_wait(&self) -> Duration {
+        // The emulator checks deadlines every few hundred milliseconds.
+        Duration::from_secs(3)
+    }
+
+    fn reserved(&self) -> &'static [&'static str] {
+        &["mayhem_message_id", "googclient_key"]
+    }
+}
+
+/// A conformance harness, or `None` (said loudly) without the emulator.
+fn emulated() -> Option<Emulated> {
+    Emulator::get().map(Emulated)
+}
+
+conformance_tests!(emulated());
+
+/// A running `mayhem` whose stderr lines are collected.
+struct Service {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: JoinHandle<()>,
+    stdout: JoinHandle<String>,
+}
+
+impl Service {
+    /// Starts `mayhem --source pubsub://...` with `args`, on the emulator.
+    fn start(emulator: &Emulator, subscription: &str, args: &[&str]) -> Service {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(["--source", &format!("pubsub://{PROJECT}/{subscription}")])
+            .args(["--log-level", "info", "--ack-deadline", "10s"])
+            .args(["--extend-interval", "5s"])
+            .args(args)
+            .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mayhem");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = {
+            let pipe = child.stderr.take().expect("piped stderr");
+            let lines = Arc::clone(&lines);
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            })
+        };
+        let mut pipe = child.stdout.take().expect("piped stdout");
+        let stdout = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        });
+        Service {
+            child,
+            lines,
+            stderr,
+            stdout,
+        }
+    }
+
+    /// Polls the stderr lines until `count` of them contain `pattern`.
+    fn wait_for(&self, pattern: &str, count: usize) {
+        let end = Instant::now() + PATIENCE;
+        loop {
+            let lines = self.lines.lock().unwrap();
+            if lines.iter().filter(|l| l.contains(pattern)).count() >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "fewer than {count} lines with {pattern:?} in:\n{}",
+                lines.join("\n")
+            );
+            drop(lines);
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the exit; returns the status, the stderr lines and stdout.
+    fn finish(mut self) -> (ExitStatus, Vec<String>, String) {
+        let end = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for mayhem") {
+                break status;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!(
+                    "mayhem did not exit:\n{}",
+                    self.lines.lock().unwrap().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        self.stderr.join().expect("stderr reader");
+        let stdout = self.stdout.join().expect("stdout reader");
+        let lines = self.lines.lock().unwrap().clone();
+        (status, lines, stdout)
+    }
+}
+
+/// A numeric field of the one-line JSON report.
+fn field(json: &str, name: &str) -> f64 {
+    let key = format!("\"{name}\":");
+    let start = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {json}"))
+        + key.len();
+    json[start..]
+        .split([',', '}'])
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad {name} in {json}"))
+}
+
+/// Instance names of the messages a process logged as acked.
+fn acked_names(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            line.split("Done. Acked PubSubMessage(instance_name='")
+                .nth(1)
+        })
+        .filter_map(|rest| rest.split('\'').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Pulls from `source` until `count` leases came (or panics after [`PATIENCE`]).
+fn pull_all(source: &PubSubSource, count: usize) -> Vec<mayhem::Lease> {
+    let end = Instant::now() + PATIENCE;
+    let mut leases = Vec::new();
+    while leases.len() < count {
+        assert!(Instant::now() < end, "pulled {} of {count}", leases.len());
+        source
+            .pull(
+                count - leases.len(),
+                Duration::from_millis(200),
+                &mut leases,
+            )
+            .expect("pull");
+    }
+    leases
+}
+
+#[test]
+fn the_service_handles_what_it_publishes_end_to_end() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let service = Service::start(
+        emulator,
+        &unique("e2e"),
+        &[
+            "--messages",
+            "300",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "5ms",
+            "--report",
+            "json",
+            "--seed",
+            "3",
+        ],
+    );
+    service.wait_for("Successfully shutdown the Mayhem service.", 1);
+    let (status, lines, report) = service.finish();
+    assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
+    assert_eq!(field(&report, "published"), 300.0, "{report}");
+    // A message whose five attempts all failed (a failure rate of 0.25 per step) is
+    // dead-lettered.
+    let acked = field(&report, "acked");
+    assert_eq!(acked + field(&report, "dead_lettered"), 300.0, "{report}");
+    let mut names = acked_names(&lines);
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len() as f64,
+        acked,
+        "each message acked once, by name"
+    );
+}
+
+#[test]
+fn the_service_consumes_what_another_client_published_and_gives_back_on_sigterm() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("e2e-consume");
+    let publisher = emulator.source(&subscription, 5);
+    let mut rng = mayhem::Rng::with_seed(11);
+    let sent: Vec<PubSubMessage> = (0..100).map(|_| PubSubMessage::random(&mut rng)).collect();
+    publisher.publish(&sent).expect("publish");
+    drop(publisher);
+    let service = Service::start(
+        emulator,
+        &subscription,
+        &[
+            "--publishers",
+            "0",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--handler-latency",
+            "5ms",
+            "--report",
+            "json",
+        ],
+    );
+    service.wait_for("Done. Acked", 100);
+    service.signal("TERM");
+    let (status, lines, report) = service.finish();
+    assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
+    assert_eq!(field(&report, "acked"), 100.0, "{report}");
+    let mut names = acked_names(&lines);
+    names.sort();
+    let mut expected: Vec<String> = sent
+        .iter()
+        .map(|m| m.instance_name().unwrap().to_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected);
+}
+
+#[test]
+fn messages_over_max_attempts_reach_the_dead_letter_topic_with_their_reason() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("e2e-dead");
+    // A subscription on the dead-letter topic before anything is dead-lettered: Pub/Sub
+    // keeps messages only for the subscriptions a topic has when they are published.
+    let source = emulator.source(&subscription, 5);
+    let watch = PubSubSource::connect(PubSubConfig {
+        url: format!("pubsub://{PROJECT}/watch-{subscription}?topic={subscription}-dead"),
+        emulator_host: Some(emulator.host.clone()),
+        ..PubSubConfig::default()
+    })
+    .expect("watch the dead-letter topic");
+    drop(source);
+    let service = Service::start(
+        emulator,
+        &subscription,
+        &[
+            "--messages",
+            "20",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "0",
+            "--restart-failure-rate",
+            "1",
+            "--restart-retries",
+            "0",
+            "--max-attempts",
+            "2",
+            "--report",
+            "json",
+        ],
+    );
+    let (status, lines, report) = service.finish();
+    assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
+    assert_eq!(field(&report, "dead_lettered"), 20.0, "{report}");
+    let dead = pull_all(&watch, 20);
+    for lease in &dead {
+        let attributes = lease.message.attributes();
+        assert_eq!(attributes.get("mayhem_attempt"), Some("2"), "{lease:?}");
+        assert_eq!(
+            attributes.get("mayhem_dead_reason"),
+            Some("nacked on attempt 2 of 2"),
+            "{lease:?}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_url_is_one_line_naming_it_and_exit_2() {
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["--source", "pubsub://Demo/orders"])
+        .output()
+        .expect("run mayhem");
+    assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("invalid value 'pubsub://Demo/orders'") && text.contains("project 'Demo'"),
+        "{text}"
+    );
+}
+
+/// A handler that checks the ordering contract: messages of one key are handled one at a
+/// time, each only after the one before it succeeded; other keys run concurrently. Latency
+/// and failures are drawn from the message id and the attempt, so a run is reproducible.
+#[derive(Default)]
+struct OrderChecker {
+    /// Per key: the sequence numbers handled successfully, in the order they finished.
+    done: Mutex<HashMap<String, Vec<u32>>>,
+    /// Per key: handlers running now.
+    running: Mutex<HashMap<String, u32>>,
+    /// What broke the contract.
+    violations: Mutex<Vec<String>>,
+    /// Most handlers running at once, over all keys.
+    most_at_once: AtomicUsize,
+    /// Handlers running now, over all keys.
+    at_once: AtomicUsize,
+    /// Failures injected.
+    failures: AtomicUsize,
+}
+
+impl Handler for OrderChecker {
+    async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
+        let message = ctx.message();
+        let key = message.ordering_key().unwrap_or_default().to_owned();
+        let seq: u32 = message
+            .attributes()
+            .get("seq")
+            .and_then(|seq| seq.parse().ok())
+            .unwrap_or(u32::MAX);
+        {
+            let mut running = self.running.lock().unwrap();
+            let count = running.entry(key.clone()).or_insert(0);
+            *count += 1;
+            if *count > 1 {
+                self.violations
+                    .lock()
+                    .unwrap()
+                    .push(format!("{key}: {seq} ran beside another of its key"));
+            }
+            let done = self.done.lock().unwrap();
+            let last = done.get(&key).and_then(|seqs| seqs.last().copied());
+            if last.map_or(0, |last| last + 1) != seq {
+                self.violations
+                    .lock()
+                    .unwrap()
+                    .push(format!("{key}: {seq} started after {last:?}"));
+            }
+        }
+        let now = self.at_once.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        let draw = message.id().digest() ^ u64::from(ctx.attempt()).wrapping_mul(0x9e37_79b9);
+        let mut rng = fastrand::Rng::with_seed(draw);
+        smol::Timer::after(Duration::from_millis(rng.u64(0..20))).await;
+        // One attempt in ten fails.
+        let fails = rng.u32(0..10) == 0;
+        self.at_once.fetch_sub(1, Ordering::SeqCst);
+        *self.running.lock().unwrap().get_mut(&key).unwrap() -= 1;
+        if fails {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(HandleError::Other(format!(
+                "injected failure of {key}/{seq}"
+            )));
+        }
+        self.done.lock().unwrap().entry(key).or_default().push(seq);
+        Ok(())
+    }
+}
+
+#[test]
+fn ordering_keys_are_handled_in_publish_order_under_latency_and_failures() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    const KEYS: u32 = 50;
+    const PER_KEY: u32 = 40;
+    let source = PubSubSource::connect(PubSubConfig {
+        url: format!("pubsub://{PROJECT}/{}?ordering=true", unique("ordered")),
+        emulator_host: Some(emulator.host.clone()),
+        ack_deadline: DEADLINE,
+        // A nack gives back the rest of its key, and each of those redeliveries counts as an
+        // attempt: Pub/Sub's most, so that no message is dead-lettered for its neighbours'
+        // failures.
+        max_attempts: 99,
+        ..PubSubConfig::default()
+    })
+    .expect("connect");
+    // Interleaved keys, in sequence order per key.
+    let batch: Vec<PubSubMessage> = (0..PER_KEY)
+        .flat_map(|seq| {
+            (0..KEYS).map(move |key| {
+                PubSubMessage::new(format!("host-{key}-{seq}"))
+                    .with_id(format!("k{key}-{seq}"))
+                    .with_ordering_key(format!("key-{key}"))
+                    .with_attribute("seq", seq.to_string())
+            })
+        })
+        .collect();
+    source.publish(&batch).expect("publish");
+    let mut config = Config::default();
+    config.publish.publishers = 0;
+    config.run.messages = Some(u64::from(KEYS * PER_KEY));
+    config.run.consumers = 2;
+    config.run.workers = 2;
+    config.run.max_in_flight = 400;
+    config.run.seed = Some(17);
+    config.run.grace_period = Duration::from_secs(1);
+    config.lease.ack_deadline = DEADLINE;
+    config.lease.extend_interval = Duration::from_secs(5);
+    config.lease.max_attempts = 99;
+    let checker = OrderChecker::default();
+    let report = mayhem::run(&config, &source, &checker, &Shutdown::new()).expect("run");
+    let violations = checker.violations.lock().unwrap();
+    assert!(
+        violations.is_empty(),
+        "{} violations: {:?}",
+        violations.len(),
+        &violations[..violations.len().min(20)]
+    );
+    let done = checker.done.lock().unwrap();
+    assert_eq!(done.len(), KEYS as usize);
+    for (key, seqs) in done.iter() {
+        assert_eq!(*seqs, (0..PER_KEY).collect::<Vec<u32>>(), "{key}");
+    }
+    assert_eq!(report.acked, u64::from(KEYS * PER_KEY), "{report:?}");
+    assert!(
+        checker.failures.load(Ordering::SeqCst) > 0,
+        "failures were injected"
+    );
+    assert!(
+        checker.most_at_once.load(Ordering::SeqCst) > 1,
+        "keys were handled concurrently"
+    );
+}
+
+/// Sends `DELETE /v1/{path}` to the emulator; returns the status line.
+fn delete(emulator: &Emulator, path: &str) -> String {
+    use std::io::Write;
+    let mut stream = TcpStream::connect(&emulator.host).expect("connect to the emulator");
+    let request =
+        format!("DELETE /v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    // The status line is all that is read: the emulator may keep the connection open.
+    let mut answer = [0u8; 64];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a timeout");
+    let read = stream.read(&mut answer).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_subscription_lost_mid_run_is_created_again() {
+    // The emulator keeps everything in memory: a restart loses the subscription. The source
+    // creates it again, with one line, and goes on.
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("lost");
+    let source = emulator.source(&subscription, 5);
+    conformance::publish(&source, 3, 21);
+    let leases = pull_all(&source, 3);
+    let mut refused = Vec::new();
+    let ids: Vec<mayhem::LeaseId> = leases.iter().map(|lease| lease.id).collect();
+    source.ack(&ids, &mut refused).expect("ack");
+    assert_eq!(source.flush(Duration::from_secs(5)), 0);
+    let status = delete(
+        emulator,
+        &format!("projects/{PROJECT}/subscriptions/{subscription}"),
+    );
+    assert!(status.contains("200"), "{status}");
+    // The first pull finds it missing and creates it; what is published afterwards arrives.
+    source
+        .pull(10, Duration::from_millis(200), &mut Vec::new())
+        .expect("pull");
+    let sent = conformance::publish(&source, 5, 22);
+    let again = pull_all(&source, 5);
+    let mut got: Vec<String> = again.iter().map(|l| l.message.id().to_string()).collect();
+    let mut want: Vec<String> = sent.iter().map(|m| m.id().to_string()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+/// The Python with Google's client (`MAYHEM_PUBSUB_PYTHON`, else `python3`), or `None`
+/// (said loudly) when `google.cloud.pubsub_v1` cannot be imported.
+fn python_pubsub() -> Option<String> {
+    let python = std::env::var("MAYHEM_PUBSUB_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let imported = Command::new(&python)
+        .args(["-c", "import google.cloud.pubsub_v1"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !imported {
+        skip(&format!(
+            "{python} cannot import google.cloud.pubsub_v1 (pip install google-cloud-pubsub, \
+             and MAYHEM_PUBSUB_PYTHON naming that python)"
+        ));
+        return None;
+    }
+    Some(python)
+}
+
+/// Runs `tests/pubsub_interop.py` with `args` and `input` on stdin; returns its stdout lines.
+fn python(python: &str, emulator: &Emulator, args: &[&str], input: &str) -> Vec<String> {
+    use std::io::Write;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pubsub_interop.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .args(args)
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start python");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .expect("write to python");
+    let output = child.wait_with_output().expect("run python");
+    assert!(
+        output.status.success(),
+        "python {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Messages with binary data, attributes and ordering keys, as both sides send them.
+fn interop_messages() -> Vec<PubSubMessage> {
+    (0..30u8)
+        .map(|n| {
+            PubSubMessage::new(vec![n, 0, 0xff, b'x', n.wrapping_mul(7)])
+                .with_attribute("origin", format!("side-{}", n % 3))
+                .with_attribute("n", n.to_string())
+                .with_ordering_key(format!("key-{}", n % 4))
+        })
+        .collect()
+}
+
+#[test]
+fn python_pubsub_and_mayhem_read_each_others_messages() {
+    use base64::Engine;
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let Some(interpreter) = python_pubsub() else {
+        return;
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let subscription = unique("interop");
+    let source = PubSubSource::connect(PubSubConfig {
+        url: format!("pubsub://{PROJECT}/{subscription}?ordering=true"),
+        emulator_host: Some(emulator.host.clone()),
+        ..PubSubConfig::default()
+    })
+    .expect("connect");
+    let sent = interop_messages();
+
+    // Python publishes, Mayhem reads: data, attributes, ordering keys, and Pub/Sub's ids.
+    let input: String = sent
+        .iter()
+        .map(|message| {
+            let attributes: HashMap<&str, &str> = message.attributes().iter().collect();
+            let line = serde_json::json!({
+                "data": b64.encode(message.data()),
+                "attributes": attributes,
+                "ordering_key": message.ordering_key(),
+            });
+            format!("{line}\n")
+        })
+        .collect();
+    let ids = python(
+        &interpreter,
+        emulator,
+        &["publish", PROJECT, &subscription],
+        &input,
+    );
+    assert_eq!(ids.len(), sent.len());
+    // One key at a time: the source hands out the next of a key once the one before is acked.
+    let mut got = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    while got.len() < sent.len() {
+        assert!(Instant::now() < end, "got {} of {}", got.len(), sent.len());
+        let mut leases = Vec::new();
+        source
+            .pull(100, Duration::from_millis(200), &mut leases)
+            .expect("pull");
+        let lease_ids: Vec<mayhem::LeaseId> = leases.iter().map(|lease| lease.id).collect();
+        source.ack(&lease_ids, &mut Vec::new()).expect("ack");
+        got.extend(leases.into_iter().map(|lease| lease.message));
+    }
+    for message in &got {
+        let n: usize = message.attributes().get("n").unwrap().parse().unwrap();
+        let original = &sent[n];
+        assert_eq!(message.data(), original.data());
+        // Pub/Sub's attributes are a map: compared without their order.
+        let sorted = |message: &PubSubMessage| {
+            let mut pairs: Vec<(String, String)> = message
+                .attributes()
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            pairs.sort();
+            pairs
+        };
+        assert_eq!(sorted(message), sorted(original));
+        assert_eq!(message.ordering_key(), original.ordering_key());
+        assert_eq!(message.id().to_string(), ids[n], "the id is Pub/Sub's");
+    }
+    for key in 0..4 {
+        let order: Vec<&str> = got
+            .iter()
+            .filter(|m| m.ordering_key() == Some(&format!("key-{key}")))
+            .map(|m| m.attributes().get("n").unwrap())
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_by_key(|n| n.parse::<u32>().unwrap());
+        assert_eq!(order, sorted, "key-{key} in publish order");
+    }
+
+    // Mayhem publishes, Python reads: the same, with Mayhem's id as an attribute.
+    let reader = format!("py-{subscription}");
+    python(
+        &interpreter,
+        emulator,
+        &["subscribe", PROJECT, &subscription, &reader],
+        "",
+    );
+    let ours: Vec<PubSubMessage> = sent
+        .iter()
+        .enumerate()
+        .map(|(n, message)| message.clone().with_id(format!("ours-{n}")))
+        .collect();
+    source.publish(&ours).expect("publish");
+    let lines = python(
+        &interpreter,
+        emulator,
+        &["pull", PROJECT, &reader, "30"],
+        "",
+    );
+    assert_eq!(lines.len(), ours.len());
+    let mut last_of_key: HashMap<String, usize> = HashMap::new();
+    for line in lines {
+        let read: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        let n: usize = read["attributes"]["n"].as_str().unwrap().parse().unwrap();
+        let original = &ours[n];
+        assert_eq!(
+            b64.decode(read["data"].as_str().unwrap()).unwrap(),
+            original.data().as_ref()
+        );
+        assert_eq!(read["ordering_key"].as_str(), original.ordering_key());
+        assert_eq!(
+            read["attributes"]["origin"].as_str(),
+            original.attributes().get("origin")
+        );
+        assert_eq!(read["attributes"]["mayhem_message_id"], format!("ours-{n}"));
+        let key = read["ordering_key"].as_str().unwrap().to_owned();
+        if let Some(before) = last_of_key.insert(key, n) {
+            assert!(before < n, "publish order kept within a key");
+        }
+    }
+}
+
+/// Holds every message for `hold`, then succeeds.
+struct Holding {
+    /// How long.
+    hold: Duration,
+}
+
+impl Handler for Holding {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        smol::Timer::after(self.hold).await;
+        Ok(())
+    }
+}
+
+#[test]
+fn twenty_thousand_leases_held_a_minute_past_a_ten_second_deadline_are_never_redelivered() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    const COUNT: usize = 20_000;
+    let source = emulator.source(&unique("held"), 5);
+    let mut rng = mayhem::Rng::with_seed(31);
+    let batch: Vec<PubSubMessage> = (0..COUNT)
+        .map(|_| PubSubMessage::random(&mut rng))
+        .collect();
+    source.publish(&batch).expect("publish");
+    let mut config = Config::default();
+    config.publish.publishers = 0;
+    config.run.messages = Some(COUNT as u64);
+    config.run.max_in_flight = COUNT;
+    config.run.consumers = 2;
+    config.run.workers = 2;
+    config.run.grace_period = Duration::from_secs(1);
+    config.lease.ack_deadline = DEADLINE;
+    config.lease.extend_interval = Duration::from_secs(5);
+    let started = Instant::now();
+    let report = mayhem::run(
+        &config,
+        &source,
+        &Holding {
+            hold: Duration::from_secs(60),
+        },
+        &Shutdown::new(),
+    )
+    .expect("run");
+    assert!(started.elapsed() >= Duration::from_secs(60));
+    assert_eq!(report.acked, COUNT as u64, "{report:?}");
+    assert_eq!(
+        (report.redelivered, report.expired, report.lost_leases),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert!(report.extended > 0, "{report:?}");
+}
+
+#[test]
+fn a_killed_instance_s_messages_are_handled_by_the_next_after_the_ack_deadline() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("killed");
+    let publisher = emulator.source(&subscription, 5);
+    let mut rng = mayhem::Rng::with_seed(41);
+    let sent: Vec<PubSubMessage> = (0..50).map(|_| PubSubMessage::random(&mut rng)).collect();
+    publisher.publish(&sent).expect("publish");
+    drop(publisher);
+    let quiet = [
+        "--publishers",
+        "0",
+        "--restart-failure-rate",
+        "0",
+        "--save-failure-rate",
+        "0",
+        "--report",
+        "json",
+        "--seed",
+        "7",
+    ];
+    // The first instance takes every message and holds it (its handlers' three steps take up
+    // to a minute each: with this seed none ends before the kill, a fraction of a second in).
+    let first = Service::start(
+        emulator,
+        &subscription,
+        &[&quiet[..], &["--handler-latency", "60s"]].concat(),
+    );
+    first.wait_for("Handling PubSubMessage", 50);
+    first.signal("KILL");
+    let _ = first.finish();
+    // The next one gets them once their ack deadline (10 s) passed, and acks each.
+    let started = Instant::now();
+    let second = Service::start(
+        emulator,
+        &subscription,
+        &[&quiet[..], &["--handler-latency", "5ms"]].concat(),
+    );
+    second.wait_for("Done. Acked", 50);
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "redelivered only after the deadline"
+    );
+    second.signal("TERM");
+    let (status, lines, report) = second.finish();
+    assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
+    let mut names = acked_names(&lines);
+    names.sort();
+    let mut expected: Vec<String> = sent
+        .iter()
+        .map(|m| m.instance_name().unwrap().to_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(field(&report, "redelivered"), 50.0, "{report}");
+}
+
+#[test]
+fn a_frozen_emulator_delays_the_service_but_loses_nothing() {
+    // An emulator of its own: freezing the shared one would stall the other tests.
+    if Emulator::get().is_none() {
+        return;
+    }
+    let emulator = Emulator::start().expect("a second emulator");
+    // The emulator's Java (its launcher execs it), whose process id the watchdog wrote.
+    let pid = std::fs::read_to_string(emulator.dir.join("pid"))
+        .expect("the emulator's pid")
+        .trim()
+        .to_owned();
+    let subscription = unique("frozen");
+    let publisher = emulator.source(&subscription, 5);
+    let mut rng = mayhem::Rng::with_seed(51);
+    let sent: Vec<PubSubMessage> = (0..200).map(|_| PubSubMessage::random(&mut rng)).collect();
+    publisher.publish(&sent).expect("publish");
+    drop(publisher);
+    let service = Service::start(
+        &emulator,
+        &subscription,
+        &[
+            "--publishers",
+            "0",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--handler-latency",
+            "200ms",
+            "--max-in-flight",
+            "20",
+            "--seed",
+            "9",
+            "--report",
+            "json",
+        ],
+    );
+    service.wait_for("Done. Acked", 20);
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    };
+    signal("STOP");
+    thread::sleep(Duration::from_secs(3));
+    signal("CONT");
+    service.wait_for("Done. Acked", 200);
+    service.signal("TERM");
+    let (status, lines, _) = service.finish();
+    assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
+    let mut names = acked_names(&lines);
+    names.sort();
+    names.dedup();
+    let mut expected: Vec<String> = sent
+        .iter()
+        .map(|m| m.instance_name().unwrap().to_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected, "every message acked, by name");
+}
