@@ -108,6 +108,12 @@ pub enum HandleError {
         /// The message, as displayed.
         message: String,
     },
+    /// The handler ran longer than the [`Timeout`](crate::layer::Timeout) layer allows and
+    /// was dropped; the message is delivered again.
+    TimedOut {
+        /// The time limit it ran past.
+        after: std::time::Duration,
+    },
     /// Any other failure of a custom handler.
     Other(String),
 }
@@ -117,6 +123,11 @@ impl fmt::Display for HandleError {
         match self {
             HandleError::RestartFailed { hostname } => write!(f, "Could not restart {hostname}"),
             HandleError::SaveFailed { message } => write!(f, "Could not save {message}"),
+            HandleError::TimedOut { after } => write!(
+                f,
+                "handler timed out after {}",
+                humantime::format_duration(*after)
+            ),
             HandleError::Other(text) => f.write_str(text),
         }
     }

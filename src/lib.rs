@@ -36,6 +36,9 @@
 //!   stream with a consumer group.
 //! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
+//! - [`pause`]: [`Pause`], the handle that stops taking work without shutting down (quiet
+//!   mode, open circuit breakers) and says whether the service is ready.
+//! - [`layer`]: wrappers around any [`Handler`]: `Timeout`, `RateLimit`, `Breaker`.
 //! - [`config`]: [`Config`], every setting.
 //! - [`metrics`]: counters and the final [`Report`].
 //! - [`error`]: the typed errors.
@@ -125,8 +128,10 @@
 pub mod config;
 pub mod error;
 pub mod handler;
+pub mod layer;
 pub mod message;
 pub mod metrics;
+pub mod pause;
 mod pipeline;
 pub mod shutdown;
 pub mod source;
@@ -138,7 +143,8 @@ pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
 pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
-pub use pipeline::{run, run_clients, run_with_metrics, Broker};
+pub use pause::Pause;
+pub use pipeline::{run, run_clients, run_controlled, run_with_metrics, Broker};
 pub use shutdown::{Shutdown, ShutdownReason};
 #[cfg(feature = "amqp")]
 pub use source::amqp::{AmqpConfig, AmqpSource};

@@ -19,7 +19,7 @@ mod flow;
 mod leaser;
 mod publisher;
 mod task;
-mod throttle;
+pub(crate) mod throttle;
 
 use std::sync::atomic::AtomicU64;
 use std::thread::{self, Scope, ScopedJoinHandle};
@@ -32,6 +32,7 @@ use crate::config::Config;
 use crate::error::{ConfigError, RunError};
 use crate::handler::Handler;
 use crate::metrics::{Metrics, Report};
+use crate::pause::Pause;
 use crate::shutdown::{Shutdown, ShutdownReason};
 use crate::source::{Publish, Source};
 use acker::Acks;
@@ -183,6 +184,59 @@ pub fn run_clients<H: Handler>(
     shutdown: &Shutdown,
     metrics: &Metrics,
 ) -> Result<Report, RunError> {
+    run_controlled(
+        config,
+        source,
+        publisher,
+        handler,
+        shutdown,
+        &Pause::new(),
+        metrics,
+    )
+}
+
+/// [`run_clients`] with a [`Pause`] the program (and the [`Breaker`](crate::layer::Breaker)
+/// layers built with the same pause) can use to stop taking work without shutting down:
+/// while it pauses pulling, consumers pull nothing (they look again every 50 ms, and at
+/// the shutdown); while it is quiet, publishers publish nothing too. What is held meanwhile
+/// is handled and settled as usual. The runner also marks on it whether the last pull
+/// failed (see [`Pause::is_ready`]).
+///
+/// # Errors
+///
+/// As [`run_clients`].
+///
+/// ```
+/// use mayhem::{run_controlled, Config, MayhemConfig, MayhemHandler, Metrics, Pause, Shutdown,
+///     ShutdownReason, Subscription};
+/// use std::time::Duration;
+///
+/// let mut config = Config::default();
+/// config.publish.interval = Duration::ZERO;
+/// config.handler.latency = Duration::ZERO;
+/// let subscription = Subscription::new(config.subscription());
+/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+/// let (shutdown, pause) = (Shutdown::new(), Pause::new());
+/// // Quiet from the start: nothing is published or pulled.
+/// pause.set_quiet(true);
+/// let stopper = shutdown.clone();
+/// std::thread::spawn(move || {
+///     std::thread::sleep(Duration::from_millis(100));
+///     stopper.trigger(ShutdownReason::Requested);
+/// });
+/// let report = run_controlled(&config, &subscription, Some(&subscription), &handler,
+///     &shutdown, &pause, &Metrics::default()).unwrap();
+/// assert_eq!((report.published, report.consumed), (0, 0));
+/// ```
+pub fn run_controlled<H: Handler>(
+    config: &Config,
+    source: &dyn Source,
+    publisher: Option<&dyn Publish>,
+    handler: &H,
+    shutdown: &Shutdown,
+    pause: &Pause,
+    metrics: &Metrics,
+) -> Result<Report, RunError> {
     config.validate()?;
     if publisher.is_none() && config.publish.publishers > 0 {
         return Err(RunError::Config(ConfigError::new(
@@ -277,6 +331,7 @@ pub fn run_clients<H: Handler>(
                 let consumer = Consumer {
                     source,
                     shutdown,
+                    pause,
                     leaser: &leaser,
                     handoff: handoff.clone(),
                     completion: shared.completion,
@@ -292,6 +347,7 @@ pub fn run_clients<H: Handler>(
                     let publisher = Publisher {
                         sink,
                         shutdown,
+                        pause,
                         interval: config.publish.interval,
                         budget: budget.as_ref(),
                         published: &published,
@@ -495,12 +551,13 @@ fn wait_reporting_stats(
         let acked = metrics.acked();
         let rate = (acked - last_acked) as f64 / (now - last_time).as_secs_f64().max(1e-9);
         info!(
-            "Stats: {rate:.1} acked/s, in flight {}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}",
+            "Stats: {rate:.1} acked/s, in flight {}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}{}",
             metrics.in_flight(),
             metrics.nacked(),
             metrics.redelivered(),
             source.stats().dead_lettered,
             metrics.lost(),
+            metrics.stats_line_extras(),
         );
         (last_acked, last_time) = (acked, now);
     }

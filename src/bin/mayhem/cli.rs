@@ -5,7 +5,11 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use log::LevelFilter;
+use mayhem::layer::{BreakerConfig, LayerConfig};
 use mayhem::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
+
+/// How long an open circuit breaker waits before its probe, unless `--breaker-cooldown` says.
+const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
 
 /// What `-h` and `--help` show after the flags (one page for both: a long form would
 /// double the length of the help for little gain).
@@ -15,7 +19,8 @@ MAYHEM_* variable; the command line wins. --report and --log-level ignore case.
 
 Signals: SIGINT, SIGTERM, SIGHUP and SIGQUIT start the graceful shutdown (stop pulling, give
 handlers --grace-period, nack the rest, print the report); a second one exits 130 at once.
-SIGUSR1 and SIGUSR2 are logged and ignored.
+SIGTSTP makes the service quiet (no pulling, no publishing; held messages are handled and
+settled; /readyz answers 503), SIGCONT resumes. SIGUSR1 and SIGUSR2 are logged and ignored.
 
 Exit codes: 0 graceful shutdown (after a signal, also during start-up, or --messages settled),
 1 a handler panicked, the source failed for good, or the shutdown took longer than
@@ -119,6 +124,19 @@ pub(crate) struct Cli {
     /// Seed of every random choice [default: random].
     #[arg(long, env = "MAYHEM_SEED", value_name = "N")]
     seed: Option<u64>,
+    /// Drop a handler still running after DUR and nack its message, 1ms to 24h [default: none].
+    #[arg(long, env = "MAYHEM_HANDLER_TIMEOUT", value_name = "DUR", value_parser = duration, allow_hyphen_values = true)]
+    handler_timeout: Option<Duration>,
+    /// Most handler starts a second, 1 to 10000000; a burst of N/5 (at least 1) [default: none].
+    #[arg(long, env = "MAYHEM_RATE_LIMIT", value_name = "N")]
+    rate_limit: Option<u32>,
+    /// Circuit breaker: open after N handler failures in a row, 1 to 1000000 [default: off].
+    #[arg(long, env = "MAYHEM_BREAKER_FAILURES", value_name = "N")]
+    breaker_failures: Option<u32>,
+    /// How long an open circuit breaker waits before it lets one message through as a probe,
+    /// 1ms to 24h (with --breaker-failures).
+    #[arg(long, env = "MAYHEM_BREAKER_COOLDOWN", value_name = "DUR", value_parser = duration, allow_hyphen_values = true)]
+    breaker_cooldown: Option<Duration>,
     /// Interval of the stats line logged at info level, up to 24h (0 = off).
     #[arg(long, env = "MAYHEM_STATS_INTERVAL", value_name = "DUR", default_value = human(RunConfig::default().stats_interval), value_parser = duration, allow_hyphen_values = true)]
     stats_interval: Duration,
@@ -262,6 +280,18 @@ impl Cli {
         }
     }
 
+    /// The layers around the chaos monkey; a `--handler-timeout` of 0 means none.
+    pub(crate) fn layers(&self) -> LayerConfig {
+        LayerConfig {
+            handler_timeout: self.handler_timeout.filter(|limit| !limit.is_zero()),
+            rate_limit: self.rate_limit,
+            breaker: self.breaker_failures.map(|failures| BreakerConfig {
+                failures,
+                cooldown: self.breaker_cooldown.unwrap_or(DEFAULT_BREAKER_COOLDOWN),
+            }),
+        }
+    }
+
     /// The settings of the Redis source (the URL is taken from `--source`).
     #[cfg(feature = "redis")]
     pub(crate) fn redis_config(&self, url: &str, config: &Config) -> mayhem::RedisConfig {
@@ -318,6 +348,12 @@ impl Cli {
         if self.amqp_publish_connections.is_some() && !matches!(&self.source, SourceKind::Amqp(_)) {
             return Err(
                 "--amqp-publish-connections is only used with an amqp:// or amqps:// --source"
+                    .to_owned(),
+            );
+        }
+        if self.breaker_cooldown.is_some() && self.breaker_failures.is_none() {
+            return Err(
+                "--breaker-cooldown is only used with --breaker-failures (the breaker is off)"
                     .to_owned(),
             );
         }
