@@ -46,6 +46,8 @@ struct Inner {
     breakers_open: AtomicUsize,
     /// Whether the last pull failed: the source is reconnecting (or down).
     source_failing: AtomicBool,
+    /// Pulls begun and not yet handed off (see [`Pause::begin_pull`]).
+    pulling: AtomicUsize,
     /// Guards the waits on `changed`; the flags are atomics read without it, and every
     /// change takes it before notifying, so a waiter that re-checks under it misses none.
     lock: Mutex<()>,
@@ -99,6 +101,27 @@ impl Pause {
     /// did not fail. This is what the binary's `/readyz` answers.
     pub fn is_ready(&self) -> bool {
         !self.pulling_paused() && !self.source_failing()
+    }
+
+    /// Pulls in progress: begun before pulling was paused and not yet handed to the executor.
+    /// Once pulling is paused and this is 0, no more leases come in until it resumes, so a
+    /// program can tell when the pulls have stopped (the binary logs it in quiet mode).
+    pub fn pulls_in_progress(&self) -> usize {
+        self.inner.pulling.load(Ordering::SeqCst)
+    }
+
+    /// Begins a pull unless pulling is paused; the pull counts as in progress until the
+    /// guard drops.
+    pub(crate) fn begin_pull(&self) -> Option<PullGuard<'_>> {
+        // SeqCst on both sides: a pause set before this increment is seen by the check below,
+        // and one set after it sees the increment, so `pulls_in_progress` reaching 0 after the
+        // pause means no pull can still begin.
+        self.inner.pulling.fetch_add(1, Ordering::SeqCst);
+        let guard = PullGuard { pause: self };
+        if self.pulling_paused() {
+            return None;
+        }
+        Some(guard)
     }
 
     /// A circuit breaker opened: consumers stop pulling until [`Pause::release_breaker`].
@@ -162,12 +185,25 @@ impl Pause {
     }
 }
 
+/// A pull in progress; dropping it ends it.
+pub(crate) struct PullGuard<'a> {
+    /// The pause that counts it.
+    pause: &'a Pause,
+}
+
+impl Drop for PullGuard<'_> {
+    fn drop(&mut self) {
+        self.pause.inner.pulling.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl fmt::Debug for Pause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pause")
             .field("quiet", &self.is_quiet())
             .field("breakers_open", &self.breakers_open())
             .field("source_failing", &self.source_failing())
+            .field("pulls_in_progress", &self.pulls_in_progress())
             .finish()
     }
 }
@@ -185,6 +221,18 @@ mod tests {
         pause.release_breaker();
         assert_eq!(pause.breakers_open(), 0);
         assert!(pause.is_ready());
+    }
+
+    #[test]
+    fn no_pull_begins_once_paused_and_the_ones_begun_are_counted() {
+        let pause = Pause::new();
+        let pull = pause.begin_pull().expect("not paused");
+        pause.set_quiet(true);
+        assert_eq!(pause.pulls_in_progress(), 1);
+        assert!(pause.begin_pull().is_none());
+        assert_eq!(pause.pulls_in_progress(), 1);
+        drop(pull);
+        assert_eq!(pause.pulls_in_progress(), 0);
     }
 
     #[test]

@@ -63,6 +63,12 @@ impl Consumer<'_> {
             if permits == 0 {
                 break;
             }
+            // Checked again once the permits are taken (taking them may have blocked for a
+            // long time): a pull that begins is counted until its leases are handed off.
+            let Some(_pull) = self.pause.begin_pull() else {
+                gate.release(permits);
+                continue;
+            };
             leases.clear();
             let pulled = Instant::now();
             let pulled_result = self.source.pull(permits, PULL_WAIT, &mut leases);

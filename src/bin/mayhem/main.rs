@@ -230,7 +230,13 @@ fn run(
             // the source (and its connections) alive past `main`.
             let weak = Arc::downgrade(&source);
             let stats = move || weak.upgrade().map(|source| source.stats());
-            match http::Endpoint::start(addr, metrics.clone(), stats, shutdown.clone()) {
+            match http::Endpoint::start(
+                addr,
+                metrics.clone(),
+                stats,
+                shutdown.clone(),
+                pause.clone(),
+            ) {
                 Ok(endpoint) => Some(endpoint),
                 Err(error) => {
                     error!("{error}");
@@ -255,6 +261,8 @@ fn run(
         &pause,
         &metrics,
     );
+    // The layers print what their aggregated warnings still counted before the report.
+    drop(handler);
     if let Some(endpoint) = endpoint {
         endpoint.stop();
     }
@@ -460,18 +468,26 @@ impl Quiet {
             Arc::clone(&self.metrics),
             shutdown.clone(),
         );
-        // Ends once the held messages are settled, or quiet mode or the service ends first.
+        // Says when the pulls have stopped, then when the held messages are settled; ends
+        // then, or when quiet mode or the service ends first.
         let spawned = thread::Builder::new()
             .name("mayhem-quiet".into())
-            .spawn(move || loop {
-                if !pause.is_quiet() || shutdown.is_triggered() {
-                    return;
+            .spawn(move || {
+                let mut pulls_stopped = false;
+                while pause.is_quiet() && !shutdown.is_triggered() {
+                    if !pulls_stopped && pause.pulls_in_progress() == 0 {
+                        pulls_stopped = true;
+                        info!(
+                            "Quiet: pulls stopped, {} messages held",
+                            metrics.in_flight()
+                        );
+                    }
+                    if pulls_stopped && metrics.in_flight() == 0 {
+                        info!("Quiet: every held message is settled");
+                        return;
+                    }
+                    thread::sleep(DRAIN_CHECK);
                 }
-                if metrics.in_flight() == 0 {
-                    info!("Quiet: every held message is settled");
-                    return;
-                }
-                thread::sleep(DRAIN_CHECK);
             });
         if let Err(error) = spawned {
             warn!("cannot start the quiet-mode thread: {error}");
