@@ -34,7 +34,8 @@
 //!   semantics, and the [`Clock`] it reads.
 //!   `source::redis` (feature `redis`, on by default) is `RedisSource`, a broker on a Redis
 //!   stream with a consumer group.
-//! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
+//! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default;
+//!   [`database`] is its simulated database (connection pool, outage).
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
 //! - [`pause`]: [`Pause`], the handle that stops taking work without shutting down (quiet
 //!   mode, open circuit breakers) and says whether the service is ready.
@@ -126,6 +127,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod config;
+pub mod database;
 pub mod error;
 pub mod handler;
 pub mod layer;

@@ -107,6 +107,12 @@ pub struct Metrics {
     breaker_opened: AtomicU64,
     /// Messages a [`Breaker`](crate::layer::Breaker) held back while it was open.
     breaker_held: AtomicU64,
+    /// Saves that waited for a connection of the simulated database.
+    db_queued: AtomicU64,
+    /// Saves that gave up waiting for a connection.
+    db_gave_up: AtomicU64,
+    /// Saves that failed because the simulated database was down.
+    db_outage: AtomicU64,
     /// Messages pulled and not yet settled (the flow-control window in use).
     in_flight: Striped,
     /// Messages handled to an ack, by handling time in microseconds (log-linear buckets).
@@ -141,6 +147,9 @@ impl Default for Metrics {
             rate_limited: AtomicU64::new(0),
             breaker_opened: AtomicU64::new(0),
             breaker_held: AtomicU64::new(0),
+            db_queued: AtomicU64::new(0),
+            db_gave_up: AtomicU64::new(0),
+            db_outage: AtomicU64::new(0),
             in_flight: Striped::default(),
             latency: (0..BUCKETS * STRIPES).map(|_| AtomicU64::new(0)).collect(),
             latency_sum_micros: Striped::default(),
@@ -185,6 +194,21 @@ impl Metrics {
     /// Counts one message held back by an open circuit breaker.
     pub fn count_breaker_held(&self) {
         self.breaker_held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one save that waited for a database connection.
+    pub fn count_db_queued(&self) {
+        self.db_queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one save that gave up waiting for a database connection.
+    pub fn count_db_gave_up(&self) {
+        self.db_gave_up.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one save failed by a database outage.
+    pub fn count_db_outage(&self) {
+        self.db_outage.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Handlers dropped past their time limit so far.
@@ -598,6 +622,12 @@ counters! {
         |_stats, metrics| load(&metrics.breaker_opened);
     breaker_held: Total ["breaker held"], "Messages the open circuit breaker held back (they waited instead of failing).",
         |_stats, metrics| load(&metrics.breaker_held);
+    db_queued: Total ["db queued"], "Saves that waited for a connection (--db-capacity).",
+        |_stats, metrics| load(&metrics.db_queued);
+    db_gave_up: Total ["db gave up"], "Saves that failed after waiting --db-patience for a connection.",
+        |_stats, metrics| load(&metrics.db_gave_up);
+    db_outage: Total ["db outage"], "Saves that failed during --db-outage.",
+        |_stats, metrics| load(&metrics.db_outage);
     remaining: Level, "Messages ready or leased in the subscription (at exit: left in it).",
         |stats, _metrics| stats.remaining;
 }
@@ -823,7 +853,7 @@ mod tests {
             report.to_json(),
             report.prometheus(&metrics),
         );
-        assert_eq!(COUNTERS.len(), 23);
+        assert_eq!(COUNTERS.len(), 26);
         // Counted by the runner and by the source, added once.
         assert_eq!(report.stale_acks, 4);
         for counter in COUNTERS {

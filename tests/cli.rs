@@ -352,6 +352,13 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
             "--breaker-cooldown",
         ),
         (&["--breaker-cooldown", "1s"], "--breaker-cooldown"),
+        // The simulated database.
+        (&["--db-capacity", "0"], "--db-capacity"),
+        (&["--db-capacity", "many"], "--db-capacity"),
+        (&["--db-outage", "30s"], "--db-outage"),
+        (&["--db-outage", "banana+1s"], "--db-outage"),
+        (&["--db-outage", "1s+0"], "--db-outage"),
+        (&["--db-patience", "0"], "--db-patience"),
     ];
     for (args, needle) in cases {
         refuses(args, &[], needle);
@@ -424,6 +431,36 @@ fn the_service_s_own_checks_are_one_line() {
         "--breaker-cooldown",
     );
     refuses_in_one_line(&["--breaker-cooldown", "1s"], "--breaker-failures");
+    refuses_in_one_line(&["--db-patience", "0"], "--db-patience");
+}
+
+#[test]
+fn a_database_outage_fails_every_save_and_is_counted() {
+    let service = Service::start(&[
+        "--messages",
+        "5",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+        "--restart-failure-rate",
+        "0",
+        "--save-failure-rate",
+        "0",
+        "--max-attempts",
+        "2",
+        "--db-outage",
+        "0s+1h",
+        "--db-capacity",
+        "10",
+        "--report",
+        "json",
+    ]);
+    let (status, _, lines, json) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_eq!(field(&json, "db_outage"), 10.0, "{json}");
+    assert_eq!(field(&json, "dead_lettered"), 5.0, "{json}");
+    assert_balanced(&json);
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use log::LevelFilter;
+use mayhem::database::Outage;
 use mayhem::layer::{BreakerConfig, LayerConfig};
 use mayhem::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
 
@@ -137,6 +138,16 @@ pub(crate) struct Cli {
     /// 1ms to 24h (with --breaker-failures).
     #[arg(long, env = "MAYHEM_BREAKER_COOLDOWN", value_name = "DUR", value_parser = duration, allow_hyphen_values = true)]
     breaker_cooldown: Option<Duration>,
+    /// Connections of the simulated database, 1 to 10000000: past N saves at once, saves wait
+    /// in line for one [default: unlimited].
+    #[arg(long, env = "MAYHEM_DB_CAPACITY", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    db_capacity: Option<u64>,
+    /// How long a save waits for a database connection before it fails, 1ms to 24h.
+    #[arg(long, env = "MAYHEM_DB_PATIENCE", value_name = "DUR", default_value = human(mayhem::handler::DEFAULT_DB_PATIENCE), value_parser = duration, allow_hyphen_values = true)]
+    db_patience: Duration,
+    /// Every save fails for FOR, starting AT after start-up, like 30s+10s [default: none].
+    #[arg(long, env = "MAYHEM_DB_OUTAGE", value_name = "AT+FOR", value_parser = outage)]
+    db_outage: Option<Outage>,
     /// Interval of the stats line logged at info level, up to 24h (0 = off).
     #[arg(long, env = "MAYHEM_STATS_INTERVAL", value_name = "DUR", default_value = human(RunConfig::default().stats_interval), value_parser = duration, allow_hyphen_values = true)]
     stats_interval: Duration,
@@ -292,6 +303,17 @@ impl Cli {
         }
     }
 
+    /// The chaos monkey's settings: those of `config`, and its simulated database's.
+    pub(crate) fn handler(&self, config: &Config, seed: u64) -> mayhem::MayhemConfig {
+        let mut settings = mayhem::MayhemConfig::from_config(config, seed);
+        settings.db_capacity = self
+            .db_capacity
+            .map(|capacity| usize::try_from(capacity).unwrap_or(usize::MAX));
+        settings.db_patience = self.db_patience;
+        settings.db_outage = self.db_outage;
+        settings
+    }
+
     /// The settings of the Redis source (the URL is taken from `--source`).
     #[cfg(feature = "redis")]
     pub(crate) fn redis_config(&self, url: &str, config: &Config) -> mayhem::RedisConfig {
@@ -356,6 +378,13 @@ impl Cli {
                 "--breaker-cooldown is only used with --breaker-failures (the breaker is off)"
                     .to_owned(),
             );
+        }
+        if !(Duration::from_millis(1)..=Duration::from_secs(24 * 3600)).contains(&self.db_patience)
+        {
+            return Err(format!(
+                "invalid value '{}' for '--db-patience': must be between 1ms and 1day",
+                humantime::format_duration(self.db_patience)
+            ));
         }
         // Only the binary refuses this: a library embedder may publish by itself.
         if let (SourceKind::Memory, Some(messages @ 1..), 0) =
@@ -451,6 +480,11 @@ fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
             mayhem::SourceError::Backend(text) => text,
             other => other.to_string(),
         })
+}
+
+/// Parses `--db-outage AT+FOR`.
+fn outage(text: &str) -> Result<Outage, String> {
+    text.parse()
 }
 
 /// Parses `HOST:PORT` (a name is resolved once, at start).

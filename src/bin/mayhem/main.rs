@@ -22,8 +22,8 @@ use std::time::Duration;
 use clap::Parser;
 use log::{debug, error, info, warn};
 use mayhem::{
-    layer, run_controlled, Broker, MayhemConfig, MayhemHandler, Metrics, Pause, Shutdown,
-    ShutdownReason, Subscription,
+    layer, run_controlled, Broker, MayhemHandler, Metrics, Pause, Shutdown, ShutdownReason,
+    Subscription,
 };
 use signal_hook::consts::{SIGCONT, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTSTP, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
@@ -219,7 +219,7 @@ fn run(
     drop(startup_events);
     *source_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&source));
     let handler = layer::stack(
-        MayhemHandler::new(MayhemConfig::from_config(&config, seed)),
+        MayhemHandler::new(cli.handler(&config, seed)),
         &layers,
         &pause,
     );
