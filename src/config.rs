@@ -83,8 +83,13 @@ pub struct PublishConfig {
 /// Leases: how long they last, how the lease manager extends them, when a message is dead.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeaseConfig {
-    /// How long a pulled message stays leased without an extension.
+    /// How long a pulled message stays leased without an extension. With
+    /// `auto_ack_deadline`, the source's deadline at the pull only.
     pub ack_deadline: Duration,
+    /// `--ack-deadline auto`: the lease manager asks the source for the p99 of the handling
+    /// times so far, within 10 s..10 min, as Google's client libraries do, and extends a lease
+    /// once a third of that is left (`extend_interval` is then not used).
+    pub auto_ack_deadline: bool,
     /// A held lease is extended once it is this old since its last extension (below
     /// `ack_deadline`).
     pub extend_interval: Duration,
@@ -151,6 +156,7 @@ impl Default for LeaseConfig {
     fn default() -> Self {
         LeaseConfig {
             ack_deadline: Duration::from_secs(3),
+            auto_ack_deadline: false,
             extend_interval: Duration::from_secs(2),
             max_lease: Duration::from_secs(3600),
             max_attempts: 5,

@@ -352,6 +352,7 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
             "--breaker-cooldown",
         ),
         (&["--breaker-cooldown", "1s"], "--breaker-cooldown"),
+        (&["--ack-deadline", "automatic"], "--ack-deadline"),
         // The simulated database.
         (&["--db-capacity", "0"], "--db-capacity"),
         (&["--db-capacity", "many"], "--db-capacity"),
@@ -432,6 +433,27 @@ fn the_service_s_own_checks_are_one_line() {
     );
     refuses_in_one_line(&["--breaker-cooldown", "1s"], "--breaker-failures");
     refuses_in_one_line(&["--db-patience", "0"], "--db-patience");
+}
+
+#[test]
+fn an_automatic_ack_deadline_is_accepted_in_any_case() {
+    for value in ["auto", "AUTO"] {
+        let service = Service::start(&[
+            "--messages",
+            "3",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "0",
+            "--ack-deadline",
+            value,
+            "--report",
+            "json",
+        ]);
+        let (status, _, lines, json) = service.finish();
+        assert_eq!(status.code(), Some(0), "{value}: {lines:#?}");
+        assert_balanced(&json);
+    }
 }
 
 #[test]

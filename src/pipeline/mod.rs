@@ -257,6 +257,7 @@ pub fn run_controlled<H: Handler>(
         consumer::PULL_BATCH,
         LeaseSettings {
             ack_deadline: config.lease.ack_deadline,
+            auto: config.lease.auto_ack_deadline,
             extend_interval: config.lease.extend_interval,
             max_lease: config.lease.max_lease,
         },

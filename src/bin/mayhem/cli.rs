@@ -98,9 +98,10 @@ pub(crate) struct Cli {
         default_value_t = HandlerConfig::default().restart_retries
     )]
     restart_retries: u32,
-    /// How long a pulled message stays leased without an extension, 10ms to 10m.
-    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = human(LeaseConfig::default().ack_deadline), value_parser = duration, allow_hyphen_values = true)]
-    ack_deadline: Duration,
+    /// How long a pulled message stays leased without an extension, 10ms to 10m; auto: the
+    /// p99 of handling times, within 10s..10m.
+    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR|auto", default_value = human(LeaseConfig::default().ack_deadline), value_parser = ack_deadline, allow_hyphen_values = true)]
+    ack_deadline: AckDeadline,
     /// How often a held lease is extended, from 1ms to below --ack-deadline.
     #[arg(long, env = "MAYHEM_EXTEND_INTERVAL", value_name = "DUR", default_value = human(LeaseConfig::default().extend_interval), value_parser = duration, allow_hyphen_values = true)]
     extend_interval: Duration,
@@ -227,6 +228,19 @@ pub(crate) enum SourceKind {
     Amqp(String),
 }
 
+/// `--ack-deadline`: a fixed duration, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AckDeadline {
+    /// The same deadline for every lease.
+    Fixed(Duration),
+    /// The p99 of the handling times, within 10 s..10 min.
+    Auto,
+}
+
+/// The source's deadline at the pull with `--ack-deadline auto`: the least the lease manager
+/// then asks for.
+const AUTO_START_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How the final report is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ReportFormat {
@@ -271,7 +285,11 @@ impl Cli {
                 interval: self.publish_interval,
             },
             lease: LeaseConfig {
-                ack_deadline: self.ack_deadline,
+                ack_deadline: match self.ack_deadline {
+                    AckDeadline::Fixed(deadline) => deadline,
+                    AckDeadline::Auto => AUTO_START_DEADLINE,
+                },
+                auto_ack_deadline: self.ack_deadline == AckDeadline::Auto,
                 extend_interval: self.extend_interval,
                 max_lease: self.max_lease,
                 max_attempts: self.max_attempts,
@@ -480,6 +498,16 @@ fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
             mayhem::SourceError::Backend(text) => text,
             other => other.to_string(),
         })
+}
+
+/// Parses `--ack-deadline`: a duration, or `auto` (any case).
+fn ack_deadline(text: &str) -> Result<AckDeadline, String> {
+    if text.trim().eq_ignore_ascii_case("auto") {
+        return Ok(AckDeadline::Auto);
+    }
+    duration(text)
+        .map(AckDeadline::Fixed)
+        .map_err(|error| format!("{error}, or auto"))
 }
 
 /// Parses `--db-outage AT+FOR`.
