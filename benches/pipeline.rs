@@ -150,14 +150,19 @@ fn main() {
         .and_then(|path| std::fs::metadata(path).ok())
         .map(|m| m.len());
     let binary_bytes = std::fs::metadata(env!("CARGO_BIN_EXE_mayhem")).map_or(0, |m| m.len());
+    // `--max-in-flight auto` on the same workload: its goodput and where the window was at
+    // the end of the span.
+    let (auto_rate, auto_window) = goodput(mayhem::AUTO_CEILING, true);
+    println!("goodput window auto: {auto_rate:>10.0} acked/s (window {auto_window} at the end)");
     let goodput: Vec<(usize, f64)> = WINDOWS
         .iter()
         .map(|&window| {
-            let rate = goodput(window);
+            let (rate, _) = goodput(window, false);
             println!("goodput window {window}: {rate:>10.0} acked/s");
             (window, rate)
         })
         .collect();
+
     let overload = overload_run();
 
     let mut table = String::new();
@@ -264,6 +269,11 @@ fn main() {
             rate / peak.max(1.0) * 100.0
         );
     }
+    let _ = writeln!(
+        table,
+        "| auto (window {auto_window} at the end) | {auto_rate:.0} | {:.0} % |",
+        auto_rate / peak.max(1.0) * 100.0
+    );
     let _ = writeln!(
         table,
         "\nFrom the window where it first reaches 80 % of its peak ({}) on, goodput keeps {:.0} % of the peak at worst (target: >= 80 %).",
@@ -504,15 +514,17 @@ fn bare_bridge(workers: usize, messages: u64) -> f64 {
     rate
 }
 
-/// Acked messages per second in steady state with a flow-control window of `window` and
-/// handlers of 1 s latency: publishers keep the window full; after a warm-up, the acks of a
-/// fixed span are counted.
-fn goodput(window: usize) -> f64 {
+/// Acked messages per second in steady state with a flow-control window of `window` (with
+/// `auto`, the adaptive window up to it) and handlers of 1 s latency: publishers keep the
+/// window full; after a warm-up, the acks of a fixed span are counted. Returns the rate and
+/// the window at the end of the span.
+fn goodput(window: usize, auto: bool) -> (f64, usize) {
     let mut config = Config::default();
     config.publish.publishers = 1;
     config.run.consumers = 1;
     config.run.workers = thread::available_parallelism().map_or(2, |n| n.get());
     config.run.max_in_flight = window;
+    config.run.adaptive_window = auto;
     config.memory.max_backlog = window;
     config.publish.interval = Duration::ZERO;
     config.handler.latency = Duration::from_secs(1);
@@ -531,8 +543,9 @@ fn goodput(window: usize) -> f64 {
             let (acked, started) = (metrics.acked(), Instant::now());
             thread::sleep(GOODPUT_SPAN);
             let rate = (metrics.acked() - acked) as f64 / started.elapsed().as_secs_f64();
+            let window = metrics.window();
             shutdown.trigger(ShutdownReason::Requested);
-            rate
+            (rate, window)
         });
         let report = run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics)
             .expect("valid bench config");

@@ -52,8 +52,12 @@ pub struct RunConfig {
     pub consumers: usize,
     /// Executor worker threads that run the async handlers.
     pub workers: usize,
-    /// Flow control: the most leases held (pulled and not yet settled).
+    /// Flow control: the most leases held (pulled and not yet settled); with
+    /// `adaptive_window`, the most the window may grow to.
     pub max_in_flight: usize,
+    /// `--max-in-flight auto`: the window tunes itself for goodput, from 1,000 up to
+    /// `max_in_flight`, on the measured handling times and acks (see the README).
+    pub adaptive_window: bool,
     /// Publish this many messages, wait until each is acked or dead-lettered, then stop.
     /// `None` runs until shut down.
     pub messages: Option<u64>,
@@ -133,6 +137,7 @@ impl Default for RunConfig {
             consumers: 1,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_in_flight: 1000,
+            adaptive_window: false,
             messages: None,
             seed: None,
             grace_period: Duration::from_secs(5),

@@ -146,6 +146,7 @@ pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::PubSubMessage;
 pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
 pub use pause::Pause;
+pub use pipeline::window::AUTO_CEILING;
 pub use pipeline::{run, run_clients, run_controlled, run_with_metrics, Broker};
 pub use shutdown::{Shutdown, ShutdownReason};
 #[cfg(feature = "amqp")]

@@ -115,6 +115,8 @@ pub struct Metrics {
     db_outage: AtomicU64,
     /// Messages pulled and not yet settled (the flow-control window in use).
     in_flight: Striped,
+    /// The flow-control window: `--max-in-flight`, or where `auto` has moved it.
+    window: AtomicU64,
     /// Messages handled to an ack, by handling time in microseconds (log-linear buckets).
     /// One histogram per stripe, side by side: threads recording the same bucket write to
     /// different cache lines.
@@ -151,6 +153,7 @@ impl Default for Metrics {
             db_gave_up: AtomicU64::new(0),
             db_outage: AtomicU64::new(0),
             in_flight: Striped::default(),
+            window: AtomicU64::new(0),
             latency: (0..BUCKETS * STRIPES).map(|_| AtomicU64::new(0)).collect(),
             latency_sum_micros: Striped::default(),
             latency_max_micros: AtomicU64::new(0),
@@ -303,6 +306,23 @@ impl Metrics {
     /// for a pull that has not returned yet do not count).
     pub fn in_flight(&self) -> usize {
         usize::try_from(self.in_flight.sum()).unwrap_or(0)
+    }
+
+    /// The flow-control window now: `--max-in-flight`, or where `auto` has moved it (0 before
+    /// a run set it).
+    pub fn window(&self) -> usize {
+        usize::try_from(load(&self.window)).unwrap_or(usize::MAX)
+    }
+
+    /// Records the flow-control window.
+    pub(crate) fn set_window(&self, window: usize) {
+        self.window.store(window as u64, Ordering::Relaxed);
+    }
+
+    /// Messages acked so far and the sum of their handling times in microseconds: the
+    /// adaptive window reads their growth between two samples.
+    pub(crate) fn latency_totals(&self) -> (u64, u64) {
+        (self.acked.sum(), self.latency_sum_micros.sum())
     }
 
     /// Counts leases taken into the lease manager.
@@ -718,9 +738,12 @@ impl Report {
             out,
             concat!(
                 "# HELP mayhem_in_flight Messages pulled and not yet settled.\n",
-                "# TYPE mayhem_in_flight gauge\nmayhem_in_flight {}\n"
+                "# TYPE mayhem_in_flight gauge\nmayhem_in_flight {}\n",
+                "# HELP mayhem_window The flow-control window (--max-in-flight, or where auto moved it).\n",
+                "# TYPE mayhem_window gauge\nmayhem_window {}\n"
             ),
-            metrics.in_flight()
+            metrics.in_flight(),
+            metrics.window()
         );
         metrics.write_histogram(&mut out);
         out

@@ -353,6 +353,7 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         ),
         (&["--breaker-cooldown", "1s"], "--breaker-cooldown"),
         (&["--ack-deadline", "automatic"], "--ack-deadline"),
+        (&["--max-in-flight", "automatic"], "--max-in-flight"),
         // The simulated database.
         (&["--db-capacity", "0"], "--db-capacity"),
         (&["--db-capacity", "many"], "--db-capacity"),

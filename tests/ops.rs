@@ -717,3 +717,29 @@ fn sigterm_during_quiet_mode_still_shuts_down_cleanly() {
     assert_balanced(&json);
     assert_eq!(field(&json, "cancelled"), 0.0, "{json}");
 }
+
+#[test]
+fn an_automatic_window_is_shown_in_the_stats_line_and_in_metrics() {
+    let mut service = Service::start(&[
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--max-in-flight",
+        "auto",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "20ms",
+        "--stats-interval",
+        "100ms",
+    ]);
+    let addr = endpoint(&mut service);
+    service.wait_for("(window ");
+    let window = sample(
+        &parse_exposition(&get(&addr, "/metrics").1),
+        "mayhem_window",
+    );
+    assert!((256.0..=2_000_000.0).contains(&window), "{window}");
+    service.signal("SIGTERM");
+    let (status, _, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+}

@@ -20,6 +20,7 @@ mod leaser;
 mod publisher;
 mod task;
 pub(crate) mod throttle;
+pub(crate) mod window;
 
 use std::sync::atomic::AtomicU64;
 use std::thread::{self, Scope, ScopedJoinHandle};
@@ -277,6 +278,12 @@ pub fn run_controlled<H: Handler>(
             published: (publisher.is_some() && config.publish.publishers > 0).then_some(&published),
         },
     };
+    if config.run.adaptive_window {
+        leaser
+            .gate()
+            .set_limit(window::START_WINDOW.min(config.run.max_in_flight));
+    }
+    metrics.set_window(leaser.gate().limit());
     let budget = config.run.messages.map(AtomicU64::new);
     // Unbounded in type, bounded in fact: every lease in it holds a flow-control permit, so it
     // never holds more than the window. A bounded channel would allocate the whole window up
@@ -302,6 +309,18 @@ pub fn run_controlled<H: Handler>(
             shutdown,
             Box::new(|| leaser.run(seed.rotate_left(7))),
         );
+        if config.run.adaptive_window {
+            spawn_in(
+                outer,
+                "mayhem-window".to_owned(),
+                &mut keepers,
+                &mut spawn_error,
+                shutdown,
+                Box::new(|| {
+                    tune_window(leaser.gate(), metrics, shutdown, config.run.max_in_flight)
+                }),
+            );
+        }
         // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
         let executor = Executor::new();
         let reason = thread::scope(|scope| {
@@ -369,6 +388,7 @@ pub fn run_controlled<H: Handler>(
                 source,
                 metrics,
                 config.run.stats_interval,
+                config.run.adaptive_window,
                 &shared.completion,
             );
             match &reason {
@@ -521,6 +541,7 @@ fn wait_reporting_stats(
     source: &dyn Source,
     metrics: &Metrics,
     interval: Duration,
+    adaptive: bool,
     completion: &Completion<'_>,
 ) -> ShutdownReason {
     let poll = completion.target.map(|_| COMPLETION_POLL);
@@ -551,8 +572,13 @@ fn wait_reporting_stats(
         }
         let acked = metrics.acked();
         let rate = (acked - last_acked) as f64 / (now - last_time).as_secs_f64().max(1e-9);
+        let window = if adaptive {
+            format!(" (window {})", metrics.window())
+        } else {
+            String::new()
+        };
         info!(
-            "Stats: {rate:.1} acked/s, in flight {}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}{}",
+            "Stats: {rate:.1} acked/s, in flight {}{window}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}{}",
             metrics.in_flight(),
             metrics.nacked(),
             metrics.redelivered(),
@@ -561,6 +587,46 @@ fn wait_reporting_stats(
             metrics.stats_line_extras(),
         );
         (last_acked, last_time) = (acked, now);
+    }
+}
+
+/// The thread of `--max-in-flight auto`: samples the acks and handling times at the
+/// controller's pace and moves the window, until the shutdown begins (the window then stays
+/// where it is).
+///
+/// # Blocking
+///
+/// Runs on its own `std::thread`; it sleeps between samples.
+fn tune_window(gate: &flow::Gate, metrics: &Metrics, shutdown: &Shutdown, ceiling: usize) {
+    let mut controller = window::Controller::new(ceiling);
+    let (mut acked, mut micros) = metrics.latency_totals();
+    let mut last = Instant::now();
+    loop {
+        if shutdown.wait_timeout(controller.pace()) {
+            return;
+        }
+        let now = Instant::now();
+        let (acked_now, micros_now) = metrics.latency_totals();
+        let count = acked_now.saturating_sub(acked);
+        let sample = window::Sample {
+            acked: count,
+            latency: Duration::from_micros(micros_now.saturating_sub(micros) / count.max(1)),
+            span: now - last,
+            in_flight: metrics.in_flight(),
+        };
+        let before = gate.limit();
+        let window = controller.sample(sample);
+        if window != before {
+            gate.set_limit(window);
+            metrics.set_window(window);
+            log::debug!(
+                "Window {before} -> {window} ({count} acked in {:?}, mean handling {:?}, {} held)",
+                sample.span,
+                sample.latency,
+                sample.in_flight
+            );
+        }
+        (acked, micros, last) = (acked_now, micros_now, now);
     }
 }
 

@@ -53,14 +53,16 @@ pub(crate) struct Cli {
     /// Executor worker threads, 1 to 1024 [default: number of CPUs].
     #[arg(long, env = "MAYHEM_WORKERS", value_name = "N")]
     workers: Option<usize>,
-    /// Most messages pulled and not yet acked or nacked, 1 to 10000000.
+    /// Most messages pulled and not yet acked or nacked, 1 to 10000000; auto: a window that
+    /// tunes itself for goodput, 256 to 2000000.
     #[arg(
         long,
         env = "MAYHEM_MAX_IN_FLIGHT",
-        value_name = "N",
-        default_value_t = RunConfig::default().max_in_flight
+        value_name = "N|auto",
+        default_value = RunConfig::default().max_in_flight.to_string(),
+        value_parser = max_in_flight
     )]
-    max_in_flight: usize,
+    max_in_flight: MaxInFlight,
     /// Most messages waiting in the subscription before publishers block, 1 to 10000000.
     #[arg(
         long,
@@ -228,6 +230,15 @@ pub(crate) enum SourceKind {
     Amqp(String),
 }
 
+/// `--max-in-flight`: a fixed window, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MaxInFlight {
+    /// A fixed window.
+    Fixed(usize),
+    /// A window that tunes itself, up to `mayhem::AUTO_CEILING`.
+    Auto,
+}
+
 /// `--ack-deadline`: a fixed duration, or `auto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AckDeadline {
@@ -272,7 +283,11 @@ impl Cli {
             run: RunConfig {
                 consumers: self.consumers,
                 workers: self.workers.unwrap_or(defaults.run.workers),
-                max_in_flight: self.max_in_flight,
+                max_in_flight: match self.max_in_flight {
+                    MaxInFlight::Fixed(window) => window,
+                    MaxInFlight::Auto => mayhem::AUTO_CEILING,
+                },
+                adaptive_window: self.max_in_flight == MaxInFlight::Auto,
                 messages: self.messages,
                 seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
                 grace_period: self.grace_period,
@@ -498,6 +513,17 @@ fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
             mayhem::SourceError::Backend(text) => text,
             other => other.to_string(),
         })
+}
+
+/// Parses `--max-in-flight`: a count, or `auto` (any case).
+fn max_in_flight(text: &str) -> Result<MaxInFlight, String> {
+    if text.trim().eq_ignore_ascii_case("auto") {
+        return Ok(MaxInFlight::Auto);
+    }
+    text.trim()
+        .parse()
+        .map(MaxInFlight::Fixed)
+        .map_err(|error| format!("{error} (write a count, or auto)"))
 }
 
 /// Parses `--ack-deadline`: a duration, or `auto` (any case).
