@@ -21,21 +21,25 @@ run:
 ## Everything CI checks: formatting, clippy, docs, unit/integration/doc tests, the examples,
 ## and the RabbitMQ source (features amqp and amqp-tls, off by default: its tests run here with
 ## --features amqp-tls, which adds the amqps:// tests to the same run, its doc tests with
-## --features amqp, which refuses amqps://; clippy runs with each). Tests that cannot run here (the Redis tests without redis-server, the
-## RabbitMQ tests without rabbitmq-server) skip loudly: each appends a line to $(SKIPPED_LOG),
-## counted at the end. MAYHEM_REQUIRE_REDIS=1 and MAYHEM_REQUIRE_AMQP=1 (set by .ci/run) turn
-## a skip into a failure.
+## --features amqp, which refuses amqps://; clippy runs with each), and the interop tests
+## (tests/interop.rs: Python producers and consumers, redis-py and pika, against both sources).
+## Tests that cannot run here (the Redis tests without redis-server, the RabbitMQ tests without
+## rabbitmq-server, the interop tests without them or without python3's redis and pika) skip
+## loudly: each appends a line to $(SKIPPED_LOG), counted at the end. MAYHEM_REQUIRE_REDIS=1,
+## MAYHEM_REQUIRE_AMQP=1 and MAYHEM_REQUIRE_INTEROP=1 (set by .ci/run) turn a skip into a
+## failure.
 SKIPPED_LOG = $${CARGO_TARGET_DIR:-target}/tmp/skipped.log
 test: lint
 	@rm -f $(SKIPPED_LOG)
 	$(CARGO) test --lib --bins --tests --examples
 	$(CARGO) test --doc
-	$(CARGO) test --features amqp-tls --lib --bins --test amqp
+	$(CARGO) test --features amqp-tls --lib --bins --test amqp --test interop
 	$(CARGO) test --features amqp --doc amqp
 	$(CARGO) run --quiet --example embed_sync
 	$(CARGO) run --quiet --example embed_smol
+	$(CARGO) run --quiet --example embed_json
 	@if [ -s $(SKIPPED_LOG) ]; then \
-	  echo "SKIPPED: $$(wc -l < $(SKIPPED_LOG)) tests, by reason (MAYHEM_REQUIRE_REDIS=1 or MAYHEM_REQUIRE_AMQP=1 makes a skip fail):"; \
+	  echo "SKIPPED: $$(wc -l < $(SKIPPED_LOG)) tests, by reason (MAYHEM_REQUIRE_REDIS=1, MAYHEM_REQUIRE_AMQP=1 or MAYHEM_REQUIRE_INTEROP=1 makes a skip fail):"; \
 	  sed 's/^[^:]*: //' $(SKIPPED_LOG) | sort | uniq -c; \
 	else \
 	  echo "Skipped: 0 tests"; \

@@ -19,11 +19,11 @@ impl Handler for Counting {
     async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
         // A handler is plain async code; it may await timers, I/O, other tasks.
         smol::Timer::after(Duration::from_millis(1)).await;
-        if ctx.message().instance_name().len() != "cattle-xxxx".len() {
-            return Err(HandleError::Other(format!(
-                "odd instance name in {}",
-                ctx.message()
-            )));
+        // The built-in publishers write host names like `cattle-ae2t` as the data; anything
+        // else can never succeed here, so it is rejected (dead-lettered at once).
+        let name = ctx.message().instance_name().map_err(HandleError::reject)?;
+        if !name.starts_with("cattle-") {
+            return Err(HandleError::reject(format!("not a cattle name: {name}")));
         }
         if self.handled.fetch_add(1, Ordering::SeqCst) + 1 == self.stop_after {
             self.shutdown.trigger(ShutdownReason::Requested);

@@ -13,6 +13,8 @@ const MIN_STATS_INTERVAL: Duration = Duration::from_millis(50);
 const MAX_THREADS: usize = 1024;
 /// Largest flow-control window.
 const MAX_IN_FLIGHT: usize = 10_000_000;
+/// The default [`RunConfig::max_in_flight_bytes`]: 100 MiB, as Pub/Sub's clients.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 100 * 1024 * 1024;
 /// Longest ack deadline, as in Google Cloud Pub/Sub.
 const MAX_ACK_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -58,6 +60,12 @@ pub struct RunConfig {
     /// `--max-in-flight auto`: the window tunes itself for goodput, from 1,000 up to
     /// `max_in_flight`, on the measured handling times and acks (see the README).
     pub adaptive_window: bool,
+    /// Flow control by size: the most bytes of messages handed to handlers and not settled
+    /// yet ([`PubSubMessage::size`](crate::PubSubMessage::size): data and attributes). A
+    /// pulled message that would go past it waits, held and extended, until handlers settle
+    /// enough; a single message larger than the limit is still handed over, alone, so that
+    /// nothing deadlocks.
+    pub max_in_flight_bytes: usize,
     /// Publish this many messages, wait until each is acked or dead-lettered, then stop.
     /// `None` runs until shut down.
     pub messages: Option<u64>,
@@ -122,6 +130,8 @@ pub struct HandlerConfig {
     pub stall: Duration,
     /// Retries of a failed restart before the handler gives up (the reference only logs).
     pub restart_retries: u32,
+    /// The domain of the hosts restarted: data `web-01` restarts `web-01.{domain}`.
+    pub domain: String,
 }
 
 /// The embedded in-memory broker.
@@ -138,6 +148,7 @@ impl Default for RunConfig {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_in_flight: 1000,
             adaptive_window: false,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             messages: None,
             seed: None,
             grace_period: Duration::from_secs(5),
@@ -179,6 +190,7 @@ impl Default for HandlerConfig {
             stall_rate: 0.0,
             stall: Duration::from_secs(5),
             restart_retries: 3,
+            domain: crate::handler::DEFAULT_DOMAIN.to_owned(),
         }
     }
 }
@@ -225,6 +237,12 @@ impl RunConfig {
         count("--consumers", self.consumers, 1, MAX_THREADS)?;
         count("--workers", self.workers, 1, MAX_THREADS)?;
         count("--max-in-flight", self.max_in_flight, 1, MAX_IN_FLIGHT)?;
+        count(
+            "--max-in-flight-bytes",
+            self.max_in_flight_bytes,
+            1,
+            usize::MAX,
+        )?;
         duration(
             "--grace-period",
             self.grace_period,
@@ -357,7 +375,20 @@ impl HandlerConfig {
             Duration::ZERO,
             Duration::from_secs(3600),
         )?;
-        count("--restart-retries", self.restart_retries as usize, 0, 100)
+        count("--restart-retries", self.restart_retries as usize, 0, 100)?;
+        crate::message::host_name(self.domain.as_bytes())
+            .map(|_| ())
+            .map_err(|error| {
+                let reason = error.to_string();
+                let reason = reason
+                    .strip_prefix("data is not a host name: ")
+                    .unwrap_or(&reason);
+                ConfigError::new(
+                    "--domain",
+                    &self.domain,
+                    format!("must be a host name: {reason}"),
+                )
+            })
     }
 }
 

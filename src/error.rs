@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::message::MessageError;
+
 /// A configuration value out of range, or two values that contradict each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -55,6 +57,8 @@ pub enum SourceError {
     /// The backend has been unreachable for longer than the source tolerates; trying again
     /// will not help, and the runner shuts the service down.
     Unavailable(String),
+    /// A message of a batch to publish may not be published (nothing of the batch was sent).
+    Message(MessageError),
 }
 
 impl fmt::Display for SourceError {
@@ -63,11 +67,19 @@ impl fmt::Display for SourceError {
             SourceError::Closed => f.write_str("source is closed"),
             SourceError::Backend(text) => write!(f, "source backend failed: {text}"),
             SourceError::Unavailable(text) => write!(f, "source backend unavailable: {text}"),
+            SourceError::Message(error) => write!(f, "message refused: {error}"),
         }
     }
 }
 
-impl std::error::Error for SourceError {}
+impl std::error::Error for SourceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SourceError::Message(error) => Some(error),
+            _ => None,
+        }
+    }
+}
 
 /// Why an ack, nack or extension of a lease was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,8 +105,18 @@ impl std::error::Error for LeaseError {}
 
 /// The outcome of a handler that did not finish its work.
 ///
-/// A handler error makes the runner nack the message, so it is delivered again (and
-/// dead-lettered once it used up its delivery attempts).
+/// Two kinds, and the runner treats them apart:
+/// - [`HandleError::Rejected`]: the message can never succeed (its data is no host name, a
+///   payload the handler cannot decode). The runner dead-letters it at once, on its first
+///   attempt, with the reason, and counts it `rejected`.
+/// - every other variant: a failure that may pass. The runner nacks the message, so it is
+///   delivered again (and dead-lettered once it used up its delivery attempts).
+///
+/// ```
+/// use mayhem::HandleError;
+/// assert!(HandleError::reject("not json").is_rejection());
+/// assert!(!HandleError::Other("database down".into()).is_rejection());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HandleError {
@@ -114,8 +136,23 @@ pub enum HandleError {
         /// The time limit it ran past.
         after: std::time::Duration,
     },
-    /// Any other failure of a custom handler.
+    /// Any other failure of a custom handler; the message is delivered again.
     Other(String),
+    /// The message can never succeed: it is dead-lettered at once with this reason, never
+    /// retried.
+    Rejected(String),
+}
+
+impl HandleError {
+    /// A rejection: the message is dead-lettered at once with `reason`.
+    pub fn reject(reason: impl fmt::Display) -> Self {
+        HandleError::Rejected(reason.to_string())
+    }
+
+    /// Whether this is a rejection rather than a failure to retry.
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, HandleError::Rejected(_))
+    }
 }
 
 impl fmt::Display for HandleError {
@@ -129,6 +166,7 @@ impl fmt::Display for HandleError {
                 humantime::format_duration(*after)
             ),
             HandleError::Other(text) => f.write_str(text),
+            HandleError::Rejected(reason) => write!(f, "rejected: {reason}"),
         }
     }
 }

@@ -11,16 +11,13 @@ use log::{error, info};
 use crate::config::Config;
 use crate::database::{Database, Outage, Unavailable};
 use crate::error::HandleError;
-use crate::message::PubSubMessage;
+use crate::message::{Attributes, PubSubMessage};
 use crate::metrics::Metrics;
-use crate::source::Attributes;
 
 /// What a handler gets to know about the message it handles.
 pub struct Context<'a> {
-    /// The message.
+    /// The message, with its data and attributes.
     message: &'a PubSubMessage,
-    /// The attributes the message was published with.
-    attributes: &'a Attributes,
     /// Which delivery of the message this is, counting from 1.
     attempt: u32,
     /// Lease extensions made so far while the message was held; the lease manager counts
@@ -42,9 +39,6 @@ impl ExtensionCount for AtomicU32 {
     }
 }
 
-/// No attributes, for contexts made without any.
-static NO_ATTRIBUTES: Attributes = Attributes::new();
-
 impl<'a> Context<'a> {
     /// A context for handling `message`; tests of a handler can make their own (the runner
     /// makes one per delivery).
@@ -56,39 +50,36 @@ impl<'a> Context<'a> {
     ) -> Self {
         Context {
             message,
-            attributes: &NO_ATTRIBUTES,
             attempt,
             extended,
             metrics,
         }
     }
 
-    /// The same context with the message's attributes.
-    pub fn with_attributes(mut self, attributes: &'a Attributes) -> Self {
-        self.attributes = attributes;
-        self
-    }
-
     /// The runner's context of a held lease.
     pub(crate) fn of_lease(
         message: &'a PubSubMessage,
-        attributes: &'a Attributes,
         attempt: u32,
         extended: &'a dyn ExtensionCount,
         metrics: &'a Metrics,
     ) -> Self {
         Context {
             message,
-            attributes,
             attempt,
             extended,
             metrics,
         }
     }
 
-    /// The message.
+    /// The message: its [`data`](PubSubMessage::data), attributes, id, publish time and
+    /// ordering key.
     pub fn message(&self) -> &PubSubMessage {
         self.message
+    }
+
+    /// The message's data.
+    pub fn data(&self) -> &[u8] {
+        self.message.data()
     }
 
     /// Which delivery of the message this is, counting from 1.
@@ -98,7 +89,7 @@ impl<'a> Context<'a> {
 
     /// The attributes the message was published with (empty for the chaos monkey's own).
     pub fn attributes(&self) -> &Attributes {
-        self.attributes
+        self.message.attributes()
     }
 
     /// How often the lease has been extended so far while the message was held (waiting for
@@ -117,14 +108,14 @@ impl fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
             .field("message", self.message)
-            .field("attributes", self.attributes)
             .field("attempt", &self.attempt)
             .field("extended", &self.extended())
             .finish()
     }
 }
 
-/// Handles one message; the runner acks it on `Ok` and nacks it on `Err`.
+/// Handles one message; the runner acks it on `Ok`, nacks it on an `Err` to retry, and
+/// dead-letters it at once on [`HandleError::Rejected`] (see [`HandleError`]).
 ///
 /// While the returned future runs, the runner keeps the message's lease alive, so a handler
 /// need not care about ack deadlines. The future must not block its thread: it runs on the
@@ -139,6 +130,10 @@ impl fmt::Debug for Context<'_> {
 /// impl Handler for Accept {
 ///     async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
 ///         assert!(ctx.attempt() >= 1);
+///         if ctx.data().is_empty() {
+///             // Retrying cannot help: dead-letter it now, with the reason.
+///             return Err(HandleError::reject("empty data"));
+///         }
 ///         Ok(())
 ///     }
 /// }
@@ -186,7 +181,12 @@ pub struct MayhemConfig {
     pub db_patience: Duration,
     /// When every save fails (`--db-outage AT+FOR`), counted from the handler's creation.
     pub db_outage: Option<Outage>,
+    /// The domain of the hosts: a message with data `web-01` restarts `web-01.{domain}`.
+    pub domain: String,
 }
+
+/// The default [`MayhemConfig::domain`].
+pub const DEFAULT_DOMAIN: &str = "example.net";
 
 impl Default for MayhemConfig {
     /// The handler settings of the default [`Config`], with seed 0.
@@ -210,6 +210,7 @@ impl MayhemConfig {
             db_capacity: None,
             db_patience: DEFAULT_DB_PATIENCE,
             db_outage: None,
+            domain: config.handler.domain.clone(),
         }
     }
 }
@@ -219,6 +220,10 @@ pub const DEFAULT_DB_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The chaos monkey: restarts the host and saves a record, concurrently, with simulated
 /// latency and failures.
+///
+/// The instance name is the message data, a host name ([`PubSubMessage::instance_name`]);
+/// the host is `{instance_name}.{domain}`, in lower case. Data that is no host name can never
+/// succeed: it is rejected ([`HandleError::Rejected`]), so the runner dead-letters it at once.
 ///
 /// A failed restart is retried up to `restart_retries` times with exponential backoff;
 /// a restart that still fails, or a failed save, is an error (the message is nacked and
@@ -240,9 +245,8 @@ impl MayhemHandler {
 
     /// A random stream for one delivery of one message.
     fn rng_for(&self, message: &PubSubMessage, attempt: u32) -> fastrand::Rng {
-        let (high, low) = message.message_id().as_u64_pair();
         fastrand::Rng::with_seed(
-            self.config.seed ^ high ^ low.rotate_left(17) ^ u64::from(attempt).rotate_left(40),
+            self.config.seed ^ message.id().digest() ^ u64::from(attempt).rotate_left(40),
         )
     }
 
@@ -250,10 +254,9 @@ impl MayhemHandler {
     async fn restart_host(
         &self,
         ctx: &Context<'_>,
+        hostname: Host<'_>,
         rng: &mut fastrand::Rng,
     ) -> Result<(), HandleError> {
-        // Displayed, not built: no allocation per message unless a line is really logged.
-        let hostname = ctx.message().host();
         let mut backoff = (self.config.latency / 10).max(Duration::from_millis(1));
         let mut retries_left = self.config.restart_retries;
         loop {
@@ -323,6 +326,12 @@ impl MayhemHandler {
 
 impl Handler for MayhemHandler {
     async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
+        let name = ctx.message().instance_name().map_err(HandleError::reject)?;
+        // Displayed, not built: no allocation per message unless a line is really logged.
+        let hostname = Host {
+            name,
+            domain: &self.config.domain,
+        };
         let mut rng = self.rng_for(ctx.message(), ctx.attempt());
         if chance(&mut rng, self.config.panic_rate) {
             panic!("injected fault while handling {}", ctx.message());
@@ -335,7 +344,7 @@ impl Handler for MayhemHandler {
         let mut restart_rng = rng.fork();
         let mut save_rng = rng.fork();
         let (restarted, saved) = future::zip(
-            self.restart_host(ctx, &mut restart_rng),
+            self.restart_host(ctx, hostname, &mut restart_rng),
             self.save(ctx, &mut save_rng),
         )
         .await;
@@ -348,6 +357,27 @@ impl Handler for MayhemHandler {
         // Cleanup: simulated latency; the runner acks (or nacks) afterwards.
         sleep_up_to(self.config.latency, &mut rng).await;
         restarted.and(saved)
+    }
+}
+
+/// The host to restart, `{instance_name}.{domain}` in lower case, displayed on demand.
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    /// The instance name: a host name, checked.
+    name: &'a str,
+    /// The domain.
+    domain: &'a str,
+}
+
+impl fmt::Display for Host<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write as _;
+        // Host names compare case-insensitively: shown in their canonical lower case.
+        for c in self.name.chars() {
+            f.write_char(c.to_ascii_lowercase())?;
+        }
+        f.write_char('.')?;
+        f.write_str(self.domain)
     }
 }
 

@@ -8,7 +8,7 @@
 //! # Data flow
 //!
 //! ```text
-//!  publisher threads ──Publish::publish (batches)──▶ broker (in-memory pub/sub, or Redis)
+//!  publisher threads ──Publish::publish (batches)──▶ broker (in-memory, Redis, RabbitMQ)
 //!                                                     │ Source::pull: blocking, leases in batches
 //!                                                     ▼
 //!  consumer threads ──lease manager admits each lease──▶ bounded async_channel (send_blocking)
@@ -27,13 +27,16 @@
 //!
 //! # Modules
 //!
-//! - [`message`]: [`PubSubMessage`], the "restart this host" message.
+//! - [`message`]: [`PubSubMessage`], Pub/Sub's message model for every broker (id, data as
+//!   bytes, attributes, publish time, ordering key), its limits, and the host-name rule of the
+//!   chaos monkey.
 //! - [`source`]: the broker traits [`Publish`] and [`Source`] (batched ack, nack and extend),
 //!   [`Lease`], [`Attributes`], and [`Delivery`], a lease with a drop guard that nacks;
 //!   [`source::memory`] is [`Subscription`], the embedded in-memory pub/sub with real lease
 //!   semantics, and the [`Clock`] it reads.
 //!   `source::redis` (feature `redis`, on by default) is `RedisSource`, a broker on a Redis
-//!   stream with a consumer group.
+//!   stream with a consumer group; `source::amqp` (feature `amqp`) is `AmqpSource`, a
+//!   RabbitMQ quorum queue.
 //! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default;
 //!   [`database`] is its simulated database (connection pool, outage).
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
@@ -140,10 +143,11 @@ pub mod source;
 #[cfg(any(feature = "redis", feature = "amqp"))]
 mod sync;
 
+pub use bytes::Bytes;
 pub use config::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
-pub use message::PubSubMessage;
+pub use message::{Attributes, HostNameError, MessageError, MessageId, PubSubMessage};
 pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
 pub use pause::Pause;
 pub use pipeline::window::AUTO_CEILING;
@@ -155,8 +159,8 @@ pub use source::memory::{
     Clock, DeadLetter, ManualClock, Subscription, SubscriptionConfig, SystemClock,
 };
 #[cfg(feature = "redis")]
-pub use source::redis::{RedisConfig, RedisSource};
-pub use source::{Attributes, Delivery, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+pub use source::redis::{RedisConfig, RedisPublisher, RedisSource};
+pub use source::{Delivery, Lease, LeaseId, Publish, Source, SourceStats};
 pub use uuid::Uuid;
 
 /// The random number generator that [`PubSubMessage::random`] draws from.

@@ -1,133 +1,786 @@
-//! The message Mayhem consumes: "restart this host".
+//! The message: Google Pub/Sub's `PubsubMessage`, one type for every broker.
+//!
+//! A message has an [`id`](PubSubMessage::id), [`data`](PubSubMessage::data) (bytes of any
+//! content, shared without copying), [`attributes`](PubSubMessage::attributes) (a string
+//! map), a [`publish_time`](PubSubMessage::publish_time) when the broker knows it, and an
+//! optional [`ordering_key`](PubSubMessage::ordering_key). The delivery attempt is not part of
+//! the message: it belongs to the lease ([`Lease::attempt`](crate::Lease)).
+//!
+//! Pub/Sub's limits are checked when publishing ([`PubSubMessage::check`]), so a message
+//! one broker accepts is one every broker accepts.
+//!
+//! The chaos monkey is one handler among others: its instance name is the message data, a
+//! host name ([`PubSubMessage::instance_name`]).
 
 use std::fmt;
+use std::time::SystemTime;
 
+use bytes::Bytes;
 use uuid::Uuid;
 
-/// The fixed prefix of every instance name.
+/// Most bytes of data in one message (Pub/Sub's limit: 10 MB).
+pub const MAX_DATA_BYTES: usize = 10_000_000;
+/// Most attributes on one message (Pub/Sub's limit).
+pub const MAX_ATTRIBUTES: usize = 100;
+/// Longest attribute key, in bytes (Pub/Sub's limit).
+pub const MAX_KEY_BYTES: usize = 256;
+/// Longest attribute value, in bytes (Pub/Sub's limit).
+pub const MAX_VALUE_BYTES: usize = 1024;
+/// Longest ordering key, in bytes (Pub/Sub's limit).
+pub const MAX_ORDERING_KEY_BYTES: usize = 1024;
+/// Longest host name, in bytes.
+pub const MAX_HOST_NAME_BYTES: usize = 253;
+/// Longest label of a host name, in bytes.
+pub const MAX_LABEL_BYTES: usize = 63;
+
+/// The fixed prefix of the names the built-in publishers draw.
 const PREFIX: &[u8; 7] = b"cattle-";
-/// Length of the random suffix of an instance name.
+/// Length of the random suffix of a drawn name.
 const SUFFIX_LEN: usize = 4;
-/// Length of a whole instance name (`cattle-` and four characters).
-const NAME_LEN: usize = PREFIX.len() + SUFFIX_LEN;
 /// The characters the random suffix is drawn from.
 const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
-/// A "restart this host" message.
+/// A message's id: the producer's, or the broker's when the producer gave none.
 ///
-/// The instance name is stored inline (eleven ASCII bytes), so a message is a small `Copy`
-/// value and creating one allocates nothing.
+/// Ids that are UUIDs in their usual form (lowercase, hyphenated), as the built-in publishers
+/// make them, are kept in 16 bytes; any other id is kept as text. Two ids are equal when their
+/// text is.
 ///
 /// ```
+/// use mayhem::MessageId;
+/// let uuid = mayhem::Uuid::from_u128(7);
+/// let id = MessageId::from(uuid);
+/// assert_eq!(id, MessageId::from(uuid.to_string()));
+/// assert_eq!(id.as_uuid(), Some(uuid));
+/// assert_eq!(MessageId::from("1700000000000-0").to_string(), "1700000000000-0");
+/// assert!(MessageId::default().is_empty());
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct MessageId(IdRepr);
+
+/// How an id is kept.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum IdRepr {
+    /// A UUID whose text is its lowercase hyphenated form.
+    Uuid(Uuid),
+    /// Any other text (boxed: two words, not a `String`'s three).
+    Text(Box<str>),
+}
+
+impl Default for IdRepr {
+    fn default() -> Self {
+        IdRepr::Text(Box::default())
+    }
+}
+
+impl MessageId {
+    /// The id as a UUID, when it is one in its usual form.
+    pub fn as_uuid(&self) -> Option<Uuid> {
+        match &self.0 {
+            IdRepr::Uuid(uuid) => Some(*uuid),
+            IdRepr::Text(_) => None,
+        }
+    }
+
+    /// Whether the id is empty (a message not published yet, whose broker gives it one).
+    pub fn is_empty(&self) -> bool {
+        matches!(&self.0, IdRepr::Text(text) if text.is_empty())
+    }
+
+    /// Calls `f` with the id's text, formatting a UUID on the stack.
+    pub fn with_str<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        match &self.0 {
+            IdRepr::Uuid(uuid) => f(uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer())),
+            IdRepr::Text(text) => f(text),
+        }
+    }
+
+    /// A 64-bit digest of the id, stable across runs (FNV-1a over the text): seeds the chaos
+    /// monkey's random choices per message.
+    pub fn digest(&self) -> u64 {
+        match &self.0 {
+            IdRepr::Uuid(uuid) => {
+                let (high, low) = uuid.as_u64_pair();
+                high ^ low.rotate_left(17)
+            }
+            IdRepr::Text(text) => text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            }),
+        }
+    }
+
+    /// Heap bytes the id holds (for flow control by bytes).
+    fn heap_len(&self) -> usize {
+        match &self.0 {
+            IdRepr::Uuid(_) => 0,
+            IdRepr::Text(text) => text.len(),
+        }
+    }
+}
+
+impl From<Uuid> for MessageId {
+    fn from(uuid: Uuid) -> Self {
+        MessageId(IdRepr::Uuid(uuid))
+    }
+}
+
+impl From<&str> for MessageId {
+    fn from(text: &str) -> Self {
+        match canonical_uuid(text.as_bytes()) {
+            Some(uuid) => MessageId(IdRepr::Uuid(uuid)),
+            None => MessageId(IdRepr::Text(text.into())),
+        }
+    }
+}
+
+impl From<String> for MessageId {
+    fn from(text: String) -> Self {
+        match canonical_uuid(text.as_bytes()) {
+            Some(uuid) => MessageId(IdRepr::Uuid(uuid)),
+            None => MessageId(IdRepr::Text(text.into_boxed_str())),
+        }
+    }
+}
+
+/// A random (version 4) UUID drawn from `rng`.
+pub(crate) fn random_uuid(rng: &mut crate::Rng) -> Uuid {
+    uuid::Builder::from_random_bytes(rng.u128(..).to_le_bytes()).into_uuid()
+}
+
+/// The UUID whose lowercase hyphenated text is `bytes`, if it is one.
+pub(crate) fn canonical_uuid(bytes: &[u8]) -> Option<Uuid> {
+    if bytes.len() != 36 {
+        return None;
+    }
+    let uuid = Uuid::try_parse_ascii(bytes).ok()?;
+    let mut buffer = Uuid::encode_buffer();
+    (uuid.hyphenated().encode_lower(&mut buffer).as_bytes() == bytes).then_some(uuid)
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.with_str(|text| f.write_str(text))
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.with_str(|text| fmt::Debug::fmt(text, f))
+    }
+}
+
+/// String attributes of a message: Redis entry fields, AMQP headers, Pub/Sub attributes.
+///
+/// Empty attributes allocate nothing, so the chaos monkey's own messages carry none for free.
+///
+/// ```
+/// use mayhem::Attributes;
+/// let mut attributes = Attributes::new();
+/// assert!(attributes.is_empty());
+/// attributes.insert("origin", "billing");
+/// attributes.insert("origin", "payroll");
+/// assert_eq!(attributes.get("origin"), Some("payroll"));
+/// assert_eq!(attributes.len(), 1);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Attributes(
+    /// A boxed slice, absent when empty: every lease carries its message through the hand-off
+    /// channel and the task, so they take two words, not a `Vec`'s three (setting one
+    /// reallocates, which only producers do).
+    Option<Box<[(String, String)]>>,
+);
+
+impl Attributes {
+    /// No attributes (allocates nothing).
+    pub const fn new() -> Self {
+        Attributes(None)
+    }
+
+    /// Sets `key` to `value`, replacing an earlier value of the same key.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        let (key, value) = (key.into(), value.into());
+        if let Some(slot) = self
+            .0
+            .as_deref_mut()
+            .and_then(|pairs| pairs.iter_mut().find(|(k, _)| *k == key))
+        {
+            slot.1 = value;
+            return;
+        }
+        let mut pairs = self.0.take().map(Vec::from).unwrap_or_default();
+        pairs.push((key, value));
+        self.0 = Some(pairs.into_boxed_slice());
+    }
+
+    /// The value of `key`, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs()
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every attribute, in the order they were first set.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pairs().iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// How many attributes there are.
+    pub fn len(&self) -> usize {
+        self.pairs().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.pairs().is_empty()
+    }
+
+    /// Bytes of every key and value together.
+    pub fn byte_len(&self) -> usize {
+        self.pairs().iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+
+    /// The pairs, empty when there are none.
+    fn pairs(&self) -> &[(String, String)] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Attributes {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut attributes = Attributes::new();
+        for (key, value) in iter {
+            attributes.insert(key, value);
+        }
+        attributes
+    }
+}
+
+/// A message: data, attributes, an id, a publish time and an ordering key.
+///
+/// ```
+/// use mayhem::PubSubMessage;
+/// let msg = PubSubMessage::new("web-01").with_attribute("origin", "ops");
+/// assert_eq!(&msg.data()[..], b"web-01");
+/// assert_eq!(msg.attributes().get("origin"), Some("ops"));
+/// assert_eq!(msg.instance_name(), Ok("web-01"));
+/// assert_eq!(msg.to_string(), "PubSubMessage(instance_name='web-01')");
+///
 /// let mut rng = mayhem::Rng::with_seed(7);
-/// let msg = mayhem::PubSubMessage::random(&mut rng);
-/// assert!(msg.instance_name().starts_with("cattle-"));
-/// assert_eq!(msg.hostname(), format!("{}.example.net", msg.instance_name()));
-/// assert_eq!(msg.to_string(), format!("PubSubMessage(instance_name='{}')", msg.instance_name()));
+/// let drawn = PubSubMessage::random(&mut rng);
+/// assert!(drawn.instance_name().unwrap().starts_with("cattle-"));
+/// assert!(drawn.id().as_uuid().is_some());
+///
+/// let binary = PubSubMessage::new(vec![0u8, 159, 146, 150]);
+/// assert!(binary.instance_name().is_err());
+/// assert_eq!(binary.to_string(), "PubSubMessage(message_id='', data=4 bytes)");
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct PubSubMessage {
-    /// A random (version 4) identifier, unique per published message.
-    message_id: Uuid,
-    /// `cattle-` and four characters of `[a-z0-9]`; always ASCII, so always valid UTF-8.
-    instance_name: [u8; NAME_LEN],
+    /// The producer's id, or the broker's when the producer gave none; empty before publishing
+    /// when the broker gives ids.
+    id: MessageId,
+    /// The payload: any bytes, shared without copying where the broker allows it.
+    data: Bytes,
+    /// String attributes.
+    attributes: Attributes,
+    /// When the broker took the message, if it says so.
+    publish_time: Option<SystemTime>,
+    /// Messages of one ordering key are delivered in order where the broker supports it.
+    /// Boxed and absent when unset: one word of niche, not a `String`'s three.
+    ordering_key: Option<Box<str>>,
 }
 
 impl PubSubMessage {
-    /// Creates a message with a random id and instance name drawn from `rng` (a
+    /// A message carrying `data`, with no id yet (publishing gives it one), no attributes and
+    /// no ordering key.
+    pub fn new(data: impl Into<Bytes>) -> Self {
+        PubSubMessage {
+            data: data.into(),
+            ..PubSubMessage::default()
+        }
+    }
+
+    /// A chaos monkey message as the built-in publishers make it: a random (version 4) UUID
+    /// id and data `cattle-` plus four characters of `[a-z0-9]`, drawn from `rng` (a
     /// [`Rng`](crate::Rng), re-exported from fastrand).
     ///
     /// The same seed gives the same messages, which keeps tests reproducible.
     pub fn random(rng: &mut crate::Rng) -> Self {
-        let message_id = uuid::Builder::from_random_bytes(rng.u128(..).to_le_bytes()).into_uuid();
-        let mut instance_name = [0u8; NAME_LEN];
-        instance_name[..PREFIX.len()].copy_from_slice(PREFIX);
-        for byte in &mut instance_name[PREFIX.len()..] {
+        let id = random_uuid(rng);
+        let mut name = [0u8; PREFIX.len() + SUFFIX_LEN];
+        name[..PREFIX.len()].copy_from_slice(PREFIX);
+        for byte in &mut name[PREFIX.len()..] {
             *byte = ALPHABET[rng.usize(..ALPHABET.len())];
         }
-        PubSubMessage {
-            message_id,
-            instance_name,
-        }
+        // Owned by the `Bytes` itself: one allocation, and clones (a source that keeps the
+        // message while it is leased) only count references.
+        PubSubMessage::new(Bytes::from_owner(name)).with_id(id)
     }
 
-    /// Creates a message from its parts, as a pub/sub backend stores them.
+    /// The same message with id `id`.
+    pub fn with_id(mut self, id: impl Into<MessageId>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// The same message with attribute `key` set to `value`.
+    pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(key, value);
+        self
+    }
+
+    /// The same message with these attributes (replacing any it had).
+    pub fn with_attributes(mut self, attributes: Attributes) -> Self {
+        self.attributes = attributes;
+        self
+    }
+
+    /// The same message with this ordering key.
+    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
+        let key: String = key.into();
+        self.ordering_key = (!key.is_empty()).then(|| key.into_boxed_str());
+        self
+    }
+
+    /// The same message with this publish time (brokers set it when delivering).
+    pub fn with_publish_time(mut self, time: SystemTime) -> Self {
+        self.publish_time = Some(time);
+        self
+    }
+
+    /// The message's id (empty before publishing when the broker gives ids).
+    pub fn id(&self) -> &MessageId {
+        &self.id
+    }
+
+    /// The payload.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// The attributes.
+    pub fn attributes(&self) -> &Attributes {
+        &self.attributes
+    }
+
+    /// The attributes, to change.
+    pub fn attributes_mut(&mut self) -> &mut Attributes {
+        &mut self.attributes
+    }
+
+    /// When the broker took the message, if it says so.
+    pub fn publish_time(&self) -> Option<SystemTime> {
+        self.publish_time
+    }
+
+    /// The ordering key, if any.
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.ordering_key.as_deref()
+    }
+
+    /// Bytes the message counts for in flow control: its data, its attributes' keys and
+    /// values, its id and ordering key.
+    pub fn size(&self) -> usize {
+        self.data.len()
+            + self.attributes.byte_len()
+            + self.id.heap_len()
+            + self.ordering_key.as_deref().map_or(0, str::len)
+    }
+
+    /// The chaos monkey's instance name: the data, when it is a host name (1 to 253 bytes of
+    /// dot-separated labels of `[a-zA-Z0-9-]`, each 1 to 63 bytes, not starting or ending
+    /// with `-`; letters compare case-insensitively).
     ///
-    /// Returns `None` unless `instance_name` is `cattle-` followed by four characters of
-    /// `[a-z0-9]`.
+    /// # Errors
+    ///
+    /// [`HostNameError`] saying why the data is no host name.
     ///
     /// ```
     /// use mayhem::PubSubMessage;
-    /// let id = mayhem::Uuid::nil();
-    /// assert!(PubSubMessage::from_parts(id, "cattle-ab12").is_some());
-    /// assert!(PubSubMessage::from_parts(id, "cattle-AB12").is_none());
-    /// assert!(PubSubMessage::from_parts(id, "pet-ab12").is_none());
+    /// assert_eq!(PubSubMessage::new("db-7.eu-west").instance_name(), Ok("db-7.eu-west"));
+    /// assert!(PubSubMessage::new("-web").instance_name().is_err());
+    /// assert!(PubSubMessage::new("").instance_name().is_err());
+    /// assert!(PubSubMessage::new("a..b").instance_name().is_err());
+    /// assert!(PubSubMessage::new("x".repeat(64)).instance_name().is_err());
     /// ```
-    pub fn from_parts(message_id: Uuid, instance_name: &str) -> Option<Self> {
-        let bytes = instance_name.as_bytes();
-        let valid = bytes.len() == NAME_LEN
-            && bytes.starts_with(PREFIX)
-            && bytes[PREFIX.len()..].iter().all(|b| ALPHABET.contains(b));
-        if !valid {
-            return None;
-        }
-        let mut name = [0u8; NAME_LEN];
-        name.copy_from_slice(bytes);
-        Some(PubSubMessage {
-            message_id,
-            instance_name: name,
-        })
+    pub fn instance_name(&self) -> Result<&str, HostNameError> {
+        host_name(&self.data)
     }
 
-    /// The message's unique id.
-    pub fn message_id(&self) -> Uuid {
-        self.message_id
-    }
-
-    /// The instance to restart, like `cattle-ae2t`.
-    pub fn instance_name(&self) -> &str {
-        // The bytes are ASCII by construction (`random` and `from_parts` only store ASCII),
-        // so this never takes the fallback; it exists to avoid an `unwrap` in library code.
-        std::str::from_utf8(&self.instance_name).unwrap_or("cattle-????")
-    }
-
-    /// The host to restart: `{instance_name}.example.net`.
-    pub fn hostname(&self) -> String {
-        self.host().to_string()
-    }
-
-    /// The host to restart, as a value that displays it without allocating.
+    /// Checks Pub/Sub's limits: data up to [`MAX_DATA_BYTES`], at most [`MAX_ATTRIBUTES`]
+    /// attributes, non-empty keys up to [`MAX_KEY_BYTES`], values up to [`MAX_VALUE_BYTES`],
+    /// an ordering key up to [`MAX_ORDERING_KEY_BYTES`].
+    ///
+    /// # Errors
+    ///
+    /// The first limit the message exceeds.
     ///
     /// ```
-    /// let msg = mayhem::PubSubMessage::random(&mut mayhem::Rng::with_seed(7));
-    /// assert_eq!(format!("{}", msg.host()), msg.hostname());
+    /// use mayhem::{MessageError, PubSubMessage};
+    /// assert_eq!(PubSubMessage::new("web-01").check(), Ok(()));
+    /// let long = PubSubMessage::new("x").with_attribute("k", "v".repeat(1025));
+    /// assert!(matches!(long.check(), Err(MessageError::ValueTooLong { .. })));
     /// ```
-    pub fn host(&self) -> Host<'_> {
-        Host(self)
+    pub fn check(&self) -> Result<(), MessageError> {
+        if self.data.len() > MAX_DATA_BYTES {
+            return Err(MessageError::DataTooLarge {
+                bytes: self.data.len(),
+            });
+        }
+        if self.attributes.len() > MAX_ATTRIBUTES {
+            return Err(MessageError::TooManyAttributes {
+                count: self.attributes.len(),
+            });
+        }
+        for (key, value) in self.attributes.iter() {
+            if key.is_empty() {
+                return Err(MessageError::EmptyKey);
+            }
+            if key.len() > MAX_KEY_BYTES {
+                return Err(MessageError::KeyTooLong {
+                    key: shorten(key),
+                    bytes: key.len(),
+                });
+            }
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(MessageError::ValueTooLong {
+                    key: key.to_owned(),
+                    bytes: value.len(),
+                });
+            }
+        }
+        if let Some(key) = self.ordering_key() {
+            if key.len() > MAX_ORDERING_KEY_BYTES {
+                return Err(MessageError::OrderingKeyTooLong { bytes: key.len() });
+            }
+        }
+        Ok(())
     }
 }
 
-/// The hostname of a message, `{instance_name}.example.net`, displayed on demand.
-#[derive(Debug, Clone, Copy)]
-pub struct Host<'a>(&'a PubSubMessage);
+/// The first 40 characters of `text`, marked when cut.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_owned(),
+    }
+}
 
-impl fmt::Display for Host<'_> {
+/// Why a message may not be published: one of Pub/Sub's limits, or a reserved name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// The data is longer than [`MAX_DATA_BYTES`].
+    DataTooLarge {
+        /// Its length.
+        bytes: usize,
+    },
+    /// More than [`MAX_ATTRIBUTES`] attributes.
+    TooManyAttributes {
+        /// How many.
+        count: usize,
+    },
+    /// An attribute key is empty.
+    EmptyKey,
+    /// An attribute key is longer than [`MAX_KEY_BYTES`].
+    KeyTooLong {
+        /// The key's start.
+        key: String,
+        /// Its length.
+        bytes: usize,
+    },
+    /// An attribute value is longer than [`MAX_VALUE_BYTES`].
+    ValueTooLong {
+        /// The key of the value.
+        key: String,
+        /// The value's length.
+        bytes: usize,
+    },
+    /// The ordering key is longer than [`MAX_ORDERING_KEY_BYTES`].
+    OrderingKeyTooLong {
+        /// Its length.
+        bytes: usize,
+    },
+    /// An attribute key is a name the broker's wire format keeps for the message itself.
+    ReservedKey {
+        /// The key.
+        key: String,
+        /// The broker.
+        broker: &'static str,
+    },
+    /// The broker cannot carry this message (for example an ordering key where it keeps no
+    /// order).
+    Unsupported(String),
+}
+
+impl fmt::Display for MessageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.example.net", self.0.instance_name())
+        match self {
+            MessageError::DataTooLarge { bytes } => write!(
+                f,
+                "data of {bytes} bytes is over the limit of {MAX_DATA_BYTES} bytes"
+            ),
+            MessageError::TooManyAttributes { count } => write!(
+                f,
+                "{count} attributes are over the limit of {MAX_ATTRIBUTES}"
+            ),
+            MessageError::EmptyKey => f.write_str("an attribute key is empty"),
+            MessageError::KeyTooLong { key, bytes } => write!(
+                f,
+                "attribute key '{key}' of {bytes} bytes is over the limit of {MAX_KEY_BYTES} bytes"
+            ),
+            MessageError::ValueTooLong { key, bytes } => write!(
+                f,
+                "the value of attribute '{key}' has {bytes} bytes, over the limit of {MAX_VALUE_BYTES} bytes"
+            ),
+            MessageError::OrderingKeyTooLong { bytes } => write!(
+                f,
+                "ordering key of {bytes} bytes is over the limit of {MAX_ORDERING_KEY_BYTES} bytes"
+            ),
+            MessageError::ReservedKey { key, broker } => write!(
+                f,
+                "attribute key '{key}' is reserved by the {broker} wire format"
+            ),
+            MessageError::Unsupported(text) => f.write_str(text),
+        }
+    }
+}
+
+impl std::error::Error for MessageError {}
+
+/// Why data is not a host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostNameError {
+    /// No bytes at all.
+    Empty,
+    /// Longer than [`MAX_HOST_NAME_BYTES`].
+    TooLong {
+        /// The length.
+        bytes: usize,
+    },
+    /// Two dots in a row, or a dot at either end.
+    EmptyLabel,
+    /// A label longer than [`MAX_LABEL_BYTES`].
+    LabelTooLong {
+        /// The label's length.
+        bytes: usize,
+    },
+    /// A label starts or ends with `-`.
+    Hyphen {
+        /// The label.
+        label: String,
+    },
+    /// A byte outside `[a-zA-Z0-9.-]`.
+    BadByte {
+        /// The byte.
+        byte: u8,
+        /// Where, counting from 0.
+        at: usize,
+    },
+}
+
+impl fmt::Display for HostNameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("data is not a host name: ")?;
+        match self {
+            HostNameError::Empty => f.write_str("it is empty"),
+            HostNameError::TooLong { bytes } => {
+                write!(f, "{bytes} bytes, over the limit of {MAX_HOST_NAME_BYTES}")
+            }
+            HostNameError::EmptyLabel => f.write_str("a label is empty"),
+            HostNameError::LabelTooLong { bytes } => write!(
+                f,
+                "a label of {bytes} bytes, over the limit of {MAX_LABEL_BYTES}"
+            ),
+            HostNameError::Hyphen { label } => {
+                write!(f, "label '{label}' starts or ends with '-'")
+            }
+            HostNameError::BadByte { byte, at } => {
+                write!(f, "byte {at} is {:?}", char::from(*byte))
+            }
+        }
+    }
+}
+
+impl std::error::Error for HostNameError {}
+
+/// `data` as a host name.
+pub(crate) fn host_name(data: &[u8]) -> Result<&str, HostNameError> {
+    if data.is_empty() {
+        return Err(HostNameError::Empty);
+    }
+    if data.len() > MAX_HOST_NAME_BYTES {
+        return Err(HostNameError::TooLong { bytes: data.len() });
+    }
+    // One pass: the chaos monkey checks every message it handles.
+    let mut start = 0;
+    for (at, &byte) in data.iter().enumerate() {
+        if byte == b'.' {
+            check_label(&data[start..at])?;
+            start = at + 1;
+        } else if !(byte.is_ascii_alphanumeric() || byte == b'-') {
+            return Err(HostNameError::BadByte { byte, at });
+        }
+    }
+    check_label(&data[start..])?;
+    // Every byte was checked to be ASCII above, so this never takes the error path; it
+    // exists to avoid an `unwrap` in library code.
+    std::str::from_utf8(data).map_err(|_| HostNameError::Empty)
+}
+
+/// Checks one label of a host name (its bytes are checked already).
+fn check_label(label: &[u8]) -> Result<(), HostNameError> {
+    match label {
+        [] => Err(HostNameError::EmptyLabel),
+        _ if label.len() > MAX_LABEL_BYTES => {
+            Err(HostNameError::LabelTooLong { bytes: label.len() })
+        }
+        [b'-', ..] | [.., b'-'] => Err(HostNameError::Hyphen {
+            label: String::from_utf8_lossy(label).into_owned(),
+        }),
+        _ => Ok(()),
     }
 }
 
 impl fmt::Display for PubSubMessage {
+    /// `PubSubMessage(instance_name='web-01')` when the data is a host name, as the reference
+    /// logs it; `PubSubMessage(message_id='...', data=N bytes)` otherwise.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PubSubMessage(instance_name='{}')", self.instance_name())
+        match self.instance_name() {
+            Ok(name) => write!(f, "PubSubMessage(instance_name='{name}')"),
+            Err(_) => write!(
+                f,
+                "PubSubMessage(message_id='{}', data={} bytes)",
+                self.id,
+                self.data.len()
+            ),
+        }
     }
 }
 
 impl fmt::Debug for PubSubMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// The data's first 64 bytes, escaped.
+        struct Head<'a>(&'a [u8]);
+        impl fmt::Debug for Head<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let shown = &self.0[..self.0.len().min(64)];
+                write!(f, "b\"{}\"", shown.escape_ascii())?;
+                if self.0.len() > shown.len() {
+                    write!(f, "... ({} bytes)", self.0.len())?;
+                }
+                Ok(())
+            }
+        }
         f.debug_struct("PubSubMessage")
-            .field("message_id", &self.message_id)
-            .field("instance_name", &self.instance_name())
+            .field("id", &self.id)
+            .field("data", &Head(&self.data))
+            .field("attributes", &self.attributes)
+            .field("publish_time", &self.publish_time)
+            .field("ordering_key", &self.ordering_key)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_follow_the_label_rules() {
+        for good in ["web-01", "db-7.eu-west", "cattle-ae2t", "WEB-01", "a", "0"] {
+            assert!(host_name(good.as_bytes()).is_ok(), "{good}");
+        }
+        let longest = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61),
+        ]
+        .join(".");
+        assert_eq!(longest.len(), 253);
+        assert!(host_name(longest.as_bytes()).is_ok());
+        let cases: [(&[u8], HostNameError); 7] = [
+            (b"", HostNameError::Empty),
+            (
+                b"web-",
+                HostNameError::Hyphen {
+                    label: "web-".into(),
+                },
+            ),
+            (b"a.-b", HostNameError::Hyphen { label: "-b".into() }),
+            (b".a", HostNameError::EmptyLabel),
+            (b"a.", HostNameError::EmptyLabel),
+            (b"we b", HostNameError::BadByte { byte: b' ', at: 2 }),
+            (b"\0\xff", HostNameError::BadByte { byte: 0, at: 0 }),
+        ];
+        for (data, error) in cases {
+            assert_eq!(host_name(data), Err(error), "{:?}", data.escape_ascii());
+        }
+        assert_eq!(
+            host_name(format!("{longest}x").as_bytes()),
+            Err(HostNameError::TooLong { bytes: 254 })
+        );
+        assert_eq!(
+            host_name("x".repeat(64).as_bytes()),
+            Err(HostNameError::LabelTooLong { bytes: 64 })
+        );
+    }
+
+    #[test]
+    fn limits_are_pubsubs() {
+        assert!(PubSubMessage::new(vec![0; MAX_DATA_BYTES]).check().is_ok());
+        assert_eq!(
+            PubSubMessage::new(vec![0; MAX_DATA_BYTES + 1]).check(),
+            Err(MessageError::DataTooLarge {
+                bytes: MAX_DATA_BYTES + 1
+            })
+        );
+        let many: Attributes = (0..=MAX_ATTRIBUTES).map(|i| (i.to_string(), "v")).collect();
+        assert_eq!(
+            PubSubMessage::new("x").with_attributes(many).check(),
+            Err(MessageError::TooManyAttributes { count: 101 })
+        );
+        let key = "k".repeat(MAX_KEY_BYTES);
+        assert!(PubSubMessage::new("x")
+            .with_attribute(key.clone(), "v".repeat(MAX_VALUE_BYTES))
+            .check()
+            .is_ok());
+        assert!(matches!(
+            PubSubMessage::new("x")
+                .with_attribute(format!("{key}k"), "v")
+                .check(),
+            Err(MessageError::KeyTooLong { bytes: 257, .. })
+        ));
+        assert_eq!(
+            PubSubMessage::new("x").with_attribute("", "v").check(),
+            Err(MessageError::EmptyKey)
+        );
+        assert_eq!(
+            PubSubMessage::new("x")
+                .with_ordering_key("o".repeat(1025))
+                .check(),
+            Err(MessageError::OrderingKeyTooLong { bytes: 1025 })
+        );
+    }
+
+    #[test]
+    fn uuid_ids_are_kept_compact_and_equal_their_text() {
+        let uuid = Uuid::from_u128(0xabcd_ef12);
+        assert_eq!(MessageId::from(uuid), MessageId::from(uuid.to_string()));
+        // Upper case is not the usual form: kept as text, and so not equal.
+        let upper = uuid.hyphenated().to_string().to_uppercase();
+        assert_eq!(MessageId::from(upper.as_str()).as_uuid(), None);
+        assert_eq!(MessageId::from(upper.as_str()).to_string(), upper);
+        assert_ne!(MessageId::from("a").digest(), MessageId::from("b").digest());
+    }
+
+    #[test]
+    fn a_message_is_small() {
+        // Every message in flight is carried through the pipeline: an id of 24 bytes, data of
+        // 32, attributes of 16, the publish time and the ordering key 16 each.
+        assert!(std::mem::size_of::<PubSubMessage>() <= 104);
     }
 }

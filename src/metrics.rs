@@ -113,8 +113,13 @@ pub struct Metrics {
     db_gave_up: AtomicU64,
     /// Saves that failed because the simulated database was down.
     db_outage: AtomicU64,
+    /// Messages rejected by their handler ([`HandleError::Rejected`](crate::HandleError)):
+    /// dead-lettered at once.
+    rejected: AtomicU64,
     /// Messages pulled and not yet settled (the flow-control window in use).
     in_flight: Striped,
+    /// Bytes of the messages held ([`PubSubMessage::size`](crate::PubSubMessage::size)).
+    in_flight_bytes: Striped,
     /// The flow-control window: `--max-in-flight`, or where `auto` has moved it.
     window: AtomicU64,
     /// Messages handled to an ack, by handling time in microseconds (log-linear buckets).
@@ -152,7 +157,9 @@ impl Default for Metrics {
             db_queued: AtomicU64::new(0),
             db_gave_up: AtomicU64::new(0),
             db_outage: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
             in_flight: Striped::default(),
+            in_flight_bytes: Striped::default(),
             window: AtomicU64::new(0),
             latency: (0..BUCKETS * STRIPES).map(|_| AtomicU64::new(0)).collect(),
             latency_sum_micros: Striped::default(),
@@ -254,6 +261,10 @@ impl Metrics {
         self.extended.fetch_add(count, Ordering::Relaxed);
     }
 
+    pub(crate) fn count_rejected(&self, count: u64) {
+        self.rejected.fetch_add(count, Ordering::Relaxed);
+    }
+
     pub(crate) fn count_stale_acks(&self, count: u64) {
         self.stale_acks.fetch_add(count, Ordering::Relaxed);
     }
@@ -335,9 +346,32 @@ impl Metrics {
         self.in_flight.sub(count as u64);
     }
 
-    /// Starts the gauge of leases held from zero (a new run).
+    /// Counts bytes of messages taken into the lease manager.
+    pub(crate) fn add_held_bytes(&self, bytes: usize) {
+        self.in_flight_bytes.add(bytes as u64);
+    }
+
+    /// Counts bytes of messages whose permits came back.
+    pub(crate) fn sub_held_bytes(&self, bytes: usize) {
+        if bytes > 0 {
+            self.in_flight_bytes.sub(bytes as u64);
+        }
+    }
+
+    /// Bytes of the messages held now.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight_bytes.sum()
+    }
+
+    /// Messages rejected by their handler so far.
+    pub fn rejected(&self) -> u64 {
+        load(&self.rejected)
+    }
+
+    /// Starts the gauges of leases held from zero (a new run).
     pub(crate) fn reset_held(&self) {
         self.in_flight.reset();
+        self.in_flight_bytes.reset();
     }
 
     /// Failed restart attempts so far.
@@ -615,8 +649,10 @@ counters! {
     expired: Total, "Leases that expired at the source without ack or extension.",
         |stats, _metrics| stats.expired;
     extended: Total, "Lease extensions.", |_stats, metrics| load(&metrics.extended);
-    dead_lettered: Total, "Messages dead-lettered after max_attempts deliveries.",
+    dead_lettered: Total, "Messages dead-lettered (after max_attempts deliveries, or rejected).",
         |stats, _metrics| stats.dead_lettered;
+    rejected: Total, "Messages dead-lettered at once: rejected by their handler, or not decodable.",
+        |stats, metrics| load(&metrics.rejected) + stats.undecodable;
     stale_acks: Total, "Acks refused because the lease had expired.",
         |stats, metrics| load(&metrics.stale_acks) + stats.late_refusals;
     lost_leases: Total, "Leases the source took back while they were held (their handlers were dropped).",
@@ -739,10 +775,13 @@ impl Report {
             concat!(
                 "# HELP mayhem_in_flight Messages pulled and not yet settled.\n",
                 "# TYPE mayhem_in_flight gauge\nmayhem_in_flight {}\n",
+                "# HELP mayhem_in_flight_bytes Bytes of the messages pulled and not yet settled.\n",
+                "# TYPE mayhem_in_flight_bytes gauge\nmayhem_in_flight_bytes {}\n",
                 "# HELP mayhem_window The flow-control window (--max-in-flight, or where auto moved it).\n",
                 "# TYPE mayhem_window gauge\nmayhem_window {}\n"
             ),
             metrics.in_flight(),
+            metrics.in_flight_bytes(),
             metrics.window()
         );
         metrics.write_histogram(&mut out);
@@ -833,6 +872,7 @@ mod tests {
             dead_lettered: 1,
             expired: 2,
             late_refusals: 1,
+            undecodable: 0,
         };
         let metrics = Metrics::default();
         metrics.count_delivered(12, 3);
@@ -876,7 +916,7 @@ mod tests {
             report.to_json(),
             report.prometheus(&metrics),
         );
-        assert_eq!(COUNTERS.len(), 26);
+        assert_eq!(COUNTERS.len(), 27);
         // Counted by the runner and by the source, added once.
         assert_eq!(report.stale_acks, 4);
         for counter in COUNTERS {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 mod amqp_soak;
 mod conformance;
 
-use mayhem::{AmqpConfig, AmqpSource, Envelope, PubSubMessage, Publish, Source};
+use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish, Source};
 
 /// Upper bound for anything a test waits for; only reached when something is broken.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -416,6 +416,14 @@ impl conformance::Harness for Amqp {
         // The source requeues an expired lease on its worker's next tick (every 50 ms).
         thread::sleep(by + Duration::from_millis(100));
     }
+
+    fn reserved(&self) -> &'static [&'static str] {
+        &["x-mayhem-ordering-key", "x-death"]
+    }
+
+    fn ids_optional(&self) -> bool {
+        true
+    }
 }
 
 conformance_tests!(Rabbit::get().map(Amqp));
@@ -439,10 +447,13 @@ fn nacks_past_max_attempts_go_to_the_dead_letter_queue() {
     let queue = server.queue("dead");
     let source = server.source(&queue, Duration::from_secs(5), 3);
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(2));
-    source.publish(&[Envelope::from(message)]).expect("publish");
+    source
+        .publish(std::slice::from_ref(&message))
+        .expect("publish");
     for attempt in 1..=3 {
         let lease = pull_one(&source);
-        assert_eq!((lease.message, lease.attempt), (message, attempt));
+        conformance::assert_same(&lease.message, &message);
+        assert_eq!(lease.attempt, attempt);
         assert!(conformance::nack(&source, &[lease.id]).is_empty());
     }
     assert_eq!(source.stats().dead_lettered, 1);
@@ -457,13 +468,16 @@ fn a_dropped_source_gives_its_leases_back() {
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(4));
     {
         let first = server.source(&queue, Duration::from_secs(60), 5);
-        first.publish(&[Envelope::from(message)]).expect("publish");
+        first
+            .publish(std::slice::from_ref(&message))
+            .expect("publish");
         pull_one(&first);
         // Dropped without ack: closing the connection gives the message back.
     }
     let again = server.source(&queue, Duration::from_secs(60), 5);
     let lease = pull_one(&again);
-    assert_eq!((lease.message, lease.attempt), (message, 2));
+    conformance::assert_same(&lease.message, &message);
+    assert_eq!(lease.attempt, 2);
     assert!(conformance::ack(&again, &[lease.id]).is_empty());
 }
 
@@ -635,12 +649,12 @@ const QUIET: [&str; 12] = [
 fn publish_names(server: &Rabbit, queue: &str, count: usize, max_attempts: u32) -> Vec<String> {
     let source = server.source(queue, Duration::from_secs(60), max_attempts);
     let names: Vec<String> = (0..count).map(|i| format!("cattle-{i:04}")).collect();
-    let batch: Vec<Envelope> = names
+    let batch: Vec<PubSubMessage> = names
         .iter()
         .enumerate()
         .map(|(i, name)| {
             let id = mayhem::Uuid::from_u128(i as u128 + 1);
-            Envelope::from(PubSubMessage::from_parts(id, name).expect("a valid name"))
+            PubSubMessage::new(name.to_string()).with_id(id)
         })
         .collect();
     source.publish(&batch).expect("publish");
@@ -1087,13 +1101,11 @@ fn confirms_outstanding_at_an_interrupt_are_still_awaited() {
     let source = server.source(&queue, Duration::from_secs(60), 5);
     let mut rng = fastrand::Rng::with_seed(5);
     for _ in 0..3 {
-        let batch: Vec<Envelope> = (0..100)
-            .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
-            .collect();
+        let batch: Vec<PubSubMessage> = (0..100).map(|_| PubSubMessage::random(&mut rng)).collect();
         source.publish(&batch).expect("publish");
     }
     Publish::interrupt(&source);
-    let late = [Envelope::from(PubSubMessage::random(&mut rng))];
+    let late = [PubSubMessage::random(&mut rng)];
     assert!(matches!(
         source.publish(&late),
         Err(mayhem::SourceError::Closed)
@@ -1103,24 +1115,33 @@ fn confirms_outstanding_at_an_interrupt_are_still_awaited() {
 }
 
 #[test]
-fn messages_that_are_not_mayhem_messages_are_dead_lettered_and_counted_once() {
+fn messages_no_decoding_can_read_are_dead_lettered_and_counted_once() {
     // Each was counted twice in `dead_lettered`: once when pulled, once when its dead
-    // letter was sent.
+    // letter was sent. Any other producer's message is a message: no id, binary data, an
+    // id that is not a UUID.
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("foreign");
     let source = server.source(&queue, Duration::from_secs(60), 5);
-    // Three messages another program published: no message id, a body that is not an
-    // instance name, a message id that is not a UUID.
+    let not_utf8 = |properties: lapin::BasicProperties| {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "origin".into(),
+            lapin::types::AMQPValue::LongString(b"\xff\xfe"[..].into()),
+        );
+        properties.with_headers(headers)
+    };
     smol::block_on(async {
         let connection = lapin::Connection::connect(&server.url(), Default::default())
             .await
             .expect("connect");
         let channel = connection.create_channel().await.expect("a channel");
         let properties = [
-            lapin::BasicProperties::default(),
-            lapin::BasicProperties::default()
-                .with_message_id("00000000-0000-0000-0000-000000000001".into()),
-            lapin::BasicProperties::default().with_message_id("not-a-uuid".into()),
+            not_utf8(lapin::BasicProperties::default()),
+            not_utf8(
+                lapin::BasicProperties::default()
+                    .with_message_id("00000000-0000-0000-0000-000000000001".into()),
+            ),
+            not_utf8(lapin::BasicProperties::default().with_message_id("not-a-uuid".into())),
         ];
         let bodies: [&[u8]; 3] = [b"cattle-abcd", b"\xff\xfe", b"cattle-abcd"];
         for (body, properties) in bodies.into_iter().zip(properties) {
@@ -1140,8 +1161,79 @@ fn messages_that_are_not_mayhem_messages_are_dead_lettered_and_counted_once() {
         connection.close(200, "done".into()).await.expect("close");
     });
     wait_for_dead_letters_after_pulls(&source, 3);
-    assert_eq!(source.stats().dead_lettered, 3, "{:?}", source.stats());
+    let stats = source.stats();
+    assert_eq!(
+        (stats.dead_lettered, stats.undecodable),
+        (3, 3),
+        "{stats:?}"
+    );
     assert_eq!(source.settled(), 3);
+}
+
+#[test]
+fn any_producer_s_message_is_read_whole() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("anyproducer");
+    let source = server.source(&queue, Duration::from_secs(60), 5);
+    smol::block_on(async {
+        let connection = lapin::Connection::connect(&server.url(), Default::default())
+            .await
+            .expect("connect");
+        let channel = connection.create_channel().await.expect("a channel");
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "origin".into(),
+            lapin::types::AMQPValue::LongString(b"ops"[..].into()),
+        );
+        headers.insert("count".into(), lapin::types::AMQPValue::LongInt(7));
+        let messages = [
+            (&b"\0\xff binary"[..], lapin::BasicProperties::default()),
+            (
+                &b"web-01"[..],
+                lapin::BasicProperties::default()
+                    .with_message_id("not-a-uuid".into())
+                    .with_timestamp(1_700_000_000)
+                    .with_headers(headers),
+            ),
+        ];
+        for (body, properties) in messages {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    Default::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("the broker takes it");
+        }
+        connection.close(200, "done".into()).await.expect("close");
+    });
+    let mut leases = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    while leases.len() < 2 {
+        assert!(Instant::now() < end, "{} pulled", leases.len());
+        source
+            .pull(10, Duration::from_millis(100), &mut leases)
+            .expect("pull");
+    }
+    let (first, second) = (&leases[0].message, &leases[1].message);
+    assert_eq!(&first.data()[..], b"\0\xff binary");
+    assert!(first.id().is_empty(), "RabbitMQ has no ids of its own");
+    assert_eq!(first.publish_time(), None);
+    assert_eq!(&second.data()[..], b"web-01");
+    assert_eq!(second.id().to_string(), "not-a-uuid");
+    assert_eq!(second.attributes().get("origin"), Some("ops"));
+    assert_eq!(second.attributes().get("count"), Some("7"));
+    assert_eq!(
+        second.publish_time(),
+        Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+    );
+    let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
+    assert!(conformance::ack(&source, &ids).is_empty());
 }
 
 /// Pulls (which dead-letters what is not a message) until the dead-letter queue holds
@@ -1180,11 +1272,11 @@ fn remaining_keeps_the_broker_s_last_count_while_it_does_not_answer() {
         ..AmqpConfig::default()
     })
     .expect("connect");
-    let batch: Vec<Envelope> = (0..5u128)
+    let batch: Vec<PubSubMessage> = (0..5u128)
         .map(|i| {
             let id = mayhem::Uuid::from_u128(i + 1);
             let name = format!("cattle-r{i:03}");
-            Envelope::from(PubSubMessage::from_parts(id, &name).expect("a valid name"))
+            PubSubMessage::new(name.to_string()).with_id(id)
         })
         .collect();
     source.publish(&batch).expect("publish");
@@ -1232,30 +1324,36 @@ fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
     assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
     restorer.join().expect("the restorer");
     // Every message arrives at least once.
-    let want: Vec<PubSubMessage> = batches.iter().flatten().map(|e| e.message).collect();
+    let want: Vec<PubSubMessage> = batches.iter().flatten().cloned().collect();
     consume_until(server, &queue, &want);
 }
 
 /// `count` batches of 200 messages with ids of their own.
-fn numbered_batches(count: u128) -> Vec<Vec<Envelope>> {
+fn numbered_batches(count: u128) -> Vec<Vec<PubSubMessage>> {
     (0..count)
         .map(|batch| {
             (0..200u128)
                 .map(|i| {
                     let id = mayhem::Uuid::from_u128(batch * 1000 + i + 1);
                     let name = format!("cattle-{batch}{i:03}");
-                    Envelope::from(PubSubMessage::from_parts(id, &name).expect("a valid name"))
+                    PubSubMessage::new(name.to_string()).with_id(id)
                 })
                 .collect()
         })
         .collect()
 }
 
+/// What a consumer must see of a published message: its id and data (the broker adds the
+/// publish time).
+fn content(message: &PubSubMessage) -> (mayhem::MessageId, mayhem::Bytes) {
+    (message.id().clone(), message.data().clone())
+}
+
 /// Consumes `queue`, acking, until every message of `want` arrived; returns every
 /// delivery, duplicates included, sorted by message id.
 fn consume_until(server: &Rabbit, queue: &str, want: &[PubSubMessage]) -> Vec<PubSubMessage> {
     let mut want = want.to_vec();
-    want.sort_by_key(|message| message.message_id());
+    want.sort_by_key(|message| message.id().clone());
     let consumer = server.source(queue, Duration::from_secs(60), 5);
     let mut seen = Vec::new();
     let end = Instant::now() + PATIENCE;
@@ -1267,10 +1365,10 @@ fn consume_until(server: &Rabbit, queue: &str, want: &[PubSubMessage]) -> Vec<Pu
         let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
         assert!(conformance::ack(&consumer, &ids).is_empty());
         seen.extend(leases.into_iter().map(|lease| lease.message));
-        seen.sort_by_key(|message| message.message_id());
-        let mut distinct = seen.clone();
+        seen.sort_by_key(|message| message.id().clone());
+        let mut distinct: Vec<_> = seen.iter().map(content).collect();
         distinct.dedup();
-        if distinct == want {
+        if distinct == want.iter().map(content).collect::<Vec<_>>() {
             return seen;
         }
         assert!(
@@ -1306,7 +1404,7 @@ fn batches_take_the_publishing_connections_in_turn_and_each_message_arrives_once
     // `published` counts the confirmed messages of every connection.
     assert_eq!(publisher.stats().published, 1200);
     // Without a lost connection nothing is sent twice.
-    let want: Vec<PubSubMessage> = batches.iter().flatten().map(|e| e.message).collect();
+    let want: Vec<PubSubMessage> = batches.iter().flatten().cloned().collect();
     let seen = consume_until(server, &queue, &want);
     assert_eq!(seen.len(), want.len());
 }
@@ -1332,7 +1430,7 @@ fn a_queue_deleted_under_the_publisher_is_declared_again_and_nothing_vanishes() 
         publisher.publish(batch).expect("publish");
     }
     assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
-    let want: Vec<PubSubMessage> = batches[1..].iter().flatten().map(|e| e.message).collect();
+    let want: Vec<PubSubMessage> = batches[1..].iter().flatten().cloned().collect();
     consume_until(server, &queue, &want);
 }
 
@@ -1403,10 +1501,13 @@ fn amqps_publishes_and_consumes_trusting_a_private_ca() {
     }
     let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
     assert!(conformance::ack(&source, &ids).is_empty());
-    let mut got: Vec<PubSubMessage> = leases.iter().map(|lease| lease.message).collect();
-    got.sort_by_key(|message| message.message_id());
-    sent.sort_by_key(|message| message.message_id());
-    assert_eq!(got, sent);
+    let mut got: Vec<PubSubMessage> = leases.iter().map(|lease| lease.message.clone()).collect();
+    got.sort_by_key(|message| message.id().clone());
+    sent.sort_by_key(|message| message.id().clone());
+    assert_eq!(
+        got.iter().map(content).collect::<Vec<_>>(),
+        sent.iter().map(content).collect::<Vec<_>>()
+    );
     assert_eq!(source.stats().remaining, 0);
 }
 
@@ -1743,4 +1844,112 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
     assert_eq!(faults.len(), 6, "{faults:?}");
     faults.dedup();
     assert_eq!(faults.len(), 6, "not every kind of fault: {faults:?}");
+}
+
+#[test]
+fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("cli-publish");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["publish", "--source", &server.url(), "--stream", &queue])
+        .args(["--attribute", "origin=ops", "--ordering-key", "web"])
+        .args(["web-03", "db-7.eu-west"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem publish");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    // One id per line, printed once the broker confirmed the messages.
+    let ids: Vec<&str> = stdout.lines().collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    // The queue was declared as the service declares it (default --max-attempts 5).
+    let consumer = server.source(&queue, Duration::from_secs(30), 5);
+    for (id, data) in ids.iter().zip(["web-03", "db-7.eu-west"]) {
+        let lease = pull_one(&consumer);
+        let message = &lease.message;
+        assert_eq!(message.id().to_string(), *id);
+        assert_eq!(message.id().as_uuid().map(|u| u.get_version_num()), Some(4));
+        assert_eq!(&message.data()[..], data.as_bytes());
+        assert_eq!(message.attributes().get("origin"), Some("ops"));
+        assert_eq!(message.attributes().len(), 1);
+        assert_eq!(message.ordering_key(), Some("web"));
+        assert!(message.publish_time().is_some());
+        assert!(conformance::ack(&consumer, &[lease.id]).is_empty());
+    }
+}
+
+#[cfg(feature = "amqp-tls")]
+#[test]
+fn mayhem_publish_over_amqps_publishes_the_lines_of_stdin() {
+    use std::io::Write;
+    let Some(server) = Rabbit::get() else { return };
+    let Some(tls) = tls(server) else { return };
+    let queue = server.queue("cli-publish-tls");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "publish",
+            "--source",
+            &format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port),
+        ])
+        .args(["--amqp-ca-file", tls.ca.to_str().expect("a utf-8 path")])
+        .args(["--stream", &queue, "--attribute", "origin=stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mayhem publish");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(b"web-05\n\nweb-06").expect("write stdin");
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait for mayhem publish");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let ids: Vec<&str> = stdout.lines().collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    let consumer = server.source(&queue, Duration::from_secs(30), 5);
+    for (id, data) in ids.iter().zip(["web-05", "web-06"]) {
+        let lease = pull_one(&consumer);
+        assert_eq!(lease.message.id().to_string(), *id);
+        assert_eq!(&lease.message.data()[..], data.as_bytes());
+        assert_eq!(lease.message.attributes().get("origin"), Some("stdin"));
+        assert!(conformance::ack(&consumer, &[lease.id]).is_empty());
+    }
+}
+
+#[test]
+fn mayhem_publish_exits_1_in_one_line_on_a_refusal_or_an_unreachable_broker() {
+    // Nobody listens on a port just freed: no broker needed.
+    let nowhere = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", free_port());
+    let run = |url: &str, limit: &str| {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(["publish", "--source", url, "--reconnect-limit", limit])
+            .arg("web-03")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mayhem publish");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(output.stdout.is_empty(), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(!stderr.contains("s3cretpw"), "{stderr}");
+        (started.elapsed(), stderr)
+    };
+    let (took, stderr) = run(&nowhere, "1s");
+    assert!(stderr.contains("unavailable"), "{stderr}");
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(5)).contains(&took),
+        "took {took:?}"
+    );
+    // Refused credentials end it at once, not after the 60 s of the limit.
+    let Some(server) = Rabbit::get() else { return };
+    let refused = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", server.port);
+    let (took, stderr) = run(&refused, "60s");
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
 }

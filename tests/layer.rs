@@ -173,3 +173,27 @@ fn an_open_breaker_stops_the_pulls_and_held_messages_wait_instead_of_failing() {
     assert_eq!(report.consumed, 40 + report.nacked, "{report}");
     assert!(!pause.pulling_paused() && pause.is_ready());
 }
+
+/// Rejects every message: data no handler can use.
+struct Picky;
+
+impl Handler for Picky {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        Err(HandleError::reject("not a host name"))
+    }
+}
+
+#[test]
+fn rejections_are_about_the_message_and_never_open_the_breaker() {
+    let pause = Pause::new();
+    let settings = BreakerConfig {
+        failures: 1,
+        cooldown: Duration::from_secs(60),
+    };
+    let handler = layer::Breaker::new(Picky, settings, pause.clone());
+    let report = run_watched(&config(20), &handler, &pause, |_| {});
+    assert_eq!(report.rejected, 20, "{report}");
+    assert_eq!(report.dead_lettered, 20, "{report}");
+    assert_eq!(report.breaker_opened, 0, "{report}");
+    assert!(!handler.is_open() && pause.is_ready());
+}

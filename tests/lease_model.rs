@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use mayhem::source::one;
 use mayhem::{
-    Clock, Envelope, LeaseError, LeaseId, ManualClock, PubSubMessage, Publish, Source, SourceError,
-    Subscription, SubscriptionConfig,
+    Clock, LeaseError, LeaseId, ManualClock, MessageId, PubSubMessage, Publish, Source,
+    SourceError, Subscription, SubscriptionConfig,
 };
 use proptest::prelude::*;
 
@@ -57,9 +57,9 @@ enum State {
 }
 
 struct Model {
-    states: HashMap<PubSubMessage, State>,
+    states: HashMap<MessageId, State>,
     /// Every lease ever handed out, with its message: stale ones are used on purpose.
-    leases: Vec<(LeaseId, PubSubMessage)>,
+    leases: Vec<(LeaseId, MessageId)>,
     interrupted: bool,
 }
 
@@ -83,7 +83,7 @@ impl Model {
     }
 
     /// The live lease `lease` of `message`, if the model holds it.
-    fn live(&self, lease: LeaseId, message: &PubSubMessage) -> Option<u32> {
+    fn live(&self, lease: LeaseId, message: &MessageId) -> Option<u32> {
         match self.states.get(message) {
             Some(State::Leased {
                 lease: held,
@@ -124,12 +124,12 @@ proptest! {
             match op {
                 Op::Publish => {
                     let message = PubSubMessage::random(&mut rng);
-                    let result = sub.publish(&[Envelope::from(message)]);
+                    let result = sub.publish(std::slice::from_ref(&message));
                     if model.interrupted {
                         prop_assert_eq!(result, Err(SourceError::Closed));
                     } else {
                         prop_assert_eq!(result, Ok(()));
-                        model.states.insert(message, State::Queued { attempts: 0 });
+                        model.states.insert(message.id().clone(), State::Queued { attempts: 0 });
                     }
                 }
                 Op::Pull(max) => {
@@ -144,18 +144,18 @@ proptest! {
                     prop_assert_eq!(out.len() as u64, queued.min(max as u64));
                     for lease in out {
                         // Only a queued message can be delivered: never one leased to another holder.
-                        let state = model.states.get(&lease.message).copied();
+                        let state = model.states.get(lease.message.id()).copied();
                         let Some(State::Queued { attempts }) = state else {
                             return Err(TestCaseError::fail(format!("delivered {:?} in state {state:?}", lease.message)));
                         };
                         // Attempts only grow, one per delivery.
                         prop_assert_eq!(lease.attempt, attempts + 1);
-                        model.states.insert(lease.message, State::Leased {
+                        model.states.insert(lease.message.id().clone(), State::Leased {
                             lease: lease.id,
                             attempts: lease.attempt,
                             deadline: now + Duration::from_millis(DEADLINE_MS),
                         });
-                        model.leases.push((lease.id, lease.message));
+                        model.leases.push((lease.id, lease.message.id().clone()));
                     }
                 }
                 Op::Ack(index) | Op::Nack(index) | Op::Extend(index, _) if model.leases.is_empty() => {
@@ -163,9 +163,9 @@ proptest! {
                 }
                 Op::AckMany(_) if model.leases.is_empty() => {}
                 Op::AckMany(indexes) => {
-                    let picked: Vec<(LeaseId, PubSubMessage)> = indexes
+                    let picked: Vec<(LeaseId, MessageId)> = indexes
                         .iter()
-                        .map(|index| model.leases[index % model.leases.len()])
+                        .map(|index| model.leases[index % model.leases.len()].clone())
                         .collect();
                     let ids: Vec<LeaseId> = picked.iter().map(|(id, _)| *id).collect();
                     let mut refused = Vec::new();
@@ -182,7 +182,7 @@ proptest! {
                     prop_assert_eq!(refused, expected);
                 }
                 Op::Ack(index) => {
-                    let (lease, message) = model.leases[index % model.leases.len()];
+                    let (lease, message) = model.leases[index % model.leases.len()].clone();
                     let result = one(lease, |ids, refused| sub.ack(ids, refused));
                     if model.live(lease, &message).is_some() {
                         prop_assert_eq!(result, Ok(()));
@@ -193,7 +193,7 @@ proptest! {
                     }
                 }
                 Op::Nack(index) => {
-                    let (lease, message) = model.leases[index % model.leases.len()];
+                    let (lease, message) = model.leases[index % model.leases.len()].clone();
                     let result = one(lease, |ids, refused| sub.nack(ids, refused));
                     match model.live(lease, &message) {
                         Some(attempts) => {
@@ -204,7 +204,7 @@ proptest! {
                     }
                 }
                 Op::Extend(index, by) => {
-                    let (lease, message) = model.leases[index % model.leases.len()];
+                    let (lease, message) = model.leases[index % model.leases.len()].clone();
                     let result = one(lease, |ids, refused| sub.extend(ids, Duration::from_millis(by), refused));
                     match model.live(lease, &message) {
                         Some(attempts) => {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 mod conformance;
 mod redis_soak;
 
-use mayhem::{Envelope, PubSubMessage, Publish, RedisConfig, RedisSource, Source};
+use mayhem::{PubSubMessage, Publish, RedisConfig, RedisSource, Source};
 use redis::Value;
 
 /// Upper bound for anything a test waits for; only reached when something is broken.
@@ -232,10 +232,10 @@ impl Server {
             pipe.cmd("XADD")
                 .arg(stream)
                 .arg("*")
+                .arg("data")
+                .arg(name)
                 .arg("message_id")
                 .arg(mayhem::Uuid::from_u128(id).to_string())
-                .arg("instance_name")
-                .arg(name)
                 .ignore();
         }
         pipe.query::<()>(&mut con).expect("XADD");
@@ -327,7 +327,7 @@ impl Server {
                 };
                 let fields: HashMap<String, String> =
                     redis::from_redis_value_ref(parts.get(1)?).ok()?;
-                fields.get("instance_name").cloned()
+                fields.get("data").cloned()
             })
             .collect();
         names.sort();
@@ -547,6 +547,17 @@ impl conformance::Harness for Redis {
         // sure a deadline that passed here has passed there too.
         thread::sleep(by + Duration::from_millis(50));
     }
+
+    fn reserved(&self) -> &'static [&'static str] {
+        &[
+            "data",
+            "message_id",
+            "publish_time",
+            "ordering_key",
+            "attempts",
+            "dead_reason",
+        ]
+    }
 }
 
 /// A conformance harness, or `None` (said loudly) without `redis-server`.
@@ -578,9 +589,9 @@ fn unix_sockets_and_database_numbers_are_honoured() {
         })
         .unwrap_or_else(|error| panic!("connect to {url}: {error}"));
         let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(db));
-        publish_one(&source, message);
+        publish_one(&source, &message);
         let lease = pull_one(&source);
-        assert_eq!(lease.message, message, "{url}");
+        conformance::assert_same(&lease.message, &message);
         let mut refused = Vec::new();
         source.ack(&[lease.id], &mut refused).expect("ack");
         assert!(refused.is_empty(), "{url}");
@@ -595,8 +606,10 @@ fn unix_sockets_and_database_numbers_are_honoured() {
     }
 }
 
-fn publish_one(source: &RedisSource, message: PubSubMessage) {
-    source.publish(&[Envelope::from(message)]).expect("publish");
+fn publish_one(source: &RedisSource, message: &PubSubMessage) {
+    source
+        .publish(std::slice::from_ref(message))
+        .expect("publish");
 }
 
 #[test]
@@ -612,7 +625,7 @@ fn an_extended_lease_cannot_be_claimed_by_another_consumer() {
     })
     .expect("connect");
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(3));
-    publish_one(&source, message);
+    publish_one(&source, &message);
     let kept = pull_one(&source);
     // Extended past three deadlines: the other consumer cannot claim it.
     for _ in 0..6 {
@@ -625,7 +638,8 @@ fn an_extended_lease_cannot_be_claimed_by_another_consumer() {
     // Not extended any more: after the deadline the other consumer claims it, attempt 2,
     // and the first holder's ack is refused.
     let claimed = pull_one(&other);
-    assert_eq!((claimed.message, claimed.attempt), (message, 2));
+    conformance::assert_same(&claimed.message, &message);
+    assert_eq!(claimed.attempt, 2);
     assert_eq!(conformance::ack(&source, &[kept.id]), [kept.id]);
     assert!(conformance::ack(&other, &[claimed.id]).is_empty());
     assert_eq!((other.settled(), source.settled()), (1, 0));
@@ -641,13 +655,14 @@ fn a_restarted_consumer_recovers_its_own_pending_entries() {
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(4));
     {
         let first = RedisSource::connect(config.clone()).expect("connect");
-        publish_one(&first, message);
+        publish_one(&first, &message);
         pull_one(&first);
         // Dropped without ack: the entry stays pending for consumer c1.
     }
     let again = RedisSource::connect(config).expect("connect");
     let lease = pull_one(&again);
-    assert_eq!((lease.message, lease.attempt), (message, 2));
+    conformance::assert_same(&lease.message, &message);
+    assert_eq!(lease.attempt, 2);
     assert!(conformance::ack(&again, &[lease.id]).is_empty());
     assert_eq!(server.group("s", "g").map(|g| g.0), Some(0));
 }
@@ -660,10 +675,11 @@ fn nacks_past_max_attempts_go_to_the_dead_stream() {
     let source =
         RedisSource::connect(source_config(&server, "s", Duration::from_secs(5))).expect("connect");
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(2));
-    publish_one(&source, message);
+    publish_one(&source, &message);
     for attempt in 1..=3 {
         let lease = pull_one(&source);
-        assert_eq!((lease.message, lease.attempt), (message, attempt));
+        conformance::assert_same(&lease.message, &message);
+        assert_eq!(lease.attempt, attempt);
         assert!(conformance::nack(&source, &[lease.id]).is_empty());
     }
     assert_eq!(source.stats().dead_lettered, 1);
@@ -1864,4 +1880,310 @@ fn a_fast_redis_soak_with_fixed_seeds_loses_nothing() {
             "seed {seed}"
         );
     }
+}
+
+/// Runs `mayhem publish --source <server> ARGS...` with `stdin` as its standard input (none
+/// when `None`); returns the exit code, stdout and stderr.
+fn run_publish(url: &str, args: &[&str], stdin: Option<&[u8]>) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["publish", "--source", url])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem publish");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        // A publish that stops at a bad line reads no further: the rest cannot be written.
+        let _ = pipe.write_all(input);
+        // Dropped: the end of the input.
+    }
+    let output = child.wait_with_output().expect("wait for mayhem publish");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The entries of `stream`, oldest first: each entry's fields, in the order they were
+/// written.
+fn entries(server: &Server, stream: &str) -> Vec<Vec<(String, String)>> {
+    let reply: Value = server.cmd(&["XRANGE", stream, "-", "+"]);
+    let Value::Array(entries) = reply else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Value::Array(parts) => redis::from_redis_value_ref(parts.get(1)?).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The printed ids: one UUID v4 per line.
+fn printed_ids(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .map(|line| {
+            let uuid = mayhem::Uuid::parse_str(line)
+                .unwrap_or_else(|error| panic!("{line:?} is no uuid: {error}"));
+            assert_eq!(uuid.get_version_num(), 4, "{line}");
+            assert_eq!(uuid.hyphenated().to_string(), line);
+            line.to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn a_published_host_is_restarted_by_a_service_started_afterwards() {
+    // The flow: `mayhem publish --source redis://... web-03`, then
+    // `mayhem --source redis://... --publishers 0` restarts web-03.example.net.
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let (code, stdout, stderr) = run_publish(&server.url(), &["web-03"], None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let ids = printed_ids(&stdout);
+    assert_eq!(ids.len(), 1, "{stdout}");
+    assert_eq!(
+        entries(&server, "mayhem"),
+        [vec![
+            ("data".to_owned(), "web-03".to_owned()),
+            ("message_id".to_owned(), ids[0].clone()),
+        ]]
+    );
+    // A publisher creates no group and claims no consumer name: the stream is the only key.
+    assert_eq!(server.group("mayhem", "mayhem"), None);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut server.connection())
+        .expect("KEYS");
+    assert_eq!(keys, ["mayhem"]);
+    // The group the service creates afterwards still delivers the entry published before it.
+    let service = Service::start(&server, &["--publishers", "0", "--handler-latency", "10ms"]);
+    service.wait_for("Restarted web-03.example.net");
+    service.wait_for("Done. Acked PubSubMessage(instance_name='web-03')");
+    service.signal("SIGTERM");
+    let (status, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));
+}
+
+#[test]
+fn publish_carries_attributes_and_the_ordering_key_in_order() {
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let (code, stdout, stderr) = run_publish(
+        &server.url(),
+        &[
+            "--stream",
+            "ops",
+            "--attribute",
+            "origin=ops",
+            "--attribute",
+            "ticket=INC-7=b",
+            "--ordering-key",
+            "web",
+            "web-01",
+            "db-7.eu-west",
+        ],
+        None,
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let ids = printed_ids(&stdout);
+    assert_eq!(ids.len(), 2, "{stdout}");
+    assert_ne!(ids[0], ids[1]);
+    let expected: Vec<Vec<(String, String)>> = ["web-01", "db-7.eu-west"]
+        .iter()
+        .zip(&ids)
+        .map(|(data, id)| {
+            [
+                ("data", *data),
+                ("message_id", id.as_str()),
+                ("ordering_key", "web"),
+                ("origin", "ops"),
+                // Split at the first `=`: the value keeps the others.
+                ("ticket", "INC-7=b"),
+            ]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+        })
+        .collect();
+    assert_eq!(entries(&server, "ops"), expected);
+    // Read back through the library, they are messages with those attributes.
+    let source = RedisSource::connect(source_config(&server, "ops", Duration::from_secs(30)))
+        .expect("connect");
+    let lease = pull_one(&source);
+    assert_eq!(lease.message.id().to_string(), ids[0]);
+    assert_eq!(&lease.message.data()[..], b"web-01");
+    assert_eq!(lease.message.attributes().get("origin"), Some("ops"));
+    assert_eq!(lease.message.attributes().get("ticket"), Some("INC-7=b"));
+    assert_eq!(lease.message.attributes().len(), 2);
+    assert_eq!(lease.message.ordering_key(), Some("web"));
+}
+
+#[test]
+fn publish_reads_one_message_per_line_of_stdin() {
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    // `\n` and `\r\n` end a line, an empty line is skipped, a last line without a line end
+    // counts, and a line may hold any bytes.
+    let input = b"web-05\n\nweb-06\r\n\xff\x00bin\nweb-07";
+    let (code, stdout, stderr) =
+        run_publish(&server.url(), &["--attribute", "origin=stdin"], Some(input));
+    assert_eq!(code, Some(0), "{stderr}");
+    let ids = printed_ids(&stdout);
+    assert_eq!(ids.len(), 4, "{stdout}");
+    let reply: Value = server.cmd(&["XRANGE", "mayhem", "-", "+"]);
+    let Value::Array(raw) = reply else {
+        panic!("no entries: {reply:?}");
+    };
+    let mut data = Vec::new();
+    for (entry, id) in raw.iter().zip(&ids) {
+        let Value::Array(parts) = entry else {
+            panic!("{entry:?}")
+        };
+        let fields: Vec<Vec<u8>> = redis::from_redis_value_ref(&parts[1]).expect("fields");
+        assert_eq!(fields[0], b"data");
+        assert_eq!(
+            fields[2..4],
+            [b"message_id".to_vec(), id.as_bytes().to_vec()]
+        );
+        assert_eq!(fields[4..6], [b"origin".to_vec(), b"stdin".to_vec()]);
+        data.push(fields[1].clone());
+    }
+    assert_eq!(
+        data,
+        [
+            b"web-05".to_vec(),
+            b"web-06".to_vec(),
+            b"\xff\x00bin".to_vec(),
+            b"web-07".to_vec()
+        ]
+    );
+    // Nothing on stdin: nothing published, exit 0.
+    let (code, stdout, stderr) = run_publish(&server.url(), &[], Some(b""));
+    assert_eq!((code, stdout.as_str()), (Some(0), ""), "{stderr}");
+    assert_eq!(server.xlen("mayhem"), 4);
+}
+
+#[test]
+fn publish_to_an_unreachable_broker_exits_1_within_the_reconnect_limit() {
+    // Nobody listens on a port just freed; no redis-server needed.
+    let url = format!("redis://127.0.0.1:{}/0", free_port());
+    let started = Instant::now();
+    let (code, stdout, stderr) = run_publish(&url, &["--reconnect-limit", "1s", "web-03"], None);
+    let took = started.elapsed();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot connect to redis at ") && stderr.contains("tried for 1s"),
+        "{stderr}"
+    );
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(5)).contains(&took),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn a_bad_line_of_stdin_exits_2_after_publishing_the_lines_before_it() {
+    let Some(server) = Server::start(false) else {
+        return;
+    };
+    let mut input = b"web-08\n".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 10_000_001));
+    input.extend(b"\nweb-09\n");
+    let (code, stdout, stderr) = run_publish(&server.url(), &[], Some(&input));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: line 2 of standard input: data over the limit of 10000000 bytes\n"
+    );
+    let ids = printed_ids(&stdout);
+    assert_eq!(ids.len(), 1, "{stdout}");
+    assert_eq!(
+        entries(&server, "mayhem"),
+        [vec![
+            ("data".to_owned(), "web-08".to_owned()),
+            ("message_id".to_owned(), ids[0].clone()),
+        ]]
+    );
+}
+
+#[test]
+fn a_server_lost_while_publishing_stdin_ends_publish_with_exit_1() {
+    use std::io::Write;
+    let Some(mut server) = Server::start(false) else {
+        return;
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "publish",
+            "--source",
+            &server.url(),
+            "--reconnect-limit",
+            "1s",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem publish");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    // A line typed at a terminal is published at once: its id comes back before the next.
+    stdin.write_all(b"web-10\n").expect("write a line");
+    let mut id = String::new();
+    stdout.read_line(&mut id).expect("read the first id");
+    assert_eq!(printed_ids(&id).len(), 1, "{id:?}");
+    server.kill();
+    let started = Instant::now();
+    let _ = stdin.write_all(b"web-11\n");
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait for mayhem publish");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: redis at ") && stderr.contains("unreachable"),
+        "{stderr}"
+    );
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("read stdout");
+    assert!(rest.is_empty(), "{rest}");
+}
+
+#[test]
+fn publish_with_a_wrong_password_exits_1_at_once_without_showing_it() {
+    let Some(server) = Server::start_with(false, None, Some("right-pw")) else {
+        return;
+    };
+    let url = format!("redis://:wr0ng-pw@127.0.0.1:{}/0", server.port);
+    let started = Instant::now();
+    let (code, stdout, stderr) = run_publish(&url, &["web-03"], None);
+    assert_eq!(code, Some(1), "{stderr}");
+    // Not retried for the 30 s of the default limit.
+    assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("refused the connection"), "{stderr}");
+    assert!(!stderr.contains("wr0ng-pw"), "{stderr}");
+    // With the right one it publishes.
+    let (code, stdout, stderr) = run_publish(&server.url(), &["web-03"], None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(printed_ids(&stdout).len(), 1);
 }

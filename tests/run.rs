@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mayhem::{
-    run, run_clients, run_with_metrics, Config, Context, Envelope, HandleError, Handler, LeaseId,
+    run, run_clients, run_with_metrics, Config, Context, HandleError, Handler, LeaseId,
     MayhemConfig, MayhemHandler, Metrics, PubSubMessage, Publish, RunError, Shutdown,
     ShutdownReason, Source, SourceError, Subscription,
 };
@@ -98,8 +98,8 @@ fn zero_messages_ends_at_once() {
 fn preloaded(config: &Config, count: usize, seed: u64) -> Subscription {
     let subscription = Subscription::new(config.subscription());
     let mut rng = fastrand::Rng::with_seed(seed);
-    let batch: Vec<Envelope> = (0..count)
-        .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+    let batch: Vec<PubSubMessage> = (0..count)
+        .map(|_| PubSubMessage::random(&mut rng))
         .collect();
     subscription.publish(&batch).unwrap();
     subscription
@@ -354,6 +354,14 @@ impl mayhem::Source for Misbehaving {
     fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
         self.0.nack(leases, refused)
     }
+    fn reject(
+        &self,
+        lease: LeaseId,
+        reason: &str,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        self.0.reject(lease, reason, refused)
+    }
     fn extend(
         &self,
         leases: &[LeaseId],
@@ -588,4 +596,61 @@ fn the_largest_window_allocates_nothing_up_front() {
         "peak RSS grew by {} kB",
         after - before
     );
+}
+
+/// Counts the handlers running at once and the most seen, and the most bytes handed to
+/// handlers that a handler saw.
+#[derive(Default)]
+struct Concurrency {
+    running: AtomicUsize,
+    most: AtomicUsize,
+    most_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Handler for Concurrency {
+    async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        self.most_bytes
+            .fetch_max(ctx.metrics().in_flight_bytes(), Ordering::SeqCst);
+        smol::Timer::after(Duration::from_millis(2)).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[test]
+fn the_byte_window_bounds_what_handlers_hold_and_a_larger_message_goes_alone() {
+    let mut config = fast(31);
+    config.publish.publishers = 0;
+    config.run.max_in_flight_bytes = 10_000;
+    let subscription = Subscription::new(config.subscription());
+    let mut batch: Vec<PubSubMessage> = (0..30)
+        .map(|i| PubSubMessage::new(vec![b'x'; 4000]).with_id(format!("m{i}")))
+        .collect();
+    // Five times the whole window: handed over alone, never stuck.
+    batch.push(PubSubMessage::new(vec![b'y'; 50_000]).with_id("large"));
+    subscription.publish(&batch).unwrap();
+    let handler = Concurrency::default();
+    let metrics = Metrics::default();
+    let report = run_clients(
+        &config,
+        &subscription,
+        None,
+        &handler,
+        &Shutdown::new(),
+        &metrics,
+    )
+    .unwrap();
+    assert_eq!((report.acked, report.remaining), (31, 0), "{report:?}");
+    // 4,000-byte messages under a 10,000-byte window: two at a time at most.
+    assert!(
+        handler.most.load(Ordering::SeqCst) <= 2,
+        "{:?}",
+        handler.most
+    );
+    let most_bytes = handler.most_bytes.load(Ordering::SeqCst);
+    // The large one counts its id too; it was alone, or the window held.
+    assert!(most_bytes == 50_005 || most_bytes <= 10_000, "{most_bytes}");
+    assert_eq!(metrics.in_flight_bytes(), 0, "every byte came back");
 }

@@ -16,7 +16,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mayhem::{AmqpConfig, AmqpSource, Envelope, PubSubMessage, Publish};
+use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish};
 
 /// Runs of each measurement (the median is shown).
 const AMQP_RUNS: usize = 3;
@@ -127,8 +127,8 @@ impl Server {
         })
         .ok()?;
         let mut rng = fastrand::Rng::with_seed(count);
-        let messages: Vec<Envelope> = (0..count)
-            .map(|_| Envelope::from(PubSubMessage::random(&mut rng)))
+        let messages: Vec<PubSubMessage> = (0..count)
+            .map(|_| PubSubMessage::random(&mut rng))
             .collect();
         let started = Instant::now();
         for batch in messages.chunks(BATCH) {

@@ -84,28 +84,28 @@ impl Server {
         value.parse().ok()
     }
 
-    /// Pipelines `count` `XADD`s of mayhem messages to `stream` with `redis-cli --pipe`;
-    /// returns the entries added per second.
-    fn pipe_xadd(&self, stream: &str, count: u64) -> Option<f64> {
-        let mut rng = fastrand::Rng::with_seed(count);
-        let mut resp = Vec::with_capacity(count as usize * 120);
+    /// Pipelines `count` `XADD`s of `payload` bytes of data each to `stream` with
+    /// `redis-cli --pipe`, as any producer would write them; returns the entries added per
+    /// second.
+    fn pipe_payload(&self, stream: &str, count: u64, payload: usize) -> Option<f64> {
+        let mut rng = fastrand::Rng::with_seed(count ^ payload as u64);
+        let mut data = vec![0u8; payload];
+        let mut resp = Vec::with_capacity(count as usize * (payload + 64));
         for _ in 0..count {
-            let message = mayhem::PubSubMessage::random(&mut rng);
-            let id = message.message_id().to_string();
-            let args = [
-                "XADD",
-                stream,
-                "*",
-                "message_id",
-                &id,
-                "instance_name",
-                message.instance_name(),
-            ];
-            let _ = write!(resp, "*{}\r\n", args.len());
-            for arg in args {
-                let _ = write!(resp, "${}\r\n{arg}\r\n", arg.len());
-            }
+            rng.fill(&mut data);
+            let header = format!(
+                "*5\r\n$4\r\nXADD\r\n${}\r\n{stream}\r\n$1\r\n*\r\n$4\r\ndata\r\n${payload}\r\n",
+                stream.len()
+            );
+            resp.extend_from_slice(header.as_bytes());
+            resp.extend_from_slice(&data);
+            resp.extend_from_slice(b"\r\n");
         }
+        self.pipe(&resp, count)
+    }
+
+    /// Sends `resp` (`count` commands) with `redis-cli --pipe`; returns commands per second.
+    fn pipe(&self, resp: &[u8], count: u64) -> Option<f64> {
         let mut child = Command::new("redis-cli")
             .args(["-p", &self.port.to_string(), "--pipe"])
             .stdin(Stdio::piped())
@@ -114,10 +114,35 @@ impl Server {
             .spawn()
             .ok()?;
         let started = Instant::now();
-        child.stdin.take()?.write_all(&resp).ok()?;
+        child.stdin.take()?.write_all(resp).ok()?;
         let status = child.wait().ok()?;
         let took = started.elapsed();
         status.success().then(|| count as f64 / took.as_secs_f64())
+    }
+
+    /// Pipelines `count` `XADD`s of mayhem messages to `stream` with `redis-cli --pipe`;
+    /// returns the entries added per second.
+    fn pipe_xadd(&self, stream: &str, count: u64) -> Option<f64> {
+        let mut rng = fastrand::Rng::with_seed(count);
+        let mut resp = Vec::with_capacity(count as usize * 120);
+        for _ in 0..count {
+            let message = mayhem::PubSubMessage::random(&mut rng);
+            let id = message.id().to_string();
+            let args = [
+                "XADD",
+                stream,
+                "*",
+                "data",
+                message.instance_name().unwrap_or("cattle-0000"),
+                "message_id",
+                &id,
+            ];
+            let _ = write!(resp, "*{}\r\n", args.len());
+            for arg in args {
+                let _ = write!(resp, "${}\r\n{arg}\r\n", arg.len());
+            }
+        }
+        self.pipe(&resp, count)
     }
 }
 
@@ -127,6 +152,114 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The payload rows: payload size, entries per run (about 50 MB and 330 MB of data), and
+/// consumer threads. Entries of 64 KiB keep redis-server busy (about 50 µs of its CPU per
+/// entry, measured): two reads at once compete for it, and one consumer measured 9,800 to
+/// 9,900 entries/s against two's 7,300 to 7,600 in interleaved runs.
+const PAYLOADS: [(usize, u64, usize); 2] = [(1024, 50_000, 2), (64 * 1024, 5_000, 1)];
+
+/// Messages per second a library consumer (the real pipeline: `consumers` threads, window
+/// 10,000, the default 100 MiB byte window, a handler that reads the data and acks) takes
+/// from `stream` of `server`, until `count` are acked.
+fn library_rate(server: &Server, stream: &str, count: u64, consumers: usize) -> Option<f64> {
+    use mayhem::{
+        Config, Context, HandleError, Handler, Metrics, RedisConfig, RedisSource, Shutdown,
+    };
+
+    /// Touches every byte of the data, as a handler that decodes it would.
+    struct Reader;
+    impl Handler for Reader {
+        async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
+            let sum = ctx.data().iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
+            std::hint::black_box(sum);
+            Ok(())
+        }
+    }
+    let source = RedisSource::connect(RedisConfig {
+        url: server.url(),
+        stream: stream.to_owned(),
+        group: "mayhem".to_owned(),
+        consumer: "bench".to_owned(),
+        ..RedisConfig::default()
+    })
+    .ok()?;
+    let mut config = Config::default();
+    config.publish.publishers = 0;
+    config.run.consumers = consumers;
+    config.run.max_in_flight = 10_000;
+    config.run.messages = Some(count);
+    config.run.stats_interval = Duration::ZERO;
+    let report = mayhem::run_clients(
+        &config,
+        &source,
+        None,
+        &Reader,
+        &Shutdown::new(),
+        &Metrics::default(),
+    )
+    .ok()?;
+    (report.acked >= count).then_some(report.acked as f64 / report.elapsed_secs)
+}
+
+/// The payload rows: MB/s of data consumed by the library and by the redis-py loop, on the
+/// same preloaded entries of 1 KiB and 64 KiB, run by run.
+fn payload_rows(server: &Server, script: &str) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (payload, count, consumers) in PAYLOADS {
+        let (mut ours, mut theirs) = (vec![], vec![]);
+        for run in 0..REDIS_RUNS {
+            let stream = format!("payload{payload}-{run}");
+            if server.pipe_payload(&stream, count, payload).is_none() {
+                continue;
+            }
+            server.cmd(&["XGROUP", "CREATE", &stream, "python", "0"]);
+            let reference = Command::new("python3")
+                .args([
+                    script,
+                    &server.port.to_string(),
+                    &stream,
+                    "python",
+                    &count.to_string(),
+                ])
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .and_then(|out| {
+                    String::from_utf8_lossy(&out.stdout)
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                });
+            theirs.extend(reference.map(|rate| rate * payload as f64 / 1e6));
+            ours.extend(
+                library_rate(server, &stream, count, consumers)
+                    .map(|rate| rate * payload as f64 / 1e6),
+            );
+            server.cmd(&["DEL", &stream, &format!("{stream}:dead")]);
+        }
+        let (ours, theirs) = (median(ours), median(theirs));
+        let size = if payload >= 1024 * 1024 {
+            format!("{} MiB", payload / (1024 * 1024))
+        } else {
+            format!("{} KiB", payload / 1024)
+        };
+        rows.push(format!(
+            "| MB/s of data, Redis consume, {size} payloads: mayhem library ({count} preloaded, {consumers} consumers, a handler reading every byte) | {} | >= 3x the redis-py loop |",
+            ours.map_or_else(|| "not measured: run failed".to_owned(), |v| format!("{v:.1}"))
+        ));
+        rows.push(format!(
+            "| MB/s of data, Redis consume, {size} payloads: same-run reference, redis-py loop | {} | |",
+            theirs.map_or_else(|| "not measured: python3 with redis-py not installed".to_owned(), |v| format!("{v:.1}"))
+        ));
+        rows.push(format!(
+            "| ratio Redis consume of {size} payloads mayhem / redis-py (medians) | {} | >= 3 |",
+            ours.zip(theirs)
+                .map_or_else(|| "-".to_owned(), |(a, b)| format!("{:.2}", a / b))
+        ));
+    }
+    rows
 }
 
 /// `acked_per_sec` of a mayhem run against `server`.
@@ -217,7 +350,8 @@ pub fn rows(messages: u64) -> Vec<String> {
         a.zip(b)
             .map_or_else(|| "-".to_owned(), |(a, b)| format!("{:.2}", a / b))
     };
-    vec![
+    let payloads = payload_rows(&server, script);
+    let mut rows = vec![
         format!("| messages/s, Redis consume: mayhem ({n} preloaded, 2 consumers, window {WINDOW}) | {} | >= 2x the redis-py loop |", show(consume, "mayhem run failed")),
         format!("| messages/s, Redis consume: same-run reference, redis-py loop (`XREADGROUP COUNT 1000`, one `XACK` per batch) | {} | |", show(python, "python3 with redis-py not installed (pip install redis)")),
         format!("| ratio Redis consume mayhem / redis-py (medians) | {} | >= 2 |", ratio(consume, python)),
@@ -225,5 +359,7 @@ pub fn rows(messages: u64) -> Vec<String> {
         format!("| messages/s, Redis publish: same-run reference, pipelined `XADD` (`redis-cli --pipe`) | {} | |", show(piped, "redis-cli failed")),
         format!("| ratio Redis end to end mayhem / pipelined XADD (medians) | {} | >= 0.3 |", ratio(end_to_end, piped)),
         format!("| Redis server time per call (usec, `INFO commandstats`, consume and end-to-end runs of the last round) | {per_call} | |"),
-    ]
+    ];
+    rows.extend(payloads);
+    rows
 }

@@ -37,6 +37,9 @@ pub struct BreakerConfig {
 ///   attempt a cooldown costs, so that a message that can never succeed still reaches the
 ///   dead letters) and opens the breaker for another cooldown (one warning).
 ///
+/// A [`HandleError::Rejected`] message is about the message, not the downstream: it is
+/// dead-lettered as usual and neither counts as a failure nor waits.
+///
 /// Each opening (the first, and each after a failed probe) is counted in [`Metrics::breaker_opened`](crate::Metrics::breaker_opened),
 /// each message that had to wait in [`Metrics::breaker_held`](crate::Metrics::breaker_held).
 /// The `failures` that open it are nacked as usual.
@@ -212,6 +215,12 @@ impl Circuit {
         result: &Result<(), HandleError>,
         ctx: &Context<'_>,
     ) -> Verdict {
+        // A rejection is about the message (data no handler can use), not the downstream:
+        // it neither counts nor waits. A rejected probe proved nothing: the probe guard's
+        // drop lets the next message probe at once.
+        if result.as_ref().is_err_and(HandleError::is_rejection) {
+            return Verdict::Done;
+        }
         let mut state = self.lock();
         if let Some(mut probe) = probe {
             probe.armed = false;

@@ -47,7 +47,7 @@ mod tests {
     use super::*;
     use crate::message::PubSubMessage;
     use crate::source::memory::{Subscription, SubscriptionConfig};
-    use crate::source::{Envelope, Publish};
+    use crate::source::Publish;
     use std::time::Duration;
 
     /// A subscription whose one message was settled (acked), so `settled()` is 1.
@@ -55,7 +55,7 @@ mod tests {
         let source = Subscription::new(SubscriptionConfig::default());
         let mut rng = fastrand::Rng::with_seed(3);
         source
-            .publish(&[Envelope::from(PubSubMessage::random(&mut rng))])
+            .publish(&[PubSubMessage::random(&mut rng)])
             .expect("publish");
         let mut leases = Vec::new();
         source.pull(1, Duration::ZERO, &mut leases).expect("pull");

@@ -42,7 +42,46 @@ pub(crate) struct Consumer<'a> {
     pub(crate) completion: Completion<'a>,
 }
 
-impl Consumer<'_> {
+impl<'a> Consumer<'a> {
+    /// Hands a pull's leases to the executor, as many at a time as the byte limit lets
+    /// through (one send when they all fit, the usual case): the others wait here, held and
+    /// extended, until handlers settle enough bytes.
+    ///
+    /// # Blocking
+    ///
+    /// Waits for room under the byte limit, and in `send_blocking`.
+    fn hand_over(&self, mut guards: Vec<LeaseGuard<'a>>) {
+        let gate = self.leaser.gate();
+        let mut sizes: Vec<usize> = guards.iter().map(LeaseGuard::size).collect();
+        while !guards.is_empty() {
+            let fit = gate.take_bytes(&sizes);
+            if fit == 0 {
+                // Closed for shutdown: the drop of each guard nacks its lease.
+                return;
+            }
+            let rest = if fit < guards.len() {
+                let rest = guards.split_off(fit);
+                sizes.drain(..fit);
+                rest
+            } else {
+                Vec::new()
+            };
+            let mut bytes = 0;
+            for guard in &mut guards {
+                guard.count_size();
+                bytes += guard.size();
+            }
+            self.leaser.count_handed_bytes(bytes);
+            // The channel closes only during shutdown; the batch comes back, and the drop of
+            // each guard nacks its lease and returns its permit and its bytes.
+            if let Err(refused) = self.handoff.send_blocking(guards) {
+                drop(refused.0);
+                return;
+            }
+            guards = rest;
+        }
+    }
+
     /// Pulls and hands off until shutdown.
     ///
     /// # Blocking
@@ -110,18 +149,12 @@ impl Consumer<'_> {
             gate.release(permits - leases.len());
             let mut guards = Vec::with_capacity(leases.len());
             self.leaser.admit(leases.drain(..), pulled, &mut guards);
-            if !guards.is_empty() {
-                if log_enabled!(Level::Info) {
-                    for guard in &guards {
-                        info!("Consumed {}", guard.message());
-                    }
-                }
-                // One send per pull. The channel closes only during shutdown; the batch comes
-                // back, and the drop of each guard nacks its lease and returns its permit.
-                if let Err(refused) = self.handoff.send_blocking(guards) {
-                    drop(refused.0);
+            if log_enabled!(Level::Info) {
+                for guard in &guards {
+                    info!("Consumed {}", guard.message());
                 }
             }
+            self.hand_over(guards);
             self.completion.check();
         }
     }

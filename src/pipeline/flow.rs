@@ -25,8 +25,18 @@ pub(crate) struct Gate {
     /// Permits out now: leases held plus permits reserved by consumers for a pull. (The
     /// service's in-flight gauge counts leases held only; the lease manager keeps it.)
     in_flight: AtomicUsize,
+    /// Bytes of the messages handed to handlers and not settled yet
+    /// ([`PubSubMessage::size`](crate::PubSubMessage::size)).
+    bytes: AtomicUsize,
+    /// Most bytes handed to handlers at once (flow control by size); a single message
+    /// larger than this is handed over alone.
+    max_bytes: usize,
     /// Threads waiting for permits or for idleness.
     waiters: AtomicUsize,
+    /// Consumers waiting for bytes ([`Gate::take_bytes`]): a release of bytes notifies only
+    /// when there are some, so that settling a message wakes no consumer that waits for
+    /// permits (a wake-up per message took a context switch per message).
+    byte_waiters: AtomicUsize,
     /// Set on shutdown: `acquire` returns 0 from then on.
     closed: AtomicBool,
     /// Guards the waits on `changed`.
@@ -38,12 +48,21 @@ pub(crate) struct Gate {
 impl Gate {
     /// A gate allowing `limit` permits; blocked takers wake once `batch` permits (at most an
     /// eighth of the window, at least one) are free.
+    #[cfg(test)]
     pub(crate) fn new(limit: usize, batch: usize) -> Self {
+        Gate::with_bytes(limit, batch, usize::MAX)
+    }
+
+    /// [`Gate::new`], also waiting while the messages held count `max_bytes` or more.
+    pub(crate) fn with_bytes(limit: usize, batch: usize, max_bytes: usize) -> Self {
         Gate {
             limit: AtomicUsize::new(limit),
             batch,
             in_flight: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
             waiters: AtomicUsize::new(0),
+            byte_waiters: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             lock: Mutex::new(()),
             changed: Condvar::new(),
@@ -127,6 +146,77 @@ impl Gate {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.changed.notify_all();
         }
+    }
+
+    /// Counts the first messages of `sizes` as handed to handlers: as many as fit under
+    /// `max_bytes` with the bytes already handed over, and at least one when nothing is
+    /// handed over (a message larger than the limit goes alone, so no size deadlocks).
+    /// Returns how many; 0 once closed. While none fits it blocks until settled messages
+    /// make room.
+    ///
+    /// The leases waiting here are held and extended like the others, as python-pubsub
+    /// holds the messages its byte limit keeps from the callbacks.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the calling thread (a consumer thread).
+    pub(crate) fn take_bytes(&self, sizes: &[usize]) -> usize {
+        loop {
+            if self.closed.load(Ordering::SeqCst) || sizes.is_empty() {
+                return 0;
+            }
+            let current = self.bytes.load(Ordering::SeqCst);
+            let mut total = current;
+            let mut fit = 0;
+            for &size in sizes {
+                match total.checked_add(size) {
+                    Some(next) if next <= self.max_bytes || (fit == 0 && current == 0) => {
+                        total = next;
+                        fit += 1;
+                    }
+                    _ => break,
+                }
+            }
+            if fit > 0 {
+                if self
+                    .bytes
+                    .compare_exchange(current, total, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return fit;
+                }
+                continue;
+            }
+            let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.byte_waiters.fetch_add(1, Ordering::SeqCst);
+            if self.bytes.load(Ordering::SeqCst) == current && !self.closed.load(Ordering::SeqCst) {
+                drop(
+                    self.changed
+                        .wait(guard)
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+            }
+            self.byte_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Counts `count` bytes fewer handed to handlers; wakes the consumers waiting in
+    /// [`Gate::take_bytes`].
+    pub(crate) fn release_bytes(&self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        self.bytes.fetch_sub(count, Ordering::SeqCst);
+        if self.byte_waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Bytes of the messages held now.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
     }
 
     /// Permits out now.
@@ -221,6 +311,36 @@ mod tests {
         gate.release(7);
         assert_eq!(gate.in_flight(), 1);
         assert_eq!(gate.acquire(10), 1);
+    }
+
+    #[test]
+    fn bytes_are_handed_over_up_to_the_limit_and_a_large_message_alone() {
+        let gate = Arc::new(Gate::with_bytes(100, 1, 1000));
+        assert_eq!(gate.take_bytes(&[400, 400, 400]), 2);
+        assert_eq!(gate.bytes(), 800);
+        gate.release_bytes(800);
+        // Larger than the whole limit: it goes, alone, when nothing else is handed over.
+        assert_eq!(gate.take_bytes(&[5000, 10]), 1);
+        let taker = {
+            let gate = gate.clone();
+            thread::spawn(move || gate.take_bytes(&[10, 990, 1]))
+        };
+        // The taker can only go once the large one is settled; then two of three fit.
+        gate.release_bytes(5000);
+        assert_eq!(taker.join().unwrap(), 2);
+        assert_eq!(gate.bytes(), 1000);
+    }
+
+    #[test]
+    fn close_wakes_a_consumer_waiting_for_bytes() {
+        let gate = Arc::new(Gate::with_bytes(100, 1, 10));
+        assert_eq!(gate.take_bytes(&[10]), 1);
+        let taker = {
+            let gate = gate.clone();
+            thread::spawn(move || gate.take_bytes(&[5]))
+        };
+        gate.close();
+        assert_eq!(taker.join().unwrap(), 0);
     }
 
     #[test]

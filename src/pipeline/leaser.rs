@@ -20,7 +20,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use crate::message::PubSubMessage;
 use crate::metrics::Metrics;
 use crate::pipeline::flow::Gate;
 use crate::pipeline::throttle::Throttle;
-use crate::source::{Attributes, Lease, LeaseId, Source};
+use crate::source::{Lease, LeaseId, Source};
 
 /// Shards of the lease table (a power of two, more than executor threads plus consumers on
 /// any machine we target, so that two threads rarely need the same one).
@@ -134,8 +134,8 @@ enum State {
 struct Entry {
     /// The source's id of the lease.
     id: LeaseId,
-    /// The message, for log lines.
-    message: PubSubMessage,
+    /// The message, for log lines (shared with the guard: one allocation, no copy).
+    message: Arc<PubSubMessage>,
     /// When it was pulled (for `max_lease`), in [`Clock`] ticks.
     pulled: Tick,
     /// The deadline the source holds it until, as far as we know (a lower bound: measured
@@ -184,6 +184,8 @@ pub(crate) struct Leaser<'a> {
     pub(crate) lost_log: Throttle,
     /// Aggregates the warnings about refused acks.
     pub(crate) refused_log: Throttle,
+    /// Aggregates the warnings about messages rejected by their handler.
+    pub(crate) rejected_log: Throttle,
     /// Aggregates the warnings about leases past `max_lease`.
     max_lease_log: Throttle,
     /// Aggregates the warnings about failed calls to the source.
@@ -204,8 +206,17 @@ pub(crate) struct LeaseGuard<'a> {
     shard: u32,
     /// The lease's slot in its shard.
     slot: u32,
-    /// The lease.
-    lease: Lease,
+    /// The message.
+    message: Arc<PubSubMessage>,
+    /// The source's id of the lease.
+    id: LeaseId,
+    /// Which delivery of the message this is.
+    attempt: u32,
+    /// The bytes it counts for in flow control.
+    size: usize,
+    /// Whether `size` was counted in the bytes handed to handlers (the consumer counts it
+    /// when it hands the lease over; the drop takes it off again).
+    size_counted: bool,
     /// Set once acked or nacked, so the drop guard only returns the permit.
     settled: bool,
 }
@@ -240,6 +251,7 @@ impl<'a> Leaser<'a> {
         source: &'a dyn Source,
         metrics: &'a Metrics,
         max_in_flight: usize,
+        max_in_flight_bytes: usize,
         batch: usize,
         settings: LeaseSettings,
     ) -> Self {
@@ -247,7 +259,7 @@ impl<'a> Leaser<'a> {
         Leaser {
             source,
             metrics,
-            gate: Gate::new(max_in_flight, batch),
+            gate: Gate::with_bytes(max_in_flight, batch, max_in_flight_bytes),
             shards: (0..SHARDS).map(|_| Mutex::new(Slab::new())).collect(),
             next_shard: AtomicUsize::new(0),
             lost_epoch: AtomicU64::new(0),
@@ -265,11 +277,17 @@ impl<'a> Leaser<'a> {
             wake: Condvar::new(),
             lost_log: Throttle::new("leases lost", Level::Warn),
             refused_log: Throttle::new("acks refused", Level::Warn),
+            rejected_log: Throttle::new("messages rejected", Level::Warn),
             max_lease_log: Throttle::new("leases past --max-lease", Level::Warn),
             error_log: Throttle::new("failed lease operations", Level::Warn),
             slow_log: Throttle::new("slow handlers", Level::Warn),
             blocking_log: Throttle::new("blocking polls", Level::Warn),
         }
+    }
+
+    /// Adds `bytes` handed to handlers to the gauge (the gate counted them already).
+    pub(crate) fn count_handed_bytes(&self, bytes: usize) {
+        self.metrics.add_held_bytes(bytes);
     }
 
     /// The flow-control gate.
@@ -311,9 +329,11 @@ impl<'a> Leaser<'a> {
             let mut table = self.shard(shard);
             for lease in leases {
                 redelivered += u64::from(lease.attempt > 1);
+                let size = lease.message.size();
+                let message = Arc::new(lease.message);
                 let slot = table.insert(Entry {
                     id: lease.id,
-                    message: lease.message,
+                    message: message.clone(),
                     pulled,
                     deadline,
                     extended: 0,
@@ -327,7 +347,11 @@ impl<'a> Leaser<'a> {
                     // A slab never holds more entries than the flow-control window, which the
                     // configuration bounds far below `u32::MAX`.
                     slot: slot as u32,
-                    lease,
+                    message,
+                    id: lease.id,
+                    attempt: lease.attempt,
+                    size,
+                    size_counted: false,
                     settled: false,
                 });
             }
@@ -348,9 +372,34 @@ impl<'a> Leaser<'a> {
         }
         self.metrics.sub_held(1);
         let mut refused = Vec::new();
-        match self.source.nack(&[guard.lease.id], &mut refused) {
+        match self.source.nack(&[guard.id], &mut refused) {
             Ok(()) if refused.is_empty() => {
                 self.metrics.count_nacked(1);
+                Settle::Done
+            }
+            Ok(()) => Settle::Refused,
+            Err(error) => {
+                let text = error.to_string();
+                self.error_log
+                    .log(1, || format!("Could not settle a lease: {text}"));
+                Settle::Failed(text)
+            }
+        }
+    }
+
+    /// Removes a lease from the table and dead-letters it at the source with `reason`.
+    fn settle_reject(&self, guard: &LeaseGuard<'_>, reason: &str) -> Settle {
+        let Some(entry) = guard.take_entry(&mut self.shard(guard.shard)) else {
+            return Settle::Lost;
+        };
+        if entry.state == State::Lost {
+            return Settle::Lost;
+        }
+        self.metrics.sub_held(1);
+        let mut refused = Vec::new();
+        match self.source.reject(guard.id, reason, &mut refused) {
+            Ok(()) if refused.is_empty() => {
+                self.metrics.count_rejected(1);
                 Settle::Done
             }
             Ok(()) => Settle::Refused,
@@ -427,7 +476,7 @@ impl<'a> Leaser<'a> {
             if *outcome != Settle::Done {
                 continue;
             }
-            let id = finished.guard.lease.id;
+            let id = finished.guard.id;
             if refused.binary_search(&id).is_ok() {
                 *outcome = Settle::Refused;
             } else if let Ok(at) = failed.binary_search_by_key(&id, |(id, _)| *id) {
@@ -483,7 +532,7 @@ impl<'a> Leaser<'a> {
     fn start_handling(&self, guard: &LeaseGuard<'_>, waker: &Waker) -> bool {
         let mut table = self.shard(guard.shard);
         match table.get_mut(guard.slot as usize) {
-            Some(entry) if entry.id == guard.lease.id => {
+            Some(entry) if entry.id == guard.id => {
                 entry.handling = true;
                 entry.waker = Some(waker.clone());
                 entry.state == State::Lost
@@ -496,7 +545,7 @@ impl<'a> Leaser<'a> {
     fn is_lost(&self, guard: &LeaseGuard<'_>) -> bool {
         let table = self.shard(guard.shard);
         match table.get(guard.slot as usize) {
-            Some(entry) if entry.id == guard.lease.id => entry.state == State::Lost,
+            Some(entry) if entry.id == guard.id => entry.state == State::Lost,
             _ => true,
         }
     }
@@ -566,6 +615,7 @@ impl<'a> Leaser<'a> {
         for throttle in [
             &self.lost_log,
             &self.refused_log,
+            &self.rejected_log,
             &self.max_lease_log,
             &self.error_log,
             &self.slow_log,
@@ -626,7 +676,7 @@ impl<'a> Leaser<'a> {
                 }
                 if now_tick.saturating_sub(entry.pulled) >= max_lease {
                     entry.state = State::Capped;
-                    round.capped.push(entry.message);
+                    round.capped.push(entry.message.clone());
                     continue;
                 }
                 round.ids.push(entry.id);
@@ -693,7 +743,7 @@ impl<'a> Leaser<'a> {
             if refused.binary_search(&id).is_ok() {
                 entry.state = State::Lost;
                 lost += 1;
-                round.lost.push(entry.message);
+                round.lost.push(entry.message.clone());
                 if let Some(waker) = entry.waker.take() {
                     wakers.push(waker);
                 }
@@ -702,7 +752,7 @@ impl<'a> Leaser<'a> {
             entry.deadline = deadline;
             entry.extended += 1;
             if entry.handling {
-                round.handled.push(entry.message);
+                round.handled.push(entry.message.clone());
             } else {
                 round.waiting += 1;
             }
@@ -723,7 +773,7 @@ impl<'a> Leaser<'a> {
             self.max_lease_log.log(round.capped.len() as u64, || {
                 format!(
                     "Lease of {first} (message id {}) held past --max-lease {}: no longer extended, it will be delivered again{}",
-                    first.message_id(),
+                    first.id(),
                     humantime::format_duration(self.settings.max_lease),
                     others(round.capped.len())
                 )
@@ -784,13 +834,13 @@ struct Round {
     /// Where each of `ids` is in the table.
     keys: Vec<(u32, u32)>,
     /// Messages being handled whose leases were extended.
-    handled: Vec<PubSubMessage>,
+    handled: Vec<Arc<PubSubMessage>>,
     /// Leases extended while waiting for a handler.
     waiting: usize,
     /// Messages whose leases were lost.
-    lost: Vec<PubSubMessage>,
+    lost: Vec<Arc<PubSubMessage>>,
     /// Messages whose leases reached `max_lease`.
-    capped: Vec<PubSubMessage>,
+    capped: Vec<Arc<PubSubMessage>>,
 }
 
 impl Round {
@@ -833,17 +883,24 @@ pub(crate) fn seconds(duration: Duration) -> String {
 impl<'a> LeaseGuard<'a> {
     /// The message.
     pub(crate) fn message(&self) -> &PubSubMessage {
-        &self.lease.message
-    }
-
-    /// The message's attributes.
-    pub(crate) fn attributes(&self) -> &Attributes {
-        &self.lease.attributes
+        &self.message
     }
 
     /// Which delivery of the message this is.
     pub(crate) fn attempt(&self) -> u32 {
-        self.lease.attempt
+        self.attempt
+    }
+
+    /// The bytes the message counts for in flow control.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Records that the consumer counted this lease's size in the bytes handed to
+    /// handlers ([`Gate::take_bytes`] and the gauge); dropping the guard takes it off
+    /// again.
+    pub(crate) fn count_size(&mut self) {
+        self.size_counted = true;
     }
 
     /// Removes this guard's entry from its shard's `table` (locked by the caller), if the slot
@@ -851,7 +908,7 @@ impl<'a> LeaseGuard<'a> {
     /// not reached in practice; it is treated as a lost lease.
     fn take_entry(&self, table: &mut Slab<Entry>) -> Option<Entry> {
         match table.get(self.slot as usize) {
-            Some(entry) if entry.id == self.lease.id => Some(table.remove(self.slot as usize)),
+            Some(entry) if entry.id == self.id => Some(table.remove(self.slot as usize)),
             _ => None,
         }
     }
@@ -860,6 +917,12 @@ impl<'a> LeaseGuard<'a> {
     pub(crate) fn nack(mut self) -> Settle {
         self.settled = true;
         self.leaser.settle_nack(&self)
+    }
+
+    /// Dead-letters the message at once with `reason`: it can never succeed.
+    pub(crate) fn reject(mut self, reason: &str) -> Settle {
+        self.settled = true;
+        self.leaser.settle_reject(&self, reason)
     }
 
     /// Completes when the lease is lost (the source refused to extend it) or the handlers
@@ -876,7 +939,7 @@ impl ExtensionCount for LeaseGuard<'_> {
     fn extensions(&self) -> u32 {
         let table = self.leaser.shard(self.shard);
         match table.get(self.slot as usize) {
-            Some(entry) if entry.id == self.lease.id => entry.extended,
+            Some(entry) if entry.id == self.id => entry.extended,
             _ => 0,
         }
     }
@@ -891,6 +954,10 @@ impl Drop for LeaseGuard<'_> {
             let _ = self.leaser.settle_nack(self);
         }
         self.leaser.gate.release(1);
+        if self.size_counted {
+            self.leaser.gate.release_bytes(self.size);
+            self.leaser.metrics.sub_held_bytes(self.size);
+        }
     }
 }
 
@@ -943,7 +1010,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{Envelope, ManualClock, Publish, Subscription, SubscriptionConfig};
+    use crate::{ManualClock, Publish, Subscription, SubscriptionConfig};
 
     const DEADLINE: Duration = Duration::from_secs(3);
 
@@ -961,7 +1028,7 @@ mod tests {
             extend_interval: Duration::from_secs(2),
             max_lease: Duration::from_secs(3600),
         };
-        let leaser = Leaser::new(&subscription, &metrics, 10, 1, settings);
+        let leaser = Leaser::new(&subscription, &metrics, 10, usize::MAX, 1, settings);
         // No handling time yet: the least deadline, extended with a third of it left.
         leaser.follow_handling_times();
         assert_eq!(leaser.deadline(), AUTO_MIN_DEADLINE);
@@ -1002,9 +1069,8 @@ mod tests {
         };
         let subscription = Subscription::with_clock(config, clock.clone());
         let mut rng = fastrand::Rng::with_seed(3);
-        let envelopes: Vec<Envelope> = (0..3)
-            .map(|_| PubSubMessage::random(&mut rng).into())
-            .collect();
+        let envelopes: Vec<PubSubMessage> =
+            (0..3).map(|_| PubSubMessage::random(&mut rng)).collect();
         subscription.publish(&envelopes).unwrap();
         let metrics = Metrics::default();
         let settings = LeaseSettings {
@@ -1013,7 +1079,7 @@ mod tests {
             extend_interval: Duration::from_secs(1),
             max_lease: Duration::from_secs(3600),
         };
-        let leaser = Leaser::new(&subscription, &metrics, 10, 1, settings);
+        let leaser = Leaser::new(&subscription, &metrics, 10, usize::MAX, 1, settings);
         // Two pulls, two shards: the first pull's leases expire at the source before the
         // acks, the second's do not.
         let mut guards = Vec::new();

@@ -158,7 +158,7 @@ pub fn run_with_metrics<H: Handler>(
 /// client.
 ///
 /// ```
-/// use mayhem::{run_clients, Config, Envelope, MayhemConfig, MayhemHandler, Metrics, Publish,
+/// use mayhem::{run_clients, Config, MayhemConfig, MayhemHandler, Metrics, Publish,
 ///     PubSubMessage, Shutdown, Subscription};
 /// use std::time::Duration;
 ///
@@ -170,7 +170,7 @@ pub fn run_with_metrics<H: Handler>(
 /// config.handler.save_failure_rate = 0.0;
 /// let subscription = Subscription::new(config.subscription());
 /// let mut rng = fastrand::Rng::with_seed(5);
-/// let batch: Vec<Envelope> = (0..3).map(|_| PubSubMessage::random(&mut rng).into()).collect();
+/// let batch: Vec<PubSubMessage> = (0..3).map(|_| PubSubMessage::random(&mut rng)).collect();
 /// subscription.publish(&batch).unwrap();
 /// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
 /// let report = run_clients(&config, &subscription, None, &handler, &Shutdown::new(),
@@ -255,6 +255,7 @@ pub fn run_controlled<H: Handler>(
         source,
         metrics,
         config.run.max_in_flight,
+        config.run.max_in_flight_bytes,
         consumer::PULL_BATCH,
         LeaseSettings {
             ack_deadline: config.lease.ack_deadline,

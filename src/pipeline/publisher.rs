@@ -10,7 +10,7 @@ use crate::message::PubSubMessage;
 use crate::pause::Pause;
 use crate::pipeline::throttle::Throttle;
 use crate::shutdown::Shutdown;
-use crate::source::{Envelope, Publish};
+use crate::source::Publish;
 
 /// Pause after a backend error before publishing again.
 const ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -56,7 +56,7 @@ impl Publisher<'_> {
         } else {
             1
         };
-        let mut batch: Vec<Envelope> = Vec::with_capacity(batch_size as usize);
+        let mut batch: Vec<PubSubMessage> = Vec::with_capacity(batch_size as usize);
         while !self.shutdown.is_triggered() {
             // A bounded wait, so that the shutdown is seen within it.
             if self.pause.publishing_paused() {
@@ -75,12 +75,12 @@ impl Publisher<'_> {
                 None => batch_size,
             };
             batch.clear();
-            batch.extend((0..count).map(|_| Envelope::from(PubSubMessage::random(&mut rng))));
+            batch.extend((0..count).map(|_| PubSubMessage::random(&mut rng)));
             match self.sink.publish(&batch) {
                 Ok(()) => {
                     self.published.fetch_add(count, Ordering::SeqCst);
-                    for envelope in &batch {
-                        info!("Published {}", envelope.message);
+                    for message in &batch {
+                        info!("Published {message}");
                     }
                 }
                 Err(SourceError::Closed) => break,

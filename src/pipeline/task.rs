@@ -108,7 +108,6 @@ impl<H: Handler> Shared<'_, H> {
         guard: LeaseGuard<'l>,
         spawned: Instant,
     ) {
-        let message = *guard.message();
         // A task first polled after the cancellation never starts its handler: a handler
         // could block its thread on its first poll, which would hold up the shutdown.
         if self.leaser.is_cancelled() {
@@ -116,26 +115,21 @@ impl<H: Handler> Shared<'_, H> {
             drop(guard);
             return;
         }
-        info!("Handling {message}");
+        info!("Handling {}", guard.message());
         let outcome = {
-            let ctx = Context::of_lease(
-                &message,
-                guard.attributes(),
-                guard.attempt(),
-                &guard,
-                self.metrics,
-            );
+            let message = guard.message();
+            let ctx = Context::of_lease(message, guard.attempt(), &guard, self.metrics);
             // Built inside the awaited expression, not bound to a local first: a local moved
             // into a future that is then awaited would be stored twice in this task (most of
             // its memory is the handler's future).
             Supervised {
                 handler: self.handler.handle(&ctx),
                 interruption: guard.interrupted(),
-                slow: self.slow_warning(&message),
+                slow: self.slow_warning(message),
                 threshold: self.config.run.blocking_threshold,
                 metrics: self.metrics,
                 blocking_log: &self.leaser.blocking_log,
-                message: &message,
+                message,
             }
             .await
         };
@@ -151,8 +145,16 @@ impl<H: Handler> Shared<'_, H> {
                 }
                 return;
             }
+            Outcome::Finished(Ok(Err(HandleError::Rejected(reason)))) => {
+                let shown = guard.message().to_string();
+                if guard.reject(&reason) == Settle::Done {
+                    self.leaser.rejected_log.log(1, || {
+                        format!("Rejected {shown}: {reason}; dead-lettered without retry")
+                    });
+                }
+            }
             Outcome::Finished(Ok(Err(error))) => {
-                debug!("Nacking {message}: {error}");
+                debug!("Nacking {}: {error}", guard.message());
                 guard.nack();
             }
             Outcome::Finished(Err(panic)) => {
@@ -229,7 +231,7 @@ impl<H: Handler> Shared<'_, H> {
                 self.leaser.slow_log.log(1, || {
                     format!(
                         "Slow handler: {message} (message id {}) still running after {}",
-                        message.message_id(),
+                        message.id(),
                         humantime::format_duration(limit)
                     )
                 });

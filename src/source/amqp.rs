@@ -125,10 +125,10 @@ use slab::Slab;
 
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
+use crate::message::{Attributes, MessageError, MessageId};
 use crate::shutdown::Shutdown;
-use crate::source::{Attributes, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::source::{Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
-use crate::Uuid;
 
 /// How long `stats`, `flush` after an interrupt, and dropping the source wait on the broker.
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
@@ -757,17 +757,9 @@ impl Publish for AmqpSource {
     /// [`Publish::wait_confirmed`]. A batch whose confirms fail (a nack, a lost connection)
     /// is sent again, with every later one of its connection, once the broker answers:
     /// publishing is at least once.
-    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
-        for envelope in batch {
-            if let Some((key, _)) = envelope
-                .attributes
-                .iter()
-                .find(|(key, _)| key.starts_with("x-") || key.len() > 255)
-            {
-                return Err(SourceError::Backend(format!(
-                    "attribute name '{key}' is reserved for the broker (x-...) or too long"
-                )));
-            }
+    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
+        for message in batch {
+            check_message(message).map_err(SourceError::Message)?;
         }
         if batch.is_empty() {
             return Ok(());
@@ -800,7 +792,7 @@ impl Publish for AmqpSource {
 
 impl Core {
     /// `publish` on this connection, keeping at most `window` messages unconfirmed.
-    fn publish(&self, batch: &[Envelope], window: usize) -> Result<(), SourceError> {
+    fn publish(&self, batch: &[PubSubMessage], window: usize) -> Result<(), SourceError> {
         // One publisher at a time: the unconfirmed batches are settled in the order they
         // were sent, and a thread waiting for room would wait for the same confirms anyway.
         let mut unconfirmed = lock(&self.unconfirmed);
@@ -851,7 +843,7 @@ struct Unconfirmed {
 /// One published batch.
 struct Sent {
     /// Its messages, to send again when its confirms fail.
-    envelopes: Vec<Envelope>,
+    envelopes: Vec<PubSubMessage>,
     /// The link it was sent on; a batch of a lost link is sent again.
     epoch: u64,
     /// One confirm per message, in order.
@@ -884,11 +876,15 @@ impl Core {
     fn send_batch(
         &self,
         link: &Link,
-        envelopes: Vec<Envelope>,
+        envelopes: Vec<PubSubMessage>,
         limit: Duration,
         interruptible: bool,
     ) -> Result<Sent, Failure> {
         let done = Cell::new(0);
+        // The publish time, in the `timestamp` property's whole seconds.
+        let published = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
         let confirms = self.bounded_publishing(
             link,
             limit,
@@ -904,8 +900,8 @@ impl Core {
                             mandatory: true,
                             ..BasicPublishOptions::default()
                         },
-                        envelope.message.instance_name().as_bytes(),
-                        properties(envelope),
+                        envelope.data(),
+                        properties(envelope, published),
                     )
                 }),
                 &done,
@@ -1112,21 +1108,70 @@ fn failure_text(failure: &Failure) -> String {
     }
 }
 
-/// The AMQP properties of a published message: persistent, its id, its attributes.
-fn properties(envelope: &Envelope) -> BasicProperties {
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_message_id(ShortString::from(
-            envelope.message.message_id().hyphenated().to_string(),
+/// Checks a message as [`Publish::publish`] does before sending anything: Pub/Sub's limits
+/// ([`PubSubMessage::check`]), and the header names RabbitMQ cannot carry as attributes:
+/// `x-...` (the broker's own, and the ordering key's `x-mayhem-ordering-key`) and names over
+/// 255 bytes (an AMQP short string). A program can check its messages before connecting.
+///
+/// # Errors
+///
+/// The first rule the message breaks.
+///
+/// ```
+/// use mayhem::source::amqp::check_message;
+/// use mayhem::{MessageError, PubSubMessage};
+/// assert_eq!(check_message(&PubSubMessage::new("web-03").with_attribute("origin", "ops")), Ok(()));
+/// let reserved = PubSubMessage::new("web-03").with_attribute("x-death", "1");
+/// assert!(matches!(check_message(&reserved), Err(MessageError::ReservedKey { .. })));
+/// ```
+pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
+    crate::source::check_message(message, &[ORDERING_KEY_HEADER], "rabbitmq")?;
+    if let Some((key, _)) = message
+        .attributes()
+        .iter()
+        .find(|(key, _)| key.starts_with("x-"))
+    {
+        return Err(MessageError::ReservedKey {
+            key: key.to_owned(),
+            broker: "rabbitmq (x-... headers are the broker's)",
+        });
+    }
+    if message.attributes().iter().any(|(key, _)| key.len() > 255) {
+        return Err(MessageError::Unsupported(
+            "an attribute key over 255 bytes cannot be an AMQP header name".to_owned(),
         ));
-    if envelope.attributes.is_empty() {
+    }
+    Ok(())
+}
+
+/// The header that carries a message's ordering key (RabbitMQ has no field for it).
+const ORDERING_KEY_HEADER: &str = "x-mayhem-ordering-key";
+
+/// The AMQP properties of a published message: persistent, its id as `message-id`, the
+/// publish time as `timestamp` (seconds), its attributes as string headers, its ordering key
+/// as [`ORDERING_KEY_HEADER`].
+fn properties(message: &PubSubMessage, published: u64) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_timestamp(published);
+    if !message.id().is_empty() {
+        properties = properties
+            .with_message_id(message.id().with_str(|id| ShortString::from(id.to_owned())));
+    }
+    if message.attributes().is_empty() && message.ordering_key().is_none() {
         return properties;
     }
     let mut headers = FieldTable::default();
-    for (key, value) in envelope.attributes.iter() {
+    for (key, value) in message.attributes().iter() {
         headers.insert(
             ShortString::from(key),
             AMQPValue::LongString(value.as_bytes().into()),
+        );
+    }
+    if let Some(key) = message.ordering_key() {
+        headers.insert(
+            ShortString::from(ORDERING_KEY_HEADER),
+            AMQPValue::LongString(key.as_bytes().into()),
         );
     }
     properties.with_headers(headers)
@@ -1147,40 +1192,65 @@ fn integer(value: &AMQPValue) -> Option<u64> {
     }
 }
 
-/// A header value as an attribute string (strings as they are, numbers and booleans
-/// written out; other types are left out).
-fn text(value: &AMQPValue) -> Option<String> {
+/// A header value as an attribute string: strings as they are, numbers and booleans written
+/// out; `Ok(None)` for other types (left out); an error for a string that is not UTF-8.
+fn text(value: &AMQPValue) -> Result<Option<String>, ()> {
     match value {
-        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-        AMQPValue::ShortString(v) => Some(v.as_str().to_owned()),
-        AMQPValue::Boolean(v) => Some(v.to_string()),
-        other => integer(other).map(|v| v.to_string()),
+        AMQPValue::LongString(v) => std::str::from_utf8(v.as_bytes())
+            .map(|v| Some(v.to_owned()))
+            .map_err(|_| ()),
+        AMQPValue::ShortString(v) => Ok(Some(v.as_str().to_owned())),
+        AMQPValue::Boolean(v) => Ok(Some(v.to_string())),
+        other => Ok(integer(other).map(|v| v.to_string())),
     }
 }
 
-/// Reads a delivery: the message, its attributes and its attempt; `None` when it is not a
-/// message of ours.
-fn read(delivery: &lapin::message::Delivery) -> Option<(PubSubMessage, Attributes, u32)> {
-    let id = delivery.properties.message_id().as_ref()?;
-    let id = Uuid::parse_str(id.as_str()).ok()?;
-    let name = std::str::from_utf8(&delivery.data).ok()?;
-    let message = PubSubMessage::from_parts(id, name)?;
+/// Reads a delivery: the message (its body is the data, taken over without a copy) and its
+/// attempt; or why it is not a message (it is then dead-lettered).
+fn read(delivery: lapin::message::Delivery) -> Result<(PubSubMessage, u32), String> {
+    let properties = &delivery.properties;
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| MessageId::from(id.as_str()))
+        .unwrap_or_default();
     let mut attributes = Attributes::new();
+    let mut ordering_key = None;
     let mut returned = 0u64;
-    if let Some(headers) = delivery.properties.headers() {
+    if let Some(headers) = properties.headers() {
         for (key, value) in headers.inner() {
             let key = key.as_str();
             if key == "x-delivery-count" || key == "x-acquired-count" {
                 returned = returned.max(integer(value).unwrap_or(0));
+            } else if key == ORDERING_KEY_HEADER {
+                ordering_key = text(value).ok().flatten();
             } else if !key.starts_with("x-") {
-                if let Some(value) = text(value) {
-                    attributes.insert(key, value);
+                match text(value) {
+                    Ok(Some(value)) => attributes.insert(key, value),
+                    Ok(None) => {}
+                    Err(()) => {
+                        return Err(format!(
+                            "header '{key}' is not UTF-8 (attributes are strings)"
+                        ))
+                    }
                 }
             }
         }
     }
+    let publish_time = properties
+        .timestamp()
+        .map(|seconds| std::time::UNIX_EPOCH + Duration::from_secs(seconds));
+    let mut message = PubSubMessage::new(bytes::Bytes::from(delivery.data))
+        .with_id(id)
+        .with_attributes(attributes);
+    if let Some(time) = publish_time {
+        message = message.with_publish_time(time);
+    }
+    if let Some(key) = ordering_key {
+        message = message.with_ordering_key(key);
+    }
     let attempt = u32::try_from(returned.saturating_add(1)).unwrap_or(u32::MAX);
-    Some((message, attributes, attempt))
+    Ok((message, attempt))
 }
 
 impl Source for AmqpSource {
@@ -1244,34 +1314,36 @@ impl Source for AmqpSource {
                         break;
                     }
                 }
-                Some(Some(Ok(delivery))) => match read(&delivery) {
-                    Some((message, attributes, attempt)) => {
-                        let id = core.hold(delivery.delivery_tag, link.epoch, attempt);
-                        out.push(Lease {
-                            message,
-                            attributes,
-                            attempt,
-                            id,
-                        });
-                        taken += 1;
-                    }
-                    None => {
-                        if core.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            warn!(
-                                "a message on amqp queue {} is not a mayhem message; \
-                                 it is dead-lettered (further ones are only counted)",
-                                core.config.queue
-                            );
+                Some(Some(Ok(delivery))) => {
+                    let tag = delivery.delivery_tag;
+                    match read(delivery) {
+                        Ok((message, attempt)) => {
+                            let id = core.hold(tag, link.epoch, attempt);
+                            out.push(Lease {
+                                message,
+                                attempt,
+                                id,
+                            });
+                            taken += 1;
                         }
-                        // Counted once the dead letter is sent, as every other one (the
-                        // worker's count): counting it here too counted it twice.
-                        bad.push(Op {
-                            kind: OpKind::Dead,
-                            tag: delivery.delivery_tag,
-                            epoch: link.epoch,
-                        });
+                        Err(reason) => {
+                            if core.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
+                                warn!(
+                                    "a message on amqp queue {} is not a message ({reason}); \
+                                 it is dead-lettered (further ones are only counted)",
+                                    core.config.queue
+                                );
+                            }
+                            // Counted once the dead letter is sent, as every other one (the
+                            // worker's count): counting it here too counted it twice.
+                            bad.push(Op {
+                                kind: OpKind::Dead,
+                                tag,
+                                epoch: link.epoch,
+                            });
+                        }
                     }
-                },
+                }
                 Some(Some(Err(error))) => {
                     drop(slot);
                     self.enqueue(bad);
@@ -1305,6 +1377,20 @@ impl Source for AmqpSource {
     }
 
     /// Moves the local deadlines: RabbitMQ has no lease extension.
+    /// Rejects the delivery without requeue: the broker dead-letters it to `{queue}:dead`
+    /// at once (its `x-death` header says `rejected`; the reason itself is logged by the
+    /// runner, as RabbitMQ's dead-lettering cannot add a header).
+    fn reject(
+        &self,
+        lease: LeaseId,
+        _reason: &str,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        let ops = self.take_all(&[lease], refused, |_| OpKind::Dead);
+        self.enqueue(ops);
+        Ok(())
+    }
+
     fn extend(
         &self,
         leases: &[LeaseId],
@@ -1386,6 +1472,7 @@ impl Source for AmqpSource {
         let core = &self.core;
         core.flush(SHUTDOWN_WAIT);
         let mut stats = *lock(&core.stats);
+        stats.undecodable = core.malformed.load(Ordering::Relaxed);
         stats.published += self
             .lanes
             .iter()

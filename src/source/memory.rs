@@ -18,7 +18,7 @@ use slab::Slab;
 
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
-use crate::source::{Attributes, Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
@@ -105,23 +105,23 @@ impl Default for SubscriptionConfig {
 /// A message on the dead-letter list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
-    /// The message.
+    /// The message, with its attributes.
     pub message: PubSubMessage,
-    /// Its attributes.
-    pub attributes: Attributes,
     /// How often it was delivered.
     pub attempts: u32,
+    /// Why it was rejected at once; `None` when it used up its delivery attempts.
+    pub reason: Option<String>,
 }
 
 /// The in-memory pub/sub; a cheap handle, clones share one subscription.
 ///
 /// ```
 /// use std::time::Duration;
-/// use mayhem::{Envelope, PubSubMessage, Publish, Source, Subscription, SubscriptionConfig};
+/// use mayhem::{PubSubMessage, Publish, Source, Subscription, SubscriptionConfig};
 ///
 /// let sub = Subscription::new(SubscriptionConfig::default());
 /// let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(3));
-/// sub.publish(&[Envelope::from(message)]).unwrap();
+/// sub.publish(&[message]).unwrap();
 /// let mut leases = Vec::new();
 /// sub.pull(10, Duration::ZERO, &mut leases).unwrap();
 /// assert_eq!(leases.len(), 1);
@@ -161,8 +161,6 @@ struct Inner {
 struct Ready {
     /// The message.
     message: PubSubMessage,
-    /// Its attributes (empty ones allocate nothing).
-    attributes: Attributes,
     /// How often it was delivered so far.
     attempts: u32,
 }
@@ -172,8 +170,6 @@ struct Ready {
 struct Leased {
     /// The message.
     message: PubSubMessage,
-    /// Its attributes.
-    attributes: Attributes,
     /// Deliveries so far, this one included.
     attempts: u32,
     /// When the lease expires unless extended.
@@ -257,8 +253,8 @@ impl Subscription {
         if leased.attempts >= self.inner.config.max_attempts {
             state.dead.push(DeadLetter {
                 message: leased.message,
-                attributes: leased.attributes,
                 attempts: leased.attempts,
+                reason: None,
             });
             state.stats.dead_lettered += 1;
             self.inner.settled.fetch_add(1, Ordering::Relaxed);
@@ -266,7 +262,6 @@ impl Subscription {
         } else {
             state.ready.push_back(Ready {
                 message: leased.message,
-                attributes: leased.attributes,
                 attempts: leased.attempts,
             });
             true
@@ -325,7 +320,9 @@ impl Subscription {
 }
 
 impl Publish for Subscription {
-    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
+    /// Publishes the batch; a message without an id gets a random (version 4) UUID.
+    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
+        check_batch(batch, &[], "in-memory")?;
         let mut state = self.lock();
         let max_backlog = self.inner.config.max_backlog;
         let mut rest = batch;
@@ -343,10 +340,15 @@ impl Publish for Subscription {
                 return Err(SourceError::Closed);
             }
             let fit = (max_backlog - state.ready.len()).min(rest.len());
-            for envelope in &rest[..fit] {
+            let published = std::time::SystemTime::now();
+            for message in &rest[..fit] {
+                let mut message = message.clone().with_publish_time(published);
+                if message.id().is_empty() {
+                    message =
+                        message.with_id(crate::message::random_uuid(&mut fastrand::Rng::new()));
+                }
                 state.ready.push_back(Ready {
-                    message: envelope.message,
-                    attributes: envelope.attributes.clone(),
+                    message,
                     attempts: 0,
                 });
             }
@@ -411,23 +413,17 @@ impl Source for Subscription {
             let attempts = ready.attempts.saturating_add(1);
             let generation = state.next_generation;
             state.next_generation = generation.wrapping_add(1);
-            let attributes = if ready.attributes.is_empty() {
-                Attributes::new()
-            } else {
-                ready.attributes.clone()
-            };
-            let index = state.leases.insert(Leased {
+            let index = state.leases.vacant_key();
+            out.push(Lease {
+                message: ready.message.clone(),
+                attempt: attempts,
+                id: (u64::from(generation) << 32) | index as u64,
+            });
+            state.leases.insert(Leased {
                 message: ready.message,
-                attributes: ready.attributes,
                 attempts,
                 deadline,
                 generation,
-            });
-            out.push(Lease {
-                message: ready.message,
-                attributes,
-                attempt: attempts,
-                id: (u64::from(generation) << 32) | index as u64,
             });
         }
         if state
@@ -474,6 +470,30 @@ impl Source for Subscription {
         }
         if woke {
             self.wake_pullers(&state);
+        }
+        Ok(())
+    }
+
+    fn reject(
+        &self,
+        lease: LeaseId,
+        reason: &str,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        let mut state = self.lock();
+        let now = self.inner.clock.now();
+        match self.live_lease(&mut state, lease, now) {
+            Some(index) => {
+                let leased = state.leases.remove(index);
+                state.dead.push(DeadLetter {
+                    message: leased.message,
+                    attempts: leased.attempts,
+                    reason: Some(reason.to_owned()),
+                });
+                state.stats.dead_lettered += 1;
+                self.inner.settled.fetch_add(1, Ordering::Relaxed);
+            }
+            None => refused.push(lease),
         }
         Ok(())
     }

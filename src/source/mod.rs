@@ -31,7 +31,8 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::{LeaseError, SourceError};
-use crate::message::PubSubMessage;
+pub use crate::message::Attributes;
+use crate::message::{MessageError, PubSubMessage};
 
 /// `text` with `secret` (a password) replaced by `***` wherever it stands as a word of its
 /// own: no letter or digit right before or after it, as an address quotes a password
@@ -69,115 +70,45 @@ pub(crate) fn hide_secret(text: &str, secret: &str) -> String {
 /// Opaque to the runner: a source packs into it whatever it needs to find the lease again.
 pub type LeaseId = u64;
 
-/// String attributes a message carries beside its id and instance name: Redis entry fields,
-/// AMQP headers, Pub/Sub attributes.
-///
-/// Empty attributes allocate nothing, so the chaos monkey's own messages stay
-/// allocation-free.
-///
-/// ```
-/// use mayhem::Attributes;
-/// let mut attributes = Attributes::new();
-/// assert!(attributes.is_empty());
-/// attributes.insert("origin", "billing");
-/// attributes.insert("origin", "payroll");
-/// assert_eq!(attributes.get("origin"), Some("payroll"));
-/// assert_eq!(attributes.len(), 1);
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Attributes(
-    /// A boxed slice, absent when empty: every lease carries its attributes through the
-    /// hand-off channel and the task, so they take two words, not a `Vec`'s three (setting one
-    /// reallocates, which only publishers do).
-    Option<Box<[(String, String)]>>,
-);
-
-impl Attributes {
-    /// No attributes (allocates nothing).
-    pub const fn new() -> Self {
-        Attributes(None)
+/// Checks one message before a broker publishes it: Pub/Sub's limits
+/// ([`PubSubMessage::check`]), then the attribute keys the broker's wire format reserves for
+/// the message's own fields (`reserved`, named with `broker` in the error).
+pub(crate) fn check_message(
+    message: &PubSubMessage,
+    reserved: &[&str],
+    broker: &'static str,
+) -> Result<(), MessageError> {
+    message.check()?;
+    if let Some((key, _)) = message
+        .attributes()
+        .iter()
+        .find(|(key, _)| reserved.contains(key))
+    {
+        return Err(MessageError::ReservedKey {
+            key: key.to_owned(),
+            broker,
+        });
     }
-
-    /// Sets `key` to `value`, replacing an earlier value of the same key.
-    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
-        let (key, value) = (key.into(), value.into());
-        if let Some(slot) = self
-            .0
-            .as_deref_mut()
-            .and_then(|pairs| pairs.iter_mut().find(|(k, _)| *k == key))
-        {
-            slot.1 = value;
-            return;
-        }
-        let mut pairs = self.0.take().map(Vec::from).unwrap_or_default();
-        pairs.push((key, value));
-        self.0 = Some(pairs.into_boxed_slice());
-    }
-
-    /// The value of `key`, if set.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs()
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Every attribute, in the order they were first set.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.pairs().iter().map(|(k, v)| (k.as_str(), v.as_str()))
-    }
-
-    /// How many attributes there are.
-    pub fn len(&self) -> usize {
-        self.pairs().len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.pairs().is_empty()
-    }
-
-    /// The pairs, empty when there are none.
-    fn pairs(&self) -> &[(String, String)] {
-        self.0.as_deref().unwrap_or_default()
-    }
+    Ok(())
 }
 
-impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Attributes {
-    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        let mut attributes = Attributes::new();
-        for (key, value) in iter {
-            attributes.insert(key, value);
-        }
-        attributes
+/// [`check_message`] for every message of a batch, as [`Publish::publish`] refuses it.
+pub(crate) fn check_batch(
+    batch: &[PubSubMessage],
+    reserved: &[&str],
+    broker: &'static str,
+) -> Result<(), SourceError> {
+    for message in batch {
+        check_message(message, reserved, broker).map_err(SourceError::Message)?;
     }
-}
-
-/// A message to publish: the "restart this host" message and its attributes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// The message.
-    pub message: PubSubMessage,
-    /// Its attributes (empty for the chaos monkey's own messages).
-    pub attributes: Attributes,
-}
-
-impl From<PubSubMessage> for Envelope {
-    fn from(message: PubSubMessage) -> Self {
-        Envelope {
-            message,
-            attributes: Attributes::new(),
-        }
-    }
+    Ok(())
 }
 
 /// A message leased to this consumer, as a [`Source`] returns it from `pull`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    /// The message.
+    /// The message, with its attributes.
     pub message: PubSubMessage,
-    /// The attributes it was published with.
-    pub attributes: Attributes,
     /// Which delivery of the message this is, counting from 1.
     pub attempt: u32,
     /// The id to ack, nack or extend this lease with.
@@ -194,8 +125,12 @@ pub struct SourceStats {
     pub published: u64,
     /// Messages still in the subscription: ready to deliver or leased.
     pub remaining: u64,
-    /// Messages moved to the dead-letter list after `max_attempts` deliveries.
+    /// Messages moved to the dead-letter list: after `max_attempts` deliveries, rejected by a
+    /// handler, or not decodable as a message at all.
     pub dead_lettered: u64,
+    /// Entries the source dead-lettered on their first delivery because no decoding of its
+    /// wire format could read them (counted in `dead_lettered` too).
+    pub undecodable: u64,
     /// Leases the source took back because their deadline passed (or another consumer
     /// claimed them).
     pub expired: u64,
@@ -222,9 +157,12 @@ pub trait Publish: Send + Sync {
     ///
     /// # Errors
     ///
-    /// [`SourceError::Closed`] once [`interrupt`](Publish::interrupt) was called; a backend
-    /// error when the batch (or part of it: publishing is at least once) was not accepted.
-    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError>;
+    /// [`SourceError::Message`], before anything is sent, when a message of the batch exceeds
+    /// Pub/Sub's limits ([`PubSubMessage::check`]) or uses an attribute key the broker's wire
+    /// format reserves; [`SourceError::Closed`] once [`interrupt`](Publish::interrupt) was
+    /// called; a backend error when the batch (or part of it: publishing is at least once) was
+    /// not accepted.
+    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError>;
 
     /// Wakes every thread blocked in `publish`; from now on it returns
     /// [`SourceError::Closed`].
@@ -289,6 +227,22 @@ pub trait Source: Send + Sync {
     /// A backend error when the batch could not be accepted at all.
     fn nack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError>;
 
+    /// Dead-letters a lease at once, whatever its attempt, recording `reason` with the dead
+    /// letter: its message can never succeed (a handler said so with
+    /// [`HandleError::Rejected`](crate::HandleError::Rejected)). The message counts in
+    /// [`SourceStats::dead_lettered`]. Rejections are rare, so this takes one lease.
+    ///
+    /// # Errors
+    ///
+    /// A backend error when the rejection could not be accepted (the lease then expires and
+    /// its message is delivered again).
+    fn reject(
+        &self,
+        lease: LeaseId,
+        reason: &str,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError>;
+
     /// Moves the deadlines of leases to `by` from now.
     ///
     /// # Errors
@@ -331,11 +285,11 @@ pub trait Source: Send + Sync {
 ///
 /// ```
 /// use std::time::Duration;
-/// use mayhem::{Delivery, Envelope, Publish, Source, Subscription, SubscriptionConfig};
+/// use mayhem::{Delivery, Publish, Source, Subscription, SubscriptionConfig};
 ///
 /// let source = Subscription::new(SubscriptionConfig::default());
 /// let mut rng = fastrand::Rng::with_seed(1);
-/// source.publish(&[Envelope::from(mayhem::PubSubMessage::random(&mut rng))]).unwrap();
+/// source.publish(&[mayhem::PubSubMessage::random(&mut rng)]).unwrap();
 ///
 /// let mut leases = Vec::new();
 /// source.pull(1, Duration::ZERO, &mut leases).unwrap();
@@ -370,11 +324,6 @@ impl<'a> Delivery<'a> {
         &self.lease.message
     }
 
-    /// The message's attributes.
-    pub fn attributes(&self) -> &Attributes {
-        &self.lease.attributes
-    }
-
     /// Which delivery of the message this is, counting from 1.
     pub fn attempt(&self) -> u32 {
         self.lease.attempt
@@ -406,6 +355,18 @@ impl<'a> Delivery<'a> {
         one(self.lease.id, |ids, refused| self.source.nack(ids, refused))
     }
 
+    /// Dead-letters the message at once with `reason`: it can never succeed.
+    ///
+    /// # Errors
+    ///
+    /// [`LeaseError::Expired`] when the lease was not held any more.
+    pub fn reject(mut self, reason: &str) -> Result<(), LeaseError> {
+        self.settled = true;
+        one(self.lease.id, |ids, refused| {
+            self.source.reject(ids[0], reason, refused)
+        })
+    }
+
     /// Extends the lease to `by` from now.
     ///
     /// # Errors
@@ -428,10 +389,10 @@ impl<'a> Delivery<'a> {
 ///
 /// ```
 /// use std::time::Duration;
-/// use mayhem::{source::one, Envelope, LeaseError, Publish, Source, Subscription, SubscriptionConfig};
+/// use mayhem::{source::one, LeaseError, Publish, Source, Subscription, SubscriptionConfig};
 ///
 /// let source = Subscription::new(SubscriptionConfig::default());
-/// source.publish(&[Envelope::from(mayhem::PubSubMessage::random(&mut mayhem::Rng::with_seed(4)))]).unwrap();
+/// source.publish(&[mayhem::PubSubMessage::random(&mut mayhem::Rng::with_seed(4))]).unwrap();
 /// let mut leases = Vec::new();
 /// source.pull(1, Duration::ZERO, &mut leases).unwrap();
 /// let id = leases[0].id;

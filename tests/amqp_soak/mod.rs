@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use mayhem::{AmqpConfig, AmqpSource, Envelope, PubSubMessage, Publish};
+use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish};
 
 /// The server script of Debian's package (the copy under /usr/sbin insists on a service
 /// user).
@@ -316,12 +316,14 @@ impl Server {
                 .map_err(|e| format!("confirm mode: {e}"))?;
             for n in first..first + count {
                 let (body, properties) = match n % 3 {
+                    // Data that is no host name: the chaos monkey rejects it, so it is
+                    // dead-lettered at once.
                     0 => (
-                        format!("foreign-{n}").into_bytes(),
+                        format!("no host foreign-{n}").into_bytes(),
                         lapin::BasicProperties::default(),
                     ),
                     1 => (
-                        format!("foreign-{n}").into_bytes(),
+                        format!("no host foreign-{n}").into_bytes(),
                         lapin::BasicProperties::default()
                             .with_message_id(format!("not-a-uuid-{n}").into()),
                     ),
@@ -623,10 +625,9 @@ fn message_name(n: usize) -> String {
 
 /// Publishes `names` through the library (one batch, then every confirm awaited).
 fn publish(server: &Server, names: &[String], rng: &mut fastrand::Rng) -> Result<(), String> {
-    let batch: Vec<Envelope> = names
+    let batch: Vec<PubSubMessage> = names
         .iter()
-        .filter_map(|name| PubSubMessage::from_parts(mayhem::Uuid::from_u128(rng.u128(..)), name))
-        .map(Envelope::from)
+        .map(|name| PubSubMessage::new(name.clone()).with_id(mayhem::Uuid::from_u128(rng.u128(..))))
         .collect();
     if batch.len() != names.len() {
         return Err("an instance name of the harness is invalid".to_owned());

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use mayhem::{Attributes, Envelope, Lease, LeaseId, PubSubMessage, Publish, Source, SourceError};
+use mayhem::{Attributes, Lease, LeaseId, PubSubMessage, Publish, Source, SourceError};
 
 /// What the suite needs of a broker.
 pub trait Harness {
@@ -31,6 +31,33 @@ pub trait Harness {
     fn pull_wait(&self) -> Duration {
         Duration::from_millis(500)
     }
+
+    /// The attribute keys the broker's wire format reserves (refused when publishing).
+    fn reserved(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Whether a message published without an id may be consumed without one (a broker
+    /// with no ids of its own).
+    fn ids_optional(&self) -> bool {
+        false
+    }
+}
+
+/// Asserts that a consumed message is the published one: the same id, data, attributes and
+/// ordering key (the broker adds the publish time), and that it has a publish time.
+#[track_caller]
+pub fn assert_same(got: &PubSubMessage, sent: &PubSubMessage) {
+    assert_eq!(
+        (got.id(), got.data(), got.attributes(), got.ordering_key()),
+        (
+            sent.id(),
+            sent.data(),
+            sent.attributes(),
+            sent.ordering_key()
+        )
+    );
+    assert!(got.publish_time().is_some(), "no publish time: {got:?}");
 }
 
 /// Publishes `count` messages drawn from `seed`, in one batch; returns them.
@@ -39,8 +66,7 @@ pub fn publish<B: Publish + ?Sized>(broker: &B, count: usize, seed: u64) -> Vec<
     let sent: Vec<PubSubMessage> = (0..count)
         .map(|_| PubSubMessage::random(&mut rng))
         .collect();
-    let batch: Vec<Envelope> = sent.iter().copied().map(Envelope::from).collect();
-    broker.publish(&batch).expect("publish");
+    broker.publish(&sent).expect("publish");
     assert_eq!(
         broker.wait_confirmed(Duration::from_secs(10)),
         0,
@@ -101,8 +127,8 @@ pub fn ack_removes_the_message<H: Harness>(h: &H) {
     let sent = publish(&b, 2, 1);
     let leases = pull(h, &b, 2);
     assert_eq!(leases.len(), 2);
-    assert_eq!(leases[0].message, sent[0]);
-    assert_eq!(leases[1].message, sent[1]);
+    assert_same(&leases[0].message, &sent[0]);
+    assert_same(&leases[1].message, &sent[1]);
     assert!(leases.iter().all(|lease| lease.attempt == 1));
     assert!(ack(&b, &[leases[0].id, leases[1].id]).is_empty());
     assert_eq!(b.settled(), 2);
@@ -124,7 +150,7 @@ pub fn nack_redelivers_with_the_attempt_counted<H: Harness>(h: &H) {
     let first = pull(h, &b, 1).remove(0);
     assert!(nack(&b, &[first.id]).is_empty());
     let second = pull(h, &b, 1).remove(0);
-    assert_eq!(second.message, sent[0]);
+    assert_same(&second.message, &sent[0]);
     assert_eq!(second.attempt, 2);
     assert_ne!(second.id, first.id);
 }
@@ -135,7 +161,7 @@ pub fn an_expired_lease_is_redelivered_and_its_ack_refused<H: Harness>(h: &H) {
     let lease = pull(h, &b, 1).remove(0);
     h.pass(&b, h.deadline());
     let again = pull(h, &b, 1).remove(0);
-    assert_eq!(again.message, lease.message);
+    assert_same(&again.message, &lease.message);
     assert_eq!(again.attempt, 2);
     assert_eq!(ack(&b, &[lease.id]), [lease.id], "a stale ack is refused");
     assert!(ack(&b, &[again.id]).is_empty());
@@ -189,6 +215,31 @@ pub fn messages_over_max_attempts_are_dead_lettered<H: Harness>(h: &H) {
     );
 }
 
+pub fn a_rejected_message_is_dead_lettered_at_once<H: Harness>(h: &H) {
+    let b = h.broker(5);
+    publish(&b, 2, 10);
+    let leases = pull(h, &b, 2);
+    assert_eq!(leases[0].attempt, 1);
+    let mut refused = Vec::new();
+    b.reject(leases[0].id, "data is not a host name", &mut refused)
+        .expect("reject");
+    assert!(refused.is_empty());
+    // A second rejection of the same lease is refused: it is not held any more.
+    b.reject(leases[0].id, "again", &mut refused)
+        .expect("reject");
+    assert_eq!(refused, [leases[0].id]);
+    assert!(ack(&b, &[leases[1].id]).is_empty());
+    assert!(
+        pull_none(h, &b).is_empty(),
+        "a rejected message is not retried"
+    );
+    let stats = b.stats();
+    assert_eq!(
+        (stats.dead_lettered, stats.remaining, b.settled()),
+        (1, 0, 2)
+    );
+}
+
 pub fn a_stale_lease_id_cannot_settle_the_next_delivery<H: Harness>(h: &H) {
     let b = h.broker(5);
     publish(&b, 1, 10);
@@ -235,20 +286,59 @@ pub fn attributes_travel_with_the_message<H: Harness>(h: &H) {
     let attributes: Attributes = [("origin", "billing"), ("trace", "7f3a")]
         .into_iter()
         .collect();
-    b.publish(&[Envelope {
-        message,
-        attributes: attributes.clone(),
-    }])
-    .expect("publish");
+    let message = message.with_attributes(attributes);
+    b.publish(std::slice::from_ref(&message)).expect("publish");
     let lease = pull(h, &b, 1).remove(0);
-    assert_eq!(lease.message, message);
-    assert_eq!(lease.attributes.get("origin"), Some("billing"));
-    assert_eq!(lease.attributes.get("trace"), Some("7f3a"));
-    assert_eq!(lease.attributes.len(), 2);
-    // A redelivery carries them too.
+    assert_same(&lease.message, &message);
+    let got = lease.message.attributes();
+    assert_eq!(got.get("origin"), Some("billing"));
+    assert_eq!(got.get("trace"), Some("7f3a"));
+    assert_eq!(got.len(), 2);
+    // A redelivery carries them too, and the same id and publish time.
     assert!(nack(&b, &[lease.id]).is_empty());
     let again = pull(h, &b, 1).remove(0);
-    assert_eq!(again.attributes.get("origin"), Some("billing"));
+    assert_same(&again.message, &message);
+    assert_eq!(again.message.publish_time(), lease.message.publish_time());
+    assert_eq!(again.message.attributes().get("origin"), Some("billing"));
+}
+
+/// Any data travels byte for byte (NUL bytes, invalid UTF-8, 1 MiB), with an ordering key;
+/// a message whose data is empty and has no id gets one from the broker.
+pub fn any_payload_travels_byte_for_byte<H: Harness>(h: &H) {
+    let b = h.broker(5);
+    let mut big = vec![0u8; 1 << 20];
+    fastrand::Rng::with_seed(5).fill(&mut big);
+    let sent = [
+        PubSubMessage::new(&b"\0\xff\xfe not utf-8 \0"[..])
+            .with_id("bin-1")
+            .with_ordering_key("key-1"),
+        PubSubMessage::new(big).with_id("big-1"),
+        PubSubMessage::new("web-01"),
+    ];
+    b.publish(&sent).expect("publish");
+    assert_eq!(b.wait_confirmed(Duration::from_secs(10)), 0);
+    let leases = pull(h, &b, 3);
+    assert_same(&leases[0].message, &sent[0]);
+    assert_same(&leases[1].message, &sent[1]);
+    assert_eq!(&leases[2].message.data()[..], b"web-01");
+    assert!(!leases[2].message.id().is_empty() || h.ids_optional());
+    let ids: Vec<LeaseId> = leases.iter().map(|lease| lease.id).collect();
+    assert!(ack(&b, &ids).is_empty());
+}
+
+/// Pub/Sub's limits and the broker's reserved names are refused when publishing, before
+/// anything is sent.
+pub fn over_the_limits_is_refused_when_publishing<H: Harness>(h: &H) {
+    let b = h.broker(5);
+    let over = PubSubMessage::new("x").with_attribute("k", "v".repeat(1025));
+    let error = b.publish(&[over]).unwrap_err();
+    assert!(matches!(error, SourceError::Message(_)), "{error}");
+    for key in h.reserved() {
+        let reserved = PubSubMessage::new("x").with_attribute(*key, "v");
+        let error = b.publish(&[reserved]).unwrap_err();
+        assert!(error.to_string().contains("reserved"), "{key}: {error}");
+    }
+    assert_eq!(b.stats().published, 0);
 }
 
 pub fn interrupt_ends_pulls_but_not_settling<H: Harness>(h: &H) {
@@ -280,6 +370,9 @@ macro_rules! conformance_tests {
             a_batch_settles_what_is_held_and_refuses_the_rest,
             a_batch_extension_keeps_every_lease,
             attributes_travel_with_the_message,
+            any_payload_travels_byte_for_byte,
+            over_the_limits_is_refused_when_publishing,
+            a_rejected_message_is_dead_lettered_at_once,
             interrupt_ends_pulls_but_not_settling
         );
     };

@@ -178,7 +178,7 @@ impl Server {
                 };
                 let fields: HashMap<String, String> =
                     redis::from_redis_value_ref(parts.get(1)?).ok()?;
-                fields.get("instance_name").cloned()
+                fields.get("data").cloned()
             })
             .collect()
     }
@@ -356,10 +356,10 @@ pub fn run(binary: &str, seed: u64, waves: usize) -> Outcome {
             pipe.cmd("XADD")
                 .arg("mayhem")
                 .arg("*")
+                .arg("data")
+                .arg(name)
                 .arg("message_id")
                 .arg(id)
-                .arg("instance_name")
-                .arg(name)
                 .ignore();
         }
         let sent = redis::Client::open(server.url())

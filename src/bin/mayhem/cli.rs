@@ -41,7 +41,9 @@ dropped and counted (\"N log lines dropped\").";
     long_about = None,
     allow_negative_numbers = true,
     max_term_width = 100,
-    after_help = AFTER_HELP
+    after_help = AFTER_HELP,
+    // `mayhem --workers 2 publish ...` is refused: the service's flags mean nothing there.
+    args_conflicts_with_subcommands = true
 )]
 pub(crate) struct Cli {
     /// Publisher threads, 0 to 1024 (0 = none).
@@ -63,6 +65,15 @@ pub(crate) struct Cli {
         value_parser = max_in_flight
     )]
     max_in_flight: MaxInFlight,
+    /// Most bytes of data and attributes handed to handlers at once; the rest of a pull
+    /// waits, held; a larger message is still handled, alone.
+    #[arg(
+        long,
+        env = "MAYHEM_MAX_IN_FLIGHT_BYTES",
+        value_name = "BYTES",
+        default_value_t = RunConfig::default().max_in_flight_bytes
+    )]
+    max_in_flight_bytes: usize,
     /// Most messages waiting in the subscription before publishers block, 1 to 10000000.
     #[arg(
         long,
@@ -100,6 +111,9 @@ pub(crate) struct Cli {
         default_value_t = HandlerConfig::default().restart_retries
     )]
     restart_retries: u32,
+    /// Domain of the hosts restarted: data `web-01` restarts `web-01.DOMAIN`.
+    #[arg(long, env = "MAYHEM_DOMAIN", value_name = "DOMAIN", default_value_t = HandlerConfig::default().domain)]
+    domain: String,
     /// How long a pulled message stays leased without an extension, 10ms to 10m; auto: the
     /// p99 of handling times, within 10s..10m.
     #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR|auto", default_value = human(LeaseConfig::default().ack_deadline), value_parser = ack_deadline, allow_hyphen_values = true)]
@@ -215,6 +229,16 @@ pub(crate) struct Cli {
     /// Per-module levels over --log-level, RUST_LOG-style, like mayhem::pipeline::consumer=debug,warn.
     #[arg(long, env = "MAYHEM_LOG_FILTER", value_name = "DIRECTIVES")]
     pub(crate) log_filter: Option<String>,
+    /// Without a command, mayhem runs the service.
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+}
+
+/// The subcommands; without one, mayhem runs the service.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Publish messages to a broker (Redis or RabbitMQ) and print their ids once confirmed.
+    Publish(crate::publish::PublishArgs),
 }
 
 /// Where messages come from.
@@ -265,7 +289,7 @@ pub(crate) enum ReportFormat {
 
 /// The log levels a user can pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogLevel {
+pub(crate) enum LogLevel {
     Off,
     Error,
     Warn,
@@ -288,6 +312,7 @@ impl Cli {
                     MaxInFlight::Auto => mayhem::AUTO_CEILING,
                 },
                 adaptive_window: self.max_in_flight == MaxInFlight::Auto,
+                max_in_flight_bytes: self.max_in_flight_bytes,
                 messages: self.messages,
                 seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
                 grace_period: self.grace_period,
@@ -317,6 +342,7 @@ impl Cli {
                 stall_rate: self.stall_rate,
                 stall: self.stall,
                 restart_retries: self.restart_retries,
+                domain: self.domain.clone(),
             },
             memory: MemoryConfig {
                 max_backlog: self.max_backlog,
@@ -465,6 +491,20 @@ pub(crate) fn check_utf8(
     args: impl IntoIterator<Item = std::ffi::OsString>,
     env: impl Fn(&str) -> Option<std::ffi::OsString>,
 ) -> Result<(), String> {
+    check_utf8_for(&<Cli as clap::CommandFactory>::command(), args, env)
+}
+
+/// [`check_utf8`] for the arguments and variables of `command` (the first argument is its
+/// name).
+///
+/// # Errors
+///
+/// As [`check_utf8`].
+pub(crate) fn check_utf8_for(
+    command: &clap::Command,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), String> {
     let mut previous: Option<String> = None;
     for arg in args.into_iter().skip(1) {
         let Some(text) = arg.to_str() else {
@@ -479,7 +519,6 @@ pub(crate) fn check_utf8(
         };
         previous = Some(text.to_owned());
     }
-    let command = <Cli as clap::CommandFactory>::command();
     for arg in command.get_arguments() {
         let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else {
             continue;
@@ -495,7 +534,7 @@ pub(crate) fn check_utf8(
 }
 
 /// Parses a duration like `250ms`, `2s` or `1m 30s`; a bare `0` means none.
-fn duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     if text.trim() == "0" {
         return Ok(Duration::ZERO);
     }
@@ -505,7 +544,7 @@ fn duration(text: &str) -> Result<Duration, String> {
 
 /// Checks `--amqp-ca-file`: a readable file holding a PEM certificate.
 #[cfg(feature = "amqp")]
-fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
+pub(crate) fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
     let path = std::path::PathBuf::from(text);
     mayhem::source::amqp::read_ca_file(&path)
         .map(|_| path)
@@ -559,7 +598,7 @@ fn rate(text: &str) -> Result<f64, String> {
 
 /// The parser of `--source`: its error repeats the value with any password replaced.
 #[derive(Debug, Clone, Copy)]
-struct SourceParser;
+pub(crate) struct SourceParser;
 
 impl clap::builder::TypedValueParser for SourceParser {
     type Value = SourceKind;
@@ -647,7 +686,7 @@ fn human(duration: Duration) -> String {
 }
 
 /// Parses a stream, group or consumer name: not empty, no whitespace.
-fn name(text: &str) -> Result<String, String> {
+pub(crate) fn name(text: &str) -> Result<String, String> {
     if text.is_empty() || text.chars().any(char::is_whitespace) {
         return Err("must be a non-empty name without spaces".to_owned());
     }

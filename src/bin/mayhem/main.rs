@@ -1,6 +1,6 @@
 //! The `mayhem` binary: install the signal handlers, parse the command line, install the logger,
 //! run the service on the embedded in-memory pub/sub (or a Redis stream, or a RabbitMQ queue),
-//! print the report.
+//! print the report; or, with `publish`, publish messages to a broker (see `publish.rs`).
 //!
 //! Exit codes: 0 after a graceful shutdown (a signal during start-up included), 1 when a
 //! handler panicked or the source failed for good (the service still shut down gracefully)
@@ -11,6 +11,7 @@
 mod cli;
 mod http;
 mod logger;
+mod publish;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -131,12 +132,20 @@ fn run(
     startup: Sender<Startup>,
     startup_events: Receiver<Startup>,
 ) -> ExitCode {
+    // `mayhem publish ...` is parsed on its own: the service's variables (MAYHEM_WORKERS, ...)
+    // are not even read.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == "publish")
+    {
+        return publish::main(&shutdown);
+    }
     // Clap refuses a value that is not UTF-8 without naming its flag or variable.
     if let Err(error) = cli::check_utf8(std::env::args_os(), |name| std::env::var_os(name)) {
         usage_error(&format!("error: {error}"));
         return ExitCode::from(EXIT_USAGE);
     }
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
             // The whole of clap's message: the bad value, suggestions ("a similar argument
@@ -149,6 +158,9 @@ fn run(
             };
         }
     };
+    if let Some(cli::Command::Publish(args)) = cli.command.take() {
+        return publish::run(&args, &shutdown);
+    }
     let config = cli.config();
     if let Err(error) = config.validate() {
         usage_error(&format!("error: {error}"));

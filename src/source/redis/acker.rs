@@ -2,7 +2,7 @@
 //! script call per batch, and counts what Redis answered.
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use log::debug;
@@ -18,7 +18,7 @@ use crate::source::LeaseId;
 const OPS_BATCH: usize = 512;
 
 /// A queued lease operation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Op {
     /// What to do.
     pub(super) kind: OpKind,
@@ -30,6 +30,8 @@ pub(super) struct Op {
     pub(super) deliveries: u32,
     /// Attempts so far, stored with a requeued or dead-lettered copy.
     pub(super) attempt: u32,
+    /// Why a rejected or undecodable entry is dead-lettered (stored with its dead letter).
+    pub(super) reason: Option<Arc<str>>,
 }
 
 /// The kinds of lease operations.
@@ -41,8 +43,12 @@ pub(super) enum OpKind {
     Extend,
     /// Add a copy for another delivery and ack the entry.
     Requeue,
-    /// Add a copy to the dead-letter stream and ack the entry.
+    /// Add a copy to the dead-letter stream and ack the entry: it used up its attempts.
     Dead,
+    /// [`OpKind::Dead`] on any attempt, with a reason: its handler rejected it.
+    Reject,
+    /// [`OpKind::Dead`] on its first delivery, with a reason: no decoding can read it.
+    Undecodable,
 }
 
 impl Op {
@@ -54,6 +60,7 @@ impl Op {
             entry: held.entry,
             deliveries: held.deliveries,
             attempt: held.attempt,
+            reason: None,
         }
     }
 
@@ -63,7 +70,7 @@ impl Op {
             OpKind::Ack => "ack",
             OpKind::Extend => "extend",
             OpKind::Requeue => "requeue",
-            OpKind::Dead => "dead",
+            OpKind::Dead | OpKind::Reject | OpKind::Undecodable => "dead",
         }
     }
 }
@@ -109,7 +116,8 @@ impl Core {
                     .arg(op.name())
                     .arg(op.entry.to_string())
                     .arg(op.deliveries)
-                    .arg(op.attempt);
+                    .arg(op.attempt)
+                    .arg(op.reason.as_deref().unwrap_or(""));
             }
             command.write_packed_command(&mut packed);
             commands += 1;
@@ -162,11 +170,16 @@ impl Core {
             match (op.kind, answer) {
                 // Acks went by XACK, above.
                 (OpKind::Ack, _) => {}
-                (OpKind::Dead, 1) | (OpKind::Dead, 2) if answer == 1 || retried => {
+                (OpKind::Dead | OpKind::Reject | OpKind::Undecodable, 1 | 2)
+                    if answer == 1 || retried =>
+                {
                     stats.dead_lettered += 1;
+                    stats.undecodable += u64::from(op.kind == OpKind::Undecodable);
                     self.settled.fetch_add(1, Ordering::Relaxed);
                 }
-                (OpKind::Extend, 1) | (OpKind::Requeue, _) | (OpKind::Dead, _) => {}
+                (OpKind::Extend, 1)
+                | (OpKind::Requeue, _)
+                | (OpKind::Dead | OpKind::Reject | OpKind::Undecodable, _) => {}
                 (OpKind::Extend, _) => expired.push(op.lease),
             }
         }

@@ -18,7 +18,25 @@ use crate::source::Lease;
 /// claim path (a try waits for the reconnection backoff, at most two seconds).
 const MALFORMED_TRIES: u32 = 3;
 
+/// About how many bytes of entries one read asks for: `XREADGROUP` and `XAUTOCLAIM` take a
+/// count, not a size, so the count is this over the mean size of the last read's entries.
+/// Large entries (a stream of 10 MB payloads) would otherwise make a reply of gigabytes,
+/// over the longest reply the connection reads, and no read would ever succeed.
+const READ_BYTES: usize = 64 * 1024 * 1024;
+/// The most entries the first read asks for, before any size is known: 32 entries of
+/// Pub/Sub's largest 10 MB data fit in the longest reply.
+const FIRST_READ: usize = 32;
+
 impl Core {
+    /// At most `room` entries, bounded by [`READ_BYTES`] over the mean size of the last
+    /// read's entries.
+    fn read_count(&self, room: usize) -> usize {
+        match self.entry_bytes.load(Ordering::Relaxed) {
+            0 => room.min(FIRST_READ),
+            mean => room.min((READ_BYTES / mean).max(1)),
+        }
+    }
+
     /// Claims entries idle past the ack deadline, then reads new ones (up to `max` in all:
     /// `XREADGROUP COUNT` is the free part of the caller's flow-control window), blocking up
     /// to `wait` in steps of the configured block while nothing comes.
@@ -31,7 +49,7 @@ impl Core {
         let end = Instant::now() + wait;
         loop {
             self.claim_due(max, out)?;
-            let room = max.saturating_sub(out.len());
+            let room = self.read_count(max.saturating_sub(out.len()));
             if room == 0 {
                 return Ok(());
             }
@@ -89,7 +107,7 @@ impl Core {
             }
             cursor.start.clone()
         };
-        let (next, entries) = self.claim(&start, max)?;
+        let (next, entries) = self.claim(&start, self.read_count(max))?;
         let found = !entries.is_empty();
         self.lease_all_from(entries, Instant::now(), out);
         let mut cursor = lock(&self.claim_cursor);
@@ -129,12 +147,18 @@ impl Core {
     }
 
     /// Turns entries delivered at `since` into leases; dead-letters entries that are not
-    /// messages at all.
+    /// messages at all, with the reason.
     fn lease_all_from(&self, entries: Vec<Entry>, since: Instant, out: &mut Vec<Lease>) {
         if entries.is_empty() {
             return;
         }
         let deadline = since + self.config.ack_deadline;
+        let bytes: usize = entries
+            .iter()
+            .map(|(_, fields, _)| fields.message.as_ref().map_or(0, |m| m.size()))
+            .sum();
+        self.entry_bytes
+            .store((bytes / entries.len()).max(1), Ordering::Relaxed);
         // Parsed before the lease table is locked: the table is shared with every handler's
         // ack, so it is held only to insert.
         let mut malformed = Vec::new();
@@ -142,22 +166,20 @@ impl Core {
         for (entry, fields, deliveries) in entries {
             let attempt = fields.attempts.saturating_add(deliveries);
             match fields.message {
-                // Every other field of the entry is an attribute (a program's own publishers
-                // may add some); the chaos monkey's own entries have none, so nothing is
-                // allocated for them.
-                Some(message) => parsed.push((entry, message, fields.others, deliveries, attempt)),
-                None => malformed.push(Op {
-                    kind: OpKind::Dead,
+                Ok(message) => parsed.push((entry, message, deliveries, attempt)),
+                Err(reason) => malformed.push(Op {
+                    kind: OpKind::Undecodable,
                     lease: 0,
                     entry,
                     deliveries: 0,
                     attempt,
+                    reason: Some(reason.into()),
                 }),
             }
         }
         let mut leases = lock(&self.leases);
         out.reserve(parsed.len());
-        for (entry, message, attributes, deliveries, attempt) in parsed {
+        for (entry, message, deliveries, attempt) in parsed {
             let generation = leases.next_generation;
             leases.next_generation = generation.wrapping_add(1);
             let index = leases.slots.insert(Held {
@@ -169,7 +191,6 @@ impl Core {
             });
             out.push(Lease {
                 message,
-                attributes: attributes.into_iter().collect(),
                 attempt,
                 id: (u64::from(generation) << 32) | index as u64,
             });
@@ -177,9 +198,10 @@ impl Core {
         drop(leases);
         if !malformed.is_empty() {
             warn!(
-                "dead-lettering {} entries of {} that are not messages",
+                "dead-lettering {} entries of {} that are not messages (the first: {})",
                 malformed.len(),
-                self.config.stream
+                self.config.stream,
+                malformed[0].reason.as_deref().unwrap_or("")
             );
             self.dead_letter_malformed(&malformed);
         }

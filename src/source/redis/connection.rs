@@ -325,6 +325,9 @@ impl Core {
                 StartError::Retry(text)
             }
         })?;
+        if self.publish_only {
+            return Ok(con);
+        }
         self.claim_name(&mut con, stop)?;
         let mut start = "-".to_owned();
         let mut marked = 0;
@@ -437,8 +440,13 @@ impl Core {
     }
 
     /// Creates the consumer group (keeping an existing one) at its recorded floor, or at `0`
-    /// (also when the stream itself is new), and loads the scripts.
+    /// (also when the stream itself is new), and loads the scripts; nothing for a publisher.
     fn prepare(&self, con: &mut Wire) -> Result<(), RedisError> {
+        if self.publish_only {
+            // A publisher creates no group (one nobody consumes would hold back retention)
+            // and runs no script; `XADD` creates the stream.
+            return Ok(());
+        }
         // A floor outlives its stream only when the stream was deleted as a whole: then no
         // history is left to replay, and the floor is dropped.
         let exists: bool = redis::cmd("EXISTS").arg(&self.config.stream).query(con)?;

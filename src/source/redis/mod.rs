@@ -4,7 +4,7 @@
 //!
 //! | `Source` | Redis |
 //! |---|---|
-//! | `publish` | `XADD stream * message_id <uuid> instance_name <name>` |
+//! | `publish` | `XADD stream * data <data> [message_id <id>] [ordering_key <key>] [<attribute> <value>]...` |
 //! | start | claim the consumer name (a liveness key, see below); `XGROUP CREATE stream group <floor> MKSTREAM` (an existing group is kept); this consumer's own pending entries, left by an earlier instance of the same name, are marked expired |
 //! | `pull` | entries idle past the ack deadline (`XPENDING ... IDLE` probes for one, `XAUTOCLAIM` claims them), then new ones (`XREADGROUP ... COUNT <free window> BLOCK ... STREAMS stream >`) |
 //! | `ack` | `XACK stream group id...` (one per batch) |
@@ -98,7 +98,7 @@ mod reply;
 mod wire;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -109,13 +109,14 @@ use redis::Client;
 use slab::Slab;
 
 use crate::error::{ConfigError, SourceError};
+use crate::message::{MessageError, PubSubMessage};
 use crate::shutdown::Shutdown;
-use crate::source::{Envelope, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
 use self::acker::{Op, OpKind};
 use self::connection::{Failure, Health, Pooled, Scripts};
-use self::reply::EntryId;
+use self::reply::{EntryId, RESERVED_FIELDS};
 
 pub use self::connection::redact_url;
 
@@ -147,6 +148,31 @@ pub fn parse_url(url: &str) -> Result<(), SourceError> {
             connection::one_line(&error.to_string(), url)
         ))
     })
+}
+
+/// Checks a message as [`Publish::publish`] does before sending anything: Pub/Sub's limits
+/// ([`PubSubMessage::check`]), and the field names the entry layout keeps for the message
+/// itself (`data`, `message_id`, `publish_time`, `ordering_key`, `attempts`, `dead_reason`),
+/// which are refused as attribute keys. A program can check its messages before connecting.
+///
+/// # Errors
+///
+/// The first rule the message breaks.
+///
+/// ```
+/// use mayhem::source::redis::check_message;
+/// use mayhem::{MessageError, PubSubMessage};
+/// assert_eq!(check_message(&PubSubMessage::new("web-03").with_attribute("origin", "ops")), Ok(()));
+/// let reserved = PubSubMessage::new("web-03").with_attribute("data", "x");
+/// assert!(matches!(check_message(&reserved), Err(MessageError::ReservedKey { .. })));
+/// ```
+pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
+    crate::source::check_message(message, &RESERVED_FIELDS, "redis")
+}
+
+/// [`check_message`] for every message of a batch.
+fn check_message_batch(batch: &[PubSubMessage]) -> Result<(), SourceError> {
+    check_batch(batch, &RESERVED_FIELDS, "redis")
 }
 
 /// Settings of a [`RedisSource`].
@@ -318,6 +344,8 @@ struct Core {
     token: String,
     /// The scripts' hashes.
     scripts: Scripts,
+    /// A [`RedisPublisher`]: no consumer name, no group, no scripts, no threads.
+    publish_only: bool,
     /// Opens connections.
     client: Client,
     /// Idle connections. A mutex, not a lock-free pool: it is held only to push or pop.
@@ -351,6 +379,9 @@ struct Core {
     /// Where the next `XAUTOCLAIM` starts (it scans a bounded part of the pending list), and
     /// when the next sweep of the pending list is due.
     claim_cursor: Mutex<ClaimCursor>,
+    /// The mean size of the entries of the last read ([`PubSubMessage::size`]), 0 before
+    /// the first: bounds how many entries one read asks for (see `claim::READ_BYTES`).
+    entry_bytes: AtomicUsize,
 }
 
 /// The position of the sweep of the pending list for expired entries.
@@ -434,7 +465,7 @@ impl RedisSource {
                 connection::one_line(&error.to_string(), &config.url)
             ))
         })?;
-        let core = Arc::new(Core::new(config, client));
+        let core = Arc::new(Core::new(config, client, false));
         core.start(stop)?;
         let (ops, queue) = mpsc::channel();
         let worker_core = Arc::clone(&core);
@@ -525,51 +556,167 @@ impl RedisSource {
     }
 }
 
-/// Fields of an entry that are the message itself; every other field is an attribute.
-const RESERVED_FIELDS: [&str; 3] = ["message_id", "instance_name", "attempts"];
+/// A client that only publishes to a Redis stream (`XADD`), for a program that injects
+/// messages and consumes none, such as `mayhem publish`.
+///
+/// Unlike [`RedisSource::connect`] it claims no consumer name, creates no consumer group and
+/// starts no thread: it opens connections (retrying within
+/// [`RedisConfig::reconnect_limit`]) and publishes with the same entry layout as
+/// [`RedisSource`]. Of its [`RedisConfig`] it uses `url`, `stream`, `block` (socket
+/// timeouts) and `reconnect_limit`. The stream is created by the first `XADD` when it does
+/// not exist; a group created later by a consuming [`RedisSource`] starts at `0` (or at a
+/// floor recorded before any of these entries was added), so it delivers the entries
+/// published before it existed. Creating no group matters: a group nobody consumes would
+/// hold back the retention of every other group's acked entries.
+///
+/// ```
+/// use std::time::Duration;
+/// use mayhem::source::redis::RedisPublisher;
+/// use mayhem::{PubSubMessage, Publish, RedisConfig, SourceError};
+///
+/// /// Asks the chaos monkey consuming `mayhem` at `url` to restart `host`.
+/// fn restart(url: &str, host: &str) -> Result<(), SourceError> {
+///     let config = RedisConfig { url: url.to_owned(), ..RedisConfig::default() };
+///     let publisher = RedisPublisher::connect(config)?;
+///     publisher.publish(&[PubSubMessage::new(host.to_owned()).with_attribute("origin", "ops")])
+/// }
+///
+/// // Nobody listens on port 1: with no time left to retry, connecting gives up at once.
+/// let config = RedisConfig {
+///     url: "redis://127.0.0.1:1/0".to_owned(),
+///     reconnect_limit: Duration::ZERO,
+///     ..RedisConfig::default()
+/// };
+/// assert!(matches!(RedisPublisher::connect(config), Err(SourceError::Unavailable(_))));
+/// # let _ = restart;
+/// ```
+pub struct RedisPublisher {
+    /// The connections and their health; never shared with a thread.
+    core: Core,
+}
+
+impl RedisPublisher {
+    /// Connects to the server, retrying within [`RedisConfig::reconnect_limit`].
+    ///
+    /// # Errors
+    ///
+    /// As [`connect_with`](Self::connect_with).
+    pub fn connect(config: RedisConfig) -> Result<Self, SourceError> {
+        Self::connect_with(config, &Shutdown::new())
+    }
+
+    /// [`connect`](Self::connect), giving up early (with [`SourceError::Closed`]) once `stop`
+    /// is triggered.
+    ///
+    /// # Errors
+    ///
+    /// [`SourceError::Backend`] for an invalid URL, an empty stream name or refused
+    /// credentials; [`SourceError::Unavailable`] when the server could not be reached for
+    /// the whole reconnect limit; [`SourceError::Closed`] when `stop` was triggered first.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the calling thread while retrying; do not call it inside a future.
+    pub fn connect_with(config: RedisConfig, stop: &Shutdown) -> Result<Self, SourceError> {
+        if config.stream.is_empty() {
+            return Err(SourceError::Backend("the stream name is empty".to_owned()));
+        }
+        parse_url(&config.url)?;
+        let client = Client::open(config.url.as_str()).map_err(|error| {
+            SourceError::Backend(format!(
+                "invalid redis url: {}",
+                connection::one_line(&error.to_string(), &config.url)
+            ))
+        })?;
+        let core = Core::new(config, client, true);
+        core.start(stop)?;
+        Ok(RedisPublisher { core })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RedisConfig {
+        &self.core.config
+    }
+
+    /// Messages published through this client.
+    pub fn published(&self) -> u64 {
+        self.core.published.load(Ordering::SeqCst)
+    }
+}
+
+impl Publish for RedisPublisher {
+    /// As [`RedisSource`]'s: one pipeline of `XADD`s per batch, sent again after a failure
+    /// (at least once); `Ok` once Redis added every entry.
+    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
+        self.core.publish(batch)
+    }
+
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for RedisPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisPublisher")
+            .field("config", &self.core.config)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Publish for RedisSource {
     /// Adds the batch with one pipeline of `XADD`s (one round trip), whose replies are only
     /// checked, not kept. After a failure the
     /// whole batch is sent again once the server answers: publishing is at least once.
-    fn publish(&self, batch: &[Envelope]) -> Result<(), SourceError> {
-        for envelope in batch {
-            if let Some((key, _)) = envelope
-                .attributes
-                .iter()
-                .find(|(key, _)| RESERVED_FIELDS.contains(key))
-            {
-                return Err(SourceError::Backend(format!(
-                    "attribute name '{key}' is reserved for the entry's own fields"
-                )));
-            }
-        }
+    ///
+    /// Each message is one entry: `data`, then `message_id` when the message has one, then
+    /// `ordering_key` when set, then its attributes; a message without an id gets the entry
+    /// id as its id when consumed.
+    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
+        self.core.publish(batch)
+    }
+
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Core {
+    /// [`Publish::publish`] of a [`RedisSource`] or a [`RedisPublisher`].
+    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
+        check_message_batch(batch)?;
         if batch.is_empty() {
             return Ok(());
         }
-        let core = &self.core;
+        let core = self;
         // Encoded once, by hand (no argument vectors, no uuid string), and sent again as is
         // after a failure.
-        let mut packed = Vec::with_capacity(batch.len() * 160);
-        let mut uuid = uuid::Uuid::encode_buffer();
-        for envelope in batch {
-            let message = &envelope.message;
-            wire::command(&mut packed, 7 + 2 * envelope.attributes.len());
+        let size: usize = batch.iter().map(|m| m.size() + 160).sum();
+        let mut packed = Vec::with_capacity(size);
+        for message in batch {
+            let has_id = !message.id().is_empty();
+            let key = message.ordering_key();
+            let argc = 5
+                + 2 * usize::from(has_id)
+                + 2 * usize::from(key.is_some())
+                + 2 * message.attributes().len();
+            wire::command(&mut packed, argc);
             wire::arg(&mut packed, b"XADD");
             wire::arg(&mut packed, core.config.stream.as_bytes());
             wire::arg(&mut packed, b"*");
-            wire::arg(&mut packed, b"message_id");
-            wire::arg(
-                &mut packed,
+            wire::arg(&mut packed, b"data");
+            wire::arg(&mut packed, message.data());
+            if has_id {
+                wire::arg(&mut packed, b"message_id");
                 message
-                    .message_id()
-                    .hyphenated()
-                    .encode_lower(&mut uuid)
-                    .as_bytes(),
-            );
-            wire::arg(&mut packed, b"instance_name");
-            wire::arg(&mut packed, message.instance_name().as_bytes());
-            for (key, value) in envelope.attributes.iter() {
+                    .id()
+                    .with_str(|id| wire::arg(&mut packed, id.as_bytes()));
+            }
+            if let Some(key) = key {
+                wire::arg(&mut packed, b"ordering_key");
+                wire::arg(&mut packed, key.as_bytes());
+            }
+            for (key, value) in message.attributes().iter() {
                 wire::arg(&mut packed, key.as_bytes());
                 wire::arg(&mut packed, value.as_bytes());
             }
@@ -590,10 +737,6 @@ impl Publish for RedisSource {
                 Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
             }
         }
-    }
-
-    fn interrupt(&self) {
-        self.core.interrupted.store(true, Ordering::SeqCst);
     }
 }
 
@@ -641,6 +784,22 @@ impl Source for RedisSource {
                 OpKind::Requeue
             }
         });
+        self.enqueue(ops);
+        Ok(())
+    }
+
+    /// Dead-letters the entry at once with `dead_reason` (queued, as every lease operation).
+    fn reject(
+        &self,
+        lease: LeaseId,
+        reason: &str,
+        refused: &mut Vec<LeaseId>,
+    ) -> Result<(), SourceError> {
+        let mut ops = self.take_all(&[lease], refused, |_| OpKind::Reject);
+        let reason: Arc<str> = reason.into();
+        for op in &mut ops {
+            op.reason = Some(reason.clone());
+        }
         self.enqueue(ops);
         Ok(())
     }
@@ -795,7 +954,7 @@ impl fmt::Debug for RedisSource {
 
 impl Core {
     /// The shared state of a source not yet connected.
-    fn new(config: RedisConfig, client: Client) -> Self {
+    fn new(config: RedisConfig, client: Client, publish_only: bool) -> Self {
         let now = Instant::now();
         Core {
             shown_url: redact_url(&config.url),
@@ -813,6 +972,7 @@ impl Core {
                 fastrand::u64(..)
             ),
             scripts: Scripts::new(),
+            publish_only,
             config,
             client,
             pool: Mutex::new(Vec::new()),
@@ -832,6 +992,7 @@ impl Core {
             closing: Mutex::new(false),
             closing_signal: Condvar::new(),
             name_lost: AtomicBool::new(false),
+            entry_bytes: AtomicUsize::new(0),
             claim_cursor: Mutex::new(ClaimCursor {
                 start: "0-0".to_owned(),
                 due: now,

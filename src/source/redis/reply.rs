@@ -2,10 +2,12 @@
 //! `XINFO` and the scripts' answers.
 
 use std::fmt;
+use std::time::{Duration, UNIX_EPOCH};
 
+use bytes::Bytes;
 use redis::Value;
 
-use crate::message::PubSubMessage;
+use crate::message::{Attributes, MessageId, PubSubMessage};
 
 /// A stream entry id, `ms-seq`, stored without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,52 +65,109 @@ fn entry_id(value: &Value) -> Option<EntryId> {
     EntryId::parse(std::str::from_utf8(bytes(value)?).ok()?)
 }
 
-/// What an entry's fields hold, read without allocating for the fields every entry has.
-#[derive(Debug, Default)]
+/// The fields of an entry that are the message's own; every other field is an attribute.
+/// Publishing refuses them as attribute keys.
+pub(super) const RESERVED_FIELDS: [&str; 6] = [
+    "data",
+    "message_id",
+    "publish_time",
+    "ordering_key",
+    "attempts",
+    "dead_reason",
+];
+
+/// What an entry's fields hold.
+#[derive(Debug)]
 pub(super) struct Fields {
-    /// The message, when `message_id` is a uuid and `instance_name` a valid name.
-    pub(super) message: Option<PubSubMessage>,
+    /// The message, or why the entry is not one (it is then dead-lettered with that reason).
+    pub(super) message: Result<PubSubMessage, String>,
     /// `attempts` of earlier deliveries (0 when absent or not a number).
     pub(super) attempts: u32,
-    /// Every other field, in the entry's order.
-    pub(super) others: Vec<(String, String)>,
 }
 
 impl Fields {
-    /// Reads an entry's `(field, value)` pairs.
-    pub(super) fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Self {
-        let mut fields = Fields::default();
+    /// Reads the `(field, value)` pairs of entry `id`. The entry id stands in for a missing
+    /// `message_id`, and its milliseconds for a missing `publish_time`.
+    pub(super) fn from_pairs<'a>(
+        id: EntryId,
+        pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Self {
+        let mut attempts = 0;
+        let mut data = None;
         let mut message_id = None;
-        let mut instance_name = None;
+        let mut publish_ms = None;
+        let mut ordering_key = None;
+        let mut attributes = Attributes::new();
+        let mut problem = None;
+        let mut old_layout = false;
         for (key, value) in pairs {
             match key {
-                b"message_id" => message_id = uuid::Uuid::try_parse_ascii(value).ok(),
-                b"instance_name" => instance_name = std::str::from_utf8(value).ok(),
+                b"data" => data = Some(Bytes::copy_from_slice(value)),
+                b"message_id" => match std::str::from_utf8(value) {
+                    Ok(text) => message_id = Some(MessageId::from(text)),
+                    Err(_) => problem = Some("field 'message_id' is not UTF-8".to_owned()),
+                },
+                b"publish_time" => {
+                    publish_ms = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|n| n.parse::<u64>().ok());
+                }
+                b"ordering_key" => match std::str::from_utf8(value) {
+                    Ok(text) => ordering_key = Some(text.to_owned()),
+                    Err(_) => problem = Some("field 'ordering_key' is not UTF-8".to_owned()),
+                },
                 b"attempts" => {
-                    fields.attempts = std::str::from_utf8(value)
+                    attempts = std::str::from_utf8(value)
                         .ok()
                         .and_then(|n| n.parse().ok())
                         .unwrap_or(0);
                 }
-                _ => {
-                    if let (Ok(key), Ok(value)) =
-                        (std::str::from_utf8(key), std::str::from_utf8(value))
-                    {
-                        fields.others.push((key.to_owned(), value.to_owned()));
+                b"dead_reason" => {}
+                _ => match (std::str::from_utf8(key), std::str::from_utf8(value)) {
+                    (Ok(key), Ok(value)) => {
+                        old_layout |= key == "instance_name";
+                        attributes.insert(key, value);
                     }
-                }
+                    (Err(_), _) => {
+                        problem = Some(format!(
+                            "field name {:?} is not UTF-8 (attributes are strings)",
+                            key.escape_ascii().to_string()
+                        ))
+                    }
+                    (Ok(key), Err(_)) => {
+                        problem = Some(format!(
+                            "the value of field '{key}' is not UTF-8 (attributes are strings)"
+                        ))
+                    }
+                },
             }
         }
-        fields.message = message_id
-            .zip(instance_name)
-            .and_then(|(id, name)| PubSubMessage::from_parts(id, name));
-        fields
+        let message = match (data, problem) {
+            (_, Some(problem)) => Err(problem),
+            (None, None) if old_layout => Err(
+                "entry has no 'data' field (the message_id/instance_name layout of earlier builds is not read: write the instance name as 'data')".to_owned(),
+            ),
+            (None, None) => Err("entry has no 'data' field".to_owned()),
+            (Some(data), None) => {
+                let ms = publish_ms.unwrap_or(id.ms);
+                let mut message = PubSubMessage::new(data)
+                    .with_attributes(attributes)
+                    .with_publish_time(UNIX_EPOCH + Duration::from_millis(ms))
+                    .with_id(message_id.unwrap_or_else(|| MessageId::from(id.to_string())));
+                if let Some(key) = ordering_key {
+                    message = message.with_ordering_key(key);
+                }
+                Ok(message)
+            }
+        };
+        Fields { message, attempts }
     }
 }
 
 /// Reads an entry's flat `field value ...` list.
-pub(super) fn fields(list: &[Value]) -> Fields {
+pub(super) fn fields(id: EntryId, list: &[Value]) -> Fields {
     Fields::from_pairs(
+        id,
         list.chunks(2)
             .filter_map(|pair| Some((bytes(pair.first()?)?, bytes(pair.get(1)?)?))),
     )
@@ -166,7 +225,7 @@ fn push_rows(rows: Value, entries: &mut Vec<Entry>) {
         if let (Some(Some(id)), Some(Value::Array(fields))) =
             (cells.next().as_ref().map(entry_id), cells.next())
         {
-            entries.push((id, self::fields(&fields), 1));
+            entries.push((id, self::fields(id, &fields), 1));
         }
     }
 }
@@ -196,7 +255,7 @@ pub(super) fn claim_reply(reply: Value) -> (String, Vec<Entry>, u64) {
                 ) {
                     entries.push((
                         id,
-                        self::fields(fields),
+                        self::fields(id, fields),
                         u32::try_from(n).unwrap_or(u32::MAX),
                     ));
                 }
@@ -248,9 +307,50 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].0.to_string(), "1-0");
         let fields = &entries[0].1;
-        assert!(fields.message.is_none(), "no message id");
+        let reason = fields.message.as_ref().unwrap_err();
+        assert!(reason.contains("no 'data' field"), "{reason}");
+        assert!(reason.contains("earlier builds"), "{reason}");
         assert_eq!(fields.attempts, 0);
         assert!(read_reply_entries(Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn any_producer_entry_is_a_message_and_the_entry_id_stands_in() {
+        let id = EntryId::parse("1700000000123-7").unwrap();
+        let pairs: [(&[u8], &[u8]); 3] = [
+            (b"data", b"\0\xff bin"),
+            (b"origin", b"ops"),
+            (b"attempts", b"2"),
+        ];
+        let fields = Fields::from_pairs(id, pairs.into_iter());
+        let message = fields.message.unwrap();
+        assert_eq!(&message.data()[..], b"\0\xff bin");
+        assert_eq!(message.id().to_string(), "1700000000123-7");
+        assert_eq!(message.attributes().get("origin"), Some("ops"));
+        assert_eq!(message.attributes().len(), 1);
+        assert_eq!(
+            message.publish_time(),
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+        );
+        assert_eq!(fields.attempts, 2);
+        let pairs: [(&[u8], &[u8]); 4] = [
+            (b"data", b"web-01"),
+            (b"message_id", b"m-1"),
+            (b"publish_time", b"5"),
+            (b"ordering_key", b"k"),
+        ];
+        let message = Fields::from_pairs(id, pairs.into_iter()).message.unwrap();
+        assert_eq!(message.id().to_string(), "m-1");
+        assert_eq!(message.ordering_key(), Some("k"));
+        assert_eq!(
+            message.publish_time(),
+            Some(UNIX_EPOCH + Duration::from_millis(5))
+        );
+        let pairs: [(&[u8], &[u8]); 2] = [(b"data", b"x"), (b"k", b"\xff")];
+        let reason = Fields::from_pairs(id, pairs.into_iter())
+            .message
+            .unwrap_err();
+        assert!(reason.contains("not UTF-8"), "{reason}");
     }
 
     #[test]

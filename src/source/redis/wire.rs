@@ -478,7 +478,7 @@ fn read_entries(bytes: &[u8]) -> Option<Vec<Entry>> {
             if len % 2 == 1 {
                 cursor.bulk()?;
             }
-            entries.push((id, Fields::from_pairs(pairs.iter().copied()), 1));
+            entries.push((id, Fields::from_pairs(id, pairs.iter().copied()), 1));
         }
     }
     Some(entries)
@@ -572,23 +572,22 @@ mod tests {
         let id = "5a0c0f54-8a3e-4bde-9f1c-2b1f3a4d5e6f";
         let reply = format!(
             "*1\r\n*2\r\n$6\r\nmayhem\r\n*2\r\n\
-             *2\r\n$3\r\n1-0\r\n*4\r\n$10\r\nmessage_id\r\n$36\r\n{id}\r\n$13\r\ninstance_name\r\n$11\r\ncattle-ab12\r\n\
-             *2\r\n$3\r\n2-7\r\n*6\r\n$8\r\nattempts\r\n$1\r\n3\r\n$6\r\norigin\r\n$4\r\nbill\r\n$10\r\nmessage_id\r\n$1\r\nx\r\n"
+             *2\r\n$3\r\n1-0\r\n*4\r\n$10\r\nmessage_id\r\n$36\r\n{id}\r\n$4\r\ndata\r\n$11\r\ncattle-ab12\r\n\
+             *2\r\n$3\r\n2-7\r\n*8\r\n$8\r\nattempts\r\n$1\r\n3\r\n$6\r\norigin\r\n$4\r\nbill\r\n$10\r\nmessage_id\r\n$1\r\nx\r\n$4\r\ndata\r\n$0\r\n\r\n"
         );
         assert_eq!(frame_len(reply.as_bytes()), Ok(Some(reply.len())));
         let entries = read_entries(reply.as_bytes()).expect("a known shape");
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].0.to_string(), "1-0");
-        let message = entries[0].1.message.expect("a message");
-        assert_eq!(message.instance_name(), "cattle-ab12");
-        assert_eq!(message.message_id().to_string(), id);
+        let message = entries[0].1.message.as_ref().expect("a message");
+        assert_eq!(message.instance_name(), Ok("cattle-ab12"));
+        assert_eq!(message.id().to_string(), id);
+        assert_eq!(message.attributes().len(), 0);
         assert_eq!(entries[1].0.to_string(), "2-7");
-        assert!(entries[1].1.message.is_none());
+        let message = entries[1].1.message.as_ref().expect("a message");
+        assert_eq!(message.id().to_string(), "x");
+        assert_eq!(message.attributes().get("origin"), Some("bill"));
         assert_eq!(entries[1].1.attempts, 3);
-        assert_eq!(
-            entries[1].1.others,
-            vec![("origin".to_owned(), "bill".to_owned())]
-        );
         assert_eq!(read_entries(b"*-1\r\n").map(|e| e.len()), Some(0));
         assert!(read_entries(b"-NOGROUP no group\r\n").is_none());
     }

@@ -23,6 +23,7 @@ for _, e in ipairs(r[2]) do
     local prior = 0
     local args = {KEYS[2], 'MAXLEN', '~', ARGV[7], '*'}
     local f = e[2]
+    local has_id, has_time = false, false
     for i = 1, #f, 2 do
       if f[i] == 'attempts' then
         prior = tonumber(f[i + 1]) or 0
@@ -30,6 +31,17 @@ for _, e in ipairs(r[2]) do
         args[#args + 1] = f[i]
         args[#args + 1] = f[i + 1]
       end
+      if f[i] == 'message_id' then has_id = true end
+      if f[i] == 'publish_time' then has_time = true end
+    end
+    -- The dead letter keeps the message's identity (see lease.lua's copy).
+    if not has_id then
+      args[#args + 1] = 'message_id'
+      args[#args + 1] = e[1]
+    end
+    if not has_time then
+      args[#args + 1] = 'publish_time'
+      args[#args + 1] = string.match(e[1], '^(%d+)')
     end
     if prior + n > tonumber(ARGV[3]) then
       args[#args + 1] = 'attempts'

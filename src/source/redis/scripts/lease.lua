@@ -1,16 +1,18 @@
 -- Lease operations of one batch, each checked for ownership first.
 --
 -- KEYS: stream, dead-letter stream.
--- ARGV: group, consumer, dead-letter stream bound, then four values per operation:
+-- ARGV: group, consumer, dead-letter stream bound, then five values per operation:
 --   operation (ack, extend, requeue, dead), entry id, delivery count the entry must still
---   have (0: any), attempts so far.
+--   have (0: any), attempts so far, reason of a dead letter ('' for none).
 -- Returns one answer per operation: 1 done, 0 another consumer owns the entry or it was
 -- delivered again since, 2 not pending at all (acked already, or gone).
 local stream, dead = KEYS[1], KEYS[2]
 local group, consumer, dead_max = ARGV[1], ARGV[2], ARGV[3]
 
--- Adds a copy of entry `id` with its attempt count to `target`.
-local function copy(id, target, attempts, bound)
+-- Adds a copy of entry `id` with its attempt count to `target`. The copy keeps the message's
+-- identity: an entry without `message_id` or `publish_time` gets the original entry's id and
+-- milliseconds, which stood in for them. A dead letter with a reason gets `dead_reason`.
+local function copy(id, target, attempts, bound, reason)
   local e = redis.call('XRANGE', stream, id, id)
   if #e == 0 then return end
   local args = {target}
@@ -21,20 +23,36 @@ local function copy(id, target, attempts, bound)
   end
   args[#args + 1] = '*'
   local f = e[1][2]
+  local has_id, has_time = false, false
   for i = 1, #f, 2 do
-    if f[i] ~= 'attempts' then
+    if f[i] ~= 'attempts' and f[i] ~= 'dead_reason' then
       args[#args + 1] = f[i]
       args[#args + 1] = f[i + 1]
     end
+    if f[i] == 'message_id' then has_id = true end
+    if f[i] == 'publish_time' then has_time = true end
+  end
+  if not has_id then
+    args[#args + 1] = 'message_id'
+    args[#args + 1] = id
+  end
+  if not has_time then
+    args[#args + 1] = 'publish_time'
+    args[#args + 1] = string.match(id, '^(%d+)')
   end
   args[#args + 1] = 'attempts'
   args[#args + 1] = attempts
+  if reason and reason ~= '' then
+    args[#args + 1] = 'dead_reason'
+    args[#args + 1] = reason
+  end
   redis.call('XADD', unpack(args))
 end
 
 local out = {}
-for i = 4, #ARGV, 4 do
-  local op, id, deliveries, attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+for i = 4, #ARGV, 5 do
+  local op, id, deliveries, attempts, reason =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local p = redis.call('XPENDING', stream, group, id, id, 1)
   if #p == 0 then
     out[#out + 1] = 2
@@ -45,9 +63,9 @@ for i = 4, #ARGV, 4 do
       redis.call('XCLAIM', stream, group, consumer, 0, id, 'JUSTID')
     else
       if op == 'requeue' then
-        copy(id, stream, attempts, nil)
+        copy(id, stream, attempts, nil, nil)
       elseif op == 'dead' then
-        copy(id, dead, attempts, dead_max)
+        copy(id, dead, attempts, dead_max, reason)
       end
       redis.call('XACK', stream, group, id)
     end

@@ -1,0 +1,1047 @@
+//! Interop with other languages' clients: Python producers and consumers (redis-py and pika,
+//! the scripts under `tests/interop/`) against Mayhem's Redis Streams and RabbitMQ wire
+//! formats, on servers this file starts (a `redis-server` per test on a free loopback port,
+//! one `rabbitmq-server` for the whole file).
+//!
+//! - Python publishes, Mayhem's library source (`Source::pull`) receives: the data byte for
+//!   byte (text, NUL bytes and invalid UTF-8, every byte value, 1 MiB of seeded random
+//!   bytes), the attributes, the id (given, and the broker's stand-in when none is given),
+//!   the ordering key and the publish time.
+//! - Mayhem publishes (`Publish::publish`), Python reads (redis-py `XRANGE` and
+//!   `XREADGROUP`; pika `basic_get`) the same bytes, attributes, id and ordering key.
+//! - The `mayhem` binary handles a Python-produced `data web-02` entry (`Restarted
+//!   web-02.example.net`) and dead-letters a `data` that is no host name on its first attempt,
+//!   with its reason, counted `rejected`.
+//!
+//! Bytes cross the pipe to and from Python as hex, in JSON; Rust asserts.
+//!
+//! A test skips only when something it needs is not installed (`python3` with the `redis` and
+//! `pika` packages, `redis-server`, `rabbitmq-server`): it prints `SKIPPED` on stderr and
+//! appends a line to `target/tmp/skipped.log`, which `make test` counts. With
+//! `MAYHEM_REQUIRE_INTEROP=1` (as `.ci/run` sets it) a skip fails the test instead.
+#![cfg(all(feature = "cli", feature = "redis", feature = "amqp"))]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mayhem::{
+    AmqpConfig, AmqpSource, Lease, MessageId, PubSubMessage, Publish, RedisConfig, RedisSource,
+    Source,
+};
+use serde_json::{json, Value};
+
+/// Upper bound for anything a test waits for; only reached when something is broken.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The server script of Debian's package (the copy under /usr/sbin insists on a service user).
+const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+/// Says loudly that a test is skipped, and records it for `make test`'s summary; with
+/// `MAYHEM_REQUIRE_INTEROP=1` (set by CI) a skip is a failure instead.
+fn skip(reason: &str) {
+    let test = thread::current()
+        .name()
+        .unwrap_or("interop test")
+        .to_owned();
+    if std::env::var("MAYHEM_REQUIRE_INTEROP").is_ok_and(|v| v == "1") {
+        panic!("{test}: {reason}, and MAYHEM_REQUIRE_INTEROP=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        // One write per line: appends of whole lines from parallel tests do not interleave.
+        let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
+    }
+}
+
+/// Whether `python3` can import redis-py and pika; says so loudly (see [`skip`]) when not.
+fn have_python() -> bool {
+    static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
+    let check = CHECK.get_or_init(|| {
+        match Command::new("python3")
+            .args(["-c", "import redis, pika"])
+            .stdin(Stdio::null())
+            .output()
+        {
+            Err(error) => Err(format!("python3 not found ({error})")),
+            Ok(output) if !output.status.success() => Err(format!(
+                "python3 lacks redis-py or pika (python3 -m pip install redis pika): {}",
+                String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+            )),
+            Ok(_) => Ok(()),
+        }
+    });
+    match check {
+        Ok(()) => true,
+        Err(reason) => {
+            skip(reason);
+            false
+        }
+    }
+}
+
+/// Runs `tests/interop/{script} {command}` with `request` as JSON on its standard input,
+/// within [`PATIENCE`]; returns its JSON answer. Fails with the script's stderr when it
+/// fails, or is killed when it takes longer.
+fn python(script: &str, command: &str, request: &Value) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(script);
+    let mut child = Command::new("python3")
+        .arg(&path)
+        .arg(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    // Threads for the three pipes: a 1 MiB payload fills any pipe's buffer.
+    let input = serde_json::to_vec(request).expect("a JSON request");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            text
+        })
+    };
+    let stdout = reader(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = reader(Box::new(child.stderr.take().expect("piped stderr")));
+    let end = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for python3") {
+            break Some(status);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let _ = writer.join();
+    let stdout = stdout.join().expect("stdout reader");
+    let stderr = String::from_utf8_lossy(&stderr.join().expect("stderr reader")).into_owned();
+    match status {
+        None => panic!("{script} {command} took longer than {PATIENCE:?}; stderr:\n{stderr}"),
+        Some(status) if !status.success() => {
+            panic!("{script} {command} failed ({status}); stderr:\n{stderr}")
+        }
+        Some(_) => serde_json::from_slice(&stdout).unwrap_or_else(|error| {
+            panic!(
+                "{script} {command} answered no JSON ({error}): {}\nstderr:\n{stderr}",
+                String::from_utf8_lossy(&stdout)
+            )
+        }),
+    }
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut text, byte| {
+        let _ = write!(text, "{byte:02x}");
+        text
+    })
+}
+
+/// The bytes of a hex string.
+fn unhex(text: &str) -> Vec<u8> {
+    assert!(
+        text.len().is_multiple_of(2),
+        "odd hex length {}",
+        text.len()
+    );
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// Asserts that `got` is `want` byte for byte; on a difference, says where, without printing
+/// a megabyte.
+fn same_bytes(what: &str, got: &[u8], want: &[u8]) {
+    if got == want {
+        return;
+    }
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let around = |bytes: &[u8]| hex(&bytes[first.min(bytes.len())..(first + 16).min(bytes.len())]);
+    panic!(
+        "{what}: {} bytes, expected {}; first difference at byte {first}: {} instead of {}",
+        got.len(),
+        want.len(),
+        around(got),
+        around(want)
+    );
+}
+
+/// One message of a test: what a producer writes, and so what a consumer must read.
+#[derive(Clone)]
+struct Sample {
+    /// What it is, for failure messages.
+    name: &'static str,
+    data: Vec<u8>,
+    /// The producer's id; `None`: the producer gives none.
+    id: Option<&'static str>,
+    attributes: BTreeMap<String, String>,
+    ordering_key: Option<&'static str>,
+}
+
+/// The samples both directions carry: text with attributes, an id and an ordering key;
+/// binary data with NUL bytes and invalid UTF-8 and no id; every byte value with a UUID id;
+/// 1 MiB of random bytes (a fixed seed) and no id.
+fn samples() -> Vec<Sample> {
+    let attributes = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect()
+    };
+    let mut rng = mayhem::Rng::with_seed(17);
+    let big: Vec<u8> = (0..1 << 20).map(|_| rng.u8(..)).collect();
+    vec![
+        Sample {
+            name: "text",
+            data: b"web-02".to_vec(),
+            id: Some("order-17"),
+            attributes: attributes(&[("origin", "billing"), ("note", "caf\u{e9} \u{2615}")]),
+            ordering_key: Some("customer-9"),
+        },
+        Sample {
+            name: "binary",
+            data: b"\0nul\0\xff\xfe invalid utf-8: \xc3\x28 \x80\xbf\0".to_vec(),
+            id: None,
+            attributes: attributes(&[("kind", "binary")]),
+            ordering_key: None,
+        },
+        Sample {
+            name: "every byte",
+            data: (0..=255u8).collect(),
+            id: Some("1b4e28ba-2fa1-4d2b-883f-0016d3cca427"),
+            attributes: BTreeMap::new(),
+            ordering_key: Some("bytes"),
+        },
+        Sample {
+            name: "1 MiB",
+            data: big,
+            id: None,
+            attributes: attributes(&[("size", "1048576")]),
+            ordering_key: None,
+        },
+    ]
+}
+
+/// The sample as a Python request's message.
+fn sample_json(sample: &Sample) -> Value {
+    json!({
+        "data": hex(&sample.data),
+        "id": sample.id,
+        "ordering_key": sample.ordering_key,
+        "attributes": sample.attributes,
+    })
+}
+
+/// The sample as a message for Mayhem to publish.
+fn sample_message(sample: &Sample) -> PubSubMessage {
+    let mut message = PubSubMessage::new(sample.data.clone());
+    if let Some(id) = sample.id {
+        message = message.with_id(id);
+    }
+    for (key, value) in &sample.attributes {
+        message = message.with_attribute(key.as_str(), value.as_str());
+    }
+    if let Some(key) = sample.ordering_key {
+        message = message.with_ordering_key(key);
+    }
+    message
+}
+
+/// A message's attributes, sorted.
+fn attributes_of(message: &PubSubMessage) -> BTreeMap<String, String> {
+    message
+        .attributes()
+        .iter()
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect()
+}
+
+/// Asserts that a pulled lease carries `sample` on its first delivery (the id is checked
+/// by the caller: brokers stand in for a missing one differently).
+fn assert_received(lease: &Lease, sample: &Sample) {
+    let message = &lease.message;
+    let name = sample.name;
+    same_bytes(&format!("{name}: data"), message.data(), &sample.data);
+    assert_eq!(
+        attributes_of(message),
+        sample.attributes,
+        "{name}: attributes"
+    );
+    assert_eq!(
+        message.ordering_key(),
+        sample.ordering_key,
+        "{name}: ordering key"
+    );
+    assert_eq!(lease.attempt, 1, "{name}: attempt");
+}
+
+/// Pulls until `count` leases came, within [`PATIENCE`].
+fn pull(source: &dyn Source, count: usize) -> Vec<Lease> {
+    let end = Instant::now() + PATIENCE;
+    let mut leases = Vec::new();
+    while leases.len() < count {
+        assert!(
+            Instant::now() < end,
+            "pulled {} of {count} messages in {PATIENCE:?}",
+            leases.len()
+        );
+        source
+            .pull(
+                count - leases.len(),
+                Duration::from_millis(100),
+                &mut leases,
+            )
+            .expect("pull");
+    }
+    assert_eq!(leases.len(), count, "more messages than were published");
+    leases
+}
+
+/// Acks every lease, and checks that none was refused.
+fn ack_all(source: &dyn Source, leases: &[Lease]) {
+    let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
+    let mut refused = Vec::new();
+    source.ack(&ids, &mut refused).expect("ack");
+    assert!(refused.is_empty(), "acks refused: {refused:?}");
+    assert_eq!(source.flush(PATIENCE), 0, "acks left unsent");
+}
+
+/// Seconds since the epoch, now.
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+}
+
+/// A free loopback port (free when asked; a server started on it may still find it taken).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------------------
+
+/// A `redis-server` on a free loopback port, killed (and its directory removed) on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    /// Starts a server, or returns `None` (saying so) when `redis-server` is not installed.
+    fn start() -> Option<Redis> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            skip("redis-server not found (apt-get install redis-server)");
+            return None;
+        }
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mayhem-interop-redis-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the server's directory");
+        // Another test may take the free port between the probe and the server's bind: then
+        // the server exits, and another port is tried.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            let end = Instant::now() + PATIENCE;
+            loop {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                let pong = redis::Client::open(format!("redis://127.0.0.1:{port}/0"))
+                    .and_then(|client| {
+                        client.get_connection_with_timeout(Duration::from_millis(500))
+                    })
+                    .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con));
+                if pong.is_ok() && matches!(child.try_wait(), Ok(None)) {
+                    return Some(Redis { child, port, dir });
+                }
+                assert!(Instant::now() < end, "redis-server did not start");
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
+            .expect("connect to the test server")
+    }
+
+    /// A source on `stream` (group `mayhem`, consumer `c1`).
+    fn source(&self, stream: &str) -> RedisSource {
+        RedisSource::connect(RedisConfig {
+            url: self.url(),
+            stream: stream.to_owned(),
+            group: "mayhem".to_owned(),
+            consumer: "c1".to_owned(),
+            ack_deadline: PATIENCE,
+            max_attempts: 3,
+            ..RedisConfig::default()
+        })
+        .expect("connect to redis")
+    }
+
+    /// Every entry of `stream`: its id and its fields in order, values as text.
+    fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+        redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query(&mut self.connection())
+            .expect("XRANGE")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The milliseconds of a Redis entry id `ms-seq`.
+fn entry_ms(entry_id: &str) -> u64 {
+    entry_id
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse().ok())
+        .unwrap_or_else(|| panic!("not an entry id: {entry_id}"))
+}
+
+#[test]
+fn redis_py_producers_reach_the_redis_source_byte_for_byte() {
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Redis::start() else { return };
+    let stream = "from-python";
+    let samples = samples();
+    let mut messages: Vec<Value> = samples.iter().map(sample_json).collect();
+    // A producer's own publish time (milliseconds), on the sample of every byte.
+    messages[2]["publish_time"] = json!(1_700_000_000_123_u64);
+    let answer = python(
+        "redis_interop.py",
+        "produce",
+        &json!({"url": server.url(), "stream": stream, "messages": messages}),
+    );
+    let entry_ids: Vec<String> =
+        serde_json::from_value(answer["entry_ids"].clone()).expect("entry ids");
+    assert_eq!(entry_ids.len(), samples.len(), "{answer}");
+
+    let source = server.source(stream);
+    let leases = pull(&source, samples.len());
+    // One consumer reads a stream in order.
+    for ((lease, sample), entry_id) in leases.iter().zip(&samples).zip(&entry_ids) {
+        assert_received(lease, sample);
+        let name = sample.name;
+        // The producer's id, or the entry id standing in for it.
+        let want = MessageId::from(sample.id.unwrap_or(entry_id.as_str()));
+        assert_eq!(lease.message.id(), &want, "{name}: id");
+        // The producer's publish time, or the entry id's milliseconds.
+        let ms = if sample.name == "every byte" {
+            1_700_000_000_123
+        } else {
+            entry_ms(entry_id)
+        };
+        assert_eq!(
+            lease.message.publish_time(),
+            Some(UNIX_EPOCH + Duration::from_millis(ms)),
+            "{name}: publish time"
+        );
+    }
+    ack_all(&source, &leases);
+    assert_eq!(source.stats().dead_lettered, 0);
+}
+
+/// The id of a lease's message, as text (`None` when empty).
+fn sample_id(lease: &Lease) -> Option<String> {
+    let id = lease.message.id();
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+#[test]
+fn the_redis_source_s_messages_reach_redis_py_consumers_byte_for_byte() {
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Redis::start() else { return };
+    let stream = "to-python";
+    let samples = samples();
+    let source = server.source(stream);
+    let batch: Vec<PubSubMessage> = samples.iter().map(sample_message).collect();
+    source.publish(&batch).expect("publish");
+    assert_eq!(source.wait_confirmed(PATIENCE), 0, "unconfirmed messages");
+
+    let answer = python(
+        "redis_interop.py",
+        "consume",
+        &json!({
+            "url": server.url(),
+            "stream": stream,
+            "group": "python",
+            "count": samples.len(),
+            "patience": PATIENCE.as_secs(),
+        }),
+    );
+    for read in ["xrange", "xreadgroup"] {
+        let entries = answer[read].as_array().expect("entries");
+        assert_eq!(entries.len(), samples.len(), "{read}: entries");
+        for (entry, sample) in entries.iter().zip(&samples) {
+            let name = format!("{read}, {}", sample.name);
+            let fields: Vec<(String, Vec<u8>)> = entry["fields"]
+                .as_array()
+                .expect("fields")
+                .iter()
+                .map(|pair| {
+                    (
+                        pair[0].as_str().expect("a field name").to_owned(),
+                        unhex(pair[1].as_str().expect("a hex value")),
+                    )
+                })
+                .collect();
+            // `data` comes first, then `message_id` when the message has one, then the
+            // ordering key, then the attributes.
+            let mut fields = fields.into_iter();
+            let (first, data) = fields.next().expect("a first field");
+            assert_eq!(first, "data", "{name}: first field");
+            same_bytes(&format!("{name}: data"), &data, &sample.data);
+            let rest: Vec<(String, Vec<u8>)> = fields.collect();
+            let text = |key: &str| {
+                rest.iter()
+                    .find(|(field, _)| field == key)
+                    .map(|(_, value)| String::from_utf8(value.clone()).expect("UTF-8"))
+            };
+            assert_eq!(text("message_id").as_deref(), sample.id, "{name}: id");
+            assert_eq!(
+                text("ordering_key").as_deref(),
+                sample.ordering_key,
+                "{name}: ordering key"
+            );
+            let attributes: BTreeMap<String, String> = rest
+                .iter()
+                .filter(|(field, _)| field != "message_id" && field != "ordering_key")
+                .map(|(field, value)| {
+                    (
+                        field.clone(),
+                        String::from_utf8(value.clone()).expect("UTF-8"),
+                    )
+                })
+                .collect();
+            assert_eq!(attributes, sample.attributes, "{name}: attributes");
+            if let Some(position) = rest.iter().position(|(field, _)| field == "message_id") {
+                assert_eq!(position, 0, "{name}: message_id right after data");
+            }
+        }
+    }
+}
+
+/// A running `mayhem` process; its stderr lines are collected as they come.
+struct Service {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: JoinHandle<()>,
+    stdout: JoinHandle<String>,
+}
+
+impl Service {
+    fn start(args: &[&str]) -> Service {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(["--log-level", "info"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mayhem");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = {
+            let pipe = child.stderr.take().expect("piped stderr");
+            let lines = Arc::clone(&lines);
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            })
+        };
+        let mut pipe = child.stdout.take().expect("piped stdout");
+        let stdout = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        });
+        Service {
+            child,
+            lines,
+            stderr,
+            stdout,
+        }
+    }
+
+    /// Polls the stderr lines until one contains `pattern`.
+    fn wait_for(&mut self, pattern: &str) {
+        let end = Instant::now() + PATIENCE;
+        while !self
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(pattern))
+        {
+            let exited = self.child.try_wait().expect("wait for mayhem");
+            assert!(
+                Instant::now() < end && exited.is_none(),
+                "no line with {pattern:?} (exited: {exited:?}) in:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the exit; returns the status, the stderr lines and stdout.
+    fn finish(mut self) -> (ExitStatus, Vec<String>, String) {
+        let end = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for mayhem") {
+                break status;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!(
+                    "mayhem did not exit:\n{}",
+                    self.lines.lock().unwrap().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        self.stderr.join().expect("stderr reader");
+        let stdout = self.stdout.join().expect("stdout reader");
+        let lines = self.lines.lock().unwrap().clone();
+        (status, lines, stdout)
+    }
+}
+
+/// A numeric field of the binary's one-line JSON report.
+fn report_field(report: &str, name: &str) -> u64 {
+    let json: Value = serde_json::from_str(report.trim())
+        .unwrap_or_else(|error| panic!("a JSON report ({error}): {report}"));
+    json[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {report}"))
+}
+
+/// Flags of a failure-free service that only consumes, and ends after two messages.
+const TWO_AND_DONE: [&str; 16] = [
+    "--publishers",
+    "0",
+    "--messages",
+    "2",
+    "--handler-latency",
+    "0",
+    "--restart-failure-rate",
+    "0",
+    "--save-failure-rate",
+    "0",
+    "--report",
+    "json",
+    "--seed",
+    "7",
+    "--max-attempts",
+    "3",
+];
+
+#[test]
+fn the_binary_restarts_a_host_redis_py_names_and_rejects_data_that_is_no_host_name() {
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Redis::start() else { return };
+    let stream = "hosts";
+    let url = server.url();
+    let mut service = Service::start(
+        &[
+            &["--source", url.as_str(), "--stream", stream][..],
+            &TWO_AND_DONE[..],
+        ]
+        .concat(),
+    );
+    service.wait_for("Starting consumer");
+    python(
+        "redis_interop.py",
+        "produce",
+        &json!({
+            "url": url,
+            "stream": stream,
+            "messages": [
+                {"data": hex(b"web-02")},
+                {"data": hex(b"not a host!"), "attributes": {"origin": "python"}},
+            ],
+        }),
+    );
+    service.wait_for("Restarted web-02.example.net");
+    let (status, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert_eq!(report_field(&report, "acked"), 1, "{report}");
+    assert_eq!(report_field(&report, "rejected"), 1, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), 1, "{report}");
+    // Rejected on its first attempt, never retried.
+    assert_eq!(report_field(&report, "nacked"), 0, "{report}");
+    assert!(!log.contains("panicked"), "{log}");
+
+    let dead = server.entries(&format!("{stream}:dead"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let fields: BTreeMap<&str, &str> = dead[0]
+        .1
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    assert_eq!(fields.get("data"), Some(&"not a host!"), "{fields:?}");
+    assert_eq!(fields.get("attempts"), Some(&"1"), "{fields:?}");
+    assert_eq!(fields.get("origin"), Some(&"python"), "{fields:?}");
+    let reason = fields.get("dead_reason").expect("a dead_reason field");
+    assert!(
+        reason.contains("host name"),
+        "the reason names the problem: {reason}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// RabbitMQ
+// ---------------------------------------------------------------------------------------
+
+/// A `rabbitmq-server` of this test binary, on free loopback ports, under a watchdog shell
+/// that kills its whole process group and removes its directory when the test binary exits
+/// (the shell's standard input closes).
+struct Rabbit {
+    /// The AMQP port.
+    port: u16,
+    /// Standard input of the watchdog shell (kept open while the test binary runs).
+    _watchdog: Mutex<(Child, ChildStdin)>,
+}
+
+impl Rabbit {
+    /// The shared server, started by the first test that asks (about 5 to 10 s); `None`
+    /// (said loudly by every test that asks) when `rabbitmq-server` is not installed.
+    fn get() -> Option<&'static Rabbit> {
+        static SERVER: OnceLock<Option<Rabbit>> = OnceLock::new();
+        let server = SERVER.get_or_init(Rabbit::start);
+        if server.is_none() {
+            skip(&format!(
+                "{RABBITMQ_SERVER} not found (apt-get install rabbitmq-server)"
+            ));
+        }
+        server.as_ref()
+    }
+
+    fn start() -> Option<Rabbit> {
+        if !Path::new(RABBITMQ_SERVER).exists() {
+            return None;
+        }
+        let dir =
+            std::env::temp_dir().join(format!("mayhem-interop-rabbitmq-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the server's directory");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write the plugins file");
+        let port = free_port();
+        let log = dir.join("server.log");
+        let node = format!("mayhem-interop-rabbitmq-{}@localhost", std::process::id());
+        // `setsid` runs the server in a process group of its own, which `kill -KILL -$!`
+        // ends whole once standard input closes.
+        let mut watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "setsid \"$0\" >\"$1\" 2>&1 </dev/null & \
+                 cat >/dev/null; kill -KILL -$!; sleep 0.2; rm -rf \"$2\"",
+            )
+            .arg(RABBITMQ_SERVER)
+            .arg(&log)
+            .arg(&dir)
+            .env("HOME", &dir)
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_LOGS", "-")
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start rabbitmq-server");
+        let stdin = watchdog.stdin.take().expect("piped stdin");
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Server startup complete")
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                break;
+            }
+            if matches!(watchdog.try_wait(), Ok(Some(_))) || Instant::now() > end {
+                panic!("rabbitmq-server did not start:\n{text}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Some(Rabbit {
+            port,
+            _watchdog: Mutex::new((watchdog, stdin)),
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// A source on `queue`: connecting declares the queue (a quorum queue with the source's
+    /// arguments), so a Python producer may publish to it afterwards.
+    fn source(&self, queue: &str) -> AmqpSource {
+        AmqpSource::connect(AmqpConfig {
+            url: self.url(),
+            queue: queue.to_owned(),
+            ack_deadline: PATIENCE,
+            max_attempts: 3,
+            reconnect_limit: Duration::from_secs(10),
+            ..AmqpConfig::default()
+        })
+        .expect("connect to rabbitmq")
+    }
+}
+
+#[test]
+fn pika_producers_reach_the_amqp_source_byte_for_byte() {
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = "from-pika";
+    let source = server.source(queue);
+    let samples = samples();
+    let mut messages: Vec<Value> = samples.iter().map(sample_json).collect();
+    // A producer's own `timestamp` (seconds), on the text sample; the others have none.
+    messages[0]["timestamp"] = json!(1_700_000_000_u64);
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({"url": server.url(), "queue": queue, "messages": messages}),
+    );
+
+    let leases = pull(&source, samples.len());
+    // One publisher on one channel, one queue: delivered in order.
+    for (lease, sample) in leases.iter().zip(&samples) {
+        assert_received(lease, sample);
+        let name = sample.name;
+        // The `message-id` property; none given, none read (RabbitMQ has no id of its own).
+        assert_eq!(
+            sample_id(lease).as_deref(),
+            sample.id,
+            "{name}: id from message-id"
+        );
+        let time = (sample.name == "text").then(|| UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert_eq!(
+            lease.message.publish_time(),
+            time,
+            "{name}: publish time from timestamp"
+        );
+    }
+    ack_all(&source, &leases);
+    assert_eq!(source.stats().dead_lettered, 0);
+}
+
+#[test]
+fn the_amqp_source_s_messages_reach_pika_consumers_byte_for_byte() {
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = "to-pika";
+    // A client that only publishes takes no deliveries: pika's basic_get gets them all.
+    let source = server.source(queue);
+    let samples = samples();
+    let batch: Vec<PubSubMessage> = samples.iter().map(sample_message).collect();
+    let before = now_secs();
+    source.publish(&batch).expect("publish");
+    assert_eq!(source.wait_confirmed(PATIENCE), 0, "unconfirmed messages");
+    let after = now_secs();
+
+    let answer = python(
+        "amqp_interop.py",
+        "consume",
+        &json!({
+            "url": server.url(),
+            "queue": queue,
+            "count": samples.len(),
+            "patience": PATIENCE.as_secs(),
+        }),
+    );
+    let messages = answer["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), samples.len(), "{answer:.200}");
+    for (message, sample) in messages.iter().zip(&samples) {
+        let name = sample.name;
+        same_bytes(
+            &format!("{name}: body"),
+            &unhex(message["data"].as_str().expect("hex data")),
+            &sample.data,
+        );
+        assert_eq!(message["id"].as_str(), sample.id, "{name}: message-id");
+        let timestamp = message["timestamp"].as_u64().expect("a timestamp");
+        assert!(
+            (before..=after).contains(&timestamp),
+            "{name}: timestamp {timestamp} outside {before}..={after}"
+        );
+        let mut headers: BTreeMap<String, Value> =
+            serde_json::from_value(message["headers"].clone()).expect("headers");
+        let ordering_key = headers.remove("x-mayhem-ordering-key");
+        assert_eq!(
+            ordering_key.as_ref().and_then(Value::as_str),
+            sample.ordering_key,
+            "{name}: ordering key header"
+        );
+        // The other `x-` headers are the broker's (a quorum queue adds `x-delivery-count`).
+        let attributes: BTreeMap<String, String> = headers
+            .into_iter()
+            .filter(|(key, _)| !key.starts_with("x-"))
+            .map(|(key, value)| {
+                let value = value
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{name}: header {key} is no string: {value}"))
+                    .to_owned();
+                (key, value)
+            })
+            .collect();
+        assert_eq!(attributes, sample.attributes, "{name}: headers");
+    }
+}
+
+#[test]
+fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name() {
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = "hosts";
+    let url = server.url();
+    let mut service = Service::start(
+        &[
+            &["--source", url.as_str(), "--stream", queue][..],
+            &TWO_AND_DONE[..],
+        ]
+        .concat(),
+    );
+    // The service declared its queue before it starts consuming.
+    service.wait_for("Starting consumer");
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({
+            "url": url,
+            "queue": queue,
+            "messages": [
+                {"data": hex(b"web-02")},
+                {"data": hex(b"not a host!"), "attributes": {"origin": "pika"}},
+            ],
+        }),
+    );
+    service.wait_for("Restarted web-02.example.net");
+    let (status, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert_eq!(report_field(&report, "acked"), 1, "{report}");
+    assert_eq!(report_field(&report, "rejected"), 1, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), 1, "{report}");
+    assert_eq!(report_field(&report, "nacked"), 0, "{report}");
+    assert!(!log.contains("panicked"), "{log}");
+    // RabbitMQ's dead-lettering cannot carry the reason: the service logs it.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Rejected PubSubMessage(") && l.contains("host name")),
+        "{log}"
+    );
+
+    let answer = python(
+        "amqp_interop.py",
+        "consume",
+        &json!({
+            "url": url,
+            "queue": format!("{queue}:dead"),
+            "count": 1,
+            "patience": PATIENCE.as_secs(),
+        }),
+    );
+    let dead = answer["messages"].as_array().expect("messages");
+    assert_eq!(dead.len(), 1, "{answer}");
+    let dead = &dead[0];
+    assert_eq!(dead["data"], json!(hex(b"not a host!")), "{dead}");
+    let headers = &dead["headers"];
+    assert_eq!(headers["origin"], json!("pika"), "{dead}");
+    // Dead-lettered by the service's reject, once, from its queue.
+    assert_eq!(headers["x-first-death-reason"], json!("rejected"), "{dead}");
+    let deaths = headers["x-death"].as_array().expect("an x-death header");
+    assert_eq!(deaths.len(), 1, "{dead}");
+    assert_eq!(deaths[0]["reason"], json!("rejected"), "{dead}");
+    assert_eq!(deaths[0]["queue"], json!(queue), "{dead}");
+    assert_eq!(deaths[0]["count"], json!(1), "{dead}");
+}

@@ -1,0 +1,100 @@
+"""A Python producer and consumer of Mayhem's RabbitMQ wire format, with pika.
+
+Run by tests/interop.rs: `python3 amqp_interop.py produce|consume`, a JSON request on
+standard input, a JSON answer on standard output. Bodies travel as hex both ways, so binary
+payloads (NUL bytes, invalid UTF-8) cross the pipe unchanged.
+
+The queue is the source's: a quorum queue the Mayhem source declared with its own
+arguments. This script only publishes to it through the default exchange (routing key = the
+queue's name) and reads from it; it declares nothing.
+
+produce: {"url", "queue", "messages": [{"data": hex, "id"?, "timestamp"?, "ordering_key"?,
+          "attributes": {key: value}}]}
+         publishes each with confirms: body = data, `message-id` = id, `timestamp` (seconds),
+         headers = attributes (+ `x-mayhem-ordering-key`); answers {"published": n}.
+consume: {"url", "queue", "count", "patience"}
+         `basic_get` until `count` messages came or `patience` seconds passed, acking them;
+         answers {"messages": [{"data": hex, "id", "timestamp", "headers"}]}.
+"""
+
+import datetime
+import json
+import sys
+import time
+
+import pika
+
+
+def plain(value):
+    """A header value as JSON: strings as text, bytes as UTF-8 text (or hex if they are not),
+    tables and arrays element by element."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"hex": value.hex()}
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return value
+
+
+def produce(channel, request):
+    channel.confirm_delivery()
+    for message in request["messages"]:
+        headers = dict(message.get("attributes", {}))
+        if message.get("ordering_key") is not None:
+            headers["x-mayhem-ordering-key"] = message["ordering_key"]
+        properties = pika.BasicProperties(
+            message_id=message.get("id"),
+            timestamp=message.get("timestamp"),
+            headers=headers or None,
+            delivery_mode=pika.DeliveryMode.Persistent,
+        )
+        # Raises when the broker nacks it, or returns it unroutable (mandatory).
+        channel.basic_publish(
+            exchange="",
+            routing_key=request["queue"],
+            body=bytes.fromhex(message["data"]),
+            properties=properties,
+            mandatory=True,
+        )
+    return {"published": len(request["messages"])}
+
+
+def consume(channel, request):
+    messages = []
+    deadline = time.monotonic() + request["patience"]
+    while len(messages) < request["count"] and time.monotonic() < deadline:
+        method, properties, body = channel.basic_get(request["queue"], auto_ack=False)
+        if method is None:
+            time.sleep(0.05)
+            continue
+        messages.append(
+            {
+                "data": body.hex(),
+                "id": properties.message_id,
+                "timestamp": properties.timestamp,
+                "headers": plain(properties.headers or {}),
+            }
+        )
+        channel.basic_ack(method.delivery_tag)
+    return {"messages": messages}
+
+
+def main():
+    command = sys.argv[1]
+    request = json.load(sys.stdin)
+    connection = pika.BlockingConnection(pika.URLParameters(request["url"]))
+    try:
+        answer = {"produce": produce, "consume": consume}[command](connection.channel(), request)
+    finally:
+        connection.close()
+    json.dump(answer, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
