@@ -123,6 +123,11 @@ impl Database {
         }
     }
 
+    /// Whether it has a pool or an outage: without either, a save needs no connection.
+    pub(crate) fn is_simulated(&self) -> bool {
+        self.pool.is_some() || self.outage.is_some()
+    }
+
     /// Whether the database is down now.
     pub(crate) fn is_down(&self) -> bool {
         self.outage.is_some_and(|(from, until)| {

@@ -283,15 +283,21 @@ impl MayhemHandler {
 
     /// Saves a record of the message.
     async fn save(&self, ctx: &Context<'_>, rng: &mut fastrand::Rng) -> Result<(), HandleError> {
-        // The connection is held for the whole save, as a pool's would be.
-        let connection = match self.database.connect().await {
-            Ok((connection, waited)) => {
-                if waited {
-                    ctx.metrics().count_db_queued();
+        // The connection is held for the whole save, as a pool's would be. Without a pool or
+        // an outage there is none to take: no future is made, and the handler's own future
+        // (in every task) does not grow by the pool's (boxed, so it is a pointer in it).
+        let connection = if self.database.is_simulated() {
+            match Box::pin(self.database.connect()).await {
+                Ok((connection, waited)) => {
+                    if waited {
+                        ctx.metrics().count_db_queued();
+                    }
+                    Some(connection)
                 }
-                connection
+                Err(unavailable) => return Err(self.unavailable(ctx, unavailable)),
             }
-            Err(unavailable) => return Err(self.unavailable(ctx, unavailable)),
+        } else {
+            None
         };
         sleep_up_to(self.config.latency, rng).await;
         // A save still running when the outage begins fails too.
