@@ -15,6 +15,7 @@ mod publish;
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -105,6 +106,7 @@ fn main() -> ExitCode {
         Quiet {
             pause: pause.clone(),
             metrics: Arc::clone(&metrics),
+            generation: Arc::default(),
         },
         Arc::clone(&source_slot),
         startup.clone(),
@@ -114,7 +116,11 @@ fn main() -> ExitCode {
     }
     let code = run(
         shutdown,
-        Quiet { pause, metrics },
+        Quiet {
+            pause,
+            metrics,
+            generation: Arc::default(),
+        },
         &source_slot,
         startup,
         startup_events,
@@ -188,7 +194,7 @@ fn run(
     }
     install_panic_hook();
 
-    let Quiet { pause, metrics } = quiet;
+    let Quiet { pause, metrics, .. } = quiet;
     let seed = config.run.seed.unwrap_or_default();
     debug!("Using seed {seed}");
     let source: Arc<dyn Broker> = match &cli.source {
@@ -404,6 +410,9 @@ struct Quiet {
     pause: Pause,
     /// The service's counters (the leases held among them).
     metrics: Arc<Metrics>,
+    /// Counts the SIGTSTPs that turned quiet mode on: the thread that watches a drain ends
+    /// when a later one starts, so quick SIGTSTP, SIGCONT, SIGTSTP never log a drain twice.
+    generation: Arc<AtomicU64>,
 }
 
 /// Starts the thread that turns signals into the shutdown: the first one triggers it, a
@@ -475,18 +484,23 @@ impl Quiet {
              the {} held messages are handled and settled (SIGCONT resumes)",
             self.metrics.in_flight()
         );
-        let (pause, metrics, shutdown) = (
+        let (pause, metrics, shutdown, generation) = (
             self.pause.clone(),
             Arc::clone(&self.metrics),
             shutdown.clone(),
+            Arc::clone(&self.generation),
         );
+        let mine = generation.fetch_add(1, Ordering::SeqCst) + 1;
         // Says when the pulls have stopped, then when the held messages are settled; ends
         // then, or when quiet mode or the service ends first.
         let spawned = thread::Builder::new()
             .name("mayhem-quiet".into())
             .spawn(move || {
                 let mut pulls_stopped = false;
-                while pause.is_quiet() && !shutdown.is_triggered() {
+                while pause.is_quiet()
+                    && !shutdown.is_triggered()
+                    && generation.load(Ordering::SeqCst) == mine
+                {
                     if !pulls_stopped && pause.pulls_in_progress() == 0 {
                         pulls_stopped = true;
                         info!(
