@@ -43,6 +43,9 @@
 //!   itself for [`PROBE_SAMPLES`] samples, so that the base is measured there (BBR's
 //!   ProbeRTT): a service that starts congested (a window of 1,000 where 100 would do)
 //!   first reads a base that is queueing already, and would otherwise never find better.
+//! - **Draining.** While more leases are held than the window (after the start-up or a cut,
+//!   those of the larger window are still being handled, and their acks come in a burst),
+//!   samples are skipped: a burst read as goodput would send the target far too high.
 //! - **Not in use** (fewer than half of the window's leases held: the traffic, not the
 //!   window, limits the goodput), the window is not grown.
 //! - **Pace.** One sample per `clamp(base, 100 ms, 1 s)`: a change of the window shows in
@@ -79,6 +82,9 @@ const RESET_AFTER: u32 = 20;
 /// Samples after a growth of the window from which the handling times are read again for
 /// the base: a handling time for the new leases to finish, and one more.
 const STEADY_AFTER: u64 = 2;
+/// Held leases over the window above which the leases of a larger window are still being
+/// handled (after the start-up, or a cut): the samples are skipped until they are settled.
+const DRAINED: f64 = 1.1;
 /// In start-up, the least goodput growth over two samples (two doublings) that keeps it
 /// doubling.
 const START_GAIN: f64 = 1.25;
@@ -186,6 +192,14 @@ impl Controller {
         self.last_latency = short;
         if self.starting {
             return self.start_up(latest, short, in_use);
+        }
+        if sample.in_flight as f64 > self.window * DRAINED {
+            // More held than the window: the leases of a larger window (the start-up's, or
+            // one before a cut) are still being handled, and their acks come in a burst that
+            // says nothing of what this window carries. Wait until they are settled.
+            self.goodput.clear();
+            self.grew_at = self.samples;
+            return self.window();
         }
         // (The samples of the start-up are all growth: none of them gives the base.)
         let steady = self.samples >= self.grew_at + STEADY_AFTER;
@@ -407,7 +421,7 @@ mod tests {
         controller.sample(sample(1000, 400, 1000));
         controller.sample(sample(1000, 400, 1000));
         assert_eq!(controller.pace(), Duration::from_millis(400));
-        controller.sample(sample(1000, 50, 1000));
+        controller.sample(sample(1000, 50, 100));
         assert_eq!(controller.pace(), PACE.0);
     }
 }
