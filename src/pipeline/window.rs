@@ -85,11 +85,13 @@ const STEADY_AFTER: u64 = 2;
 /// Held leases over the window above which the leases of a larger window are still being
 /// handled (after the start-up, or a cut): the samples are skipped until they are settled.
 const DRAINED: f64 = 1.1;
+/// The latency, over the base, under which growth uses a headroom of 2.
+const UNCONGESTED: f64 = 1.2;
 /// In start-up, the least goodput growth over two samples (two doublings) that keeps it
 /// doubling.
 const START_GAIN: f64 = 1.25;
 /// In start-up, the latency, over the least seen in it, that ends it whatever the goodput.
-const START_LATENCY_LIMIT: f64 = 3.0;
+const START_LATENCY_LIMIT: f64 = 2.5;
 /// Samples between two probes of the base latency.
 const PROBE_EVERY: u32 = 30;
 /// The window of a probe, as a share of the window: below `1 / HEADROOM`, so that the probe
@@ -249,7 +251,15 @@ impl Controller {
         // On the mean goodput of the last samples (acks come in bursts: one second's count
         // swings by a third under load): up at once (the pace already waits a handling
         // time), down half the gap at a time.
-        let target = mean * base * HEADROOM;
+        // Clearly uncongested (the latency within a fifth of the base), grow on twice what
+        // the goodput needs rather than 1.5 times: the start-up lands low (its latencies
+        // read low), and the way back to the knee should take a few samples, not dozens.
+        let headroom = if short <= base * UNCONGESTED {
+            2.0
+        } else {
+            HEADROOM
+        };
+        let target = mean * base * headroom;
         let window = if target > self.window && in_use {
             self.grew_at = self.samples;
             target.min(self.window * STEP.1)
