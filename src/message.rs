@@ -13,7 +13,7 @@
 //! host name ([`PubSubMessage::instance_name`]).
 
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use uuid::Uuid;
@@ -256,12 +256,73 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Attributes {
     }
 }
 
+/// Most bytes of data kept inside the message itself, with no allocation: every host name
+/// the built-in publishers draw, and short ones like `db-7.eu-west`. The rest is shared.
+const INLINE: usize = 22;
+
+/// A message's data: up to [`INLINE`] bytes in place, larger data shared without copying.
+///
+/// The chaos monkey's messages are eleven bytes: kept in place, a message is copied with
+/// no allocation and no reference count, and creating one allocates nothing. Larger data is
+/// a boxed [`Bytes`]: 24 bytes for the enum instead of 40, as every message in flight is
+/// moved through the pipeline several times (the box costs one small allocation per large
+/// message, next to the data's own).
+#[derive(Clone)]
+enum Data {
+    /// Small data, in place: its length and bytes.
+    Inline(u8, [u8; INLINE]),
+    /// Larger data, shared.
+    Shared(Box<Bytes>),
+}
+
+impl Data {
+    /// Data from `bytes`, in place when small.
+    fn from_bytes(bytes: Bytes) -> Self {
+        if bytes.len() <= INLINE {
+            Data::inline(&bytes)
+        } else {
+            Data::Shared(Box::new(bytes))
+        }
+    }
+
+    /// Small data in place; `bytes` is at most [`INLINE`] long.
+    fn inline(bytes: &[u8]) -> Self {
+        let mut buffer = [0; INLINE];
+        let len = bytes.len().min(INLINE);
+        buffer[..len].copy_from_slice(&bytes[..len]);
+        // `len` is at most `INLINE` (38), so it fits a byte.
+        Data::Inline(len as u8, buffer)
+    }
+
+    /// The bytes.
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Data::Inline(len, bytes) => &bytes[..usize::from(*len)],
+            Data::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl Default for Data {
+    fn default() -> Self {
+        Data::Inline(0, [0; INLINE])
+    }
+}
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Data {}
+
 /// A message: data, attributes, an id, a publish time and an ordering key.
 ///
 /// ```
 /// use mayhem::PubSubMessage;
 /// let msg = PubSubMessage::new("web-01").with_attribute("origin", "ops");
-/// assert_eq!(&msg.data()[..], b"web-01");
+/// assert_eq!(msg.data(), b"web-01");
 /// assert_eq!(msg.attributes().get("origin"), Some("ops"));
 /// assert_eq!(msg.instance_name(), Ok("web-01"));
 /// assert_eq!(msg.to_string(), "PubSubMessage(instance_name='web-01')");
@@ -275,28 +336,71 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Attributes {
 /// assert!(binary.instance_name().is_err());
 /// assert_eq!(binary.to_string(), "PubSubMessage(message_id='', data=4 bytes)");
 /// ```
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, Default)]
 pub struct PubSubMessage {
     /// The producer's id, or the broker's when the producer gave none; empty before publishing
     /// when the broker gives ids.
     id: MessageId,
-    /// The payload: any bytes, shared without copying where the broker allows it.
-    data: Bytes,
+    /// The payload: any bytes; small ones in place, larger ones shared without copying
+    /// where the broker allows it.
+    data: Data,
+    /// When the broker took the message, in nanoseconds since the Unix epoch (0: it did not
+    /// say): 8 bytes, where an `Option<SystemTime>` takes 16.
+    publish_nanos: u64,
+    /// The attributes and the ordering key, boxed and absent when there are none: the chaos
+    /// monkey's messages have neither, and one word is moved around instead of four.
+    extras: Option<Box<Extras>>,
+}
+
+impl PartialEq for PubSubMessage {
+    /// Equal when every field is: id, data, attributes, publish time and ordering key.
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.data == other.data
+            && self.publish_nanos == other.publish_nanos
+            && self.attributes() == other.attributes()
+            && self.ordering_key() == other.ordering_key()
+    }
+}
+
+impl Eq for PubSubMessage {}
+
+/// The parts of a message most messages do without.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Extras {
     /// String attributes.
     attributes: Attributes,
-    /// When the broker took the message, if it says so.
-    publish_time: Option<SystemTime>,
     /// Messages of one ordering key are delivered in order where the broker supports it.
-    /// Boxed and absent when unset: one word of niche, not a `String`'s three.
     ordering_key: Option<Box<str>>,
 }
+
+/// No attributes, for messages without any.
+static NO_ATTRIBUTES: Attributes = Attributes::new();
 
 impl PubSubMessage {
     /// A message carrying `data`, with no id yet (publishing gives it one), no attributes and
     /// no ordering key.
     pub fn new(data: impl Into<Bytes>) -> Self {
         PubSubMessage {
-            data: data.into(),
+            data: Data::from_bytes(data.into()),
+            ..PubSubMessage::default()
+        }
+    }
+
+    /// A message carrying a copy of `data` (kept in place when small, without allocating),
+    /// with no id yet, no attributes and no ordering key.
+    ///
+    /// ```
+    /// let msg = mayhem::PubSubMessage::copy_from_slice(b"web-01");
+    /// assert_eq!(msg.data(), b"web-01");
+    /// ```
+    pub fn copy_from_slice(data: &[u8]) -> Self {
+        PubSubMessage {
+            data: if data.len() <= INLINE {
+                Data::inline(data)
+            } else {
+                Data::Shared(Box::new(Bytes::copy_from_slice(data)))
+            },
             ..PubSubMessage::default()
         }
     }
@@ -313,9 +417,11 @@ impl PubSubMessage {
         for byte in &mut name[PREFIX.len()..] {
             *byte = ALPHABET[rng.usize(..ALPHABET.len())];
         }
-        // Owned by the `Bytes` itself: one allocation, and clones (a source that keeps the
-        // message while it is leased) only count references.
-        PubSubMessage::new(Bytes::from_owner(name)).with_id(id)
+        PubSubMessage {
+            id: MessageId::from(id),
+            data: Data::inline(&name),
+            ..PubSubMessage::default()
+        }
     }
 
     /// The same message with id `id`.
@@ -326,26 +432,39 @@ impl PubSubMessage {
 
     /// The same message with attribute `key` set to `value`.
     pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.attributes.insert(key, value);
+        self.attributes_mut().insert(key, value);
         self
     }
 
     /// The same message with these attributes (replacing any it had).
     pub fn with_attributes(mut self, attributes: Attributes) -> Self {
-        self.attributes = attributes;
+        if attributes.is_empty() && self.extras.is_none() {
+            return self;
+        }
+        *self.attributes_mut() = attributes;
         self
     }
 
     /// The same message with this ordering key.
     pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
         let key: String = key.into();
-        self.ordering_key = (!key.is_empty()).then(|| key.into_boxed_str());
+        if key.is_empty() && self.extras.is_none() {
+            return self;
+        }
+        self.extras.get_or_insert_default().ordering_key =
+            (!key.is_empty()).then(|| key.into_boxed_str());
         self
     }
 
     /// The same message with this publish time (brokers set it when delivering).
     pub fn with_publish_time(mut self, time: SystemTime) -> Self {
-        self.publish_time = Some(time);
+        // Times before the epoch, or past the year 2554, are not publish times: kept as
+        // none rather than wrapped.
+        self.publish_nanos = time
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|since| u64::try_from(since.as_nanos()).ok())
+            .unwrap_or(0);
         self
     }
 
@@ -355,37 +474,48 @@ impl PubSubMessage {
     }
 
     /// The payload.
-    pub fn data(&self) -> &Bytes {
-        &self.data
+    pub fn data(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+
+    /// The payload as [`Bytes`]: shared without copying when it is large, copied when it is
+    /// small enough to be kept in place.
+    pub fn data_bytes(&self) -> Bytes {
+        match &self.data {
+            Data::Inline(..) => Bytes::copy_from_slice(self.data()),
+            Data::Shared(bytes) => (**bytes).clone(),
+        }
     }
 
     /// The attributes.
     pub fn attributes(&self) -> &Attributes {
-        &self.attributes
+        self.extras
+            .as_ref()
+            .map_or(&NO_ATTRIBUTES, |extras| &extras.attributes)
     }
 
     /// The attributes, to change.
     pub fn attributes_mut(&mut self) -> &mut Attributes {
-        &mut self.attributes
+        &mut self.extras.get_or_insert_default().attributes
     }
 
     /// When the broker took the message, if it says so.
     pub fn publish_time(&self) -> Option<SystemTime> {
-        self.publish_time
+        (self.publish_nanos > 0).then(|| UNIX_EPOCH + Duration::from_nanos(self.publish_nanos))
     }
 
     /// The ordering key, if any.
     pub fn ordering_key(&self) -> Option<&str> {
-        self.ordering_key.as_deref()
+        self.extras.as_ref()?.ordering_key.as_deref()
     }
 
     /// Bytes the message counts for in flow control: its data, its attributes' keys and
     /// values, its id and ordering key.
     pub fn size(&self) -> usize {
-        self.data.len()
-            + self.attributes.byte_len()
+        self.data().len()
+            + self.attributes().byte_len()
             + self.id.heap_len()
-            + self.ordering_key.as_deref().map_or(0, str::len)
+            + self.ordering_key().map_or(0, str::len)
     }
 
     /// The chaos monkey's instance name: the data, when it is a host name (1 to 253 bytes of
@@ -405,7 +535,7 @@ impl PubSubMessage {
     /// assert!(PubSubMessage::new("x".repeat(64)).instance_name().is_err());
     /// ```
     pub fn instance_name(&self) -> Result<&str, HostNameError> {
-        host_name(&self.data)
+        host_name(self.data())
     }
 
     /// Checks Pub/Sub's limits: data up to [`MAX_DATA_BYTES`], at most [`MAX_ATTRIBUTES`]
@@ -423,17 +553,18 @@ impl PubSubMessage {
     /// assert!(matches!(long.check(), Err(MessageError::ValueTooLong { .. })));
     /// ```
     pub fn check(&self) -> Result<(), MessageError> {
-        if self.data.len() > MAX_DATA_BYTES {
+        if self.data().len() > MAX_DATA_BYTES {
             return Err(MessageError::DataTooLarge {
-                bytes: self.data.len(),
+                bytes: self.data().len(),
             });
         }
-        if self.attributes.len() > MAX_ATTRIBUTES {
+        let attributes = self.attributes();
+        if attributes.len() > MAX_ATTRIBUTES {
             return Err(MessageError::TooManyAttributes {
-                count: self.attributes.len(),
+                count: attributes.len(),
             });
         }
-        for (key, value) in self.attributes.iter() {
+        for (key, value) in attributes.iter() {
             if key.is_empty() {
                 return Err(MessageError::EmptyKey);
             }
@@ -648,15 +779,86 @@ impl fmt::Display for PubSubMessage {
     /// `PubSubMessage(instance_name='web-01')` when the data is a host name, as the reference
     /// logs it; `PubSubMessage(message_id='...', data=N bytes)` otherwise.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.instance_name() {
-            Ok(name) => write!(f, "PubSubMessage(instance_name='{name}')"),
-            Err(_) => write!(
+        display(&self.id, self.data(), f)
+    }
+}
+
+/// How a message is displayed (see its `Display`).
+fn display(id: &MessageId, data: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match host_name(data) {
+        Ok(name) => write!(f, "PubSubMessage(instance_name='{name}')"),
+        Err(_) => write!(
+            f,
+            "PubSubMessage(message_id='{id}', data={} bytes)",
+            data.len()
+        ),
+    }
+}
+
+/// What a log line about a message shows of it, kept apart from the message: its id and
+/// its data. For small data and a UUID id, as the chaos monkey's, making one copies a few
+/// words and allocates nothing; larger data is shared.
+#[derive(Clone)]
+pub(crate) struct Label {
+    /// The message's id.
+    id: MessageId,
+    /// What the line shows of the data.
+    shown: Shown,
+}
+
+/// What a [`Label`] shows of a message's data.
+#[derive(Clone)]
+enum Shown {
+    /// Small data, copied.
+    Data(Data),
+    /// Larger data that is a host name: the name.
+    Name(Box<str>),
+    /// Larger data that is no host name: its length.
+    Len(usize),
+}
+
+impl PubSubMessage {
+    /// The message's [`Label`], for log lines written where the message itself is not.
+    pub(crate) fn label(&self) -> Label {
+        let shown = match &self.data {
+            Data::Inline(..) => Shown::Data(self.data.clone()),
+            Data::Shared(bytes) => match host_name(bytes) {
+                Ok(name) => Shown::Name(name.into()),
+                Err(_) => Shown::Len(bytes.len()),
+            },
+        };
+        Label {
+            id: self.id.clone(),
+            shown,
+        }
+    }
+}
+
+impl Label {
+    /// The message's id.
+    pub(crate) fn id(&self) -> &MessageId {
+        &self.id
+    }
+}
+
+impl fmt::Display for Label {
+    /// As the message displays.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.shown {
+            Shown::Data(data) => display(&self.id, data.as_slice(), f),
+            Shown::Name(name) => write!(f, "PubSubMessage(instance_name='{name}')"),
+            Shown::Len(len) => write!(
                 f,
-                "PubSubMessage(message_id='{}', data={} bytes)",
-                self.id,
-                self.data.len()
+                "PubSubMessage(message_id='{}', data={len} bytes)",
+                self.id
             ),
         }
+    }
+}
+
+impl fmt::Debug for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -676,10 +878,10 @@ impl fmt::Debug for PubSubMessage {
         }
         f.debug_struct("PubSubMessage")
             .field("id", &self.id)
-            .field("data", &Head(&self.data))
-            .field("attributes", &self.attributes)
-            .field("publish_time", &self.publish_time)
-            .field("ordering_key", &self.ordering_key)
+            .field("data", &Head(self.data()))
+            .field("attributes", self.attributes())
+            .field("publish_time", &self.publish_time())
+            .field("ordering_key", &self.ordering_key())
             .finish()
     }
 }
@@ -779,8 +981,51 @@ mod tests {
 
     #[test]
     fn a_message_is_small() {
-        // Every message in flight is carried through the pipeline: an id of 24 bytes, data of
-        // 32, attributes of 16, the publish time and the ordering key 16 each.
-        assert!(std::mem::size_of::<PubSubMessage>() <= 104);
+        // Every message in flight is moved through the pipeline several times: an id of 24
+        // bytes, data of 24 (22 in place, or shared), the publish time and the extras 8 each.
+        assert_eq!(std::mem::size_of::<Data>(), 24);
+        assert_eq!(std::mem::size_of::<PubSubMessage>(), 64);
+        let time = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        assert_eq!(
+            PubSubMessage::new("x")
+                .with_publish_time(time)
+                .publish_time(),
+            Some(time)
+        );
+        assert_eq!(
+            PubSubMessage::new("x")
+                .with_publish_time(UNIX_EPOCH)
+                .publish_time(),
+            None
+        );
+        let keyed = PubSubMessage::new("x")
+            .with_ordering_key("k")
+            .with_attribute("a", "b");
+        assert_eq!(
+            (keyed.ordering_key(), keyed.attributes().get("a")),
+            (Some("k"), Some("b"))
+        );
+        let small = PubSubMessage::new("x".repeat(INLINE));
+        assert!(matches!(small.data, Data::Inline(..)));
+        let large = PubSubMessage::new("x".repeat(INLINE + 1));
+        assert!(matches!(large.data, Data::Shared(_)));
+        assert_eq!(small.data_bytes(), "x".repeat(INLINE).as_bytes());
+        assert_eq!(PubSubMessage::new(large.data_bytes()), large);
+        let name = "a".repeat(30);
+        assert_eq!(
+            PubSubMessage::new(name.clone()).label().to_string(),
+            format!("PubSubMessage(instance_name='{name}')")
+        );
+        assert_eq!(
+            PubSubMessage::new(vec![0; 30])
+                .with_id("i")
+                .label()
+                .to_string(),
+            "PubSubMessage(message_id='i', data=30 bytes)"
+        );
+        assert_eq!(
+            PubSubMessage::new("web-01").label().to_string(),
+            "PubSubMessage(instance_name='web-01')"
+        );
     }
 }

@@ -21,7 +21,7 @@ const STRIPES: usize = 8;
 /// executor threads add to it for every message, and a single atomic would bounce between
 /// their cores. Reads sum the stripes.
 #[derive(Debug, Default)]
-struct Striped([Padded; STRIPES]);
+pub(crate) struct Striped([Padded; STRIPES]);
 
 /// One stripe, alone on its cache line.
 #[derive(Debug, Default)]
@@ -29,12 +29,12 @@ struct Striped([Padded; STRIPES]);
 struct Padded(AtomicU64);
 
 impl Striped {
-    fn add(&self, count: u64) {
+    pub(crate) fn add(&self, count: u64) {
         self.0[stripe()].0.fetch_add(count, Ordering::Relaxed);
     }
 
     /// Takes `count` away; a stripe may wrap below zero, the sum does not.
-    fn sub(&self, count: u64) {
+    pub(crate) fn sub(&self, count: u64) {
         self.0[stripe()].0.fetch_sub(count, Ordering::Relaxed);
     }
 
@@ -46,7 +46,7 @@ impl Striped {
 
     /// The total. Wrapping: a gauge's stripes may each be "negative" (one thread adds what
     /// another takes away), while their sum never is.
-    fn sum(&self) -> u64 {
+    pub(crate) fn sum(&self) -> u64 {
         self.0
             .iter()
             .fold(0u64, |sum, padded| sum.wrapping_add(load(&padded.0)))

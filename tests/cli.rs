@@ -1115,3 +1115,61 @@ fn a_stderr_nobody_reads_does_not_stop_the_service() {
     assert_balanced(&stdout);
     drop(unread);
 }
+
+/// The flags of the service's table in the README, the first under "Command line" (the
+/// first column, up to a space).
+fn readme_flags() -> std::collections::BTreeSet<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("\n## Command line\n")
+        .nth(1)
+        .expect("a Command line section");
+    section
+        .lines()
+        .skip_while(|line| !line.starts_with("| flag |"))
+        .take_while(|line| line.starts_with('|'))
+        .filter_map(|line| line.strip_prefix("| `--"))
+        .map(|rest| {
+            let flag: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            format!("--{flag}")
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_flag_table_lists_exactly_the_flags_of_help() {
+    let (status, _, _, stdout) = Service::start(&["--help"]).finish();
+    assert_eq!(status.code(), Some(0));
+    let help: std::collections::BTreeSet<String> = stdout
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("--"))
+        .map(|rest| {
+            let flag: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            format!("--{flag}")
+        })
+        .filter(|flag| flag != "--help" && flag != "--version")
+        .collect();
+    let readme = readme_flags();
+    let missing: Vec<_> = help.difference(&readme).collect();
+    assert!(
+        missing.is_empty(),
+        "flags of --help not in the README's table: {missing:?}"
+    );
+    // The README documents every build; a build without a feature lacks its flags.
+    let feature_flags = ["--amqp-ca-file", "--amqp-publish-connections"];
+    let extra: Vec<_> = readme
+        .difference(&help)
+        .filter(|flag| cfg!(feature = "amqp") || !feature_flags.contains(&flag.as_str()))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "flags of the README's table not in --help: {extra:?}"
+    );
+}

@@ -2025,7 +2025,7 @@ fn publish_carries_attributes_and_the_ordering_key_in_order() {
         .expect("connect");
     let lease = pull_one(&source);
     assert_eq!(lease.message.id().to_string(), ids[0]);
-    assert_eq!(&lease.message.data()[..], b"web-01");
+    assert_eq!(lease.message.data(), b"web-01");
     assert_eq!(lease.message.attributes().get("origin"), Some("ops"));
     assert_eq!(lease.message.attributes().get("ticket"), Some("INC-7=b"));
     assert_eq!(lease.message.attributes().len(), 2);

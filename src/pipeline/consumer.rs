@@ -52,6 +52,18 @@ impl<'a> Consumer<'a> {
     /// Waits for room under the byte limit, and in `send_blocking`.
     fn hand_over(&self, mut guards: Vec<LeaseGuard<'a>>) {
         let gate = self.leaser.gate();
+        let total: usize = guards.iter().map(LeaseGuard::size).sum();
+        if !guards.is_empty() && gate.try_take_all(total) {
+            // The usual case: the whole pull fits, one send.
+            for guard in &mut guards {
+                guard.count_size();
+            }
+            self.leaser.count_handed_bytes(total);
+            if let Err(refused) = self.handoff.send_blocking(guards) {
+                drop(refused.0);
+            }
+            return;
+        }
         let mut sizes: Vec<usize> = guards.iter().map(LeaseGuard::size).collect();
         while !guards.is_empty() {
             let fit = gate.take_bytes(&sizes);

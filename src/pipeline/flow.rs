@@ -1,8 +1,14 @@
 //! Flow control: the window of leases held (and reserved for a pull).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
 use std::sync::{Condvar, Mutex, PoisonError};
+
+use crate::metrics::Striped;
 use std::time::{Duration, Instant};
+
+/// Longest wait of a consumer for bytes before it looks again (see [`Gate::take_bytes`]).
+const BYTES_RECHECK: Duration = Duration::from_millis(5);
 
 /// Bounds the messages in flight: pulled and not yet acked or nacked.
 ///
@@ -25,9 +31,14 @@ pub(crate) struct Gate {
     /// Permits out now: leases held plus permits reserved by consumers for a pull. (The
     /// service's in-flight gauge counts leases held only; the lease manager keeps it.)
     in_flight: AtomicUsize,
-    /// Bytes of the messages handed to handlers and not settled yet
-    /// ([`PubSubMessage::size`](crate::PubSubMessage::size)).
-    bytes: AtomicUsize,
+    /// Bytes ever handed to handlers ([`PubSubMessage::size`](crate::PubSubMessage::size)):
+    /// consumers add a pull's worth at once, with a compare-and-swap, so that two consumers
+    /// never take the same room.
+    bytes_taken: AtomicU64,
+    /// Bytes ever given back by settled messages: striped, as every settled message gives
+    /// its bytes back from its executor thread (one shared atomic would bounce between
+    /// them). `bytes_taken` minus this is what handlers hold.
+    bytes_given: Striped,
     /// Most bytes handed to handlers at once (flow control by size); a single message
     /// larger than this is handed over alone.
     max_bytes: usize,
@@ -59,7 +70,8 @@ impl Gate {
             limit: AtomicUsize::new(limit),
             batch,
             in_flight: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
+            bytes_taken: AtomicU64::new(0),
+            bytes_given: Striped::default(),
             max_bytes,
             waiters: AtomicUsize::new(0),
             byte_waiters: AtomicUsize::new(0),
@@ -165,7 +177,8 @@ impl Gate {
             if self.closed.load(Ordering::SeqCst) || sizes.is_empty() {
                 return 0;
             }
-            let current = self.bytes.load(Ordering::SeqCst);
+            let taken = self.bytes_taken.load(Ordering::SeqCst);
+            let current = self.held_bytes(taken);
             let mut total = current;
             let mut fit = 0;
             for &size in sizes {
@@ -178,9 +191,15 @@ impl Gate {
                 }
             }
             if fit > 0 {
+                let added = (total - current) as u64;
                 if self
-                    .bytes
-                    .compare_exchange(current, total, Ordering::SeqCst, Ordering::SeqCst)
+                    .bytes_taken
+                    .compare_exchange(
+                        taken,
+                        taken.wrapping_add(added),
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
                     .is_ok()
                 {
                     return fit;
@@ -189,14 +208,44 @@ impl Gate {
             }
             let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.byte_waiters.fetch_add(1, Ordering::SeqCst);
-            if self.bytes.load(Ordering::SeqCst) == current && !self.closed.load(Ordering::SeqCst) {
+            if self.held_bytes(self.bytes_taken.load(Ordering::SeqCst)) == current
+                && !self.closed.load(Ordering::SeqCst)
+            {
+                // Bounded: the bytes given back are counted in relaxed stripes, so a release
+                // racing with this check may not be seen by it and skip the notify; the
+                // next look is then at most this late. (A fence per settled message would
+                // close the race at a cost to every message.)
                 drop(
                     self.changed
-                        .wait(guard)
+                        .wait_timeout(guard, BYTES_RECHECK)
                         .unwrap_or_else(PoisonError::into_inner),
                 );
             }
             self.byte_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Counts `bytes` as handed to handlers when they fit under the limit with what is
+    /// handed over already; returns whether they did (nothing is counted otherwise).
+    pub(crate) fn try_take_all(&self, bytes: usize) -> bool {
+        loop {
+            let taken = self.bytes_taken.load(Ordering::SeqCst);
+            match self.held_bytes(taken).checked_add(bytes) {
+                Some(total) if total <= self.max_bytes => {}
+                _ => return false,
+            }
+            if self
+                .bytes_taken
+                .compare_exchange(
+                    taken,
+                    taken.wrapping_add(bytes as u64),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            {
+                return true;
+            }
         }
     }
 
@@ -206,17 +255,22 @@ impl Gate {
         if count == 0 {
             return;
         }
-        self.bytes.fetch_sub(count, Ordering::SeqCst);
+        self.bytes_given.add(count as u64);
         if self.byte_waiters.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.changed.notify_all();
         }
     }
 
+    /// Bytes handed to handlers and not given back, with `taken` read by the caller.
+    fn held_bytes(&self, taken: u64) -> usize {
+        usize::try_from(taken.wrapping_sub(self.bytes_given.sum())).unwrap_or(usize::MAX)
+    }
+
     /// Bytes of the messages held now.
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::SeqCst)
+        self.held_bytes(self.bytes_taken.load(Ordering::SeqCst))
     }
 
     /// Permits out now.

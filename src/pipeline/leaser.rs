@@ -20,15 +20,16 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, log_enabled, Level};
 use slab::Slab;
 
+use crate::error::SourceError;
 use crate::handler::ExtensionCount;
-use crate::message::PubSubMessage;
+use crate::message::{Label, PubSubMessage};
 use crate::metrics::Metrics;
 use crate::pipeline::flow::Gate;
 use crate::pipeline::throttle::Throttle;
@@ -134,8 +135,8 @@ enum State {
 struct Entry {
     /// The source's id of the lease.
     id: LeaseId,
-    /// The message, for log lines (shared with the guard: one allocation, no copy).
-    message: Arc<PubSubMessage>,
+    /// What log lines show of the message (its id and data; the guard holds the message).
+    label: Label,
     /// When it was pulled (for `max_lease`), in [`Clock`] ticks.
     pulled: Tick,
     /// The deadline the source holds it until, as far as we know (a lower bound: measured
@@ -207,7 +208,7 @@ pub(crate) struct LeaseGuard<'a> {
     /// The lease's slot in its shard.
     slot: u32,
     /// The message.
-    message: Arc<PubSubMessage>,
+    message: PubSubMessage,
     /// The source's id of the lease.
     id: LeaseId,
     /// Which delivery of the message this is.
@@ -330,10 +331,9 @@ impl<'a> Leaser<'a> {
             for lease in leases {
                 redelivered += u64::from(lease.attempt > 1);
                 let size = lease.message.size();
-                let message = Arc::new(lease.message);
                 let slot = table.insert(Entry {
                     id: lease.id,
-                    message: message.clone(),
+                    label: lease.message.label(),
                     pulled,
                     deadline,
                     extended: 0,
@@ -347,7 +347,7 @@ impl<'a> Leaser<'a> {
                     // A slab never holds more entries than the flow-control window, which the
                     // configuration bounds far below `u32::MAX`.
                     slot: slot as u32,
-                    message,
+                    message: lease.message,
                     id: lease.id,
                     attempt: lease.attempt,
                     size,
@@ -363,6 +363,28 @@ impl<'a> Leaser<'a> {
     /// Removes a lease from the table and nacks it at the source. (Acks are coalesced, see
     /// [`Leaser::ack_all`]; a nack is sent at once, to give the message back without delay.)
     fn settle_nack(&self, guard: &LeaseGuard<'_>) -> Settle {
+        let settle = self.settle_one(guard, |id, refused| self.source.nack(&[id], refused));
+        if settle == Settle::Done {
+            self.metrics.count_nacked(1);
+        }
+        settle
+    }
+
+    /// Removes a lease from the table and dead-letters it at the source with `reason`.
+    fn settle_reject(&self, guard: &LeaseGuard<'_>, reason: &str) -> Settle {
+        let settle = self.settle_one(guard, |id, refused| self.source.reject(id, reason, refused));
+        if settle == Settle::Done {
+            self.metrics.count_rejected(1);
+        }
+        settle
+    }
+
+    /// Removes a lease from the table and settles it at the source with `op`, at once.
+    fn settle_one(
+        &self,
+        guard: &LeaseGuard<'_>,
+        op: impl FnOnce(LeaseId, &mut Vec<LeaseId>) -> Result<(), SourceError>,
+    ) -> Settle {
         let Some(entry) = guard.take_entry(&mut self.shard(guard.shard)) else {
             return Settle::Lost;
         };
@@ -372,36 +394,8 @@ impl<'a> Leaser<'a> {
         }
         self.metrics.sub_held(1);
         let mut refused = Vec::new();
-        match self.source.nack(&[guard.id], &mut refused) {
-            Ok(()) if refused.is_empty() => {
-                self.metrics.count_nacked(1);
-                Settle::Done
-            }
-            Ok(()) => Settle::Refused,
-            Err(error) => {
-                let text = error.to_string();
-                self.error_log
-                    .log(1, || format!("Could not settle a lease: {text}"));
-                Settle::Failed(text)
-            }
-        }
-    }
-
-    /// Removes a lease from the table and dead-letters it at the source with `reason`.
-    fn settle_reject(&self, guard: &LeaseGuard<'_>, reason: &str) -> Settle {
-        let Some(entry) = guard.take_entry(&mut self.shard(guard.shard)) else {
-            return Settle::Lost;
-        };
-        if entry.state == State::Lost {
-            return Settle::Lost;
-        }
-        self.metrics.sub_held(1);
-        let mut refused = Vec::new();
-        match self.source.reject(guard.id, reason, &mut refused) {
-            Ok(()) if refused.is_empty() => {
-                self.metrics.count_rejected(1);
-                Settle::Done
-            }
+        match op(guard.id, &mut refused) {
+            Ok(()) if refused.is_empty() => Settle::Done,
             Ok(()) => Settle::Refused,
             Err(error) => {
                 let text = error.to_string();
@@ -676,7 +670,7 @@ impl<'a> Leaser<'a> {
                 }
                 if now_tick.saturating_sub(entry.pulled) >= max_lease {
                     entry.state = State::Capped;
-                    round.capped.push(entry.message.clone());
+                    round.capped.push(entry.label.clone());
                     continue;
                 }
                 round.ids.push(entry.id);
@@ -743,7 +737,7 @@ impl<'a> Leaser<'a> {
             if refused.binary_search(&id).is_ok() {
                 entry.state = State::Lost;
                 lost += 1;
-                round.lost.push(entry.message.clone());
+                round.lost.push(entry.label.clone());
                 if let Some(waker) = entry.waker.take() {
                     wakers.push(waker);
                 }
@@ -752,7 +746,7 @@ impl<'a> Leaser<'a> {
             entry.deadline = deadline;
             entry.extended += 1;
             if entry.handling {
-                round.handled.push(entry.message.clone());
+                round.handled.push(entry.label.clone());
             } else {
                 round.waiting += 1;
             }
@@ -834,13 +828,13 @@ struct Round {
     /// Where each of `ids` is in the table.
     keys: Vec<(u32, u32)>,
     /// Messages being handled whose leases were extended.
-    handled: Vec<Arc<PubSubMessage>>,
+    handled: Vec<Label>,
     /// Leases extended while waiting for a handler.
     waiting: usize,
     /// Messages whose leases were lost.
-    lost: Vec<Arc<PubSubMessage>>,
+    lost: Vec<Label>,
     /// Messages whose leases reached `max_lease`.
-    capped: Vec<Arc<PubSubMessage>>,
+    capped: Vec<Label>,
 }
 
 impl Round {
@@ -955,8 +949,10 @@ impl Drop for LeaseGuard<'_> {
         }
         self.leaser.gate.release(1);
         if self.size_counted {
-            self.leaser.gate.release_bytes(self.size);
+            // The gauge first, then the gate: a consumer adds to the gauge only after the
+            // gate let it take, so the gauge never shows more than the gate holds.
             self.leaser.metrics.sub_held_bytes(self.size);
+            self.leaser.gate.release_bytes(self.size);
         }
     }
 }

@@ -320,7 +320,7 @@ pub fn any_payload_travels_byte_for_byte<H: Harness>(h: &H) {
     let leases = pull(h, &b, 3);
     assert_same(&leases[0].message, &sent[0]);
     assert_same(&leases[1].message, &sent[1]);
-    assert_eq!(&leases[2].message.data()[..], b"web-01");
+    assert_eq!(leases[2].message.data(), b"web-01");
     assert!(!leases[2].message.id().is_empty() || h.ids_optional());
     let ids: Vec<LeaseId> = leases.iter().map(|lease| lease.id).collect();
     assert!(ack(&b, &ids).is_empty());

@@ -4,7 +4,6 @@
 use std::fmt;
 use std::time::{Duration, UNIX_EPOCH};
 
-use bytes::Bytes;
 use redis::Value;
 
 use crate::message::{Attributes, MessageId, PubSubMessage};
@@ -102,7 +101,7 @@ impl Fields {
         let mut old_layout = false;
         for (key, value) in pairs {
             match key {
-                b"data" => data = Some(Bytes::copy_from_slice(value)),
+                b"data" => data = Some(value),
                 b"message_id" => match std::str::from_utf8(value) {
                     Ok(text) => message_id = Some(MessageId::from(text)),
                     Err(_) => problem = Some("field 'message_id' is not UTF-8".to_owned()),
@@ -150,7 +149,7 @@ impl Fields {
             (None, None) => Err("entry has no 'data' field".to_owned()),
             (Some(data), None) => {
                 let ms = publish_ms.unwrap_or(id.ms);
-                let mut message = PubSubMessage::new(data)
+                let mut message = PubSubMessage::copy_from_slice(data)
                     .with_attributes(attributes)
                     .with_publish_time(UNIX_EPOCH + Duration::from_millis(ms))
                     .with_id(message_id.unwrap_or_else(|| MessageId::from(id.to_string())));
@@ -324,7 +323,7 @@ mod tests {
         ];
         let fields = Fields::from_pairs(id, pairs.into_iter());
         let message = fields.message.unwrap();
-        assert_eq!(&message.data()[..], b"\0\xff bin");
+        assert_eq!(message.data(), b"\0\xff bin");
         assert_eq!(message.id().to_string(), "1700000000123-7");
         assert_eq!(message.attributes().get("origin"), Some("ops"));
         assert_eq!(message.attributes().len(), 1);
