@@ -10,7 +10,8 @@
 //! `MAYHEM_BENCH=redis` runs only the Redis rows; `MAYHEM_BENCH=amqp` only the RabbitMQ rows
 //! (measured when built with `--features amqp`, as `make bench` builds it);
 //! `MAYHEM_BENCH=pubsub` only the Pub/Sub rows (built with `--features pubsub`); `MAYHEM_BENCH=noop`
-//! only the no-op pipeline and the bare bridge, interleaved.
+//! only the no-op pipeline and the bare bridge, interleaved; `MAYHEM_BENCH=window` only the
+//! `--max-in-flight auto` run of the goodput curve, plotted into `benches/window.svg`.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -41,6 +42,8 @@ const IN_FLIGHT: usize = 100_000;
 const WINDOWS: [usize; 6] = [1_000, 10_000, 100_000, 300_000, 1_000_000, 2_000_000];
 /// Warm-up before a goodput point is measured: the window fills and the first handlers end.
 const GOODPUT_WARMUP: Duration = Duration::from_secs(5);
+/// The step of the trace of a goodput run (plotted for `auto` in `benches/window.svg`).
+const TRACE_STEP: Duration = Duration::from_millis(500);
 /// How long a goodput point is measured.
 const GOODPUT_SPAN: Duration = Duration::from_secs(10);
 /// Messages of the overload run of the binary.
@@ -86,6 +89,60 @@ fn amqp_rows(_messages: u64) -> Vec<String> {
     vec!["| RabbitMQ rows | not measured: bench built without `--features amqp` | |".to_owned()]
 }
 
+/// The run of `--max-in-flight auto` over time: acked/s (left axis) and the window, scaled
+/// to the same height (its maximum is written in the legend).
+fn plot_window(trace: &[(f64, usize, f64)]) -> String {
+    let (width, height, left, bottom, top, right) = (640.0, 400.0, 90.0, 50.0, 40.0, 40.0);
+    let max_rate = trace.iter().map(|p| p.2).fold(1.0, f64::max) * 1.1;
+    let max_window = trace.iter().map(|p| p.1).max().unwrap_or(1).max(1) as f64 * 1.1;
+    let end = trace.last().map_or(1.0, |p| p.0).max(1.0);
+    let x_of = |at: f64| left + at / end * (width - left - right);
+    let y_of = |share: f64| height - bottom - share * (height - bottom - top);
+    let mut svg = svg_frame(
+        right,
+        "--max-in-flight auto over time (1 s handlers)",
+        "seconds since the start",
+        "acked/s",
+        max_rate,
+    );
+    for (color, values, label) in [
+        (
+            "#1f77b4",
+            trace
+                .iter()
+                .map(|p| (p.0, p.2 / max_rate))
+                .collect::<Vec<_>>(),
+            "acked/s".to_owned(),
+        ),
+        (
+            "#ff7f0e",
+            trace
+                .iter()
+                .map(|p| (p.0, p.1 as f64 / max_window))
+                .collect(),
+            format!("window (top = {:.0}k)", max_window / 1000.0),
+        ),
+    ] {
+        let line: Vec<String> = values
+            .iter()
+            .map(|&(at, share)| format!("{:.1},{:.1}", x_of(at), y_of(share)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            line.join(" ")
+        );
+        let legend_y = if color == "#1f77b4" { 56.0 } else { 72.0 };
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{legend_y}\" fill=\"{color}\">{label}</text>",
+            left + 10.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 fn main() {
     let only = std::env::var("MAYHEM_BENCH").unwrap_or_default();
     if only == "redis" || only == "amqp" || only == "pubsub" {
@@ -101,6 +158,17 @@ fn main() {
     }
     if only == "noop" {
         return noop_ab();
+    }
+    if only == "window" {
+        // Only the `--max-in-flight auto` run of the goodput curve, and its plot.
+        let (rate, window, trace) = goodput(mayhem::AUTO_CEILING, true);
+        for (at, window, rate) in &trace {
+            println!("{at:>5.1} s  window {window:>8}  {rate:>9.0} acked/s");
+        }
+        println!("auto: {rate:.0} acked/s over the span, window {window} at its end");
+        let root = env!("CARGO_MANIFEST_DIR");
+        write_or_warn(&format!("{root}/benches/window.svg"), &plot_window(&trace));
+        return;
     }
     match std::env::args().nth(1).as_deref() {
         Some("child-rss") => return child_rss(),
@@ -169,14 +237,19 @@ fn main() {
         .and_then(|path| std::fs::metadata(path).ok())
         .map(|m| m.len());
     let binary_bytes = std::fs::metadata(env!("CARGO_BIN_EXE_mayhem")).map_or(0, |m| m.len());
+    // `--max-in-flight auto` on the same workload: its goodput and where the window was at
+    // the end of the span.
+    let (auto_rate, auto_window, auto_trace) = goodput(mayhem::AUTO_CEILING, true);
+    println!("goodput window auto: {auto_rate:>10.0} acked/s (window {auto_window} at the end)");
     let goodput: Vec<(usize, f64)> = WINDOWS
         .iter()
         .map(|&window| {
-            let rate = goodput(window);
+            let (rate, _, _) = goodput(window, false);
             println!("goodput window {window}: {rate:>10.0} acked/s");
             (window, rate)
         })
         .collect();
+
     let overload = overload_run();
 
     let mut table = String::new();
@@ -285,6 +358,11 @@ fn main() {
     }
     let _ = writeln!(
         table,
+        "| auto (window {auto_window} at the end) | {auto_rate:.0} | {:.0} % |",
+        auto_rate / peak.max(1.0) * 100.0
+    );
+    let _ = writeln!(
+        table,
         "\nFrom the window where it first reaches 80 % of its peak ({}) on, goodput keeps {:.0} % of the peak at worst (target: >= 80 %).",
         goodput[saturated_at].0,
         worst_past_capacity / peak.max(1.0) * 100.0
@@ -328,6 +406,10 @@ fn main() {
     write_or_warn(
         &format!("{root}/benches/goodput.svg"),
         &plot_goodput(&goodput),
+    );
+    write_or_warn(
+        &format!("{root}/benches/window.svg"),
+        &plot_window(&auto_trace),
     );
     update_readme(&format!("{root}/README.md"), &table);
 }
@@ -523,15 +605,18 @@ fn bare_bridge(workers: usize, messages: u64) -> f64 {
     rate
 }
 
-/// Acked messages per second in steady state with a flow-control window of `window` and
-/// handlers of 1 s latency: publishers keep the window full; after a warm-up, the acks of a
-/// fixed span are counted.
-fn goodput(window: usize) -> f64 {
+/// Acked messages per second in steady state with a flow-control window of `window` (with
+/// `auto`, the adaptive window up to it) and handlers of 1 s latency: publishers keep the
+/// window full; after a warm-up, the acks of a fixed span are counted. Returns the rate, the
+/// window at the end of the span, and a trace of the whole run (seconds since the start, the
+/// window, acked/s over the last [`TRACE_STEP`]).
+fn goodput(window: usize, auto: bool) -> (f64, usize, Vec<(f64, usize, f64)>) {
     let mut config = Config::default();
     config.publish.publishers = 1;
     config.run.consumers = 1;
     config.run.workers = thread::available_parallelism().map_or(2, |n| n.get());
     config.run.max_in_flight = window;
+    config.run.adaptive_window = auto;
     config.memory.max_backlog = window;
     config.publish.interval = Duration::ZERO;
     config.handler.latency = Duration::from_secs(1);
@@ -546,12 +631,25 @@ fn goodput(window: usize) -> f64 {
     let shutdown = Shutdown::new();
     thread::scope(|scope| {
         let watcher = scope.spawn(|| {
-            thread::sleep(GOODPUT_WARMUP);
-            let (acked, started) = (metrics.acked(), Instant::now());
-            thread::sleep(GOODPUT_SPAN);
+            let begun = Instant::now();
+            let mut trace = Vec::new();
+            let mut last = (0, begun);
+            let mut span_start = None;
+            while begun.elapsed() < GOODPUT_WARMUP + GOODPUT_SPAN {
+                thread::sleep(TRACE_STEP);
+                let (acked, now) = (metrics.acked(), Instant::now());
+                let rate = (acked - last.0) as f64 / (now - last.1).as_secs_f64();
+                trace.push(((now - begun).as_secs_f64(), metrics.window(), rate));
+                last = (acked, now);
+                if span_start.is_none() && now - begun >= GOODPUT_WARMUP {
+                    span_start = Some((acked, now));
+                }
+            }
+            let (acked, started) = span_start.unwrap_or((0, begun));
             let rate = (metrics.acked() - acked) as f64 / started.elapsed().as_secs_f64();
+            let window = metrics.window();
             shutdown.trigger(ShutdownReason::Requested);
-            rate
+            (rate, window, trace)
         });
         let report = run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics)
             .expect("valid bench config");

@@ -54,8 +54,12 @@ pub struct RunConfig {
     pub consumers: usize,
     /// Executor worker threads that run the async handlers.
     pub workers: usize,
-    /// Flow control: the most leases held (pulled and not yet settled).
+    /// Flow control: the most leases held (pulled and not yet settled); with
+    /// `adaptive_window`, the most the window may grow to.
     pub max_in_flight: usize,
+    /// `--max-in-flight auto`: the window tunes itself for goodput, from 1,000 up to
+    /// `max_in_flight`, on the measured handling times and acks (see the README).
+    pub adaptive_window: bool,
     /// Flow control by size: the most bytes of messages handed to handlers and not settled
     /// yet ([`PubSubMessage::size`](crate::PubSubMessage::size): data and attributes). A
     /// pulled message that would go past it waits, held and extended, until handlers settle
@@ -91,8 +95,13 @@ pub struct PublishConfig {
 /// Leases: how long they last, how the lease manager extends them, when a message is dead.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeaseConfig {
-    /// How long a pulled message stays leased without an extension.
+    /// How long a pulled message stays leased without an extension. With
+    /// `auto_ack_deadline`, the source's deadline at the pull only.
     pub ack_deadline: Duration,
+    /// `--ack-deadline auto`: the lease manager asks the source for the p99 of the handling
+    /// times so far, within 10 s..10 min, as Google's client libraries do, and extends a lease
+    /// once a third of that is left (`extend_interval` is then not used).
+    pub auto_ack_deadline: bool,
     /// A held lease is extended once it is this old since its last extension (below
     /// `ack_deadline`).
     pub extend_interval: Duration,
@@ -138,6 +147,7 @@ impl Default for RunConfig {
             consumers: 1,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_in_flight: 1000,
+            adaptive_window: false,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             messages: None,
             seed: None,
@@ -162,6 +172,7 @@ impl Default for LeaseConfig {
     fn default() -> Self {
         LeaseConfig {
             ack_deadline: Duration::from_secs(3),
+            auto_ack_deadline: false,
             extend_interval: Duration::from_secs(2),
             max_lease: Duration::from_secs(3600),
             max_attempts: 5,

@@ -130,6 +130,12 @@ pub enum HandleError {
         /// The message, as displayed.
         message: String,
     },
+    /// The handler ran longer than the [`Timeout`](crate::layer::Timeout) layer allows and
+    /// was dropped; the message is delivered again.
+    TimedOut {
+        /// The time limit it ran past.
+        after: std::time::Duration,
+    },
     /// Any other failure of a custom handler; the message is delivered again.
     Other(String),
     /// The message can never succeed: it is dead-lettered at once with this reason, never
@@ -154,6 +160,11 @@ impl fmt::Display for HandleError {
         match self {
             HandleError::RestartFailed { hostname } => write!(f, "Could not restart {hostname}"),
             HandleError::SaveFailed { message } => write!(f, "Could not save {message}"),
+            HandleError::TimedOut { after } => write!(
+                f,
+                "handler timed out after {}",
+                humantime::format_duration(*after)
+            ),
             HandleError::Other(text) => f.write_str(text),
             HandleError::Rejected(reason) => write!(f, "rejected: {reason}"),
         }

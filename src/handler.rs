@@ -9,6 +9,7 @@ use futures_lite::future;
 use log::{error, info};
 
 use crate::config::Config;
+use crate::database::{Database, Outage, Unavailable};
 use crate::error::HandleError;
 use crate::message::{Attributes, PubSubMessage};
 use crate::metrics::Metrics;
@@ -173,6 +174,13 @@ pub struct MayhemConfig {
     /// Seed of the handler's random choices; each message draws from its own stream derived
     /// from this seed, its id and its attempt, so outcomes do not depend on scheduling.
     pub seed: u64,
+    /// Connections of the simulated database (`--db-capacity`): past this many saves at once,
+    /// saves wait in line for one, so their latency grows with the line. `None` = unlimited.
+    pub db_capacity: Option<usize>,
+    /// How long a save waits for a connection before it fails (`--db-patience`).
+    pub db_patience: Duration,
+    /// When every save fails (`--db-outage AT+FOR`), counted from the handler's creation.
+    pub db_outage: Option<Outage>,
     /// The domain of the hosts: a message with data `web-01` restarts `web-01.{domain}`.
     pub domain: String,
 }
@@ -199,10 +207,16 @@ impl MayhemConfig {
             stall: config.handler.stall,
             restart_retries: config.handler.restart_retries,
             seed,
+            db_capacity: None,
+            db_patience: DEFAULT_DB_PATIENCE,
+            db_outage: None,
             domain: config.handler.domain.clone(),
         }
     }
 }
+
+/// How long a save waits for a database connection before it fails, by default.
+pub const DEFAULT_DB_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The chaos monkey: restarts the host and saves a record, concurrently, with simulated
 /// latency and failures.
@@ -218,12 +232,15 @@ impl MayhemConfig {
 pub struct MayhemHandler {
     /// The settings.
     config: MayhemConfig,
+    /// The simulated database the saves go to (its pool is shared by the clones).
+    database: Database,
 }
 
 impl MayhemHandler {
-    /// A handler with these settings.
+    /// A handler with these settings; a `db_outage` counts from now.
     pub fn new(config: MayhemConfig) -> Self {
-        MayhemHandler { config }
+        let database = Database::new(config.db_capacity, config.db_patience, config.db_outage);
+        MayhemHandler { config, database }
     }
 
     /// A random stream for one delivery of one message.
@@ -266,7 +283,28 @@ impl MayhemHandler {
 
     /// Saves a record of the message.
     async fn save(&self, ctx: &Context<'_>, rng: &mut fastrand::Rng) -> Result<(), HandleError> {
+        // The connection is held for the whole save, as a pool's would be. Without a pool or
+        // an outage there is none to take: no future is made, and the handler's own future
+        // (in every task) does not grow by the pool's (boxed, so it is a pointer in it).
+        let connection = if self.database.is_simulated() {
+            match Box::pin(self.database.connect()).await {
+                Ok((connection, waited)) => {
+                    if waited {
+                        ctx.metrics().count_db_queued();
+                    }
+                    Some(connection)
+                }
+                Err(unavailable) => return Err(self.unavailable(ctx, unavailable)),
+            }
+        } else {
+            None
+        };
         sleep_up_to(self.config.latency, rng).await;
+        // A save still running when the outage begins fails too.
+        if self.database.is_down() {
+            return Err(self.unavailable(ctx, Unavailable::Outage));
+        }
+        drop(connection);
         if chance(rng, self.config.save_failure_rate) {
             ctx.metrics().count_save_failed();
             return Err(HandleError::SaveFailed {
@@ -275,6 +313,20 @@ impl MayhemHandler {
         }
         info!("Saved {} into database", ctx.message());
         Ok(())
+    }
+}
+
+impl MayhemHandler {
+    /// Counts a save the database could not take, as a failed save.
+    fn unavailable(&self, ctx: &Context<'_>, why: Unavailable) -> HandleError {
+        match why {
+            Unavailable::Outage => ctx.metrics().count_db_outage(),
+            Unavailable::Busy => ctx.metrics().count_db_gave_up(),
+        }
+        ctx.metrics().count_save_failed();
+        HandleError::SaveFailed {
+            message: ctx.message().to_string(),
+        }
     }
 }
 

@@ -38,8 +38,12 @@
 //!   stream with a consumer group; `source::amqp` (feature `amqp`) is `AmqpSource`, a
 //!   RabbitMQ quorum queue; `source::pubsub` (feature `pubsub`) is `PubSubSource`, a Google
 //!   Cloud Pub/Sub subscription over REST.
-//! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default.
+//! - [`handler`]: the [`Handler`] trait and [`MayhemHandler`], the default;
+//!   [`database`] is its simulated database (connection pool, outage).
 //! - [`shutdown`]: [`Shutdown`], the handle a program triggers.
+//! - [`pause`]: [`Pause`], the handle that stops taking work without shutting down (quiet
+//!   mode, open circuit breakers) and says whether the service is ready.
+//! - [`layer`]: wrappers around any [`Handler`]: `Timeout`, `RateLimit`, `Breaker`.
 //! - [`config`]: [`Config`], every setting.
 //! - [`metrics`]: counters and the final [`Report`].
 //! - [`error`]: the typed errors.
@@ -129,10 +133,13 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod config;
+pub mod database;
 pub mod error;
 pub mod handler;
+pub mod layer;
 pub mod message;
 pub mod metrics;
+pub mod pause;
 mod pipeline;
 pub mod shutdown;
 pub mod source;
@@ -145,7 +152,9 @@ pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::{Attributes, HostNameError, MessageError, MessageId, PubSubMessage};
 pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
-pub use pipeline::{run, run_clients, run_with_metrics, Broker};
+pub use pause::Pause;
+pub use pipeline::window::AUTO_CEILING;
+pub use pipeline::{run, run_clients, run_controlled, run_with_metrics, Broker};
 pub use shutdown::{Shutdown, ShutdownReason};
 #[cfg(feature = "amqp")]
 pub use source::amqp::{AmqpConfig, AmqpSource};

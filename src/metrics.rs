@@ -99,6 +99,20 @@ pub struct Metrics {
     slow: AtomicU64,
     /// Polls of a handler that blocked an executor thread longer than `--blocking-threshold`.
     blocking: AtomicU64,
+    /// Handlers dropped by the [`Timeout`](crate::layer::Timeout) layer.
+    timed_out: AtomicU64,
+    /// Handler starts the [`RateLimit`](crate::layer::RateLimit) layer delayed.
+    rate_limited: AtomicU64,
+    /// Times a [`Breaker`](crate::layer::Breaker) opened.
+    breaker_opened: AtomicU64,
+    /// Messages a [`Breaker`](crate::layer::Breaker) held back while it was open.
+    breaker_held: AtomicU64,
+    /// Saves that waited for a connection of the simulated database.
+    db_queued: AtomicU64,
+    /// Saves that gave up waiting for a connection.
+    db_gave_up: AtomicU64,
+    /// Saves that failed because the simulated database was down.
+    db_outage: AtomicU64,
     /// Messages rejected by their handler ([`HandleError::Rejected`](crate::HandleError)):
     /// dead-lettered at once.
     rejected: AtomicU64,
@@ -106,6 +120,8 @@ pub struct Metrics {
     in_flight: Striped,
     /// Bytes of the messages held ([`PubSubMessage::size`](crate::PubSubMessage::size)).
     in_flight_bytes: Striped,
+    /// The flow-control window: `--max-in-flight`, or where `auto` has moved it.
+    window: AtomicU64,
     /// Messages handled to an ack, by handling time in microseconds (log-linear buckets).
     /// One histogram per stripe, side by side: threads recording the same bucket write to
     /// different cache lines.
@@ -134,9 +150,17 @@ impl Default for Metrics {
             cancelled: AtomicU64::new(0),
             slow: AtomicU64::new(0),
             blocking: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            breaker_opened: AtomicU64::new(0),
+            breaker_held: AtomicU64::new(0),
+            db_queued: AtomicU64::new(0),
+            db_gave_up: AtomicU64::new(0),
+            db_outage: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             in_flight: Striped::default(),
             in_flight_bytes: Striped::default(),
+            window: AtomicU64::new(0),
             latency: (0..BUCKETS * STRIPES).map(|_| AtomicU64::new(0)).collect(),
             latency_sum_micros: Striped::default(),
             latency_max_micros: AtomicU64::new(0),
@@ -158,6 +182,63 @@ impl Metrics {
     /// Counts one failed save.
     pub fn count_save_failed(&self) {
         self.save_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one handler dropped past its time limit (the [`Timeout`](crate::layer::Timeout)
+    /// layer).
+    pub fn count_timed_out(&self) {
+        self.timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one handler start delayed by a rate limit (the
+    /// [`RateLimit`](crate::layer::RateLimit) layer).
+    pub fn count_rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one opening of a circuit breaker (the [`Breaker`](crate::layer::Breaker) layer).
+    pub fn count_breaker_opened(&self) {
+        self.breaker_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one message held back by an open circuit breaker.
+    pub fn count_breaker_held(&self) {
+        self.breaker_held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one save that waited for a database connection.
+    pub fn count_db_queued(&self) {
+        self.db_queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one save that gave up waiting for a database connection.
+    pub fn count_db_gave_up(&self) {
+        self.db_gave_up.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one save failed by a database outage.
+    pub fn count_db_outage(&self) {
+        self.db_outage.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Handlers dropped past their time limit so far.
+    pub fn timed_out(&self) -> u64 {
+        load(&self.timed_out)
+    }
+
+    /// Handler starts delayed by a rate limit so far.
+    pub fn rate_limited(&self) -> u64 {
+        load(&self.rate_limited)
+    }
+
+    /// Openings of a circuit breaker so far.
+    pub fn breaker_opened(&self) -> u64 {
+        load(&self.breaker_opened)
+    }
+
+    /// Messages held back by an open circuit breaker so far.
+    pub fn breaker_held(&self) -> u64 {
+        load(&self.breaker_held)
     }
 
     /// Counts deliveries pulled, `redelivered` of them delivered before.
@@ -236,6 +317,23 @@ impl Metrics {
     /// for a pull that has not returned yet do not count).
     pub fn in_flight(&self) -> usize {
         usize::try_from(self.in_flight.sum()).unwrap_or(0)
+    }
+
+    /// The flow-control window now: `--max-in-flight`, or where `auto` has moved it (0 before
+    /// a run set it).
+    pub fn window(&self) -> usize {
+        usize::try_from(load(&self.window)).unwrap_or(usize::MAX)
+    }
+
+    /// Records the flow-control window.
+    pub(crate) fn set_window(&self, window: usize) {
+        self.window.store(window as u64, Ordering::Relaxed);
+    }
+
+    /// Messages acked so far and the sum of their handling times in microseconds: the
+    /// adaptive window reads their growth between two samples.
+    pub(crate) fn latency_totals(&self) -> (u64, u64) {
+        (self.acked.sum(), self.latency_sum_micros.sum())
     }
 
     /// Counts leases taken into the lease manager.
@@ -427,16 +525,30 @@ struct Counter {
     help: &'static str,
     /// Reads it from a report.
     get: fn(&Report) -> u64,
+    /// Its label in the `Stats: ...` line, where it is shown once it is not zero; `None`
+    /// leaves it out (the line's fixed part names the usual counters itself).
+    line: Option<&'static str>,
+}
+
+/// The optional stats-line label of a row of [`counters!`]: `None` unless the row gives one.
+macro_rules! stats_label {
+    () => {
+        None
+    };
+    ($label:literal) => {
+        Some($label)
+    };
 }
 
 /// Declares every counter of the service once. Each row gives its name, its [`Kind`], its
 /// help text, and how it is read from the source's counters (`stats`) and the handlers'
-/// metrics (`metrics`). From the rows come the counter fields of [`Report`], their values in
+/// metrics (`metrics`); a row may add `["label"]` after its kind to appear in the stats
+/// line under that label once it is not zero. From the rows come the counter fields of [`Report`], their values in
 /// [`Report::new`], and the table that the text report, the JSON report and the Prometheus
 /// exposition iterate: adding a counter is one row (plus the code that counts it).
 macro_rules! counters {
     ($(
-        $name:ident: $kind:ident, $help:literal, |$stats:ident, $metrics:ident| $read:expr;
+        $name:ident: $kind:ident $([$label:literal])?, $help:literal, |$stats:ident, $metrics:ident| $read:expr;
     )*) => {
         /// What the service did, printed when it ends.
         ///
@@ -483,6 +595,7 @@ macro_rules! counters {
                     kind: Kind::$kind,
                     help: $help,
                     get: |report| report.$name,
+                    line: stats_label!($($label)?),
                 },
             )*
         ];
@@ -557,6 +670,20 @@ counters! {
         |_stats, metrics| load(&metrics.slow);
     blocking_polls: Total, "Handler polls that blocked a thread past --blocking-threshold.",
         |_stats, metrics| load(&metrics.blocking);
+    timed_out: Total ["timed out"], "Handlers dropped past --handler-timeout (their messages nacked).",
+        |_stats, metrics| load(&metrics.timed_out);
+    rate_limited: Total ["rate-limited"], "Handler starts delayed by --rate-limit.",
+        |_stats, metrics| load(&metrics.rate_limited);
+    breaker_opened: Total ["breaker opened"], "Times the circuit breaker opened.",
+        |_stats, metrics| load(&metrics.breaker_opened);
+    breaker_held: Total ["breaker held"], "Messages the open circuit breaker held back (they waited instead of failing).",
+        |_stats, metrics| load(&metrics.breaker_held);
+    db_queued: Total ["db queued"], "Saves that waited for a connection (--db-capacity).",
+        |_stats, metrics| load(&metrics.db_queued);
+    db_gave_up: Total ["db gave up"], "Saves that failed after waiting --db-patience for a connection.",
+        |_stats, metrics| load(&metrics.db_gave_up);
+    db_outage: Total ["db outage"], "Saves that failed during --db-outage.",
+        |_stats, metrics| load(&metrics.db_outage);
     remaining: Level, "Messages ready or leased in the subscription (at exit: left in it).",
         |stats, _metrics| stats.remaining;
 }
@@ -564,6 +691,29 @@ counters! {
 /// Reads a counter (relaxed: the values are statistics).
 fn load(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
+}
+
+impl Metrics {
+    /// The part of the `Stats: ...` line that the counter table adds: `, {label} {value}`
+    /// for every row with a stats-line label whose value is not zero (empty when none is).
+    ///
+    /// ```
+    /// let metrics = mayhem::Metrics::default();
+    /// assert_eq!(metrics.stats_line_extras(), "");
+    /// metrics.count_timed_out();
+    /// assert_eq!(metrics.stats_line_extras(), ", timed out 1");
+    /// ```
+    pub fn stats_line_extras(&self) -> String {
+        let report = self.report(&SourceStats::default());
+        let mut out = String::new();
+        for counter in COUNTERS {
+            let value = (counter.get)(&report);
+            if let (Some(label), 1..) = (counter.line, value) {
+                let _ = write!(out, ", {label} {value}");
+            }
+        }
+        out
+    }
 }
 
 /// The version of the JSON report's layout, incremented when a field changes meaning or
@@ -626,10 +776,13 @@ impl Report {
                 "# HELP mayhem_in_flight Messages pulled and not yet settled.\n",
                 "# TYPE mayhem_in_flight gauge\nmayhem_in_flight {}\n",
                 "# HELP mayhem_in_flight_bytes Bytes of the messages pulled and not yet settled.\n",
-                "# TYPE mayhem_in_flight_bytes gauge\nmayhem_in_flight_bytes {}\n"
+                "# TYPE mayhem_in_flight_bytes gauge\nmayhem_in_flight_bytes {}\n",
+                "# HELP mayhem_window The flow-control window (--max-in-flight, or where auto moved it).\n",
+                "# TYPE mayhem_window gauge\nmayhem_window {}\n"
             ),
             metrics.in_flight(),
-            metrics.in_flight_bytes()
+            metrics.in_flight_bytes(),
+            metrics.window()
         );
         metrics.write_histogram(&mut out);
         out
@@ -763,7 +916,7 @@ mod tests {
             report.to_json(),
             report.prometheus(&metrics),
         );
-        assert_eq!(COUNTERS.len(), 20);
+        assert_eq!(COUNTERS.len(), 27);
         // Counted by the runner and by the source, added once.
         assert_eq!(report.stale_acks, 4);
         for counter in COUNTERS {

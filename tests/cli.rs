@@ -340,6 +340,27 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--consumer-ttl", "1ns"], "--consumer-ttl"),
         (&["--trim-interval", "1ns"], "--trim-interval"),
         (&["--consumer-ttl", "400d"], "--consumer-ttl"),
+        // The layers.
+        (&["--handler-timeout", "banana"], "--handler-timeout"),
+        (&["--handler-timeout", "2days"], "--handler-timeout"),
+        (&["--rate-limit", "0"], "--rate-limit"),
+        (&["--rate-limit", "-5"], "--rate-limit"),
+        (&["--rate-limit", "20000000"], "--rate-limit"),
+        (&["--breaker-failures", "0"], "--breaker-failures"),
+        (
+            &["--breaker-failures", "3", "--breaker-cooldown", "0"],
+            "--breaker-cooldown",
+        ),
+        (&["--breaker-cooldown", "1s"], "--breaker-cooldown"),
+        (&["--ack-deadline", "automatic"], "--ack-deadline"),
+        (&["--max-in-flight", "automatic"], "--max-in-flight"),
+        // The simulated database.
+        (&["--db-capacity", "0"], "--db-capacity"),
+        (&["--db-capacity", "many"], "--db-capacity"),
+        (&["--db-outage", "30s"], "--db-outage"),
+        (&["--db-outage", "banana+1s"], "--db-outage"),
+        (&["--db-outage", "1s+0"], "--db-outage"),
+        (&["--db-patience", "0"], "--db-patience"),
     ];
     for (args, needle) in cases {
         refuses(args, &[], needle);
@@ -405,6 +426,64 @@ fn the_service_s_own_checks_are_one_line() {
     refuses_in_one_line(&["--workers", "0"], "--workers");
     refuses_in_one_line(&["--ack-deadline", "11m"], "--ack-deadline");
     refuses_in_one_line(&["--log-filter", "mayhem=loud"], "--log-filter");
+    let line = refuses_in_one_line(&["--rate-limit", "0"], "--rate-limit");
+    assert!(line.contains("'0'"), "{line}");
+    refuses_in_one_line(
+        &["--breaker-failures", "3", "--breaker-cooldown", "0"],
+        "--breaker-cooldown",
+    );
+    refuses_in_one_line(&["--breaker-cooldown", "1s"], "--breaker-failures");
+    refuses_in_one_line(&["--db-patience", "0"], "--db-patience");
+}
+
+#[test]
+fn an_automatic_ack_deadline_is_accepted_in_any_case() {
+    for value in ["auto", "AUTO"] {
+        let service = Service::start(&[
+            "--messages",
+            "3",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "0",
+            "--ack-deadline",
+            value,
+            "--report",
+            "json",
+        ]);
+        let (status, _, lines, json) = service.finish();
+        assert_eq!(status.code(), Some(0), "{value}: {lines:#?}");
+        assert_balanced(&json);
+    }
+}
+
+#[test]
+fn a_database_outage_fails_every_save_and_is_counted() {
+    let service = Service::start(&[
+        "--messages",
+        "5",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "0",
+        "--restart-failure-rate",
+        "0",
+        "--save-failure-rate",
+        "0",
+        "--max-attempts",
+        "2",
+        "--db-outage",
+        "0s+1h",
+        "--db-capacity",
+        "10",
+        "--report",
+        "json",
+    ]);
+    let (status, _, lines, json) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_eq!(field(&json, "db_outage"), 10.0, "{json}");
+    assert_eq!(field(&json, "dead_lettered"), 5.0, "{json}");
+    assert_balanced(&json);
 }
 
 #[test]
@@ -460,8 +539,9 @@ fn help_fits_100_columns_states_ranges_exit_codes_and_signals() {
         for line in stdout.lines() {
             assert!(line.chars().count() <= 100, "{flag}: {line:?} is too long");
         }
-        // One line or two per flag: about forty flags and the notes after them.
-        assert!(stdout.lines().count() <= 140, "{flag}: {stdout}");
+        // One line or two per flag: about fifty flags (the layers, the adaptive window and
+        // the simulated database of issue 20 among them) and the notes after them.
+        assert!(stdout.lines().count() <= 160, "{flag}: {stdout}");
         let words = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
         for expected in [
             "Consumer threads, 1 to 1024",

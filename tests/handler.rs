@@ -99,3 +99,76 @@ fn panic_rate_one_panics() {
     let caught = smol::block_on(AssertUnwindSafe(always.handle(&ctx)).catch_unwind());
     assert!(caught.is_err());
 }
+
+/// A counted run of `messages` on the in-memory pub/sub with this chaos monkey: published at
+/// once, no failures but the database's.
+fn run_with(settings: MayhemConfig, messages: u64, max_attempts: u32) -> mayhem::Report {
+    let mut config = mayhem::Config::default();
+    config.run.messages = Some(messages);
+    config.run.stats_interval = Duration::ZERO;
+    config.publish.interval = Duration::ZERO;
+    config.lease.max_attempts = max_attempts;
+    let subscription = mayhem::Subscription::new(config.subscription());
+    mayhem::run(
+        &config,
+        &subscription,
+        &MayhemHandler::new(settings),
+        &mayhem::Shutdown::new(),
+    )
+    .expect("a valid configuration")
+}
+
+fn no_failures(latency: Duration) -> MayhemConfig {
+    let mut settings = MayhemConfig::default();
+    settings.latency = latency;
+    settings.restart_failure_rate = 0.0;
+    settings.save_failure_rate = 0.0;
+    settings.seed = 42;
+    settings
+}
+
+#[test]
+fn every_save_fails_during_a_database_outage() {
+    let mut settings = no_failures(Duration::ZERO);
+    settings.db_outage = Some("0s+1h".parse().expect("an outage"));
+    let report = run_with(settings, 10, 2);
+    // Each delivery's save failed: every message used its two attempts and is dead.
+    assert_eq!(report.db_outage, 20, "{report}");
+    assert_eq!(report.save_failed, 20, "{report}");
+    assert_eq!(report.dead_lettered, 10, "{report}");
+    assert!(report.is_balanced(), "{report}");
+}
+
+#[test]
+fn saves_past_the_database_capacity_wait_and_give_up_after_the_patience() {
+    let mut settings = no_failures(Duration::from_millis(50));
+    settings.db_capacity = Some(1);
+    settings.db_patience = Duration::from_millis(1);
+    // 30 handlers at once against one connection: most give up, and are delivered again
+    // until each got the connection.
+    let report = run_with(settings, 30, 1000);
+    assert_eq!(report.acked, 30, "{report}");
+    assert!(report.db_gave_up > 0, "{report}");
+    assert_eq!(report.save_failed, report.db_gave_up, "{report}");
+    assert_eq!(report.nacked, report.db_gave_up, "{report}");
+    assert_eq!(report.db_outage, 0, "{report}");
+}
+
+#[test]
+fn a_patient_save_waits_in_line_for_a_connection() {
+    let mut settings = no_failures(Duration::from_millis(5));
+    settings.db_capacity = Some(2);
+    settings.db_patience = Duration::from_secs(60);
+    let report = run_with(settings, 30, 1);
+    // Nobody gave up: the saves past 2 at once waited their turn.
+    assert_eq!(report.acked, 30, "{report}");
+    assert_eq!(report.db_gave_up, 0, "{report}");
+    assert!(report.db_queued > 0, "{report}");
+}
+
+#[test]
+fn the_database_settings_default_to_off() {
+    let settings = MayhemConfig::default();
+    assert_eq!(settings.db_capacity, None);
+    assert_eq!(settings.db_outage, None);
+}

@@ -601,3 +601,145 @@ fn a_second_signal_exits_130_even_with_a_full_unread_stderr() {
     );
     drop(unread);
 }
+
+/// The timestamp of a log line (`HH:MM:SS,mmm`), in milliseconds of the day.
+fn logged_at(line: &str) -> u64 {
+    let stamp = line.split_whitespace().next().unwrap_or_default();
+    let (clock, millis) = stamp.split_once(',').unwrap_or((stamp, "0"));
+    let millis: u64 = millis[..3.min(millis.len())].parse().unwrap_or(0);
+    let seconds = clock
+        .split(':')
+        .map(|part| part.parse::<u64>().unwrap_or(0))
+        .fold(0, |total, part| total * 60 + part);
+    seconds * 1000 + millis
+}
+
+/// The first line seen that contains `pattern`.
+fn line_with<'a>(lines: &'a [String], pattern: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|line| line.contains(pattern))
+        .unwrap_or_else(|| panic!("no {pattern:?} in {lines:#?}"))
+}
+
+#[test]
+fn quiet_mode_stops_pulls_drains_held_messages_and_resumes_on_sigcont() {
+    let mut service = Service::start_with_env(
+        &[
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--publish-interval",
+            "5ms",
+            "--handler-latency",
+            "200ms",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--max-in-flight",
+            "20",
+            "--stats-interval",
+            "0",
+        ],
+        &[("TZ", "UTC")],
+    );
+    let addr = endpoint(&mut service);
+    service.wait_for("Handling");
+    assert_eq!(get(&addr, "/readyz"), (200, "ready\n".to_owned()));
+    service.signal("TSTP");
+    service.wait_for("Received SIGTSTP: quiet");
+    // Not ready while quiet, and still alive.
+    assert_eq!(get(&addr, "/readyz"), (503, "quiet\n".to_owned()));
+    assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_owned()));
+    service.wait_for("Quiet: pulls stopped");
+    service.wait_for("Quiet: every held message is settled");
+    // Pulls stopped within 100 ms of the signal (the log's millisecond stamps).
+    let took = logged_at(line_with(&service.seen, "Quiet: pulls stopped"))
+        - logged_at(line_with(&service.seen, "Received SIGTSTP"));
+    assert!(took <= 100, "pulls stopped {took} ms after SIGTSTP");
+    // Held messages were settled: nothing in flight. (The source's counters in /metrics are
+    // a snapshot of up to a second ago, so the log lines tell what was published.)
+    let samples = parse_exposition(&get(&addr, "/metrics").1);
+    assert_eq!(sample(&samples, "mayhem_in_flight"), 0.0);
+    let consumed = sample(&samples, "mayhem_consumed_total");
+    service.signal("CONT");
+    service.wait_for("Received SIGCONT: resuming");
+    assert_eq!(get(&addr, "/readyz"), (200, "ready\n".to_owned()));
+    let resumed = service.seen.len();
+    // Work resumes: pulls and handling again.
+    service.wait_for_after(resumed, "Published");
+    service.wait_for_after(resumed, "Consumed");
+    service.wait_for_after(resumed, "Done. Acked");
+    // Between the drain and the resume, nothing was pulled or published.
+    let settled = service
+        .seen
+        .iter()
+        .position(|line| line.contains("Quiet: every held message is settled"))
+        .expect("seen");
+    for line in &service.seen[settled..resumed] {
+        assert!(
+            !line.contains("Consumed") && !line.contains("Published"),
+            "{line}"
+        );
+    }
+    let samples = parse_exposition(&get(&addr, "/metrics").1);
+    assert!(sample(&samples, "mayhem_consumed_total") > consumed);
+    service.signal("SIGTERM");
+    let (status, _, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_shutdown_sequence(&lines, "Received exit signal SIGTERM...");
+}
+
+#[test]
+fn sigterm_during_quiet_mode_still_shuts_down_cleanly() {
+    let mut service = Service::start(&[
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--publish-interval",
+        "5ms",
+        "--handler-latency",
+        "50ms",
+        "--max-in-flight",
+        "20",
+        "--report",
+        "json",
+    ]);
+    let addr = endpoint(&mut service);
+    service.wait_for("Handling");
+    service.signal("TSTP");
+    service.wait_for("Quiet: every held message is settled");
+    assert_eq!(get(&addr, "/readyz").0, 503);
+    service.signal("SIGTERM");
+    let (status, _, lines, json) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+    assert_shutdown_sequence(&lines, "Received exit signal SIGTERM...");
+    assert_no_panic_text(&lines);
+    assert_balanced(&json);
+    assert_eq!(field(&json, "cancelled"), 0.0, "{json}");
+}
+
+#[test]
+fn an_automatic_window_is_shown_in_the_stats_line_and_in_metrics() {
+    let mut service = Service::start(&[
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--max-in-flight",
+        "auto",
+        "--publish-interval",
+        "0",
+        "--handler-latency",
+        "20ms",
+        "--stats-interval",
+        "100ms",
+    ]);
+    let addr = endpoint(&mut service);
+    service.wait_for("(window ");
+    let window = sample(
+        &parse_exposition(&get(&addr, "/metrics").1),
+        "mayhem_window",
+    );
+    assert!((256.0..=2_000_000.0).contains(&window), "{window}");
+    service.signal("SIGTERM");
+    let (status, _, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+}

@@ -174,6 +174,50 @@ fn handlers_that_finish_within_the_grace_period_are_acked() {
     );
 }
 
+/// Handles every message in exactly `latency`.
+struct Steady(Duration);
+
+impl Handler for Steady {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        smol::Timer::after(self.0).await;
+        Ok(())
+    }
+}
+
+/// Runs 20 messages of 600 ms handlers with this lease configuration.
+fn run_steady(configure: impl FnOnce(&mut Config)) -> mayhem::Report {
+    let mut config = fast(20);
+    configure(&mut config);
+    let subscription = Subscription::new(config.subscription());
+    let report = run(
+        &config,
+        &subscription,
+        &Steady(Duration::from_millis(600)),
+        &Shutdown::new(),
+    )
+    .unwrap();
+    assert_eq!((report.acked, report.expired), (20, 0), "{report:?}");
+    report
+}
+
+#[test]
+fn an_automatic_ack_deadline_saves_the_extensions_of_short_handlers() {
+    // Fixed: a 300 ms deadline, extended once 100 ms old: every 600 ms handler is extended
+    // several times.
+    let fixed = run_steady(|config| {
+        config.lease.ack_deadline = Duration::from_millis(300);
+        config.lease.extend_interval = Duration::from_millis(100);
+    });
+    assert!(fixed.extended >= 20, "{fixed:?}");
+    // Auto: the deadline is at least 10 s and a lease is extended with a third of it left,
+    // so a 600 ms handler is never extended.
+    let auto = run_steady(|config| {
+        config.lease.ack_deadline = Duration::from_secs(10);
+        config.lease.auto_ack_deadline = true;
+    });
+    assert_eq!(auto.extended, 0, "{auto:?}");
+}
+
 #[test]
 fn leases_are_extended_while_handling() {
     let mut config = fast(5);

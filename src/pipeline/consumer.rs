@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, log_enabled, Level};
 
 use crate::error::SourceError;
+use crate::pause::Pause;
 use crate::pipeline::completion::Completion;
 use crate::pipeline::leaser::{LeaseGuard, Leaser};
 use crate::pipeline::throttle::Throttle;
@@ -30,6 +31,8 @@ pub(crate) struct Consumer<'a> {
     pub(crate) source: &'a dyn Source,
     /// Ends the loop.
     pub(crate) shutdown: &'a Shutdown,
+    /// Holds the pulls back (quiet mode, an open circuit breaker); told when pulls fail.
+    pub(crate) pause: &'a Pause,
     /// The lease manager, which also holds the flow-control gate.
     pub(crate) leaser: &'a Leaser<'a>,
     /// The hand-off channel to the executor.
@@ -101,13 +104,30 @@ impl<'a> Consumer<'a> {
         let gate = self.leaser.gate();
         let mut leases: Vec<Lease> = Vec::with_capacity(PULL_BATCH);
         while !self.shutdown.is_triggered() {
+            // Checked before the permits are taken: a paused consumer holds none. A bounded
+            // wait, so that the shutdown is seen within one pull's wait.
+            if self.pause.pulling_paused() {
+                self.pause.wait_while(Pause::pulling_paused, PULL_WAIT);
+                continue;
+            }
             let permits = gate.acquire(PULL_BATCH);
             if permits == 0 {
                 break;
             }
+            // Checked again once the permits are taken (taking them may have blocked for a
+            // long time): a pull that begins is counted until its leases are handed off.
+            let Some(_pull) = self.pause.begin_pull() else {
+                gate.release(permits);
+                continue;
+            };
             leases.clear();
             let pulled = Instant::now();
-            match self.source.pull(permits, PULL_WAIT, &mut leases) {
+            let pulled_result = self.source.pull(permits, PULL_WAIT, &mut leases);
+            self.pause.set_source_failing(matches!(
+                pulled_result,
+                Err(SourceError::Backend(_) | SourceError::Unavailable(_))
+            ));
+            match pulled_result {
                 Ok(()) => {}
                 Err(SourceError::Closed) => {
                     gate.release(permits);

@@ -22,10 +22,12 @@ const BYTES_RECHECK: Duration = Duration::from_millis(5);
 /// full window costs one wake-up per batch instead of one per message.
 #[derive(Debug)]
 pub(crate) struct Gate {
-    /// The most permits out at once.
-    limit: usize,
-    /// A blocked `acquire` waits until this many permits are free.
-    wake_at: usize,
+    /// The most permits out at once. An atomic because `--max-in-flight auto` moves it
+    /// while consumers take permits (see `window`); fixed otherwise.
+    limit: AtomicUsize,
+    /// The most permits a blocked `acquire` waits for: it wakes once this many (at most an
+    /// eighth of the current limit, at least one) are free.
+    batch: usize,
     /// Permits out now: leases held plus permits reserved by consumers for a pull. (The
     /// service's in-flight gauge counts leases held only; the lease manager keeps it.)
     in_flight: AtomicUsize,
@@ -65,8 +67,8 @@ impl Gate {
     /// [`Gate::new`], also waiting while the messages held count `max_bytes` or more.
     pub(crate) fn with_bytes(limit: usize, batch: usize, max_bytes: usize) -> Self {
         Gate {
-            limit,
-            wake_at: batch.min(limit / 8).max(1),
+            limit: AtomicUsize::new(limit),
+            batch,
             in_flight: AtomicUsize::new(0),
             bytes_taken: AtomicU64::new(0),
             bytes_given: Striped::default(),
@@ -90,9 +92,10 @@ impl Gate {
             if self.closed.load(Ordering::SeqCst) {
                 return 0;
             }
+            let limit = self.limit();
             let current = self.in_flight.load(Ordering::SeqCst);
-            if current < self.limit {
-                let take = max.min(self.limit - current);
+            if current < limit {
+                let take = max.min(limit - current);
                 if self
                     .in_flight
                     .compare_exchange(current, current + take, Ordering::SeqCst, Ordering::SeqCst)
@@ -104,7 +107,8 @@ impl Gate {
             }
             let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.waiters.fetch_add(1, Ordering::SeqCst);
-            if self.in_flight.load(Ordering::SeqCst) + self.wake_at > self.limit
+            let limit = self.limit();
+            if self.in_flight.load(Ordering::SeqCst) + self.wake_at(limit) > limit
                 && !self.closed.load(Ordering::SeqCst)
             {
                 drop(
@@ -124,10 +128,33 @@ impl Gate {
         }
         let before = self.in_flight.fetch_sub(count, Ordering::SeqCst);
         let after = before - count;
-        // Wake only on the edges a waiter waits for: enough room for a batch, or idle.
-        let threshold = self.limit - self.wake_at;
+        // Wake only on the edges a waiter waits for: enough room for a batch, or idle. (A
+        // limit lowered below the permits out has no such edge until they come back; a
+        // limit raised wakes the waiters itself, in `set_limit`.)
+        let limit = self.limit();
+        let threshold = limit.saturating_sub(self.wake_at(limit));
         let edge = (before > threshold && after <= threshold) || after == 0;
         if edge && self.waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.changed.notify_all();
+        }
+    }
+
+    /// The most permits out at once now.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    /// How many free permits wake a blocked `acquire` under `limit`.
+    fn wake_at(&self, limit: usize) -> usize {
+        self.batch.min(limit / 8).max(1)
+    }
+
+    /// Moves the limit (`--max-in-flight auto`). Lowered, it takes effect as permits come
+    /// back (none is taken away); raised, it wakes the blocked takers at once.
+    pub(crate) fn set_limit(&self, limit: usize) {
+        let before = self.limit.swap(limit.max(1), Ordering::SeqCst);
+        if limit > before && self.waiters.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.changed.notify_all();
         }
@@ -321,6 +348,23 @@ mod tests {
         }
         assert_eq!(taker.join().unwrap(), 8);
         assert_eq!(gate.in_flight(), 64);
+    }
+
+    #[test]
+    fn a_raised_limit_wakes_a_blocked_acquire_and_a_lowered_one_waits_for_permits() {
+        let gate = Arc::new(Gate::new(4, 1));
+        assert_eq!(gate.acquire(4), 4);
+        let taker = {
+            let gate = gate.clone();
+            thread::spawn(move || gate.acquire(10))
+        };
+        gate.set_limit(8);
+        assert_eq!(taker.join().unwrap(), 4);
+        // Lowered below the permits out: nothing more until enough come back.
+        gate.set_limit(2);
+        gate.release(7);
+        assert_eq!(gate.in_flight(), 1);
+        assert_eq!(gate.acquire(10), 1);
     }
 
     #[test]

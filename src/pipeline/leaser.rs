@@ -45,11 +45,21 @@ const EXTEND_CHUNK: usize = 8192;
 /// level in a round; above it, one summary line (the per-message lines go to debug).
 const INFO_LINES_PER_ROUND: usize = 16;
 
+/// The least deadline `--ack-deadline auto` asks for, as Google's clients do.
+pub(crate) const AUTO_MIN_DEADLINE: Duration = Duration::from_secs(10);
+/// The most deadline `--ack-deadline auto` asks for (Google Cloud Pub/Sub's maximum).
+pub(crate) const AUTO_MAX_DEADLINE: Duration = Duration::from_secs(600);
+
 /// The lease manager's settings.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LeaseSettings {
-    /// How far a lease is extended each time.
+    /// How far a lease is extended each time; with `auto`, the source's own deadline at the
+    /// pull, and the deadline until the first handling times are known.
     pub(crate) ack_deadline: Duration,
+    /// `--ack-deadline auto`: each round, the deadline asked of the source is the p99 of the
+    /// handling times so far, within [`AUTO_MIN_DEADLINE`]..[`AUTO_MAX_DEADLINE`], and a
+    /// lease is extended once a third of it is left (`extend_interval` is not used).
+    pub(crate) auto: bool,
     /// A lease is extended once it is this old since its last extension (below
     /// `ack_deadline`); what is left of the deadline then is the margin a round has.
     pub(crate) extend_interval: Duration,
@@ -58,10 +68,28 @@ pub(crate) struct LeaseSettings {
 }
 
 impl LeaseSettings {
+    /// What is left of a lease's deadline when it is extended, for a deadline of `deadline`:
+    /// fixed, `ack_deadline − extend_interval`; auto, a third of it (the ratio of the
+    /// defaults, 1 s left of 3 s).
+    fn margin(&self, deadline: Duration) -> Duration {
+        if self.auto {
+            deadline / 3
+        } else {
+            self.ack_deadline.saturating_sub(self.extend_interval)
+        }
+    }
+
     /// Time between two extension rounds: half the margin, so that a lease is extended with
     /// at least half the margin left for the call to the source.
-    fn period(&self) -> Duration {
-        (self.ack_deadline.saturating_sub(self.extend_interval) / 2).max(Duration::from_millis(1))
+    fn period(&self, deadline: Duration) -> Duration {
+        (self.margin(deadline) / 2).max(Duration::from_millis(1))
+    }
+
+    /// The deadline auto mode asks for when the p99 of the handling times is `p99`: in whole
+    /// seconds (rounded up), as Pub/Sub's deadlines are, within the bounds.
+    fn auto_deadline(p99: Duration) -> Duration {
+        let whole = p99.as_secs() + u64::from(p99.subsec_nanos() > 0);
+        Duration::from_secs(whole).clamp(AUTO_MIN_DEADLINE, AUTO_MAX_DEADLINE)
     }
 }
 
@@ -143,6 +171,10 @@ pub(crate) struct Leaser<'a> {
     cancelled: AtomicBool,
     /// The settings.
     settings: LeaseSettings,
+    /// The deadline asked of the source at each extension, in milliseconds: the fixed
+    /// `--ack-deadline`, or with `auto` the one the last round chose. Written only by the
+    /// extension thread; an atomic so that the rest may read it.
+    deadline_ms: AtomicU64,
     /// Turns instants into the table's compact ticks.
     clock: Clock,
     /// Set to stop the extension thread; with `wake`, interrupts its sleep.
@@ -234,6 +266,11 @@ impl<'a> Leaser<'a> {
             lost_epoch: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
             settings,
+            deadline_ms: AtomicU64::new(Clock::ticks(if settings.auto {
+                LeaseSettings::auto_deadline(settings.ack_deadline)
+            } else {
+                settings.ack_deadline
+            })),
             clock: Clock {
                 start: Instant::now(),
             },
@@ -514,9 +551,11 @@ impl<'a> Leaser<'a> {
     /// Runs on its own `std::thread`: it calls the source and sleeps between rounds.
     pub(crate) fn run(&self, seed: u64) {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let period = self.settings.period();
         let mut round = Round::default();
         loop {
+            // Read every round: with `auto` the deadline, and so the period, follows the
+            // handling times.
+            let period = self.settings.period(self.deadline());
             // Jitter of up to a tenth of the period, so that several instances sharing a
             // broker do not send their batches in step.
             let jitter = period.mul_f64(rng.f64() / 10.0);
@@ -580,12 +619,42 @@ impl<'a> Leaser<'a> {
         }
     }
 
+    /// The deadline asked of the source at each extension now.
+    pub(crate) fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms.load(Ordering::Relaxed))
+    }
+
+    /// With `auto`, sets the deadline to the p99 of the handling times so far, within
+    /// 10 s..10 min, as Google's clients do (their leaser reads its histogram of ack
+    /// latencies). The histogram holds every handling time since the start, so the p99 moves
+    /// slowly. A change of whole seconds is logged.
+    fn follow_handling_times(&self) {
+        if !self.settings.auto {
+            return;
+        }
+        let p99_ms = self.metrics.latency_quantile_ms(0.99);
+        if p99_ms <= 0.0 {
+            // Nothing acked yet: keep the start value.
+            return;
+        }
+        let p99 = Duration::from_secs_f64(p99_ms / 1000.0);
+        let chosen = LeaseSettings::auto_deadline(p99);
+        let before = self.deadline();
+        if chosen.as_secs() != before.as_secs() {
+            info!(
+                "Ack deadline now {} (p99 of handling times {p99:.1?}, within 10s..10m)",
+                seconds(chosen)
+            );
+        }
+        self.deadline_ms
+            .store(Clock::ticks(chosen), Ordering::Relaxed);
+    }
+
     /// One extension round: extends every lease whose deadline falls within the margin.
     fn round(&self, now: Instant, round: &mut Round) {
-        let margin = self
-            .settings
-            .ack_deadline
-            .saturating_sub(self.settings.extend_interval);
+        self.follow_handling_times();
+        let deadline = self.deadline();
+        let margin = self.settings.margin(deadline);
         let horizon = self.clock.tick(now + margin);
         let now_tick = self.clock.tick(now);
         let max_lease = Clock::ticks(self.settings.max_lease);
@@ -620,10 +689,7 @@ impl<'a> Leaser<'a> {
         {
             refused.clear();
             let sent = Instant::now();
-            if let Err(error) = self
-                .source
-                .extend(ids, self.settings.ack_deadline, &mut refused)
-            {
+            if let Err(error) = self.source.extend(ids, deadline, &mut refused) {
                 // Left as they are: the next round tries again while the deadlines last.
                 self.error_log.log(ids.len() as u64, || {
                     format!("Could not extend {} leases: {error}", ids.len())
@@ -632,8 +698,8 @@ impl<'a> Leaser<'a> {
             }
             self.metrics
                 .count_extended((ids.len() - refused.len()) as u64);
-            let deadline = self.clock.tick(sent + self.settings.ack_deadline);
-            self.apply(ids, keys, &refused, deadline, round);
+            let until = self.clock.tick(sent + deadline);
+            self.apply(ids, keys, &refused, until, round);
         }
         (round.ids, round.keys) = (all_ids, all_keys);
         self.log_extensions(round);
@@ -712,7 +778,7 @@ impl<'a> Leaser<'a> {
     /// Logs the extensions of a round: one info line per message being handled when few,
     /// else a summary (each line at debug level).
     fn log_extensions(&self, round: &Round) {
-        let by = seconds(self.settings.ack_deadline);
+        let by = seconds(self.deadline());
         if round.handled.len() <= INFO_LINES_PER_ROUND {
             for message in &round.handled {
                 info!("Extended deadline by {by} for {message}");
@@ -945,6 +1011,51 @@ mod tests {
     const DEADLINE: Duration = Duration::from_secs(3);
 
     #[test]
+    fn the_automatic_deadline_follows_the_p99_within_its_bounds() {
+        let subscription = Subscription::new(SubscriptionConfig {
+            ack_deadline: Duration::from_secs(10),
+            max_attempts: 5,
+            max_backlog: 100,
+        });
+        let metrics = Metrics::default();
+        let settings = LeaseSettings {
+            ack_deadline: Duration::from_secs(10),
+            auto: true,
+            extend_interval: Duration::from_secs(2),
+            max_lease: Duration::from_secs(3600),
+        };
+        let leaser = Leaser::new(&subscription, &metrics, 10, usize::MAX, 1, settings);
+        // No handling time yet: the least deadline, extended with a third of it left.
+        leaser.follow_handling_times();
+        assert_eq!(leaser.deadline(), AUTO_MIN_DEADLINE);
+        assert_eq!(settings.margin(leaser.deadline()), AUTO_MIN_DEADLINE / 3);
+        // Short handlers keep the least deadline.
+        for _ in 0..100 {
+            metrics.record_latency(Duration::from_millis(700));
+        }
+        leaser.follow_handling_times();
+        assert_eq!(leaser.deadline(), AUTO_MIN_DEADLINE);
+        // Long ones: the p99 (a bucket bound, at most 1/16 above), in whole seconds.
+        for _ in 0..1000 {
+            metrics.record_latency(Duration::from_secs(30));
+        }
+        leaser.follow_handling_times();
+        let deadline = leaser.deadline();
+        assert!(
+            (Duration::from_secs(30)..=Duration::from_secs(32)).contains(&deadline),
+            "{deadline:?}"
+        );
+        assert_eq!(deadline.subsec_nanos(), 0);
+        assert_eq!(settings.period(deadline), deadline / 6);
+        // Never above 10 minutes.
+        for _ in 0..100_000 {
+            metrics.record_latency(Duration::from_secs(3600));
+        }
+        leaser.follow_handling_times();
+        assert_eq!(leaser.deadline(), AUTO_MAX_DEADLINE);
+    }
+
+    #[test]
     fn a_buffer_of_acks_spanning_shards_reports_each_lease() {
         let clock = Arc::new(ManualClock::new());
         let config = SubscriptionConfig {
@@ -960,6 +1071,7 @@ mod tests {
         let metrics = Metrics::default();
         let settings = LeaseSettings {
             ack_deadline: DEADLINE,
+            auto: false,
             extend_interval: Duration::from_secs(1),
             max_lease: Duration::from_secs(3600),
         };

@@ -19,7 +19,8 @@ mod flow;
 mod leaser;
 mod publisher;
 mod task;
-mod throttle;
+pub(crate) mod throttle;
+pub(crate) mod window;
 
 use std::sync::atomic::AtomicU64;
 use std::thread::{self, Scope, ScopedJoinHandle};
@@ -32,6 +33,7 @@ use crate::config::Config;
 use crate::error::{ConfigError, RunError};
 use crate::handler::Handler;
 use crate::metrics::{Metrics, Report};
+use crate::pause::Pause;
 use crate::shutdown::{Shutdown, ShutdownReason};
 use crate::source::{Publish, Source};
 use acker::Acks;
@@ -183,6 +185,59 @@ pub fn run_clients<H: Handler>(
     shutdown: &Shutdown,
     metrics: &Metrics,
 ) -> Result<Report, RunError> {
+    run_controlled(
+        config,
+        source,
+        publisher,
+        handler,
+        shutdown,
+        &Pause::new(),
+        metrics,
+    )
+}
+
+/// [`run_clients`] with a [`Pause`] the program (and the [`Breaker`](crate::layer::Breaker)
+/// layers built with the same pause) can use to stop taking work without shutting down:
+/// while it pauses pulling, consumers pull nothing (they look again every 50 ms, and at
+/// the shutdown); while it is quiet, publishers publish nothing too. What is held meanwhile
+/// is handled and settled as usual. The runner also marks on it whether the last pull
+/// failed (see [`Pause::is_ready`]).
+///
+/// # Errors
+///
+/// As [`run_clients`].
+///
+/// ```
+/// use mayhem::{run_controlled, Config, MayhemConfig, MayhemHandler, Metrics, Pause, Shutdown,
+///     ShutdownReason, Subscription};
+/// use std::time::Duration;
+///
+/// let mut config = Config::default();
+/// config.publish.interval = Duration::ZERO;
+/// config.handler.latency = Duration::ZERO;
+/// let subscription = Subscription::new(config.subscription());
+/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+/// let (shutdown, pause) = (Shutdown::new(), Pause::new());
+/// // Quiet from the start: nothing is published or pulled.
+/// pause.set_quiet(true);
+/// let stopper = shutdown.clone();
+/// std::thread::spawn(move || {
+///     std::thread::sleep(Duration::from_millis(100));
+///     stopper.trigger(ShutdownReason::Requested);
+/// });
+/// let report = run_controlled(&config, &subscription, Some(&subscription), &handler,
+///     &shutdown, &pause, &Metrics::default()).unwrap();
+/// assert_eq!((report.published, report.consumed), (0, 0));
+/// ```
+pub fn run_controlled<H: Handler>(
+    config: &Config,
+    source: &dyn Source,
+    publisher: Option<&dyn Publish>,
+    handler: &H,
+    shutdown: &Shutdown,
+    pause: &Pause,
+    metrics: &Metrics,
+) -> Result<Report, RunError> {
     config.validate()?;
     if publisher.is_none() && config.publish.publishers > 0 {
         return Err(RunError::Config(ConfigError::new(
@@ -204,6 +259,7 @@ pub fn run_clients<H: Handler>(
         consumer::PULL_BATCH,
         LeaseSettings {
             ack_deadline: config.lease.ack_deadline,
+            auto: config.lease.auto_ack_deadline,
             extend_interval: config.lease.extend_interval,
             max_lease: config.lease.max_lease,
         },
@@ -223,6 +279,12 @@ pub fn run_clients<H: Handler>(
             published: (publisher.is_some() && config.publish.publishers > 0).then_some(&published),
         },
     };
+    if config.run.adaptive_window {
+        leaser
+            .gate()
+            .set_limit(window::START_WINDOW.min(config.run.max_in_flight));
+    }
+    metrics.set_window(leaser.gate().limit());
     let budget = config.run.messages.map(AtomicU64::new);
     // Unbounded in type, bounded in fact: every lease in it holds a flow-control permit, so it
     // never holds more than the window. A bounded channel would allocate the whole window up
@@ -248,6 +310,18 @@ pub fn run_clients<H: Handler>(
             shutdown,
             Box::new(|| leaser.run(seed.rotate_left(7))),
         );
+        if config.run.adaptive_window {
+            spawn_in(
+                outer,
+                "mayhem-window".to_owned(),
+                &mut keepers,
+                &mut spawn_error,
+                shutdown,
+                Box::new(|| {
+                    tune_window(leaser.gate(), metrics, shutdown, config.run.max_in_flight)
+                }),
+            );
+        }
         // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
         let executor = Executor::new();
         let reason = thread::scope(|scope| {
@@ -278,6 +352,7 @@ pub fn run_clients<H: Handler>(
                 let consumer = Consumer {
                     source,
                     shutdown,
+                    pause,
                     leaser: &leaser,
                     handoff: handoff.clone(),
                     completion: shared.completion,
@@ -293,6 +368,7 @@ pub fn run_clients<H: Handler>(
                     let publisher = Publisher {
                         sink,
                         shutdown,
+                        pause,
                         interval: config.publish.interval,
                         budget: budget.as_ref(),
                         published: &published,
@@ -313,6 +389,7 @@ pub fn run_clients<H: Handler>(
                 source,
                 metrics,
                 config.run.stats_interval,
+                config.run.adaptive_window,
                 &shared.completion,
             );
             match &reason {
@@ -465,6 +542,7 @@ fn wait_reporting_stats(
     source: &dyn Source,
     metrics: &Metrics,
     interval: Duration,
+    adaptive: bool,
     completion: &Completion<'_>,
 ) -> ShutdownReason {
     let poll = completion.target.map(|_| COMPLETION_POLL);
@@ -495,15 +573,61 @@ fn wait_reporting_stats(
         }
         let acked = metrics.acked();
         let rate = (acked - last_acked) as f64 / (now - last_time).as_secs_f64().max(1e-9);
+        let window = if adaptive {
+            format!(" (window {})", metrics.window())
+        } else {
+            String::new()
+        };
         info!(
-            "Stats: {rate:.1} acked/s, in flight {}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}",
+            "Stats: {rate:.1} acked/s, in flight {}{window}, acked {acked}, nacked {}, redelivered {}, dead-lettered {}, lost leases {}{}",
             metrics.in_flight(),
             metrics.nacked(),
             metrics.redelivered(),
             source.stats().dead_lettered,
             metrics.lost(),
+            metrics.stats_line_extras(),
         );
         (last_acked, last_time) = (acked, now);
+    }
+}
+
+/// The thread of `--max-in-flight auto`: samples the acks and handling times at the
+/// controller's pace and moves the window, until the shutdown begins (the window then stays
+/// where it is).
+///
+/// # Blocking
+///
+/// Runs on its own `std::thread`; it sleeps between samples.
+fn tune_window(gate: &flow::Gate, metrics: &Metrics, shutdown: &Shutdown, ceiling: usize) {
+    let mut controller = window::Controller::new(ceiling);
+    let (mut acked, mut micros) = metrics.latency_totals();
+    let mut last = Instant::now();
+    loop {
+        if shutdown.wait_timeout(controller.pace()) {
+            return;
+        }
+        let now = Instant::now();
+        let (acked_now, micros_now) = metrics.latency_totals();
+        let count = acked_now.saturating_sub(acked);
+        let sample = window::Sample {
+            acked: count,
+            latency: Duration::from_micros(micros_now.saturating_sub(micros) / count.max(1)),
+            span: now - last,
+            in_flight: metrics.in_flight(),
+        };
+        let before = gate.limit();
+        let window = controller.sample(sample);
+        if window != before {
+            gate.set_limit(window);
+            metrics.set_window(window);
+            log::debug!(
+                "Window {before} -> {window} ({count} acked in {:?}, mean handling {:?}, {} held)",
+                sample.span,
+                sample.latency,
+                sample.in_flight
+            );
+        }
+        (acked, micros, last) = (acked_now, micros_now, now);
     }
 }
 

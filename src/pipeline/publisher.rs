@@ -7,12 +7,15 @@ use log::{info, Level};
 
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
+use crate::pause::Pause;
 use crate::pipeline::throttle::Throttle;
 use crate::shutdown::Shutdown;
 use crate::source::Publish;
 
 /// Pause after a backend error before publishing again.
 const ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How often a quiet publisher looks at the shutdown.
+const QUIET_CHECK: Duration = Duration::from_millis(50);
 /// Most messages published in one call when there is no pause between messages: one call
 /// (one lock, or one round trip to a remote broker) serves many messages.
 const PUBLISH_BATCH: u64 = 256;
@@ -26,6 +29,8 @@ pub(crate) struct Publisher<'a> {
     pub(crate) sink: &'a dyn Publish,
     /// Ends the loop; also interrupts the pause between messages.
     pub(crate) shutdown: &'a Shutdown,
+    /// Holds publishing back in quiet mode.
+    pub(crate) pause: &'a Pause,
     /// Upper bound of the random pause between two messages.
     pub(crate) interval: Duration,
     /// Messages still to publish, shared by all publishers; `None` = no limit.
@@ -53,6 +58,11 @@ impl Publisher<'_> {
         };
         let mut batch: Vec<PubSubMessage> = Vec::with_capacity(batch_size as usize);
         while !self.shutdown.is_triggered() {
+            // A bounded wait, so that the shutdown is seen within it.
+            if self.pause.publishing_paused() {
+                self.pause.wait_while(Pause::publishing_paused, QUIET_CHECK);
+                continue;
+            }
             let count = match self.budget {
                 Some(budget) => {
                     match budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {

@@ -105,6 +105,37 @@ impl Service {
         }
     }
 
+    /// Reads stderr until a line after the first `skip` lines seen contains `pattern`.
+    pub fn wait_for_after(&mut self, skip: usize, pattern: &str) {
+        let end = Instant::now() + PATIENCE;
+        if self
+            .seen
+            .iter()
+            .skip(skip)
+            .any(|line| line.contains(pattern))
+        {
+            return;
+        }
+        while Instant::now() < end {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(pattern);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!(
+            "no line with {pattern:?} after line {skip} within {PATIENCE:?}; seen: {:?}",
+            self.seen
+        );
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))

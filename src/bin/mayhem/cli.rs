@@ -5,7 +5,12 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use log::LevelFilter;
+use mayhem::database::Outage;
+use mayhem::layer::{BreakerConfig, LayerConfig};
 use mayhem::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig, RunConfig};
+
+/// How long an open circuit breaker waits before its probe, unless `--breaker-cooldown` says.
+const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
 
 /// What `-h` and `--help` show after the flags (one page for both: a long form would
 /// double the length of the help for little gain).
@@ -15,7 +20,8 @@ MAYHEM_* variable; the command line wins. --report and --log-level ignore case.
 
 Signals: SIGINT, SIGTERM, SIGHUP and SIGQUIT start the graceful shutdown (stop pulling, give
 handlers --grace-period, nack the rest, print the report); a second one exits 130 at once.
-SIGUSR1 and SIGUSR2 are logged and ignored.
+SIGTSTP makes the service quiet (no pulling, no publishing; held messages are handled and
+settled; /readyz answers 503), SIGCONT resumes. SIGUSR1 and SIGUSR2 are logged and ignored.
 
 Exit codes: 0 graceful shutdown (after a signal, also during start-up, or --messages settled),
 1 a handler panicked, the source failed for good, or the shutdown took longer than
@@ -49,14 +55,16 @@ pub(crate) struct Cli {
     /// Executor worker threads, 1 to 1024 [default: number of CPUs].
     #[arg(long, env = "MAYHEM_WORKERS", value_name = "N")]
     workers: Option<usize>,
-    /// Most messages pulled and not yet acked or nacked, 1 to 10000000.
+    /// Most messages pulled and not yet acked or nacked, 1 to 10000000; auto: a window that
+    /// tunes itself for goodput, 256 to 2000000.
     #[arg(
         long,
         env = "MAYHEM_MAX_IN_FLIGHT",
-        value_name = "N",
-        default_value_t = RunConfig::default().max_in_flight
+        value_name = "N|auto",
+        default_value = RunConfig::default().max_in_flight.to_string(),
+        value_parser = max_in_flight
     )]
-    max_in_flight: usize,
+    max_in_flight: MaxInFlight,
     /// Most bytes of data and attributes handed to handlers at once; the rest of a pull
     /// waits, held; a larger message is still handled, alone.
     #[arg(
@@ -106,9 +114,10 @@ pub(crate) struct Cli {
     /// Domain of the hosts restarted: data `web-01` restarts `web-01.DOMAIN`.
     #[arg(long, env = "MAYHEM_DOMAIN", value_name = "DOMAIN", default_value_t = HandlerConfig::default().domain)]
     domain: String,
-    /// How long a pulled message stays leased without an extension, 10ms to 10m.
-    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR", default_value = human(LeaseConfig::default().ack_deadline), value_parser = duration, allow_hyphen_values = true)]
-    ack_deadline: Duration,
+    /// How long a pulled message stays leased without an extension, 10ms to 10m; auto: the
+    /// p99 of handling times, within 10s..10m.
+    #[arg(long, env = "MAYHEM_ACK_DEADLINE", value_name = "DUR|auto", default_value = human(LeaseConfig::default().ack_deadline), value_parser = ack_deadline, allow_hyphen_values = true)]
+    ack_deadline: AckDeadline,
     /// How often a held lease is extended, from 1ms to below --ack-deadline.
     #[arg(long, env = "MAYHEM_EXTEND_INTERVAL", value_name = "DUR", default_value = human(LeaseConfig::default().extend_interval), value_parser = duration, allow_hyphen_values = true)]
     extend_interval: Duration,
@@ -133,6 +142,29 @@ pub(crate) struct Cli {
     /// Seed of every random choice [default: random].
     #[arg(long, env = "MAYHEM_SEED", value_name = "N")]
     seed: Option<u64>,
+    /// Drop a handler still running after DUR and nack its message, 1ms to 24h [default: none].
+    #[arg(long, env = "MAYHEM_HANDLER_TIMEOUT", value_name = "DUR", value_parser = duration, allow_hyphen_values = true)]
+    handler_timeout: Option<Duration>,
+    /// Most handler starts a second, 1 to 10000000; a burst of N/5 (at least 1) [default: none].
+    #[arg(long, env = "MAYHEM_RATE_LIMIT", value_name = "N")]
+    rate_limit: Option<u32>,
+    /// Circuit breaker: open after N handler failures in a row, 1 to 1000000 [default: off].
+    #[arg(long, env = "MAYHEM_BREAKER_FAILURES", value_name = "N")]
+    breaker_failures: Option<u32>,
+    /// How long an open circuit breaker waits before it lets one message through as a probe,
+    /// 1ms to 24h (with --breaker-failures).
+    #[arg(long, env = "MAYHEM_BREAKER_COOLDOWN", value_name = "DUR", value_parser = duration, allow_hyphen_values = true)]
+    breaker_cooldown: Option<Duration>,
+    /// Connections of the simulated database, 1 to 10000000: past N saves at once, saves wait
+    /// in line for one [default: unlimited].
+    #[arg(long, env = "MAYHEM_DB_CAPACITY", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    db_capacity: Option<u64>,
+    /// How long a save waits for a database connection before it fails, 1ms to 24h.
+    #[arg(long, env = "MAYHEM_DB_PATIENCE", value_name = "DUR", default_value = human(mayhem::handler::DEFAULT_DB_PATIENCE), value_parser = duration, allow_hyphen_values = true)]
+    db_patience: Duration,
+    /// Every save fails for FOR, starting AT after start-up, like 30s+10s [default: none].
+    #[arg(long, env = "MAYHEM_DB_OUTAGE", value_name = "AT+FOR", value_parser = outage)]
+    db_outage: Option<Outage>,
     /// Interval of the stats line logged at info level, up to 24h (0 = off).
     #[arg(long, env = "MAYHEM_STATS_INTERVAL", value_name = "DUR", default_value = human(RunConfig::default().stats_interval), value_parser = duration, allow_hyphen_values = true)]
     stats_interval: Duration,
@@ -227,6 +259,28 @@ pub(crate) enum SourceKind {
     PubSub(String),
 }
 
+/// `--max-in-flight`: a fixed window, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MaxInFlight {
+    /// A fixed window.
+    Fixed(usize),
+    /// A window that tunes itself, up to `mayhem::AUTO_CEILING`.
+    Auto,
+}
+
+/// `--ack-deadline`: a fixed duration, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AckDeadline {
+    /// The same deadline for every lease.
+    Fixed(Duration),
+    /// The p99 of the handling times, within 10 s..10 min.
+    Auto,
+}
+
+/// The source's deadline at the pull with `--ack-deadline auto`: the least the lease manager
+/// then asks for.
+const AUTO_START_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How the final report is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ReportFormat {
@@ -258,7 +312,11 @@ impl Cli {
             run: RunConfig {
                 consumers: self.consumers,
                 workers: self.workers.unwrap_or(defaults.run.workers),
-                max_in_flight: self.max_in_flight,
+                max_in_flight: match self.max_in_flight {
+                    MaxInFlight::Fixed(window) => window,
+                    MaxInFlight::Auto => mayhem::AUTO_CEILING,
+                },
+                adaptive_window: self.max_in_flight == MaxInFlight::Auto,
                 max_in_flight_bytes: self.max_in_flight_bytes,
                 messages: self.messages,
                 seed: Some(self.seed.unwrap_or_else(|| fastrand::u64(..))),
@@ -272,7 +330,11 @@ impl Cli {
                 interval: self.publish_interval,
             },
             lease: LeaseConfig {
-                ack_deadline: self.ack_deadline,
+                ack_deadline: match self.ack_deadline {
+                    AckDeadline::Fixed(deadline) => deadline,
+                    AckDeadline::Auto => AUTO_START_DEADLINE,
+                },
+                auto_ack_deadline: self.ack_deadline == AckDeadline::Auto,
                 extend_interval: self.extend_interval,
                 max_lease: self.max_lease,
                 max_attempts: self.max_attempts,
@@ -291,6 +353,29 @@ impl Cli {
                 max_backlog: self.max_backlog,
             },
         }
+    }
+
+    /// The layers around the chaos monkey; a `--handler-timeout` of 0 means none.
+    pub(crate) fn layers(&self) -> LayerConfig {
+        LayerConfig {
+            handler_timeout: self.handler_timeout.filter(|limit| !limit.is_zero()),
+            rate_limit: self.rate_limit,
+            breaker: self.breaker_failures.map(|failures| BreakerConfig {
+                failures,
+                cooldown: self.breaker_cooldown.unwrap_or(DEFAULT_BREAKER_COOLDOWN),
+            }),
+        }
+    }
+
+    /// The chaos monkey's settings: those of `config`, and its simulated database's.
+    pub(crate) fn handler(&self, config: &Config, seed: u64) -> mayhem::MayhemConfig {
+        let mut settings = mayhem::MayhemConfig::from_config(config, seed);
+        settings.db_capacity = self
+            .db_capacity
+            .map(|capacity| usize::try_from(capacity).unwrap_or(usize::MAX));
+        settings.db_patience = self.db_patience;
+        settings.db_outage = self.db_outage;
+        settings
     }
 
     /// The settings of the Redis source (the URL is taken from `--source`).
@@ -364,6 +449,19 @@ impl Cli {
                 "--amqp-publish-connections is only used with an amqp:// or amqps:// --source"
                     .to_owned(),
             );
+        }
+        if self.breaker_cooldown.is_some() && self.breaker_failures.is_none() {
+            return Err(
+                "--breaker-cooldown is only used with --breaker-failures (the breaker is off)"
+                    .to_owned(),
+            );
+        }
+        if !(Duration::from_millis(1)..=Duration::from_secs(24 * 3600)).contains(&self.db_patience)
+        {
+            return Err(format!(
+                "invalid value '{}' for '--db-patience': must be between 1ms and 1day",
+                humantime::format_duration(self.db_patience)
+            ));
         }
         // Only the binary refuses this: a library embedder may publish by itself.
         if let (SourceKind::Memory, Some(messages @ 1..), 0) =
@@ -472,6 +570,32 @@ pub(crate) fn ca_file(text: &str) -> Result<std::path::PathBuf, String> {
             mayhem::SourceError::Backend(text) => text,
             other => other.to_string(),
         })
+}
+
+/// Parses `--max-in-flight`: a count, or `auto` (any case).
+fn max_in_flight(text: &str) -> Result<MaxInFlight, String> {
+    if text.trim().eq_ignore_ascii_case("auto") {
+        return Ok(MaxInFlight::Auto);
+    }
+    text.trim()
+        .parse()
+        .map(MaxInFlight::Fixed)
+        .map_err(|error| format!("{error} (write a count, or auto)"))
+}
+
+/// Parses `--ack-deadline`: a duration, or `auto` (any case).
+fn ack_deadline(text: &str) -> Result<AckDeadline, String> {
+    if text.trim().eq_ignore_ascii_case("auto") {
+        return Ok(AckDeadline::Auto);
+    }
+    duration(text)
+        .map(AckDeadline::Fixed)
+        .map_err(|error| format!("{error}, or auto"))
+}
+
+/// Parses `--db-outage AT+FOR`.
+fn outage(text: &str) -> Result<Outage, String> {
+    text.parse()
 }
 
 /// Parses `HOST:PORT` (a name is resolved once, at start).

@@ -2,7 +2,12 @@
 //!
 //! - `GET /metrics`: the Prometheus text exposition of the service's counters, the in-flight
 //!   gauge and the handling-time histogram.
-//! - `GET /healthz`: `200 ok` while running, `503 shutting down` once the shutdown began.
+//! - `GET /healthz`: `200 ok` while running, `503 shutting down` once the shutdown began
+//!   (liveness).
+//! - `GET /readyz`: `200 ready` while the service takes work; `503` with the reason while it
+//!   does not: shutting down, quiet (SIGTSTP), a circuit breaker open, or the source failing
+//!   (the last pull failed: reconnecting, or down). A source that retries inside its pull
+//!   without returning an error looks ready: the `Source` trait has no reconnecting state.
 //!
 //! `HEAD` is answered too; other methods get `405` with an `Allow` header. A query string is
 //! ignored and a trailing slash tolerated (`/metrics?x=1`, `/metrics/`). Every response closes
@@ -27,7 +32,7 @@
 //! of the source's counters that a second thread (`mayhem-http-stats`) refreshes every
 //! [`REFRESH`]. A slow backend (a Redis that takes seconds to answer) therefore delays only
 //! that thread, never a response; the snapshot's age is exported as
-//! `mayhem_source_stats_age_seconds`. `/healthz` reads one atomic flag.
+//! `mayhem_source_stats_age_seconds`. `/healthz` reads one atomic flag, `/readyz` four.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -40,7 +45,7 @@ use async_executor::{LocalExecutor, Task};
 use async_io::{Async, Timer};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use log::{debug, info, warn};
-use mayhem::{Metrics, Shutdown, SourceStats};
+use mayhem::{Metrics, Pause, Shutdown, SourceStats};
 
 /// How long a client has to send a whole request (head and body).
 pub(crate) const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
@@ -98,8 +103,10 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// The source's counters.
     snapshot: Arc<Snapshot>,
-    /// Read by `/healthz`.
+    /// Read by `/healthz` and `/readyz`.
     shutdown: Shutdown,
+    /// Read by `/readyz`: quiet mode, open breakers, a failing source.
+    pause: Pause,
 }
 
 /// A response: its status, headers and body.
@@ -136,6 +143,7 @@ impl Endpoint {
         metrics: Arc<Metrics>,
         stats: impl Fn() -> Option<SourceStats> + Send + 'static,
         shutdown: Shutdown,
+        pause: Pause,
     ) -> Result<Endpoint, String> {
         let listener = Async::<TcpListener>::bind(addr)
             .map_err(|error| format!("cannot serve metrics on {addr}: {error}"))?;
@@ -161,6 +169,7 @@ impl Endpoint {
             metrics,
             snapshot: Arc::clone(&snapshot),
             shutdown,
+            pause,
         });
         let (stop, stopped) = async_channel::bounded::<()>(1);
         let thread = thread::Builder::new()
@@ -186,7 +195,10 @@ impl Endpoint {
                 return Err(format!("cannot start the metrics thread: {error}"));
             }
         };
-        info!("Serving metrics on http://{bound}/metrics and health on http://{bound}/healthz");
+        info!(
+            "Serving metrics on http://{bound}/metrics, health on http://{bound}/healthz and \
+             readiness on http://{bound}/readyz"
+        );
         Ok(Endpoint {
             stop,
             thread,
@@ -425,7 +437,7 @@ fn route(method: &str, target: &str, shared: &Shared) -> Response {
     let head = match method {
         "GET" => false,
         "HEAD" => true,
-        _ if matches!(path, "/metrics" | "/healthz") => {
+        _ if matches!(path, "/metrics" | "/healthz" | "/readyz") => {
             let mut response = Response::text(405, "method not allowed\n");
             response.allow = true;
             return response;
@@ -442,10 +454,29 @@ fn route(method: &str, target: &str, shared: &Shared) -> Response {
         },
         "/healthz" if shared.shutdown.is_triggered() => Response::text(503, "shutting down\n"),
         "/healthz" => Response::text(200, "ok\n"),
+        "/readyz" => match not_ready(shared) {
+            Some(reason) => Response::text(503, reason),
+            None => Response::text(200, "ready\n"),
+        },
         _ => Response::text(404, "not found\n"),
     };
     response.head = head;
     response
+}
+
+/// Why the service takes no work now, or `None` when it does (the body of a 503 `/readyz`).
+fn not_ready(shared: &Shared) -> Option<&'static str> {
+    if shared.shutdown.is_triggered() {
+        Some("shutting down\n")
+    } else if shared.pause.is_quiet() {
+        Some("quiet\n")
+    } else if shared.pause.breakers_open() > 0 {
+        Some("circuit breaker open\n")
+    } else if shared.pause.source_failing() {
+        Some("source failing\n")
+    } else {
+        None
+    }
 }
 
 /// The exposition: the service's counters, the source's snapshot, and the snapshot's age.
@@ -547,9 +578,9 @@ mod tests {
             thread::sleep(Duration::from_secs(3));
             Some(SourceStats::default())
         };
-        let endpoint = Endpoint::start(addr, Arc::default(), slow, Shutdown::new())
+        let endpoint = Endpoint::start(addr, Arc::default(), slow, Shutdown::new(), Pause::new())
             .expect("start the endpoint");
-        for path in ["/metrics", "/healthz", "/metrics", "/healthz"] {
+        for path in ["/metrics", "/healthz", "/readyz", "/metrics", "/healthz"] {
             let (status, took) = get(addr, path);
             assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
             assert!(took < Duration::from_millis(500), "{path} took {took:?}");
@@ -574,6 +605,7 @@ mod tests {
             metrics: Arc::default(),
             snapshot: Arc::new(snapshot),
             shutdown: Shutdown::new(),
+            pause: Pause::new(),
         };
         assert!(metrics_text(&shared).ends_with("\nmayhem_source_stats_age_seconds +Inf\n"));
         shared.snapshot.lock().taken = Some(Instant::now());
@@ -582,5 +614,33 @@ mod tests {
             text.contains("\nmayhem_source_stats_age_seconds 0.0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn readiness_names_what_holds_the_service_back() {
+        let shared = Shared {
+            metrics: Arc::default(),
+            snapshot: Arc::new(Snapshot {
+                state: Mutex::new(SnapshotState {
+                    stats: SourceStats::default(),
+                    taken: None,
+                    stopped: false,
+                }),
+                stopped: Condvar::new(),
+            }),
+            shutdown: Shutdown::new(),
+            pause: Pause::new(),
+        };
+        let status = |shared: &Shared| {
+            let response = route("GET", "/readyz", shared);
+            (response.status, response.body)
+        };
+        assert_eq!(status(&shared), (200, "ready\n".to_owned()));
+        shared.pause.set_quiet(true);
+        assert_eq!(status(&shared), (503, "quiet\n".to_owned()));
+        shared.pause.set_quiet(false);
+        shared.shutdown.trigger(mayhem::ShutdownReason::Requested);
+        assert_eq!(status(&shared), (503, "shutting down\n".to_owned()));
+        assert_eq!(route("POST", "/readyz", &shared).status, 405);
     }
 }

@@ -15,6 +15,7 @@ mod publish;
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -23,10 +24,10 @@ use std::time::Duration;
 use clap::Parser;
 use log::{debug, error, info, warn};
 use mayhem::{
-    run_with_metrics, Broker, MayhemConfig, MayhemHandler, Metrics, Shutdown, ShutdownReason,
+    layer, run_controlled, Broker, MayhemHandler, Metrics, Pause, Shutdown, ShutdownReason,
     Subscription,
 };
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::consts::{SIGCONT, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTSTP, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crate::cli::{Cli, ReportFormat, SourceKind};
@@ -41,6 +42,12 @@ const HANDLED: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
 /// ends the process at once, without the shutdown: no lease given back, no report. A stray
 /// one (a log rotation's `kill -USR1` aimed at another program) must not do that.
 const IGNORED: [i32; 2] = [SIGUSR1, SIGUSR2];
+/// The signals of quiet mode: SIGTSTP stops pulling and publishing (held messages are still
+/// handled and settled, the process stays up), SIGCONT resumes. Handled, SIGTSTP no longer
+/// stops the process: Ctrl-Z on a terminal makes the service quiet instead of suspending it.
+const QUIET: [i32; 2] = [SIGTSTP, SIGCONT];
+/// How often quiet mode looks whether every held message is settled, to say so once.
+const DRAIN_CHECK: Duration = Duration::from_millis(10);
 /// The least time between two lines about ignored signals (a flood of them is no log storm).
 const IGNORED_LOG_EVERY: Duration = Duration::from_secs(1);
 /// On a forced exit, how long the source may take to give its leases back.
@@ -71,7 +78,7 @@ fn main() -> ExitCode {
     // The very first statement: from here on every handled signal takes the graceful path,
     // during start-up too. (Before `main`, the loader and the Rust runtime run with the
     // default actions; no program can close that window, about a millisecond after exec.)
-    let signals = match Signals::new(HANDLED.iter().chain(&IGNORED)) {
+    let signals = match Signals::new(HANDLED.iter().chain(&IGNORED).chain(&QUIET)) {
         Ok(signals) => signals,
         Err(error) => {
             usage_error(&format!("error: cannot install signal handlers: {error}"));
@@ -85,6 +92,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let shutdown = Shutdown::new();
+    // Quiet mode (the signal thread sets it) and the readiness the endpoint reports.
+    let pause = Pause::new();
+    // Created before the signal thread, which reads the leases held while quiet.
+    let metrics = Arc::new(Metrics::default());
     // The source, once connected and until the run is over, for the forced exit's nacks.
     // Taken out again after the run, so that the source is dropped (a Redis source then
     // frees its consumer name) before the process exits.
@@ -95,13 +106,28 @@ fn main() -> ExitCode {
     if let Err(error) = spawn_signal_thread(
         signals,
         shutdown.clone(),
+        Quiet {
+            pause: pause.clone(),
+            metrics: Arc::clone(&metrics),
+            generation: Arc::default(),
+        },
         Arc::clone(&source_slot),
         startup.clone(),
     ) {
         usage_error(&format!("error: cannot start the signal thread: {error}"));
         return ExitCode::FAILURE;
     }
-    let code = run(shutdown, &source_slot, startup, startup_events);
+    let code = run(
+        shutdown,
+        Quiet {
+            pause,
+            metrics,
+            generation: Arc::default(),
+        },
+        &source_slot,
+        startup,
+        startup_events,
+    );
     // Lines still queued are written unless stderr takes nothing for half a second.
     logger::flush(Duration::from_millis(500), Duration::from_secs(5));
     code
@@ -110,6 +136,7 @@ fn main() -> ExitCode {
 /// Everything after the signal handlers: parse, start, run, report.
 fn run(
     shutdown: Shutdown,
+    quiet: Quiet,
     source_slot: &SourceSlot,
     startup: Sender<Startup>,
     startup_events: Receiver<Startup>,
@@ -148,6 +175,11 @@ fn run(
         usage_error(&format!("error: {error}"));
         return ExitCode::from(EXIT_USAGE);
     }
+    let layers = cli.layers();
+    if let Err(error) = layers.validate() {
+        usage_error(&format!("error: {error}"));
+        return ExitCode::from(EXIT_USAGE);
+    }
     if let Err(error) = cli.check() {
         usage_error(&format!("error: {error}"));
         return ExitCode::from(EXIT_USAGE);
@@ -165,6 +197,7 @@ fn run(
     }
     install_panic_hook();
 
+    let Quiet { pause, metrics, .. } = quiet;
     let seed = config.run.seed.unwrap_or_default();
     debug!("Using seed {seed}");
     let source: Arc<dyn Broker> = match &cli.source {
@@ -223,16 +256,25 @@ fn run(
     };
     drop(startup_events);
     *source_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&source));
-    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, seed));
+    let handler = layer::stack(
+        MayhemHandler::new(cli.handler(&config, seed)),
+        &layers,
+        &pause,
+    );
 
-    let metrics = Arc::new(Metrics::default());
     let endpoint = match cli.metrics_addr {
         Some(addr) => {
             // The endpoint's snapshot thread holds the source weakly, so that it never keeps
             // the source (and its connections) alive past `main`.
             let weak = Arc::downgrade(&source);
             let stats = move || weak.upgrade().map(|source| source.stats());
-            match http::Endpoint::start(addr, metrics.clone(), stats, shutdown.clone()) {
+            match http::Endpoint::start(
+                addr,
+                metrics.clone(),
+                stats,
+                shutdown.clone(),
+                pause.clone(),
+            ) {
                 Ok(endpoint) => Some(endpoint),
                 Err(error) => {
                     error!("{error}");
@@ -248,7 +290,17 @@ fn run(
         config.run.grace_period.saturating_add(SHUTDOWN_MARGIN),
         Arc::clone(source_slot),
     );
-    let result = run_with_metrics(&config, &*source, &handler, &shutdown, &metrics);
+    let result = run_controlled(
+        &config,
+        &*source,
+        Some(&*source),
+        &handler,
+        &shutdown,
+        &pause,
+        &metrics,
+    );
+    // The layers print what their aggregated warnings still counted before the report.
+    drop(handler);
     if let Some(endpoint) = endpoint {
         endpoint.stop();
     }
@@ -362,8 +414,8 @@ fn unblock_signals() -> std::io::Result<()> {
     let result = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for signal in HANDLED {
-            libc::sigaddset(&mut set, signal);
+        for signal in HANDLED.iter().chain(&QUIET) {
+            libc::sigaddset(&mut set, *signal);
         }
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
     };
@@ -374,11 +426,25 @@ fn unblock_signals() -> std::io::Result<()> {
     }
 }
 
+/// What quiet mode needs: the pause it sets, and the leases held, to say when they are all
+/// settled.
+struct Quiet {
+    /// Set on SIGTSTP, cleared on SIGCONT; also read by `/readyz`.
+    pause: Pause,
+    /// The service's counters (the leases held among them).
+    metrics: Arc<Metrics>,
+    /// Counts the SIGTSTPs that turned quiet mode on: the thread that watches a drain ends
+    /// when a later one starts, so quick SIGTSTP, SIGCONT, SIGTSTP never log a drain twice.
+    generation: Arc<AtomicU64>,
+}
+
 /// Starts the thread that turns signals into the shutdown: the first one triggers it, a
-/// second one forces the exit; SIGUSR1 and SIGUSR2 are logged and ignored.
+/// second one forces the exit; SIGTSTP and SIGCONT turn quiet mode on and off; SIGUSR1 and
+/// SIGUSR2 are logged and ignored.
 fn spawn_signal_thread(
     mut signals: Signals,
     shutdown: Shutdown,
+    quiet: Quiet,
     source: SourceSlot,
     startup: Sender<Startup>,
 ) -> std::io::Result<()> {
@@ -395,6 +461,10 @@ fn spawn_signal_thread(
                 let name = signal_name(signal);
                 if IGNORED.contains(&signal) {
                     log_ignored(name, &mut ignored);
+                    continue;
+                }
+                if QUIET.contains(&signal) {
+                    quiet.switch(signal == SIGTSTP, &shutdown);
                     continue;
                 }
                 received += 1;
@@ -414,6 +484,64 @@ fn spawn_signal_thread(
             }
         })
         .map(drop)
+}
+
+impl Quiet {
+    /// Turns quiet mode on (SIGTSTP) or off (SIGCONT), logging the change; once on, a thread
+    /// says when every held message is settled.
+    fn switch(&self, on: bool, shutdown: &Shutdown) {
+        if !self.pause.set_quiet(on) {
+            debug!(
+                "Received {} while already {}",
+                if on { "SIGTSTP" } else { "SIGCONT" },
+                if on { "quiet" } else { "running" }
+            );
+            return;
+        }
+        if !on {
+            info!("Received SIGCONT: resuming, consumers pull and publishers publish again");
+            return;
+        }
+        info!(
+            "Received SIGTSTP: quiet, consumers stop pulling and publishers stop publishing; \
+             the {} held messages are handled and settled (SIGCONT resumes)",
+            self.metrics.in_flight()
+        );
+        let (pause, metrics, shutdown, generation) = (
+            self.pause.clone(),
+            Arc::clone(&self.metrics),
+            shutdown.clone(),
+            Arc::clone(&self.generation),
+        );
+        let mine = generation.fetch_add(1, Ordering::SeqCst) + 1;
+        // Says when the pulls have stopped, then when the held messages are settled; ends
+        // then, or when quiet mode or the service ends first.
+        let spawned = thread::Builder::new()
+            .name("mayhem-quiet".into())
+            .spawn(move || {
+                let mut pulls_stopped = false;
+                while pause.is_quiet()
+                    && !shutdown.is_triggered()
+                    && generation.load(Ordering::SeqCst) == mine
+                {
+                    if !pulls_stopped && pause.pulls_in_progress() == 0 {
+                        pulls_stopped = true;
+                        info!(
+                            "Quiet: pulls stopped, {} messages held",
+                            metrics.in_flight()
+                        );
+                    }
+                    if pulls_stopped && metrics.in_flight() == 0 {
+                        info!("Quiet: every held message is settled");
+                        return;
+                    }
+                    thread::sleep(DRAIN_CHECK);
+                }
+            });
+        if let Err(error) = spawned {
+            warn!("cannot start the quiet-mode thread: {error}");
+        }
+    }
 }
 
 /// Logs an ignored signal: at most one line per [`IGNORED_LOG_EVERY`], which counts the
@@ -505,6 +633,8 @@ fn signal_name(signal: i32) -> &'static str {
         SIGQUIT => "SIGQUIT",
         SIGUSR1 => "SIGUSR1",
         SIGUSR2 => "SIGUSR2",
+        SIGTSTP => "SIGTSTP",
+        SIGCONT => "SIGCONT",
         _ => "signal",
     }
 }

@@ -1,0 +1,305 @@
+//! The circuit-breaker layer: after N failures in a row, stop taking work until a probe
+//! succeeds.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use futures_lite::future;
+use log::{info, warn};
+
+use crate::error::HandleError;
+use crate::handler::{Context, Handler};
+use crate::pause::Pause;
+
+/// Settings of a [`Breaker`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Failures in a row that open the breaker (at least 1).
+    pub failures: u32,
+    /// How long it stays open before one message is let through as a probe.
+    pub cooldown: Duration,
+}
+
+/// A circuit breaker around a handler whose failures mostly come from one downstream (a
+/// database): once it fails `failures` times in a row the downstream is taken to be down.
+///
+/// - **Closed**: messages run; a success resets the count of failures in a row.
+/// - **Open** (after `failures` in a row, one warning): the breaker holds its [`Pause`], so
+///   the consumers stop pulling; messages already held wait, their handler start awaited,
+///   instead of failing one after the other and being nacked in a storm. A message whose
+///   handler had started before the breaker opened and fails while it is open waits too,
+///   then runs again: it was the downstream that failed, so no delivery attempt is used.
+///   The lease manager keeps extending the leases of waiting messages (up to `--max-lease`).
+/// - **Half-open** (after `cooldown`, one line): the first message to ask becomes the probe;
+///   the others keep waiting. A probe that succeeds closes the breaker (one line), releases
+///   the pause and lets every waiting message run; a probe that fails is nacked (the one
+///   attempt a cooldown costs, so that a message that can never succeed still reaches the
+///   dead letters) and opens the breaker for another cooldown (one warning).
+///
+/// A [`HandleError::Rejected`] message is about the message, not the downstream: it is
+/// dead-lettered as usual and neither counts as a failure nor waits.
+///
+/// Each opening (the first, and each after a failed probe) is counted in [`Metrics::breaker_opened`](crate::Metrics::breaker_opened),
+/// each message that had to wait in [`Metrics::breaker_held`](crate::Metrics::breaker_held).
+/// The `failures` that open it are nacked as usual.
+///
+/// ```
+/// use std::sync::atomic::AtomicU32;
+/// use std::time::Duration;
+/// use mayhem::layer::{Breaker, BreakerConfig};
+/// use mayhem::{Context, HandleError, Handler, Metrics, Pause, PubSubMessage};
+///
+/// struct Down;
+/// impl Handler for Down {
+///     async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+///         Err(HandleError::Other("database down".into()))
+///     }
+/// }
+///
+/// let pause = Pause::new();
+/// let settings = BreakerConfig { failures: 2, cooldown: Duration::from_secs(60) };
+/// let handler = Breaker::new(Down, settings, pause.clone());
+/// let (message, extended, metrics) = (PubSubMessage::random(&mut mayhem::Rng::with_seed(1)),
+///     AtomicU32::new(0), Metrics::default());
+/// for _ in 0..2 {
+///     let ctx = Context::new(&message, 1, &extended, &metrics);
+///     assert!(smol::block_on(handler.handle(&ctx)).is_err());
+/// }
+/// // Two failures in a row: open, and the consumers are paused.
+/// assert!(handler.is_open() && pause.pulling_paused());
+/// assert_eq!(metrics.breaker_opened(), 1);
+/// ```
+#[derive(Debug)]
+pub struct Breaker<H> {
+    /// The handler whose failures are counted.
+    inner: H,
+    /// The breaker; `None` passes every message straight through.
+    circuit: Option<Circuit>,
+}
+
+/// The state and settings of one breaker.
+#[derive(Debug)]
+struct Circuit {
+    /// The settings.
+    config: BreakerConfig,
+    /// Held while the breaker is open or half-open: the consumers stop pulling.
+    pause: Pause,
+    /// The state. A mutex, not atomics: a transition reads and writes it together, and
+    /// it is held for a few operations, never across an await.
+    state: Mutex<State>,
+    /// Notified at every change of state, to wake the messages that wait.
+    changed: Event,
+}
+
+/// Where a breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Messages run; the count is of failures in a row.
+    Closed(u32),
+    /// Messages wait until this instant; then one is the probe.
+    Open(Instant),
+    /// The probe runs; every other message waits for its outcome.
+    Probing,
+}
+
+/// What to do with a handler's result.
+enum Verdict {
+    /// Return it: ack on success, nack on failure.
+    Done,
+    /// The handler failed while the breaker was open: wait, then run it again.
+    Hold,
+}
+
+impl<H> Breaker<H> {
+    /// `inner` behind a breaker with these settings, holding `pause` while it is open.
+    pub fn new(inner: H, config: BreakerConfig, pause: Pause) -> Self {
+        Self::optional(inner, Some(config), pause)
+    }
+
+    /// `inner` behind a breaker only when `config` is `Some`: `None` passes every message
+    /// straight through, which is how the binary composes its flags (default: off).
+    pub fn optional(inner: H, config: Option<BreakerConfig>, pause: Pause) -> Self {
+        let circuit = config.map(|config| Circuit {
+            config: BreakerConfig {
+                failures: config.failures.max(1),
+                ..config
+            },
+            pause,
+            state: Mutex::new(State::Closed(0)),
+            changed: Event::new(),
+        });
+        Breaker { inner, circuit }
+    }
+
+    /// Whether the breaker is open or letting its probe through (never, when it is off).
+    pub fn is_open(&self) -> bool {
+        self.circuit
+            .as_ref()
+            .is_some_and(|circuit| !matches!(*circuit.lock(), State::Closed(_)))
+    }
+
+    /// The handler inside.
+    pub fn inner(&self) -> &H {
+        &self.inner
+    }
+}
+
+impl<H: Handler> Handler for Breaker<H> {
+    async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
+        let Some(circuit) = &self.circuit else {
+            return self.inner.handle(ctx).await;
+        };
+        let mut held = false;
+        loop {
+            let probe = circuit.admit(ctx, &mut held).await;
+            let result = self.inner.handle(ctx).await;
+            match circuit.settle(probe, &result, ctx) {
+                Verdict::Done => return result,
+                Verdict::Hold => {}
+            }
+        }
+    }
+}
+
+impl Circuit {
+    /// The state, whatever a panicking holder left (every write is a single assignment, so
+    /// it is never half-done).
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until the message may run; returns a probe guard when it runs as the probe.
+    /// Counts the message as held the first time it has to wait.
+    async fn admit<'c>(&'c self, ctx: &Context<'_>, held: &mut bool) -> Option<Probe<'c>> {
+        loop {
+            let (listener, until) = {
+                let mut state = self.lock();
+                let until = match *state {
+                    State::Closed(_) => return None,
+                    State::Open(until) if Instant::now() >= until => {
+                        *state = State::Probing;
+                        info!("Circuit breaker half-open: {} is the probe", ctx.message());
+                        return Some(Probe {
+                            circuit: self,
+                            armed: true,
+                        });
+                    }
+                    State::Open(until) => Some(until),
+                    State::Probing => None,
+                };
+                // Listening before the lock is released: a change made after it cannot be
+                // missed.
+                (self.changed.listen(), until)
+            };
+            if !*held {
+                *held = true;
+                ctx.metrics().count_breaker_held();
+            }
+            match until {
+                Some(until) => {
+                    future::or(listener, async {
+                        async_io::Timer::at(until).await;
+                    })
+                    .await
+                }
+                None => listener.await,
+            }
+        }
+    }
+
+    /// Takes a handler's result into account and says what to do with it.
+    fn settle(
+        &self,
+        probe: Option<Probe<'_>>,
+        result: &Result<(), HandleError>,
+        ctx: &Context<'_>,
+    ) -> Verdict {
+        // A rejection is about the message (data no handler can use), not the downstream:
+        // it neither counts nor waits. A rejected probe proved nothing: the probe guard's
+        // drop lets the next message probe at once.
+        if result.as_ref().is_err_and(HandleError::is_rejection) {
+            return Verdict::Done;
+        }
+        let mut state = self.lock();
+        if let Some(mut probe) = probe {
+            probe.armed = false;
+            match result {
+                Ok(()) => {
+                    *state = State::Closed(0);
+                    drop(state);
+                    info!("Circuit breaker closed: the probe succeeded, consumers pull again");
+                    self.pause.release_breaker();
+                }
+                Err(error) => {
+                    *state = State::Open(Instant::now() + self.config.cooldown);
+                    drop(state);
+                    ctx.metrics().count_breaker_opened();
+                    warn!(
+                        "Circuit breaker open again: the probe failed ({error}); next probe in {}",
+                        humantime::format_duration(self.config.cooldown)
+                    );
+                }
+            }
+            self.changed.notify(usize::MAX);
+            return Verdict::Done;
+        }
+        match (*state, result) {
+            (State::Closed(_), Ok(())) => {
+                *state = State::Closed(0);
+                Verdict::Done
+            }
+            (State::Closed(failures), Err(error)) => {
+                let failures = failures + 1;
+                if failures < self.config.failures {
+                    *state = State::Closed(failures);
+                    return Verdict::Done;
+                }
+                *state = State::Open(Instant::now() + self.config.cooldown);
+                drop(state);
+                // The pause first: whoever sees the count sees the consumers paused.
+                self.pause.hold_breaker();
+                ctx.metrics().count_breaker_opened();
+                warn!(
+                    "Circuit breaker opened after {failures} failures in a row (last: {error}): \
+                     consumers stop pulling, held messages wait; probe in {}",
+                    humantime::format_duration(self.config.cooldown)
+                );
+                self.changed.notify(usize::MAX);
+                Verdict::Done
+            }
+            // Started before the breaker opened: its success says nothing the probe will not.
+            (State::Open(_) | State::Probing, Ok(())) => Verdict::Done,
+            // Failed because the downstream is down: wait, and run again once it is back.
+            (State::Open(_) | State::Probing, Err(_)) => Verdict::Hold,
+        }
+    }
+}
+
+impl Drop for Circuit {
+    /// A breaker dropped while open gives the consumers back.
+    fn drop(&mut self) {
+        if !matches!(*self.lock(), State::Closed(_)) {
+            self.pause.release_breaker();
+        }
+    }
+}
+
+/// The probe's turn. Dropped while still armed (its handler was cancelled, at shutdown),
+/// it opens the breaker again at once, so that the next message probes instead of every
+/// message waiting for an outcome that never comes.
+struct Probe<'c> {
+    /// The breaker probed.
+    circuit: &'c Circuit,
+    /// Whether the outcome is still unknown.
+    armed: bool,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            *self.circuit.lock() = State::Open(Instant::now());
+            self.circuit.changed.notify(usize::MAX);
+        }
+    }
+}

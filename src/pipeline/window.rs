@@ -1,0 +1,437 @@
+//! `--max-in-flight auto`: a flow-control window that tunes itself for goodput (acked/s)
+//! while keeping handling latency near its uncongested level.
+//!
+//! The prior art is TCP Vegas and Netflix's concurrency-limits (`VegasLimit`,
+//! `Gradient2Limit`): compare the latency measured now with the least latency seen, the
+//! uncongested one. An RPC client moves its limit by a few requests per sample; a queue
+//! consumer's window spans six orders of magnitude (a thousand to two million leases), so
+//! this controller aims at a target instead, from Little's law (leases held = goodput ×
+//! handling time), as Vegas' `expected = window / base RTT` does:
+//!
+//! ```text
+//! target = goodput × base × HEADROOM    (the window that keeps the measured goodput
+//!                                        flowing at the uncongested latency, doubled)
+//! up:   window ← min(target, 2 × window)
+//! down: window ← window + SMOOTHING × (target − window), ≥ 0.9 × window
+//! ```
+//!
+//! - **Latency.** Each sample, the mean handling time of the messages acked in it (`short`).
+//!   The `base` is the least `short` seen (Vegas' base RTT); the first sample, which holds
+//!   only the fastest of the first messages, is left out. The base rises only slowly (a
+//!   [`BASE_RISE`] share of the gap per sample), and only on samples where less than half
+//!   the window is held, where the window's own queueing cannot have raised the latency; it
+//!   is reset to `short` when [`RESET_AFTER`] samples in a row stayed above [`CONGESTED`] ×
+//!   base without the latency falling by a tenth: then the handlers themselves became
+//!   slower, not the queue longer.
+//! - **Goodput.** The mean of the last [`GOODPUT_SAMPLES`] samples' acks per second: one
+//!   second's goodput is noisy (±30 % under load here), the window must not follow the noise.
+//! - **Start-up**, as TCP's slow start: the window doubles each sample while the goodput
+//!   keeps up (it grew by a quarter or more over the last two samples, which allows for the
+//!   handling time it takes to show) and the latency has not tripled; then it goes back to
+//!   what the best goodput of the start-up needs at its least latency (best × least, at
+//!   most half the window), and the base is measured from there. A thousand becomes three hundred thousand in about
+//!   eight samples. (While the window grows, the first acks of each new batch are its fastest
+//!   messages, so the latencies read low: no base is taken from them.)
+//! - **Below capacity** the goodput grows with the window, so the target is about
+//!   `HEADROOM × window`. **At capacity** (the CPUs, or a database's connections) the goodput stops
+//!   growing, and the target stops at `HEADROOM` times the window that capacity needs at the
+//!   uncongested latency: the handling latency stays within about `HEADROOM` × the base.
+//!   **When the downstream degrades** (fewer connections), the goodput falls and the target
+//!   with it; the window comes down by at most 10 % a sample, so no single noisy sample
+//!   swings it.
+//! - **Probes.** Every [`PROBE_EVERY`] samples the window is held at [`PROBE_CUT`] (0.6) of
+//!   itself for [`PROBE_SAMPLES`] samples, so that the base is measured there (BBR's
+//!   ProbeRTT): a service that starts congested (a window of 1,000 where 100 would do)
+//!   first reads a base that is queueing already, and would otherwise never find better.
+//! - **Draining.** While more leases are held than the window (after the start-up or a cut,
+//!   those of the larger window are still being handled, and their acks come in a burst),
+//!   samples are skipped: a burst read as goodput would send the target far too high.
+//! - **Not in use** (fewer than half of the window's leases held: the traffic, not the
+//!   window, limits the goodput), the window is not grown.
+//! - **Pace.** One sample per `clamp(base, 100 ms, 1 s)`: a change of the window shows in
+//!   the handling times about one handling time later.
+//!
+//! The window stays within [`MIN_WINDOW`] and the ceiling (`--max-in-flight auto` sets it to
+//! [`AUTO_CEILING`]). The controller is a plain struct fed with samples, so its tests drive
+//! it deterministically; `run` feeds it from the metrics on a thread of its own.
+
+use std::time::Duration;
+
+/// The least window: one pull's batch of 256, so that a small window does not turn the
+/// batched pulls into one lease at a time.
+pub(crate) const MIN_WINDOW: usize = 256;
+/// The window `--max-in-flight auto` starts from: the fixed default.
+pub(crate) const START_WINDOW: usize = 1000;
+/// The most `--max-in-flight auto` goes to: the largest window the bench sweeps, about
+/// 1.3 GB of leases held at the memory per lease the bench measures.
+pub const AUTO_CEILING: usize = 2_000_000;
+/// The target's margin over the window the goodput needs at the base latency: room for the
+/// spread of the latency and of the goodput.
+const HEADROOM: f64 = 1.5;
+/// The share of the gap to a lower target closed per sample.
+const SMOOTHING: f64 = 0.5;
+/// The largest cut of one sample (10 %), and the largest growth (doubling).
+const STEP: (f64, f64) = (0.9, 2.0);
+/// The share of the gap by which the base rises towards a higher sample.
+const BASE_RISE: f64 = 0.02;
+/// The latency, over the base, above which a sample counts as congested for the reset of
+/// the base (above the headroom the target keeps the window at).
+const CONGESTED: f64 = 2.0;
+/// Congested samples in a row after which a latency that did not fall is the workload's.
+const RESET_AFTER: u32 = 20;
+/// Samples after a growth of the window from which the handling times are read again for
+/// the base: a handling time for the new leases to finish, and one more.
+const STEADY_AFTER: u64 = 2;
+/// Held leases over the window above which the leases of a larger window are still being
+/// handled (after the start-up, or a cut): the samples are skipped until they are settled.
+const DRAINED: f64 = 1.1;
+/// The latency, over the base, under which growth uses a headroom of 2.
+const UNCONGESTED: f64 = 1.2;
+/// In start-up, the least goodput growth over two samples (two doublings) that keeps it
+/// doubling.
+const START_GAIN: f64 = 1.25;
+/// In start-up, the latency, over the least seen in it, that ends it whatever the goodput.
+const START_LATENCY_LIMIT: f64 = 2.5;
+/// Samples between two probes of the base latency.
+const PROBE_EVERY: u32 = 30;
+/// The window of a probe, as a share of the window: below `1 / HEADROOM`, so that the probe
+/// runs under the window the base was measured at, and a base measured with queueing in it
+/// falls (by a tenth per probe). At capacity the window is 1.5 times what the goodput needs,
+/// so the probe costs a tenth of the goodput for two samples in thirty, under 1 %.
+const PROBE_CUT: f64 = 0.6;
+/// Samples a probe lasts: one for the change to show in the handling times, one to read it.
+const PROBE_SAMPLES: u32 = 1;
+/// Samples whose goodput is averaged.
+const GOODPUT_SAMPLES: usize = 3;
+/// Samples with fewer acks than this carry no latency signal and change nothing.
+const MIN_ACKS: u64 = 10;
+/// The shortest and longest time between two samples.
+const PACE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
+
+/// What one sample measured.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sample {
+    /// Messages acked during the sample.
+    pub(crate) acked: u64,
+    /// Their mean handling time.
+    pub(crate) latency: Duration,
+    /// The sample's length.
+    pub(crate) span: Duration,
+    /// Leases held at its end.
+    pub(crate) in_flight: usize,
+}
+
+/// The controller's state.
+#[derive(Debug, Clone)]
+pub(crate) struct Controller {
+    /// The window now.
+    window: f64,
+    /// The most it may be.
+    ceiling: f64,
+    /// The uncongested latency, in seconds (`None` until the second sample with acks).
+    base: Option<f64>,
+    /// The goodput of the last samples, newest last.
+    goodput: Vec<f64>,
+    /// Congested samples in a row, and the latency at the first of them.
+    congested: Option<(u32, f64)>,
+    /// Samples with acks taken so far.
+    samples: u64,
+    /// Samples since the last probe of the base.
+    since_probe: u32,
+    /// Samples the probe in progress still lasts.
+    probing: u32,
+    /// Whether the start-up (doubling) goes on.
+    starting: bool,
+    /// The sample (of `samples`) at which the window last grew: the base is read only from
+    /// samples at least [`STEADY_AFTER`] later, as growth makes the handling times read low.
+    grew_at: u64,
+    /// The latency of the last sample, in seconds: the pace before a base is known.
+    last_latency: f64,
+    /// In start-up, the goodput of each sample, and the least latency seen.
+    start: (Vec<f64>, f64),
+}
+
+impl Controller {
+    /// A controller starting at [`START_WINDOW`] (within `ceiling`).
+    pub(crate) fn new(ceiling: usize) -> Self {
+        let ceiling = ceiling.max(MIN_WINDOW) as f64;
+        Controller {
+            window: (START_WINDOW as f64).min(ceiling),
+            ceiling,
+            base: None,
+            goodput: Vec::with_capacity(GOODPUT_SAMPLES + 1),
+            congested: None,
+            samples: 0,
+            since_probe: 0,
+            probing: 0,
+            starting: true,
+            grew_at: 0,
+            last_latency: 0.0,
+            start: (Vec::new(), f64::INFINITY),
+        }
+    }
+
+    /// The window now.
+    pub(crate) fn window(&self) -> usize {
+        self.window as usize
+    }
+
+    /// How long to wait before the next sample.
+    pub(crate) fn pace(&self) -> Duration {
+        let base = Duration::from_secs_f64(self.base.unwrap_or(self.last_latency));
+        base.clamp(PACE.0, PACE.1)
+    }
+
+    /// Takes one sample into account and returns the new window.
+    pub(crate) fn sample(&mut self, sample: Sample) -> usize {
+        if sample.acked < MIN_ACKS {
+            return self.window();
+        }
+        self.samples += 1;
+        let short = sample.latency.as_secs_f64().max(1e-6);
+        let in_use = sample.in_flight as f64 >= self.window / 2.0;
+        let latest = sample.acked as f64 / sample.span.as_secs_f64().max(1e-6);
+        self.last_latency = short;
+        if self.starting {
+            return self.start_up(latest, short, in_use);
+        }
+        if sample.in_flight as f64 > self.window * DRAINED {
+            // More held than the window: the leases of a larger window (the start-up's, or
+            // one before a cut) are still being handled, and their acks come in a burst that
+            // says nothing of what this window carries. Wait until they are settled.
+            self.goodput.clear();
+            self.grew_at = self.samples;
+            return self.window();
+        }
+        // (The samples of the start-up are all growth: none of them gives the base.)
+        let steady = self.samples >= self.grew_at + STEADY_AFTER;
+        let mut base = match self.base {
+            Some(base) if short < base && steady => short,
+            Some(base) if !in_use && steady => base + (short - base) * BASE_RISE,
+            Some(base) => base,
+            None if steady => short,
+            None => {
+                // No base yet: hold the window until one is read.
+                return self.window();
+            }
+        };
+        if short > CONGESTED * base {
+            let (count, first) = self.congested.unwrap_or((0, short));
+            if count + 1 >= RESET_AFTER && short >= first * 0.9 {
+                // The window came down for long and the latency did not: it is the
+                // handlers' own.
+                base = short;
+                self.congested = None;
+            } else {
+                self.congested = Some((count + 1, first));
+            }
+        } else {
+            self.congested = None;
+        }
+        self.base = Some(base);
+        // A probe holds a lower window for a few samples, so that the base is measured at it
+        // (BBR's ProbeRTT): a base first read at a window that was congested already would
+        // otherwise never fall.
+        self.since_probe += 1;
+        if self.probing > 0 {
+            self.probing -= 1;
+            return self.window();
+        }
+        if self.since_probe >= PROBE_EVERY && in_use {
+            self.since_probe = 0;
+            self.probing = PROBE_SAMPLES;
+            self.window = (self.window * PROBE_CUT).max(MIN_WINDOW as f64);
+            return self.window();
+        }
+        if self.goodput.len() == GOODPUT_SAMPLES {
+            self.goodput.remove(0);
+        }
+        self.goodput.push(latest);
+        let mean = self.goodput.iter().sum::<f64>() / self.goodput.len() as f64;
+        // On the mean goodput of the last samples (acks come in bursts: one second's count
+        // swings by a third under load): up at once (the pace already waits a handling
+        // time), down half the gap at a time.
+        // Clearly uncongested (the latency within a fifth of the base), grow on twice what
+        // the goodput needs rather than 1.5 times: the start-up lands low (its latencies
+        // read low), and the way back to the knee should take a few samples, not dozens.
+        let headroom = if short <= base * UNCONGESTED {
+            2.0
+        } else {
+            HEADROOM
+        };
+        let target = mean * base * headroom;
+        let window = if target > self.window && in_use {
+            self.grew_at = self.samples;
+            target.min(self.window * STEP.1)
+        } else if target < self.window {
+            (self.window + SMOOTHING * (target - self.window)).max(self.window * STEP.0)
+        } else {
+            self.window
+        };
+        self.window = window.clamp(MIN_WINDOW as f64, self.ceiling);
+        self.window()
+    }
+
+    /// The start-up: doubles the window while the goodput keeps up; ends, halving it, when
+    /// the goodput grew by less than a quarter over two doublings, or the latency tripled.
+    /// The base is then measured afresh, at a window that is no longer growing: while it
+    /// grows, the first acks of each new batch are its fastest messages, and the handling
+    /// times read low.
+    fn start_up(&mut self, goodput: f64, latency: f64, in_use: bool) -> usize {
+        let (history, least) = &mut self.start;
+        history.push(goodput);
+        // The first sample holds only the fastest of the first messages.
+        if self.samples > 1 {
+            *least = least.min(latency);
+        }
+        let swamped = latency > START_LATENCY_LIMIT * *least;
+        let count = history.len();
+        let paying = count < 3 || goodput >= START_GAIN * history[count - 3];
+        if !swamped && paying {
+            if in_use {
+                self.window = (self.window * STEP.1).min(self.ceiling);
+            }
+            return self.window();
+        }
+        // Past the knee by now (the goodput shows a doubling a sample or two late): back to
+        // what the best goodput needs at the least latency of the start-up, which reads low
+        // (its fastest messages), so the window lands at or below the knee, where the base
+        // is measured without queueing; from there it grows to the target (1.5 times that).
+        let best = history.iter().copied().fold(0.0, f64::max);
+        let needed = best * *least;
+        self.starting = false;
+        self.grew_at = self.samples;
+        self.window = needed
+            .min(self.window / 2.0)
+            .clamp(MIN_WINDOW as f64, self.ceiling);
+        self.window()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample of one second: `acked` acks at `latency_ms`, with `in_flight` held.
+    fn sample(acked: u64, latency_ms: u64, in_flight: usize) -> Sample {
+        Sample {
+            acked,
+            latency: Duration::from_millis(latency_ms),
+            span: Duration::from_secs(1),
+            in_flight,
+        }
+    }
+
+    /// Drives the controller against a model of the service: handlers take `base_ms` at
+    /// best, and at most `capacity` are handled a second, beyond which leases queue (the
+    /// latency grows with the window). Returns the windows, one per sample.
+    fn drive(
+        controller: &mut Controller,
+        samples: usize,
+        base_ms: f64,
+        capacity: f64,
+    ) -> Vec<usize> {
+        let mut windows = Vec::new();
+        for _ in 0..samples {
+            let window = controller.window() as f64;
+            let goodput = (window / (base_ms / 1000.0)).min(capacity);
+            let latency_ms = (window / goodput * 1000.0).max(base_ms);
+            windows.push(controller.sample(sample(
+                goodput as u64,
+                latency_ms as u64,
+                window as usize,
+            )));
+        }
+        windows
+    }
+
+    #[test]
+    fn below_capacity_the_window_about_doubles_each_sample() {
+        let mut controller = Controller::new(AUTO_CEILING);
+        // 1 s handlers and room for 190,000 a second (the bench's 2 CPUs).
+        let windows = drive(&mut controller, 12, 1000.0, 190_000.0);
+        // From a thousand to the capacity's window within ten samples.
+        assert!(windows[9] >= 190_000, "{windows:?}");
+    }
+
+    #[test]
+    fn at_capacity_it_settles_without_swings_and_keeps_latency_within_the_headroom() {
+        let mut controller = Controller::new(AUTO_CEILING);
+        // 100 ms handlers and a database that takes 40,000 a second: 4,000 in flight suffice.
+        let windows = drive(&mut controller, 100, 100.0, 40_000.0);
+        // Within twice what the capacity needs, but during the probes (four samples in
+        // twenty).
+        let last = &windows[60..];
+        let settled = last
+            .iter()
+            .filter(|window| (4_000..=8_100).contains(*window));
+        assert!(settled.count() * 4 >= last.len() * 3, "{windows:?}");
+        // Once the start-up is over, no sample cuts it by more than 10 %, but a probe.
+        for pair in windows[10..].windows(2) {
+            assert!(
+                pair[1] as f64 >= pair[0] as f64 * PROBE_CUT - 1.0,
+                "{pair:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn it_comes_down_when_the_downstream_degrades() {
+        let mut controller = Controller::new(AUTO_CEILING);
+        drive(&mut controller, 60, 100.0, 40_000.0);
+        // The database now takes a quarter of that.
+        let windows = drive(&mut controller, 40, 100.0, 10_000.0);
+        let last = *windows.last().expect("samples");
+        assert!((1_000..=2_100).contains(&last), "{windows:?}");
+    }
+
+    #[test]
+    fn a_window_that_is_not_in_use_is_not_grown() {
+        let mut controller = Controller::new(AUTO_CEILING);
+        controller.sample(sample(100, 1000, 10));
+        let window = controller.sample(sample(100_000, 1000, 10));
+        assert_eq!(window, START_WINDOW);
+    }
+
+    #[test]
+    fn handlers_that_became_slower_are_followed_after_a_while() {
+        let mut controller = Controller::new(AUTO_CEILING);
+        drive(&mut controller, 30, 100.0, 40_000.0);
+        // Every handler now takes five times as long, whatever the window: the window comes
+        // down at first (the goodput fell), then the new latency becomes the base and the
+        // window grows back to what the capacity needs at it.
+        let windows = drive(&mut controller, 80, 500.0, 40_000.0);
+        let last = *windows.last().expect("samples");
+        assert!(last >= 20_000, "{windows:?}");
+    }
+
+    #[test]
+    fn the_window_stays_within_its_bounds() {
+        let mut controller = Controller::new(5_000);
+        let windows = drive(&mut controller, 20, 100.0, 1_000_000.0);
+        assert_eq!(*windows.last().expect("samples"), 5_000);
+        let mut controller = Controller::new(AUTO_CEILING);
+        // Ten a second at most: a window of 2 would do; probing stops at the floor of 256,
+        // and the window stays at twice that.
+        let windows = drive(&mut controller, 1500, 100.0, 10.0);
+        assert!(
+            windows[1400..]
+                .iter()
+                .all(|window| *window <= 2 * MIN_WINDOW),
+            "{windows:?}"
+        );
+        assert!(windows.contains(&MIN_WINDOW), "{windows:?}");
+    }
+
+    #[test]
+    fn the_pace_follows_the_base_latency() {
+        let mut controller = Controller::new(AUTO_CEILING);
+        assert_eq!(controller.pace(), PACE.0);
+        controller.starting = false;
+        controller.sample(sample(1000, 400, 1000));
+        controller.sample(sample(1000, 400, 1000));
+        assert_eq!(controller.pace(), Duration::from_millis(400));
+        controller.sample(sample(1000, 50, 100));
+        assert_eq!(controller.pace(), PACE.0);
+    }
+}
