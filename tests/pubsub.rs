@@ -861,7 +861,7 @@ fn python_pubsub_and_mayhem_read_each_others_messages() {
         let original = &ours[n];
         assert_eq!(
             b64.decode(read["data"].as_str().unwrap()).unwrap(),
-            original.data().as_ref()
+            original.data()
         );
         assert_eq!(read["ordering_key"].as_str(), original.ordering_key());
         assert_eq!(
