@@ -10,6 +10,7 @@ use log::{info, warn};
 
 use crate::error::HandleError;
 use crate::handler::{Context, Handler};
+use crate::layer::Pass;
 use crate::pause::Pause;
 
 /// Settings of a [`Breaker`].
@@ -146,10 +147,24 @@ impl<H> Breaker<H> {
 }
 
 impl<H: Handler> Handler for Breaker<H> {
-    async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
-        let Some(circuit) = &self.circuit else {
-            return self.inner.handle(ctx).await;
-        };
+    fn handle(
+        &self,
+        ctx: &Context<'_>,
+    ) -> impl std::future::Future<Output = Result<(), HandleError>> + Send {
+        match &self.circuit {
+            None => Pass::Through {
+                inner: self.inner.handle(ctx),
+            },
+            Some(circuit) => Pass::Layered {
+                layered: Box::pin(self.guarded(circuit, ctx)),
+            },
+        }
+    }
+}
+
+impl<H: Handler> Breaker<H> {
+    /// Runs the handler behind the circuit.
+    async fn guarded(&self, circuit: &Circuit, ctx: &Context<'_>) -> Result<(), HandleError> {
         let mut held = false;
         loop {
             let probe = circuit.admit(ctx, &mut held).await;

@@ -54,9 +54,45 @@ pub mod timeout;
 
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use pin_project_lite::pin_project;
+
 pub use breaker::{Breaker, BreakerConfig};
 pub use rate_limit::RateLimit;
 pub use timeout::Timeout;
+
+pin_project! {
+    /// A layer's future: the inner handler's own future when the layer is off, or the
+    /// layer's work, boxed, when it is on. An `async fn` keeps room for its largest state,
+    /// so a layer written as one made every task larger with the layer off too (three layers
+    /// added 232 bytes to each message in flight); this way an off layer adds a tag, and an
+    /// on layer one allocation per message.
+    #[project = PassProjection]
+    pub(crate) enum Pass<A, B> {
+        /// The layer is off: the inner handler's future.
+        Through { #[pin] inner: A },
+        /// The layer is on: its work.
+        Layered { layered: Pin<Box<B>> },
+    }
+}
+
+impl<A, B, T> Future for Pass<A, B>
+where
+    A: Future<Output = T>,
+    B: Future<Output = T>,
+{
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<T> {
+        match self.project() {
+            PassProjection::Through { inner } => inner.poll(cx),
+            PassProjection::Layered { layered } => layered.as_mut().poll(cx),
+        }
+    }
+}
 
 use crate::config::duration;
 use crate::error::ConfigError;

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::HandleError;
 use crate::handler::{Context, Handler};
+use crate::layer::Pass;
 
 /// The burst, in seconds of the rate: a limit of N starts a second lets `ceil(N / 5)` (at
 /// least 1) start at once after a quiet spell, a fifth of a second's worth.
@@ -123,14 +124,29 @@ impl Cell {
 }
 
 impl<H: Handler> Handler for RateLimit<H> {
-    async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
-        if let Some(cell) = &self.cell {
-            let now = Instant::now();
-            let start = cell.reserve(now);
-            if start > now {
-                ctx.metrics().count_rate_limited();
-                async_io::Timer::at(start).await;
-            }
+    fn handle(
+        &self,
+        ctx: &Context<'_>,
+    ) -> impl std::future::Future<Output = Result<(), HandleError>> + Send {
+        match &self.cell {
+            None => Pass::Through {
+                inner: self.inner.handle(ctx),
+            },
+            Some(cell) => Pass::Layered {
+                layered: Box::pin(self.limited(cell, ctx)),
+            },
+        }
+    }
+}
+
+impl<H: Handler> RateLimit<H> {
+    /// Waits for a start, then runs the handler.
+    async fn limited(&self, cell: &Cell, ctx: &Context<'_>) -> Result<(), HandleError> {
+        let now = Instant::now();
+        let start = cell.reserve(now);
+        if start > now {
+            ctx.metrics().count_rate_limited();
+            async_io::Timer::at(start).await;
         }
         self.inner.handle(ctx).await
     }

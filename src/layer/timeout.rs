@@ -8,6 +8,7 @@ use log::Level;
 
 use crate::error::HandleError;
 use crate::handler::{Context, Handler};
+use crate::layer::Pass;
 use crate::pipeline::throttle::Throttle;
 
 /// Drops the inner handler once it has run for `limit`, and fails the message with
@@ -74,10 +75,24 @@ impl<H> Timeout<H> {
 }
 
 impl<H: Handler> Handler for Timeout<H> {
-    async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
-        let Some(limit) = self.limit else {
-            return self.inner.handle(ctx).await;
-        };
+    fn handle(
+        &self,
+        ctx: &Context<'_>,
+    ) -> impl std::future::Future<Output = Result<(), HandleError>> + Send {
+        match self.limit {
+            None => Pass::Through {
+                inner: self.inner.handle(ctx),
+            },
+            Some(limit) => Pass::Layered {
+                layered: Box::pin(self.timed(ctx, limit)),
+            },
+        }
+    }
+}
+
+impl<H: Handler> Timeout<H> {
+    /// Runs the handler, dropped past `limit`.
+    async fn timed(&self, ctx: &Context<'_>, limit: Duration) -> Result<(), HandleError> {
         // The handler first: `or` polls it before the timer, so a handler that is ready at the
         // limit still succeeds.
         future::or(self.inner.handle(ctx), async {
