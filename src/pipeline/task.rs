@@ -146,7 +146,8 @@ impl<H: Handler> Shared<'_, H> {
                 return;
             }
             Outcome::Finished(Ok(Err(HandleError::Rejected(reason)))) => {
-                let shown = guard.message().to_string();
+                // A label, not the displayed text: it is formatted only when a line is due.
+                let shown = guard.message().label();
                 if guard.reject(&reason) == Settle::Done {
                     self.leaser.rejected_log.log(1, || {
                         format!("Rejected {shown}: {reason}; dead-lettered without retry")

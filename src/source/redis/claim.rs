@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::{error, warn, Level};
 use redis::Value;
 
 use super::acker::{Op, OpKind};
@@ -12,6 +12,7 @@ use super::connection::Failure;
 use super::reply::{claim_reply, Entry};
 use super::wire;
 use super::{lock, Core, Held};
+use crate::pipeline::throttle::Throttle;
 use crate::source::Lease;
 
 /// Tries to dead-letter a pull's entries that are not messages before they are left for the
@@ -26,6 +27,10 @@ const READ_BYTES: usize = 64 * 1024 * 1024;
 /// The most entries the first read asks for, before any size is known: 32 entries of
 /// Pub/Sub's largest 10 MB data fit in the longest reply.
 const FIRST_READ: usize = 32;
+
+/// Aggregates the warnings about entries that are not messages, of every Redis source.
+pub(super) static MALFORMED_LOG: Throttle =
+    Throttle::new("entries that are not messages dead-lettered", Level::Warn);
 
 impl Core {
     /// At most `room` entries, bounded by [`READ_BYTES`] over the mean size of the last
@@ -197,12 +202,15 @@ impl Core {
         }
         drop(leases);
         if !malformed.is_empty() {
-            warn!(
-                "dead-lettering {} entries of {} that are not messages (the first: {})",
-                malformed.len(),
-                self.config.stream,
-                malformed[0].reason.as_deref().unwrap_or("")
-            );
+            // Aggregated: a stream full of another program's entries logged a line per read.
+            MALFORMED_LOG.log(malformed.len() as u64, || {
+                format!(
+                    "dead-lettering {} entries of {} that are not messages (the first: {})",
+                    malformed.len(),
+                    self.config.stream,
+                    malformed[0].reason.as_deref().unwrap_or("")
+                )
+            });
             self.dead_letter_malformed(&malformed);
         }
     }

@@ -915,6 +915,7 @@ impl Drop for RedisSource {
         // Closing the queue ends the worker once it has sent what is queued.
         self.ops = None;
         let end = Instant::now() + SHUTDOWN_WAIT;
+        claim::MALFORMED_LOG.flush();
         let unsent = core.flush(SHUTDOWN_WAIT);
         if unsent > 0 {
             warn!(
