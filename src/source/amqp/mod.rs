@@ -109,9 +109,9 @@ use std::time::{Duration, Instant};
 use async_io::Timer;
 use futures_lite::{future, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -123,6 +123,9 @@ use lapin::{
 use log::{error, info, warn};
 use slab::Slab;
 
+mod acks;
+
+use self::acks::{Prefix, Settle};
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
 use crate::message::{Attributes, MessageError, MessageId};
@@ -473,22 +476,11 @@ struct Held {
     generation: u32,
 }
 
-/// What to send for a lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OpKind {
-    /// `basic.ack`.
-    Ack,
-    /// `basic.reject` with requeue.
-    Requeue,
-    /// `basic.reject` without requeue: dead-lettered.
-    Dead,
-}
-
 /// One queued lease operation.
 #[derive(Debug, Clone, Copy)]
 struct Op {
     /// What to send.
-    kind: OpKind,
+    kind: Settle,
     /// The delivery tag.
     tag: u64,
     /// The link the delivery came on.
@@ -676,7 +668,7 @@ impl AmqpSource {
         &self,
         ids: &[LeaseId],
         refused: &mut Vec<LeaseId>,
-        kind: impl Fn(&Held) -> OpKind,
+        kind: impl Fn(&Held) -> Settle,
     ) -> Vec<Op> {
         let now = Instant::now();
         let epoch = self.core.current_epoch();
@@ -734,11 +726,11 @@ impl AmqpSource {
 }
 
 /// What an expired lease becomes: requeued, or dead-lettered on its last attempt.
-fn expiry_kind(held: &Held, max_attempts: u32) -> OpKind {
+fn expiry_kind(held: &Held, max_attempts: u32) -> Settle {
     if held.attempt >= max_attempts {
-        OpKind::Dead
+        Settle::Dead
     } else {
-        OpKind::Requeue
+        Settle::Requeue
     }
 }
 
@@ -1337,7 +1329,7 @@ impl Source for AmqpSource {
                             // Counted once the dead letter is sent, as every other one (the
                             // worker's count): counting it here too counted it twice.
                             bad.push(Op {
-                                kind: OpKind::Dead,
+                                kind: Settle::Dead,
                                 tag,
                                 epoch: link.epoch,
                             });
@@ -1364,7 +1356,7 @@ impl Source for AmqpSource {
     }
 
     fn ack(&self, leases: &[LeaseId], refused: &mut Vec<LeaseId>) -> Result<(), SourceError> {
-        let ops = self.take_all(leases, refused, |_| OpKind::Ack);
+        let ops = self.take_all(leases, refused, |_| Settle::Ack);
         self.enqueue(ops);
         Ok(())
     }
@@ -1386,7 +1378,7 @@ impl Source for AmqpSource {
         _reason: &str,
         refused: &mut Vec<LeaseId>,
     ) -> Result<(), SourceError> {
-        let ops = self.take_all(&[lease], refused, |_| OpKind::Dead);
+        let ops = self.take_all(&[lease], refused, |_| Settle::Dead);
         self.enqueue(ops);
         Ok(())
     }
@@ -1439,7 +1431,7 @@ impl Source for AmqpSource {
         self.enqueue(
             held.into_iter()
                 .map(|held| Op {
-                    kind: OpKind::Requeue,
+                    kind: Settle::Requeue,
                     tag: held.tag,
                     epoch: held.epoch,
                 })
@@ -1777,7 +1769,7 @@ impl Core {
         // before the cancel was answered is buffered already.
         while let Some(Some(Ok(delivery))) = future::block_on(future::poll_once(consumer.next())) {
             ops.push(Op {
-                kind: OpKind::Requeue,
+                kind: Settle::Requeue,
                 tag: delivery.delivery_tag,
                 epoch: link.epoch,
             });
@@ -2065,8 +2057,14 @@ impl Core {
 
     /// The worker: sends queued operations, and every tick requeues expired leases.
     fn run_ops(&self, queue: &mpsc::Receiver<Vec<Op>>) {
+        let mut prefix = Prefix::new(0);
         loop {
-            let next = queue.recv_timeout(TICK);
+            // Wakes for the tick, or sooner when deliveries held back behind a straggler
+            // are due to be sent alone.
+            let wait = prefix.deadline().map_or(TICK, |due| {
+                due.saturating_duration_since(Instant::now()).min(TICK)
+            });
+            let next = queue.recv_timeout(wait);
             self.cancel_after_interrupt();
             match next {
                 Ok(mut ops) => {
@@ -2074,16 +2072,19 @@ impl Core {
                     while let Ok(more) = queue.try_recv() {
                         ops.extend(more);
                     }
-                    let count = ops.len() as u64;
-                    self.send(&ops);
-                    self.answered(count);
+                    self.send(&ops, &mut prefix, false);
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => self.send(&[], &mut prefix, false),
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The source is dropped: nothing is held back any longer.
+                    self.send(&[], &mut prefix, true);
+                    return;
+                }
             }
             let expired = self.expire_local();
             if !expired.is_empty() {
-                self.send(&expired);
+                self.queued.add(expired.len() as u64);
+                self.send(&expired, &mut prefix, false);
             }
         }
     }
@@ -2115,41 +2116,61 @@ impl Core {
         }
     }
 
-    /// Sends lease operations on the current link; an operation of a lost link is void
-    /// (the broker gave its message back), and an ack among them is a late refusal.
-    fn send(&self, ops: &[Op]) {
+    /// Sends lease operations on the current link, as few frames as the ack prefix allows
+    /// (see [`acks`]); an operation of a lost link is void (the broker gave its message
+    /// back), and an ack among them is a late refusal. `force` sends what the prefix holds
+    /// back at once.
+    fn send(&self, ops: &[Op], prefix: &mut Prefix, force: bool) {
         let link = lock(&self.link).clone();
+        let epoch = link.as_ref().map_or(0, |link| link.epoch);
         let mut void_acks = 0;
-        let mut current = Vec::with_capacity(ops.len());
+        // Operations done with: sent, or void.
+        let mut answered = 0;
+        if prefix.epoch() != epoch {
+            // The old channel is gone, and the broker gave back what it held.
+            let dropped = prefix.reset(epoch);
+            void_acks += dropped.acks;
+            answered += dropped.all;
+        }
         for op in ops {
-            match &link {
-                Some(link) if link.epoch == op.epoch => current.push(*op),
-                _ => void_acks += u64::from(op.kind == OpKind::Ack),
+            if !(epoch != 0 && op.epoch == epoch && prefix.settle(op.tag, op.kind)) {
+                void_acks += u64::from(op.kind == Settle::Ack);
+                answered += 1;
             }
         }
+        let mut frames = Vec::new();
+        prefix.frames(Instant::now(), force, &mut frames);
         let mut settled = 0;
         let mut dead = 0;
-        if let Some(link) = link.filter(|_| !current.is_empty()) {
-            // The frames are written in order; none waits for an answer (acks and rejects
+        if let Some(link) = link.filter(|_| !frames.is_empty()) {
+            // The frames are written in order; none waits for an answer (acks and nacks
             // have none), so the whole batch costs no round trip.
             let done = Cell::new(0);
             let sent = self.bounded(
                 CONFIRM_TIMEOUT,
                 false,
                 in_order(
-                    current.iter().map(|op| {
+                    frames.iter().map(|frame| {
                         let consume = &link.consume;
                         async move {
-                            match op.kind {
-                                OpKind::Ack => {
-                                    consume.basic_ack(op.tag, BasicAckOptions::default()).await
-                                }
-                                OpKind::Requeue | OpKind::Dead => {
+                            match frame.kind {
+                                Settle::Ack => {
                                     consume
-                                        .basic_reject(
-                                            op.tag,
-                                            BasicRejectOptions {
-                                                requeue: op.kind == OpKind::Requeue,
+                                        .basic_ack(
+                                            frame.tag,
+                                            BasicAckOptions {
+                                                multiple: frame.multiple,
+                                            },
+                                        )
+                                        .await
+                                }
+                                Settle::Requeue | Settle::Dead => {
+                                    consume
+                                        .basic_nack(
+                                            frame.tag,
+                                            BasicNackOptions {
+                                                multiple: frame.multiple,
+                                                requeue: frame.kind == Settle::Requeue,
                                             },
                                         )
                                         .await
@@ -2166,15 +2187,24 @@ impl Core {
                 Err(failure) => self.lost(&link, &failure_text(&failure)),
             }
             let failed_at = done.get();
-            for (i, op) in current.iter().enumerate() {
+            for (i, frame) in frames.iter().enumerate() {
+                answered += frame.count;
                 if i < failed_at {
-                    match op.kind {
-                        OpKind::Ack => settled += 1,
-                        OpKind::Dead => dead += 1,
-                        OpKind::Requeue => {}
+                    match frame.kind {
+                        Settle::Ack => settled += frame.count,
+                        Settle::Dead => dead += frame.count,
+                        Settle::Requeue => {}
                     }
-                } else if op.kind == OpKind::Ack {
-                    void_acks += 1;
+                } else if frame.kind == Settle::Ack {
+                    void_acks += frame.count;
+                }
+            }
+        } else {
+            // No link: whatever the prefix made frames of is void.
+            for frame in &frames {
+                answered += frame.count;
+                if frame.kind == Settle::Ack {
+                    void_acks += frame.count;
                 }
             }
         }
@@ -2185,6 +2215,7 @@ impl Core {
             drop(stats);
             self.settled.fetch_add(settled + dead, Ordering::SeqCst);
         }
+        self.answered(answered);
     }
 
     /// Waits until the queue of lease operations is empty, up to `timeout`; returns how
