@@ -11,9 +11,9 @@ use futures_lite::future;
 
 use crate::handler::Handler;
 use crate::pipeline::acker::Acks;
-use crate::pipeline::consumer::PULL_BATCH;
 use crate::pipeline::leaser::LeaseGuard;
 use crate::pipeline::Shared;
+use crate::source::PULL_BATCH;
 
 /// Runs executor thread `index`: spawns its ack flusher, then a task per lease of each batch
 /// received, until the hand-off channel is closed and drained; then keeps running the tasks

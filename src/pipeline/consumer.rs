@@ -14,9 +14,6 @@ use crate::pipeline::throttle::Throttle;
 use crate::shutdown::{Shutdown, ShutdownReason};
 use crate::source::{Lease, Source};
 
-/// Most messages leased in one pull: one lock of the subscription (or one round trip)
-/// serves many messages.
-pub(crate) const PULL_BATCH: usize = 256;
 /// How long a pull blocks with nothing to deliver before the loop looks around again.
 const PULL_WAIT: Duration = Duration::from_millis(50);
 /// Pause after a backend error before pulling again.
@@ -102,7 +99,10 @@ impl<'a> Consumer<'a> {
     pub(crate) fn run(self) {
         info!("Starting consumer");
         let gate = self.leaser.gate();
-        let mut leases: Vec<Lease> = Vec::with_capacity(PULL_BATCH);
+        // Most messages leased in one pull: one lock of the subscription (or one round trip)
+        // serves many messages.
+        let batch = self.source.pull_batch().max(1);
+        let mut leases: Vec<Lease> = Vec::with_capacity(batch);
         while !self.shutdown.is_triggered() {
             // Checked before the permits are taken: a paused consumer holds none. A bounded
             // wait, so that the shutdown is seen within one pull's wait.
@@ -110,7 +110,7 @@ impl<'a> Consumer<'a> {
                 self.pause.wait_while(Pause::pulling_paused, PULL_WAIT);
                 continue;
             }
-            let permits = gate.acquire(PULL_BATCH);
+            let permits = gate.acquire(batch);
             if permits == 0 {
                 break;
             }

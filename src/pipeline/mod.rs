@@ -256,7 +256,7 @@ pub fn run_controlled<H: Handler>(
         metrics,
         config.run.max_in_flight,
         config.run.max_in_flight_bytes,
-        consumer::PULL_BATCH,
+        source.pull_batch().max(1),
         LeaseSettings {
             ack_deadline: config.lease.ack_deadline,
             auto: config.lease.auto_ack_deadline,

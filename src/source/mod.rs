@@ -186,6 +186,9 @@ pub trait Publish: Send + Sync {
     }
 }
 
+/// What [`Source::pull_batch`] returns unless a source says otherwise.
+pub const PULL_BATCH: usize = 256;
+
 /// The consuming client of a broker: a subscription with lease semantics, used from plain
 /// threads.
 ///
@@ -214,6 +217,14 @@ pub trait Source: Send + Sync {
     /// [`SourceError::Closed`] once [`interrupt`](Source::interrupt) was called; a backend
     /// error otherwise ([`SourceError::Unavailable`] makes the runner shut down).
     fn pull(&self, max: usize, wait: Duration, out: &mut Vec<Lease>) -> Result<(), SourceError>;
+
+    /// Most leases one pull should take: each consumer asks for up to this many at a time
+    /// (fewer when the flow-control window has less room). The default, 256, suits a source
+    /// whose pull costs little; a broker whose every read costs a command and a round trip
+    /// reads more at once.
+    fn pull_batch(&self) -> usize {
+        PULL_BATCH
+    }
 
     /// Acknowledges leases: their messages are done and leave the subscription.
     ///

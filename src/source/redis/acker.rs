@@ -14,8 +14,12 @@ use super::wire;
 use super::{lock, Core, Held};
 use crate::source::LeaseId;
 
-/// Most queued lease operations sent in one script call.
-const OPS_BATCH: usize = 512;
+/// Most queued lease operations sent in one round trip. Acks go as one `XACK` of them all:
+/// every command costs the server a fixed part besides its entries, and under load the queue
+/// fills while a batch is out, so the next `XACK` is larger.
+const OPS_BATCH: usize = 4096;
+/// Most checked operations in one script call (a script blocks the server while it runs).
+const SCRIPT_BATCH: usize = 512;
 
 /// A queued lease operation.
 #[derive(Debug, Clone)]
@@ -97,11 +101,11 @@ impl Core {
             .map(|op| op.entry)
             .collect();
         let checked: Vec<&Op> = ops.iter().filter(|op| op.kind != OpKind::Ack).collect();
-        // One pipeline: the script call for the checked operations, then one XACK of every
+        // One pipeline: the script calls for the checked operations, then one XACK of every
         // acked id (encoded by hand: no string per id).
         let mut packed = Vec::new();
         let mut commands = 0;
-        if !checked.is_empty() {
+        for checked in checked.chunks(SCRIPT_BATCH) {
             let mut command = redis::cmd("EVALSHA");
             command
                 .arg(self.scripts.lease.get_hash())
@@ -111,7 +115,7 @@ impl Core {
                 .arg(&self.config.group)
                 .arg(&self.config.consumer)
                 .arg(self.config.dead_letter_max);
-            for op in &checked {
+            for op in checked {
                 command
                     .arg(op.name())
                     .arg(op.entry.to_string())
@@ -142,16 +146,15 @@ impl Core {
                 .collect::<Result<Vec<Value>, _>>()
         })?;
         let mut replies = replies.into_iter();
-        let answers: Vec<i64> = if checked.is_empty() {
-            Vec::new()
-        } else {
-            match replies.next() {
-                Some(Value::Array(items)) => {
-                    items.iter().map(|item| int(item).unwrap_or(0)).collect()
-                }
-                _ => Vec::new(),
+        // `None` for an operation its script call did not answer: nothing is counted for it.
+        let mut answers: Vec<Option<i64>> = Vec::with_capacity(checked.len());
+        for chunk in checked.chunks(SCRIPT_BATCH) {
+            let before = answers.len();
+            if let Some(Value::Array(items)) = replies.next() {
+                answers.extend(items.iter().map(|item| Some(int(item).unwrap_or(0))));
             }
-        };
+            answers.resize(before + chunk.len(), None);
+        }
         if !acks.is_empty() {
             let done = replies
                 .next()
@@ -167,6 +170,7 @@ impl Core {
         let mut stats = lock(&self.stats);
         let mut expired = Vec::new();
         for (op, answer) in checked.iter().zip(answers) {
+            let Some(answer) = answer else { continue };
             match (op.kind, answer) {
                 // Acks went by XACK, above.
                 (OpKind::Ack, _) => {}
