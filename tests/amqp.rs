@@ -14,7 +14,6 @@
 //! `MAYHEM_REQUIRE_AMQP=1` (as `.ci/run` sets it) a skip fails the test instead.
 #![cfg(all(feature = "amqp", feature = "cli"))]
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
@@ -1230,6 +1229,7 @@ fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
 #[test]
 fn mayhem_publish_over_amqps_publishes_the_lines_of_stdin() {
     use std::io::Write;
+    use std::process::{Command, Stdio};
     let Some(server) = Rabbit::get() else { return };
     let Some(tls) = tls(server) else { return };
     let queue = server.queue("cli-publish-tls");

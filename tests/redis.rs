@@ -507,10 +507,7 @@ fn a_server_gone_for_good_ends_the_service_with_exit_1() {
 
 #[test]
 fn an_unreachable_server_at_start_exits_1_and_a_bad_url_exits_2() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let run = |source: &str| common::run(&["--source", source]);
     let url = format!("redis://127.0.0.1:{port}/0");
     let down = common::run(&["--source", &url, "--reconnect-limit", "300ms"]);
