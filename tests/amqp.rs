@@ -130,35 +130,6 @@ fn wait_for_dead_letters(source: &AmqpSource, count: u64) {
     }
 }
 
-/// Publishes `count` messages named `cattle-0000`, `cattle-0001`, ... to `queue`.
-/// (`max_attempts` must be the queue's, as the service declared it.)
-fn publish_names(server: &Rabbit, queue: &str, count: usize, max_attempts: u32) -> Vec<String> {
-    let source = server.source(queue, Duration::from_secs(60), max_attempts);
-    let names: Vec<String> = (0..count).map(|i| format!("cattle-{i:04}")).collect();
-    let batch: Vec<PubSubMessage> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let id = mayhem::Uuid::from_u128(i as u128 + 1);
-            PubSubMessage::new(name.to_string()).with_id(id)
-        })
-        .collect();
-    source.publish(&batch).expect("publish");
-    assert_eq!(source.wait_confirmed(Duration::from_secs(10)), 0);
-    names
-}
-
-/// Polls until `queue` holds nothing, ready or leased, for `stable`.
-fn wait_until_empty(server: &Rabbit, queue: &str, max_attempts: u32) {
-    let probe = server.source(queue, Duration::from_secs(60), max_attempts);
-    Source::interrupt(&probe);
-    let end = Instant::now() + PATIENCE;
-    while probe.stats().remaining > 0 {
-        assert!(Instant::now() < end, "the queue never drained");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn two_instances_share_the_work_and_ack_each_message_once() {
     let Some(server) = Rabbit::get() else { return };
@@ -169,7 +140,7 @@ fn two_instances_share_the_work_and_ack_each_message_once() {
     let mut b = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     a.wait_for("Starting consumer");
     b.wait_for("Starting consumer");
-    let names = publish_names(server, &queue, 300, 5);
+    let names = server.publish_names(&queue, 300, 5);
     let end = Instant::now() + PATIENCE;
     loop {
         let done = acked_names(a.lines()).len() + acked_names(b.lines()).len();
@@ -198,7 +169,7 @@ fn two_instances_share_the_work_and_ack_each_message_once() {
     all.sort();
     assert_eq!(all, names, "each message acked exactly once");
     assert_eq!(field(&report_a, "acked") + field(&report_b, "acked"), 300.0);
-    wait_until_empty(server, &queue, 5);
+    server.wait_until_empty(&queue, 5);
 }
 
 #[test]
@@ -208,7 +179,7 @@ fn a_killed_instance_s_messages_are_redelivered_to_the_other() {
     let flags = ["--handler-latency", "300ms", "--max-in-flight", "20"];
     let mut victim = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     victim.wait_for("Starting consumer");
-    let names = publish_names(server, &queue, 60, 5);
+    let names = server.publish_names(&queue, 60, 5);
     // The victim holds leases (handlers started) when it is killed.
     victim.wait_for_count("Consumed PubSubMessage", 5);
     victim.signal("KILL");
@@ -255,7 +226,7 @@ fn a_killed_instance_s_messages_are_redelivered_to_the_other() {
         survivor_acked.len(),
         "{report}"
     );
-    wait_until_empty(server, &queue, 5);
+    server.wait_until_empty(&queue, 5);
 }
 
 #[test]
@@ -272,7 +243,7 @@ fn sigterm_gives_everything_back_within_the_grace_period() {
     ];
     let mut service = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     service.wait_for("Starting consumer");
-    publish_names(server, &queue, 30, 5);
+    server.publish_names(&queue, 30, 5);
     service.wait_for_count("Consumed PubSubMessage", 20);
     let sent = Instant::now();
     service.signal("TERM");
@@ -341,8 +312,8 @@ fn messages_handled_and_failing_every_time_are_dead_lettered_by_the_service() {
         ],
     );
     service.wait_for("Starting consumer");
-    publish_names(server, &queue, 10, 3);
-    wait_until_empty(server, &queue, 3);
+    server.publish_names(&queue, 10, 3);
+    server.wait_until_empty(&queue, 3);
     service.signal("TERM");
     let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
@@ -430,7 +401,7 @@ fn a_lost_connection_is_reopened_and_nothing_is_lost() {
     ];
     let mut service = Service::start_on(&proxy.url(), &[&flags[..], &QUIET].concat());
     service.wait_for("Starting consumer");
-    let names = publish_names(server, &queue, 200, 5);
+    let names = server.publish_names(&queue, 200, 5);
     service.wait_for_count("Done. Acked", 30);
     proxy.cut();
     service.wait_for("unavailable");
@@ -454,7 +425,7 @@ fn a_lost_connection_is_reopened_and_nothing_is_lost() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    wait_until_empty(server, &queue, 5);
+    server.wait_until_empty(&queue, 5);
     service.signal("TERM");
     let (status, _, lines, _) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
@@ -985,7 +956,7 @@ fn messages_a_clean_stop_pushes_past_the_delivery_limit_are_dead_lettered_not_dr
         return;
     };
     let queue = server.queue("limit");
-    let names = publish_names(&server, &queue, 200, 1);
+    let names = server.publish_names(&queue, 200, 1);
     for _ in 0..2 {
         // Held unacked by a consumer, then given back by a clean stop of the broker.
         let holder = server.source(&queue, Duration::from_secs(600), 1);
@@ -1024,7 +995,7 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
         return;
     };
     let queue = server.queue("alarm");
-    let names = publish_names(&server, &queue, 200, 5);
+    let names = server.publish_names(&queue, 200, 5);
     // A memory alarm: the broker blocks every connection that publishes.
     server.ctl(&["set_vm_memory_high_watermark", "0.00001"]);
     let mut service = start(
@@ -1116,7 +1087,7 @@ fn a_server_restarted_mid_run_loses_nothing() {
         .concat(),
     );
     service.wait_for("Starting consumer");
-    let names = publish_names(&server, &queue, 200, 5);
+    let names = server.publish_names(&queue, 200, 5);
     service.wait_for_count("Done. Acked", 30);
     server.stop();
     service.wait_for("unavailable");
@@ -1147,7 +1118,7 @@ fn a_server_restarted_mid_run_loses_nothing() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    wait_until_empty(&server, &queue, 5);
+    server.wait_until_empty(&queue, 5);
     service.signal("TERM");
     let (status, _, lines, _) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));

@@ -526,21 +526,6 @@ fn an_unreachable_server_at_start_exits_1_and_a_bad_url_exits_2() {
     }
 }
 
-/// Entry ids of a stream, oldest first.
-fn entry_ids(server: &RedisServer, stream: &str) -> Vec<String> {
-    let reply: Value = server.cmd(&["XRANGE", stream, "-", "+"]);
-    let Value::Array(entries) = reply else {
-        return Vec::new();
-    };
-    entries
-        .iter()
-        .filter_map(|entry| match entry {
-            Value::Array(parts) => redis::from_redis_value_ref(parts.first()?).ok(),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Counts of each name in `names`.
 fn counts(names: &[String]) -> HashMap<&str, usize> {
     let mut counts = HashMap::new();
@@ -584,7 +569,7 @@ fn a_restarted_instance_handles_fresh_messages_once() {
         let (status, _, _, _) = slow.finish();
         assert!(!status.success());
         // Two of the held entries disappear meanwhile.
-        let ids = entry_ids(&server, "mayhem");
+        let ids = server.entry_ids("mayhem");
         server.cmd(&["XDEL", "mayhem", &ids[0], &ids[1]]);
         // Fresh messages, named apart from the old ones.
         let fresh = server.publish_as("mayhem", 'f', 20);
@@ -1026,7 +1011,7 @@ fn a_destroyed_group_replays_no_acked_history_and_loses_nothing() {
     service.wait_for("Starting consumer");
     let first = server.publish("mayhem", 100);
     server.wait_until_drained("mayhem", "mayhem");
-    let last = entry_ids(&server, "mayhem").pop().expect("entries");
+    let last = server.entry_ids("mayhem").pop().expect("entries");
     wait_until("the floor passed the last entry", || {
         let floor: Option<String> =
             redis::from_redis_value(server.cmd(&["GET", "mayhem:mayhem:floor"])).ok();
@@ -1296,22 +1281,6 @@ fn run_publish(url: &str, args: &[&str], stdin: Option<&[u8]>) -> (Option<i32>, 
     )
 }
 
-/// The entries of `stream`, oldest first: each entry's fields, in the order they were
-/// written.
-fn entries(server: &RedisServer, stream: &str) -> Vec<Vec<(String, String)>> {
-    let reply: Value = server.cmd(&["XRANGE", stream, "-", "+"]);
-    let Value::Array(entries) = reply else {
-        return Vec::new();
-    };
-    entries
-        .iter()
-        .filter_map(|entry| match entry {
-            Value::Array(parts) => redis::from_redis_value_ref(parts.get(1)?).ok(),
-            _ => None,
-        })
-        .collect()
-}
-
 /// The printed ids: one UUID v4 per line.
 fn printed_ids(stdout: &str) -> Vec<String> {
     stdout
@@ -1339,7 +1308,7 @@ fn a_published_host_is_restarted_by_a_service_started_afterwards() {
     let ids = printed_ids(&stdout);
     assert_eq!(ids.len(), 1, "{stdout}");
     assert_eq!(
-        entries(&server, "mayhem"),
+        server.fields("mayhem"),
         [vec![
             ("data".to_owned(), "web-03".to_owned()),
             ("message_id".to_owned(), ids[0].clone()),
@@ -1403,7 +1372,7 @@ fn publish_carries_attributes_and_the_ordering_key_in_order() {
             .collect()
         })
         .collect();
-    assert_eq!(entries(&server, "ops"), expected);
+    assert_eq!(server.fields("ops"), expected);
     // Read back through the library, they are messages with those attributes.
     let source = RedisSource::connect(source_config(&server, "ops", Duration::from_secs(30)))
         .expect("connect");
@@ -1499,7 +1468,7 @@ fn a_bad_line_of_stdin_exits_2_after_publishing_the_lines_before_it() {
     let ids = printed_ids(&stdout);
     assert_eq!(ids.len(), 1, "{stdout}");
     assert_eq!(
-        entries(&server, "mayhem"),
+        server.fields("mayhem"),
         [vec![
             ("data".to_owned(), "web-08".to_owned()),
             ("message_id".to_owned(), ids[0].clone()),

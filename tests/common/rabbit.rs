@@ -13,7 +13,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mayhem::{AmqpConfig, AmqpSource};
+use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish, Source};
 
 use super::{free_port, kill, skip, BrokerServer, PATIENCE};
 
@@ -344,6 +344,35 @@ impl Rabbit {
             ..AmqpConfig::default()
         })
         .expect("connect")
+    }
+
+    /// Publishes `count` messages named `cattle-0000`, `cattle-0001`, ... to `queue`.
+    /// (`max_attempts` must be the queue's, as the service declared it.)
+    pub fn publish_names(&self, queue: &str, count: usize, max_attempts: u32) -> Vec<String> {
+        let source = self.source(queue, Duration::from_secs(60), max_attempts);
+        let names: Vec<String> = (0..count).map(|i| format!("cattle-{i:04}")).collect();
+        let batch: Vec<PubSubMessage> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let id = mayhem::Uuid::from_u128(i as u128 + 1);
+                PubSubMessage::new(name.to_string()).with_id(id)
+            })
+            .collect();
+        source.publish(&batch).expect("publish");
+        assert_eq!(source.wait_confirmed(Duration::from_secs(10)), 0);
+        names
+    }
+
+    /// Polls until `queue` holds nothing, ready or leased.
+    pub fn wait_until_empty(&self, queue: &str, max_attempts: u32) {
+        let probe = self.source(queue, Duration::from_secs(60), max_attempts);
+        Source::interrupt(&probe);
+        let end = Instant::now() + PATIENCE;
+        while probe.stats().remaining > 0 {
+            assert!(Instant::now() < end, "the queue never drained");
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

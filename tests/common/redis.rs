@@ -278,6 +278,33 @@ impl RedisServer {
         names
     }
 
+    /// Entry ids of a stream, oldest first.
+    pub fn entry_ids(&self, stream: &str) -> Vec<String> {
+        self.range(stream, 0)
+    }
+
+    /// The entries of `stream`, oldest first: each entry's fields, in the order they were
+    /// written.
+    pub fn fields(&self, stream: &str) -> Vec<Vec<(String, String)>> {
+        self.range(stream, 1)
+    }
+
+    /// Part `part` of each entry of `stream` (0 its id, 1 its fields), oldest first; the
+    /// entries it does not fit are left out.
+    fn range<T: redis::FromRedisValue>(&self, stream: &str, part: usize) -> Vec<T> {
+        let reply: Value = self.cmd(&["XRANGE", stream, "-", "+"]);
+        let Value::Array(entries) = reply else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .filter_map(|entry| match entry {
+                Value::Array(parts) => redis::from_redis_value_ref(parts.get(part)?).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn xlen(&self, stream: &str) -> i64 {
         redis::cmd("XLEN")
             .arg(stream)
