@@ -67,11 +67,6 @@ pub fn skip(reason: &str) {
     }
 }
 
-/// `Some(value)`, or `None` after [`skip`] said why there is none.
-pub fn or_skip<T>(found: Result<T, String>) -> Option<T> {
-    found.map_err(|reason| skip(&reason)).ok()
-}
-
 /// A free loopback port (free when asked; a server started on it may still find it taken).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -127,7 +122,8 @@ pub fn kill(name: &str, target: &str) {
 /// A running `mayhem` process whose stderr is read line by line.
 pub struct Service {
     pub child: Child,
-    pub lines: Receiver<String>,
+    /// The stderr lines, as they are read.
+    incoming: Receiver<String>,
     /// The stderr lines read so far.
     pub seen: Vec<String>,
     stdout: Option<JoinHandle<String>>,
@@ -164,7 +160,7 @@ impl Service {
         let mut child = command.spawn().expect("start mayhem");
         let stderr = child.stderr.take().expect("piped stderr");
         let mut stdout = child.stdout.take().expect("piped stdout");
-        let (sender, lines) = mpsc::channel();
+        let (sender, incoming) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if sender.send(line).is_err() {
@@ -179,7 +175,7 @@ impl Service {
         });
         Service {
             child,
-            lines,
+            incoming,
             seen: Vec::new(),
             stdout: Some(stdout),
             patience: PATIENCE,
@@ -194,7 +190,7 @@ impl Service {
 
     /// The stderr lines so far (those written and not read yet included).
     pub fn lines(&mut self) -> &[String] {
-        self.seen.extend(self.lines.try_iter());
+        self.seen.extend(self.incoming.try_iter());
         &self.seen
     }
 
@@ -224,7 +220,7 @@ impl Service {
             .count();
         while found < count {
             let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            match self.incoming.recv_timeout(left) {
                 Ok(line) => {
                     found += usize::from(line.contains(pattern));
                     self.seen.push(line);
@@ -263,13 +259,13 @@ impl Service {
                     self.patience, self.seen
                 );
             }
-            match self.lines.recv_timeout(Duration::from_millis(10)) {
+            match self.incoming.recv_timeout(Duration::from_millis(10)) {
                 Ok(line) => self.seen.push(line),
                 Err(_) => continue,
             }
         };
         let took = started.elapsed();
-        self.seen.extend(self.lines.iter());
+        self.seen.extend(self.incoming.iter());
         let stdout = self
             .stdout
             .take()
