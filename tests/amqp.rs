@@ -14,377 +14,25 @@
 //! `MAYHEM_REQUIRE_AMQP=1` (as `.ci/run` sets it) a skip fails the test instead.
 #![cfg(all(feature = "amqp", feature = "cli"))]
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 mod amqp_soak;
+mod common;
 mod conformance;
 
+use common::proxy::Proxy;
+use common::rabbit::Rabbit;
+use common::{
+    acked_names, field, free_port, names_in, pull_one, BrokerServer, Service, PATIENCE, QUIET,
+};
 use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish, Source};
 
-/// Upper bound for anything a test waits for; only reached when something is broken.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// `rabbitmqctl`, next to the server script.
-const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
-/// The server script of Debian's package (the copy under /usr/sbin insists on a service
-/// user).
-const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
-
-/// Says loudly that a test is skipped, and records it for `make test`'s summary; with
-/// `MAYHEM_REQUIRE_AMQP=1` (set by CI) a skip is a failure instead.
-fn skip(reason: &str) {
-    let test = thread::current().name().unwrap_or("amqp test").to_owned();
-    if std::env::var("MAYHEM_REQUIRE_AMQP").is_ok_and(|v| v == "1") {
-        panic!("{test}: {reason}, and MAYHEM_REQUIRE_AMQP=1 forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
-    if let Ok(mut file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-    {
-        use std::io::Write;
-        // One write per line: appends of whole lines from parallel tests do not interleave.
-        let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
-    }
-}
-
-/// A free loopback port (free when asked).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("find a free port")
-        .port()
-}
-
-/// A `rabbitmq-server` of this test binary.
-struct Rabbit {
-    /// The AMQP port.
-    port: u16,
-    /// The Erlang distribution port.
-    dist: u16,
-    /// The node's data, logs and settings.
-    dir: PathBuf,
-    /// How many times it was started (each start logs to its own file).
-    starts: AtomicU32,
-    /// Standard input of the watchdog shell: it kills the server when this closes (on
-    /// [`Rabbit::kill`], or when the test binary exits), then removes the directory unless
-    /// the server is to be started again.
-    watchdog: Mutex<Option<(Child, ChildStdin)>>,
-    /// The TLS listener of the shared server (built with `amqp-tls`), or why there is none.
-    tls: Result<Tls, String>,
-}
-
-/// A TLS listener whose certificate a CA of the test signed.
-#[derive(Debug)]
-struct Tls {
-    /// The AMQPS port.
-    port: u16,
-    /// The CA certificate (PEM) to trust (read by the TLS tests only).
-    #[cfg_attr(not(feature = "amqp-tls"), allow(dead_code))]
-    ca: PathBuf,
-}
-
-/// Makes a CA and a server certificate for 127.0.0.1 signed by it, with `openssl`, in
-/// `dir`; returns the CA file, the certificate and the key.
-fn make_certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), String> {
-    std::fs::create_dir_all(dir).map_err(|error| format!("create {}: {error}", dir.display()))?;
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .map_err(|error| format!("write server.ext: {error}"))?;
-    let steps: [&[&str]; 3] = [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=mayhem test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ],
-    ];
-    for args in steps {
-        let output = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|error| format!("openssl not found ({error}): apt-get install openssl"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "openssl {} failed: {}",
-                args[0],
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-    }
-    Ok((
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    ))
-}
-
-impl Rabbit {
-    /// The shared server, started by the first test that asks; `None` (said loudly by every
-    /// test that asks) when `rabbitmq-server` is not installed.
-    fn get() -> Option<&'static Rabbit> {
-        static SERVER_CELL: OnceLock<Option<Rabbit>> = OnceLock::new();
-        let server = SERVER_CELL.get_or_init(|| Rabbit::new("shared", cfg!(feature = "amqp-tls")));
-        if server.is_none() {
-            skip(&format!(
-                "{SERVER} not found (apt-get install rabbitmq-server)"
-            ));
-        }
-        server.as_ref()
-    }
-
-    /// A server of its own (for a test that kills it), or `None` (said loudly).
-    fn own(tag: &str) -> Option<Rabbit> {
-        let server = Rabbit::new(tag, false);
-        if server.is_none() {
-            skip(&format!(
-                "{SERVER} not found (apt-get install rabbitmq-server)"
-            ));
-        }
-        server
-    }
-
-    /// A server on free ports; with `tls` also a TLS listener (when `openssl` can make
-    /// its certificates).
-    fn new(tag: &str, tls: bool) -> Option<Rabbit> {
-        if !Path::new(SERVER).exists() {
-            return None;
-        }
-        let dir =
-            std::env::temp_dir().join(format!("mayhem-rabbitmq-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the server's directory");
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write the plugins file");
-        let tls = if tls {
-            make_certificates(&dir.join("tls")).map(|(ca, certificate, key)| {
-                let port = free_port();
-                let settings = format!(
-                    "listeners.ssl.default = 127.0.0.1:{port}\n\
-                     ssl_options.cacertfile = {}\n\
-                     ssl_options.certfile = {}\n\
-                     ssl_options.keyfile = {}\n\
-                     ssl_options.verify = verify_none\n\
-                     ssl_options.fail_if_no_peer_cert = false\n",
-                    ca.display(),
-                    certificate.display(),
-                    key.display()
-                );
-                std::fs::write(dir.join("rabbitmq.conf"), settings)
-                    .expect("write the server's settings");
-                Tls { port, ca }
-            })
-        } else {
-            Err("the server of this test has no TLS listener".to_owned())
-        };
-        let server = Rabbit {
-            port: free_port(),
-            dist: free_port(),
-            dir,
-            starts: AtomicU32::new(0),
-            watchdog: Mutex::new(None),
-            tls,
-        };
-        server.spawn();
-        Some(server)
-    }
-
-    /// Starts the server and waits until it accepts AMQP connections.
-    fn spawn(&self) {
-        let dir = &self.dir;
-        let log = dir.join(format!(
-            "server-{}.log",
-            self.starts.fetch_add(1, Ordering::SeqCst)
-        ));
-        let node = self.node();
-        // `setsid` runs the server in a session and process group of its own, which
-        // `kill -KILL -$!` ends whole (the script, the Erlang VM and its helpers; epmd, the
-        // Erlang port mapper, detaches and stays, as for every Erlang node) once standard
-        // input closes. The directory is removed unless `keep` exists (a restart is coming).
-        let mut watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(
-                "setsid \"$0\" >\"$1\" 2>&1 </dev/null & echo $! >\"$2/group\"; \
-                 cat >/dev/null; kill -KILL -$!; sleep 0.2; \
-                 [ -e \"$2/keep\" ] || rm -rf \"$2\"",
-            )
-            .arg(SERVER)
-            .arg(&log)
-            .arg(dir)
-            .env("HOME", dir)
-            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_LOGS", "-")
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
-            .env("RABBITMQ_NODENAME", &node)
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-            .env("RABBITMQ_PID_FILE", dir.join("pid"))
-            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
-            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
-            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start rabbitmq-server");
-        let stdin = watchdog.stdin.take().expect("piped stdin");
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("Server startup complete")
-                && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-                && self.tls.as_ref().map_or(true, |tls| {
-                    TcpStream::connect(("127.0.0.1", tls.port)).is_ok()
-                })
-            {
-                break;
-            }
-            if matches!(watchdog.try_wait(), Ok(Some(_))) || Instant::now() > end {
-                panic!("rabbitmq-server did not start:\n{text}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        *self.watchdog.lock().unwrap() = Some((watchdog, stdin));
-    }
-
-    /// Stops the server the way a service manager does (SIGTERM to its process group: the
-    /// script stops the node cleanly) and keeps its data for [`Rabbit::spawn`]. (A SIGKILL
-    /// is no restart test on a single 3.10 node: its quorum queues' registry is left
-    /// unsynced and they stay without a leader after the restart.)
-    fn stop(&self) {
-        std::fs::write(self.dir.join("keep"), "").expect("mark the directory kept");
-        let group = std::fs::read_to_string(self.dir.join("group")).expect("the server's group");
-        let group = format!("-{}", group.trim());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        let end = Instant::now() + PATIENCE;
-        while Command::new("kill")
-            .args(["-0", "--", &group])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-        {
-            assert!(Instant::now() < end, "rabbitmq-server did not stop");
-            thread::sleep(Duration::from_millis(50));
-        }
-        if let Some((mut watchdog, stdin)) = self.watchdog.lock().unwrap().take() {
-            drop(stdin);
-            let _ = watchdog.wait();
-        }
-        let _ = std::fs::remove_file(self.dir.join("keep"));
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    /// The Erlang node name of the server.
-    fn node(&self) -> String {
-        let name = self
-            .dir
-            .file_name()
-            .and_then(|name| name.to_str())
-            .unwrap_or("mayhem-rabbitmq");
-        format!("{name}@localhost")
-    }
-
-    /// Runs `rabbitmqctl` on the server (the copy next to the server script: the one under
-    /// /usr/sbin insists on a service user).
-    fn ctl(&self, args: &[&str]) {
-        let output = Command::new(CTL)
-            .arg("-n")
-            .arg(self.node())
-            .args(args)
-            .env("HOME", &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run rabbitmqctl");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?}: {}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    /// A queue name no other test uses.
-    fn queue(&self, prefix: &str) -> String {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        format!("{prefix}-{}", COUNTER.fetch_add(1, Ordering::SeqCst))
-    }
-
-    /// A source on `queue`.
-    fn source(&self, queue: &str, ack_deadline: Duration, max_attempts: u32) -> AmqpSource {
-        AmqpSource::connect(AmqpConfig {
-            url: self.url(),
-            queue: queue.to_owned(),
-            ack_deadline,
-            max_attempts,
-            reconnect_limit: Duration::from_secs(10),
-            ..AmqpConfig::default()
-        })
-        .expect("connect")
-    }
+/// Starts `mayhem --source {server} --stream {queue} --log-level info` with `args`.
+fn start(server: &Rabbit, queue: &str, args: &[&str]) -> Service {
+    Service::start_on(&server.url(), &[&["--stream", queue][..], args].concat())
 }
 
 /// A real RabbitMQ for the conformance suite: the shared server, one queue per broker.
@@ -427,19 +75,6 @@ impl conformance::Harness for Amqp {
 }
 
 conformance_tests!(Rabbit::get().map(Amqp));
-
-/// Pulls one lease, waiting up to [`PATIENCE`].
-fn pull_one(source: &AmqpSource) -> mayhem::Lease {
-    let end = Instant::now() + PATIENCE;
-    let mut leases = Vec::new();
-    while leases.is_empty() {
-        assert!(Instant::now() < end, "nothing to pull");
-        source
-            .pull(1, Duration::from_millis(100), &mut leases)
-            .expect("pull");
-    }
-    leases.remove(0)
-}
 
 #[test]
 fn nacks_past_max_attempts_go_to_the_dead_letter_queue() {
@@ -495,199 +130,20 @@ fn wait_for_dead_letters(source: &AmqpSource, count: u64) {
     }
 }
 
-/// A running `mayhem` process; its stderr lines are collected as they come.
-struct Service {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: JoinHandle<()>,
-    stdout: JoinHandle<String>,
-}
-
-impl Service {
-    fn start(server: &Rabbit, queue: &str, args: &[&str]) -> Service {
-        let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["--source", &server.url(), "--stream", queue])
-            .args(["--log-level", "info"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mayhem");
-        Service::adopt(child)
-    }
-
-    /// Collects the output of a started `mayhem` with piped stdout and stderr.
-    fn adopt(mut child: Child) -> Service {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = {
-            let pipe = child.stderr.take().expect("piped stderr");
-            let lines = Arc::clone(&lines);
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
-        let mut pipe = child.stdout.take().expect("piped stdout");
-        let stdout = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        });
-        Service {
-            child,
-            lines,
-            stderr,
-            stdout,
-        }
-    }
-
-    /// Polls the stderr lines until `count` of them contain `pattern`.
-    fn wait_for_count(&self, pattern: &str, count: usize) {
-        let end = Instant::now() + PATIENCE;
-        while self
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(pattern))
-            .count()
-            < count
-        {
-            assert!(
-                Instant::now() < end,
-                "fewer than {count} lines with {pattern:?} in:\n{}",
-                self.lines.lock().unwrap().join("\n")
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn wait_for(&self, pattern: &str) {
-        self.wait_for_count(pattern, 1);
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// Waits for the exit; returns the status, the stderr lines and stdout.
-    fn finish(mut self) -> (ExitStatus, Vec<String>, String) {
-        let end = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for mayhem") {
-                break status;
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                panic!(
-                    "mayhem did not exit:\n{}",
-                    self.lines.lock().unwrap().join("\n")
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        self.stderr.join().expect("stderr reader");
-        let stdout = self.stdout.join().expect("stdout reader");
-        let lines = self.lines.lock().unwrap().clone();
-        (status, lines, stdout)
-    }
-}
-
-/// Instance names of the messages a process logged as acked.
-fn acked_names(lines: &[String]) -> Vec<String> {
-    names_in(lines, "Done. Acked PubSubMessage(instance_name='")
-}
-
-/// Instance names that follow `prefix` in the lines.
-fn names_in(lines: &[String], prefix: &str) -> Vec<String> {
-    lines
-        .iter()
-        .filter_map(|line| line.split(prefix).nth(1))
-        .filter_map(|rest| rest.split('\'').next())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// A numeric field of the one-line JSON report.
-fn field(json: &str, name: &str) -> f64 {
-    let key = format!("\"{name}\":");
-    let start = json
-        .find(&key)
-        .unwrap_or_else(|| panic!("no {name} in {json}"))
-        + key.len();
-    json[start..]
-        .split([',', '}'])
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad {name} in {json}"))
-}
-
-/// Flags of a failure-free handler run without own publishers.
-const QUIET: [&str; 12] = [
-    "--publishers",
-    "0",
-    "--restart-failure-rate",
-    "0",
-    "--save-failure-rate",
-    "0",
-    "--report",
-    "json",
-    "--seed",
-    "7",
-    "--workers",
-    "2",
-];
-
-/// Publishes `count` messages named `cattle-0000`, `cattle-0001`, ... to `queue`.
-/// (`max_attempts` must be the queue's, as the service declared it.)
-fn publish_names(server: &Rabbit, queue: &str, count: usize, max_attempts: u32) -> Vec<String> {
-    let source = server.source(queue, Duration::from_secs(60), max_attempts);
-    let names: Vec<String> = (0..count).map(|i| format!("cattle-{i:04}")).collect();
-    let batch: Vec<PubSubMessage> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let id = mayhem::Uuid::from_u128(i as u128 + 1);
-            PubSubMessage::new(name.to_string()).with_id(id)
-        })
-        .collect();
-    source.publish(&batch).expect("publish");
-    assert_eq!(source.wait_confirmed(Duration::from_secs(10)), 0);
-    names
-}
-
-/// Polls until `queue` holds nothing, ready or leased, for `stable`.
-fn wait_until_empty(server: &Rabbit, queue: &str, max_attempts: u32) {
-    let probe = server.source(queue, Duration::from_secs(60), max_attempts);
-    Source::interrupt(&probe);
-    let end = Instant::now() + PATIENCE;
-    while probe.stats().remaining > 0 {
-        assert!(Instant::now() < end, "the queue never drained");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn two_instances_share_the_work_and_ack_each_message_once() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("shared");
     // A prefetch of 10 (--max-in-flight) and slow handlers: both instances get work.
     let flags = ["--handler-latency", "20ms", "--max-in-flight", "10"];
-    let a = Service::start(server, &queue, &[&QUIET[..], &flags[..]].concat());
-    let b = Service::start(server, &queue, &[&QUIET[..], &flags[..]].concat());
+    let mut a = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
+    let mut b = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     a.wait_for("Starting consumer");
     b.wait_for("Starting consumer");
-    let names = publish_names(server, &queue, 300, 5);
+    let names = server.publish_names(&queue, 300, 5);
     let end = Instant::now() + PATIENCE;
     loop {
-        let done = acked_names(&a.lines.lock().unwrap()).len()
-            + acked_names(&b.lines.lock().unwrap()).len();
+        let done = acked_names(a.lines()).len() + acked_names(b.lines()).len();
         if done >= 300 {
             break;
         }
@@ -696,8 +152,8 @@ fn two_instances_share_the_work_and_ack_each_message_once() {
     }
     a.signal("TERM");
     b.signal("TERM");
-    let (status_a, lines_a, report_a) = a.finish();
-    let (status_b, lines_b, report_b) = b.finish();
+    let (status_a, _, lines_a, report_a) = a.finish();
+    let (status_b, _, lines_b, report_b) = b.finish();
     assert!(
         status_a.success() && status_b.success(),
         "{status_a} {status_b}"
@@ -713,7 +169,7 @@ fn two_instances_share_the_work_and_ack_each_message_once() {
     all.sort();
     assert_eq!(all, names, "each message acked exactly once");
     assert_eq!(field(&report_a, "acked") + field(&report_b, "acked"), 300.0);
-    wait_until_empty(server, &queue, 5);
+    server.wait_until_empty(&queue, 5);
 }
 
 #[test]
@@ -721,25 +177,21 @@ fn a_killed_instance_s_messages_are_redelivered_to_the_other() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("killed");
     let flags = ["--handler-latency", "300ms", "--max-in-flight", "20"];
-    let victim = Service::start(server, &queue, &[&QUIET[..], &flags[..]].concat());
+    let mut victim = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     victim.wait_for("Starting consumer");
-    let names = publish_names(server, &queue, 60, 5);
+    let names = server.publish_names(&queue, 60, 5);
     // The victim holds leases (handlers started) when it is killed.
     victim.wait_for_count("Consumed PubSubMessage", 5);
     victim.signal("KILL");
-    let (_, victim_lines, _) = victim.finish();
-    let survivor = Service::start(
+    let (_, _, victim_lines, _) = victim.finish();
+    let mut survivor = start(
         server,
         &queue,
         &[&QUIET[..], &["--handler-latency", "5ms"][..]].concat(),
     );
     let end = Instant::now() + PATIENCE;
     loop {
-        let mut all = [
-            acked_names(&victim_lines),
-            acked_names(&survivor.lines.lock().unwrap()),
-        ]
-        .concat();
+        let mut all = [acked_names(&victim_lines), acked_names(survivor.lines())].concat();
         all.sort();
         all.dedup();
         if all.len() == names.len() {
@@ -755,7 +207,7 @@ fn a_killed_instance_s_messages_are_redelivered_to_the_other() {
         thread::sleep(Duration::from_millis(20));
     }
     survivor.signal("TERM");
-    let (status, lines, report) = survivor.finish();
+    let (status, _, lines, report) = survivor.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     // What the victim held and had not acked is handled by the survivor.
     let victim_acked = acked_names(&victim_lines);
@@ -774,7 +226,7 @@ fn a_killed_instance_s_messages_are_redelivered_to_the_other() {
         survivor_acked.len(),
         "{report}"
     );
-    wait_until_empty(server, &queue, 5);
+    server.wait_until_empty(&queue, 5);
 }
 
 #[test]
@@ -789,13 +241,13 @@ fn sigterm_gives_everything_back_within_the_grace_period() {
         "--grace-period",
         "500ms",
     ];
-    let service = Service::start(server, &queue, &[&QUIET[..], &flags[..]].concat());
+    let mut service = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
     service.wait_for("Starting consumer");
-    publish_names(server, &queue, 30, 5);
+    server.publish_names(&queue, 30, 5);
     service.wait_for_count("Consumed PubSubMessage", 20);
     let sent = Instant::now();
     service.signal("TERM");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     let took = sent.elapsed();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     assert!(
@@ -837,7 +289,7 @@ fn messages_handled_and_failing_every_time_are_dead_lettered_by_the_service() {
     let queue = server.queue("svcdead");
     // Every restart fails and is not retried: each message is nacked on every attempt,
     // until the third, which dead-letters it.
-    let service = Service::start(
+    let mut service = start(
         server,
         &queue,
         &[
@@ -860,10 +312,10 @@ fn messages_handled_and_failing_every_time_are_dead_lettered_by_the_service() {
         ],
     );
     service.wait_for("Starting consumer");
-    publish_names(server, &queue, 10, 3);
-    wait_until_empty(server, &queue, 3);
+    server.publish_names(&queue, 10, 3);
+    server.wait_until_empty(&queue, 3);
     service.signal("TERM");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     assert_eq!(field(&report, "dead_lettered"), 10.0, "{report}");
     // The dead letters are in `{queue}:dead`.
@@ -876,20 +328,8 @@ fn the_password_never_reaches_the_log() {
     let Some(server) = Rabbit::get() else { return };
     // A wrong password: the broker refuses it for good, and the service says so and exits 1.
     let url = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", server.port);
-    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args([
-            "--source",
-            &url,
-            "--reconnect-limit",
-            "1s",
-            "--log-level",
-            "debug",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run mayhem");
+    let flags = ["--reconnect-limit", "1s", "--log-level", "debug"];
+    let child = common::run(&[&["--source", &url][..], &flags].concat());
     let stderr = String::from_utf8_lossy(&child.stderr);
     assert!(!child.status.success(), "{stderr}");
     assert!(!stderr.contains("s3cretpw"), "{stderr}");
@@ -931,12 +371,8 @@ fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
         (server.url(), taken.as_str(), "PRECONDITION_FAILED"),
     ] {
         let started = Instant::now();
-        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["--source", &url, "--stream", stream])
-            .args(["--reconnect-limit", "60s"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mayhem");
+        let flags = ["--stream", stream, "--reconnect-limit", "60s"];
+        let output = common::run(&[&["--source", &url][..], &flags].concat());
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{stderr}");
         // Not retried for the 60 s of the limit.
@@ -950,121 +386,22 @@ fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
     }
 }
 
-/// A loopback TCP proxy to the server that a test can cut: every connection through it is
-/// shut down, and while it is down new connections are closed at once.
-struct Proxy {
-    port: u16,
-    /// Both ends of every open connection, to shut them down.
-    open: Arc<Mutex<Vec<TcpStream>>>,
-    /// Whether new connections are refused.
-    down: Arc<std::sync::atomic::AtomicBool>,
-    /// Whether nothing is passed on any more, in either direction, while every connection
-    /// stays open (a stopped server, or a network that drops packets).
-    stalled: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Proxy {
-    fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let open = Arc::new(Mutex::new(Vec::new()));
-        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (accepted, refusing, stalling) =
-            (Arc::clone(&open), Arc::clone(&down), Arc::clone(&stalled));
-        // Threads, one per direction of each connection: a test proxy carries a handful.
-        thread::spawn(move || {
-            for client in listener.incoming().map_while(Result::ok) {
-                if refusing.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    continue;
-                };
-                for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
-                        continue;
-                    };
-                    let stalling = Arc::clone(&stalling);
-                    thread::spawn(move || {
-                        use std::io::Write;
-                        let mut buffer = vec![0; 1 << 16];
-                        while let Ok(read @ 1..) = from.read(&mut buffer) {
-                            // A stalled proxy holds what it read, forever.
-                            while stalling.load(Ordering::SeqCst) {
-                                thread::sleep(Duration::from_millis(10));
-                            }
-                            if to.write_all(&buffer[..read]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-                accepted.lock().unwrap().extend([client, server]);
-            }
-        });
-        Proxy {
-            port,
-            open,
-            down,
-            stalled,
-        }
-    }
-
-    /// Passes nothing on any more, keeping every connection open and accepting new ones.
-    fn stall(&self) {
-        self.stalled.store(true, Ordering::SeqCst);
-    }
-
-    /// Shuts every connection down and refuses new ones until [`Proxy::restore`].
-    fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        for stream in self.open.lock().unwrap().drain(..) {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
-
-    /// The connections open through the proxy, once there are at least `at_least` (the
-    /// proxy registers a connection just after it started carrying it).
-    fn connections(&self, at_least: usize) -> usize {
-        let end = Instant::now() + PATIENCE;
-        loop {
-            let open = self.open.lock().unwrap().len() / 2;
-            if open >= at_least || Instant::now() >= end {
-                return open;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-}
-
 #[test]
 fn a_lost_connection_is_reopened_and_nothing_is_lost() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("reconnect");
-    let proxy = Proxy::start(server.port);
-    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &proxy.url(), "--stream", &queue])
-        .args(["--log-level", "info", "--handler-latency", "20ms"])
-        .args(["--max-in-flight", "20"])
-        .args(QUIET)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start mayhem");
-    let service = Service::adopt(child);
+    let proxy = Proxy::start(server);
+    let flags = [
+        "--stream",
+        &queue,
+        "--handler-latency",
+        "20ms",
+        "--max-in-flight",
+        "20",
+    ];
+    let mut service = Service::start_on(&proxy.url(), &[&flags[..], &QUIET].concat());
     service.wait_for("Starting consumer");
-    let names = publish_names(server, &queue, 200, 5);
+    let names = server.publish_names(&queue, 200, 5);
     service.wait_for_count("Done. Acked", 30);
     proxy.cut();
     service.wait_for("unavailable");
@@ -1074,7 +411,7 @@ fn a_lost_connection_is_reopened_and_nothing_is_lost() {
     service.wait_for("reconnected to amqp");
     let end = Instant::now() + PATIENCE;
     loop {
-        let mut acked = acked_names(&service.lines.lock().unwrap());
+        let mut acked = acked_names(service.lines());
         acked.sort();
         acked.dedup();
         if acked == names {
@@ -1088,9 +425,9 @@ fn a_lost_connection_is_reopened_and_nothing_is_lost() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    wait_until_empty(server, &queue, 5);
+    server.wait_until_empty(&queue, 5);
     service.signal("TERM");
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
 }
 
@@ -1264,7 +601,7 @@ fn remaining_keeps_the_broker_s_last_count_while_it_does_not_answer() {
     // `mayhem_remaining`) read 0, as if the queue had drained.
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("remaining");
-    let proxy = Proxy::start(server.port);
+    let proxy = Proxy::start(server);
     let source = AmqpSource::connect(AmqpConfig {
         url: proxy.url(),
         queue: queue.clone(),
@@ -1294,7 +631,7 @@ fn remaining_keeps_the_broker_s_last_count_while_it_does_not_answer() {
 fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("unconfirmed");
-    let proxy = Proxy::start(server.port);
+    let proxy = Proxy::start(server);
     let publisher = AmqpSource::connect(AmqpConfig {
         url: proxy.url(),
         queue: queue.clone(),
@@ -1384,7 +721,7 @@ fn consume_until(server: &Rabbit, queue: &str, want: &[PubSubMessage]) -> Vec<Pu
 fn batches_take_the_publishing_connections_in_turn_and_each_message_arrives_once() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("lanes");
-    let proxy = Proxy::start(server.port);
+    let proxy = Proxy::start(server);
     let publisher = AmqpSource::connect(AmqpConfig {
         url: proxy.url(),
         queue: queue.clone(),
@@ -1452,14 +789,12 @@ fn publish_connections_out_of_range_are_refused() {
 /// The shared server's TLS listener, or `None` (said loudly, and a failure under
 /// `MAYHEM_REQUIRE_AMQP=1`) when `openssl` could not make its certificates.
 #[cfg(feature = "amqp-tls")]
-fn tls(server: &Rabbit) -> Option<&Tls> {
-    match &server.tls {
-        Ok(tls) => Some(tls),
-        Err(reason) => {
-            skip(reason);
-            None
-        }
-    }
+fn tls(server: &Rabbit) -> Option<&common::rabbit::Tls> {
+    server
+        .tls
+        .as_ref()
+        .map_err(|reason| common::skip(reason))
+        .ok()
 }
 
 #[cfg(feature = "amqp-tls")]
@@ -1518,28 +853,25 @@ fn the_service_runs_over_amqps() {
     let Some(tls) = tls(server) else { return };
     let queue = server.queue("tlssvc");
     let ca = tls.ca.to_str().expect("a utf-8 path");
-    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args([
-            "--source",
-            &format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port),
-        ])
-        .args(["--amqp-ca-file", ca, "--stream", &queue])
-        .args([
-            "--log-level",
-            "info",
-            "--handler-latency",
-            "0",
-            "--messages",
-            "40",
-        ])
-        .args(["--publishers", "1", "--publish-interval", "0"])
-        .args(&QUIET[2..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start mayhem");
-    let (status, lines, report) = Service::adopt(child).finish();
+    let url = format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port);
+    let flags = [
+        "--amqp-ca-file",
+        ca,
+        "--stream",
+        &queue,
+        "--handler-latency",
+        "0",
+    ];
+    let more = [
+        "--messages",
+        "40",
+        "--publishers",
+        "1",
+        "--publish-interval",
+        "0",
+    ];
+    let service = Service::start_on(&url, &[&flags[..], &more, &QUIET[2..]].concat());
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     assert_eq!(field(&report, "acked"), 40.0, "{report}");
 }
@@ -1549,21 +881,13 @@ fn the_service_runs_over_amqps() {
 fn gives_up_after_the_limit(tag: &str, fault: impl FnOnce(&Proxy), within: Duration) {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue(tag);
-    let proxy = Proxy::start(server.port);
-    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &proxy.url(), "--stream", &queue])
-        .args(["--log-level", "info", "--reconnect-limit", "1s"])
-        .args(QUIET)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start mayhem");
-    let service = Service::adopt(child);
+    let proxy = Proxy::start(server);
+    let flags = ["--stream", &queue, "--reconnect-limit", "1s"];
+    let mut service = Service::start_on(&proxy.url(), &[&flags[..], &QUIET].concat());
     service.wait_for("Starting consumer");
     let broken = Instant::now();
     fault(&proxy);
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
     assert!(
         lines
@@ -1584,7 +908,7 @@ fn the_service_gives_up_after_the_reconnect_limit() {
 fn the_last_report_of_a_lone_instance_balances() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("balance");
-    let service = Service::start(
+    let mut service = start(
         server,
         &queue,
         &[
@@ -1603,7 +927,7 @@ fn the_last_report_of_a_lone_instance_balances() {
     // Stopped mid-run: leases held by handlers, deliveries prefetched and not pulled yet.
     service.wait_for_count("Done. Acked", 200);
     service.signal("TERM");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     let published = field(&report, "published");
     assert!(published >= 200.0, "{report}");
@@ -1632,7 +956,7 @@ fn messages_a_clean_stop_pushes_past_the_delivery_limit_are_dead_lettered_not_dr
         return;
     };
     let queue = server.queue("limit");
-    let names = publish_names(&server, &queue, 200, 1);
+    let names = server.publish_names(&queue, 200, 1);
     for _ in 0..2 {
         // Held unacked by a consumer, then given back by a clean stop of the broker.
         let holder = server.source(&queue, Duration::from_secs(600), 1);
@@ -1645,7 +969,7 @@ fn messages_a_clean_stop_pushes_past_the_delivery_limit_are_dead_lettered_not_dr
                 .expect("pull");
         }
         server.stop();
-        server.spawn();
+        server.restart();
         drop(holder);
     }
     let probe = server.source(&queue, Duration::from_secs(600), 1);
@@ -1671,10 +995,10 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
         return;
     };
     let queue = server.queue("alarm");
-    let names = publish_names(&server, &queue, 200, 5);
+    let names = server.publish_names(&queue, 200, 5);
     // A memory alarm: the broker blocks every connection that publishes.
     server.ctl(&["set_vm_memory_high_watermark", "0.00001"]);
-    let service = Service::start(
+    let mut service = start(
         &server,
         &queue,
         &[
@@ -1693,7 +1017,7 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
     // handled and acked while publishing is blocked.
     let end = Instant::now() + PATIENCE;
     loop {
-        let acked = acked_names(&service.lines.lock().unwrap());
+        let acked = acked_names(service.lines());
         if names.iter().all(|name| acked.contains(name)) {
             break;
         }
@@ -1707,7 +1031,7 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
     // grace period, saying how many stayed unconfirmed (it used to wait 10 s for lapin to
     // write a batch sent again, until the watchdog ended it with exit 1).
     let blocked_at = Instant::now();
-    let second = Service::start(
+    let mut second = start(
         &server,
         &queue,
         &[
@@ -1724,7 +1048,7 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
     second.wait_for("blocked publishing");
     let stopped = Instant::now();
     second.signal("TERM");
-    let (status, lines, _) = second.finish();
+    let (status, _, lines, _) = second.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     assert!(
         stopped.elapsed() < Duration::from_secs(4),
@@ -1737,10 +1061,10 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
     server.ctl(&["set_vm_memory_high_watermark", "0.4"]);
     service.wait_for("unblocked publishing");
     // Publishing resumes: messages published after the alarm are handled too.
-    let acked_before = acked_names(&service.lines.lock().unwrap()).len();
+    let acked_before = acked_names(service.lines()).len();
     service.wait_for_count("Done. Acked", acked_before + 20);
     service.signal("TERM");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     let unavailable: Vec<&String> = lines.iter().filter(|l| l.contains("unavailable")).collect();
     assert!(unavailable.is_empty(), "{unavailable:?}");
@@ -1753,7 +1077,7 @@ fn a_server_restarted_mid_run_loses_nothing() {
         return;
     };
     let queue = server.queue("restart");
-    let service = Service::start(
+    let mut service = start(
         &server,
         &queue,
         &[
@@ -1763,17 +1087,17 @@ fn a_server_restarted_mid_run_loses_nothing() {
         .concat(),
     );
     service.wait_for("Starting consumer");
-    let names = publish_names(&server, &queue, 200, 5);
+    let names = server.publish_names(&queue, 200, 5);
     service.wait_for_count("Done. Acked", 30);
     server.stop();
     service.wait_for("unavailable");
-    server.spawn();
+    server.restart();
     service.wait_for("reconnected to amqp");
     // Every message is acked at least once (the durable queue kept what was not acked;
     // acks lost with the server make a few handled twice), counted by message name.
     let end = Instant::now() + PATIENCE;
     loop {
-        let mut acked = acked_names(&service.lines.lock().unwrap());
+        let mut acked = acked_names(service.lines());
         acked.sort();
         acked.dedup();
         if acked == names {
@@ -1785,9 +1109,7 @@ fn a_server_restarted_mid_run_loses_nothing() {
             acked.len(),
             names.len(),
             service
-                .lines
-                .lock()
-                .unwrap()
+                .lines()
                 .iter()
                 .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("amqp"))
                 .cloned()
@@ -1796,9 +1118,9 @@ fn a_server_restarted_mid_run_loses_nothing() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    wait_until_empty(&server, &queue, 5);
+    server.wait_until_empty(&queue, 5);
     service.signal("TERM");
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
 }
 
@@ -1809,10 +1131,7 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
     // of fault once: seed 1 stops the broker and starts it again, SIGKILLs an instance and
     // raises a memory alarm; seed 45 publishes foreign messages, freezes the broker and
     // SIGTERMs an instance.
-    if !Path::new(SERVER).exists() {
-        skip(&format!(
-            "{SERVER} not found (apt-get install rabbitmq-server)"
-        ));
+    if !Rabbit::installed() {
         return;
     }
     let runs: Vec<_> = [1u64, 45]
@@ -1850,13 +1169,10 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
 fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("cli-publish");
-    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["publish", "--source", &server.url(), "--stream", &queue])
-        .args(["--attribute", "origin=ops", "--ordering-key", "web"])
-        .args(["web-03", "db-7.eu-west"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run mayhem publish");
+    let url = server.url();
+    let to = ["publish", "--source", &url, "--stream", &queue];
+    let flags = ["--attribute", "origin=ops", "--ordering-key", "web"];
+    let output = common::run(&[&to[..], &flags, &["web-03", "db-7.eu-west"]].concat());
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
@@ -1884,6 +1200,7 @@ fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
 #[test]
 fn mayhem_publish_over_amqps_publishes_the_lines_of_stdin() {
     use std::io::Write;
+    use std::process::{Command, Stdio};
     let Some(server) = Rabbit::get() else { return };
     let Some(tls) = tls(server) else { return };
     let queue = server.queue("cli-publish-tls");
@@ -1926,12 +1243,14 @@ fn mayhem_publish_exits_1_in_one_line_on_a_refusal_or_an_unreachable_broker() {
     let nowhere = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", free_port());
     let run = |url: &str, limit: &str| {
         let started = Instant::now();
-        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["publish", "--source", url, "--reconnect-limit", limit])
-            .arg("web-03")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mayhem publish");
+        let output = common::run(&[
+            "publish",
+            "--source",
+            url,
+            "--reconnect-limit",
+            limit,
+            "web-03",
+        ]);
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         assert_eq!(output.status.code(), Some(1), "{stderr}");
         assert!(output.stdout.is_empty(), "{stderr}");

@@ -22,48 +22,23 @@
 #![cfg(all(feature = "cli", feature = "redis", feature = "amqp"))]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{self, JoinHandle};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mayhem::{
-    AmqpConfig, AmqpSource, Lease, MessageId, PubSubMessage, Publish, RedisConfig, RedisSource,
-    Source,
-};
+mod common;
+
+use common::rabbit::Rabbit;
+use common::redis::RedisServer;
+use common::{skip, BrokerServer, Service};
+use mayhem::{Lease, MessageId, PubSubMessage, Publish, RedisConfig, RedisSource, Source};
 use serde_json::{json, Value};
 
 /// Upper bound for anything a test waits for; only reached when something is broken.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// The server script of Debian's package (the copy under /usr/sbin insists on a service user).
-const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
-
-/// Says loudly that a test is skipped, and records it for `make test`'s summary; with
-/// `MAYHEM_REQUIRE_INTEROP=1` (set by CI) a skip is a failure instead.
-fn skip(reason: &str) {
-    let test = thread::current()
-        .name()
-        .unwrap_or("interop test")
-        .to_owned();
-    if std::env::var("MAYHEM_REQUIRE_INTEROP").is_ok_and(|v| v == "1") {
-        panic!("{test}: {reason}, and MAYHEM_REQUIRE_INTEROP=1 forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
-    if let Ok(mut file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-    {
-        // One write per line: appends of whole lines from parallel tests do not interleave.
-        let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
-    }
-}
 
 /// Whether `python3` can import redis-py and pika; says so loudly (see [`skip`]) when not.
 fn have_python() -> bool {
@@ -344,117 +319,32 @@ fn now_secs() -> u64 {
         .as_secs()
 }
 
-/// A free loopback port (free when asked; a server started on it may still find it taken).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("find a free port")
-        .port()
-}
-
 // ---------------------------------------------------------------------------------------
 // Redis
 // ---------------------------------------------------------------------------------------
 
-/// A `redis-server` on a free loopback port, killed (and its directory removed) on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
+/// A source on `stream` (group `mayhem`, consumer `c1`).
+fn redis_source(server: &RedisServer, stream: &str) -> RedisSource {
+    RedisSource::connect(RedisConfig {
+        url: server.url(),
+        stream: stream.to_owned(),
+        group: "mayhem".to_owned(),
+        consumer: "c1".to_owned(),
+        ack_deadline: PATIENCE,
+        max_attempts: 3,
+        ..RedisConfig::default()
+    })
+    .expect("connect to redis")
 }
 
-impl Redis {
-    /// Starts a server, or returns `None` (saying so) when `redis-server` is not installed.
-    fn start() -> Option<Redis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            skip("redis-server not found (apt-get install redis-server)");
-            return None;
-        }
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "mayhem-interop-redis-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("create the server's directory");
-        // Another test may take the free port between the probe and the server's bind: then
-        // the server exits, and another port is tried.
-        for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--save", "", "--appendonly", "no", "--dir"])
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server");
-            let end = Instant::now() + PATIENCE;
-            loop {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                let pong = redis::Client::open(format!("redis://127.0.0.1:{port}/0"))
-                    .and_then(|client| {
-                        client.get_connection_with_timeout(Duration::from_millis(500))
-                    })
-                    .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con));
-                if pong.is_ok() && matches!(child.try_wait(), Ok(None)) {
-                    return Some(Redis { child, port, dir });
-                }
-                assert!(Instant::now() < end, "redis-server did not start");
-                thread::sleep(Duration::from_millis(10));
-            }
-        }
-        panic!("could not start redis-server on a free port");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
-            .expect("connect to the test server")
-    }
-
-    /// A source on `stream` (group `mayhem`, consumer `c1`).
-    fn source(&self, stream: &str) -> RedisSource {
-        RedisSource::connect(RedisConfig {
-            url: self.url(),
-            stream: stream.to_owned(),
-            group: "mayhem".to_owned(),
-            consumer: "c1".to_owned(),
-            ack_deadline: PATIENCE,
-            max_attempts: 3,
-            ..RedisConfig::default()
-        })
-        .expect("connect to redis")
-    }
-
-    /// Every entry of `stream`: its id and its fields in order, values as text.
-    fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
-        redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query(&mut self.connection())
-            .expect("XRANGE")
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Every entry of `stream`: its id and its fields in order, values as text.
+fn entries(server: &RedisServer, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+    redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(&mut server.connection())
+        .expect("XRANGE")
 }
 
 /// The milliseconds of a Redis entry id `ms-seq`.
@@ -470,7 +360,9 @@ fn redis_py_producers_reach_the_redis_source_byte_for_byte() {
     if !have_python() {
         return;
     }
-    let Some(server) = Redis::start() else { return };
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
     let stream = "from-python";
     let samples = samples();
     let mut messages: Vec<Value> = samples.iter().map(sample_json).collect();
@@ -485,7 +377,7 @@ fn redis_py_producers_reach_the_redis_source_byte_for_byte() {
         serde_json::from_value(answer["entry_ids"].clone()).expect("entry ids");
     assert_eq!(entry_ids.len(), samples.len(), "{answer}");
 
-    let source = server.source(stream);
+    let source = redis_source(&server, stream);
     let leases = pull(&source, samples.len());
     // One consumer reads a stream in order.
     for ((lease, sample), entry_id) in leases.iter().zip(&samples).zip(&entry_ids) {
@@ -521,10 +413,12 @@ fn the_redis_source_s_messages_reach_redis_py_consumers_byte_for_byte() {
     if !have_python() {
         return;
     }
-    let Some(server) = Redis::start() else { return };
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
     let stream = "to-python";
     let samples = samples();
-    let source = server.source(stream);
+    let source = redis_source(&server, stream);
     let batch: Vec<PubSubMessage> = samples.iter().map(sample_message).collect();
     source.publish(&batch).expect("publish");
     assert_eq!(source.wait_confirmed(PATIENCE), 0, "unconfirmed messages");
@@ -592,91 +486,6 @@ fn the_redis_source_s_messages_reach_redis_py_consumers_byte_for_byte() {
     }
 }
 
-/// A running `mayhem` process; its stderr lines are collected as they come.
-struct Service {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: JoinHandle<()>,
-    stdout: JoinHandle<String>,
-}
-
-impl Service {
-    fn start(args: &[&str]) -> Service {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["--log-level", "info"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mayhem");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = {
-            let pipe = child.stderr.take().expect("piped stderr");
-            let lines = Arc::clone(&lines);
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
-        let mut pipe = child.stdout.take().expect("piped stdout");
-        let stdout = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        });
-        Service {
-            child,
-            lines,
-            stderr,
-            stdout,
-        }
-    }
-
-    /// Polls the stderr lines until one contains `pattern`.
-    fn wait_for(&mut self, pattern: &str) {
-        let end = Instant::now() + PATIENCE;
-        while !self
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(pattern))
-        {
-            let exited = self.child.try_wait().expect("wait for mayhem");
-            assert!(
-                Instant::now() < end && exited.is_none(),
-                "no line with {pattern:?} (exited: {exited:?}) in:\n{}",
-                self.lines.lock().unwrap().join("\n")
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits for the exit; returns the status, the stderr lines and stdout.
-    fn finish(mut self) -> (ExitStatus, Vec<String>, String) {
-        let end = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for mayhem") {
-                break status;
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                panic!(
-                    "mayhem did not exit:\n{}",
-                    self.lines.lock().unwrap().join("\n")
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        self.stderr.join().expect("stderr reader");
-        let stdout = self.stdout.join().expect("stdout reader");
-        let lines = self.lines.lock().unwrap().clone();
-        (status, lines, stdout)
-    }
-}
-
 /// A numeric field of the binary's one-line JSON report.
 fn report_field(report: &str, name: &str) -> u64 {
     let json: Value = serde_json::from_str(report.trim())
@@ -711,16 +520,12 @@ fn the_binary_restarts_a_host_redis_py_names_and_rejects_data_that_is_no_host_na
     if !have_python() {
         return;
     }
-    let Some(server) = Redis::start() else { return };
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
     let stream = "hosts";
     let url = server.url();
-    let mut service = Service::start(
-        &[
-            &["--source", url.as_str(), "--stream", stream][..],
-            &TWO_AND_DONE[..],
-        ]
-        .concat(),
-    );
+    let mut service = Service::start_on(&url, &[&["--stream", stream][..], &TWO_AND_DONE].concat());
     service.wait_for("Starting consumer");
     python(
         "redis_interop.py",
@@ -735,7 +540,7 @@ fn the_binary_restarts_a_host_redis_py_names_and_rejects_data_that_is_no_host_na
         }),
     );
     service.wait_for("Restarted web-02.example.net");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     let log = lines.join("\n");
     assert!(status.success(), "{status}\n{log}");
     assert_eq!(report_field(&report, "acked"), 1, "{report}");
@@ -745,7 +550,7 @@ fn the_binary_restarts_a_host_redis_py_names_and_rejects_data_that_is_no_host_na
     assert_eq!(report_field(&report, "nacked"), 0, "{report}");
     assert!(!log.contains("panicked"), "{log}");
 
-    let dead = server.entries(&format!("{stream}:dead"));
+    let dead = entries(&server, &format!("{stream}:dead"));
     assert_eq!(dead.len(), 1, "{dead:?}");
     let fields: BTreeMap<&str, &str> = dead[0]
         .1
@@ -766,110 +571,6 @@ fn the_binary_restarts_a_host_redis_py_names_and_rejects_data_that_is_no_host_na
 // RabbitMQ
 // ---------------------------------------------------------------------------------------
 
-/// A `rabbitmq-server` of this test binary, on free loopback ports, under a watchdog shell
-/// that kills its whole process group and removes its directory when the test binary exits
-/// (the shell's standard input closes).
-struct Rabbit {
-    /// The AMQP port.
-    port: u16,
-    /// Standard input of the watchdog shell (kept open while the test binary runs).
-    _watchdog: Mutex<(Child, ChildStdin)>,
-}
-
-impl Rabbit {
-    /// The shared server, started by the first test that asks (about 5 to 10 s); `None`
-    /// (said loudly by every test that asks) when `rabbitmq-server` is not installed.
-    fn get() -> Option<&'static Rabbit> {
-        static SERVER: OnceLock<Option<Rabbit>> = OnceLock::new();
-        let server = SERVER.get_or_init(Rabbit::start);
-        if server.is_none() {
-            skip(&format!(
-                "{RABBITMQ_SERVER} not found (apt-get install rabbitmq-server)"
-            ));
-        }
-        server.as_ref()
-    }
-
-    fn start() -> Option<Rabbit> {
-        if !Path::new(RABBITMQ_SERVER).exists() {
-            return None;
-        }
-        let dir =
-            std::env::temp_dir().join(format!("mayhem-interop-rabbitmq-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the server's directory");
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write the plugins file");
-        let port = free_port();
-        let log = dir.join("server.log");
-        let node = format!("mayhem-interop-rabbitmq-{}@localhost", std::process::id());
-        // `setsid` runs the server in a process group of its own, which `kill -KILL -$!`
-        // ends whole once standard input closes.
-        let mut watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(
-                "setsid \"$0\" >\"$1\" 2>&1 </dev/null & \
-                 cat >/dev/null; kill -KILL -$!; sleep 0.2; rm -rf \"$2\"",
-            )
-            .arg(RABBITMQ_SERVER)
-            .arg(&log)
-            .arg(&dir)
-            .env("HOME", &dir)
-            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_LOGS", "-")
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", free_port().to_string())
-            .env("RABBITMQ_NODENAME", &node)
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-            .env("RABBITMQ_PID_FILE", dir.join("pid"))
-            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
-            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
-            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start rabbitmq-server");
-        let stdin = watchdog.stdin.take().expect("piped stdin");
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("Server startup complete")
-                && TcpStream::connect(("127.0.0.1", port)).is_ok()
-            {
-                break;
-            }
-            if matches!(watchdog.try_wait(), Ok(Some(_))) || Instant::now() > end {
-                panic!("rabbitmq-server did not start:\n{text}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        Some(Rabbit {
-            port,
-            _watchdog: Mutex::new((watchdog, stdin)),
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    /// A source on `queue`: connecting declares the queue (a quorum queue with the source's
-    /// arguments), so a Python producer may publish to it afterwards.
-    fn source(&self, queue: &str) -> AmqpSource {
-        AmqpSource::connect(AmqpConfig {
-            url: self.url(),
-            queue: queue.to_owned(),
-            ack_deadline: PATIENCE,
-            max_attempts: 3,
-            reconnect_limit: Duration::from_secs(10),
-            ..AmqpConfig::default()
-        })
-        .expect("connect to rabbitmq")
-    }
-}
-
 #[test]
 fn pika_producers_reach_the_amqp_source_byte_for_byte() {
     if !have_python() {
@@ -877,7 +578,7 @@ fn pika_producers_reach_the_amqp_source_byte_for_byte() {
     }
     let Some(server) = Rabbit::get() else { return };
     let queue = "from-pika";
-    let source = server.source(queue);
+    let source = server.source(queue, PATIENCE, 3);
     let samples = samples();
     let mut messages: Vec<Value> = samples.iter().map(sample_json).collect();
     // A producer's own `timestamp` (seconds), on the text sample; the others have none.
@@ -918,7 +619,7 @@ fn the_amqp_source_s_messages_reach_pika_consumers_byte_for_byte() {
     let Some(server) = Rabbit::get() else { return };
     let queue = "to-pika";
     // A client that only publishes takes no deliveries: pika's basic_get gets them all.
-    let source = server.source(queue);
+    let source = server.source(queue, PATIENCE, 3);
     let samples = samples();
     let batch: Vec<PubSubMessage> = samples.iter().map(sample_message).collect();
     let before = now_secs();
@@ -983,13 +684,7 @@ fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name()
     let Some(server) = Rabbit::get() else { return };
     let queue = "hosts";
     let url = server.url();
-    let mut service = Service::start(
-        &[
-            &["--source", url.as_str(), "--stream", queue][..],
-            &TWO_AND_DONE[..],
-        ]
-        .concat(),
-    );
+    let mut service = Service::start_on(&url, &[&["--stream", queue][..], &TWO_AND_DONE].concat());
     // The service declared its queue before it starts consuming.
     service.wait_for("Starting consumer");
     python(
@@ -1005,7 +700,7 @@ fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name()
         }),
     );
     service.wait_for("Restarted web-02.example.net");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     let log = lines.join("\n");
     assert!(status.success(), "{status}\n{log}");
     assert_eq!(report_field(&report, "acked"), 1, "{report}");

@@ -532,15 +532,10 @@ fn methods_paths_and_queries_are_answered_as_http_asks() {
     assert_eq!(status.code(), Some(0), "{lines:#?}");
 }
 
-/// A free loopback port, for a service whose stderr cannot be read to learn its address.
-fn free_port() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
-    listener.local_addr().expect("local address").to_string()
-}
-
 #[test]
 fn a_second_signal_exits_130_even_with_a_full_unread_stderr() {
-    let addr = free_port();
+    // A free port: the address cannot be read from a stderr nobody reads.
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
         .args([
             "--metrics-addr",

@@ -13,17 +13,19 @@
 #![cfg(all(feature = "pubsub", feature = "cli"))]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{self, JoinHandle};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
 mod conformance;
 
+use common::{acked_names, field, free_port, skip, Service};
 use mayhem::{
     Config, Context, HandleError, Handler, PubSubConfig, PubSubMessage, PubSubSource, Publish,
     Shutdown, Source,
@@ -38,35 +40,6 @@ const PATIENCE: Duration = Duration::from_secs(60);
 const PROJECT: &str = "mayhem-test";
 /// The ack deadline of the conformance brokers: Pub/Sub's shortest.
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// Says loudly that a test is skipped, and records it for `make test`'s summary; with
-/// `MAYHEM_REQUIRE_PUBSUB=1` (set by CI) a skip is a failure instead.
-fn skip(reason: &str) {
-    let test = thread::current().name().unwrap_or("pubsub test").to_owned();
-    if std::env::var("MAYHEM_REQUIRE_PUBSUB").is_ok_and(|v| v == "1") {
-        panic!("{test}: {reason}, and MAYHEM_REQUIRE_PUBSUB=1 forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
-    if let Ok(mut file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-    {
-        use std::io::Write;
-        // One write per line: appends of whole lines from parallel tests do not interleave.
-        let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
-    }
-}
-
-/// A free loopback port (free when asked; the emulator started on it may still find it
-/// taken, and then the start is tried on another).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("find a free port")
-        .port()
-}
 
 /// The emulator shared by the tests of this binary.
 struct Emulator {
@@ -222,126 +195,20 @@ fn emulated() -> Option<Emulated> {
 
 conformance_tests!(emulated());
 
-/// A running `mayhem` whose stderr lines are collected.
-struct Service {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: JoinHandle<()>,
-    stdout: JoinHandle<String>,
-}
-
-impl Service {
-    /// Starts `mayhem --source pubsub://...` with `args`, on the emulator.
-    fn start(emulator: &Emulator, subscription: &str, args: &[&str]) -> Service {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["--source", &format!("pubsub://{PROJECT}/{subscription}")])
-            .args(["--log-level", "info", "--ack-deadline", "10s"])
-            .args(["--extend-interval", "5s"])
-            .args(args)
-            .env("PUBSUB_EMULATOR_HOST", &emulator.host)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mayhem");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = {
-            let pipe = child.stderr.take().expect("piped stderr");
-            let lines = Arc::clone(&lines);
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
-        let mut pipe = child.stdout.take().expect("piped stdout");
-        let stdout = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        });
-        Service {
-            child,
-            lines,
-            stderr,
-            stdout,
-        }
-    }
-
-    /// Polls the stderr lines until `count` of them contain `pattern`.
-    fn wait_for(&self, pattern: &str, count: usize) {
-        let end = Instant::now() + PATIENCE;
-        loop {
-            let lines = self.lines.lock().unwrap();
-            if lines.iter().filter(|l| l.contains(pattern)).count() >= count {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "fewer than {count} lines with {pattern:?} in:\n{}",
-                lines.join("\n")
-            );
-            drop(lines);
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// Waits for the exit; returns the status, the stderr lines and stdout.
-    fn finish(mut self) -> (ExitStatus, Vec<String>, String) {
-        let end = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for mayhem") {
-                break status;
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                panic!(
-                    "mayhem did not exit:\n{}",
-                    self.lines.lock().unwrap().join("\n")
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        self.stderr.join().expect("stderr reader");
-        let stdout = self.stdout.join().expect("stdout reader");
-        let lines = self.lines.lock().unwrap().clone();
-        (status, lines, stdout)
-    }
-}
-
-/// A numeric field of the one-line JSON report.
-fn field(json: &str, name: &str) -> f64 {
-    let key = format!("\"{name}\":");
-    let start = json
-        .find(&key)
-        .unwrap_or_else(|| panic!("no {name} in {json}"))
-        + key.len();
-    json[start..]
-        .split([',', '}'])
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad {name} in {json}"))
-}
-
-/// Instance names of the messages a process logged as acked.
-fn acked_names(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter_map(|line| {
-            line.split("Done. Acked PubSubMessage(instance_name='")
-                .nth(1)
-        })
-        .filter_map(|rest| rest.split('\'').next())
-        .map(str::to_owned)
-        .collect()
+/// Starts `mayhem --source pubsub://...` with `args`, on the emulator.
+fn start(emulator: &Emulator, subscription: &str, args: &[&str]) -> Service {
+    let source = format!("pubsub://{PROJECT}/{subscription}");
+    let flags = [
+        "--source",
+        &source,
+        "--log-level",
+        "info",
+        "--ack-deadline",
+        "10s",
+    ];
+    let args = [&flags[..], &["--extend-interval", "5s"], args].concat();
+    Service::start_with_env(&args, &[("PUBSUB_EMULATOR_HOST", &emulator.host)])
+        .with_patience(PATIENCE)
 }
 
 /// Pulls from `source` until `count` leases came (or panics after [`PATIENCE`]).
@@ -366,7 +233,7 @@ fn the_service_handles_what_it_publishes_end_to_end() {
     let Some(emulator) = Emulator::get() else {
         return;
     };
-    let service = Service::start(
+    let mut service = start(
         emulator,
         &unique("e2e"),
         &[
@@ -382,8 +249,8 @@ fn the_service_handles_what_it_publishes_end_to_end() {
             "3",
         ],
     );
-    service.wait_for("Successfully shutdown the Mayhem service.", 1);
-    let (status, lines, report) = service.finish();
+    service.wait_for_count("Successfully shutdown the Mayhem service.", 1);
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
     assert_eq!(field(&report, "published"), 300.0, "{report}");
     // A message whose five attempts all failed (a failure rate of 0.25 per step) is
@@ -411,7 +278,7 @@ fn the_service_consumes_what_another_client_published_and_gives_back_on_sigterm(
     let sent: Vec<PubSubMessage> = (0..100).map(|_| PubSubMessage::random(&mut rng)).collect();
     publisher.publish(&sent).expect("publish");
     drop(publisher);
-    let service = Service::start(
+    let mut service = start(
         emulator,
         &subscription,
         &[
@@ -427,9 +294,9 @@ fn the_service_consumes_what_another_client_published_and_gives_back_on_sigterm(
             "json",
         ],
     );
-    service.wait_for("Done. Acked", 100);
+    service.wait_for_count("Done. Acked", 100);
     service.signal("TERM");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
     assert_eq!(field(&report, "acked"), 100.0, "{report}");
     let mut names = acked_names(&lines);
@@ -458,7 +325,7 @@ fn messages_over_max_attempts_reach_the_dead_letter_topic_with_their_reason() {
     })
     .expect("watch the dead-letter topic");
     drop(source);
-    let service = Service::start(
+    let service = start(
         emulator,
         &subscription,
         &[
@@ -478,7 +345,7 @@ fn messages_over_max_attempts_reach_the_dead_letter_topic_with_their_reason() {
             "json",
         ],
     );
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
     assert_eq!(field(&report, "dead_lettered"), 20.0, "{report}");
     let dead = pull_all(&watch, 20);
@@ -955,28 +822,28 @@ fn a_killed_instance_s_messages_are_handled_by_the_next_after_the_ack_deadline()
     ];
     // The first instance takes every message and holds it (its handlers' three steps take up
     // to a minute each: with this seed none ends before the kill, a fraction of a second in).
-    let first = Service::start(
+    let mut first = start(
         emulator,
         &subscription,
         &[&quiet[..], &["--handler-latency", "60s"]].concat(),
     );
-    first.wait_for("Handling PubSubMessage", 50);
+    first.wait_for_count("Handling PubSubMessage", 50);
     first.signal("KILL");
     let _ = first.finish();
     // The next one gets them once their ack deadline (10 s) passed, and acks each.
     let started = Instant::now();
-    let second = Service::start(
+    let mut second = start(
         emulator,
         &subscription,
         &[&quiet[..], &["--handler-latency", "5ms"]].concat(),
     );
-    second.wait_for("Done. Acked", 50);
+    second.wait_for_count("Done. Acked", 50);
     assert!(
         started.elapsed() >= Duration::from_secs(5),
         "redelivered only after the deadline"
     );
     second.signal("TERM");
-    let (status, lines, report) = second.finish();
+    let (status, _, lines, report) = second.finish();
     assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
     let mut names = acked_names(&lines);
     names.sort();
@@ -1007,7 +874,7 @@ fn a_frozen_emulator_delays_the_service_but_loses_nothing() {
     let sent: Vec<PubSubMessage> = (0..200).map(|_| PubSubMessage::random(&mut rng)).collect();
     publisher.publish(&sent).expect("publish");
     drop(publisher);
-    let service = Service::start(
+    let mut service = start(
         &emulator,
         &subscription,
         &[
@@ -1027,7 +894,7 @@ fn a_frozen_emulator_delays_the_service_but_loses_nothing() {
             "json",
         ],
     );
-    service.wait_for("Done. Acked", 20);
+    service.wait_for_count("Done. Acked", 20);
     let signal = |name: &str| {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &pid])
@@ -1038,9 +905,9 @@ fn a_frozen_emulator_delays_the_service_but_loses_nothing() {
     signal("STOP");
     thread::sleep(Duration::from_secs(3));
     signal("CONT");
-    service.wait_for("Done. Acked", 200);
+    service.wait_for_count("Done. Acked", 200);
     service.signal("TERM");
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert!(status.success(), "{status:?}:\n{}", lines.join("\n"));
     let mut names = acked_names(&lines);
     names.sort();

@@ -10,487 +10,31 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
 mod conformance;
 mod redis_soak;
 
+use common::proxy::Proxy;
+use common::redis::RedisServer;
+use common::{acked_names, field, free_port, pull_one, wait_until, BrokerServer, Service, QUIET};
 use mayhem::{PubSubMessage, Publish, RedisConfig, RedisSource, Source};
 use redis::Value;
 
 /// Upper bound for anything a test waits for; only reached when something is broken.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Says loudly that a test is skipped, and records it for `make test`'s summary; with
-/// `MAYHEM_REQUIRE_REDIS=1` (set by CI) a skip is a failure instead.
-fn skip(reason: &str) {
-    let test = thread::current().name().unwrap_or("redis test").to_owned();
-    if std::env::var("MAYHEM_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-        panic!("{test}: {reason}, and MAYHEM_REQUIRE_REDIS=1 forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
-    if let Ok(mut file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-    {
-        use std::io::Write;
-        // One write per line: appends of whole lines from parallel tests do not interleave.
-        let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
-    }
+/// Starts `mayhem --source {server} --log-level info` with `args`.
+fn start(server: &RedisServer, args: &[&str]) -> Service {
+    Service::start_on(&server.url(), args).with_patience(PATIENCE)
 }
 
-/// Whether `redis-server` is installed; says so loudly (see [`skip`]) when it is not.
-fn have_redis() -> bool {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        skip("redis-server not found");
-    }
-    found
-}
-
-/// A free loopback port (free when asked; a server started on it may still find it taken).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("find a free port")
-        .port()
-}
-
-/// A `redis-server` on a free loopback port, killed (and its directory removed) on drop.
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-    persistent: bool,
-    password: Option<String>,
-}
-
-impl Server {
-    /// Starts a server, or returns `None` (saying so) when `redis-server` is not installed.
-    /// `persistent` servers write an append-only file synced on every write, so they keep
-    /// their data across a `restart`.
-    fn start(persistent: bool) -> Option<Server> {
-        Server::start_with(persistent, None, None)
-    }
-
-    /// [`Server::start`] on a given port (else a free one), with a password (else none).
-    fn start_with(persistent: bool, port: Option<u16>, password: Option<&str>) -> Option<Server> {
-        if !have_redis() {
-            return None;
-        }
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "mayhem-redis-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("create the server's directory");
-        let mut server = Server {
-            child: None,
-            port: port.unwrap_or_else(free_port),
-            dir,
-            persistent,
-            password: password.map(str::to_owned),
-        };
-        server.spawn(port.is_some());
-        Some(server)
-    }
-
-    /// Starts `redis-server` on `self.port` and waits until it answers PING. Another test may
-    /// have taken the same free port between our probe and the server's bind; then our server
-    /// exits, and (unless this is a restart, which must keep its port) a new port is tried.
-    fn spawn(&mut self, keep_port: bool) {
-        for _ in 0..5 {
-            let mut command = Command::new("redis-server");
-            command
-                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-                .args(["--save", "", "--dir"])
-                .arg(&self.dir)
-                // Also a Unix socket, for the test of `redis+unix://` addresses.
-                .arg("--unixsocket")
-                .arg(self.dir.join("redis.sock"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Some(password) = &self.password {
-                command.args(["--requirepass", password]);
-            }
-            if self.persistent {
-                command.args(["--appendonly", "yes", "--appendfsync", "always"]);
-            } else {
-                command.args(["--appendonly", "no"]);
-            }
-            let mut child = command.spawn().expect("start redis-server");
-            let end = Instant::now() + PATIENCE;
-            let answered = loop {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break false;
-                }
-                // PING, not just a connect: the port may belong to another test's server for a
-                // moment, and a persistent server accepts connections before it loaded its data.
-                let pong = redis::Client::open(self.url())
-                    .and_then(|client| {
-                        client.get_connection_with_timeout(Duration::from_millis(500))
-                    })
-                    .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con));
-                if pong.is_ok() && matches!(child.try_wait(), Ok(None)) {
-                    break true;
-                }
-                assert!(Instant::now() < end, "redis-server did not start");
-                thread::sleep(Duration::from_millis(10));
-            };
-            if answered {
-                self.child = Some(child);
-                return;
-            }
-            let _ = child.wait();
-            if keep_port {
-                // A restart keeps its port (the service's URL names it); try it again.
-                thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            self.port = free_port();
-        }
-        panic!("could not start redis-server on a free port");
-    }
-
-    /// Kills the server hard (SIGKILL).
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        match &self.password {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}/0", self.port),
-            None => format!("redis://127.0.0.1:{}/0", self.port),
-        }
-    }
-
-    /// Sends `SIGSTOP` or `SIGCONT` to the server.
-    fn signal(&self, name: &str) {
-        let child = self.child.as_ref().expect("a running server");
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// Runs one command on the server.
-    fn cmd(&self, args: &[&str]) -> Value {
-        let mut cmd = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            cmd.arg(*arg);
-        }
-        cmd.query(&mut self.connection())
-            .unwrap_or_else(|error| panic!("{args:?}: {error}"))
-    }
-
-    fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
-            .expect("connect to the test server")
-    }
-
-    /// Adds `count` messages named `cattle-0000`, `cattle-0001`, ... to `stream`.
-    fn publish(&self, stream: &str, count: usize) -> Vec<String> {
-        self.publish_names(
-            stream,
-            (0..count).map(|i| format!("cattle-{i:04}")).collect(),
-        )
-    }
-
-    /// Adds `count` messages named `cattle-{tag}000`, `cattle-{tag}001`, ... to `stream`.
-    fn publish_as(&self, stream: &str, tag: char, count: usize) -> Vec<String> {
-        self.publish_names(
-            stream,
-            (0..count).map(|i| format!("cattle-{tag}{i:03}")).collect(),
-        )
-    }
-
-    /// Adds one message per name to `stream`; the message ids are derived from the names.
-    fn publish_names(&self, stream: &str, names: Vec<String>) -> Vec<String> {
-        let mut con = self.connection();
-        let mut pipe = redis::pipe();
-        for name in &names {
-            let id = name.bytes().fold(1u128, |id, b| {
-                id.wrapping_mul(131).wrapping_add(u128::from(b))
-            });
-            pipe.cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("data")
-                .arg(name)
-                .arg("message_id")
-                .arg(mayhem::Uuid::from_u128(id).to_string())
-                .ignore();
-        }
-        pipe.query::<()>(&mut con).expect("XADD");
-        names
-    }
-
-    /// `XINFO GROUPS` of `stream` for `group`: (pending, lag, entries-read).
-    fn group(&self, stream: &str, group: &str) -> Option<(i64, i64, i64)> {
-        let reply: Value = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(stream)
-            .query(&mut self.connection())
-            .ok()?;
-        let Value::Array(groups) = reply else {
-            return None;
-        };
-        for entry in groups {
-            let Value::Array(pairs) = entry else { continue };
-            let fields: HashMap<String, Value> = pairs
-                .chunks(2)
-                .filter_map(|pair| {
-                    Some((
-                        redis::from_redis_value_ref(&pair[0]).ok()?,
-                        pair.get(1)?.clone(),
-                    ))
-                })
-                .collect();
-            let name: String = redis::from_redis_value_ref(fields.get("name")?).ok()?;
-            if name != group {
-                continue;
-            }
-            let number = |key: &str| match fields.get(key) {
-                Some(Value::Int(n)) => *n,
-                _ => -1,
-            };
-            return Some((number("pending"), number("lag"), number("entries-read")));
-        }
-        None
-    }
-
-    /// Pending entries of one consumer.
-    fn pending_of(&self, stream: &str, group: &str, consumer: &str) -> usize {
-        let reply: Vec<Value> = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(group)
-            .arg("-")
-            .arg("+")
-            .arg(10_000)
-            .arg(consumer)
-            .query(&mut self.connection())
-            .expect("XPENDING");
-        reply.len()
-    }
-
-    /// Polls until the group has delivered and acked everything in `stream`.
-    fn wait_until_drained(&self, stream: &str, group: &str) {
-        let end = Instant::now() + PATIENCE;
-        loop {
-            if let Some((0, 0, read)) = self.group(stream, group) {
-                if read > 0 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < end,
-                "group never drained: {:?}",
-                self.group(stream, group)
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The distinct instance names in `stream`, sorted.
-    fn instance_names(&self, stream: &str) -> Vec<String> {
-        let reply: Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query(&mut self.connection())
-            .expect("XRANGE");
-        let Value::Array(entries) = reply else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = entries
-            .iter()
-            .filter_map(|entry| {
-                let Value::Array(parts) = entry else {
-                    return None;
-                };
-                let fields: HashMap<String, String> =
-                    redis::from_redis_value_ref(parts.get(1)?).ok()?;
-                fields.get("data").cloned()
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    }
-
-    fn xlen(&self, stream: &str) -> i64 {
-        redis::cmd("XLEN")
-            .arg(stream)
-            .query(&mut self.connection())
-            .expect("XLEN")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A running `mayhem` process; its stderr lines are collected as they come.
-struct Service {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: JoinHandle<()>,
-    stdout: JoinHandle<String>,
-}
-
-impl Service {
-    fn start(server: &Server, args: &[&str]) -> Service {
-        let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["--source", &server.url(), "--log-level", "info"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mayhem");
-        Service::adopt(child)
-    }
-
-    /// Collects the output of a started `mayhem` with piped stdout and stderr.
-    fn adopt(mut child: Child) -> Service {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = {
-            let pipe = child.stderr.take().expect("piped stderr");
-            let lines = Arc::clone(&lines);
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
-        let mut pipe = child.stdout.take().expect("piped stdout");
-        let stdout = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        });
-        Service {
-            child,
-            lines,
-            stderr,
-            stdout,
-        }
-    }
-
-    /// Polls the stderr lines until one contains `pattern`.
-    fn wait_for(&self, pattern: &str) {
-        let end = Instant::now() + PATIENCE;
-        while !self
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(pattern))
-        {
-            assert!(
-                Instant::now() < end,
-                "no line with {pattern:?} in:\n{}",
-                self.lines.lock().unwrap().join("\n")
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// Waits for the exit; returns the status, the stderr lines and stdout.
-    fn finish(mut self) -> (ExitStatus, Vec<String>, String) {
-        let end = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for mayhem") {
-                break status;
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                panic!(
-                    "mayhem did not exit:\n{}",
-                    self.lines.lock().unwrap().join("\n")
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        self.stderr.join().expect("stderr reader");
-        let stdout = self.stdout.join().expect("stdout reader");
-        let lines = self.lines.lock().unwrap().clone();
-        (status, lines, stdout)
-    }
-}
-
-/// Instance names of the messages a process logged as acked.
-fn acked_names(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter_map(|line| {
-            line.split("Done. Acked PubSubMessage(instance_name='")
-                .nth(1)
-        })
-        .filter_map(|rest| rest.split('\'').next())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// A numeric field of the one-line JSON report.
-fn field(json: &str, name: &str) -> f64 {
-    let key = format!("\"{name}\":");
-    let start = json
-        .find(&key)
-        .unwrap_or_else(|| panic!("no {name} in {json}"))
-        + key.len();
-    json[start..]
-        .split([',', '}'])
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad {name} in {json}"))
-}
-
-/// Flags of a fast, failure-free handler run without own publishers.
-const QUIET: [&str; 12] = [
-    "--publishers",
-    "0",
-    "--restart-failure-rate",
-    "0",
-    "--save-failure-rate",
-    "0",
-    "--report",
-    "json",
-    "--seed",
-    "7",
-    "--workers",
-    "2",
-];
-
-fn source_config(server: &Server, stream: &str, ack_deadline: Duration) -> RedisConfig {
+fn source_config(server: &RedisServer, stream: &str, ack_deadline: Duration) -> RedisConfig {
     RedisConfig {
         url: server.url(),
         stream: stream.to_owned(),
@@ -502,22 +46,10 @@ fn source_config(server: &Server, stream: &str, ack_deadline: Duration) -> Redis
     }
 }
 
-fn pull_one(source: &RedisSource) -> mayhem::Lease {
-    let end = Instant::now() + PATIENCE;
-    let mut leases = Vec::new();
-    while leases.is_empty() {
-        assert!(Instant::now() < end, "nothing to pull");
-        source
-            .pull(1, Duration::from_millis(100), &mut leases)
-            .expect("pull");
-    }
-    leases.remove(0)
-}
-
 /// A real Redis for the conformance suite: one server per test, one stream per broker.
 struct Redis {
     /// The server.
-    server: Server,
+    server: RedisServer,
     /// Numbers the streams of the brokers made.
     streams: AtomicU32,
 }
@@ -562,7 +94,7 @@ impl conformance::Harness for Redis {
 
 /// A conformance harness, or `None` (said loudly) without `redis-server`.
 fn redis() -> Option<Redis> {
-    Server::start(false).map(|server| Redis {
+    RedisServer::start(false).map(|server| Redis {
         server,
         streams: AtomicU32::new(0),
     })
@@ -574,7 +106,7 @@ conformance_tests!(redis());
 fn unix_sockets_and_database_numbers_are_honoured() {
     // The source has its own connection code (it reads replies in place): the address forms
     // the client accepts must keep working with it.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let socket = server.dir.join("redis.sock");
@@ -614,7 +146,7 @@ fn publish_one(source: &RedisSource, message: &PubSubMessage) {
 
 #[test]
 fn an_extended_lease_cannot_be_claimed_by_another_consumer() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let deadline = Duration::from_millis(300);
@@ -648,7 +180,7 @@ fn an_extended_lease_cannot_be_claimed_by_another_consumer() {
 
 #[test]
 fn a_restarted_consumer_recovers_its_own_pending_entries() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let config = source_config(&server, "s", Duration::from_secs(60));
@@ -669,7 +201,7 @@ fn a_restarted_consumer_recovers_its_own_pending_entries() {
 
 #[test]
 fn nacks_past_max_attempts_go_to_the_dead_stream() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let source =
@@ -689,15 +221,15 @@ fn nacks_past_max_attempts_go_to_the_dead_stream() {
 
 #[test]
 fn two_instances_share_the_work_and_ack_each_message_once() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let flags = ["--handler-latency", "20ms", "--max-in-flight", "10"];
-    let a = Service::start(
+    let mut a = start(
         &server,
         &[&QUIET[..], &flags[..], &["--consumer-name", "a"]].concat(),
     );
-    let b = Service::start(
+    let mut b = start(
         &server,
         &[&QUIET[..], &flags[..], &["--consumer-name", "b"]].concat(),
     );
@@ -707,8 +239,8 @@ fn two_instances_share_the_work_and_ack_each_message_once() {
     server.wait_until_drained("mayhem", "mayhem");
     a.signal("TERM");
     b.signal("TERM");
-    let (status_a, lines_a, report_a) = a.finish();
-    let (status_b, lines_b, report_b) = b.finish();
+    let (status_a, _, lines_a, report_a) = a.finish();
+    let (status_b, _, lines_b, report_b) = b.finish();
     assert!(
         status_a.success() && status_b.success(),
         "{status_a} {status_b}"
@@ -730,7 +262,7 @@ fn two_instances_share_the_work_and_ack_each_message_once() {
 
 #[test]
 fn a_killed_instance_s_messages_are_claimed_by_the_other() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let flags = [
@@ -743,7 +275,7 @@ fn a_killed_instance_s_messages_are_claimed_by_the_other() {
         "--extend-interval",
         "300ms",
     ];
-    let victim = Service::start(
+    let mut victim = start(
         &server,
         &[&QUIET[..], &flags[..], &["--consumer-name", "victim"]].concat(),
     );
@@ -754,16 +286,16 @@ fn a_killed_instance_s_messages_are_claimed_by_the_other() {
         assert!(Instant::now() < end, "the victim never leased anything");
         thread::sleep(Duration::from_millis(5));
     }
-    let survivor = Service::start(
+    let survivor = start(
         &server,
         &[&QUIET[..], &flags[..], &["--consumer-name", "survivor"]].concat(),
     );
     victim.signal("KILL");
-    let (status, lines_victim, _) = victim.finish();
+    let (status, _, lines_victim, _) = victim.finish();
     assert!(!status.success());
     server.wait_until_drained("mayhem", "mayhem");
     survivor.signal("TERM");
-    let (status, lines_survivor, report) = survivor.finish();
+    let (status, _, lines_survivor, report) = survivor.finish();
     assert!(status.success(), "{status}");
     assert!(
         field(&report, "redelivered") >= 1.0,
@@ -778,10 +310,10 @@ fn a_killed_instance_s_messages_are_claimed_by_the_other() {
 
 #[test]
 fn sigterm_leaves_nothing_pending() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let service = Service::start(
+    let service = start(
         &server,
         &[
             "--publish-interval",
@@ -804,7 +336,7 @@ fn sigterm_leaves_nothing_pending() {
         thread::sleep(Duration::from_millis(5));
     }
     service.signal("TERM");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(field(&report, "nacked") >= 1.0, "{report}");
     assert_eq!(server.group("mayhem", "mayhem").map(|g| g.0), Some(0));
@@ -812,10 +344,10 @@ fn sigterm_leaves_nothing_pending() {
 
 #[test]
 fn the_last_report_of_a_lone_instance_balances() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let service = Service::start(
+    let mut service = start(
         &server,
         &[
             "--publish-interval",
@@ -832,11 +364,9 @@ fn the_last_report_of_a_lone_instance_balances() {
     );
     // Stopped mid-run, with acks still being sent: the last count is asked of Redis after
     // them, not taken from the maintenance thread's answer of up to a tenth of a second ago.
-    wait_until("200 acks", || {
-        acked_names(&service.lines.lock().unwrap()).len() >= 200
-    });
+    wait_until("200 acks", || acked_names(service.lines()).len() >= 200);
     service.signal("TERM");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert_eq!(
         field(&report, "published"),
@@ -847,10 +377,10 @@ fn the_last_report_of_a_lone_instance_balances() {
 
 #[test]
 fn the_service_recovers_from_a_redis_restart() {
-    let Some(mut server) = Server::start(true) else {
+    let Some(server) = RedisServer::start(true) else {
         return;
     };
-    let service = Service::start(
+    let mut service = start(
         &server,
         &[
             "--messages",
@@ -873,11 +403,11 @@ fn the_service_recovers_from_a_redis_restart() {
         ],
     );
     service.wait_for("Done. Acked");
-    server.kill();
+    server.stop();
     service.wait_for("lost connection to redis");
-    server.spawn(true);
+    server.restart();
     service.wait_for("reconnected to redis");
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(report.contains("\"reason\":\"completed\""), "{report}");
     assert_eq!(field(&report, "published"), 200.0, "{report}");
@@ -892,7 +422,7 @@ fn the_service_recovers_from_a_redis_restart() {
     // At least once: a delivery or publish whose reply the crash swallowed may leave an
     // entry pending (or a duplicate). Another instance claims it after the ack deadline;
     // then every message in the stream has been acked by one of the two.
-    let sweeper = Service::start(
+    let mut sweeper = start(
         &server,
         &[
             &QUIET[..],
@@ -910,7 +440,7 @@ fn the_service_recovers_from_a_redis_restart() {
     sweeper.wait_for("Starting consumer");
     server.wait_until_drained("mayhem", "mayhem");
     sweeper.signal("TERM");
-    let (status, sweeper_lines, _) = sweeper.finish();
+    let (status, _, sweeper_lines, _) = sweeper.finish();
     assert!(status.success(), "{status}");
     let mut acked = [acked_names(&lines), acked_names(&sweeper_lines)].concat();
     acked.sort();
@@ -920,10 +450,10 @@ fn the_service_recovers_from_a_redis_restart() {
 
 #[test]
 fn dead_letters_go_to_the_dead_stream() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let service = Service::start(
+    let service = start(
         &server,
         &[
             "--messages",
@@ -944,7 +474,7 @@ fn dead_letters_go_to_the_dead_stream() {
             "13",
         ],
     );
-    let (status, _, report) = service.finish();
+    let (status, _, _, report) = service.finish();
     assert!(status.success(), "{status}");
     assert_eq!(field(&report, "dead_lettered"), 50.0, "{report}");
     assert_eq!(field(&report, "acked"), 0.0, "{report}");
@@ -957,13 +487,13 @@ fn dead_letters_go_to_the_dead_stream() {
 
 #[test]
 fn a_server_gone_for_good_ends_the_service_with_exit_1() {
-    let Some(mut server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let service = Service::start(&server, &["--reconnect-limit", "1s", "--publishers", "0"]);
+    let mut service = start(&server, &["--reconnect-limit", "1s", "--publishers", "0"]);
     service.wait_for("Starting consumer");
-    server.kill();
-    let (status, lines, _) = service.finish();
+    server.stop();
+    let (status, _, lines, _) = service.finish();
     assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
     assert!(
         lines.iter().any(|l| l.contains("unreachable")),
@@ -977,23 +507,10 @@ fn a_server_gone_for_good_ends_the_service_with_exit_1() {
 
 #[test]
 fn an_unreachable_server_at_start_exits_1_and_a_bad_url_exits_2() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let run = |source: &str| {
-        Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["--source", source])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mayhem")
-    };
-    let down = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &format!("redis://127.0.0.1:{port}/0")])
-        .args(["--reconnect-limit", "300ms"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run mayhem");
+    let port = free_port();
+    let run = |source: &str| common::run(&["--source", source]);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let down = common::run(&["--source", &url, "--reconnect-limit", "300ms"]);
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("cannot connect to redis"));
     for bad in ["redis://127.0.0.1:notaport", "http://127.0.0.1:6379"] {
@@ -1009,30 +526,6 @@ fn an_unreachable_server_at_start_exits_1_and_a_bad_url_exits_2() {
     }
 }
 
-/// Entry ids of a stream, oldest first.
-fn entry_ids(server: &Server, stream: &str) -> Vec<String> {
-    let reply: Value = server.cmd(&["XRANGE", stream, "-", "+"]);
-    let Value::Array(entries) = reply else {
-        return Vec::new();
-    };
-    entries
-        .iter()
-        .filter_map(|entry| match entry {
-            Value::Array(parts) => redis::from_redis_value_ref(parts.first()?).ok(),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Polls `condition` until it holds, failing with `what` after the test's patience.
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let end = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(Instant::now() < end, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Counts of each name in `names`.
 fn counts(names: &[String]) -> HashMap<&str, usize> {
     let mut counts = HashMap::new();
@@ -1043,7 +536,7 @@ fn counts(names: &[String]) -> HashMap<&str, usize> {
 }
 
 /// Names of messages dead-lettered, read from `{stream}:dead`.
-fn dead_names(server: &Server, stream: &str) -> Vec<String> {
+fn dead_names(server: &RedisServer, stream: &str) -> Vec<String> {
     let dead = format!("{stream}:dead");
     server.instance_names(&dead).into_iter().collect::<Vec<_>>()
 }
@@ -1054,11 +547,11 @@ fn a_restarted_instance_handles_fresh_messages_once() {
     // deleted since) is restarted under the same name after fresh messages were added; the
     // fresh messages must each be handled once, with attempt 1, and none dead-lettered.
     for max_attempts in ["1", "5"] {
-        let Some(server) = Server::start(false) else {
+        let Some(server) = RedisServer::start(false) else {
             return;
         };
         let name = ["--consumer-name", "x", "--consumer-ttl", "1s"];
-        let slow = Service::start(
+        let mut slow = start(
             &server,
             &[
                 &QUIET[..],
@@ -1073,14 +566,14 @@ fn a_restarted_instance_handles_fresh_messages_once() {
             server.pending_of("mayhem", "mayhem", "x") == 10
         });
         slow.signal("KILL");
-        let (status, _, _) = slow.finish();
+        let (status, _, _, _) = slow.finish();
         assert!(!status.success());
         // Two of the held entries disappear meanwhile.
-        let ids = entry_ids(&server, "mayhem");
+        let ids = server.entry_ids("mayhem");
         server.cmd(&["XDEL", "mayhem", &ids[0], &ids[1]]);
         // Fresh messages, named apart from the old ones.
         let fresh = server.publish_as("mayhem", 'f', 20);
-        let again = Service::start(
+        let again = start(
             &server,
             &[
                 &QUIET[..],
@@ -1098,7 +591,7 @@ fn a_restarted_instance_handles_fresh_messages_once() {
         );
         server.wait_until_drained("mayhem", "mayhem");
         again.signal("TERM");
-        let (status, lines, report) = again.finish();
+        let (status, _, lines, report) = again.finish();
         assert!(status.success(), "{status}\n{}", lines.join("\n"));
         let acked = acked_names(&lines);
         let acked = counts(&acked);
@@ -1132,15 +625,15 @@ fn a_restarted_instance_handles_fresh_messages_once() {
 #[test]
 fn a_live_namesake_is_refused_and_a_stopped_one_frees_its_name() {
     // Defect 2.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let name = ["--consumer-name", "twin", "--consumer-ttl", "1s"];
-    let first = Service::start(&server, &[&QUIET[..], &name[..]].concat());
+    let mut first = start(&server, &[&QUIET[..], &name[..]].concat());
     first.wait_for("Starting consumer");
     let started = Instant::now();
-    let second = Service::start(&server, &[&QUIET[..], &name[..]].concat());
-    let (status, lines, _) = second.finish();
+    let second = start(&server, &[&QUIET[..], &name[..]].concat());
+    let (status, _, lines, _) = second.finish();
     assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
     assert!(started.elapsed() < Duration::from_secs(5));
     let errors: Vec<&String> = lines.iter().filter(|l| l.contains("ERROR")).collect();
@@ -1154,16 +647,16 @@ fn a_live_namesake_is_refused_and_a_stopped_one_frees_its_name() {
     let names = server.publish("mayhem", 20);
     server.wait_until_drained("mayhem", "mayhem");
     first.signal("TERM");
-    let (status, lines, _) = first.finish();
+    let (status, _, lines, _) = first.finish();
     assert!(status.success());
     let mut acked = acked_names(&lines);
     acked.sort();
     assert_eq!(acked, names);
     // A graceful stop gave the name up: a new instance starts without waiting.
-    let third = Service::start(&server, &[&QUIET[..], &name[..]].concat());
+    let mut third = start(&server, &[&QUIET[..], &name[..]].concat());
     third.wait_for("Starting consumer");
     third.signal("TERM");
-    let (status, lines, _) = third.finish();
+    let (status, _, lines, _) = third.finish();
     assert!(status.success());
     assert!(
         !lines
@@ -1178,10 +671,10 @@ fn a_live_namesake_is_refused_and_a_stopped_one_frees_its_name() {
 fn the_password_is_never_logged() {
     // Defect 9.
     let secret = "s3cret-pw";
-    let Some(mut server) = Server::start_with(true, None, Some(secret)) else {
+    let Some(server) = RedisServer::start_with(true, None, Some(secret)) else {
         return;
     };
-    let service = Service::start(
+    let mut service = start(
         &server,
         &[
             "--messages",
@@ -1199,11 +692,11 @@ fn the_password_is_never_logged() {
         ],
     );
     service.wait_for("Done. Acked");
-    server.kill();
+    server.stop();
     service.wait_for("lost connection to redis");
-    server.spawn(true);
+    server.restart();
     service.wait_for("reconnected to redis");
-    let (status, lines, stdout) = service.finish();
+    let (status, _, lines, stdout) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(
         lines.iter().any(|l| l.contains(":***@")),
@@ -1219,11 +712,7 @@ fn the_password_is_never_logged() {
     let none = format!("redis://127.0.0.1:{}/0", server.port);
     for (url, code) in [(&wrong, "WRONGPASS"), (&none, "NOAUTH")] {
         let started = Instant::now();
-        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["--source", url, "--reconnect-limit", "60s"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mayhem");
+        let output = common::run(&["--source", url, "--reconnect-limit", "60s"]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{stderr}");
         assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
@@ -1234,19 +723,11 @@ fn the_password_is_never_logged() {
         assert!(!stderr.contains("retrying"), "{stderr}");
         assert!(!stderr.contains(secret), "{stderr}");
     }
-    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &wrong, "--reconnect-limit", "60s"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run mayhem");
+    let output = common::run(&["--source", &wrong, "--reconnect-limit", "60s"]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("redis://:***@"));
     // A bad address holding a password: a one-line usage error without it.
     let bad = format!("redis://:{secret}@127.0.0.1:notaport/0");
-    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &bad])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run mayhem");
+    let output = common::run(&["--source", &bad]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -1276,12 +757,8 @@ fn a_port_that_is_not_redis_gives_a_one_line_error() {
             }
         })
     };
-    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &format!("redis://127.0.0.1:{port}/0")])
-        .args(["--reconnect-limit", "500ms"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run mayhem");
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let output = common::run(&["--source", &url, "--reconnect-limit", "500ms"]);
     stop.store(true, Ordering::SeqCst);
     http.join().expect("http thread");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -1307,11 +784,7 @@ fn a_short_password_does_not_mangle_the_error_text() {
     // `i`, "Connection refused" read "Connect***on refused". No server is needed: nothing
     // listens on the port.
     let url = format!("redis://:i@127.0.0.1:{}/0", free_port());
-    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &url, "--reconnect-limit", "100ms"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run mayhem");
+    let output = common::run(&["--source", &url, "--reconnect-limit", "100ms"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("Connection refused"), "{stderr}");
@@ -1321,17 +794,17 @@ fn a_short_password_does_not_mangle_the_error_text() {
 #[test]
 fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
     // Defect 7: the stream key becomes a string mid-run.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let service = Service::start(
+    let mut service = start(
         &server,
         &[&QUIET[..], &["--consumers", "3", "--reconnect-limit", "1s"]].concat(),
     );
     service.wait_for("Starting consumer");
     server.cmd(&["DEL", "mayhem"]);
     server.cmd(&["SET", "mayhem", "not a stream"]);
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
     let refusals = lines
         .iter()
@@ -1362,15 +835,15 @@ fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
 fn a_stream_key_of_another_type_at_start_up_is_named() {
     // Redis's WRONGTYPE error names no key: the start-up error said only "Operation against
     // a key holding the wrong kind of value", for 30 seconds of retries, then exit 1.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     server.cmd(&["RPUSH", "jobs", "a", "b"]);
-    let service = Service::start(
+    let service = start(
         &server,
         &[&QUIET[..], &["--stream", "jobs", "--reconnect-limit", "1s"]].concat(),
     );
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
     assert!(lines.len() <= 3, "{}", lines.join("\n"));
     let last = lines.last().map_or("", String::as_str);
@@ -1384,28 +857,18 @@ fn a_stream_key_of_another_type_at_start_up_is_named() {
 #[test]
 fn start_up_retries_until_redis_comes_up_and_a_signal_stops_it_gracefully() {
     // Defect 8.
-    if !have_redis() {
+    if !common::redis::installed() {
         return;
     }
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/0");
-    let spawn = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_mayhem"))
-            .args(["--source", &url, "--log-level", "info"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mayhem")
-    };
+    let spawn = |extra: &[&str]| Service::start_on(&url, extra).with_patience(PATIENCE);
     // A signal while retrying: a graceful exit 0.
-    let child = spawn(&["--reconnect-limit", "30s"]);
-    let waiting = Service::adopt(child);
+    let mut waiting = spawn(&["--reconnect-limit", "30s"]);
     waiting.wait_for("cannot connect to redis");
     let signalled = Instant::now();
     waiting.signal("TERM");
-    let (status, lines, _) = waiting.finish();
+    let (status, _, lines, _) = waiting.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(signalled.elapsed() < Duration::from_secs(2));
     assert!(lines
@@ -1421,7 +884,7 @@ fn start_up_retries_until_redis_comes_up_and_a_signal_stops_it_gracefully() {
         lines.join("\n")
     );
     // Redis comes up while the service retries: it connects and completes.
-    let child = spawn(&[
+    let mut service = spawn(&[
         "--reconnect-limit",
         "30s",
         "--messages",
@@ -1437,12 +900,11 @@ fn start_up_retries_until_redis_comes_up_and_a_signal_stops_it_gracefully() {
         "--report",
         "json",
     ]);
-    let service = Service::adopt(child);
     service.wait_for("cannot connect to redis");
-    let Some(_server) = Server::start_with(false, Some(port), None) else {
+    let Some(_server) = RedisServer::start_with(false, Some(port), None) else {
         return;
     };
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(report.contains("\"reason\":\"completed\""), "{report}");
 }
@@ -1450,11 +912,11 @@ fn start_up_retries_until_redis_comes_up_and_a_signal_stops_it_gracefully() {
 #[test]
 fn shutdown_is_bounded_when_redis_is_stopped() {
     // Defect 5: SIGTERM while Redis is SIGSTOPped, with handlers in flight.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let grace = Duration::from_secs(1);
-    let service = Service::start(
+    let mut service = start(
         &server,
         &[
             &QUIET[..],
@@ -1474,12 +936,12 @@ fn shutdown_is_bounded_when_redis_is_stopped() {
     wait_until("40 entries are in flight", || {
         server.group("mayhem", "mayhem").map_or(0, |g| g.0) >= 40
     });
-    server.signal("STOP");
+    server.freeze();
     let signalled = Instant::now();
     service.signal("TERM");
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     let took = signalled.elapsed();
-    server.signal("CONT");
+    server.thaw();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(
         took <= grace + Duration::from_secs(1),
@@ -1496,11 +958,11 @@ fn shutdown_is_bounded_when_redis_is_stopped() {
 #[test]
 fn a_graceful_stop_removes_its_consumer_from_the_group() {
     // Defect 10.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     for (name, signal) in [("done", false), ("stopped", true)] {
-        let service = Service::start(
+        let mut service = start(
             &server,
             &[
                 &QUIET[..],
@@ -1518,7 +980,7 @@ fn a_graceful_stop_removes_its_consumer_from_the_group() {
             server.wait_until_drained("mayhem", "mayhem");
         }
         service.signal("TERM");
-        let (status, lines, _) = service.finish();
+        let (status, _, lines, _) = service.finish();
         assert!(status.success(), "{}", lines.join("\n"));
         let consumers = server.cmd(&["XINFO", "CONSUMERS", "mayhem", "mayhem"]);
         let Value::Array(consumers) = consumers else {
@@ -1538,18 +1000,18 @@ fn a_graceful_stop_removes_its_consumer_from_the_group() {
 fn a_destroyed_group_replays_no_acked_history_and_loses_nothing() {
     // Defect 3. Another group that never reads keeps the stream untrimmed, so a group
     // recreated at 0 would replay all of it.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     server.cmd(&["XGROUP", "CREATE", "mayhem", "idle", "0", "MKSTREAM"]);
-    let service = Service::start(
+    let mut service = start(
         &server,
         &[&QUIET[..], &["--trim-interval", "50ms"]].concat(),
     );
     service.wait_for("Starting consumer");
     let first = server.publish("mayhem", 100);
     server.wait_until_drained("mayhem", "mayhem");
-    let last = entry_ids(&server, "mayhem").pop().expect("entries");
+    let last = server.entry_ids("mayhem").pop().expect("entries");
     wait_until("the floor passed the last entry", || {
         let floor: Option<String> =
             redis::from_redis_value(server.cmd(&["GET", "mayhem:mayhem:floor"])).ok();
@@ -1572,7 +1034,7 @@ fn a_destroyed_group_replays_no_acked_history_and_loses_nothing() {
     });
     server.wait_until_drained("mayhem", "mayhem");
     service.signal("TERM");
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert!(status.success(), "{}", lines.join("\n"));
     let acked = acked_names(&lines);
     let acked = counts(&acked);
@@ -1589,10 +1051,10 @@ fn a_destroyed_group_replays_no_acked_history_and_loses_nothing() {
 #[test]
 fn retention_trims_what_every_group_acked_and_bounds_the_dead_letters() {
     // Defect 4.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let service = Service::start(
+    let mut service = start(
         &server,
         &[
             "--publishers",
@@ -1622,7 +1084,7 @@ fn retention_trims_what_every_group_acked_and_bounds_the_dead_letters() {
         server.xlen("mayhem") == 0
     });
     service.signal("TERM");
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert!(status.success(), "{}", lines.join("\n"));
     // About a quarter of the messages fail twice; the bound is approximate (whole nodes of
     // 100 entries are trimmed).
@@ -1634,13 +1096,13 @@ fn retention_trims_what_every_group_acked_and_bounds_the_dead_letters() {
 fn messages_n_completes_for_a_shared_group() {
     // Defect 6: the publishing instance completes once it published its N and the group
     // settled everything, whichever instance handled it.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let helpers: Vec<Service> = ["b", "c"]
         .iter()
         .map(|name| {
-            let service = Service::start(
+            let mut service = start(
                 &server,
                 &[
                     &QUIET[..],
@@ -1652,7 +1114,7 @@ fn messages_n_completes_for_a_shared_group() {
             service
         })
         .collect();
-    let publisher = Service::start(
+    let publisher = start(
         &server,
         &[
             "--consumer-name",
@@ -1671,7 +1133,7 @@ fn messages_n_completes_for_a_shared_group() {
             "json",
         ],
     );
-    let (status, lines_a, report) = publisher.finish();
+    let (status, _, lines_a, report) = publisher.finish();
     assert!(status.success(), "{status}\n{}", lines_a.join("\n"));
     assert!(report.contains("\"reason\":\"completed\""), "{report}");
     assert_eq!(
@@ -1681,7 +1143,7 @@ fn messages_n_completes_for_a_shared_group() {
     let mut all = acked_names(&lines_a);
     for helper in helpers {
         helper.signal("TERM");
-        let (status, lines, _) = helper.finish();
+        let (status, _, lines, _) = helper.finish();
         assert!(status.success());
         all.extend(acked_names(&lines));
     }
@@ -1695,7 +1157,7 @@ fn messages_n_publishes_all_n_when_the_stream_held_other_entries() {
     // dead-lettered N entries of any origin: with entries left in the stream (messages of an
     // earlier run, foreign entries that are dead-lettered), it logged "Settled all 5
     // messages" after publishing one of its 5.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     server.cmd(&["XGROUP", "CREATE", "mayhem", "mayhem", "0", "MKSTREAM"]);
@@ -1703,7 +1165,7 @@ fn messages_n_publishes_all_n_when_the_stream_held_other_entries() {
     for i in 0..50 {
         server.cmd(&["XADD", "mayhem", "*", "foreign", &i.to_string()]);
     }
-    let service = Service::start(
+    let service = start(
         &server,
         &[
             "--messages",
@@ -1721,7 +1183,7 @@ fn messages_n_publishes_all_n_when_the_stream_held_other_entries() {
             "json",
         ],
     );
-    let (status, lines, report) = service.finish();
+    let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(report.contains("\"reason\":\"completed\""), "{report}");
     assert_eq!(field(&report, "published"), 5.0, "{report}");
@@ -1744,100 +1206,25 @@ fn messages_n_publishes_all_n_when_the_stream_held_other_entries() {
     assert_eq!(field(&report, "dead_lettered"), 50.0, "{report}");
 }
 
-/// A loopback proxy to a Redis server that swallows the answer to the first lease script
-/// dead-lettering anything: Redis runs the script, but its client never hears back, as when
-/// a script copying huge entries outlasts the client's socket timeout. Everything else is
-/// passed through.
-struct SwallowingProxy {
-    port: u16,
-    /// Set once an answer was swallowed.
-    swallowed: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl SwallowingProxy {
-    fn start(upstream: u16) -> SwallowingProxy {
-        use std::io::Write;
-        use std::net::TcpStream;
-        use std::sync::atomic::AtomicBool;
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let swallowed = Arc::new(AtomicBool::new(false));
-        let armed = Arc::clone(&swallowed);
-        // Threads, one per direction of each connection: a test proxy carries a handful.
-        thread::spawn(move || {
-            for client in listener.incoming().map_while(Result::ok) {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    continue;
-                };
-                // Whether this connection's answers are swallowed from now on.
-                let mute = Arc::new(AtomicBool::new(false));
-                let (Ok(mut from_client), Ok(mut to_server)) =
-                    (client.try_clone(), server.try_clone())
-                else {
-                    continue;
-                };
-                let (muting, armed) = (Arc::clone(&mute), Arc::clone(&armed));
-                thread::spawn(move || {
-                    let mut buffer = vec![0; 1 << 16];
-                    while let Ok(read @ 1..) = from_client.read(&mut buffer) {
-                        let chunk = &buffer[..read];
-                        // The lease script's operation name as a bulk string: muted before
-                        // the command goes on, so that no part of its answer slips through.
-                        let dead = chunk.windows(10).any(|w| w == b"$4\r\ndead\r\n");
-                        if dead && !armed.swap(true, Ordering::SeqCst) {
-                            muting.store(true, Ordering::SeqCst);
-                        }
-                        if to_server.write_all(chunk).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = to_server.shutdown(std::net::Shutdown::Both);
-                });
-                let (Ok(mut from_server), Ok(mut to_client)) =
-                    (server.try_clone(), client.try_clone())
-                else {
-                    continue;
-                };
-                thread::spawn(move || {
-                    let mut buffer = vec![0; 1 << 16];
-                    while let Ok(read @ 1..) = from_server.read(&mut buffer) {
-                        if !mute.load(Ordering::SeqCst)
-                            && to_client.write_all(&buffer[..read]).is_err()
-                        {
-                            break;
-                        }
-                    }
-                    let _ = to_client.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        });
-        SwallowingProxy { port, swallowed }
-    }
-}
-
 #[test]
 fn entries_that_are_not_messages_are_counted_when_the_answer_to_their_dead_letter_is_lost() {
     // A dead letter of entries that are not messages whose answer was lost (ten entries of
     // 16 MiB: the script outlasted the socket timeout) was done by Redis but never counted:
     // the report said 0 dead letters, and `--messages 10 --publishers 0` never completed.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     server.cmd(&["XGROUP", "CREATE", "mayhem", "mayhem", "0", "MKSTREAM"]);
     for i in 0..10 {
         server.cmd(&["XADD", "mayhem", "*", "foreign", &i.to_string()]);
     }
-    let proxy = SwallowingProxy::start(server.port);
-    let child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["--source", &format!("redis://127.0.0.1:{}/0", proxy.port)])
-        .args(["--log-level", "info", "--messages", "10"])
-        .args(QUIET)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start mayhem");
-    let (status, lines, report) = Service::adopt(child).finish();
+    // The answer to the first lease script dead-lettering anything is swallowed (the
+    // script's operation name as a bulk string): Redis runs the script, but its client never
+    // hears back, as when a script copying huge entries outlasts the client's socket timeout.
+    let proxy = Proxy::start(&server);
+    proxy.swallow_answer_to(b"$4\r\ndead\r\n");
+    let service = Service::start_on(&proxy.url(), &[&["--messages", "10"][..], &QUIET].concat());
+    let (status, _, lines, report) = service.with_patience(PATIENCE).finish();
     assert!(
         proxy.swallowed.load(Ordering::SeqCst),
         "no dead letter went through the proxy:\n{}",
@@ -1857,7 +1244,7 @@ fn entries_that_are_not_messages_are_counted_when_the_answer_to_their_dead_lette
 fn a_fast_redis_soak_with_fixed_seeds_loses_nothing() {
     // The fast subset of `make soak`'s Redis runs: three fixed seeds, four waves each, run
     // side by side (each has its own server and instances).
-    if !have_redis() {
+    if !common::redis::installed() {
         return;
     }
     let runs: Vec<_> = [11u64, 12, 13]
@@ -1885,47 +1272,13 @@ fn a_fast_redis_soak_with_fixed_seeds_loses_nothing() {
 /// Runs `mayhem publish --source <server> ARGS...` with `stdin` as its standard input (none
 /// when `None`); returns the exit code, stdout and stderr.
 fn run_publish(url: &str, args: &[&str], stdin: Option<&[u8]>) -> (Option<i32>, String, String) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args(["publish", "--source", url])
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start mayhem publish");
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("piped stdin");
-        // A publish that stops at a bad line reads no further: the rest cannot be written.
-        let _ = pipe.write_all(input);
-        // Dropped: the end of the input.
-    }
-    let output = child.wait_with_output().expect("wait for mayhem publish");
+    let args = [&["publish", "--source", url][..], args].concat();
+    let output = common::run_with_input(&args, stdin);
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-/// The entries of `stream`, oldest first: each entry's fields, in the order they were
-/// written.
-fn entries(server: &Server, stream: &str) -> Vec<Vec<(String, String)>> {
-    let reply: Value = server.cmd(&["XRANGE", stream, "-", "+"]);
-    let Value::Array(entries) = reply else {
-        return Vec::new();
-    };
-    entries
-        .iter()
-        .filter_map(|entry| match entry {
-            Value::Array(parts) => redis::from_redis_value_ref(parts.get(1)?).ok(),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The printed ids: one UUID v4 per line.
@@ -1946,7 +1299,7 @@ fn printed_ids(stdout: &str) -> Vec<String> {
 fn a_published_host_is_restarted_by_a_service_started_afterwards() {
     // The issue's flow: `mayhem publish --source redis://... web-03`, then
     // `mayhem --source redis://... --publishers 0` restarts web-03.example.net.
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let (code, stdout, stderr) = run_publish(&server.url(), &["web-03"], None);
@@ -1955,7 +1308,7 @@ fn a_published_host_is_restarted_by_a_service_started_afterwards() {
     let ids = printed_ids(&stdout);
     assert_eq!(ids.len(), 1, "{stdout}");
     assert_eq!(
-        entries(&server, "mayhem"),
+        server.fields("mayhem"),
         [vec![
             ("data".to_owned(), "web-03".to_owned()),
             ("message_id".to_owned(), ids[0].clone()),
@@ -1969,17 +1322,17 @@ fn a_published_host_is_restarted_by_a_service_started_afterwards() {
         .expect("KEYS");
     assert_eq!(keys, ["mayhem"]);
     // The group the service creates afterwards still delivers the entry published before it.
-    let service = Service::start(&server, &["--publishers", "0", "--handler-latency", "10ms"]);
+    let mut service = start(&server, &["--publishers", "0", "--handler-latency", "10ms"]);
     service.wait_for("Restarted web-03.example.net");
     service.wait_for("Done. Acked PubSubMessage(instance_name='web-03')");
     service.signal("SIGTERM");
-    let (status, lines, _) = service.finish();
+    let (status, _, lines, _) = service.finish();
     assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));
 }
 
 #[test]
 fn publish_carries_attributes_and_the_ordering_key_in_order() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let (code, stdout, stderr) = run_publish(
@@ -2019,7 +1372,7 @@ fn publish_carries_attributes_and_the_ordering_key_in_order() {
             .collect()
         })
         .collect();
-    assert_eq!(entries(&server, "ops"), expected);
+    assert_eq!(server.fields("ops"), expected);
     // Read back through the library, they are messages with those attributes.
     let source = RedisSource::connect(source_config(&server, "ops", Duration::from_secs(30)))
         .expect("connect");
@@ -2034,7 +1387,7 @@ fn publish_carries_attributes_and_the_ordering_key_in_order() {
 
 #[test]
 fn publish_reads_one_message_per_line_of_stdin() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     // `\n` and `\r\n` end a line, an empty line is skipped, a last line without a line end
@@ -2100,7 +1453,7 @@ fn publish_to_an_unreachable_broker_exits_1_within_the_reconnect_limit() {
 
 #[test]
 fn a_bad_line_of_stdin_exits_2_after_publishing_the_lines_before_it() {
-    let Some(server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let mut input = b"web-08\n".to_vec();
@@ -2115,7 +1468,7 @@ fn a_bad_line_of_stdin_exits_2_after_publishing_the_lines_before_it() {
     let ids = printed_ids(&stdout);
     assert_eq!(ids.len(), 1, "{stdout}");
     assert_eq!(
-        entries(&server, "mayhem"),
+        server.fields("mayhem"),
         [vec![
             ("data".to_owned(), "web-08".to_owned()),
             ("message_id".to_owned(), ids[0].clone()),
@@ -2126,7 +1479,7 @@ fn a_bad_line_of_stdin_exits_2_after_publishing_the_lines_before_it() {
 #[test]
 fn a_server_lost_while_publishing_stdin_ends_publish_with_exit_1() {
     use std::io::Write;
-    let Some(mut server) = Server::start(false) else {
+    let Some(server) = RedisServer::start(false) else {
         return;
     };
     let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
@@ -2149,7 +1502,7 @@ fn a_server_lost_while_publishing_stdin_ends_publish_with_exit_1() {
     let mut id = String::new();
     stdout.read_line(&mut id).expect("read the first id");
     assert_eq!(printed_ids(&id).len(), 1, "{id:?}");
-    server.kill();
+    server.stop();
     let started = Instant::now();
     let _ = stdin.write_all(b"web-11\n");
     drop(stdin);
@@ -2169,7 +1522,7 @@ fn a_server_lost_while_publishing_stdin_ends_publish_with_exit_1() {
 
 #[test]
 fn publish_with_a_wrong_password_exits_1_at_once_without_showing_it() {
-    let Some(server) = Server::start_with(false, None, Some("right-pw")) else {
+    let Some(server) = RedisServer::start_with(false, None, Some("right-pw")) else {
         return;
     };
     let url = format!("redis://:wr0ng-pw@127.0.0.1:{}/0", server.port);

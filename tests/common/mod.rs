@@ -1,9 +1,20 @@
-//! Helpers shared by the end-to-end tests of the binary: a running service whose stderr is
-//! read line by line, signals, and checks of the shutdown lines and the JSON report.
+//! The test harness, shared by the test files (each includes it with `mod common;`): a
+//! running service whose stderr is read line by line, signals, checks of the shutdown lines
+//! and the JSON report, the skip-or-require rule, free ports, a fault proxy, and the broker
+//! servers the tests start ([`redis::RedisServer`], [`rabbit::Rabbit`]) behind one
+//! trait, [`BrokerServer`].
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+pub mod proxy;
+#[cfg(feature = "amqp")]
+pub mod rabbit;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
@@ -22,12 +33,102 @@ pub const SHUTDOWN_LINES: [&str; 6] = [
 /// Upper bound for anything a test waits for; only reached when something is broken.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The variable that turns this test binary's skips into failures: `MAYHEM_REQUIRE_` and the
+/// binary's name (`MAYHEM_REQUIRE_REDIS` for tests/redis.rs, `MAYHEM_REQUIRE_AMQP` for
+/// tests/amqp.rs, and so on); `.ci/run` sets them.
+pub fn require_variable() -> String {
+    format!(
+        "MAYHEM_REQUIRE_{}",
+        env!("CARGO_CRATE_NAME").to_ascii_uppercase()
+    )
+}
+
+/// The skip-or-require rule. Says loudly that a test is skipped (`SKIPPED` on stderr) and
+/// records it in `target/tmp/skipped.log`, which `make test` counts; with the binary's
+/// [`require_variable`] set to 1 a skip is a failure instead.
+pub fn skip(reason: &str) {
+    let variable = require_variable();
+    let test = thread::current().name().map_or_else(
+        || format!("{} test", env!("CARGO_CRATE_NAME")),
+        str::to_owned,
+    );
+    if std::env::var(&variable).is_ok_and(|v| v == "1") {
+        panic!("{test}: {reason}, and {variable}=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        // One write per line: appends of whole lines from parallel tests do not interleave.
+        let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
+    }
+}
+
+/// A free loopback port (free when asked; a server started on it may still find it taken).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+/// Polls `condition` until it holds, failing with `what` after `PATIENCE`.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let end = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A broker server a test starts: its address, and the faults a test puts it through.
+pub trait BrokerServer {
+    /// The port it listens on.
+    fn port(&self) -> u16;
+
+    /// Its URL as reached on `port`: its own, or that of a proxy in front of it.
+    fn url_on(&self, port: u16) -> String;
+
+    /// Its URL.
+    fn url(&self) -> String {
+        self.url_on(self.port())
+    }
+
+    /// Stops it, keeping its data for [`BrokerServer::restart`].
+    fn stop(&self);
+
+    /// Starts it again after [`BrokerServer::stop`], on the same port.
+    fn restart(&self);
+
+    /// Freezes it (SIGSTOP): it keeps its connections and answers nothing.
+    fn freeze(&self);
+
+    /// Lets a frozen server run on (SIGCONT).
+    fn thaw(&self);
+}
+
+/// Sends `kill -{name}` to `target` (a process id, or `-group` for a process group).
+pub fn kill(name: &str, target: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), "--", target])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {target} failed");
+}
+
 /// A running `mayhem` process whose stderr is read line by line.
 pub struct Service {
     pub child: Child,
-    pub lines: Receiver<String>,
+    /// The stderr lines, as they are read.
+    incoming: Receiver<String>,
+    /// The stderr lines read so far.
     pub seen: Vec<String>,
     stdout: Option<JoinHandle<String>>,
+    /// How long a wait lasts before the test fails.
+    patience: Duration,
 }
 
 impl Service {
@@ -44,6 +145,11 @@ impl Service {
         Self::spawn(command)
     }
 
+    /// Starts `mayhem --source {source} --log-level info` with `args`.
+    pub fn start_on(source: &str, args: &[&str]) -> Service {
+        Self::start(&[&["--source", source, "--log-level", "info"][..], args].concat())
+    }
+
     /// Starts `command` (the binary, or a container engine running it) with stdout and
     /// stderr piped and no stdin.
     pub fn spawn(mut command: Command) -> Service {
@@ -54,7 +160,7 @@ impl Service {
         let mut child = command.spawn().expect("start mayhem");
         let stderr = child.stderr.take().expect("piped stderr");
         let mut stdout = child.stdout.take().expect("piped stdout");
-        let (sender, lines) = mpsc::channel();
+        let (sender, incoming) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if sender.send(line).is_err() {
@@ -69,32 +175,61 @@ impl Service {
         });
         Service {
             child,
-            lines,
+            incoming,
             seen: Vec::new(),
             stdout: Some(stdout),
+            patience: PATIENCE,
         }
     }
 
-    /// Reads stderr until a line contains `pattern`; panics after `PATIENCE`.
+    /// The same service, waiting up to `patience` instead of [`PATIENCE`].
+    pub fn with_patience(mut self, patience: Duration) -> Service {
+        self.patience = patience;
+        self
+    }
+
+    /// The stderr lines so far (those written and not read yet included).
+    pub fn lines(&mut self) -> &[String] {
+        self.seen.extend(self.incoming.try_iter());
+        &self.seen
+    }
+
+    /// Reads stderr until a line contains `pattern`; panics after its patience.
     pub fn wait_for(&mut self, pattern: &str) {
-        let end = Instant::now() + PATIENCE;
-        if self.seen.iter().any(|line| line.contains(pattern)) {
-            return;
-        }
-        loop {
+        self.wait_for_count_after(0, pattern, 1);
+    }
+
+    /// Reads stderr until `count` lines contain `pattern`.
+    pub fn wait_for_count(&mut self, pattern: &str, count: usize) {
+        self.wait_for_count_after(0, pattern, count);
+    }
+
+    /// Reads stderr until a line after the first `skip` lines seen contains `pattern`.
+    pub fn wait_for_after(&mut self, skip: usize, pattern: &str) {
+        self.wait_for_count_after(skip, pattern, 1);
+    }
+
+    fn wait_for_count_after(&mut self, skip: usize, pattern: &str, count: usize) {
+        let patience = self.patience;
+        let end = Instant::now() + patience;
+        let mut found = self
+            .seen
+            .iter()
+            .skip(skip)
+            .filter(|line| line.contains(pattern))
+            .count();
+        while found < count {
             let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            match self.incoming.recv_timeout(left) {
                 Ok(line) => {
-                    let found = line.contains(pattern);
+                    found += usize::from(line.contains(pattern));
                     self.seen.push(line);
-                    if found {
-                        return;
-                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
                     panic!(
-                        "no line with {pattern:?} within {PATIENCE:?}; seen: {:?}",
+                        "{found} of {count} lines with {pattern:?} after line {skip} within \
+                         {patience:?}; seen: {:?}",
                         self.seen
                     );
                 }
@@ -105,47 +240,11 @@ impl Service {
         }
     }
 
-    /// Reads stderr until a line after the first `skip` lines seen contains `pattern`.
-    pub fn wait_for_after(&mut self, skip: usize, pattern: &str) {
-        let end = Instant::now() + PATIENCE;
-        if self
-            .seen
-            .iter()
-            .skip(skip)
-            .any(|line| line.contains(pattern))
-        {
-            return;
-        }
-        while Instant::now() < end {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = line.contains(pattern);
-                    self.seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        let _ = self.child.kill();
-        panic!(
-            "no line with {pattern:?} after line {skip} within {PATIENCE:?}; seen: {:?}",
-            self.seen
-        );
-    }
-
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
+        kill(name, &self.child.id().to_string());
     }
 
-    /// Waits for the exit (killing the process after `PATIENCE`); returns the status, the
+    /// Waits for the exit (killing the process after its patience); returns the status, the
     /// time it took, all stderr lines and stdout.
     pub fn finish(mut self) -> (ExitStatus, Duration, Vec<String>, String) {
         let started = Instant::now();
@@ -153,20 +252,20 @@ impl Service {
             if let Some(status) = self.child.try_wait().expect("wait for mayhem") {
                 break status;
             }
-            if started.elapsed() > PATIENCE {
+            if started.elapsed() > self.patience {
                 let _ = self.child.kill();
                 panic!(
-                    "mayhem did not exit within {PATIENCE:?}; seen: {:?}",
-                    self.seen
+                    "mayhem did not exit within {:?}; seen: {:?}",
+                    self.patience, self.seen
                 );
             }
-            match self.lines.recv_timeout(Duration::from_millis(10)) {
+            match self.incoming.recv_timeout(Duration::from_millis(10)) {
                 Ok(line) => self.seen.push(line),
                 Err(_) => continue,
             }
         };
         let took = started.elapsed();
-        self.seen.extend(self.lines.iter());
+        self.seen.extend(self.incoming.iter());
         let stdout = self
             .stdout
             .take()
@@ -229,4 +328,76 @@ pub fn assert_balanced(json: &str) {
         published, settled,
         "published != acked + dead_lettered + remaining: {json}"
     );
+}
+
+/// Instance names of the messages a process logged as acked.
+pub fn acked_names(lines: &[String]) -> Vec<String> {
+    names_in(lines, "Done. Acked PubSubMessage(instance_name='")
+}
+
+/// Instance names that follow `prefix` in the lines.
+pub fn names_in(lines: &[String], prefix: &str) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|line| line.split(prefix).nth(1))
+        .filter_map(|rest| rest.split('\'').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Flags of a fast, failure-free handler run without own publishers.
+pub const QUIET: [&str; 12] = [
+    "--publishers",
+    "0",
+    "--restart-failure-rate",
+    "0",
+    "--save-failure-rate",
+    "0",
+    "--report",
+    "json",
+    "--seed",
+    "7",
+    "--workers",
+    "2",
+];
+
+/// Pulls one lease from `source`, waiting up to [`PATIENCE`].
+pub fn pull_one(source: &impl mayhem::Source) -> mayhem::Lease {
+    let end = Instant::now() + PATIENCE;
+    let mut leases = Vec::new();
+    while leases.is_empty() {
+        assert!(Instant::now() < end, "nothing to pull");
+        source
+            .pull(1, Duration::from_millis(100), &mut leases)
+            .expect("pull");
+    }
+    leases.remove(0)
+}
+
+/// Runs `mayhem` with `args` to its end, without standard input.
+pub fn run(args: &[&str]) -> std::process::Output {
+    run_with_input(args, None)
+}
+
+/// Runs `mayhem` with `args` to its end, with `input` as its standard input (none when
+/// `None`).
+pub fn run_with_input(args: &[&str], input: Option<&[u8]>) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mayhem");
+    if let Some(input) = input {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        // A run that stops at a bad line reads no further: the rest cannot be written.
+        let _ = pipe.write_all(input);
+        // Dropped: the end of the input.
+    }
+    child.wait_with_output().expect("wait for mayhem")
 }
