@@ -1272,3 +1272,142 @@ fn mayhem_publish_exits_1_in_one_line_on_a_refusal_or_an_unreachable_broker() {
     assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+/// Acks behind a straggler wait for it (one `multiple` frame covers them once it settles);
+/// the connection drops meanwhile. Whatever the timing (the acks still held back, or sent
+/// one by one past the bound), every message ends acked or back in the queue: the broker
+/// delivers again each one whose ack it did not take, the source counts those acks as late
+/// refusals, and the straggler's own ack, on a lost channel, is refused.
+#[test]
+fn a_straggler_holding_the_ack_prefix_back_while_the_connection_drops_loses_nothing() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("straggler");
+    let names = server.publish_names(&queue, 50, 5);
+    let proxy = Proxy::start(server);
+    let source = AmqpSource::connect(AmqpConfig {
+        url: proxy.url(),
+        queue: queue.clone(),
+        ack_deadline: Duration::from_secs(60),
+        reconnect_limit: Duration::from_secs(10),
+        ..AmqpConfig::default()
+    })
+    .expect("connect");
+    let mut leases = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    while leases.len() < names.len() {
+        assert!(Instant::now() < end, "pulled only {}", leases.len());
+        source
+            .pull(
+                names.len() - leases.len(),
+                Duration::from_millis(100),
+                &mut leases,
+            )
+            .expect("pull");
+    }
+    // The first delivery is the straggler: the other 49 are acked behind it, and the
+    // connection is cut at once.
+    let mut refused = Vec::new();
+    let behind: Vec<_> = leases[1..].iter().map(|lease| lease.id).collect();
+    source.ack(&behind, &mut refused).expect("ack");
+    assert!(refused.is_empty(), "{refused:?}");
+    proxy.cut();
+    // Held back, then sent alone past the bound into a dead connection, or void once the
+    // source sees it lost: either way answered.
+    assert_eq!(source.flush(PATIENCE), 0);
+    proxy.restore();
+    let mut straggler_refused = Vec::new();
+    source
+        .ack(&[leases[0].id], &mut straggler_refused)
+        .expect("ack");
+    assert_eq!(source.flush(PATIENCE), 0);
+    let settled = source.settled();
+    let late = source.stats().late_refusals;
+    assert_eq!(
+        settled + late + straggler_refused.len() as u64,
+        50,
+        "each of the 50 acks is counted once: settled, refused late, or refused at once"
+    );
+    eprintln!(
+        "{settled} acks sent, {late} refused late, {} refused at once",
+        straggler_refused.len()
+    );
+    drop(source);
+    // What the broker did not take comes back, to another consumer: nothing is lost.
+    let reader = server.source(&queue, Duration::from_secs(60), 5);
+    let mut back = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    // At least the straggler, and every message whose ack did not reach the broker.
+    let want = (50 - settled) as usize;
+    while back.len() < want {
+        assert!(
+            Instant::now() < end,
+            "{} of {want} came back ({settled} acks sent, {late} refused late)",
+            back.len()
+        );
+        reader
+            .pull(names.len(), Duration::from_millis(100), &mut back)
+            .expect("pull");
+    }
+    // An ack written just as the connection died may not have reached the broker: its
+    // message comes back too (at least once). Takes whatever else comes.
+    reader
+        .pull(names.len(), Duration::from_millis(500), &mut back)
+        .expect("pull");
+    let ids: Vec<_> = back.iter().map(|lease| lease.id).collect();
+    reader.ack(&ids, &mut refused).expect("ack");
+    assert_eq!(reader.flush(PATIENCE), 0);
+    let first = leases[0].message.id().clone();
+    assert!(
+        back.iter().any(|lease| *lease.message.id() == first),
+        "the straggler never came back"
+    );
+    for lease in &back {
+        let name = std::str::from_utf8(lease.message.data()).expect("utf-8");
+        assert!(
+            names.iter().any(|n| n == name),
+            "{name} was never published"
+        );
+    }
+    Source::interrupt(&reader);
+    assert_eq!(
+        reader.stats().remaining,
+        0,
+        "messages left over: some came back twice"
+    );
+}
+
+/// A handler that never ends holds the acks behind it back only briefly: past the bound they
+/// go one frame each, and the broker has them while the straggler is still held.
+#[test]
+fn a_straggler_holds_the_acks_behind_it_back_only_briefly() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("straggler-bound");
+    let names = server.publish_names(&queue, 20, 5);
+    let source = server.source(&queue, Duration::from_secs(60), 5);
+    let mut leases = Vec::new();
+    let end = Instant::now() + PATIENCE;
+    while leases.len() < names.len() {
+        assert!(Instant::now() < end, "pulled only {}", leases.len());
+        source
+            .pull(
+                names.len() - leases.len(),
+                Duration::from_millis(100),
+                &mut leases,
+            )
+            .expect("pull");
+    }
+    let mut refused = Vec::new();
+    let behind: Vec<_> = leases[1..].iter().map(|lease| lease.id).collect();
+    source.ack(&behind, &mut refused).expect("ack");
+    assert!(refused.is_empty(), "{refused:?}");
+    // `flush` returns once every queued ack is written: the held-back ones included.
+    assert_eq!(source.flush(PATIENCE), 0);
+    assert_eq!(source.settled(), 19);
+    // The straggler settles last; the broker then holds nothing of the queue.
+    source.ack(&[leases[0].id], &mut refused).expect("ack");
+    assert_eq!(source.flush(PATIENCE), 0);
+    assert_eq!(source.settled(), 20);
+    assert!(refused.is_empty(), "{refused:?}");
+    Source::interrupt(&source);
+    assert_eq!(source.stats().remaining, 0);
+}
