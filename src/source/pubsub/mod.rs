@@ -487,6 +487,12 @@ impl Publish for PubSubSource {
 }
 
 impl Source for PubSubSource {
+    /// [`PULL_MAX`], the most one `pull` request returns: each is an HTTP round trip, and a
+    /// consumer asking for the default 256 made four times as many.
+    fn pull_batch(&self) -> usize {
+        PULL_MAX
+    }
+
     /// Hands out held-back messages whose turn came, then pulls (`returnImmediately`), and
     /// polls again with growing pauses (up to 50 ms) until something came or `wait` passed.
     fn pull(&self, max: usize, wait: Duration, out: &mut Vec<Lease>) -> Result<(), SourceError> {
