@@ -9,7 +9,9 @@
 //! `MAYHEM_BENCH_MESSAGES` sets the message count of the throughput runs (default 1,000,000).
 //! `MAYHEM_BENCH=redis` runs only the Redis rows; `MAYHEM_BENCH=amqp` only the RabbitMQ rows
 //! (measured when built with `--features amqp`, as `make bench` builds it);
-//! `MAYHEM_BENCH=pubsub` only the Pub/Sub rows (built with `--features pubsub`); `MAYHEM_BENCH=noop`
+//! `MAYHEM_BENCH=pubsub` only the Pub/Sub rows (built with `--features pubsub`);
+//! `MAYHEM_BENCH=peers` only the comparison rows with the Rust peers on tokio (`benches/peers/`,
+//! a cargo project of its own that the bench builds), on Redis and RabbitMQ; `MAYHEM_BENCH=noop`
 //! only the no-op pipeline and the bare bridge, interleaved; `MAYHEM_BENCH=window` only the
 //! `--max-in-flight auto` run of the goodput curve, plotted into `benches/window.svg`.
 
@@ -53,9 +55,27 @@ const MARKERS: (&str, &str) = ("<!-- bench:start -->", "<!-- bench:end -->");
 
 #[cfg(feature = "amqp")]
 mod amqp;
+mod peers;
 #[cfg(feature = "pubsub")]
 mod pubsub;
 mod redis;
+
+/// Messages (entries) per run of the comparison rows with the Rust peers.
+const PEER_MESSAGES: u64 = 200_000;
+
+/// The comparison rows with the Rust peers (`benches/peers/`), built first: Redis, then
+/// RabbitMQ (measured when the bench is built with `--features amqp`).
+fn peer_rows(messages: u64) -> Vec<String> {
+    let peers = peers::Peers::build();
+    let mut rows = redis::peer_rows(messages, &peers);
+    #[cfg(feature = "amqp")]
+    rows.extend(amqp::peer_rows(messages, &peers));
+    #[cfg(not(feature = "amqp"))]
+    rows.push(
+        "| RabbitMQ peer rows | NOT MEASURED: bench built without `--features amqp` | |".to_owned(),
+    );
+    rows
+}
 
 /// Entries per run of the Redis rows.
 const REDIS_MESSAGES: u64 = 200_000;
@@ -145,10 +165,11 @@ fn plot_window(trace: &[(f64, usize, f64)]) -> String {
 
 fn main() {
     let only = std::env::var("MAYHEM_BENCH").unwrap_or_default();
-    if only == "redis" || only == "amqp" || only == "pubsub" {
+    if only == "redis" || only == "amqp" || only == "pubsub" || only == "peers" {
         let rows = match only.as_str() {
             "redis" => redis::rows(REDIS_MESSAGES),
             "amqp" => amqp_rows(AMQP_MESSAGES),
+            "peers" => peer_rows(PEER_MESSAGES),
             _ => pubsub_rows(PUBSUB_MESSAGES),
         };
         for row in rows {
@@ -229,6 +250,7 @@ fn main() {
     let redis_rows = redis::rows(REDIS_MESSAGES.min(messages));
     let amqp_rows = amqp_rows(AMQP_MESSAGES.min(messages));
     let pubsub_rows = pubsub_rows(PUBSUB_MESSAGES.min(messages));
+    let peer_rows = peer_rows(PEER_MESSAGES.min(messages));
     // The binary users build (`make build`: default features), which `make bench` builds
     // first and names in MAYHEM_BENCH_BINARY; and the one this bench runs (its features).
     let default_binary = std::env::var("MAYHEM_BENCH_BINARY").ok();
@@ -285,7 +307,12 @@ fn main() {
         best_cpu.show(0),
         bare_cpu.show(0)
     );
-    for row in redis_rows.iter().chain(&amqp_rows).chain(&pubsub_rows) {
+    for row in redis_rows
+        .iter()
+        .chain(&amqp_rows)
+        .chain(&pubsub_rows)
+        .chain(&peer_rows)
+    {
         let _ = writeln!(table, "{row}");
     }
     let _ = writeln!(

@@ -200,8 +200,10 @@ async fn consume_spawned(
         let (acked, all_acked) = (Arc::clone(&acked), Arc::clone(&all_acked));
         tokio::spawn(async move {
             handle(&delivery.data);
-            if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
-                eprintln!("amqp-peer: ack: {error}");
+            match delivery.acker.ack(BasicAckOptions::default()).await {
+                Ok(true) => {}
+                Ok(false) => eprintln!("amqp-peer: ack refused: the channel was lost"),
+                Err(error) => eprintln!("amqp-peer: ack: {error}"),
             }
             if acked.fetch_add(1, Ordering::AcqRel) + 1 == count {
                 all_acked.notify_one();
