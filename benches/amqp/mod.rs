@@ -289,8 +289,8 @@ const PEER_CONFIGS: [(&str, &[&str]); 3] = [
         ],
     ),
     (
-        "tokio + lapin peer, one task per delivery acking it alone, prefetch 10,000",
-        &["--mode", "spawn", "--prefetch", "10000"],
+        "tokio + lapin peer, one task per delivery acking it alone, prefetch 1,000",
+        &["--mode", "spawn", "--prefetch", "1000"],
     ),
 ];
 
