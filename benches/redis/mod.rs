@@ -403,16 +403,11 @@ fn record_commandstats(server: &Server, messages: u64, contender: &mut super::pe
     let stats = server.commandstats();
     let per_message = |usec: f64| usec / messages as f64;
     for command in PEER_COMMANDS {
-        let usec = stats
+        // Folded from +0.0: the sum of no values is -0.0, which would print as "-0".
+        let (calls, usec) = stats
             .iter()
             .filter(|(name, _, _)| name == command)
-            .map(|(_, _, usec)| *usec)
-            .sum::<f64>();
-        let calls = stats
-            .iter()
-            .filter(|(name, _, _)| name == command)
-            .map(|(_, calls, _)| *calls)
-            .sum::<f64>();
+            .fold((0.0, 0.0), |(calls, usec), (_, c, u)| (calls + c, usec + u));
         let label = command.to_uppercase();
         contender
             .extra
