@@ -263,3 +263,134 @@ pub fn rows(messages: u64) -> Vec<String> {
         format!("| messages/s, RabbitMQ end to end: mayhem (2 publishers, 2 consumers, {n} messages) | {} | |", show(end_to_end, "mayhem run failed")),
     ]
 }
+
+/// The peers' configurations on RabbitMQ: a label, the peer's flags.
+const PEER_CONFIGS: [(&str, &[&str]); 3] = [
+    (
+        "tokio + lapin peer, inline, prefetch 1,000, `multiple` ack every 100",
+        &[
+            "--mode",
+            "inline",
+            "--prefetch",
+            "1000",
+            "--ack-every",
+            "100",
+        ],
+    ),
+    (
+        "tokio + lapin peer, inline, prefetch 10,000, `multiple` ack every 1,000",
+        &[
+            "--mode",
+            "inline",
+            "--prefetch",
+            "10000",
+            "--ack-every",
+            "1000",
+        ],
+    ),
+    (
+        "tokio + lapin peer, one task per delivery acking it alone, prefetch 1,000",
+        &["--mode", "spawn", "--prefetch", "1000"],
+    ),
+];
+
+/// The CPU time of the broker's Erlang VM so far, in seconds.
+fn broker_cpu() -> f64 {
+    let name = format!("mayhem-bench-rabbitmq-{}", std::process::id());
+    super::peers::processes_cpu_seconds(&super::peers::pids_with(&name))
+}
+
+/// The comparison rows on RabbitMQ: mayhem against the Rust peers (tokio + lapin), in
+/// rounds of one run each on a fresh quorum queue preloaded with `messages` messages (as
+/// the consume rows preload it), with the client's and the Erlang VM's CPU per message.
+pub fn peer_rows(messages: u64, peers: &super::peers::Peers) -> Vec<String> {
+    use super::peers::{children_cpu_seconds, ratio, Contender, ROUNDS};
+    let Some(server) = Server::start() else {
+        let why = if Path::new(SERVER).exists() {
+            "rabbitmq-server did not start within 60 s"
+        } else {
+            "rabbitmq-server not installed"
+        };
+        return vec![format!("| RabbitMQ peer rows | NOT MEASURED: {why} | |")];
+    };
+    let n = messages.to_string();
+    let connections = AmqpConfig::default().publish_connections;
+    let url = server.url();
+    let mut ours = Contender::default();
+    let mut theirs: Vec<Contender> = PEER_CONFIGS.iter().map(|_| Contender::default()).collect();
+    for round in 0..ROUNDS {
+        let queue = format!("peers-mayhem{round}");
+        if server.publish(&queue, messages, connections).is_none() {
+            ours.failure = Some("preloading the queue failed".to_owned());
+        } else {
+            let (client, broker) = (children_cpu_seconds(), broker_cpu());
+            let rate = mayhem(
+                &server,
+                &["--stream", &queue, "--publishers", "0", "--messages", &n],
+            );
+            let (client, broker) = (children_cpu_seconds() - client, broker_cpu() - broker);
+            match rate {
+                Some(rate) => {
+                    ours.record(messages, rate, client, broker);
+                    println!("round {round}: RabbitMQ mayhem {rate:.0} msg/s, client {client:.2} s, broker {broker:.2} s CPU");
+                }
+                None => ours.failure = Some("mayhem run failed".to_owned()),
+            }
+        }
+        for (index, (label, flags)) in PEER_CONFIGS.iter().enumerate() {
+            let queue = format!("peers-{index}-{round}");
+            let contender = &mut theirs[index];
+            if server.publish(&queue, messages, connections).is_none() {
+                contender.failure = Some("preloading the queue failed".to_owned());
+                continue;
+            }
+            let mut args = vec!["--url", &url, "--queue", &queue, "--count", &n];
+            args.extend_from_slice(flags);
+            let broker = broker_cpu();
+            match peers.run("amqp-peer", &args) {
+                Ok(run) => {
+                    let broker = broker_cpu() - broker;
+                    contender.record(messages, run.rate, run.client_cpu, broker);
+                    contender.left = contender.left.max(run.left);
+                    println!(
+                        "round {round}: RabbitMQ {label}: {:.0} msg/s, client {:.2} s, broker {broker:.2} s CPU, {} left",
+                        run.rate, run.client_cpu, run.left
+                    );
+                }
+                Err(why) => {
+                    println!("round {round}: RabbitMQ {label}: {why}");
+                    contender.failure = Some(why);
+                }
+            }
+        }
+    }
+    let mut rows = vec![format!(
+        "| RabbitMQ consume, mayhem ({n} preloaded in a quorum queue, 2 consumers, window and prefetch {WINDOW}, one `basic.ack` per message; {ROUNDS} rounds alternating with the peers) | {} | >= 1.0x the best inline peer, >= 1.5x the task-per-delivery peer |",
+        ours.show("Erlang VM")
+    )];
+    for ((label, _), contender) in PEER_CONFIGS.iter().zip(&theirs) {
+        rows.push(format!(
+            "| RabbitMQ consume, {label} (2 tokio workers, same queue shape) | {} | |",
+            contender.show("Erlang VM")
+        ));
+    }
+    // The best of the inline configurations by median rate.
+    let inline = theirs[..2]
+        .iter()
+        .max_by(|a, b| a.rate().unwrap_or(0.0).total_cmp(&b.rate().unwrap_or(0.0)))
+        .expect("two inline configurations");
+    rows.push(format!(
+        "| ratio RabbitMQ consume mayhem / best inline tokio + lapin peer (medians) | {} | >= 1.0 |",
+        ratio(ours.rate(), inline.rate())
+    ));
+    rows.push(format!(
+        "| ratio RabbitMQ consume mayhem / task-per-delivery tokio + lapin peer (medians) | {} | >= 1.5 |",
+        ratio(ours.rate(), theirs[2].rate())
+    ));
+    rows.push(format!(
+        "| Erlang VM CPU per message, mayhem / best inline peer (µs, medians) | {} / {} | mayhem <= the peer |",
+        ours.broker_cpu().map_or_else(|| "-".to_owned(), |v| format!("{v:.2}")),
+        inline.broker_cpu().map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
+    ));
+    rows
+}

@@ -363,3 +363,143 @@ pub fn rows(messages: u64) -> Vec<String> {
     rows.extend(payloads);
     rows
 }
+
+impl Server {
+    /// `INFO commandstats`: each command's calls and total server time (µs).
+    fn commandstats(&self) -> Vec<(String, f64, f64)> {
+        let info: String = match self.cmd(&["INFO", "commandstats"]) {
+            Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            Some(redis::Value::VerbatimString { text, .. }) => text,
+            _ => return Vec::new(),
+        };
+        info.lines()
+            .filter_map(|line| {
+                let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let field = |key: &str| -> Option<f64> {
+                    fields
+                        .split(',')
+                        .find_map(|field| field.strip_prefix(key)?.strip_prefix('='))?
+                        .parse()
+                        .ok()
+                };
+                Some((name.to_owned(), field("calls")?, field("usec")?))
+            })
+            .collect()
+    }
+
+    /// CPU time of redis-server so far, in seconds.
+    fn cpu(&self) -> f64 {
+        super::peers::processes_cpu_seconds(&[self.child.id()])
+    }
+}
+
+/// The commands whose server time per message the comparison rows show.
+const PEER_COMMANDS: [&str; 3] = ["xreadgroup", "xack", "evalsha"];
+
+/// Records, for a run of `messages` entries, the server time per message of
+/// [`PEER_COMMANDS`] (calls x `usec_per_call` / messages, from `INFO commandstats` since
+/// the last `CONFIG RESETSTAT`) and of every command together.
+fn record_commandstats(server: &Server, messages: u64, contender: &mut super::peers::Contender) {
+    let stats = server.commandstats();
+    let per_message = |usec: f64| usec / messages as f64;
+    for command in PEER_COMMANDS {
+        // Folded from +0.0: the sum of no values is -0.0, which would print as "-0".
+        let (calls, usec) = stats
+            .iter()
+            .filter(|(name, _, _)| name == command)
+            .fold((0.0, 0.0), |(calls, usec), (_, c, u)| (calls + c, usec + u));
+        let label = command.to_uppercase();
+        contender
+            .extra
+            .entry(label.clone())
+            .or_default()
+            .push(per_message(usec));
+        contender.calls.entry(label).or_default().push(calls);
+    }
+    let all = stats
+        .iter()
+        .filter(|(name, _, _)| !name.starts_with("config") && !name.starts_with("info"))
+        .map(|(_, _, usec)| *usec)
+        .sum::<f64>();
+    contender
+        .extra
+        .entry("all commands".to_owned())
+        .or_default()
+        .push(per_message(all));
+}
+
+/// The comparison rows on Redis: mayhem against the Rust peer (tokio + redis), in rounds of
+/// one run each on a fresh stream preloaded with `messages` entries (as the consume rows
+/// preload it), with the client's and redis-server's CPU per message and the server's time
+/// per command (`INFO commandstats`).
+pub fn peer_rows(messages: u64, peers: &super::peers::Peers) -> Vec<String> {
+    use super::peers::{children_cpu_seconds, ratio, Contender, ROUNDS};
+    let Some(server) = Server::start() else {
+        return vec!["| Redis peer rows | NOT MEASURED: redis-server not installed | |".to_owned()];
+    };
+    let n = messages.to_string();
+    let url = server.url();
+    let (mut ours, mut theirs) = (Contender::default(), Contender::default());
+    for round in 0..ROUNDS {
+        for peer in [false, true] {
+            let contender = if peer { &mut theirs } else { &mut ours };
+            let stream = format!("peers-{}{round}", if peer { "peer" } else { "mayhem" });
+            if server.pipe_xadd(&stream, messages).is_none() {
+                contender.failure = Some("preloading the stream failed".to_owned());
+                continue;
+            }
+            server.cmd(&["CONFIG", "RESETSTAT"]);
+            let broker = server.cpu();
+            let (result, client) = if peer {
+                match peers.run(
+                    "redis-peer",
+                    &["--url", &url, "--stream", &stream, "--count", &n],
+                ) {
+                    Ok(run) => {
+                        contender.left = contender.left.max(run.left);
+                        (Ok(run.rate), run.client_cpu)
+                    }
+                    Err(why) => (Err(why), 0.0),
+                }
+            } else {
+                let client = children_cpu_seconds();
+                let rate = mayhem(
+                    &server,
+                    &["--stream", &stream, "--publishers", "0", "--messages", &n],
+                );
+                (
+                    rate.ok_or_else(|| "mayhem run failed".to_owned()),
+                    children_cpu_seconds() - client,
+                )
+            };
+            let broker = server.cpu() - broker;
+            let name = if peer { "tokio + redis peer" } else { "mayhem" };
+            match result {
+                Ok(rate) => {
+                    contender.record(messages, rate, client, broker);
+                    record_commandstats(&server, messages, contender);
+                    println!("round {round}: Redis {name}: {rate:.0} msg/s, client {client:.2} s, redis-server {broker:.2} s CPU");
+                }
+                Err(why) => {
+                    println!("round {round}: Redis {name}: {why}");
+                    contender.failure = Some(why);
+                }
+            }
+            server.cmd(&["DEL", &stream, &format!("{stream}:dead")]);
+        }
+    }
+    vec![
+        format!(
+            "| Redis consume, mayhem ({n} preloaded, 2 consumers, window {WINDOW}; {ROUNDS} rounds alternating with the peer) | {} | >= 1.5x the peer, <= 1.0 µs of redis-server CPU per message |",
+            ours.show("redis-server")
+        ),
+        format!(
+            "| Redis consume, tokio + redis peer (2 consumers in one group, 2 tokio workers, `XREADGROUP COUNT 1000`, each batch's `XACK` pipelined with the next read) | {} | |",
+            theirs.show("redis-server")
+        ),
+        format!(
+            "| ratio Redis consume mayhem / tokio + redis peer (medians) | {} | >= 1.5 |",
+            ratio(ours.rate(), theirs.rate())
+        ),
+    ]
+}
