@@ -487,7 +487,7 @@ impl Publish for PubSubSource {
 }
 
 impl Source for PubSubSource {
-    /// [`PULL_MAX`], the most one `pull` request returns: each is an HTTP round trip, and a
+    /// 1,000, the most one `pull` request returns: each is an HTTP round trip, and a
     /// consumer asking for the default 256 made four times as many.
     fn pull_batch(&self) -> usize {
         PULL_MAX

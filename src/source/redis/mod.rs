@@ -746,7 +746,7 @@ impl Core {
 }
 
 impl Source for RedisSource {
-    /// [`READ_BATCH`]: every `XREADGROUP` costs the server a fixed part besides its entries.
+    /// 1,024: every `XREADGROUP` costs the server a fixed part besides its entries.
     fn pull_batch(&self) -> usize {
         READ_BATCH
     }
