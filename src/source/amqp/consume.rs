@@ -16,7 +16,7 @@ use log::warn;
 use slab::Slab;
 
 use super::acks::{Prefix, Settle};
-use super::link::{failure_text, in_order, Failure, Link};
+use super::link::{failure_text, in_order, Abort, Failure, Link};
 use super::publish::ORDERING_KEY_HEADER;
 use super::url::scrub;
 use super::{
@@ -345,7 +345,7 @@ impl AmqpSource {
 impl Core {
     /// Starts consuming the queue on `link`.
     pub(super) fn consume(&self, link: &Link) -> Result<Consumer, Failure> {
-        self.bounded(CONNECT_TIMEOUT, true, async {
+        self.bounded(CONNECT_TIMEOUT, Abort::OnInterrupt, async {
             link.consume
                 .basic_consume(
                     ShortString::from(self.config.queue.as_str()),
@@ -495,7 +495,7 @@ impl Core {
         };
         let tag = lock(&link.consumer).as_ref().map(Consumer::tag);
         if let Some(tag) = tag {
-            let _ = self.bounded(SHUTDOWN_WAIT, false, async {
+            let _ = self.bounded(SHUTDOWN_WAIT, Abort::OnClose, async {
                 link.consume
                     .basic_cancel(tag, BasicCancelOptions::default())
                     .await
@@ -536,7 +536,7 @@ impl Core {
             let done = Cell::new(0);
             let sent = self.bounded(
                 CONFIRM_TIMEOUT,
-                false,
+                Abort::OnClose,
                 in_order(
                     frames.iter().map(|frame| {
                         let consume = &link.consume;

@@ -51,6 +51,16 @@ pub(super) enum Failure {
     Closed,
 }
 
+/// When a bounded broker call ([`Core::bounded`]) gives up before its time limit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Abort {
+    /// When the source is interrupted, or closes: publishing and connecting.
+    OnInterrupt,
+    /// Only when the source closes: lease operations, which keep working after an
+    /// interrupt, and the waits of the shutdown.
+    OnClose,
+}
+
 /// Connection health and the reconnect schedule.
 pub(super) struct Health {
     /// Since when the broker has been failing; `None` while it answers.
@@ -185,7 +195,7 @@ impl Core {
             }
         }
         let epoch = self.next_epoch.fetch_add(1, Ordering::SeqCst);
-        match self.bounded(CONNECT_TIMEOUT, true, self.open(epoch)) {
+        match self.bounded(CONNECT_TIMEOUT, Abort::OnInterrupt, self.open(epoch)) {
             Ok(link) => {
                 let link = Arc::new(link);
                 self.connected_once.store(true, Ordering::SeqCst);
@@ -264,7 +274,7 @@ impl Core {
         lock(&self.stats).expired += void;
         self.failed(text);
         // Closing frees the broker's side at once if the socket still works.
-        let _ = self.bounded(SHUTDOWN_WAIT, false, async {
+        let _ = self.bounded(SHUTDOWN_WAIT, Abort::OnClose, async {
             let _ = link.connection.close(320, ShortString::from("lost")).await;
             Ok(())
         });
@@ -274,7 +284,7 @@ impl Core {
     /// second; `None` without an answer.
     pub(super) fn count(&self, queue: &str) -> Option<u64> {
         let link = lock(&self.link).clone()?;
-        self.bounded(SHUTDOWN_WAIT, false, async {
+        self.bounded(SHUTDOWN_WAIT, Abort::OnClose, async {
             link.consume
                 .queue_declare(
                     ShortString::from(queue),
@@ -441,19 +451,19 @@ impl Core {
     }
 
     /// Runs `work` to completion, at most `limit`; gives up early when the source closes,
-    /// or, when `interruptible` (publishing and connecting, not lease operations, which
-    /// keep working after an interrupt), when it is interrupted.
+    /// or, with [`Abort::OnInterrupt`] (publishing and connecting, not lease operations,
+    /// which keep working after an interrupt), when it is interrupted.
     pub(super) fn bounded<T>(
         &self,
         limit: Duration,
-        interruptible: bool,
+        abort: Abort,
         work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, Failure> {
-        self.bounded_unless(limit, interruptible, None, work)
+        self.bounded_unless(limit, abort, None, work)
     }
 
-    /// [`Core::bounded`] for a publish on `link`: when `interruptible` (a `publish`, not the
-    /// shutdown's `wait_confirmed`), the time the broker blocks the connection (a memory or
+    /// [`Core::bounded`] for a publish on `link`: with [`Abort::OnInterrupt`] (a `publish`,
+    /// not the shutdown's `wait_confirmed`), the time the broker blocks the connection (a memory or
     /// disk alarm: it reads nothing from a publishing connection then) does not count
     /// against `limit`. A blocked broker is not a lost connection: reconnecting would only
     /// send the same batches again into the same block.
@@ -461,11 +471,11 @@ impl Core {
         &self,
         link: &Link,
         limit: Duration,
-        interruptible: bool,
+        abort: Abort,
         work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, Failure> {
-        let blocking = interruptible.then_some(&link.connection);
-        self.bounded_unless(limit, interruptible, blocking, work)
+        let blocking = (abort == Abort::OnInterrupt).then_some(&link.connection);
+        self.bounded_unless(limit, abort, blocking, work)
     }
 
     /// [`Core::bounded`], not counting the time `blocking` is blocked by the broker; logs
@@ -473,7 +483,7 @@ impl Core {
     pub(super) fn bounded_unless<T>(
         &self,
         limit: Duration,
-        interruptible: bool,
+        abort: Abort,
         blocking: Option<&Connection>,
         work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, Failure> {
@@ -499,7 +509,7 @@ impl Core {
                         });
                     }
                     if self.closing.load(Ordering::SeqCst)
-                        || (interruptible && self.interrupted.load(Ordering::SeqCst))
+                        || (abort == Abort::OnInterrupt && self.interrupted.load(Ordering::SeqCst))
                     {
                         return Err(Failure::Closed);
                     }

@@ -188,6 +188,52 @@ pub struct AmqpConfig {
     pub publish_connections: usize,
 }
 
+impl AmqpConfig {
+    /// Checks the settings without connecting: the queue name (1 to 200 bytes), an ack
+    /// deadline, max attempts and prefetch above zero, the address (see [`parse_url`]), a
+    /// CA file only with `amqps://`, and 1 to [`MAX_PUBLISH_CONNECTIONS`] publishing
+    /// connections. [`AmqpSource::connect_with`] checks them first; it reads the CA file
+    /// afterwards.
+    ///
+    /// ```
+    /// use mayhem::source::amqp::AmqpConfig;
+    /// assert!(AmqpConfig::default().validate().is_ok());
+    /// let none = AmqpConfig { publish_connections: 0, ..AmqpConfig::default() };
+    /// assert!(none.validate().is_err());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`SourceError::Backend`] saying what is wrong (the address itself, which may hold a
+    /// password, is not repeated).
+    pub fn validate(&self) -> Result<(), SourceError> {
+        if self.queue.is_empty() || self.queue.len() > 200 {
+            return Err(SourceError::Backend(format!(
+                "the queue name '{}' must have 1 to 200 bytes",
+                self.queue
+            )));
+        }
+        if self.ack_deadline.is_zero() || self.max_attempts == 0 || self.prefetch == 0 {
+            return Err(SourceError::Backend(
+                "ack deadline, max attempts and prefetch must be above zero".to_owned(),
+            ));
+        }
+        parse_url(&self.url)?;
+        if self.ca_file.is_some() && !self.url.starts_with("amqps://") {
+            return Err(SourceError::Backend(
+                "a CA file is only used with amqps:// urls".to_owned(),
+            ));
+        }
+        if !(1..=MAX_PUBLISH_CONNECTIONS).contains(&self.publish_connections) {
+            return Err(SourceError::Backend(format!(
+                "publish connections {} must be between 1 and {MAX_PUBLISH_CONNECTIONS}",
+                self.publish_connections
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
@@ -336,33 +382,9 @@ impl AmqpSource {
     /// broker stayed unreachable (or kept refusing the topology) past the limit;
     /// [`SourceError::Closed`] when `stop` was triggered.
     pub fn connect_with(config: AmqpConfig, stop: &Shutdown) -> Result<Self, SourceError> {
-        if config.queue.is_empty() || config.queue.len() > 200 {
-            return Err(SourceError::Backend(format!(
-                "the queue name '{}' must have 1 to 200 bytes",
-                config.queue
-            )));
-        }
-        if config.ack_deadline.is_zero() || config.max_attempts == 0 || config.prefetch == 0 {
-            return Err(SourceError::Backend(
-                "ack deadline, max attempts and prefetch must be above zero".to_owned(),
-            ));
-        }
+        config.validate()?;
         let uri = parse_uri(&config.url)?;
-        let ca = match &config.ca_file {
-            Some(_) if !config.url.starts_with("amqps://") => {
-                return Err(SourceError::Backend(
-                    "a CA file is only used with amqps:// urls".to_owned(),
-                ))
-            }
-            Some(path) => Some(read_ca_file(path)?),
-            None => None,
-        };
-        if !(1..=MAX_PUBLISH_CONNECTIONS).contains(&config.publish_connections) {
-            return Err(SourceError::Backend(format!(
-                "publish connections {} must be between 1 and {MAX_PUBLISH_CONNECTIONS}",
-                config.publish_connections
-            )));
-        }
+        let ca = config.ca_file.as_deref().map(read_ca_file).transpose()?;
         let lanes = (0..config.publish_connections)
             .map(|_| Core::new(config.clone(), uri.clone(), ca.clone()))
             .collect();
@@ -502,7 +524,7 @@ impl Publish for AmqpSource {
         let unconfirmed = self
             .lanes
             .iter()
-            .map(|lane| lane.confirm_all(end.saturating_duration_since(Instant::now()), true))
+            .map(|lane| lane.confirm_all(end.saturating_duration_since(Instant::now())))
             .sum();
         self.told_unconfirmed.store(unconfirmed, Ordering::SeqCst);
         unconfirmed
@@ -667,7 +689,7 @@ impl Drop for AmqpSource {
         let unconfirmed: usize = self
             .lanes
             .iter()
-            .map(|lane| lane.confirm_all(end.saturating_duration_since(Instant::now()), false))
+            .map(|lane| lane.confirm_connected(end.saturating_duration_since(Instant::now())))
             .sum();
         // Those the last `wait_confirmed` returned, its caller has reported already.
         let unconfirmed = unconfirmed.saturating_sub(self.told_unconfirmed.load(Ordering::SeqCst));
@@ -722,6 +744,92 @@ impl fmt::Debug for AmqpSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validate_refuses_each_bad_setting_without_connecting() {
+        assert_eq!(AmqpConfig::default().validate(), Ok(()));
+        let tls = AmqpConfig {
+            url: "amqps://guest:s3cret@127.0.0.1:1/%2f".to_owned(),
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..AmqpConfig::default()
+        };
+        // The CA file is read by `connect`, not by `validate`.
+        assert_eq!(tls.validate().is_ok(), cfg!(feature = "amqp-tls"));
+        let bad = [
+            (
+                AmqpConfig {
+                    queue: String::new(),
+                    ..AmqpConfig::default()
+                },
+                "queue name",
+            ),
+            (
+                AmqpConfig {
+                    queue: "q".repeat(201),
+                    ..AmqpConfig::default()
+                },
+                "queue name",
+            ),
+            (
+                AmqpConfig {
+                    ack_deadline: Duration::ZERO,
+                    ..AmqpConfig::default()
+                },
+                "above zero",
+            ),
+            (
+                AmqpConfig {
+                    max_attempts: 0,
+                    ..AmqpConfig::default()
+                },
+                "above zero",
+            ),
+            (
+                AmqpConfig {
+                    prefetch: 0,
+                    ..AmqpConfig::default()
+                },
+                "above zero",
+            ),
+            (
+                AmqpConfig {
+                    url: "amqp://guest:s3cret@h:notaport".to_owned(),
+                    ..AmqpConfig::default()
+                },
+                "invalid amqp url",
+            ),
+            (
+                AmqpConfig {
+                    ca_file: Some("/nonexistent/ca.pem".into()),
+                    ..AmqpConfig::default()
+                },
+                "amqps://",
+            ),
+            (
+                AmqpConfig {
+                    publish_connections: 0,
+                    ..AmqpConfig::default()
+                },
+                "publish connections",
+            ),
+            (
+                AmqpConfig {
+                    publish_connections: MAX_PUBLISH_CONNECTIONS + 1,
+                    ..AmqpConfig::default()
+                },
+                "publish connections",
+            ),
+        ];
+        for (config, want) in bad {
+            match config.validate() {
+                Err(SourceError::Backend(text)) => {
+                    assert!(text.contains(want), "{text}");
+                    assert!(!text.contains("s3cret"), "{text}");
+                }
+                other => panic!("{config:?}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn connect_refuses_bad_urls_and_settings() {

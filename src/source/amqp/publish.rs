@@ -4,6 +4,7 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 
-use super::link::{failure_text, in_order, Failure, Link};
+use super::link::{failure_text, in_order, Abort, Failure, Link};
 use super::{Core, CONFIRM_TIMEOUT, TICK};
 use crate::error::SourceError;
 use crate::message::{MessageError, PubSubMessage};
@@ -42,7 +43,13 @@ impl Core {
                 Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
                 Err(Failure::Closed) => return Err(SourceError::Closed),
             };
-            match self.settle(&mut unconfirmed, &link, room, CONFIRM_TIMEOUT, true) {
+            match self.settle(
+                &mut unconfirmed,
+                &link,
+                room,
+                CONFIRM_TIMEOUT,
+                Abort::OnInterrupt,
+            ) {
                 Ok(()) => {}
                 Err(Failure::Closed) => return Err(SourceError::Closed),
                 Err(failure) => {
@@ -50,7 +57,7 @@ impl Core {
                     continue;
                 }
             }
-            match self.send_batch(&link, batch.to_vec(), CONFIRM_TIMEOUT, true) {
+            match self.send_batch(&link, batch.to_vec(), CONFIRM_TIMEOUT, Abort::OnInterrupt) {
                 Ok(sent) => {
                     unconfirmed.count += batch.len();
                     unconfirmed.batches.push_back(sent);
@@ -110,7 +117,7 @@ impl Core {
         link: &Link,
         envelopes: Vec<PubSubMessage>,
         limit: Duration,
-        interruptible: bool,
+        abort: Abort,
     ) -> Result<Sent, Failure> {
         let done = Cell::new(0);
         // The publish time, in the `timestamp` property's whole seconds.
@@ -120,7 +127,7 @@ impl Core {
         let confirms = self.bounded_publishing(
             link,
             limit,
-            interruptible,
+            abort,
             in_order(
                 envelopes.iter().map(|envelope| {
                     link.publish.basic_publish(
@@ -157,7 +164,7 @@ impl Core {
         link: &Link,
         room: usize,
         limit: Duration,
-        interruptible: bool,
+        abort: Abort,
     ) -> Result<(), Failure> {
         // A batch of a lost link whose confirms all came before the loss is not sent again.
         // (Only then: while the link holds, the loop below takes confirms in order.)
@@ -172,12 +179,7 @@ impl Core {
             if unconfirmed.batches[index].epoch != link.epoch {
                 let envelopes = std::mem::take(&mut unconfirmed.batches[index].envelopes);
                 // Within the caller's limit: at shutdown, what is left of the grace period.
-                match self.send_batch(
-                    link,
-                    envelopes.clone(),
-                    limit.min(CONFIRM_TIMEOUT),
-                    interruptible,
-                ) {
+                match self.send_batch(link, envelopes.clone(), limit.min(CONFIRM_TIMEOUT), abort) {
                     Ok(sent) => unconfirmed.batches[index] = sent,
                     Err(failure) => {
                         unconfirmed.batches[index].envelopes = envelopes;
@@ -190,7 +192,7 @@ impl Core {
             let Some(sent) = unconfirmed.batches.front_mut() else {
                 break;
             };
-            let answered = self.bounded_publishing(link, limit, interruptible, async {
+            let answered = self.bounded_publishing(link, limit, abort, async {
                 while sent.acked < sent.confirms.len() {
                     let confirmation = (&mut sent.confirms[sent.acked])
                         .await
@@ -233,11 +235,26 @@ impl Core {
         }
     }
 
-    /// Awaits every outstanding confirm, up to `timeout`; returns the messages left
-    /// unconfirmed (the caller says so): those whose confirms did not all arrive.
-    /// Without `reconnect` only a connected link is used (dropping the source must not
-    /// wait for a connection attempt).
-    pub(super) fn confirm_all(&self, timeout: Duration, reconnect: bool) -> usize {
+    /// Awaits every outstanding confirm, up to `timeout`, reconnecting when the link is
+    /// lost; returns the messages left unconfirmed (the caller says so): those whose
+    /// confirms did not all arrive.
+    pub(super) fn confirm_all(&self, timeout: Duration) -> usize {
+        self.confirm_on(timeout, Core::link)
+    }
+
+    /// [`Core::confirm_all`] on the connected link only, never reconnecting: dropping the
+    /// source must not wait for a connection attempt.
+    pub(super) fn confirm_connected(&self, timeout: Duration) -> usize {
+        self.confirm_on(timeout, |core| core.healthy().ok_or(Failure::Closed))
+    }
+
+    /// Awaits every outstanding confirm, up to `timeout`, on the links `link` gives; returns
+    /// the messages left unconfirmed.
+    fn confirm_on(
+        &self,
+        timeout: Duration,
+        link: impl Fn(&Core) -> Result<Arc<Link>, Failure>,
+    ) -> usize {
         let end = Instant::now() + timeout;
         let mut unconfirmed = lock(&self.unconfirmed);
         while unconfirmed.count > 0 {
@@ -245,12 +262,7 @@ impl Core {
             if left.is_zero() {
                 break;
             }
-            let link = if reconnect {
-                self.link()
-            } else {
-                self.healthy().ok_or(Failure::Closed)
-            };
-            let link = match link {
+            let link = match link(self) {
                 Ok(link) => link,
                 Err(Failure::Down { retry_in }) => {
                     thread::sleep(retry_in.min(TICK).min(left));
@@ -258,7 +270,7 @@ impl Core {
                 }
                 Err(Failure::GaveUp(_) | Failure::Closed) => break,
             };
-            match self.settle(&mut unconfirmed, &link, 0, left, false) {
+            match self.settle(&mut unconfirmed, &link, 0, left, Abort::OnClose) {
                 Ok(()) => {}
                 Err(Failure::Closed) => break,
                 // A broker that blocks publishing (a resource alarm) confirms nothing until
