@@ -16,12 +16,12 @@ use log::warn;
 use slab::Slab;
 
 use super::acks::{Prefix, Settle};
-use super::link::{failure_text, in_order, Abort, Failure, Link};
+use super::link::{failure_text, in_order, Abort, Failure, Link, Side};
 use super::publish::ORDERING_KEY_HEADER;
 use super::url::scrub;
 use super::{
-    AmqpSource, Core, CONFIRM_TIMEOUT, CONNECT_TIMEOUT, LINGER, LINGER_STEP, SCAN_EVERY_NANOS,
-    SHUTDOWN_WAIT, TICK,
+    AmqpSource, Consuming, Core, CONFIRM_TIMEOUT, CONNECT_TIMEOUT, LINGER, LINGER_STEP,
+    SCAN_EVERY_NANOS, SHUTDOWN_WAIT, TICK,
 };
 use crate::error::SourceError;
 use crate::message::{Attributes, MessageId, PubSubMessage};
@@ -241,7 +241,7 @@ impl AmqpSource {
                             taken += 1;
                         }
                         Err(reason) => {
-                            if core.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            if core.side.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
                                 warn!(
                                     "a message on amqp queue {} is not a message ({reason}); \
                                  it is dead-lettered (further ones are only counted)",
@@ -282,7 +282,7 @@ impl AmqpSource {
         if ops.is_empty() {
             return;
         }
-        self.core.queued.add(ops.len() as u64);
+        self.core.side.queued.add(ops.len() as u64);
         let count = ops.len() as u64;
         let sent = self
             .ops
@@ -309,7 +309,7 @@ impl AmqpSource {
         let max_attempts = self.core.config.max_attempts;
         let mut ops = Vec::with_capacity(ids.len());
         let mut expired = 0;
-        let mut leases = lock(&self.core.leases);
+        let mut leases = lock(&self.core.side.leases);
         for &id in ids {
             let index = (id & u64::from(u32::MAX)) as usize;
             match leases.slots.get(index) {
@@ -336,9 +336,22 @@ impl AmqpSource {
         }
         drop(leases);
         if expired > 0 {
-            lock(&self.core.stats).expired += expired;
+            lock(&self.core.side.stats).expired += expired;
         }
         ops
+    }
+}
+
+impl Side for Consuming {
+    /// Voids the leases of the lost link (the broker gives their messages back) and counts
+    /// them as expired.
+    fn forget(&self, epoch: u64) {
+        let mut leases = lock(&self.leases);
+        let before = leases.slots.len();
+        leases.slots.retain(|_, held| held.epoch != epoch);
+        let void = (before - leases.slots.len()) as u64;
+        drop(leases);
+        lock(&self.stats).expired += void;
     }
 }
 
@@ -384,7 +397,7 @@ impl Core {
 
     /// Takes a delivery as a lease; returns its id.
     pub(super) fn hold(&self, tag: u64, epoch: u64, attempt: u32) -> LeaseId {
-        let mut leases = lock(&self.leases);
+        let mut leases = lock(&self.side.leases);
         let generation = leases.next_generation;
         leases.next_generation = generation.wrapping_add(1);
         let index = leases.slots.insert(Held {
@@ -400,11 +413,13 @@ impl Core {
     /// Removes the leases whose deadline passed; returns the rejects that give them back.
     pub(super) fn expire_local(&self) -> Vec<Op> {
         let now = Instant::now();
-        let since = u64::try_from(now.duration_since(self.born).as_nanos()).unwrap_or(u64::MAX);
-        let due = self.next_scan.load(Ordering::Relaxed);
+        let since =
+            u64::try_from(now.duration_since(self.side.born).as_nanos()).unwrap_or(u64::MAX);
+        let due = self.side.next_scan.load(Ordering::Relaxed);
         // One scan per `SCAN_EVERY` whoever asks: a lease expires at most that much late.
         if since < due
             || self
+                .side
                 .next_scan
                 .compare_exchange(
                     due,
@@ -417,7 +432,7 @@ impl Core {
             return Vec::new();
         }
         let max_attempts = self.config.max_attempts;
-        let mut leases = lock(&self.leases);
+        let mut leases = lock(&self.side.leases);
         let expired: Vec<usize> = leases
             .slots
             .iter()
@@ -439,7 +454,7 @@ impl Core {
             })
             .collect();
         drop(leases);
-        lock(&self.stats).expired += ops.len() as u64;
+        lock(&self.side.stats).expired += ops.len() as u64;
         ops
     }
 
@@ -471,7 +486,7 @@ impl Core {
             }
             let expired = self.expire_local();
             if !expired.is_empty() {
-                self.queued.add(expired.len() as u64);
+                self.side.queued.add(expired.len() as u64);
                 self.send(&expired, &mut prefix, false);
             }
         }
@@ -486,8 +501,8 @@ impl Core {
             return;
         }
         // A second caller waits here until the first one's cancel is answered.
-        let _cancelling = lock(&self.cancelling);
-        if self.cancelled.swap(true, Ordering::SeqCst) {
+        let _cancelling = lock(&self.side.cancelling);
+        if self.side.cancelled.swap(true, Ordering::SeqCst) {
             return;
         }
         let Some(link) = lock(&self.link).clone() else {
@@ -597,11 +612,13 @@ impl Core {
             }
         }
         if settled + dead + void_acks > 0 {
-            let mut stats = lock(&self.stats);
+            let mut stats = lock(&self.side.stats);
             stats.dead_lettered += dead;
             stats.late_refusals += void_acks;
             drop(stats);
-            self.settled.fetch_add(settled + dead, Ordering::SeqCst);
+            self.side
+                .settled
+                .fetch_add(settled + dead, Ordering::SeqCst);
         }
         self.answered(answered);
     }
@@ -609,11 +626,11 @@ impl Core {
     /// Waits until the queue of lease operations is empty, up to `timeout`; returns how
     /// many are left.
     pub(super) fn flush(&self, timeout: Duration) -> usize {
-        self.queued.wait_drained(timeout, || false)
+        self.side.queued.wait_drained(timeout, || false)
     }
 
     /// Counts sent lease operations and wakes `flush` when none is left.
     pub(super) fn answered(&self, count: u64) {
-        self.queued.done(count);
+        self.side.queued.done(count);
     }
 }

@@ -20,7 +20,7 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use log::{info, warn};
 
 use super::url::scrub;
-use super::{Core, BACKOFF, CONNECT_TIMEOUT, SHUTDOWN_WAIT, TICK};
+use super::{Conn, BACKOFF, CONNECT_TIMEOUT, SHUTDOWN_WAIT, TICK};
 use crate::sync::lock;
 
 /// One connection with its two channels.
@@ -49,6 +49,12 @@ pub(super) enum Failure {
     GaveUp(String),
     /// The source was interrupted or is closing.
     Closed,
+}
+
+/// What a connection's side does when the connection loses its link.
+pub(super) trait Side {
+    /// Forgets what belonged to the lost link of `epoch`.
+    fn forget(&self, epoch: u64);
 }
 
 /// When a bounded broker call ([`Core::bounded`]) gives up before its time limit.
@@ -123,7 +129,7 @@ pub(super) fn failure_text(failure: &Failure) -> String {
     }
 }
 
-impl Core {
+impl<S: Side> Conn<S> {
     /// Closes the current link, waiting for the broker at most until `end`.
     pub(super) fn close(&self, end: Instant) {
         if let Some(link) = lock(&self.link).take() {
@@ -256,7 +262,7 @@ impl Core {
     }
 
     /// Forgets a link found broken: its leases are void (the broker gives their messages
-    /// back) and counted as expired; the next call reconnects.
+    /// back) and counted as expired ([`Side::forget`]); the next call reconnects.
     pub(super) fn lost(&self, link: &Arc<Link>, text: &str) {
         {
             let mut slot = lock(&self.link);
@@ -266,12 +272,7 @@ impl Core {
             }
             self.live_epoch.store(0, Ordering::SeqCst);
         }
-        let mut leases = lock(&self.leases);
-        let before = leases.slots.len();
-        leases.slots.retain(|_, held| held.epoch != link.epoch);
-        let void = (before - leases.slots.len()) as u64;
-        drop(leases);
-        lock(&self.stats).expired += void;
+        self.side.forget(link.epoch);
         self.failed(text);
         // Closing frees the broker's side at once if the socket still works.
         let _ = self.bounded(SHUTDOWN_WAIT, Abort::OnClose, async {

@@ -169,7 +169,7 @@ pub struct AmqpSource {
     /// its own that never consumes and holds no lease; connected at their first `publish`.
     /// `core` never publishes: RabbitMQ blocks a connection that publishes during a resource
     /// alarm, and a consumer on it would stall with it, its acks included.
-    lanes: Vec<Core>,
+    lanes: Vec<Lane>,
     /// Which publishing connection the next `publish` takes.
     next_lane: AtomicUsize,
     /// What the last [`Publish::wait_confirmed`] returned: its caller reports those.
@@ -180,8 +180,10 @@ pub struct AmqpSource {
     worker: Option<JoinHandle<()>>,
 }
 
-/// What the source and its worker share.
-struct Core {
+/// One connection of the source with its reconnection, shared with the calls that use it:
+/// the consuming one ([`Core`]) and each publishing one ([`Lane`]); `side` holds what only
+/// one of them needs.
+struct Conn<S> {
     /// The settings.
     config: AmqpConfig,
     /// The parsed address.
@@ -202,32 +204,14 @@ struct Core {
     /// The epoch of the current link, 0 while there is none: acks check leases against it
     /// without taking any lock a connection attempt may hold.
     live_epoch: AtomicU64,
-    /// The queue's ready messages as the broker last told them (for `stats` while the broker
-    /// does not answer).
-    last_ready: AtomicU64,
     /// Held by the one thread trying to connect.
     connecting: Mutex<()>,
     /// Connection health and the reconnect schedule.
     health: Mutex<Health>,
-    /// Leases this consumer holds; a lease id is the slot index plus the slot's generation.
-    leases: Mutex<Leases>,
-    /// The counters (`remaining` is asked of the broker).
-    stats: Mutex<SourceStats>,
-    /// Acks sent and dead letters, readable without a lock.
-    settled: AtomicU64,
-    /// Lease operations queued and not yet sent.
-    queued: Outstanding,
-    /// Published batches whose confirms are outstanding. A mutex held through a whole
-    /// `publish`: see there.
-    unconfirmed: Mutex<Unconfirmed>,
     /// Set by `interrupt`: publishes and pulls return `Closed`.
     interrupted: AtomicBool,
     /// Set by the first pull: from then on every new link consumes.
     consuming: AtomicBool,
-    /// Set once the worker cancelled the consumer after an interrupt.
-    cancelled: AtomicBool,
-    /// Held while the consumer is being cancelled.
-    cancelling: Mutex<()>,
     /// Whether a publish last saw the broker blocking this connection (logged on change).
     blocked: AtomicBool,
     /// Set by a connection attempt the broker refused for good (see [`refused_for_good`]).
@@ -236,7 +220,34 @@ struct Core {
     connected_once: AtomicBool,
     /// Set when the source is dropped: blocked calls give up.
     closing: AtomicBool,
-    /// When the lease table was created: [`Core::next_scan`] counts from it.
+    /// What only the consuming or only a publishing connection keeps.
+    side: S,
+}
+
+/// The consuming connection: what the source and its worker share.
+type Core = Conn<Consuming>;
+
+/// A publishing connection.
+type Lane = Conn<Publishing>;
+
+/// What the consuming connection keeps besides the connection: the leases and the counters.
+struct Consuming {
+    /// The queue's ready messages as the broker last told them (for `stats` while the broker
+    /// does not answer).
+    last_ready: AtomicU64,
+    /// Leases this consumer holds; a lease id is the slot index plus the slot's generation.
+    leases: Mutex<Leases>,
+    /// The counters (`remaining` is asked of the broker; `published` is the lanes').
+    stats: Mutex<SourceStats>,
+    /// Acks sent and dead letters, readable without a lock.
+    settled: AtomicU64,
+    /// Lease operations queued and not yet sent.
+    queued: Outstanding,
+    /// Set once the worker cancelled the consumer after an interrupt.
+    cancelled: AtomicBool,
+    /// Held while the consumer is being cancelled.
+    cancelling: Mutex<()>,
+    /// When the lease table was created: [`Consuming::next_scan`] counts from it.
     born: Instant,
     /// Nanoseconds after `born` before which [`Core::expire_local`] does not scan the lease
     /// table again: a scan walks every lease, and pulls and the worker's every pass ask for
@@ -245,6 +256,16 @@ struct Core {
     /// Messages that could not be read (no message id, not a uuid, a bad instance name):
     /// dead-lettered, the first one logged.
     malformed: AtomicU64,
+}
+
+/// What a publishing connection keeps besides the connection.
+#[derive(Default)]
+struct Publishing {
+    /// Published batches whose confirms are outstanding. A mutex held through a whole
+    /// `publish`: see there.
+    unconfirmed: Mutex<Unconfirmed>,
+    /// Messages whose confirms arrived.
+    published: AtomicU64,
 }
 
 impl AmqpSource {
@@ -275,9 +296,16 @@ impl AmqpSource {
         let uri = parse_uri(&config.url)?;
         let ca = config.ca_file.as_deref().map(read_ca_file).transpose()?;
         let lanes = (0..config.publish_connections)
-            .map(|_| Core::new(config.clone(), uri.clone(), ca.clone()))
+            .map(|_| {
+                Lane::new(
+                    config.clone(),
+                    uri.clone(),
+                    ca.clone(),
+                    Publishing::default(),
+                )
+            })
             .collect();
-        let core = Arc::new(Core::new(config, uri, ca));
+        let core = Arc::new(Core::new(config, uri, ca, Consuming::new()));
         loop {
             if stop.is_triggered() {
                 return Err(SourceError::Closed);
@@ -311,10 +339,10 @@ impl AmqpSource {
     }
 }
 
-impl Core {
-    /// The state of a source that has not connected yet.
-    fn new(config: AmqpConfig, uri: AMQPUri, ca: Option<String>) -> Core {
-        Core {
+impl<S> Conn<S> {
+    /// The state of a connection that has not connected yet.
+    fn new(config: AmqpConfig, uri: AMQPUri, ca: Option<String>, side: S) -> Conn<S> {
+        Conn {
             ca,
             shown_url: redact_url(&config.url),
             secret: password(&config.url),
@@ -324,7 +352,6 @@ impl Core {
             link: Mutex::new(None),
             next_epoch: AtomicU64::new(1),
             live_epoch: AtomicU64::new(0),
-            last_ready: AtomicU64::new(0),
             connecting: Mutex::new(()),
             health: Mutex::new(Health {
                 failing_since: None,
@@ -332,6 +359,22 @@ impl Core {
                 next_try: Instant::now(),
                 delay: BACKOFF.0,
             }),
+            interrupted: AtomicBool::new(false),
+            consuming: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
+            connected_once: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            side,
+        }
+    }
+}
+
+impl Consuming {
+    /// The state of a consumer that holds no lease yet.
+    fn new() -> Consuming {
+        Consuming {
+            last_ready: AtomicU64::new(0),
             leases: Mutex::new(Leases {
                 slots: slab::Slab::new(),
                 next_generation: 0,
@@ -339,15 +382,8 @@ impl Core {
             stats: Mutex::new(SourceStats::default()),
             settled: AtomicU64::new(0),
             queued: Outstanding::default(),
-            unconfirmed: Mutex::new(Unconfirmed::default()),
-            interrupted: AtomicBool::new(false),
-            consuming: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
             cancelling: Mutex::new(()),
-            blocked: AtomicBool::new(false),
-            refused: AtomicBool::new(false),
-            connected_once: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
             born: Instant::now(),
             next_scan: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
@@ -369,13 +405,6 @@ impl AmqpSource {
         self.core.count(&self.core.dead).ok_or_else(|| {
             SourceError::Unavailable(format!("amqp {} did not answer", self.core.shown_url))
         })
-    }
-}
-
-impl AmqpSource {
-    /// Every core: the consuming one, then the publishing ones.
-    fn cores(&self) -> impl Iterator<Item = &Core> {
-        std::iter::once(&*self.core).chain(&self.lanes)
     }
 }
 
@@ -463,7 +492,7 @@ impl Source for AmqpSource {
     ) -> Result<(), SourceError> {
         let now = Instant::now();
         let epoch = self.core.current_epoch();
-        let mut table = lock(&self.core.leases);
+        let mut table = lock(&self.core.side.leases);
         for &lease in leases {
             let index = (lease & u64::from(u32::MAX)) as usize;
             match table.slots.get_mut(index) {
@@ -498,7 +527,7 @@ impl Source for AmqpSource {
     }
 
     fn nack_all(&self) -> usize {
-        let held: Vec<Held> = lock(&self.core.leases).slots.drain().collect();
+        let held: Vec<Held> = lock(&self.core.side.leases).slots.drain().collect();
         let count = held.len();
         self.enqueue(
             held.into_iter()
@@ -515,7 +544,7 @@ impl Source for AmqpSource {
 
     /// Acks this instance sent and messages it dead-lettered.
     fn settled(&self) -> u64 {
-        self.core.settled.load(Ordering::SeqCst)
+        self.core.side.settled.load(Ordering::SeqCst)
     }
 
     /// The counters; `remaining` is the queue's ready messages (asked of the broker, at
@@ -535,14 +564,14 @@ impl Source for AmqpSource {
     fn stats(&self) -> SourceStats {
         let core = &self.core;
         core.flush(SHUTDOWN_WAIT);
-        let mut stats = *lock(&core.stats);
-        stats.undecodable = core.malformed.load(Ordering::Relaxed);
+        let mut stats = *lock(&core.side.stats);
+        stats.undecodable = core.side.malformed.load(Ordering::Relaxed);
         stats.published += self
             .lanes
             .iter()
-            .map(|lane| lock(&lane.stats).published)
+            .map(|lane| lane.side.published.load(Ordering::SeqCst))
             .sum::<u64>();
-        let held = lock(&core.leases).slots.len() as u64;
+        let held = lock(&core.side.leases).slots.len() as u64;
         let ready = if core.interrupted.load(Ordering::SeqCst) {
             // The deliveries pushed ahead that no pull took are given back first, then
             // counted once the broker holds them as ready.
@@ -560,10 +589,10 @@ impl Source for AmqpSource {
         // queue had drained.
         let ready = match ready {
             Some(ready) => {
-                core.last_ready.store(ready, Ordering::SeqCst);
+                core.side.last_ready.store(ready, Ordering::SeqCst);
                 ready
             }
-            None => core.last_ready.load(Ordering::SeqCst),
+            None => core.side.last_ready.load(Ordering::SeqCst),
         };
         stats.remaining = ready + held;
         stats
@@ -615,9 +644,11 @@ impl Drop for AmqpSource {
         // Closing the connection gives every unacked delivery back to the queue. Every
         // connection waits until the same instant, so many take no longer than one.
         let end = Instant::now() + SHUTDOWN_WAIT;
-        for core in self.cores() {
-            core.closing.store(true, Ordering::SeqCst);
-            core.close(end);
+        core.closing.store(true, Ordering::SeqCst);
+        core.close(end);
+        for lane in &self.lanes {
+            lane.closing.store(true, Ordering::SeqCst);
+            lane.close(end);
         }
     }
 }

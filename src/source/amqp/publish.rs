@@ -13,13 +13,13 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 
-use super::link::{failure_text, in_order, Abort, Failure, Link};
-use super::{Core, CONFIRM_TIMEOUT, TICK};
+use super::link::{failure_text, in_order, Abort, Failure, Link, Side};
+use super::{Lane, Publishing, CONFIRM_TIMEOUT, TICK};
 use crate::error::SourceError;
 use crate::message::{MessageError, PubSubMessage};
 use crate::sync::lock;
 
-impl Core {
+impl Lane {
     /// `publish` on this connection, keeping at most `window` messages unconfirmed.
     pub(super) fn publish(
         &self,
@@ -28,7 +28,7 @@ impl Core {
     ) -> Result<(), SourceError> {
         // One publisher at a time: the unconfirmed batches are settled in the order they
         // were sent, and a thread waiting for room would wait for the same confirms anyway.
-        let mut unconfirmed = lock(&self.unconfirmed);
+        let mut unconfirmed = lock(&self.side.unconfirmed);
         let room = window.saturating_sub(batch.len());
         loop {
             if self.interrupted.load(Ordering::SeqCst) {
@@ -70,6 +70,12 @@ impl Core {
     }
 }
 
+impl Side for Publishing {
+    /// Nothing: a publishing connection holds no lease, and its batches of a lost link are
+    /// sent again on the next.
+    fn forget(&self, _epoch: u64) {}
+}
+
 /// Published batches whose confirms are outstanding, oldest first.
 #[derive(Default)]
 pub(super) struct Unconfirmed {
@@ -109,7 +115,7 @@ impl Sent {
     }
 }
 
-impl Core {
+impl Lane {
     /// Sends `envelopes` on the publish channel of `link`, waiting at most `limit` for lapin
     /// to write them; the `basic.publish` methods are started together (see [`in_order`]).
     pub(super) fn send_batch(
@@ -212,7 +218,9 @@ impl Core {
             let count = sent.envelopes.len();
             unconfirmed.batches.pop_front();
             unconfirmed.count -= count;
-            lock(&self.stats).published += count as u64;
+            self.side
+                .published
+                .fetch_add(count as u64, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -231,7 +239,9 @@ impl Core {
         });
         if published > 0 {
             unconfirmed.count -= published;
-            lock(&self.stats).published += published as u64;
+            self.side
+                .published
+                .fetch_add(published as u64, Ordering::SeqCst);
         }
     }
 
@@ -239,7 +249,7 @@ impl Core {
     /// lost; returns the messages left unconfirmed (the caller says so): those whose
     /// confirms did not all arrive.
     pub(super) fn confirm_all(&self, timeout: Duration) -> usize {
-        self.confirm_on(timeout, Core::link)
+        self.confirm_on(timeout, Lane::link)
     }
 
     /// [`Core::confirm_all`] on the connected link only, never reconnecting: dropping the
@@ -253,10 +263,10 @@ impl Core {
     fn confirm_on(
         &self,
         timeout: Duration,
-        link: impl Fn(&Core) -> Result<Arc<Link>, Failure>,
+        link: impl Fn(&Lane) -> Result<Arc<Link>, Failure>,
     ) -> usize {
         let end = Instant::now() + timeout;
-        let mut unconfirmed = lock(&self.unconfirmed);
+        let mut unconfirmed = lock(&self.side.unconfirmed);
         while unconfirmed.count > 0 {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
