@@ -475,19 +475,19 @@ impl Core {
                     while let Ok(more) = queue.try_recv() {
                         ops.extend(more);
                     }
-                    self.send(&ops, &mut prefix, false);
+                    self.send(&ops, &mut prefix);
                 }
-                Err(RecvTimeoutError::Timeout) => self.send(&[], &mut prefix, false),
+                Err(RecvTimeoutError::Timeout) => self.send(&[], &mut prefix),
                 Err(RecvTimeoutError::Disconnected) => {
                     // The source is dropped: nothing is held back any longer.
-                    self.send(&[], &mut prefix, true);
+                    self.send_held(&mut prefix);
                     return;
                 }
             }
             let expired = self.expire_local();
             if !expired.is_empty() {
                 self.side.queued.add(expired.len() as u64);
-                self.send(&expired, &mut prefix, false);
+                self.send(&expired, &mut prefix);
             }
         }
     }
@@ -521,9 +521,18 @@ impl Core {
 
     /// Sends lease operations on the current link, as few frames as the ack prefix allows
     /// (see [`acks`]); an operation of a lost link is void (the broker gave its message
-    /// back), and an ack among them is a late refusal. `force` sends what the prefix holds
-    /// back at once.
-    pub(super) fn send(&self, ops: &[Op], prefix: &mut Prefix, force: bool) {
+    /// back), and an ack among them is a late refusal.
+    fn send(&self, ops: &[Op], prefix: &mut Prefix) {
+        self.send_frames(ops, prefix, false);
+    }
+
+    /// Sends at once what the ack prefix holds back (the source is dropped).
+    fn send_held(&self, prefix: &mut Prefix) {
+        self.send_frames(&[], prefix, true);
+    }
+
+    /// [`Core::send`]; `force` sends what the prefix holds back at once.
+    fn send_frames(&self, ops: &[Op], prefix: &mut Prefix, force: bool) {
         let link = lock(&self.link).clone();
         let epoch = link.as_ref().map_or(0, |link| link.epoch);
         let mut void_acks = 0;
