@@ -165,7 +165,7 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from
 pub struct AmqpSource {
     /// The state shared with the worker thread.
     core: Arc<Core>,
-    /// The connections that publish ([`AmqpConfig::publish_connections`]), each a core of
+    /// The connections that publish ([`AmqpConfig::publish_connections`]), each a lane of
     /// its own that never consumes and holds no lease; connected at their first `publish`.
     /// `core` never publishes: RabbitMQ blocks a connection that publishes during a resource
     /// alarm, and a consumer on it would stall with it, its acks included.
