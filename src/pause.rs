@@ -1,4 +1,4 @@
-//! The pause handle: a value a program passes into [`run_controlled`](crate::run_controlled)
+//! The pause handle: a value a program passes into a run ([`Runner::pause`](crate::Runner::pause))
 //! to stop taking work without shutting down, and that tells whether the service is ready.
 //!
 //! Three things hold the service back, each counted here:

@@ -1,4 +1,4 @@
-//! The shutdown handle: a value a program passes into [`run`](crate::run) and triggers itself.
+//! The shutdown handle: a value a program passes into [`Runner::run`](crate::Runner::run) and triggers itself.
 //!
 //! It is a shared `AtomicBool` (checked without locking on every loop of every thread) plus a
 //! condition variable that wakes threads sleeping in [`Shutdown::wait_timeout`], such as

@@ -1,5 +1,5 @@
 //! The pipeline: publishers, consumers, the lease manager and the executor, wired together
-//! by [`run`], which also shuts them down in a fixed order.
+//! by [`Runner`], which also shuts them down in a fixed order.
 //!
 //! - [`publisher`]: publisher threads;
 //! - [`consumer`]: consumer threads (blocking pull, then `send_blocking`);
@@ -22,6 +22,7 @@ mod task;
 pub(crate) mod throttle;
 pub(crate) mod window;
 
+use std::cell::RefCell;
 use std::sync::atomic::AtomicU64;
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
@@ -39,7 +40,7 @@ use crate::source::{Publish, Source};
 use acker::Acks;
 use completion::Completion;
 use consumer::Consumer;
-use leaser::{LeaseSettings, Leaser};
+use leaser::{LeaseGuard, LeaseSettings, Leaser};
 use publisher::Publisher;
 use task::panic_text;
 
@@ -62,34 +63,39 @@ pub trait Broker: Source + Publish {}
 
 impl<T: Source + Publish + ?Sized> Broker for T {}
 
-/// Runs the service until `shutdown` is triggered (or, with `config.run.messages`, until every
-/// message is settled), then shuts down in a fixed order and returns the [`Report`].
+/// The one entry point: runs the service until the shutdown is triggered (or, with
+/// `config.run.messages`, until every message is settled), then shuts down in a fixed order
+/// and returns the [`Report`].
 ///
-/// Threads: `config.publish.publishers` publisher threads publish random messages into `broker`;
-/// `config.run.consumers` consumer threads pull from it, put each lease under the lease manager,
-/// and hand it over a bounded `async_channel` (`send_blocking`) to `config.run.workers` executor
-/// threads, which run one `handler` task per message; one lease-manager thread extends every
-/// lease held, in batches, from pull to settle.
+/// Built from the [`Config`]; what else a run may be given is set by a method each, all
+/// optional:
 ///
-/// Shutdown order: stop publishers and consumers; await the publisher confirms the publishing
-/// client still holds (up to `config.run.grace_period`); nack what sits in the hand-off channel;
-/// give handlers in flight `config.run.grace_period` to finish (their leases still extended);
-/// cancel and nack the rest; stop the executor threads and the lease manager; build the
-/// report. Every thread is joined before `run` returns: none outlives it.
+/// - [`metrics`](Runner::metrics): the [`Metrics`] to update as it goes, so that another
+///   thread can watch them (the binary's `/metrics` endpoint does); without it, a run keeps
+///   its own;
+/// - [`publisher`](Runner::publisher): the publishing client of `config.publish.publishers`
+///   publisher threads; without it, `config.publish.publishers` must be 0 (the program
+///   publishes by other means). A client that both publishes and consumes, as the in-memory
+///   [`Subscription`](crate::Subscription) does, is given as both;
+/// - [`pause`](Runner::pause): a [`Pause`] the program (and the
+///   [`Breaker`](crate::layer::Breaker) layers built with the same pause) can use to stop
+///   taking work without shutting down.
 ///
-/// # Blocking
+/// Threads: `config.publish.publishers` publisher threads publish random messages into the
+/// publishing client; `config.run.consumers` consumer threads pull from the source, put each
+/// lease under the lease manager, and hand it over a channel (`send_blocking`) to
+/// `config.run.workers` executor threads, which run one `handler` task per message; one
+/// lease-manager thread extends every lease held, in batches, from pull to settle.
 ///
-/// Blocks the calling thread until the service has shut down. Call it from a plain thread
-/// (or from the future of a `block_on` that runs nothing else, as `examples/embed_smol.rs`
-/// does), never from a task that shares its thread with other tasks.
-///
-/// # Errors
-///
-/// [`RunError::Config`] for an invalid configuration (nothing is started);
-/// [`RunError::Spawn`] if a thread cannot be started (what did start is shut down first).
+/// Shutdown order (the README's "Architecture" section; one method each): stop publishers and
+/// consumers; await the publisher confirms the publishing client still holds (up to
+/// `config.run.grace_period`); nack what sits in the hand-off channel; give handlers in flight
+/// `config.run.grace_period` to finish (their leases still extended); cancel and nack the
+/// rest; stop the executor threads and the lease manager; build the report. Every thread is
+/// joined before [`run`](Runner::run) returns: none outlives it.
 ///
 /// ```
-/// use mayhem::{run, Config, MayhemConfig, MayhemHandler, Shutdown, Subscription};
+/// use mayhem::{Config, MayhemConfig, MayhemHandler, Metrics, Runner, Shutdown, Subscription};
 /// use std::time::Duration;
 ///
 /// let mut config = Config::default();
@@ -101,65 +107,22 @@ impl<T: Source + Publish + ?Sized> Broker for T {}
 /// config.run.seed = Some(1);
 /// let subscription = Subscription::new(config.subscription());
 /// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
-/// let report = run(&config, &subscription, &handler, &Shutdown::new()).unwrap();
+/// let metrics = Metrics::default();
+/// let report = Runner::new(&config)
+///     .metrics(&metrics)
+///     .publisher(&subscription)
+///     .run(&subscription, &handler, &Shutdown::new())
+///     .unwrap();
 /// assert_eq!(report.acked, 50);
 /// assert!(report.is_balanced());
-/// ```
-pub fn run<H: Handler>(
-    config: &Config,
-    broker: &dyn Broker,
-    handler: &H,
-    shutdown: &Shutdown,
-) -> Result<Report, RunError> {
-    run_with_metrics(config, broker, handler, shutdown, &Metrics::default())
-}
-
-/// [`run`], updating `metrics` as it goes, so that another thread can watch them (the
-/// binary's `/metrics` endpoint does).
-///
-/// # Errors
-///
-/// As [`run`].
-///
-/// ```
-/// use mayhem::{run_with_metrics, Config, MayhemConfig, MayhemHandler, Metrics, Shutdown, Subscription};
-/// use std::time::Duration;
-///
-/// let mut config = Config::default();
-/// config.run.messages = Some(20);
-/// config.publish.interval = Duration::ZERO;
-/// config.handler.latency = Duration::ZERO;
-/// config.handler.restart_failure_rate = 0.0;
-/// config.handler.save_failure_rate = 0.0;
-/// let subscription = Subscription::new(config.subscription());
-/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
-/// let metrics = Metrics::default();
-/// let report = run_with_metrics(&config, &subscription, &handler, &Shutdown::new(), &metrics).unwrap();
-/// assert_eq!(report.acked, 20);
 /// assert_eq!(metrics.in_flight(), 0);
 /// ```
-pub fn run_with_metrics<H: Handler>(
-    config: &Config,
-    broker: &dyn Broker,
-    handler: &H,
-    shutdown: &Shutdown,
-    metrics: &Metrics,
-) -> Result<Report, RunError> {
-    run_clients(config, broker, Some(broker), handler, shutdown, metrics)
-}
-
-/// [`run_with_metrics`] with the consuming and the publishing client given apart, as real
-/// brokers have them. Without a publishing client, `config.publish.publishers` must be 0 (the
-/// program publishes by other means).
 ///
-/// # Errors
-///
-/// As [`run`]; [`RunError::Config`] also when publishers are asked for without a publishing
-/// client.
+/// Without a publishing client, the program publishes by other means:
 ///
 /// ```
-/// use mayhem::{run_clients, Config, MayhemConfig, MayhemHandler, Metrics, Publish,
-///     PubSubMessage, Shutdown, Subscription};
+/// use mayhem::{Config, MayhemConfig, MayhemHandler, Publish, PubSubMessage, Runner, Shutdown,
+///     Subscription};
 /// use std::time::Duration;
 ///
 /// let mut config = Config::default();
@@ -173,10 +136,274 @@ pub fn run_with_metrics<H: Handler>(
 /// let batch: Vec<PubSubMessage> = (0..3).map(|_| PubSubMessage::random(&mut rng)).collect();
 /// subscription.publish(&batch).unwrap();
 /// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
-/// let report = run_clients(&config, &subscription, None, &handler, &Shutdown::new(),
-///     &Metrics::default()).unwrap();
+/// let report = Runner::new(&config).run(&subscription, &handler, &Shutdown::new()).unwrap();
 /// assert_eq!(report.acked, 3);
 /// ```
+#[derive(Clone, Copy)]
+pub struct Runner<'a> {
+    /// Every setting.
+    config: &'a Config,
+    /// The counters another thread may watch; `None`: the run keeps its own.
+    metrics: Option<&'a Metrics>,
+    /// The client the publisher threads publish into.
+    publisher: Option<&'a dyn Publish>,
+    /// Quiet mode and open breakers; `None`: the run keeps its own, never paused.
+    pause: Option<&'a Pause>,
+}
+
+impl std::fmt::Debug for Runner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("config", self.config)
+            .field("metrics", &self.metrics.is_some())
+            .field("publisher", &self.publisher.is_some())
+            .field("pause", &self.pause)
+            .finish()
+    }
+}
+
+impl<'a> Runner<'a> {
+    /// A run of `config`, with metrics and a pause of its own and no publishing client.
+    pub fn new(config: &'a Config) -> Self {
+        Runner {
+            config,
+            metrics: None,
+            publisher: None,
+            pause: None,
+        }
+    }
+
+    /// Updates `metrics` as the run goes, so that another thread can watch them.
+    #[must_use]
+    pub fn metrics(self, metrics: &'a Metrics) -> Self {
+        Runner {
+            metrics: Some(metrics),
+            ..self
+        }
+    }
+
+    /// Publishes through `publisher`: `config.publish.publishers` threads publish random
+    /// messages into it. A broker client that also consumes is given to
+    /// [`run`](Runner::run) as the source too.
+    #[must_use]
+    pub fn publisher(self, publisher: &'a dyn Publish) -> Self {
+        Runner {
+            publisher: Some(publisher),
+            ..self
+        }
+    }
+
+    /// Stops taking work while `pause` says so, without shutting down: while it pauses
+    /// pulling, consumers pull nothing (they look again every 50 ms, and at the shutdown);
+    /// while it is quiet, publishers publish nothing too. What is held meanwhile is handled
+    /// and settled as usual. The run also marks on it whether the last pull failed (see
+    /// [`Pause::is_ready`]).
+    ///
+    /// ```
+    /// use mayhem::{Config, MayhemConfig, MayhemHandler, Pause, Runner, Shutdown, ShutdownReason,
+    ///     Subscription};
+    /// use std::time::Duration;
+    ///
+    /// let mut config = Config::default();
+    /// config.publish.interval = Duration::ZERO;
+    /// config.handler.latency = Duration::ZERO;
+    /// let subscription = Subscription::new(config.subscription());
+    /// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
+    /// let (shutdown, pause) = (Shutdown::new(), Pause::new());
+    /// // Quiet from the start: nothing is published or pulled.
+    /// pause.set_quiet(true);
+    /// let stopper = shutdown.clone();
+    /// std::thread::spawn(move || {
+    ///     std::thread::sleep(Duration::from_millis(100));
+    ///     stopper.trigger(ShutdownReason::Requested);
+    /// });
+    /// let report = Runner::new(&config)
+    ///     .publisher(&subscription)
+    ///     .pause(&pause)
+    ///     .run(&subscription, &handler, &shutdown)
+    ///     .unwrap();
+    /// assert_eq!((report.published, report.consumed), (0, 0));
+    /// ```
+    #[must_use]
+    pub fn pause(self, pause: &'a Pause) -> Self {
+        Runner {
+            pause: Some(pause),
+            ..self
+        }
+    }
+
+    /// Runs the service on `source`, one `handler` task per message, until `shutdown` is
+    /// triggered (or every message of `config.run.messages` is settled); then shuts down in
+    /// the fixed order and returns the [`Report`].
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the calling thread until the service has shut down. Call it from a plain thread
+    /// (or from the future of a `block_on` that runs nothing else, as
+    /// `examples/embed_smol.rs` does), never from a task that shares its thread with other
+    /// tasks.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Config`] for an invalid configuration, or publishers asked for without a
+    /// publishing client (nothing is started); [`RunError::Spawn`] if a thread cannot be
+    /// started (what did start is shut down first).
+    pub fn run<H: Handler>(
+        &self,
+        source: &dyn Source,
+        handler: &H,
+        shutdown: &Shutdown,
+    ) -> Result<Report, RunError> {
+        let own_metrics;
+        let metrics = match self.metrics {
+            Some(metrics) => metrics,
+            None => {
+                own_metrics = Metrics::default();
+                &own_metrics
+            }
+        };
+        let own_pause;
+        let pause = match self.pause {
+            Some(pause) => pause,
+            None => {
+                own_pause = Pause::new();
+                &own_pause
+            }
+        };
+        let (config, publisher) = (self.config, self.publisher);
+        config.validate()?;
+        if publisher.is_none() && config.publish.publishers > 0 {
+            return Err(RunError::Config(ConfigError::new(
+                "--publishers",
+                config.publish.publishers,
+                "must be 0 without a publishing client",
+            )));
+        }
+        let started = Instant::now();
+        // Messages the run's publishers published: `--messages N` completes only once they
+        // published their N (the source's settled count may include messages they did not).
+        let published = AtomicU64::new(0);
+        // What is left of `--messages N` for the publishers to publish.
+        let budget = config.run.messages.map(AtomicU64::new);
+        let seed = config.run.seed.unwrap_or_else(|| fastrand::u64(..));
+        let leaser = Leaser::new(
+            source,
+            metrics,
+            config.run.max_in_flight,
+            config.run.max_in_flight_bytes,
+            source.pull_batch().max(1),
+            LeaseSettings {
+                ack_deadline: config.lease.ack_deadline,
+                auto: config.lease.auto_ack_deadline,
+                extend_interval: config.lease.extend_interval,
+                max_lease: config.lease.max_lease,
+            },
+        );
+        // Outside `shared`: it holds lease guards, whose lifetime is the lease manager's.
+        let acks = Acks::new(config.run.workers);
+        let shared = Shared {
+            handler,
+            shutdown,
+            metrics,
+            leaser: &leaser,
+            config,
+            completion: Completion {
+                source,
+                shutdown,
+                target: config.run.messages,
+                published: (publisher.is_some() && config.publish.publishers > 0)
+                    .then_some(&published),
+            },
+        };
+        if config.run.adaptive_window {
+            leaser
+                .gate()
+                .set_limit(window::START_WINDOW.min(config.run.max_in_flight));
+        }
+        metrics.set_window(leaser.gate().limit());
+        // Unbounded in type, bounded in fact: every lease in it holds a flow-control permit,
+        // so it never holds more than the window. A bounded channel would allocate the whole
+        // window up front (800 MB for `--max-in-flight 10000000`, whatever the traffic); this
+        // one grows in blocks as leases come.
+        let (handoff, handoff_rx) = async_channel::unbounded();
+        // Never sent to: closing it tells the executor threads to return.
+        let (stop, stop_rx) = async_channel::bounded::<()>(1);
+        let service = Service {
+            config,
+            source,
+            publisher,
+            shutdown,
+            pause,
+            metrics,
+            leaser: &leaser,
+            shared: &shared,
+            acks: &acks,
+            seed,
+            published: &published,
+            budget: budget.as_ref(),
+            handoff,
+            handoff_rx,
+            stop,
+            stop_rx,
+            spawn_error: RefCell::new(None),
+        };
+        let reason = service.serve();
+        if let Some(error) = service.spawn_error.take() {
+            return Err(RunError::Spawn(error));
+        }
+        service.flush_source();
+        Ok(service.flush_metrics(started, reason))
+    }
+}
+
+/// Runs the service on a client that both publishes and consumes.
+///
+/// # Errors
+///
+/// As [`Runner::run`].
+#[deprecated(note = "use `Runner::new(config).publisher(broker).run(broker, handler, shutdown)`")]
+pub fn run<H: Handler>(
+    config: &Config,
+    broker: &dyn Broker,
+    handler: &H,
+    shutdown: &Shutdown,
+) -> Result<Report, RunError> {
+    let publisher: &dyn Publish = broker;
+    let source: &dyn Source = broker;
+    Runner::new(config)
+        .publisher(publisher)
+        .run(source, handler, shutdown)
+}
+
+/// Runs the service on a client that both publishes and consumes, updating `metrics`.
+///
+/// # Errors
+///
+/// As [`Runner::run`].
+#[deprecated(
+    note = "use `Runner::new(config).metrics(metrics).publisher(broker).run(broker, handler, shutdown)`"
+)]
+pub fn run_with_metrics<H: Handler>(
+    config: &Config,
+    broker: &dyn Broker,
+    handler: &H,
+    shutdown: &Shutdown,
+    metrics: &Metrics,
+) -> Result<Report, RunError> {
+    let publisher: &dyn Publish = broker;
+    let source: &dyn Source = broker;
+    Runner::new(config)
+        .metrics(metrics)
+        .publisher(publisher)
+        .run(source, handler, shutdown)
+}
+
+/// Runs the service with the consuming and the publishing client given apart.
+///
+/// # Errors
+///
+/// As [`Runner::run`].
+#[deprecated(note = "use `Runner`, with `publisher` when there is a publishing client")]
 pub fn run_clients<H: Handler>(
     config: &Config,
     source: &dyn Source,
@@ -185,50 +412,24 @@ pub fn run_clients<H: Handler>(
     shutdown: &Shutdown,
     metrics: &Metrics,
 ) -> Result<Report, RunError> {
-    run_controlled(
+    Runner {
         config,
-        source,
+        metrics: Some(metrics),
         publisher,
-        handler,
-        shutdown,
-        &Pause::new(),
-        metrics,
-    )
+        pause: None,
+    }
+    .run(source, handler, shutdown)
 }
 
-/// [`run_clients`] with a [`Pause`] the program (and the [`Breaker`](crate::layer::Breaker)
-/// layers built with the same pause) can use to stop taking work without shutting down:
-/// while it pauses pulling, consumers pull nothing (they look again every 50 ms, and at
-/// the shutdown); while it is quiet, publishers publish nothing too. What is held meanwhile
-/// is handled and settled as usual. The runner also marks on it whether the last pull
-/// failed (see [`Pause::is_ready`]).
+/// Runs the service with the consuming and the publishing client given apart, and a
+/// [`Pause`].
 ///
 /// # Errors
 ///
-/// As [`run_clients`].
-///
-/// ```
-/// use mayhem::{run_controlled, Config, MayhemConfig, MayhemHandler, Metrics, Pause, Shutdown,
-///     ShutdownReason, Subscription};
-/// use std::time::Duration;
-///
-/// let mut config = Config::default();
-/// config.publish.interval = Duration::ZERO;
-/// config.handler.latency = Duration::ZERO;
-/// let subscription = Subscription::new(config.subscription());
-/// let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
-/// let (shutdown, pause) = (Shutdown::new(), Pause::new());
-/// // Quiet from the start: nothing is published or pulled.
-/// pause.set_quiet(true);
-/// let stopper = shutdown.clone();
-/// std::thread::spawn(move || {
-///     std::thread::sleep(Duration::from_millis(100));
-///     stopper.trigger(ShutdownReason::Requested);
-/// });
-/// let report = run_controlled(&config, &subscription, Some(&subscription), &handler,
-///     &shutdown, &pause, &Metrics::default()).unwrap();
-/// assert_eq!((report.published, report.consumed), (0, 0));
-/// ```
+/// As [`Runner::run`].
+#[deprecated(
+    note = "use `Runner`, with `publisher` when there is a publishing client, and `pause`"
+)]
 pub fn run_controlled<H: Handler>(
     config: &Config,
     source: &dyn Source,
@@ -238,256 +439,353 @@ pub fn run_controlled<H: Handler>(
     pause: &Pause,
     metrics: &Metrics,
 ) -> Result<Report, RunError> {
-    config.validate()?;
-    if publisher.is_none() && config.publish.publishers > 0 {
-        return Err(RunError::Config(ConfigError::new(
-            "--publishers",
-            config.publish.publishers,
-            "must be 0 without a publishing client",
-        )));
-    }
-    let started = Instant::now();
-    // Messages the run's publishers published: `--messages N` completes only once they
-    // published their N (the source's settled count may include messages they did not).
-    let published = AtomicU64::new(0);
-    let seed = config.run.seed.unwrap_or_else(|| fastrand::u64(..));
-    let leaser = Leaser::new(
-        source,
-        metrics,
-        config.run.max_in_flight,
-        config.run.max_in_flight_bytes,
-        source.pull_batch().max(1),
-        LeaseSettings {
-            ack_deadline: config.lease.ack_deadline,
-            auto: config.lease.auto_ack_deadline,
-            extend_interval: config.lease.extend_interval,
-            max_lease: config.lease.max_lease,
-        },
-    );
-    // Outside `shared`: it holds lease guards, whose lifetime is the lease manager's.
-    let acks = Acks::new(config.run.workers);
-    let shared = Shared {
-        handler,
-        shutdown,
-        metrics,
-        leaser: &leaser,
+    Runner {
         config,
-        completion: Completion {
-            source,
-            shutdown,
-            target: config.run.messages,
-            published: (publisher.is_some() && config.publish.publishers > 0).then_some(&published),
-        },
-    };
-    if config.run.adaptive_window {
-        leaser
-            .gate()
-            .set_limit(window::START_WINDOW.min(config.run.max_in_flight));
+        metrics: Some(metrics),
+        publisher,
+        pause: Some(pause),
     }
-    metrics.set_window(leaser.gate().limit());
-    let budget = config.run.messages.map(AtomicU64::new);
-    // Unbounded in type, bounded in fact: every lease in it holds a flow-control permit, so it
-    // never holds more than the window. A bounded channel would allocate the whole window up
-    // front (800 MB for `--max-in-flight 10000000`, whatever the traffic); this one grows in
-    // blocks as leases come.
-    let (handoff, handoff_rx) = async_channel::unbounded();
-    // Never sent to: closing it tells the executor threads to return.
-    let (stop, stop_rx) = async_channel::bounded::<()>(1);
+    .run(source, handler, shutdown)
+}
 
-    let mut spawn_error = None;
-    // Two scopes: the lease manager's thread in the outer one, the rest in the inner one, and
-    // the executor between them. It is dropped once its threads are joined, and so are the
-    // tasks the cancellation did not reach (a large window leaves many queued): each gives its
-    // lease back while the lease manager still extends it, instead of after it stopped, when
-    // the lease could expire first.
-    let reason = thread::scope(|outer| {
-        let mut keepers = Vec::new();
+/// One run in progress: what its threads are given, and one method per step of the shutdown,
+/// each named after the step (and its log line) in the README's "Architecture" section.
+struct Service<'s, 'r, H> {
+    /// Every setting.
+    config: &'r Config,
+    /// Where leases come from.
+    source: &'r dyn Source,
+    /// Where the publisher threads publish, if anywhere.
+    publisher: Option<&'r dyn Publish>,
+    /// What every loop checks.
+    shutdown: &'r Shutdown,
+    /// Quiet mode and open breakers.
+    pause: &'r Pause,
+    /// The counters.
+    metrics: &'r Metrics,
+    /// The lease manager, which also holds the flow-control gate.
+    leaser: &'r Leaser<'r>,
+    /// What the handler tasks share.
+    shared: &'s Shared<'r, H>,
+    /// The executor threads' ack buffers.
+    acks: &'s Acks<'r>,
+    /// The seed of the lease manager's jitter and of the publishers.
+    seed: u64,
+    /// Messages the run's publishers published.
+    published: &'r AtomicU64,
+    /// What is left of `--messages N` to publish.
+    budget: Option<&'r AtomicU64>,
+    /// The hand-off channel, consumers to executor threads.
+    handoff: async_channel::Sender<Vec<LeaseGuard<'r>>>,
+    /// Its receiving end: the executor threads', and the shutdown's, which drains it.
+    handoff_rx: async_channel::Receiver<Vec<LeaseGuard<'r>>>,
+    /// Never sent to: closing it tells the executor threads to return.
+    stop: async_channel::Sender<()>,
+    /// Its receiving end, one clone per executor thread.
+    stop_rx: async_channel::Receiver<()>,
+    /// The first thread that could not be started; nothing more is started after it.
+    spawn_error: RefCell<Option<std::io::Error>>,
+}
+
+impl<'s, 'r: 's, H: Handler> Service<'s, 'r, H> {
+    /// Starts every thread, waits for the shutdown, and runs its steps up to the lease
+    /// manager's stop (every thread joined); returns why it shut down.
+    ///
+    /// Two scopes: the lease manager's thread in the outer one, the rest in the inner one, and
+    /// the executor between them. It is dropped once its threads are joined, and so are the
+    /// tasks the cancellation did not reach (a large window leaves many queued): each gives its
+    /// lease back while the lease manager still extends it, instead of after it stopped, when
+    /// the lease could expire first.
+    fn serve(&self) -> ShutdownReason {
+        thread::scope(|outer| {
+            let keepers = self.start_lease_manager(outer);
+            // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
+            let executor = Executor::new();
+            let reason = thread::scope(|scope| {
+                let workers = self.start_executor_threads(scope, &executor);
+                let feeders = self.start_consumers_and_publishers(scope);
+                // `--messages 0` is done before it starts.
+                self.shared.completion.check();
+
+                let reason = self.receive_exit_signal();
+                self.close_database_connections(feeders);
+                self.nack_outstanding_messages();
+                self.wait_for_handlers();
+                self.cancel_outstanding_tasks();
+                self.shut_down_executor(workers);
+                reason
+            });
+            self.stop_lease_manager(executor, keepers);
+            reason
+        })
+    }
+
+    /// Starts a scoped thread, unless one could not be started already (see [`spawn_in`]).
+    fn spawn<'scope>(
+        &self,
+        scope: &'scope Scope<'scope, '_>,
+        name: String,
+        handles: &mut Vec<ScopedJoinHandle<'scope, ()>>,
+        body: Body<'scope>,
+    ) {
         spawn_in(
+            scope,
+            name,
+            handles,
+            &mut self.spawn_error.borrow_mut(),
+            self.shutdown,
+            body,
+        );
+    }
+
+    /// Starts the lease manager's thread, and the adaptive window's.
+    fn start_lease_manager<'scope>(
+        &self,
+        outer: &'scope Scope<'scope, '_>,
+    ) -> Vec<ScopedJoinHandle<'scope, ()>>
+    where
+        'r: 'scope,
+    {
+        let (leaser, metrics, shutdown, config) =
+            (self.leaser, self.metrics, self.shutdown, self.config);
+        let seed = self.seed;
+        let mut keepers = Vec::new();
+        self.spawn(
             outer,
             "mayhem-leaser".to_owned(),
             &mut keepers,
-            &mut spawn_error,
-            shutdown,
-            Box::new(|| leaser.run(seed.rotate_left(7))),
+            Box::new(move || leaser.run(seed.rotate_left(7))),
         );
         if config.run.adaptive_window {
-            spawn_in(
+            self.spawn(
                 outer,
                 "mayhem-window".to_owned(),
                 &mut keepers,
-                &mut spawn_error,
-                shutdown,
-                Box::new(|| {
+                Box::new(move || {
                     tune_window(leaser.gate(), metrics, shutdown, config.run.max_in_flight)
                 }),
             );
         }
-        // Declared after `shared`, so it is dropped first: its tasks borrow `shared`.
-        let executor = Executor::new();
-        let reason = thread::scope(|scope| {
-            let mut workers = Vec::new();
-            let mut feeders = Vec::new();
-            let mut spawn = |name: String, handles: &mut Vec<_>, body| {
-                spawn_in(scope, name, handles, &mut spawn_error, shutdown, body);
-            };
-            for index in 0..config.run.workers {
-                let (executor, shared, acks, handoff_rx, stop_rx) = (
-                    &executor,
-                    &shared,
-                    &acks,
-                    handoff_rx.clone(),
-                    stop_rx.clone(),
-                );
-                spawn(
-                    format!("mayhem-worker-{index}"),
-                    &mut workers,
-                    Box::new(move || {
-                        bridge::run_executor_thread(
-                            executor, shared, acks, index, handoff_rx, stop_rx,
-                        )
-                    }),
-                );
-            }
-            for index in 0..config.run.consumers {
-                let consumer = Consumer {
-                    source,
-                    shutdown,
-                    pause,
-                    leaser: &leaser,
-                    handoff: handoff.clone(),
-                    completion: shared.completion,
-                };
-                spawn(
-                    format!("mayhem-consumer-{index}"),
-                    &mut feeders,
-                    Box::new(move || consumer.run()),
-                );
-            }
-            if let Some(sink) = publisher {
-                for index in 0..config.publish.publishers {
-                    let publisher = Publisher {
-                        sink,
-                        shutdown,
-                        pause,
-                        interval: config.publish.interval,
-                        budget: budget.as_ref(),
-                        published: &published,
-                        seed: seed ^ SEED_STEP.wrapping_mul(index as u64 + 1),
-                    };
-                    spawn(
-                        format!("mayhem-publisher-{index}"),
-                        &mut feeders,
-                        Box::new(move || publisher.run()),
-                    );
-                }
-            }
-            // `--messages 0` is done before it starts.
-            shared.completion.check();
+        keepers
+    }
 
-            let reason = wait_reporting_stats(
-                shutdown,
-                source,
-                metrics,
-                config.run.stats_interval,
-                config.run.adaptive_window,
-                &shared.completion,
+    /// Starts the executor threads.
+    fn start_executor_threads<'scope>(
+        &self,
+        scope: &'scope Scope<'scope, '_>,
+        executor: &'scope Executor<'s>,
+    ) -> Vec<ScopedJoinHandle<'scope, ()>>
+    where
+        's: 'scope,
+    {
+        let mut workers = Vec::new();
+        for index in 0..self.config.run.workers {
+            let (shared, acks, handoff_rx, stop_rx) = (
+                self.shared,
+                self.acks,
+                self.handoff_rx.clone(),
+                self.stop_rx.clone(),
             );
-            match &reason {
-                ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
-                ShutdownReason::Requested => info!("Received shutdown request..."),
-                ShutdownReason::Completed => {
-                    info!(
-                        "Settled all {} messages...",
-                        config.run.messages.unwrap_or_default()
-                    )
-                }
-                // The task that caught the panic logged it.
-                ShutdownReason::Panicked(_) => {}
-                // The consumer that saw the failure logged it.
-                ShutdownReason::Failed(_) => {}
-            }
+            self.spawn(
+                scope,
+                format!("mayhem-worker-{index}"),
+                &mut workers,
+                Box::new(move || {
+                    bridge::run_executor_thread(executor, shared, acks, index, handoff_rx, stop_rx)
+                }),
+            );
+        }
+        workers
+    }
 
-            info!("Closing database connections");
-            source.interrupt();
-            if let Some(sink) = publisher {
-                sink.interrupt();
-            }
-            leaser.gate().close();
-            join_all(feeders);
-            if let Some(sink) = publisher {
-                // A broker that pipelines its publisher confirms still holds some: the messages
-                // the publishers were told were published are confirmed (or counted) here.
-                let unconfirmed = sink.wait_confirmed(config.run.grace_period);
-                if unconfirmed > 0 {
-                    warn!(
-                        "{unconfirmed} published messages were not confirmed by the broker: \
-                     they may be lost or published twice"
-                    );
-                }
-            }
-
-            info!("Nacking outstanding messages");
-            handoff.close();
-            let mut waiting = Vec::new();
-            while let Ok(batch) = handoff_rx.try_recv() {
-                waiting.extend(batch);
-            }
-            leaser.nack_all(waiting);
-            let in_flight = leaser.gate().in_flight();
-            if in_flight > 0 {
-                info!(
-                    "Waiting up to {} for {in_flight} handlers to finish",
-                    humantime::format_duration(config.run.grace_period)
-                );
-                leaser.gate().wait_idle(config.run.grace_period);
-            }
-            info!("Cancelling {} outstanding tasks", leaser.gate().in_flight());
-            leaser.cancel();
-            if !leaser.gate().wait_idle(CANCEL_WAIT) {
-                // Mostly tasks not polled since the cancellation (a large window leaves many
-                // queued): dropped with the executor below, each nacks its message. A handler
-                // that blocks its thread is the other case; the binary's watchdog bounds it.
-                info!(
-                    "{} cancelled tasks had not stopped after {}: they are dropped with the \
-                     executor, which nacks their messages",
-                    leaser.gate().in_flight(),
-                    humantime::format_duration(CANCEL_WAIT)
+    /// Starts the consumer threads, then the publisher threads.
+    fn start_consumers_and_publishers<'scope>(
+        &self,
+        scope: &'scope Scope<'scope, '_>,
+    ) -> Vec<ScopedJoinHandle<'scope, ()>>
+    where
+        'r: 'scope,
+    {
+        let mut feeders = Vec::new();
+        for index in 0..self.config.run.consumers {
+            let consumer = Consumer {
+                source: self.source,
+                shutdown: self.shutdown,
+                pause: self.pause,
+                leaser: self.leaser,
+                handoff: self.handoff.clone(),
+                completion: self.shared.completion,
+            };
+            self.spawn(
+                scope,
+                format!("mayhem-consumer-{index}"),
+                &mut feeders,
+                Box::new(move || consumer.run()),
+            );
+        }
+        if let Some(sink) = self.publisher {
+            for index in 0..self.config.publish.publishers {
+                let publisher = Publisher {
+                    sink,
+                    shutdown: self.shutdown,
+                    pause: self.pause,
+                    interval: self.config.publish.interval,
+                    budget: self.budget,
+                    published: self.published,
+                    seed: self.seed ^ SEED_STEP.wrapping_mul(index as u64 + 1),
+                };
+                self.spawn(
+                    scope,
+                    format!("mayhem-publisher-{index}"),
+                    &mut feeders,
+                    Box::new(move || publisher.run()),
                 );
             }
+        }
+        feeders
+    }
 
-            info!("Shutting down executor");
-            stop.close();
-            join_all(workers);
-            reason
-        });
-        // Tasks still queued are dropped: each nacks its lease. Then what the ack buffers
-        // still hold (their flushers were tasks too) is acked.
-        drop(executor);
-        shared.ack_finished(&mut acks.take_all());
-        leaser.stop();
-        join_all(keepers);
+    /// Step 1, `Received exit signal ...` (or the reason): the main thread waits for the
+    /// shutdown, logging the stats lines meanwhile, then logs why.
+    fn receive_exit_signal(&self) -> ShutdownReason {
+        let reason = wait_reporting_stats(
+            self.shutdown,
+            self.source,
+            self.metrics,
+            self.config.run.stats_interval,
+            self.config.run.adaptive_window,
+            &self.shared.completion,
+        );
+        match &reason {
+            ShutdownReason::Signal(name) => info!("Received exit signal {name}..."),
+            ShutdownReason::Requested => info!("Received shutdown request..."),
+            ShutdownReason::Completed => {
+                info!(
+                    "Settled all {} messages...",
+                    self.config.run.messages.unwrap_or_default()
+                )
+            }
+            // The task that caught the panic logged it.
+            ShutdownReason::Panicked(_) => {}
+            // The consumer that saw the failure logged it.
+            ShutdownReason::Failed(_) => {}
+        }
         reason
-    });
-    if let Some(error) = spawn_error {
-        return Err(RunError::Spawn(error));
     }
 
-    let unsent = source.flush(FLUSH_WAIT);
-    if unsent > 0 {
-        // The same words as a source's own report at drop, so that either says it.
-        warn!("{unsent} lease operations were left unsent: their messages will be delivered again after their ack deadline");
+    /// Step 2, `Closing database connections`: interrupts the source and the publishing
+    /// client, closes flow control, joins the publisher and consumer threads, and gives the
+    /// publishing client up to the grace period to receive the confirms it still waits for.
+    fn close_database_connections(&self, feeders: Vec<ScopedJoinHandle<'_, ()>>) {
+        info!("Closing database connections");
+        self.source.interrupt();
+        if let Some(sink) = self.publisher {
+            sink.interrupt();
+        }
+        self.leaser.gate().close();
+        join_all(feeders);
+        if let Some(sink) = self.publisher {
+            // A broker that pipelines its publisher confirms still holds some: the messages
+            // the publishers were told were published are confirmed (or counted) here.
+            let unconfirmed = sink.wait_confirmed(self.config.run.grace_period);
+            if unconfirmed > 0 {
+                warn!(
+                    "{unconfirmed} published messages were not confirmed by the broker: \
+                     they may be lost or published twice"
+                );
+            }
+        }
     }
-    leaser.flush_logs();
-    info!("Flushing metrics");
-    let report = Report::new(
-        source.stats(),
-        metrics,
-        started.elapsed(),
-        seed,
-        reason.kind(),
-    );
-    info!("Successfully shutdown the Mayhem service.");
-    Ok(report)
+
+    /// Step 3, `Nacking outstanding messages`: closes and drains the hand-off channel, and
+    /// nacks its leases in one batch.
+    fn nack_outstanding_messages(&self) {
+        info!("Nacking outstanding messages");
+        self.handoff.close();
+        let mut waiting = Vec::new();
+        while let Ok(batch) = self.handoff_rx.try_recv() {
+            waiting.extend(batch);
+        }
+        self.leaser.nack_all(waiting);
+    }
+
+    /// Step 4: handlers in flight get the grace period to finish; the lease manager keeps
+    /// extending their leases.
+    fn wait_for_handlers(&self) {
+        let in_flight = self.leaser.gate().in_flight();
+        if in_flight > 0 {
+            info!(
+                "Waiting up to {} for {in_flight} handlers to finish",
+                humantime::format_duration(self.config.run.grace_period)
+            );
+            self.leaser.gate().wait_idle(self.config.run.grace_period);
+        }
+    }
+
+    /// Step 5, `Cancelling N outstanding tasks`: the rest are cancelled, and nack their
+    /// messages.
+    fn cancel_outstanding_tasks(&self) {
+        info!(
+            "Cancelling {} outstanding tasks",
+            self.leaser.gate().in_flight()
+        );
+        self.leaser.cancel();
+        if !self.leaser.gate().wait_idle(CANCEL_WAIT) {
+            // Mostly tasks not polled since the cancellation (a large window leaves many
+            // queued): dropped with the executor, each nacks its message. A handler that
+            // blocks its thread is the other case; the binary's watchdog bounds it.
+            info!(
+                "{} cancelled tasks had not stopped after {}: they are dropped with the \
+                 executor, which nacks their messages",
+                self.leaser.gate().in_flight(),
+                humantime::format_duration(CANCEL_WAIT)
+            );
+        }
+    }
+
+    /// Step 6, `Shutting down executor`: closes the executor threads' stop channel and joins
+    /// them.
+    fn shut_down_executor(&self, workers: Vec<ScopedJoinHandle<'_, ()>>) {
+        info!("Shutting down executor");
+        self.stop.close();
+        join_all(workers);
+    }
+
+    /// Step 6, its end: the lease manager stops. First the executor is dropped with the tasks
+    /// still queued (each nacks its lease), and what the ack buffers still hold (their
+    /// flushers were tasks too) is acked.
+    fn stop_lease_manager(&self, executor: Executor<'_>, keepers: Vec<ScopedJoinHandle<'_, ()>>) {
+        drop(executor);
+        self.shared.ack_finished(&mut self.acks.take_all());
+        self.leaser.stop();
+        join_all(keepers);
+    }
+
+    /// Step 7: a remote source sends the lease operations it accepted (at most
+    /// [`FLUSH_WAIT`]; what is left unsent is logged), and the lease manager's aggregated
+    /// warnings are written out.
+    fn flush_source(&self) {
+        let unsent = self.source.flush(FLUSH_WAIT);
+        if unsent > 0 {
+            // The same words as a source's own report at drop, so that either says it.
+            warn!("{unsent} lease operations were left unsent: their messages will be delivered again after their ack deadline");
+        }
+        self.leaser.flush_logs();
+    }
+
+    /// Step 7, its end, `Flushing metrics`: the report.
+    fn flush_metrics(&self, started: Instant, reason: ShutdownReason) -> Report {
+        info!("Flushing metrics");
+        let report = Report::new(
+            self.source.stats(),
+            self.metrics,
+            started.elapsed(),
+            self.seed,
+            reason.kind(),
+        );
+        info!("Successfully shutdown the Mayhem service.");
+        report
+    }
 }
 
 /// What the handler tasks share; borrowed by them, never reference-counted, because every
