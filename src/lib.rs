@@ -148,7 +148,6 @@ pub mod pause;
 mod pipeline;
 pub mod shutdown;
 pub mod source;
-#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 mod sync;
 
 pub use bytes::Bytes;
