@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use async_executor::Executor;
 use futures_lite::future;
 use mayhem::{
-    run, run_with_metrics, Config, MayhemConfig, MayhemHandler, Metrics, PubSubMessage, Publish,
-    Shutdown, ShutdownReason, Source, Subscription,
+    Config, MayhemConfig, MayhemHandler, Metrics, PubSubMessage, Publish, Runner, Shutdown,
+    ShutdownReason, Source, Subscription,
 };
 
 /// Thread counts swept for publishers, consumers and workers.
@@ -573,8 +573,10 @@ fn pipeline(publishers: usize, consumers: usize, workers: usize, messages: u64) 
     let config = fast_config(publishers, consumers, workers, messages);
     let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
-    let report =
-        run(&config, &subscription, &handler, &Shutdown::new()).expect("valid bench config");
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &Shutdown::new())
+        .expect("valid bench config");
     assert!(
         report.is_balanced() && report.acked == messages,
         "{report:?}"
@@ -677,7 +679,10 @@ fn goodput(window: usize, auto: bool) -> (f64, usize, Vec<(f64, usize, f64)>) {
             shutdown.trigger(ShutdownReason::Requested);
             (rate, window, trace)
         });
-        let report = run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics)
+        let report = Runner::new(&config)
+            .metrics(&metrics)
+            .publisher(&subscription)
+            .run(&subscription, &handler, &shutdown)
             .expect("valid bench config");
         assert!(report.is_balanced(), "{report:?}");
         assert_eq!(
@@ -901,8 +906,10 @@ fn child_rss() {
     let config = fast_config(1, 1, cpus, RSS_MESSAGES);
     let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
-    let report =
-        run(&config, &subscription, &handler, &Shutdown::new()).expect("valid bench config");
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &Shutdown::new())
+        .expect("valid bench config");
     assert!(report.is_balanced());
     println!("{}", proc_status_kb("VmHWM"));
 }
@@ -943,7 +950,10 @@ fn child_in_flight() {
             shutdown.trigger(ShutdownReason::Requested);
             after
         });
-        let report = run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics)
+        let report = Runner::new(&config)
+            .metrics(&metrics)
+            .publisher(&subscription)
+            .run(&subscription, &handler, &shutdown)
             .expect("valid bench config");
         assert!(report.is_balanced());
         watcher.join().expect("watcher")
@@ -964,8 +974,10 @@ fn library_shutdown_ms(consumers: usize, workers: usize) -> f64 {
     let shutdown = Shutdown::new();
     thread::scope(|scope| {
         let service = scope.spawn(|| {
-            let report =
-                run(&config, &subscription, &handler, &shutdown).expect("valid bench config");
+            let report = Runner::new(&config)
+                .publisher(&subscription)
+                .run(&subscription, &handler, &shutdown)
+                .expect("valid bench config");
             (report, Instant::now())
         });
         // Until the one published message is acked, so every thread is idle and blocked.

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use mayhem::{run, Config, Context, HandleError, Handler, PubSubMessage, Publish, Shutdown};
+use mayhem::{Config, Context, HandleError, Handler, PubSubMessage, Publish, Runner, Shutdown};
 use mayhem::{Subscription, SubscriptionConfig};
 use serde::{Deserialize, Serialize};
 
@@ -126,7 +126,10 @@ fn main() {
         .expect("the events fit Pub/Sub's limits");
 
     let handler = OrderBook::default();
-    let report = run(&config, &subscription, &handler, &Shutdown::new()).expect("a valid config");
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &Shutdown::new())
+        .expect("a valid config");
     println!("{}", report.to_json());
 
     let units = handler.units.lock().unwrap().clone();

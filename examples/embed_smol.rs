@@ -1,4 +1,4 @@
-//! Embedding Mayhem inside an async program (`smol::block_on`): the blocking `run` goes to
+//! Embedding Mayhem inside an async program (`smol::block_on`): the blocking `Runner::run` goes to
 //! the `blocking` thread pool with `smol::unblock`, and an async timer stops it.
 //!
 //! Run with `cargo run --example embed_smol`; it asserts on the report and exits 0.
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayhem::{
-    run, Config, MayhemConfig, MayhemHandler, Shutdown, ShutdownReason, Source, Subscription,
+    Config, MayhemConfig, MayhemHandler, Runner, Shutdown, ShutdownReason, Source, Subscription,
 };
 
 fn main() {
@@ -27,7 +27,13 @@ fn main() {
             let (config, shutdown, subscription) =
                 (config.clone(), shutdown.clone(), subscription.clone());
             // `run` blocks its thread until shutdown, so it runs on the blocking pool.
-            smol::unblock(move || run(&config, &*subscription, &handler, &shutdown))
+            smol::unblock(move || {
+                Runner::new(&config).publisher(&*subscription).run(
+                    &*subscription,
+                    &handler,
+                    &shutdown,
+                )
+            })
         };
         // Meanwhile this async program goes on, then stops the service.
         smol::Timer::after(Duration::from_millis(300)).await;

@@ -6,7 +6,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mayhem::{run, Config, Context, HandleError, Handler, Shutdown, ShutdownReason, Subscription};
+use mayhem::{
+    Config, Context, HandleError, Handler, Runner, Shutdown, ShutdownReason, Subscription,
+};
 
 /// Counts messages and asks for the shutdown after `stop_after` of them.
 struct Counting {
@@ -47,7 +49,10 @@ fn main() {
         shutdown: shutdown.clone(),
     };
 
-    let report = run(&config, &subscription, &handler, &shutdown).expect("valid configuration");
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &shutdown)
+        .expect("valid configuration");
 
     println!("{}", report.to_json());
     assert_eq!(report.reason, "requested");

@@ -21,8 +21,8 @@ const MAX_ACK_DEADLINE: Duration = Duration::from_secs(600);
 /// Every setting of the service, in one section per component; the defaults are those of the
 /// command line, stated once in each section's `Default`.
 ///
-/// Build one with [`Config::default`], change fields, then hand it to [`run`](crate::run),
-/// which calls [`Config::validate`] first. Each section also checks itself
+/// Build one with [`Config::default`], change fields, then hand it to [`Runner`](crate::Runner),
+/// whose `run` calls [`Config::validate`] first. Each section also checks itself
 /// ([`RunConfig::validate`] and so on), so a component built from one section alone can refuse
 /// bad values where it is built.
 ///

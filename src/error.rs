@@ -173,7 +173,7 @@ impl fmt::Display for HandleError {
 
 impl std::error::Error for HandleError {}
 
-/// Why [`run`](crate::run) could not run the service.
+/// Why [`Runner::run`](crate::Runner::run) could not run the service.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum RunError {

@@ -20,7 +20,7 @@
 //!  call per round, from pull to settle
 //! ```
 //!
-//! Shutdown is a [`Shutdown`] value passed into [`run`]: a shared `AtomicBool` that every loop
+//! Shutdown is a [`Shutdown`] value passed into [`Runner::run`]: a shared `AtomicBool` that every loop
 //! checks, plus closing the source and the channels, which wakes every blocked thread and
 //! task. What stops is fixed in order, so the outcome is the same every time. The library
 //! never installs signal handlers or a logger; the `mayhem` binary does both.
@@ -48,7 +48,7 @@
 //! - [`metrics`]: counters and the final [`Report`].
 //! - [`error`]: the typed errors.
 //! - the pipeline (private): publisher and consumer threads, the lease manager, the
-//!   executor-thread bridge, the per-message task, flow control; [`run`] wires them.
+//!   executor-thread bridge, the per-message task, flow control; [`Runner`] wires them, the one entry point.
 //!
 //! # Embedding
 //!
@@ -56,7 +56,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use mayhem::{run, Config, Context, HandleError, Handler, Shutdown, ShutdownReason, Subscription};
+//! use mayhem::{Config, Context, HandleError, Handler, Runner, Shutdown, ShutdownReason, Subscription};
 //!
 //! struct Noop;
 //!
@@ -75,19 +75,22 @@
 //!     std::thread::sleep(Duration::from_millis(50));
 //!     stopper.trigger(ShutdownReason::Requested);
 //! });
-//! let report = run(&config, &subscription, &Noop, &shutdown).unwrap();
+//! let report = Runner::new(&config)
+//!     .publisher(&subscription)
+//!     .run(&subscription, &Noop, &shutdown)
+//!     .unwrap();
 //! timer.join().unwrap();
 //! assert_eq!(report.reason, "requested");
 //! assert!(report.is_balanced());
 //! ```
 //!
-//! Inside `smol::block_on` (or any executor's `block_on`), [`run`] may be called directly when
+//! Inside `smol::block_on` (or any executor's `block_on`), [`Runner::run`] may be called directly when
 //! that future does nothing else meanwhile, since it blocks the thread until the shutdown. An
 //! async program that goes on working hands it to a blocking pool instead:
 //!
 //! ```
 //! # use std::time::Duration;
-//! # use mayhem::{run, Config, Context, HandleError, Handler, Shutdown, ShutdownReason, Subscription};
+//! # use mayhem::{Config, Runner, Context, HandleError, Handler, Shutdown, ShutdownReason, Subscription};
 //! # struct Noop;
 //! # impl Handler for Noop {
 //! #     async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
@@ -103,7 +106,9 @@
 //!         let (config, shutdown) = (config.clone(), shutdown.clone());
 //!         smol::unblock(move || {
 //!             let subscription = Subscription::new((&config).into());
-//!             run(&config, &subscription, &Noop, &shutdown)
+//!             Runner::new(&config)
+//!                 .publisher(&subscription)
+//!                 .run(&subscription, &Noop, &shutdown)
 //!         })
 //!     };
 //!     // Meanwhile the program goes on with async work, then stops the service.
@@ -143,7 +148,6 @@ pub mod pause;
 mod pipeline;
 pub mod shutdown;
 pub mod source;
-#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 mod sync;
 
 pub use bytes::Bytes;
@@ -154,7 +158,9 @@ pub use message::{Attributes, HostNameError, MessageError, MessageId, PubSubMess
 pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
 pub use pause::Pause;
 pub use pipeline::window::AUTO_CEILING;
-pub use pipeline::{run, run_clients, run_controlled, run_with_metrics, Broker};
+#[allow(deprecated)]
+pub use pipeline::{run, run_clients, run_controlled, run_with_metrics};
+pub use pipeline::{Broker, Runner};
 pub use shutdown::{Shutdown, ShutdownReason};
 #[cfg(feature = "amqp")]
 pub use source::amqp::{AmqpConfig, AmqpSource};

@@ -1,4 +1,4 @@
-//! The pause handle: a value a program passes into [`run_controlled`](crate::run_controlled)
+//! The pause handle: a value a program passes into a run ([`Runner::pause`](crate::Runner::pause))
 //! to stop taking work without shutting down, and that tells whether the service is ready.
 //!
 //! Three things hold the service back, each counted here:
@@ -16,8 +16,10 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+use crate::sync;
 
 /// A cloneable handle that pauses consumers (and, in quiet mode, publishers) of a run.
 ///
@@ -157,30 +159,17 @@ impl Pause {
     ///
     /// Blocks the calling thread (a consumer or publisher thread).
     pub(crate) fn wait_while(&self, paused: fn(&Pause) -> bool, timeout: Duration) -> bool {
-        let guard = self
-            .inner
-            .lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let guard = sync::lock(&self.inner.lock);
         if !paused(self) {
             return false;
         }
-        drop(
-            self.inner
-                .changed
-                .wait_timeout(guard, timeout)
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        drop(sync::wait_timeout(&self.inner.changed, guard, timeout));
         paused(self)
     }
 
     /// Wakes the threads waiting in [`Pause::wait_while`].
     fn notify(&self) {
-        let _guard = self
-            .inner
-            .lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _guard = sync::lock(&self.inner.lock);
         self.inner.changed.notify_all();
     }
 }

@@ -1,4 +1,4 @@
-//! The shutdown handle: a value a program passes into [`run`](crate::run) and triggers itself.
+//! The shutdown handle: a value a program passes into [`Runner::run`](crate::Runner::run) and triggers itself.
 //!
 //! It is a shared `AtomicBool` (checked without locking on every loop of every thread) plus a
 //! condition variable that wakes threads sleeping in [`Shutdown::wait_timeout`], such as
@@ -7,8 +7,10 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::sync;
 
 /// Why the service shuts down.
 ///
@@ -91,11 +93,7 @@ impl Shutdown {
     /// Starts the shutdown. Returns `true` for the first call, `false` when it had already
     /// begun (the first reason is kept).
     pub fn trigger(&self, reason: ShutdownReason) -> bool {
-        let mut slot = self
-            .inner
-            .reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut slot = sync::lock(&self.inner.reason);
         if slot.is_some() {
             return false;
         }
@@ -112,11 +110,7 @@ impl Shutdown {
 
     /// The reason of the shutdown, once triggered.
     pub fn reason(&self) -> Option<ShutdownReason> {
-        self.inner
-            .reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        sync::lock(&self.inner.reason).clone()
     }
 
     /// Blocks until the shutdown is triggered and returns its reason.
@@ -125,20 +119,12 @@ impl Shutdown {
     ///
     /// Blocks the calling thread; do not call it inside a future.
     pub fn wait(&self) -> ShutdownReason {
-        let mut slot = self
-            .inner
-            .reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut slot = sync::lock(&self.inner.reason);
         loop {
             if let Some(reason) = slot.as_ref() {
                 return reason.clone();
             }
-            slot = self
-                .inner
-                .woken
-                .wait(slot)
-                .unwrap_or_else(PoisonError::into_inner);
+            slot = sync::wait(&self.inner.woken, slot);
         }
     }
 
@@ -150,11 +136,7 @@ impl Shutdown {
     /// Blocks the calling thread; do not call it inside a future.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         let end = Instant::now().checked_add(timeout);
-        let mut slot = self
-            .inner
-            .reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut slot = sync::lock(&self.inner.reason);
         loop {
             if slot.is_some() {
                 return true;
@@ -166,12 +148,7 @@ impl Shutdown {
             if left.is_zero() {
                 return false;
             }
-            slot = self
-                .inner
-                .woken
-                .wait_timeout(slot, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            slot = sync::wait_timeout(&self.inner.woken, slot, left).0;
         }
     }
 }

@@ -1,8 +1,12 @@
-//! The two small synchronisation helpers the brokers share: a lock that takes over a poisoned
-//! mutex, and a count of outstanding operations that a thread can wait to drain.
+//! The small synchronisation helpers the crate shares, compiled for every feature set: the
+//! one place where a poisoned mutex is taken over (a lock, and the two waits on a condition
+//! variable), and a count of outstanding operations that a thread can wait to drain (the
+//! brokers').
 
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, WaitTimeoutResult};
+use std::time::Duration;
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
+use std::time::Instant;
 
 /// Locks a mutex, taking over a poisoned one: the callers' code does not panic while holding
 /// their locks, and leaves the guarded state consistent after every statement.
@@ -10,8 +14,35 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Waits on `condvar` with `guard`'s mutex ([`Condvar::wait`]), taking over a poisoned one
+/// as [`lock`] does.
+///
+/// # Blocking
+///
+/// Blocks the calling thread until notified (or woken spuriously).
+pub(crate) fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar.wait(guard).unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Waits on `condvar` with `guard`'s mutex for up to `timeout` ([`Condvar::wait_timeout`]),
+/// taking over a poisoned one as [`lock`] does.
+///
+/// # Blocking
+///
+/// Blocks the calling thread until notified, woken spuriously, or `timeout` passes.
+pub(crate) fn wait_timeout<'a, T>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: Duration,
+) -> (MutexGuard<'a, T>, WaitTimeoutResult) {
+    condvar
+        .wait_timeout(guard, timeout)
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Operations accepted and not yet done (a remote broker's queued acks, nacks and extensions),
 /// with a wait for the count to reach zero.
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 #[derive(Debug, Default)]
 pub(crate) struct Outstanding {
     /// How many.
@@ -21,8 +52,10 @@ pub(crate) struct Outstanding {
 }
 
 /// How often a waiter looks at its `give_up` condition while the count does not move.
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 const RECHECK: Duration = Duration::from_millis(20);
 
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 impl Outstanding {
     /// Counts `n` more.
     pub(crate) fn add(&self, n: u64) {
@@ -59,17 +92,13 @@ impl Outstanding {
             if left.is_zero() || give_up() {
                 break;
             }
-            count = self
-                .drained
-                .wait_timeout(count, left.min(RECHECK))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            count = wait_timeout(&self.drained, count, left.min(RECHECK)).0;
         }
         usize::try_from(*count).unwrap_or(usize::MAX)
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "redis", feature = "amqp", feature = "pubsub")))]
 mod tests {
     use std::sync::Arc;
     use std::thread;

@@ -109,13 +109,14 @@ fn run_with(settings: MayhemConfig, messages: u64, max_attempts: u32) -> mayhem:
     config.publish.interval = Duration::ZERO;
     config.lease.max_attempts = max_attempts;
     let subscription = mayhem::Subscription::new(config.subscription());
-    mayhem::run(
-        &config,
-        &subscription,
-        &MayhemHandler::new(settings),
-        &mayhem::Shutdown::new(),
-    )
-    .expect("a valid configuration")
+    mayhem::Runner::new(&config)
+        .publisher(&subscription)
+        .run(
+            &subscription,
+            &MayhemHandler::new(settings),
+            &mayhem::Shutdown::new(),
+        )
+        .expect("a valid configuration")
 }
 
 fn no_failures(latency: Duration) -> MayhemConfig {

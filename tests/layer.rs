@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use mayhem::layer::{self, BreakerConfig, LayerConfig, RateLimit, Timeout};
 use mayhem::{
-    run_controlled, Config, Context, HandleError, Handler, Metrics, Pause, Report, Shutdown,
-    Subscription,
+    Config, Context, HandleError, Handler, Metrics, Pause, Report, Runner, Shutdown, Subscription,
 };
 
 /// Upper bound for anything a test waits for; only reached when something is broken.
@@ -70,16 +69,12 @@ fn run_watched<H: Handler>(
     let shutdown = Shutdown::new();
     thread::scope(|scope| {
         let service = scope.spawn(|| {
-            run_controlled(
-                config,
-                &subscription,
-                Some(&subscription),
-                handler,
-                &shutdown,
-                pause,
-                &metrics,
-            )
-            .expect("a valid configuration")
+            Runner::new(config)
+                .metrics(&metrics)
+                .publisher(&subscription)
+                .pause(pause)
+                .run(&subscription, handler, &shutdown)
+                .expect("a valid configuration")
         });
         watch(&metrics);
         service.join().expect("run does not panic")

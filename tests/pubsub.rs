@@ -483,7 +483,10 @@ fn ordering_keys_are_handled_in_publish_order_under_latency_and_failures() {
     config.lease.extend_interval = Duration::from_secs(5);
     config.lease.max_attempts = 99;
     let checker = OrderChecker::default();
-    let report = mayhem::run(&config, &source, &checker, &Shutdown::new()).expect("run");
+    let report = mayhem::Runner::new(&config)
+        .publisher(&source)
+        .run(&source, &checker, &Shutdown::new())
+        .expect("run");
     let violations = checker.violations.lock().unwrap();
     assert!(
         violations.is_empty(),
@@ -778,15 +781,16 @@ fn twenty_thousand_leases_held_a_minute_past_a_ten_second_deadline_are_never_red
     config.lease.ack_deadline = DEADLINE;
     config.lease.extend_interval = Duration::from_secs(5);
     let started = Instant::now();
-    let report = mayhem::run(
-        &config,
-        &source,
-        &Holding {
-            hold: Duration::from_secs(60),
-        },
-        &Shutdown::new(),
-    )
-    .expect("run");
+    let report = mayhem::Runner::new(&config)
+        .publisher(&source)
+        .run(
+            &source,
+            &Holding {
+                hold: Duration::from_secs(60),
+            },
+            &Shutdown::new(),
+        )
+        .expect("run");
     assert!(started.elapsed() >= Duration::from_secs(60));
     assert_eq!(report.acked, COUNT as u64, "{report:?}");
     assert_eq!(

@@ -1,12 +1,12 @@
-//! The whole service through `run`: accounting, shutdown order outcomes, extension, panics.
+//! The whole service through `Runner::run`: accounting, shutdown order outcomes, extension, panics.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mayhem::{
-    run, run_clients, run_with_metrics, Config, Context, HandleError, Handler, LeaseId,
-    MayhemConfig, MayhemHandler, Metrics, PubSubMessage, Publish, RunError, Shutdown,
-    ShutdownReason, Source, SourceError, Subscription,
+    Config, Context, HandleError, Handler, LeaseId, MayhemConfig, MayhemHandler, Metrics,
+    PubSubMessage, Publish, RunError, Runner, Shutdown, ShutdownReason, Source, SourceError,
+    Subscription,
 };
 
 /// A fast configuration: no pauses, no latency, no failures, fixed seed.
@@ -28,7 +28,10 @@ fn run_mayhem(config: &Config) -> mayhem::Report {
         config,
         config.run.seed.unwrap_or(0),
     ));
-    let report = run(config, &subscription, &handler, &Shutdown::new()).unwrap();
+    let report = Runner::new(config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &Shutdown::new())
+        .unwrap();
     assert!(report.is_balanced(), "{report:?}");
     report
 }
@@ -143,7 +146,10 @@ fn run_stalling(count: usize, latency: Option<Duration>, grace: Duration) -> may
         shutdown: shutdown.clone(),
         latency,
     };
-    let report = run(&config, &subscription, &handler, &shutdown).unwrap();
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &shutdown)
+        .unwrap();
     assert!(report.is_balanced(), "{report:?}");
     assert_eq!(report.reason, "requested");
     report
@@ -189,13 +195,14 @@ fn run_steady(configure: impl FnOnce(&mut Config)) -> mayhem::Report {
     let mut config = fast(20);
     configure(&mut config);
     let subscription = Subscription::new(config.subscription());
-    let report = run(
-        &config,
-        &subscription,
-        &Steady(Duration::from_millis(600)),
-        &Shutdown::new(),
-    )
-    .unwrap();
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(
+            &subscription,
+            &Steady(Duration::from_millis(600)),
+            &Shutdown::new(),
+        )
+        .unwrap();
     assert_eq!((report.acked, report.expired), (20, 0), "{report:?}");
     report
 }
@@ -248,7 +255,11 @@ fn an_invalid_config_is_refused_before_anything_starts() {
     config.lease.extend_interval = Duration::from_secs(3);
     let subscription = Subscription::new(config.subscription());
     let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
-    match run(&config, &subscription, &handler, &Shutdown::new()) {
+    match Runner::new(&config).publisher(&subscription).run(
+        &subscription,
+        &handler,
+        &Shutdown::new(),
+    ) {
         Err(RunError::Config(error)) => {
             assert_eq!(error.option, "--extend-interval");
             assert_eq!(
@@ -277,7 +288,10 @@ fn flow_control_bounds_messages_in_flight() {
         shutdown: shutdown.clone(),
         latency: None,
     };
-    let report = run(&config, &subscription, &handler, &shutdown).unwrap();
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &shutdown)
+        .unwrap();
     // Only three were ever pulled: the window was full.
     assert_eq!(
         (report.consumed, report.cancelled, report.remaining),
@@ -316,7 +330,10 @@ fn cancelled_tasks_never_start_their_handlers() {
         shutdown: shutdown.clone(),
         block: Duration::from_millis(200),
     };
-    let report = run(&config, &subscription, &handler, &shutdown).unwrap();
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &shutdown)
+        .unwrap();
     assert!(report.is_balanced(), "{report:?}");
     // Only the first task (or the few polled before the cancellation) ran its handler.
     assert!(report.acked <= 5, "{report:?}");
@@ -405,15 +422,9 @@ fn leases_beyond_the_window_are_given_back_not_handled() {
         shutdown: shutdown.clone(),
         latency: None,
     };
-    let report = run_clients(
-        &config,
-        &source,
-        None,
-        &handler,
-        &shutdown,
-        &Metrics::default(),
-    )
-    .unwrap();
+    let report = Runner::new(&config)
+        .run(&source, &handler, &shutdown)
+        .unwrap();
     assert!(report.is_balanced(), "{report:?}");
     // The window of 3 held: the extra leases were nacked right away, never handled.
     assert_eq!(report.cancelled, 3, "{report:?}");
@@ -448,7 +459,10 @@ fn leases_waiting_for_a_handler_are_extended() {
     let handler = Hogging {
         block: Duration::from_millis(50),
     };
-    let report = run(&config, &subscription, &handler, &Shutdown::new()).unwrap();
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &Shutdown::new())
+        .unwrap();
     assert!(report.is_balanced(), "{report:?}");
     assert_eq!(
         (
@@ -475,7 +489,11 @@ fn an_idle_service_holds_nothing_in_flight() {
     let shutdown = Shutdown::new();
     std::thread::scope(|scope| {
         let service = scope.spawn(|| {
-            run_with_metrics(&config, &subscription, &handler, &shutdown, &metrics).unwrap()
+            Runner::new(&config)
+                .metrics(&metrics)
+                .publisher(&subscription)
+                .run(&subscription, &handler, &shutdown)
+                .unwrap()
         });
         // Whenever it is read, the gauge of a service that holds nothing reads 0.
         for _ in 0..20 {
@@ -507,7 +525,10 @@ fn a_lease_held_past_max_lease_is_given_up() {
         shutdown: shutdown.clone(),
         latency: Some(Duration::from_secs(2)),
     };
-    let report = run(&config, &subscription, &handler, &shutdown).unwrap();
+    let report = Runner::new(&config)
+        .publisher(&subscription)
+        .run(&subscription, &handler, &shutdown)
+        .unwrap();
     assert!(report.is_balanced(), "{report:?}");
     assert_eq!(
         (report.acked, report.dead_lettered, report.consumed),
@@ -538,15 +559,9 @@ fn a_lost_lease_drops_its_handler_at_once() {
         latency: None,
     };
     let started = std::time::Instant::now();
-    let report = run_clients(
-        &config,
-        &source,
-        None,
-        &handler,
-        &shutdown,
-        &Metrics::default(),
-    )
-    .unwrap();
+    let report = Runner::new(&config)
+        .run(&source, &handler, &shutdown)
+        .unwrap();
     assert!(report.is_balanced(), "{report:?}");
     assert_eq!(
         (
@@ -633,15 +648,10 @@ fn the_byte_window_bounds_what_handlers_hold_and_a_larger_message_goes_alone() {
     subscription.publish(&batch).unwrap();
     let handler = Concurrency::default();
     let metrics = Metrics::default();
-    let report = run_clients(
-        &config,
-        &subscription,
-        None,
-        &handler,
-        &Shutdown::new(),
-        &metrics,
-    )
-    .unwrap();
+    let report = Runner::new(&config)
+        .metrics(&metrics)
+        .run(&subscription, &handler, &Shutdown::new())
+        .unwrap();
     assert_eq!((report.acked, report.remaining), (31, 0), "{report:?}");
     // 4,000-byte messages under a 10,000-byte window: two at a time at most.
     assert!(

@@ -164,9 +164,7 @@ const PAYLOADS: [(usize, u64, usize); 2] = [(1024, 50_000, 2), (64 * 1024, 5_000
 /// 10,000, the default 100 MiB byte window, a handler that reads the data and acks) takes
 /// from `stream` of `server`, until `count` are acked.
 fn library_rate(server: &Server, stream: &str, count: u64, consumers: usize) -> Option<f64> {
-    use mayhem::{
-        Config, Context, HandleError, Handler, Metrics, RedisConfig, RedisSource, Shutdown,
-    };
+    use mayhem::{Config, Context, HandleError, Handler, RedisConfig, RedisSource, Shutdown};
 
     /// Touches every byte of the data, as a handler that decodes it would.
     struct Reader;
@@ -191,15 +189,9 @@ fn library_rate(server: &Server, stream: &str, count: u64, consumers: usize) -> 
     config.run.max_in_flight = 10_000;
     config.run.messages = Some(count);
     config.run.stats_interval = Duration::ZERO;
-    let report = mayhem::run_clients(
-        &config,
-        &source,
-        None,
-        &Reader,
-        &Shutdown::new(),
-        &Metrics::default(),
-    )
-    .ok()?;
+    let report = mayhem::Runner::new(&config)
+        .run(&source, &Reader, &Shutdown::new())
+        .ok()?;
     (report.acked >= count).then_some(report.acked as f64 / report.elapsed_secs)
 }
 

@@ -1,7 +1,7 @@
 //! The circuit-breaker layer: after N failures in a row, stop taking work until a probe
 //! succeeds.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
@@ -12,6 +12,7 @@ use crate::error::HandleError;
 use crate::handler::{Context, Handler};
 use crate::layer::Pass;
 use crate::pause::Pause;
+use crate::sync;
 
 /// Settings of a [`Breaker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +182,7 @@ impl Circuit {
     /// The state, whatever a panicking holder left (every write is a single assignment, so
     /// it is never half-done).
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.state)
     }
 
     /// Waits until the message may run; returns a probe guard when it runs as the probe.

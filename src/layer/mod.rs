@@ -43,8 +43,11 @@
 //! let pause = Pause::new();
 //! let handler = layer::stack(Mine, &layers, &pause);
 //! let subscription = Subscription::new(config.subscription());
-//! let report = mayhem::run_controlled(&config, &subscription, Some(&subscription), &handler,
-//!     &Shutdown::new(), &pause, &mayhem::Metrics::default()).unwrap();
+//! let report = mayhem::Runner::new(&config)
+//!     .publisher(&subscription)
+//!     .pause(&pause)
+//!     .run(&subscription, &handler, &Shutdown::new())
+//!     .unwrap();
 //! assert_eq!(report.acked, 20);
 //! ```
 

@@ -1,11 +1,12 @@
 //! The rate-limit layer: at most N handler starts a second, with a small burst.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::HandleError;
 use crate::handler::{Context, Handler};
 use crate::layer::Pass;
+use crate::sync;
 
 /// The burst, in seconds of the rate: a limit of N starts a second lets `ceil(N / 5)` (at
 /// least 1) start at once after a quiet spell, a fifth of a second's worth.
@@ -113,7 +114,7 @@ pub fn burst_of(rate: u32) -> u32 {
 impl Cell {
     /// Reserves the next start at or after `now` and returns it.
     fn reserve(&self, now: Instant) -> Instant {
-        let mut arrival = self.arrival.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut arrival = sync::lock(&self.arrival);
         let due = arrival.map_or(now, |at| at.max(now));
         let start = due
             .checked_sub(self.tolerance)

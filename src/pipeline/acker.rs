@@ -13,12 +13,13 @@
 //! cancellations), and a nack should give the message back at once.
 
 use std::cell::Cell;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 
 use futures_lite::future;
 
 use crate::pipeline::leaser::Finished;
+use crate::sync;
 
 /// A buffer holding this many finished leases is acked by the task that filled it (the
 /// consumers' pull batch: one flush per pulled batch when handlers finish at once).
@@ -63,9 +64,7 @@ impl<'a> Acks<'a> {
 
     /// Locks buffer `index`. A poisoned lock is taken over: nothing panics while holding it.
     fn buffer(&self, index: usize) -> MutexGuard<'_, Buffer<'a>> {
-        self.buffers[index % self.buffers.len()]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.buffers[index % self.buffers.len()])
     }
 
     /// Puts a finished lease in the calling thread's buffer. Returns the buffer's content

@@ -2,9 +2,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex};
 
 use crate::metrics::Striped;
+use crate::sync;
 use std::time::{Duration, Instant};
 
 /// Longest wait of a consumer for bytes before it looks again (see [`Gate::take_bytes`]).
@@ -105,17 +106,13 @@ impl Gate {
                 }
                 continue;
             }
-            let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let guard = sync::lock(&self.lock);
             self.waiters.fetch_add(1, Ordering::SeqCst);
             let limit = self.limit();
             if self.in_flight.load(Ordering::SeqCst) + self.wake_at(limit) > limit
                 && !self.closed.load(Ordering::SeqCst)
             {
-                drop(
-                    self.changed
-                        .wait(guard)
-                        .unwrap_or_else(PoisonError::into_inner),
-                );
+                drop(sync::wait(&self.changed, guard));
             }
             self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
@@ -135,7 +132,7 @@ impl Gate {
         let threshold = limit.saturating_sub(self.wake_at(limit));
         let edge = (before > threshold && after <= threshold) || after == 0;
         if edge && self.waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _guard = sync::lock(&self.lock);
             self.changed.notify_all();
         }
     }
@@ -155,7 +152,7 @@ impl Gate {
     pub(crate) fn set_limit(&self, limit: usize) {
         let before = self.limit.swap(limit.max(1), Ordering::SeqCst);
         if limit > before && self.waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _guard = sync::lock(&self.lock);
             self.changed.notify_all();
         }
     }
@@ -206,7 +203,7 @@ impl Gate {
                 }
                 continue;
             }
-            let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let guard = sync::lock(&self.lock);
             self.byte_waiters.fetch_add(1, Ordering::SeqCst);
             if self.held_bytes(self.bytes_taken.load(Ordering::SeqCst)) == current
                 && !self.closed.load(Ordering::SeqCst)
@@ -215,11 +212,7 @@ impl Gate {
                 // racing with this check may not be seen by it and skip the notify; the
                 // next look is then at most this late. (A fence per settled message would
                 // close the race at a cost to every message.)
-                drop(
-                    self.changed
-                        .wait_timeout(guard, BYTES_RECHECK)
-                        .unwrap_or_else(PoisonError::into_inner),
-                );
+                drop(sync::wait_timeout(&self.changed, guard, BYTES_RECHECK));
             }
             self.byte_waiters.fetch_sub(1, Ordering::SeqCst);
         }
@@ -257,7 +250,7 @@ impl Gate {
         }
         self.bytes_given.add(count as u64);
         if self.byte_waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _guard = sync::lock(&self.lock);
             self.changed.notify_all();
         }
     }
@@ -281,7 +274,7 @@ impl Gate {
     /// Makes `acquire` return 0 and wakes the threads blocked in it.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = sync::lock(&self.lock);
         self.changed.notify_all();
     }
 
@@ -292,7 +285,7 @@ impl Gate {
     /// Blocks the calling thread (the thread of `run`).
     pub(crate) fn wait_idle(&self, timeout: Duration) -> bool {
         let end = Instant::now().checked_add(timeout);
-        let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = sync::lock(&self.lock);
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let idle = loop {
             if self.in_flight.load(Ordering::SeqCst) == 0 {
@@ -305,11 +298,7 @@ impl Gate {
             if left.is_zero() {
                 break false;
             }
-            guard = self
-                .changed
-                .wait_timeout(guard, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            guard = sync::wait_timeout(&self.changed, guard, left).0;
         };
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         idle

@@ -20,7 +20,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::flow::Gate;
 use crate::pipeline::throttle::Throttle;
 use crate::source::{Lease, LeaseId, Source};
+use crate::sync;
 
 /// Shards of the lease table (a power of two, more than executor threads plus consumers on
 /// any machine we target, so that two threads rarely need the same one).
@@ -304,9 +305,7 @@ impl<'a> Leaser<'a> {
     /// Locks a shard. A poisoned lock is taken over: no code panics while holding it, and
     /// every statement leaves the table consistent.
     fn shard(&self, index: u32) -> MutexGuard<'_, Slab<Entry>> {
-        self.shards[index as usize]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.shards[index as usize])
     }
 
     /// Takes the leases of one pull into the table, each with one of the permits the consumer
@@ -560,7 +559,7 @@ impl<'a> Leaser<'a> {
             // broker do not send their batches in step.
             let jitter = period.mul_f64(rng.f64() / 10.0);
             let wake_at = Instant::now() + period - jitter;
-            let mut stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stopped = sync::lock(&self.stopped);
             loop {
                 if *stopped {
                     return;
@@ -569,11 +568,7 @@ impl<'a> Leaser<'a> {
                 if left.is_zero() {
                     break;
                 }
-                stopped = self
-                    .wake
-                    .wait_timeout(stopped, left)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                stopped = sync::wait_timeout(&self.wake, stopped, left).0;
             }
             drop(stopped);
             self.round(Instant::now(), &mut round);
@@ -587,7 +582,7 @@ impl<'a> Leaser<'a> {
         self.cancelled.store(true, Ordering::SeqCst);
         let mut wakers = Vec::new();
         for table in self.shards.iter() {
-            let table = table.lock().unwrap_or_else(PoisonError::into_inner);
+            let table = sync::lock(table);
             wakers.extend(table.iter().filter_map(|(_, entry)| entry.waker.clone()));
         }
         wakers.into_iter().for_each(Waker::wake);
@@ -600,7 +595,7 @@ impl<'a> Leaser<'a> {
 
     /// Stops the extension thread.
     pub(crate) fn stop(&self) {
-        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        *sync::lock(&self.stopped) = true;
         self.wake.notify_all();
     }
 
@@ -660,7 +655,7 @@ impl<'a> Leaser<'a> {
         let max_lease = Clock::ticks(self.settings.max_lease);
         round.clear();
         for (shard, table) in self.shards.iter().enumerate() {
-            let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut table = sync::lock(table);
             for (slot, entry) in table.iter_mut() {
                 if entry.state != State::Held {
                     continue;

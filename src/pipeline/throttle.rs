@@ -1,10 +1,12 @@
 //! Log lines of one kind, at most one a second: a repeated warning is aggregated with a
 //! count instead of flooding stderr (a million lost leases must not print a million lines).
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::Level;
+
+use crate::sync;
 
 /// Shortest time between two lines of one kind.
 const PERIOD: Duration = Duration::from_secs(1);
@@ -56,7 +58,7 @@ impl Throttle {
     /// Whether a line of `count` events is printed at `now`: `Some` with the number of events
     /// suppressed since the last line printed, or `None` when it only counts them.
     fn admit(&self, now: Instant, count: u64) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = sync::lock(&self.state);
         if let Some(last) = state.0 {
             if now.saturating_duration_since(last) < PERIOD {
                 state.1 += count;
@@ -70,7 +72,7 @@ impl Throttle {
     /// Prints how many lines were suppressed since the last one, if any.
     pub(crate) fn flush(&self) {
         let suppressed = {
-            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut state = sync::lock(&self.state);
             std::mem::take(&mut state.1)
         };
         if suppressed > 0 {

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mayhem::{run, Config, MayhemConfig, MayhemHandler, Shutdown, ShutdownReason, Subscription};
+use mayhem::{Config, MayhemConfig, MayhemHandler, Runner, Shutdown, ShutdownReason, Subscription};
 
 /// The shutdown lines after the first (reason) line, in order.
 pub const SHUTDOWN_LINES: [&str; 6] = [
@@ -400,7 +400,10 @@ pub fn library_run(seed: u64) -> Outcome {
                 Instant::now()
             })
         });
-        let result = run(&config, &subscription, &handler, &shutdown);
+        let result =
+            Runner::new(&config)
+                .publisher(&subscription)
+                .run(&subscription, &handler, &shutdown);
         let returned = Instant::now();
         let triggered = trigger.map(|handle| handle.join().expect("trigger thread"));
         (result, returned, triggered)

@@ -24,8 +24,8 @@ use std::time::Duration;
 use clap::Parser;
 use log::{debug, error, info, warn};
 use mayhem::{
-    layer, run_controlled, Broker, MayhemHandler, Metrics, Pause, Shutdown, ShutdownReason,
-    Subscription,
+    layer, Broker, MayhemHandler, Metrics, Pause, Publish, Runner, Shutdown, ShutdownReason,
+    Source, Subscription,
 };
 use signal_hook::consts::{SIGCONT, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTSTP, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
@@ -290,15 +290,13 @@ fn run(
         config.run.grace_period.saturating_add(SHUTDOWN_MARGIN),
         Arc::clone(source_slot),
     );
-    let result = run_controlled(
-        &config,
-        &*source,
-        Some(&*source),
-        &handler,
-        &shutdown,
-        &pause,
-        &metrics,
-    );
+    // The one client both consumes and publishes.
+    let (consuming, publishing): (&dyn Source, &dyn Publish) = (&*source, &*source);
+    let result = Runner::new(&config)
+        .metrics(&metrics)
+        .publisher(publishing)
+        .pause(&pause)
+        .run(consuming, &handler, &shutdown);
     // The layers print what their aggregated warnings still counted before the report.
     drop(handler);
     if let Some(endpoint) = endpoint {
