@@ -28,6 +28,14 @@ use crate::message::{Attributes, MessageId, PubSubMessage};
 use crate::source::{Lease, LeaseId};
 use crate::sync::lock;
 
+/// How long the ack worker gathers lease operations after the first of a pass, unless
+/// [`GATHER_OPS`] came first or the source is interrupted. Measured on 200,000 messages:
+/// frames of about 200 acks cost the broker 8.8 to 10.8 µs of CPU per message, a peer acking
+/// 1,000 a frame 8.4 to 9.6.
+const GATHER: Duration = Duration::from_millis(5);
+/// Most lease operations the worker waits to gather before a pass.
+const GATHER_OPS: usize = 2048;
+
 /// The lease table.
 pub(super) struct Leases {
     /// Held leases.
@@ -475,7 +483,30 @@ impl Core {
                     while let Ok(more) = queue.try_recv() {
                         ops.extend(more);
                     }
+                    // And what comes within `GATHER`, up to `GATHER_OPS`: fewer, larger
+                    // frames. A quorum queue appends each settle frame to its log, and the
+                    // broker's CPU per message follows the number of frames.
+                    let until = Instant::now() + GATHER;
+                    let mut closed = false;
+                    while ops.len() < GATHER_OPS && !self.interrupted.load(Ordering::Relaxed) {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        match queue.recv_timeout(left) {
+                            Ok(more) => ops.extend(more),
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Err(RecvTimeoutError::Disconnected) => {
+                                closed = true;
+                                break;
+                            }
+                        }
+                    }
                     self.send(&ops, &mut prefix);
+                    if closed {
+                        self.send_held(&mut prefix);
+                        return;
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => self.send(&[], &mut prefix),
                 Err(RecvTimeoutError::Disconnected) => {
