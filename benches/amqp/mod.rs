@@ -365,7 +365,7 @@ pub fn peer_rows(messages: u64, peers: &super::peers::Peers) -> Vec<String> {
         }
     }
     let mut rows = vec![format!(
-        "| RabbitMQ consume, mayhem ({n} preloaded in a quorum queue, 2 consumers, window and prefetch {WINDOW}, one `basic.ack` per message; {ROUNDS} rounds alternating with the peers) | {} | >= 1.0x the best inline peer, >= 1.5x the task-per-delivery peer |",
+        "| RabbitMQ consume, mayhem ({n} preloaded in a quorum queue, 2 consumers, window and prefetch {WINDOW}, `multiple` acks over the settled prefix of delivery tags; {ROUNDS} rounds alternating with the peers) | {} | >= 1.0x the best inline peer, >= 1.5x the task-per-delivery peer |",
         ours.show("Erlang VM")
     )];
     for ((label, _), contender) in PEER_CONFIGS.iter().zip(&theirs) {
