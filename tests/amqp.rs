@@ -26,7 +26,8 @@ mod conformance;
 use common::proxy::Proxy;
 use common::rabbit::Rabbit;
 use common::{
-    acked_names, field, free_port, names_in, pull_one, BrokerServer, Service, PATIENCE, QUIET,
+    acked_names, field, free_port, names_in, pull_all, pull_one, BrokerServer, Service, PATIENCE,
+    QUIET,
 };
 use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish, Source};
 
@@ -1292,18 +1293,7 @@ fn a_straggler_holding_the_ack_prefix_back_while_the_connection_drops_loses_noth
         ..AmqpConfig::default()
     })
     .expect("connect");
-    let mut leases = Vec::new();
-    let end = Instant::now() + PATIENCE;
-    while leases.len() < names.len() {
-        assert!(Instant::now() < end, "pulled only {}", leases.len());
-        source
-            .pull(
-                names.len() - leases.len(),
-                Duration::from_millis(100),
-                &mut leases,
-            )
-            .expect("pull");
-    }
+    let leases = pull_all(&source, names.len());
     // The first delivery is the straggler: the other 49 are acked behind it, and the
     // connection is cut at once.
     let mut refused = Vec::new();
@@ -1384,18 +1374,7 @@ fn a_straggler_holds_the_acks_behind_it_back_only_briefly() {
     let queue = server.queue("straggler-bound");
     let names = server.publish_names(&queue, 20, 5);
     let source = server.source(&queue, Duration::from_secs(60), 5);
-    let mut leases = Vec::new();
-    let end = Instant::now() + PATIENCE;
-    while leases.len() < names.len() {
-        assert!(Instant::now() < end, "pulled only {}", leases.len());
-        source
-            .pull(
-                names.len() - leases.len(),
-                Duration::from_millis(100),
-                &mut leases,
-            )
-            .expect("pull");
-    }
+    let leases = pull_all(&source, names.len());
     let mut refused = Vec::new();
     let behind: Vec<_> = leases[1..].iter().map(|lease| lease.id).collect();
     source.ack(&behind, &mut refused).expect("ack");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 mod common;
 mod conformance;
 
-use common::{acked_names, field, free_port, skip, Service};
+use common::{acked_names, field, free_port, pull_all, skip, Service};
 use mayhem::{
     Config, Context, HandleError, Handler, PubSubConfig, PubSubMessage, PubSubSource, Publish,
     Shutdown, Source,
@@ -209,23 +209,6 @@ fn start(emulator: &Emulator, subscription: &str, args: &[&str]) -> Service {
     let args = [&flags[..], &["--extend-interval", "5s"], args].concat();
     Service::start_with_env(&args, &[("PUBSUB_EMULATOR_HOST", &emulator.host)])
         .with_patience(PATIENCE)
-}
-
-/// Pulls from `source` until `count` leases came (or panics after [`PATIENCE`]).
-fn pull_all(source: &PubSubSource, count: usize) -> Vec<mayhem::Lease> {
-    let end = Instant::now() + PATIENCE;
-    let mut leases = Vec::new();
-    while leases.len() < count {
-        assert!(Instant::now() < end, "pulled {} of {count}", leases.len());
-        source
-            .pull(
-                count - leases.len(),
-                Duration::from_millis(200),
-                &mut leases,
-            )
-            .expect("pull");
-    }
-    leases
 }
 
 #[test]

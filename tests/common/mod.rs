@@ -374,6 +374,23 @@ pub fn pull_one(source: &impl mayhem::Source) -> mayhem::Lease {
     leases.remove(0)
 }
 
+/// Pulls from `source` until `count` leases came (or panics after [`PATIENCE`]).
+pub fn pull_all(source: &impl mayhem::Source, count: usize) -> Vec<mayhem::Lease> {
+    let end = Instant::now() + PATIENCE;
+    let mut leases = Vec::new();
+    while leases.len() < count {
+        assert!(Instant::now() < end, "pulled {} of {count}", leases.len());
+        source
+            .pull(
+                count - leases.len(),
+                Duration::from_millis(100),
+                &mut leases,
+            )
+            .expect("pull");
+    }
+    leases
+}
+
 /// Runs `mayhem` with `args` to its end, without standard input.
 pub fn run(args: &[&str]) -> std::process::Output {
     run_with_input(args, None)
