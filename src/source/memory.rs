@@ -14,10 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use slab::Slab;
-
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
+use crate::source::kit::LeaseTable;
 use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
 
 /// A source of the current time.
@@ -174,22 +173,18 @@ struct Leased {
     attempts: u32,
     /// When the lease expires unless extended.
     deadline: Instant,
-    /// Tells this lease from earlier ones that used the same slot.
-    generation: u32,
 }
 
 /// The message state of the subscription.
 struct State {
     /// Messages ready for delivery, oldest first.
     ready: VecDeque<Ready>,
-    /// Messages leased; a lease id is the slot index plus the slot's generation.
-    leases: Slab<Leased>,
+    /// Messages leased.
+    leases: LeaseTable<Leased>,
     /// No lease expires before this instant (a lower bound: it may belong to a lease that was
     /// settled since). Expiry scans run only once the clock passes it, so the common case
     /// costs one comparison and never a per-lease timer.
     earliest_deadline: Option<Instant>,
-    /// Generation of the next lease.
-    next_generation: u32,
     /// Messages that used up their delivery attempts.
     dead: Vec<DeadLetter>,
     /// Set by `interrupt`: publishes and pulls return `Closed`.
@@ -215,9 +210,8 @@ impl Subscription {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
                     ready: VecDeque::new(),
-                    leases: Slab::new(),
+                    leases: LeaseTable::new(),
                     earliest_deadline: None,
-                    next_generation: 0,
                     dead: Vec::new(),
                     interrupted: false,
                     pull_waiters: 0,
@@ -274,17 +268,18 @@ impl Subscription {
             Some(earliest) if earliest <= now => {}
             _ => return,
         }
-        let expired: Vec<usize> = state
+        let expired: Vec<LeaseId> = state
             .leases
             .iter()
             .filter(|(_, leased)| leased.deadline <= now)
-            .map(|(index, _)| index)
+            .map(|(id, _)| id)
             .collect();
         let mut woke = false;
-        for index in expired {
-            let leased = state.leases.remove(index);
-            state.stats.expired += 1;
-            woke |= self.release(state, leased);
+        for id in expired {
+            if let Some(leased) = state.leases.remove(id) {
+                state.stats.expired += 1;
+                woke |= self.release(state, leased);
+            }
         }
         state.earliest_deadline = state.leases.iter().map(|(_, l)| l.deadline).min();
         if woke {
@@ -299,23 +294,30 @@ impl Subscription {
         }
     }
 
-    /// Finds the live lease `id`, expiring it first if its deadline passed.
-    fn live_lease(&self, state: &mut State, id: LeaseId, now: Instant) -> Option<usize> {
-        let index = (id & u64::from(u32::MAX)) as usize;
-        let generation = (id >> 32) as u32;
-        let leased = state.leases.get(index)?;
-        if leased.generation != generation {
-            return None;
-        }
-        if leased.deadline <= now {
-            let leased = state.leases.remove(index);
-            state.stats.expired += 1;
-            if self.release(state, leased) {
-                self.wake_pullers(state);
+    /// Whether the lease `id` is live; one whose deadline passed is expired first.
+    fn live_lease(&self, state: &mut State, id: LeaseId, now: Instant) -> bool {
+        match state.leases.get(id) {
+            Some(leased) if leased.deadline > now => true,
+            Some(_) => {
+                if let Some(leased) = state.leases.remove(id) {
+                    state.stats.expired += 1;
+                    if self.release(state, leased) {
+                        self.wake_pullers(state);
+                    }
+                }
+                false
             }
-            return None;
+            None => false,
         }
-        Some(index)
+    }
+
+    /// Removes and returns the live lease `id` ([`live_lease`](Self::live_lease)).
+    fn take_live(&self, state: &mut State, id: LeaseId, now: Instant) -> Option<Leased> {
+        if self.live_lease(state, id, now) {
+            state.leases.remove(id)
+        } else {
+            None
+        }
     }
 }
 
@@ -411,19 +413,15 @@ impl Source for Subscription {
                 break;
             };
             let attempts = ready.attempts.saturating_add(1);
-            let generation = state.next_generation;
-            state.next_generation = generation.wrapping_add(1);
-            let index = state.leases.vacant_key();
             out.push(Lease {
                 message: ready.message.clone(),
                 attempt: attempts,
-                id: (u64::from(generation) << 32) | index as u64,
+                id: state.leases.next_id(),
             });
             state.leases.insert(Leased {
                 message: ready.message,
                 attempts,
                 deadline,
-                generation,
             });
         }
         if state
@@ -444,9 +442,8 @@ impl Source for Subscription {
         let mut state = self.lock();
         let now = self.inner.clock.now();
         for &lease in leases {
-            match self.live_lease(&mut state, lease, now) {
-                Some(index) => {
-                    state.leases.remove(index);
+            match self.take_live(&mut state, lease, now) {
+                Some(_) => {
                     self.inner.settled.fetch_add(1, Ordering::Relaxed);
                 }
                 None => refused.push(lease),
@@ -460,11 +457,8 @@ impl Source for Subscription {
         let now = self.inner.clock.now();
         let mut woke = false;
         for &lease in leases {
-            match self.live_lease(&mut state, lease, now) {
-                Some(index) => {
-                    let leased = state.leases.remove(index);
-                    woke |= self.release(&mut state, leased);
-                }
+            match self.take_live(&mut state, lease, now) {
+                Some(leased) => woke |= self.release(&mut state, leased),
                 None => refused.push(lease),
             }
         }
@@ -482,9 +476,8 @@ impl Source for Subscription {
     ) -> Result<(), SourceError> {
         let mut state = self.lock();
         let now = self.inner.clock.now();
-        match self.live_lease(&mut state, lease, now) {
-            Some(index) => {
-                let leased = state.leases.remove(index);
+        match self.take_live(&mut state, lease, now) {
+            Some(leased) => {
                 state.dead.push(DeadLetter {
                     message: leased.message,
                     attempts: leased.attempts,
@@ -508,9 +501,10 @@ impl Source for Subscription {
         let now = self.inner.clock.now();
         let deadline = now + by;
         for &lease in leases {
-            match self.live_lease(&mut state, lease, now) {
-                Some(index) => state.leases[index].deadline = deadline,
-                None => refused.push(lease),
+            if !self.live_lease(&mut state, lease, now) {
+                refused.push(lease);
+            } else if let Some(leased) = state.leases.get_mut(lease) {
+                leased.deadline = deadline;
             }
         }
         // The earliest deadline stays a valid lower bound unless the new one is earlier.

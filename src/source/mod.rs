@@ -24,6 +24,7 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+mod kit;
 pub mod memory;
 #[cfg(feature = "pubsub")]
 pub mod pubsub;

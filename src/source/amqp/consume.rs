@@ -13,7 +13,6 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Consumer;
 use log::warn;
-use slab::Slab;
 
 use super::acks::{Prefix, Settle};
 use super::link::{failure_text, in_order, Abort, Failure, Link, Side};
@@ -25,6 +24,7 @@ use super::{
 };
 use crate::error::SourceError;
 use crate::message::{Attributes, MessageId, PubSubMessage};
+use crate::source::kit::LeaseTable;
 use crate::source::{Lease, LeaseId};
 use crate::sync::lock;
 
@@ -37,12 +37,7 @@ const GATHER: Duration = Duration::from_millis(5);
 const GATHER_OPS: usize = 2048;
 
 /// The lease table.
-pub(super) struct Leases {
-    /// Held leases.
-    pub(super) slots: Slab<Held>,
-    /// Generation of the next lease.
-    pub(super) next_generation: u32,
-}
+pub(super) type Leases = LeaseTable<Held>;
 
 /// One lease this consumer holds.
 #[derive(Debug, Clone, Copy)]
@@ -55,8 +50,6 @@ pub(super) struct Held {
     pub(super) attempt: u32,
     /// Local deadline; past it the source requeues the message.
     pub(super) deadline: Instant,
-    /// Tells this lease from earlier ones of the same slot.
-    pub(super) generation: u32,
 }
 
 /// One queued lease operation.
@@ -319,10 +312,10 @@ impl AmqpSource {
         let mut expired = 0;
         let mut leases = lock(&self.core.side.leases);
         for &id in ids {
-            let index = (id & u64::from(u32::MAX)) as usize;
-            match leases.slots.get(index) {
-                Some(held) if held.generation == (id >> 32) as u32 && held.epoch == epoch => {
-                    let held = leases.slots.remove(index);
+            // A lease of a lost link stays for `forget`, which counts it.
+            let live = leases.get(id).is_some_and(|held| held.epoch == epoch);
+            match live.then(|| leases.remove(id)).flatten() {
+                Some(held) => {
                     if held.deadline <= now {
                         expired += 1;
                         refused.push(id);
@@ -355,9 +348,9 @@ impl Side for Consuming {
     /// them as expired.
     fn forget(&self, epoch: u64) {
         let mut leases = lock(&self.leases);
-        let before = leases.slots.len();
-        leases.slots.retain(|_, held| held.epoch != epoch);
-        let void = (before - leases.slots.len()) as u64;
+        let before = leases.len();
+        leases.retain(|_, held| held.epoch != epoch);
+        let void = (before - leases.len()) as u64;
         drop(leases);
         lock(&self.stats).expired += void;
     }
@@ -405,17 +398,12 @@ impl Core {
 
     /// Takes a delivery as a lease; returns its id.
     pub(super) fn hold(&self, tag: u64, epoch: u64, attempt: u32) -> LeaseId {
-        let mut leases = lock(&self.side.leases);
-        let generation = leases.next_generation;
-        leases.next_generation = generation.wrapping_add(1);
-        let index = leases.slots.insert(Held {
+        lock(&self.side.leases).insert(Held {
             tag,
             epoch,
             attempt,
             deadline: Instant::now() + self.config.ack_deadline,
-            generation,
-        });
-        (u64::from(generation) << 32) | index as u64
+        })
     }
 
     /// Removes the leases whose deadline passed; returns the rejects that give them back.
@@ -440,28 +428,21 @@ impl Core {
             return Vec::new();
         }
         let max_attempts = self.config.max_attempts;
-        let mut leases = lock(&self.side.leases);
-        let expired: Vec<usize> = leases
-            .slots
-            .iter()
-            .filter(|(_, held)| held.deadline <= now)
-            .map(|(index, _)| index)
-            .collect();
-        if expired.is_empty() {
-            return Vec::new();
+        let mut ops = Vec::new();
+        lock(&self.side.leases).retain(|_, held| {
+            if held.deadline > now {
+                return true;
+            }
+            ops.push(Op {
+                kind: expiry_kind(held, max_attempts),
+                tag: held.tag,
+                epoch: held.epoch,
+            });
+            false
+        });
+        if ops.is_empty() {
+            return ops;
         }
-        let ops: Vec<Op> = expired
-            .into_iter()
-            .map(|index| {
-                let held = leases.slots.remove(index);
-                Op {
-                    kind: expiry_kind(&held, max_attempts),
-                    tag: held.tag,
-                    epoch: held.epoch,
-                }
-            })
-            .collect();
-        drop(leases);
         lock(&self.side.stats).expired += ops.len() as u64;
         ops
     }

@@ -375,10 +375,7 @@ impl Consuming {
     fn new() -> Consuming {
         Consuming {
             last_ready: AtomicU64::new(0),
-            leases: Mutex::new(Leases {
-                slots: slab::Slab::new(),
-                next_generation: 0,
-            }),
+            leases: Mutex::new(Leases::new()),
             stats: Mutex::new(SourceStats::default()),
             settled: AtomicU64::new(0),
             queued: Outstanding::default(),
@@ -494,13 +491,8 @@ impl Source for AmqpSource {
         let epoch = self.core.current_epoch();
         let mut table = lock(&self.core.side.leases);
         for &lease in leases {
-            let index = (lease & u64::from(u32::MAX)) as usize;
-            match table.slots.get_mut(index) {
-                Some(held)
-                    if held.generation == (lease >> 32) as u32
-                        && held.epoch == epoch
-                        && held.deadline > now =>
-                {
+            match table.get_mut(lease) {
+                Some(held) if held.epoch == epoch && held.deadline > now => {
                     held.deadline = now + by;
                 }
                 _ => refused.push(lease),
@@ -527,7 +519,7 @@ impl Source for AmqpSource {
     }
 
     fn nack_all(&self) -> usize {
-        let held: Vec<Held> = lock(&self.core.side.leases).slots.drain().collect();
+        let held: Vec<Held> = lock(&self.core.side.leases).drain().collect();
         let count = held.len();
         self.enqueue(
             held.into_iter()
@@ -571,7 +563,7 @@ impl Source for AmqpSource {
             .iter()
             .map(|lane| lane.side.published.load(Ordering::SeqCst))
             .sum::<u64>();
-        let held = lock(&core.side.leases).slots.len() as u64;
+        let held = lock(&core.side.leases).len() as u64;
         let ready = if core.interrupted.load(Ordering::SeqCst) {
             // The deliveries pushed ahead that no pull took are given back first, then
             // counted once the broker holds them as ready.

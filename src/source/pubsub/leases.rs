@@ -3,41 +3,15 @@
 //! key held back until the one before them is settled (python-pubsub's `messages_on_hold`).
 //!
 //! Pub/Sub's ack ids stay valid after their deadline (an ack of an expired one is answered
-//! with success), so the table is what refuses a stale lease: a lease id is a slot and a
-//! generation, and a slot's next lease gets a new generation.
+//! with success), so the table is what refuses a stale lease: the kit's [`LeaseTable`]
+//! never answers to the id of a slot's earlier lease.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use slab::Slab;
-
 use crate::message::PubSubMessage;
+use crate::source::kit::LeaseTable;
 use crate::source::{Lease, LeaseId};
-
-/// A lease id taken apart: the table's slot and the generation of the lease in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Key {
-    /// The slot in the table.
-    slot: usize,
-    /// Tells this lease from earlier ones of the same slot.
-    generation: u32,
-}
-
-impl Key {
-    /// The id the runner sees: the generation above the slot.
-    fn id(self) -> LeaseId {
-        (u64::from(self.generation) << 32) | self.slot as u64
-    }
-
-    /// The parts of an id this table made (slots stay below 2^32: a table that large would
-    /// hold more messages than any flow-control window allows).
-    fn from_id(id: LeaseId) -> Self {
-        Key {
-            slot: (id & u64::from(u32::MAX)) as usize,
-            generation: (id >> 32) as u32,
-        }
-    }
-}
 
 /// One delivery held.
 #[derive(Debug, Clone)]
@@ -52,8 +26,6 @@ pub(super) struct Held {
     pub(super) attempt: u32,
     /// Past it, the server may have delivered the message again: the lease is refused.
     pub(super) deadline: Instant,
-    /// The generation of the lease id.
-    generation: u32,
     /// Held back behind an earlier message of its ordering key, not handed out yet.
     on_hold: bool,
 }
@@ -94,9 +66,7 @@ pub(super) enum Refused {
 #[derive(Debug)]
 pub(super) struct Table {
     /// Held deliveries.
-    slots: Slab<Held>,
-    /// Generation of the next lease.
-    next_generation: u32,
+    slots: LeaseTable<Held>,
     /// Whether deliveries of one ordering key are handed out one at a time.
     ordering: bool,
     /// Ordering keys with a message handed out, each with the ids held back behind it, in
@@ -123,8 +93,7 @@ impl Table {
         Table {
             returned: HashMap::new(),
             wait_redelivery,
-            slots: Slab::new(),
-            next_generation: 0,
+            slots: LeaseTable::new(),
             ordering,
             keys: HashMap::new(),
             released: VecDeque::new(),
@@ -185,33 +154,25 @@ impl Table {
                 }
             }
         }
-        let generation = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1);
         let key = message
             .ordering_key()
             .filter(|_| self.ordering)
             .map(Box::<str>::from);
         let busy = key.as_ref().is_some_and(|key| self.keys.contains_key(key));
-        let entry = self.slots.vacant_entry();
-        let id = Key {
-            slot: entry.key(),
-            generation,
-        }
-        .id();
-        let lease = Lease {
-            message: message.clone(),
-            attempt,
-            id,
-        };
-        entry.insert(Held {
+        let lease_message = message.clone();
+        let id = self.slots.insert(Held {
             ack_id,
             server_id,
             message,
             attempt,
             deadline,
-            generation,
             on_hold: busy,
         });
+        let lease = Lease {
+            message: lease_message,
+            attempt,
+            id,
+        };
         match key {
             Some(key) if busy => {
                 self.on_hold += 1;
@@ -292,13 +253,7 @@ impl Table {
             .slots
             .iter()
             .filter(|(_, held)| !held.on_hold && held.deadline <= now)
-            .map(|(slot, held)| {
-                Key {
-                    slot,
-                    generation: held.generation,
-                }
-                .id()
-            })
+            .map(|(id, _)| id)
             .collect();
         let mut behind = Vec::new();
         for &id in &expired {
@@ -349,26 +304,19 @@ impl Table {
 
     /// The held entry of `id`, if the id is current.
     fn get(&self, id: LeaseId) -> Option<&Held> {
-        let key = Key::from_id(id);
-        self.slots
-            .get(key.slot)
-            .filter(|held| held.generation == key.generation)
+        self.slots.get(id)
     }
 
     /// The held entry of `id`, to change, if the id is current.
     fn get_mut(&mut self, id: LeaseId) -> Option<&mut Held> {
-        let key = Key::from_id(id);
-        self.slots
-            .get_mut(key.slot)
-            .filter(|held| held.generation == key.generation)
+        self.slots.get_mut(id)
     }
 
     /// Removes a handed-out lease and settles its ordering key: the next one held back is
     /// released, or, when the lease was returned, every one held back is removed too.
     /// `None` when the id is not current.
     fn finish(&mut self, id: LeaseId, end: End) -> Option<(Held, Vec<Held>)> {
-        self.get(id)?;
-        let held = self.slots.try_remove(Key::from_id(id).slot)?;
+        let held = self.slots.remove(id)?;
         let mut behind = Vec::new();
         let Some(key) = held.message.ordering_key().filter(|_| self.ordering) else {
             return Some((held, behind));
@@ -396,7 +344,7 @@ impl Table {
                 if let Some(queue) = self.keys.remove(key) {
                     self.on_hold = self.on_hold.saturating_sub(queue.len());
                     for later in queue {
-                        behind.extend(self.slots.try_remove(Key::from_id(later).slot));
+                        behind.extend(self.slots.remove(later));
                     }
                 }
             }
@@ -482,7 +430,7 @@ mod tests {
         ));
         table.take(lease.id, now, End::Settled).unwrap();
         let again = handed(table.insert("y".into(), "1".into(), PubSubMessage::new("x"), 2, now));
-        assert_eq!(Key::from_id(again.id).slot, Key::from_id(lease.id).slot);
+        assert_ne!(again.id, lease.id, "the reused slot has a new lease id");
         assert!(matches!(
             table.take(lease.id, now, End::Settled),
             Err(Refused::Unknown)

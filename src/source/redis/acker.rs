@@ -194,11 +194,8 @@ impl Core {
             let mut leases = lock(&self.leases);
             let now = Instant::now();
             for lease in expired {
-                let index = (lease & u64::from(u32::MAX)) as usize;
-                if let Some(held) = leases.slots.get_mut(index) {
-                    if held.generation == (lease >> 32) as u32 {
-                        held.deadline = now;
-                    }
+                if let Some(held) = leases.get_mut(lease) {
+                    held.deadline = now;
                 }
             }
         }

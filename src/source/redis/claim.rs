@@ -185,19 +185,16 @@ impl Core {
         let mut leases = lock(&self.leases);
         out.reserve(parsed.len());
         for (entry, message, deliveries, attempt) in parsed {
-            let generation = leases.next_generation;
-            leases.next_generation = generation.wrapping_add(1);
-            let index = leases.slots.insert(Held {
+            let id = leases.insert(Held {
                 entry,
                 deliveries,
                 attempt,
                 deadline,
-                generation,
             });
             out.push(Lease {
                 message,
                 attempt,
-                id: (u64::from(generation) << 32) | index as u64,
+                id,
             });
         }
         drop(leases);
@@ -246,9 +243,9 @@ impl Core {
     pub(super) fn expire_local(&self) {
         let now = Instant::now();
         let mut leases = lock(&self.leases);
-        let before = leases.slots.len();
-        leases.slots.retain(|_, held| held.deadline > now);
-        let expired = (before - leases.slots.len()) as u64;
+        let before = leases.len();
+        leases.retain(|_, held| held.deadline > now);
+        let expired = (before - leases.len()) as u64;
         drop(leases);
         if expired > 0 {
             lock(&self.stats).expired += expired;

@@ -149,7 +149,7 @@ impl Core {
         if self.failing.load(Ordering::SeqCst) {
             return;
         }
-        let holds = lock(&self.leases).slots.len() as u64 + self.queued.count();
+        let holds = lock(&self.leases).len() as u64 + self.queued.count();
         let removed = self.with_connection(|con| {
             self.scripts
                 .release

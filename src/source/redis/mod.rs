@@ -92,8 +92,10 @@
 
 mod acker;
 mod claim;
+mod config;
 mod connection;
 mod maintenance;
+mod publish;
 mod reply;
 mod wire;
 
@@ -106,212 +108,33 @@ use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use redis::Client;
-use slab::Slab;
 
-use crate::error::{ConfigError, SourceError};
-use crate::message::{MessageError, PubSubMessage};
+use crate::error::SourceError;
 use crate::shutdown::Shutdown;
-use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::source::kit::LeaseTable;
+use crate::source::{Lease, LeaseId, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
 use self::acker::{Op, OpKind};
 use self::connection::{Failure, Health, Pooled, Scripts};
-use self::reply::{EntryId, RESERVED_FIELDS};
+use self::reply::EntryId;
 
+pub use self::config::{
+    check_message, parse_url, RedisConfig, MAX_REDIS_INTERVAL, MIN_LIVENESS_TTL, MIN_TRIM_INTERVAL,
+};
 pub use self::connection::redact_url;
+pub use self::publish::RedisPublisher;
 
 /// How long `stats` waits for queued lease operations to be sent.
 const STATS_WAIT: Duration = Duration::from_millis(250);
 /// How long `stats` and dropping the source wait once the source was interrupted: the
 /// service's exit must not wait on a stalled server.
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
-/// Longest sleep of a publish waiting for the server, so an interrupt is noticed promptly.
-const RETRY_NAP: Duration = Duration::from_millis(50);
 /// Most entries one pull reads (`XREADGROUP COUNT`, when the window has room; large entries
 /// are read fewer at a time, see `claim::READ_BYTES`). Each read costs the server a
 /// command and its reply beside the entries themselves: reading 1,024 at a time instead of
 /// 256 makes a quarter of the reads.
 const READ_BATCH: usize = 1024;
-
-/// Checks that `url` is a Redis address the client accepts, without connecting.
-///
-/// ```
-/// use mayhem::source::redis::parse_url;
-/// assert!(parse_url("redis://127.0.0.1:6379/0").is_ok());
-/// assert!(parse_url("redis://127.0.0.1:notaport").is_err());
-/// ```
-///
-/// # Errors
-///
-/// [`SourceError::Backend`] saying what is wrong with the address (the address itself, which
-/// may hold a password, is not repeated).
-pub fn parse_url(url: &str) -> Result<(), SourceError> {
-    use redis::IntoConnectionInfo;
-    url.into_connection_info().map(|_| ()).map_err(|error| {
-        SourceError::Backend(format!(
-            "invalid redis url: {}",
-            connection::one_line(&error.to_string(), url)
-        ))
-    })
-}
-
-/// Checks a message as [`Publish::publish`] does before sending anything: Pub/Sub's limits
-/// ([`PubSubMessage::check`]), and the field names the entry layout keeps for the message
-/// itself (`data`, `message_id`, `publish_time`, `ordering_key`, `attempts`, `dead_reason`),
-/// which are refused as attribute keys. A program can check its messages before connecting.
-///
-/// # Errors
-///
-/// The first rule the message breaks.
-///
-/// ```
-/// use mayhem::source::redis::check_message;
-/// use mayhem::{MessageError, PubSubMessage};
-/// assert_eq!(check_message(&PubSubMessage::new("web-03").with_attribute("origin", "ops")), Ok(()));
-/// let reserved = PubSubMessage::new("web-03").with_attribute("data", "x");
-/// assert!(matches!(check_message(&reserved), Err(MessageError::ReservedKey { .. })));
-/// ```
-pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
-    crate::source::check_message(message, &RESERVED_FIELDS, "redis")
-}
-
-/// [`check_message`] for every message of a batch.
-fn check_message_batch(batch: &[PubSubMessage]) -> Result<(), SourceError> {
-    check_batch(batch, &RESERVED_FIELDS, "redis")
-}
-
-/// Settings of a [`RedisSource`].
-///
-/// `Debug` shows the URL with its password replaced by `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisConfig {
-    /// Server address, like `redis://127.0.0.1:6379/0` or `redis://:PASSWORD@host:6379/0`.
-    pub url: String,
-    /// The stream messages are published to and consumed from.
-    pub stream: String,
-    /// The consumer group; instances sharing it split the messages.
-    pub group: String,
-    /// This consumer's name in the group; one live instance per name.
-    pub consumer: String,
-    /// How long a pulled entry stays leased without an extension; entries idle longer are
-    /// claimed by the next pull of any consumer of the group.
-    pub ack_deadline: Duration,
-    /// Deliveries of one message before it is dead-lettered to `{stream}:dead`.
-    pub max_attempts: u32,
-    /// Longest time one `XREADGROUP` blocks; short, so that shutdown is prompt.
-    pub block: Duration,
-    /// How long the server may stay unreachable (or keep failing) before `pull` and
-    /// `publish` fail with [`SourceError::Unavailable`]; start-up retries as long.
-    pub reconnect_limit: Duration,
-    /// Time to live of the consumer name's liveness key: a restart under the same name
-    /// waits at most this long for a killed predecessor's key to expire.
-    pub liveness_ttl: Duration,
-    /// How often entries every group has acked are trimmed from the stream (zero: never).
-    pub trim_interval: Duration,
-    /// Approximate bound of the dead-letter stream's length (`XADD ... MAXLEN ~`).
-    pub dead_letter_max: u64,
-}
-
-/// Shortest [`RedisConfig::liveness_ttl`]: the key is refreshed five times per time to live.
-pub const MIN_LIVENESS_TTL: Duration = Duration::from_millis(100);
-/// Shortest [`RedisConfig::trim_interval`] above zero: each pass is a script call on the
-/// server (at most a hundred a second).
-pub const MIN_TRIM_INTERVAL: Duration = Duration::from_millis(10);
-/// Longest [`RedisConfig::liveness_ttl`] and [`RedisConfig::trim_interval`].
-pub const MAX_REDIS_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
-
-impl RedisConfig {
-    /// Checks the intervals: [`liveness_ttl`](Self::liveness_ttl) between
-    /// [`MIN_LIVENESS_TTL`] and [`MAX_REDIS_INTERVAL`], [`trim_interval`](Self::trim_interval)
-    /// zero (never) or between [`MIN_TRIM_INTERVAL`] and [`MAX_REDIS_INTERVAL`].
-    /// [`RedisSource::connect`] checks them too.
-    ///
-    /// # Errors
-    ///
-    /// The first bad value, named by its command-line flag (`--consumer-ttl`,
-    /// `--trim-interval`).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let config = mayhem::RedisConfig {
-    ///     trim_interval: Duration::from_nanos(1),
-    ///     ..mayhem::RedisConfig::default()
-    /// };
-    /// assert_eq!(config.validate().unwrap_err().option, "--trim-interval");
-    /// ```
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::config::duration(
-            "--consumer-ttl",
-            self.liveness_ttl,
-            MIN_LIVENESS_TTL,
-            MAX_REDIS_INTERVAL,
-        )?;
-        if !self.trim_interval.is_zero()
-            && !(MIN_TRIM_INTERVAL..=MAX_REDIS_INTERVAL).contains(&self.trim_interval)
-        {
-            return Err(ConfigError::new(
-                "--trim-interval",
-                humantime::format_duration(self.trim_interval),
-                format!(
-                    "must be 0 (never) or between {} and {}",
-                    humantime::format_duration(MIN_TRIM_INTERVAL),
-                    humantime::format_duration(MAX_REDIS_INTERVAL)
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        RedisConfig {
-            url: "redis://127.0.0.1:6379/0".to_owned(),
-            stream: "mayhem".to_owned(),
-            group: "mayhem".to_owned(),
-            consumer: "mayhem".to_owned(),
-            ack_deadline: Duration::from_secs(3),
-            max_attempts: 5,
-            block: Duration::from_millis(100),
-            reconnect_limit: Duration::from_secs(30),
-            liveness_ttl: Duration::from_secs(5),
-            trim_interval: Duration::from_secs(1),
-            dead_letter_max: 100_000,
-        }
-    }
-}
-
-impl fmt::Debug for RedisConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("url", &redact_url(&self.url))
-            .field("stream", &self.stream)
-            .field("group", &self.group)
-            .field("consumer", &self.consumer)
-            .field("ack_deadline", &self.ack_deadline)
-            .field("max_attempts", &self.max_attempts)
-            .field("block", &self.block)
-            .field("reconnect_limit", &self.reconnect_limit)
-            .field("liveness_ttl", &self.liveness_ttl)
-            .field("trim_interval", &self.trim_interval)
-            .field("dead_letter_max", &self.dead_letter_max)
-            .finish()
-    }
-}
-
-/// The address with its password replaced, the stream, the group and the consumer.
-impl fmt::Display for RedisConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} stream {} group {} consumer {}",
-            redact_url(&self.url),
-            self.stream,
-            self.group,
-            self.consumer
-        )
-    }
-}
 
 /// A Redis stream consumed through a consumer group, with the lease semantics of
 /// [`Source`]; see the [module docs](self) for the mapping.
@@ -398,12 +221,7 @@ struct ClaimCursor {
 }
 
 /// The lease table.
-struct Leases {
-    /// Held leases.
-    slots: Slab<Held>,
-    /// Generation of the next lease.
-    next_generation: u32,
-}
+type Leases = LeaseTable<Held>;
 
 /// One lease this consumer holds.
 #[derive(Debug, Clone, Copy)]
@@ -416,8 +234,6 @@ struct Held {
     attempt: u32,
     /// Local deadline; past it, acks and extensions are refused.
     deadline: Instant,
-    /// Tells this lease from earlier ones of the same slot.
-    generation: u32,
 }
 
 impl RedisSource {
@@ -534,214 +350,14 @@ impl RedisSource {
         refused: &mut Vec<LeaseId>,
         kind: impl Fn(&Held) -> OpKind,
     ) -> Vec<Op> {
-        let now = Instant::now();
-        let mut ops = Vec::with_capacity(ids.len());
-        let mut expired = 0;
-        let mut leases = lock(&self.core.leases);
-        for &id in ids {
-            let index = (id & u64::from(u32::MAX)) as usize;
-            match leases.slots.get(index) {
-                Some(held) if held.generation == (id >> 32) as u32 => {
-                    let held = leases.slots.remove(index);
-                    if held.deadline <= now {
-                        expired += 1;
-                        refused.push(id);
-                    } else {
-                        ops.push(Op::new(kind(&held), id, held));
-                    }
-                }
-                _ => refused.push(id),
-            }
-        }
-        drop(leases);
+        let (live, expired) =
+            lock(&self.core.leases).take_live(ids, Instant::now(), |held| held.deadline, refused);
         if expired > 0 {
             lock(&self.core.stats).expired += expired;
         }
-        ops
-    }
-}
-
-/// A client that only publishes to a Redis stream (`XADD`), for a program that injects
-/// messages and consumes none, such as `mayhem publish`.
-///
-/// Unlike [`RedisSource::connect`] it claims no consumer name, creates no consumer group and
-/// starts no thread: it opens connections (retrying within
-/// [`RedisConfig::reconnect_limit`]) and publishes with the same entry layout as
-/// [`RedisSource`]. Of its [`RedisConfig`] it uses `url`, `stream`, `block` (socket
-/// timeouts) and `reconnect_limit`. The stream is created by the first `XADD` when it does
-/// not exist; a group created later by a consuming [`RedisSource`] starts at `0` (or at a
-/// floor recorded before any of these entries was added), so it delivers the entries
-/// published before it existed. Creating no group matters: a group nobody consumes would
-/// hold back the retention of every other group's acked entries.
-///
-/// ```
-/// use std::time::Duration;
-/// use mayhem::source::redis::RedisPublisher;
-/// use mayhem::{PubSubMessage, Publish, RedisConfig, SourceError};
-///
-/// /// Asks the chaos monkey consuming `mayhem` at `url` to restart `host`.
-/// fn restart(url: &str, host: &str) -> Result<(), SourceError> {
-///     let config = RedisConfig { url: url.to_owned(), ..RedisConfig::default() };
-///     let publisher = RedisPublisher::connect(config)?;
-///     publisher.publish(&[PubSubMessage::new(host.to_owned()).with_attribute("origin", "ops")])
-/// }
-///
-/// // Nobody listens on port 1: with no time left to retry, connecting gives up at once.
-/// let config = RedisConfig {
-///     url: "redis://127.0.0.1:1/0".to_owned(),
-///     reconnect_limit: Duration::ZERO,
-///     ..RedisConfig::default()
-/// };
-/// assert!(matches!(RedisPublisher::connect(config), Err(SourceError::Unavailable(_))));
-/// # let _ = restart;
-/// ```
-pub struct RedisPublisher {
-    /// The connections and their health; never shared with a thread.
-    core: Core,
-}
-
-impl RedisPublisher {
-    /// Connects to the server, retrying within [`RedisConfig::reconnect_limit`].
-    ///
-    /// # Errors
-    ///
-    /// As [`connect_with`](Self::connect_with).
-    pub fn connect(config: RedisConfig) -> Result<Self, SourceError> {
-        Self::connect_with(config, &Shutdown::new())
-    }
-
-    /// [`connect`](Self::connect), giving up early (with [`SourceError::Closed`]) once `stop`
-    /// is triggered.
-    ///
-    /// # Errors
-    ///
-    /// [`SourceError::Backend`] for an invalid URL, an empty stream name or refused
-    /// credentials; [`SourceError::Unavailable`] when the server could not be reached for
-    /// the whole reconnect limit; [`SourceError::Closed`] when `stop` was triggered first.
-    ///
-    /// # Blocking
-    ///
-    /// Blocks the calling thread while retrying; do not call it inside a future.
-    pub fn connect_with(config: RedisConfig, stop: &Shutdown) -> Result<Self, SourceError> {
-        if config.stream.is_empty() {
-            return Err(SourceError::Backend("the stream name is empty".to_owned()));
-        }
-        parse_url(&config.url)?;
-        let client = Client::open(config.url.as_str()).map_err(|error| {
-            SourceError::Backend(format!(
-                "invalid redis url: {}",
-                connection::one_line(&error.to_string(), &config.url)
-            ))
-        })?;
-        let core = Core::new(config, client, true);
-        core.start(stop)?;
-        Ok(RedisPublisher { core })
-    }
-
-    /// The settings.
-    pub fn config(&self) -> &RedisConfig {
-        &self.core.config
-    }
-
-    /// Messages published through this client.
-    pub fn published(&self) -> u64 {
-        self.core.published.load(Ordering::SeqCst)
-    }
-}
-
-impl Publish for RedisPublisher {
-    /// As [`RedisSource`]'s: one pipeline of `XADD`s per batch, sent again after a failure
-    /// (at least once); `Ok` once Redis added every entry.
-    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
-        self.core.publish(batch)
-    }
-
-    fn interrupt(&self) {
-        self.core.interrupted.store(true, Ordering::SeqCst);
-    }
-}
-
-impl fmt::Debug for RedisPublisher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisPublisher")
-            .field("config", &self.core.config)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Publish for RedisSource {
-    /// Adds the batch with one pipeline of `XADD`s (one round trip), whose replies are only
-    /// checked, not kept. After a failure the
-    /// whole batch is sent again once the server answers: publishing is at least once.
-    ///
-    /// Each message is one entry: `data`, then `message_id` when the message has one, then
-    /// `ordering_key` when set, then its attributes; a message without an id gets the entry
-    /// id as its id when consumed.
-    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
-        self.core.publish(batch)
-    }
-
-    fn interrupt(&self) {
-        self.core.interrupted.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Core {
-    /// [`Publish::publish`] of a [`RedisSource`] or a [`RedisPublisher`].
-    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
-        check_message_batch(batch)?;
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let core = self;
-        // Encoded once, by hand (no argument vectors, no uuid string), and sent again as is
-        // after a failure.
-        let size: usize = batch.iter().map(|m| m.size() + 160).sum();
-        let mut packed = Vec::with_capacity(size);
-        for message in batch {
-            let has_id = !message.id().is_empty();
-            let key = message.ordering_key();
-            let argc = 5
-                + 2 * usize::from(has_id)
-                + 2 * usize::from(key.is_some())
-                + 2 * message.attributes().len();
-            wire::command(&mut packed, argc);
-            wire::arg(&mut packed, b"XADD");
-            wire::arg(&mut packed, core.config.stream.as_bytes());
-            wire::arg(&mut packed, b"*");
-            wire::arg(&mut packed, b"data");
-            wire::arg(&mut packed, message.data());
-            if has_id {
-                wire::arg(&mut packed, b"message_id");
-                message
-                    .id()
-                    .with_str(|id| wire::arg(&mut packed, id.as_bytes()));
-            }
-            if let Some(key) = key {
-                wire::arg(&mut packed, b"ordering_key");
-                wire::arg(&mut packed, key.as_bytes());
-            }
-            for (key, value) in message.attributes().iter() {
-                wire::arg(&mut packed, key.as_bytes());
-                wire::arg(&mut packed, value.as_bytes());
-            }
-        }
-        loop {
-            if core.interrupted.load(Ordering::SeqCst) {
-                return Err(SourceError::Closed);
-            }
-            let added = core.with_connection(|con| con.pipeline_ok(&packed, batch.len()));
-            match added {
-                Ok(()) => {
-                    let count = batch.len() as u64;
-                    lock(&core.stats).published += count;
-                    core.published.fetch_add(count, Ordering::SeqCst);
-                    return Ok(());
-                }
-                Err(Failure::Down { retry_in }) => thread::sleep(retry_in.min(RETRY_NAP)),
-                Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
-            }
-        }
+        live.into_iter()
+            .map(|(id, held)| Op::new(kind(&held), id, held))
+            .collect()
     }
 }
 
@@ -825,11 +441,8 @@ impl Source for RedisSource {
         {
             let mut table = lock(&self.core.leases);
             for &lease in leases {
-                let index = (lease & u64::from(u32::MAX)) as usize;
-                match table.slots.get_mut(index) {
-                    Some(held)
-                        if held.generation == (lease >> 32) as u32 && held.deadline > now =>
-                    {
+                match table.get_mut(lease) {
+                    Some(held) if held.deadline > now => {
                         held.deadline = now + by;
                         ops.push(Op::new(OpKind::Extend, lease, *held));
                     }
@@ -857,7 +470,7 @@ impl Source for RedisSource {
     }
 
     fn nack_all(&self) -> usize {
-        let held: Vec<Held> = lock(&self.core.leases).slots.drain().collect();
+        let held: Vec<Held> = lock(&self.core.leases).drain().collect();
         let count = held.len();
         // The lease id only matters for answers to extensions, which these are not.
         self.enqueue(
@@ -989,10 +602,7 @@ impl Core {
             pool: Mutex::new(Vec::new()),
             health: Mutex::new(Health::new(now)),
             failing: AtomicBool::new(false),
-            leases: Mutex::new(Leases {
-                slots: Slab::new(),
-                next_generation: 0,
-            }),
+            leases: Mutex::new(Leases::new()),
             stats: Mutex::new(SourceStats::default()),
             settled: AtomicU64::new(0),
             group_settled: AtomicU64::new(0),
@@ -1026,77 +636,5 @@ impl Core {
     /// Counts answered lease operations and wakes `flush` when none is left.
     fn answered(&self, count: u64) {
         self.queued.done(count);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn intervals_are_checked_against_their_bounds() {
-        let with = |liveness_ttl, trim_interval| RedisConfig {
-            liveness_ttl,
-            trim_interval,
-            ..RedisConfig::default()
-        };
-        let ms = Duration::from_millis;
-        for (ttl, trim, refused) in [
-            (MIN_LIVENESS_TTL, Duration::ZERO, None),
-            (MAX_REDIS_INTERVAL, MIN_TRIM_INTERVAL, None),
-            (ms(100), MAX_REDIS_INTERVAL, None),
-            (ms(99), ms(1000), Some("--consumer-ttl")),
-            (MAX_REDIS_INTERVAL + ms(1), ms(1000), Some("--consumer-ttl")),
-            (ms(5000), ms(9), Some("--trim-interval")),
-            (
-                ms(5000),
-                MAX_REDIS_INTERVAL + ms(1),
-                Some("--trim-interval"),
-            ),
-        ] {
-            let checked = with(ttl, trim).validate();
-            assert_eq!(
-                checked.as_ref().err().map(|e| e.option),
-                refused,
-                "{checked:?}"
-            );
-        }
-        // Connecting checks them too, before any connection attempt.
-        assert!(matches!(
-            RedisSource::connect(with(ms(5000), Duration::from_nanos(1))),
-            Err(SourceError::Backend(text)) if text.contains("--trim-interval")
-        ));
-    }
-
-    #[test]
-    fn connect_refuses_bad_urls_and_settings() {
-        let bad_url = RedisConfig {
-            url: "http://localhost".to_owned(),
-            ..RedisConfig::default()
-        };
-        assert!(matches!(
-            RedisSource::connect(bad_url),
-            Err(SourceError::Backend(text)) if text.starts_with("invalid redis url")
-        ));
-        let empty_group = RedisConfig {
-            group: String::new(),
-            ..RedisConfig::default()
-        };
-        assert!(matches!(
-            RedisSource::connect(empty_group),
-            Err(SourceError::Backend(text)) if text.contains("group")
-        ));
-    }
-
-    #[test]
-    fn the_password_never_shows() {
-        let config = RedisConfig {
-            url: "redis://user:s3cret@127.0.0.1:1/0".to_owned(),
-            ..RedisConfig::default()
-        };
-        for shown in [format!("{config:?}"), config.to_string()] {
-            assert!(!shown.contains("s3cret"), "{shown}");
-            assert!(shown.contains("redis://user:***@127.0.0.1:1/0"), "{shown}");
-        }
     }
 }
