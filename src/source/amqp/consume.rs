@@ -279,21 +279,11 @@ impl AmqpSource {
     }
 
     /// Queues lease operations for the worker.
+    ///
+    /// Once the worker is gone (only while dropping), the frames are not sent, and the
+    /// connection's close gives the messages back.
     pub(super) fn enqueue(&self, ops: Vec<Op>) {
-        if ops.is_empty() {
-            return;
-        }
-        self.core.side.queued.add(ops.len() as u64);
-        let count = ops.len() as u64;
-        let sent = self
-            .ops
-            .as_ref()
-            .is_some_and(|queue| queue.send(ops).is_ok());
-        if !sent {
-            // The worker is gone (only while dropping): the frames are not sent, and the
-            // connection's close gives the messages back.
-            self.core.answered(count);
-        }
+        self.worker.send(&self.core.side.queued, ops);
     }
 
     /// Removes the leases of `ids` from the table and turns each into an operation; an

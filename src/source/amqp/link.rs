@@ -20,7 +20,7 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use log::{info, warn};
 
 use super::url::scrub;
-use super::{Conn, BACKOFF, CONNECT_TIMEOUT, SHUTDOWN_WAIT, TICK};
+use super::{Conn, CONNECT_TIMEOUT, SHUTDOWN_WAIT, TICK};
 use crate::sync::lock;
 
 /// One connection with its two channels.
@@ -65,18 +65,6 @@ pub(super) enum Abort {
     /// Only when the source closes: lease operations, which keep working after an
     /// interrupt, and the waits of the shutdown.
     OnClose,
-}
-
-/// Connection health and the reconnect schedule.
-pub(super) struct Health {
-    /// Since when the broker has been failing; `None` while it answers.
-    pub(super) failing_since: Option<Instant>,
-    /// The last failure's text (logged once per different text).
-    pub(super) last_error: String,
-    /// No reconnection attempt before this instant.
-    pub(super) next_try: Instant,
-    /// The pause after the next failure.
-    pub(super) delay: Duration,
 }
 
 /// Runs lapin methods in order, started together: polls each future once, in order, then
@@ -184,20 +172,16 @@ impl<S: Side> Conn<S> {
         let now = Instant::now();
         {
             let health = lock(&self.health);
-            if let Some(since) = health.failing_since {
-                if now.duration_since(since) >= self.config.reconnect_limit {
-                    return Err(Failure::GaveUp(format!(
-                        "amqp {} unavailable for more than {}: {}",
-                        self.shown_url,
-                        humantime::format_duration(self.config.reconnect_limit),
-                        health.last_error
-                    )));
-                }
-                if now < health.next_try {
-                    return Err(Failure::Down {
-                        retry_in: health.next_try - now,
-                    });
-                }
+            if health.over(now, self.config.reconnect_limit).is_some() {
+                return Err(Failure::GaveUp(format!(
+                    "amqp {} unavailable for more than {}: {}",
+                    self.shown_url,
+                    humantime::format_duration(self.config.reconnect_limit),
+                    health.last_error()
+                )));
+            }
+            if let Some(retry_in) = health.wait(now) {
+                return Err(Failure::Down { retry_in });
             }
         }
         let epoch = self.next_epoch.fetch_add(1, Ordering::SeqCst);
@@ -207,12 +191,9 @@ impl<S: Side> Conn<S> {
                 self.connected_once.store(true, Ordering::SeqCst);
                 *lock(&self.link) = Some(Arc::clone(&link));
                 self.live_epoch.store(epoch, Ordering::SeqCst);
-                let mut health = lock(&self.health);
-                if health.failing_since.take().is_some() {
+                if lock(&self.health).recovered(Instant::now()).is_some() {
                     info!("reconnected to amqp {}", self.shown_url);
                 }
-                health.last_error.clear();
-                health.delay = BACKOFF.0;
                 Ok(link)
             }
             Err(Failure::Closed) => Err(Failure::Closed),
@@ -244,21 +225,15 @@ impl<S: Side> Conn<S> {
     /// Records a failure and schedules the next attempt.
     pub(super) fn failed(&self, text: &str) -> Failure {
         let text = scrub(text, &self.secret);
-        let now = Instant::now();
-        let mut health = lock(&self.health);
-        if health.last_error != text {
+        let (new_kind, retry_in) = lock(&self.health).failed(Instant::now(), &text, text.clone());
+        if new_kind {
             warn!(
                 "amqp {} unavailable: {text}; retrying for up to {}",
                 self.shown_url,
                 humantime::format_duration(self.config.reconnect_limit)
             );
-            health.last_error = text;
         }
-        health.failing_since.get_or_insert(now);
-        let delay = health.delay;
-        health.next_try = now + delay;
-        health.delay = (delay * 2).min(BACKOFF.1);
-        Failure::Down { retry_in: delay }
+        Failure::Down { retry_in }
     }
 
     /// Forgets a link found broken: its leases are void (the broker gives their messages

@@ -96,12 +96,11 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::uri::AMQPUri;
-use log::{error, warn};
+use log::warn;
 
 mod acks;
 mod config;
@@ -113,7 +112,7 @@ mod url;
 use self::acks::Settle;
 pub use self::config::AmqpConfig;
 use self::consume::{expiry_kind, Held, Leases, Op};
-use self::link::{Failure, Health, Link};
+use self::link::{Failure, Link};
 pub use self::publish::check_message;
 use self::publish::Unconfirmed;
 use self::url::{parse_uri, password};
@@ -121,6 +120,7 @@ pub use self::url::{parse_url, read_ca_file, redact_url};
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
 use crate::shutdown::Shutdown;
+use crate::source::kit::{Backoff, Outage, Worker};
 use crate::source::{Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
@@ -158,7 +158,7 @@ const LINGER_STEP: Duration = Duration::from_micros(200);
 /// Shortest time between two scans of the lease table for expired leases (10 ms).
 const SCAN_EVERY_NANOS: u64 = 10_000_000;
 /// First and longest pause between reconnection attempts.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
 
 /// A RabbitMQ quorum queue with the lease semantics of [`Source`]; see the
 /// [module docs](self).
@@ -174,10 +174,8 @@ pub struct AmqpSource {
     next_lane: AtomicUsize,
     /// What the last [`Publish::wait_confirmed`] returned: its caller reports those.
     told_unconfirmed: AtomicUsize,
-    /// The queue of lease operations; `None` only while dropping.
-    ops: Option<mpsc::Sender<Vec<Op>>>,
-    /// The worker thread sending queued operations and requeueing expired leases.
-    worker: Option<JoinHandle<()>>,
+    /// The thread sending queued operations and requeueing expired leases, and its queue.
+    worker: Worker<Op>,
 }
 
 /// One connection of the source with its reconnection, shared with the calls that use it:
@@ -207,7 +205,7 @@ struct Conn<S> {
     /// Held by the one thread trying to connect.
     connecting: Mutex<()>,
     /// Connection health and the reconnect schedule.
-    health: Mutex<Health>,
+    health: Mutex<Outage>,
     /// Set by `interrupt`: publishes and pulls return `Closed`.
     interrupted: AtomicBool,
     /// Set by the first pull: from then on every new link consumes.
@@ -320,21 +318,16 @@ impl AmqpSource {
                 Err(Failure::Closed) => return Err(SourceError::Closed),
             }
         }
-        let (ops, queue) = mpsc::channel();
         let worker_core = Arc::clone(&core);
         // A thread, not a task: the source is used from plain threads and owns no executor,
         // and the frames are sent with `block_on` on lapin's own smol reactor.
-        let worker = thread::Builder::new()
-            .name("mayhem-amqp-acks".into())
-            .spawn(move || worker_core.run_ops(&queue))
-            .map_err(|error| SourceError::Backend(format!("cannot start a thread: {error}")))?;
+        let worker = Worker::spawn("mayhem-amqp-acks", move |queue| worker_core.run_ops(&queue))?;
         Ok(AmqpSource {
             core,
             lanes,
             next_lane: AtomicUsize::new(0),
             told_unconfirmed: AtomicUsize::new(0),
-            ops: Some(ops),
-            worker: Some(worker),
+            worker,
         })
     }
 }
@@ -353,12 +346,7 @@ impl<S> Conn<S> {
             next_epoch: AtomicU64::new(1),
             live_epoch: AtomicU64::new(0),
             connecting: Mutex::new(()),
-            health: Mutex::new(Health {
-                failing_since: None,
-                last_error: String::new(),
-                next_try: Instant::now(),
-                delay: BACKOFF.0,
-            }),
+            health: Mutex::new(Outage::new(BACKOFF)),
             interrupted: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
             blocked: AtomicBool::new(false),
@@ -611,7 +599,7 @@ impl Drop for AmqpSource {
             );
         }
         // Closing the queue ends the worker once it has sent what is queued.
-        self.ops = None;
+        self.worker.close();
         let unsent = core.flush(SHUTDOWN_WAIT);
         if unsent > 0 {
             warn!(
@@ -620,19 +608,8 @@ impl Drop for AmqpSource {
             );
         }
         core.closing.store(true, Ordering::SeqCst);
-        let end = Instant::now() + SHUTDOWN_WAIT;
-        if let Some(handle) = self.worker.take() {
-            while !handle.is_finished() && Instant::now() < end {
-                thread::sleep(Duration::from_millis(5));
-            }
-            if handle.is_finished() {
-                if handle.join().is_err() {
-                    error!("the amqp ack thread panicked");
-                }
-            } else {
-                warn!("the amqp ack thread is still waiting on the broker; not waiting for it");
-            }
-        }
+        self.worker
+            .join_by(Instant::now() + SHUTDOWN_WAIT, "amqp ack");
         // Closing the connection gives every unacked delivery back to the queue. Every
         // connection waits until the same instant, so many take no longer than one.
         let end = Instant::now() + SHUTDOWN_WAIT;

@@ -2,7 +2,19 @@
 //!
 //! - [`LeaseTable`]: the held deliveries, under lease ids a settled slot's later lease
 //!   never answers to.
+//! - [`Outage`] and [`Backoff`]: a run of failures, each kind logged once, and the
+//!   doubling pauses between tries.
+//! - [`Worker`]: the thread that sends queued lease operations, and its counted queue;
+//!   [`join_by`], the bounded wait for a source's threads when it is dropped.
 
 mod leases;
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
+mod outage;
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
+mod worker;
 
 pub(crate) use self::leases::LeaseTable;
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
+pub(crate) use self::outage::{Backoff, Outage};
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
+pub(crate) use self::worker::{join_by, spawn, Worker};

@@ -7,13 +7,23 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 
 use super::rest::RestError;
+use super::BACKOFF;
+use crate::source::kit::Outage;
 use crate::sync::lock;
 
 /// Whether requests fail, since when, and what was logged.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Health {
-    /// The first failure of the current run of failures, and the kind last logged.
-    state: Mutex<Option<(Instant, String)>>,
+    /// The current run of failures.
+    outage: Mutex<Outage>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            outage: Mutex::new(Outage::new(BACKOFF)),
+        }
+    }
 }
 
 impl Health {
@@ -24,27 +34,23 @@ impl Health {
             RestError::Status { code, status, .. } => format!("{code} {status}"),
             other => other.to_string().chars().take(40).collect(),
         };
-        let mut state = lock(&self.state);
-        let since = state
-            .as_ref()
-            .map_or_else(Instant::now, |(since, _)| *since);
-        if state.as_ref().is_none_or(|(_, logged)| *logged != kind) {
+        let now = Instant::now();
+        let mut outage = lock(&self.outage);
+        if outage.failed(now, &kind, error.to_string()).0 {
             warn!("pubsub at {base} unavailable: {error}; retrying");
         }
-        *state = Some((since, kind));
-        since.elapsed()
+        outage.over(now, Duration::ZERO).unwrap_or_default()
     }
 
     /// Records a success: logs the recovery after failures.
     pub(super) fn recovered(&self, base: &str) {
-        let mut state = lock(&self.state);
-        if state.take().is_some() {
+        if lock(&self.outage).recovered(Instant::now()).is_some() {
             info!("reconnected to pubsub at {base}");
         }
     }
 
     /// Whether requests are failing now.
     pub(super) fn is_failing(&self) -> bool {
-        lock(&self.state).is_some()
+        lock(&self.outage).since().is_some()
     }
 }

@@ -54,15 +54,16 @@ mod url;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::warn;
 
 use crate::error::SourceError;
 use crate::message::{MessageError, PubSubMessage};
 use crate::shutdown::Shutdown;
+use crate::source::kit::{Backoff, Worker};
 use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
@@ -85,6 +86,9 @@ const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
 const POLL_MAX: Duration = Duration::from_millis(50);
 /// Most messages one pull asks for.
 const PULL_MAX: usize = 1000;
+/// Pauses between tries of a request that failed in a way that may pass: 50 ms, doubling
+/// up to 2 s.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
 
 /// Checks that `url` is a `pubsub://PROJECT/SUBSCRIPTION[?topic=NAME&ordering=true]` URL.
 ///
@@ -134,10 +138,8 @@ impl Default for PubSubConfig {
 pub struct PubSubSource {
     /// The state shared with the worker thread.
     core: Arc<Core>,
-    /// The queue of lease operations; `None` only while dropping.
-    ops: Option<mpsc::Sender<Vec<Op>>>,
-    /// The worker thread sending them.
-    worker: Option<JoinHandle<()>>,
+    /// The thread sending queued lease operations, and its queue.
+    worker: Worker<Op>,
 }
 
 /// What the source and its worker share.
@@ -243,7 +245,7 @@ impl PubSubSource {
             health: Health::default(),
         };
         let start = Instant::now();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = BACKOFF;
         loop {
             if stop.is_triggered() {
                 return Err(SourceError::Closed);
@@ -268,8 +270,7 @@ impl PubSubSource {
                             humantime::format_duration(core.config.reconnect_limit)
                         )));
                     }
-                    thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    thread::sleep(backoff.next_pause());
                 }
                 Err(error) => {
                     return Err(SourceError::Backend(format!(
@@ -282,17 +283,11 @@ impl PubSubSource {
         }
         core.health.recovered(core.rest.base());
         let core = Arc::new(core);
-        let (ops, queue) = mpsc::channel();
         let worker_core = Arc::clone(&core);
-        let worker = thread::Builder::new()
-            .name("mayhem-pubsub-acks".into())
-            .spawn(move || worker_core.run_ops(queue))
-            .map_err(|error| SourceError::Backend(format!("cannot start a thread: {error}")))?;
-        Ok(PubSubSource {
-            core,
-            ops: Some(ops),
-            worker: Some(worker),
-        })
+        let worker = Worker::spawn("mayhem-pubsub-acks", move |queue| {
+            worker_core.run_ops(queue)
+        })?;
+        Ok(PubSubSource { core, worker })
     }
 
     /// The settings.
@@ -306,18 +301,11 @@ impl PubSubSource {
     }
 
     /// Queues lease operations for the worker thread.
+    ///
+    /// Once the worker is gone (only while dropping), the deliveries expire and are
+    /// delivered again, so nothing is lost.
     fn enqueue(&self, ops: Vec<Op>) {
-        if ops.is_empty() {
-            return;
-        }
-        let count = ops.len() as u64;
-        self.core.queued.add(count);
-        let sent = self.ops.as_ref().map(|queue| queue.send(ops));
-        if !matches!(sent, Some(Ok(()))) {
-            // The worker is gone (only while dropping): the deliveries expire and are
-            // delivered again, so nothing is lost.
-            self.core.queued.done(count);
-        }
+        self.worker.send(&self.core.queued, ops);
     }
 
     /// Ends leases: each held one becomes the operation `op` makes of it (the leases held
@@ -447,7 +435,7 @@ impl Publish for PubSubSource {
         let core = &self.core;
         for chunk in rest::publish_chunks(batch) {
             let start = Instant::now();
-            let mut backoff = Duration::from_millis(50);
+            let mut backoff = BACKOFF;
             loop {
                 if core.interrupted.load(Ordering::SeqCst) {
                     return Err(SourceError::Closed);
@@ -466,8 +454,7 @@ impl Publish for PubSubSource {
                                 core.topic
                             )));
                         }
-                        thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        thread::sleep(backoff.next_pause());
                     }
                     Err(error) => {
                         return Err(SourceError::Backend(format!(
@@ -683,23 +670,16 @@ impl Drop for PubSubSource {
         let unsent = core.flush(SHUTDOWN_WAIT);
         core.closing.store(true, Ordering::SeqCst);
         // Closing the queue ends the worker once it has sent what is queued.
-        self.ops = None;
+        self.worker.close();
         if unsent > 0 {
             warn!(
                 "{unsent} lease operations were left unsent to pubsub; their messages are \
                  delivered again after the ack deadline"
             );
         }
-        if let Some(handle) = self.worker.take() {
-            let end = Instant::now() + SHUTDOWN_WAIT;
-            // A request in flight ends by itself at its timeout; the exit does not wait.
-            while !handle.is_finished() && Instant::now() < end {
-                thread::sleep(Duration::from_millis(5));
-            }
-            if handle.is_finished() && handle.join().is_err() {
-                error!("the pubsub ack thread panicked");
-            }
-        }
+        // A request in flight ends by itself at its timeout; the exit does not wait.
+        self.worker
+            .join_by(Instant::now() + SHUTDOWN_WAIT, "pubsub ack");
     }
 }
 

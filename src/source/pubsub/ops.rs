@@ -5,21 +5,17 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::{debug, warn};
 
 use super::rest::{RestError, ACK_IDS_PER_REQUEST};
-use super::Core;
+use super::{Core, BACKOFF};
 use crate::message::PubSubMessage;
 use crate::sync::lock;
 
 /// Most queued operations taken into one pass.
 const PASS_MAX: usize = 4 * ACK_IDS_PER_REQUEST;
-/// First pause before a failed request is sent again; it doubles up to [`BACKOFF_MAX`].
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-/// Longest pause between two tries of a failed request.
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// The attribute of a dead letter that says why it is one.
 pub(super) const REASON_ATTRIBUTE: &str = "mayhem_dead_reason";
 /// The attribute of a dead letter that gives its delivery attempt.
@@ -148,7 +144,7 @@ impl Core {
     /// until the source is dropped; `None` when it was given up (then the deliveries expire
     /// and are delivered again).
     fn retry<T>(&self, what: &str, call: impl Fn() -> Result<T, RestError>) -> Option<T> {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = BACKOFF;
         loop {
             match call() {
                 Ok(value) => {
@@ -157,8 +153,7 @@ impl Core {
                 }
                 Err(error) if error.is_transient() && !self.closing.load(Ordering::SeqCst) => {
                     self.health.failed(self.rest.base(), &error);
-                    self.nap(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    self.nap(backoff.next_pause());
                 }
                 Err(error) => {
                     if self.closing.load(Ordering::SeqCst) {

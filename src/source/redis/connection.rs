@@ -13,11 +13,12 @@ use super::wire::Wire;
 use super::{lock, Core};
 use crate::error::SourceError;
 use crate::shutdown::Shutdown;
+use crate::source::kit::{Backoff, Outage};
 
-/// First pause before retrying after a failure.
-const BACKOFF_START: Duration = Duration::from_millis(50);
 /// Longest pause between two retries.
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Pauses between retries after a failure: 50 ms, doubling up to [`BACKOFF_MAX`].
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), BACKOFF_MAX);
 /// Timeout of opening a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Socket timeout of a command beyond its blocking time. A server that answers nothing for
@@ -93,31 +94,20 @@ pub(super) struct Pooled {
 pub(super) struct Health {
     /// Incremented on every lost connection: a failure of an older connection is old news.
     epoch: u64,
-    /// Since when commands fail; `None` while they succeed.
-    failing_since: Option<Instant>,
     /// Whether the failure is a lost connection (else the server answers with errors).
     unreachable: bool,
-    /// What kind of failure was logged last: a new kind is logged again.
-    logged_kind: String,
-    /// The pause before the next try.
-    backoff: Duration,
-    /// No try before this instant.
-    next_try: Instant,
-    /// The last error, one line, password removed.
-    last_error: String,
+    /// Since when commands fail, the last error (one line, password removed), and the
+    /// next try.
+    outage: Outage,
 }
 
 impl Health {
     /// A healthy start.
-    pub(super) fn new(now: Instant) -> Self {
+    pub(super) fn new() -> Self {
         Health {
             epoch: 0,
-            failing_since: None,
             unreachable: false,
-            logged_kind: String::new(),
-            backoff: BACKOFF_START,
-            next_try: now,
-            last_error: String::new(),
+            outage: Outage::new(BACKOFF),
         }
     }
 }
@@ -226,6 +216,13 @@ fn scrub(text: &str, secret: &str) -> String {
 
 /// Whether the server refused the credentials: a wrong password (`WRONGPASS`), none where
 /// one is required (`NOAUTH`), or a user without the permission (`NOPERM`).
+/// `duration` to the millisecond, as a log line shows it.
+fn shown_millis(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(
+        u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+    ))
+}
+
 fn refused_for_good(error: &RedisError) -> bool {
     error.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
@@ -265,7 +262,7 @@ impl Core {
     pub(super) fn start(&self, stop: &Shutdown) -> Result<(), SourceError> {
         let started = Instant::now();
         let limit = self.config.reconnect_limit;
-        let mut backoff = BACKOFF_START;
+        let mut backoff = BACKOFF;
         let mut logged = String::new();
         loop {
             if stop.is_triggered() {
@@ -303,10 +300,9 @@ impl Core {
                 );
                 logged = error;
             }
-            if stop.wait_timeout(backoff.min(limit - elapsed)) {
+            if stop.wait_timeout(backoff.next_pause().min(limit - elapsed)) {
                 return Err(SourceError::Closed);
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -563,26 +559,22 @@ impl Core {
     fn checkout(&self) -> Result<Pooled, Failure> {
         let epoch = {
             let health = lock(&self.health);
-            if let Some(since) = health.failing_since {
-                if since.elapsed() > self.config.reconnect_limit {
-                    let what = if health.unreachable {
-                        "unreachable"
-                    } else {
-                        "failing"
-                    };
-                    return Err(Failure::GaveUp(format!(
-                        "redis at {} {what} for {}: {}",
-                        self.shown_url,
-                        humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
-                        health.last_error
-                    )));
-                }
-                let now = Instant::now();
-                if now < health.next_try {
-                    return Err(Failure::Down {
-                        retry_in: health.next_try - now,
-                    });
-                }
+            let now = Instant::now();
+            if let Some(failing) = health.outage.over(now, self.config.reconnect_limit) {
+                let what = if health.unreachable {
+                    "unreachable"
+                } else {
+                    "failing"
+                };
+                return Err(Failure::GaveUp(format!(
+                    "redis at {} {what} for {}: {}",
+                    self.shown_url,
+                    humantime::format_duration(Duration::from_secs(failing.as_secs())),
+                    health.outage.last_error()
+                )));
+            }
+            if let Some(retry_in) = health.outage.wait(now) {
+                return Err(Failure::Down { retry_in });
             }
             health.epoch
         };
@@ -616,18 +608,14 @@ impl Core {
             Ok(con) => {
                 let mut health = lock(&self.health);
                 if health.unreachable {
-                    if let Some(since) = health.failing_since.take() {
+                    if let Some(failed) = health.outage.recovered(Instant::now()) {
                         info!(
                             "reconnected to redis at {} after {}",
                             self.shown_url,
-                            humantime::format_duration(Duration::from_millis(
-                                since.elapsed().as_millis() as u64
-                            ))
+                            shown_millis(failed)
                         );
                     }
                     health.unreachable = false;
-                    health.logged_kind.clear();
-                    health.backoff = BACKOFF_START;
                     self.failing.store(false, Ordering::SeqCst);
                 }
                 Ok(Pooled {
@@ -649,15 +637,15 @@ impl Core {
             health.epoch += 1;
             // Every pooled connection is of the old epoch: close them now.
             lock(&self.pool).clear();
-            if health.logged_kind != "connection" {
-                warn!("lost connection to redis at {}: {text}", self.shown_url);
-                health.logged_kind = "connection".to_owned();
-            }
             health.unreachable = true;
-            self.failure(&mut health, text)
+            let (new_kind, failure) = self.failure(&mut health, "connection", text.clone());
+            if new_kind {
+                warn!("lost connection to redis at {}: {text}", self.shown_url);
+            }
+            failure
         } else {
             Failure::Down {
-                retry_in: health.next_try.saturating_duration_since(Instant::now()),
+                retry_in: health.outage.wait(Instant::now()).unwrap_or_default(),
             }
         }
     }
@@ -669,29 +657,21 @@ impl Core {
             .code()
             .map_or_else(|| error.category().to_owned(), str::to_owned);
         let mut health = lock(&self.health);
-        if health.logged_kind != kind {
+        let (new_kind, failure) = self.failure(&mut health, &kind, text.clone());
+        if new_kind {
             warn!("redis at {} refuses commands: {text}", self.shown_url);
-            health.logged_kind = kind;
         }
-        self.failure(&mut health, text)
+        failure
     }
 
-    /// Starts or continues a failure: the next try is scheduled with backoff.
-    fn failure(&self, health: &mut Health, text: String) -> Failure {
-        let now = Instant::now();
-        match health.failing_since {
-            None => {
-                health.failing_since = Some(now);
-                health.backoff = BACKOFF_START;
-                self.failing.store(true, Ordering::SeqCst);
-            }
-            Some(_) => health.backoff = (health.backoff * 2).min(BACKOFF_MAX),
+    /// Starts or continues a failure of `kind`: the next try is scheduled with backoff.
+    /// Returns whether the kind is new (to be logged), and the failure.
+    fn failure(&self, health: &mut Health, kind: &str, text: String) -> (bool, Failure) {
+        if health.outage.since().is_none() {
+            self.failing.store(true, Ordering::SeqCst);
         }
-        health.last_error = text;
-        health.next_try = now + health.backoff;
-        Failure::Down {
-            retry_in: health.backoff,
-        }
+        let (new_kind, retry_in) = health.outage.failed(Instant::now(), kind, text);
+        (new_kind, Failure::Down { retry_in })
     }
 
     /// Records a command that succeeded: a failure of the server's answers is over.
@@ -700,28 +680,22 @@ impl Core {
             return;
         }
         let mut health = lock(&self.health);
-        if let Some(since) = health.failing_since.take() {
+        if let Some(failed) = health.outage.recovered(Instant::now()) {
             if health.unreachable {
                 info!(
                     "reconnected to redis at {} after {}",
                     self.shown_url,
-                    humantime::format_duration(Duration::from_millis(
-                        since.elapsed().as_millis() as u64
-                    ))
+                    shown_millis(failed)
                 );
             } else {
                 info!(
                     "redis at {} answers commands again after {}",
                     self.shown_url,
-                    humantime::format_duration(Duration::from_millis(
-                        since.elapsed().as_millis() as u64
-                    ))
+                    shown_millis(failed)
                 );
             }
         }
         health.unreachable = false;
-        health.logged_kind.clear();
-        health.backoff = BACKOFF_START;
         self.failing.store(false, Ordering::SeqCst);
     }
 

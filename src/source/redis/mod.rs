@@ -101,17 +101,16 @@ mod wire;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::warn;
 use redis::Client;
 
 use crate::error::SourceError;
 use crate::shutdown::Shutdown;
-use crate::source::kit::LeaseTable;
+use crate::source::kit::{self, LeaseTable, Worker};
 use crate::source::{Lease, LeaseId, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
@@ -146,10 +145,8 @@ const READ_BATCH: usize = 1024;
 pub struct RedisSource {
     /// The state shared with the worker threads.
     core: Arc<Core>,
-    /// The queue of lease operations; `None` only while dropping.
-    ops: Option<mpsc::Sender<Vec<Op>>>,
-    /// The worker thread sending queued lease operations.
-    worker: Option<JoinHandle<()>>,
+    /// The thread sending queued lease operations, and its queue.
+    worker: Worker<Op>,
     /// The maintenance thread.
     maintenance: Option<JoinHandle<()>>,
 }
@@ -288,26 +285,19 @@ impl RedisSource {
         })?;
         let core = Arc::new(Core::new(config, client, false));
         core.start(stop)?;
-        let (ops, queue) = mpsc::channel();
         let worker_core = Arc::clone(&core);
-        let worker = thread::Builder::new()
-            .name("mayhem-redis-acks".into())
-            .spawn(move || worker_core.run_ops(queue))
-            .map_err(|error| SourceError::Backend(format!("cannot start a thread: {error}")))?;
+        let worker = Worker::spawn("mayhem-redis-acks", move |queue| worker_core.run_ops(queue))?;
         let maintenance_core = Arc::clone(&core);
-        let maintenance = thread::Builder::new()
-            .name("mayhem-redis-maintenance".into())
-            .spawn(move || maintenance_core.run_maintenance());
+        let maintenance = kit::spawn("mayhem-redis-maintenance", move || {
+            maintenance_core.run_maintenance();
+        });
+        // Built before the maintenance thread is known to run: dropped, it ends the worker.
         let mut source = RedisSource {
             core,
-            ops: Some(ops),
-            worker: Some(worker),
+            worker,
             maintenance: None,
         };
-        source.maintenance =
-            Some(maintenance.map_err(|error| {
-                SourceError::Backend(format!("cannot start a thread: {error}"))
-            })?);
+        source.maintenance = Some(maintenance?);
         Ok(source)
     }
 
@@ -328,18 +318,10 @@ impl RedisSource {
     }
 
     /// Queues lease operations for the worker thread.
+    /// Once the worker is gone (only while dropping), the entries stay pending in the group
+    /// and are claimed again after the ack deadline, so nothing is lost.
     fn enqueue(&self, ops: Vec<Op>) {
-        if ops.is_empty() {
-            return;
-        }
-        let count = ops.len() as u64;
-        self.core.queued.add(count);
-        let sent = self.ops.as_ref().map(|queue| queue.send(ops));
-        if !matches!(sent, Some(Ok(()))) {
-            // The worker is gone (only while dropping): the entries stay pending in the group
-            // and are claimed again after the ack deadline, so nothing is lost.
-            self.core.answered(count);
-        }
+        self.worker.send(&self.core.queued, ops);
     }
 
     /// Removes live leases from the table, one lock for the batch, and turns each into an
@@ -536,7 +518,7 @@ impl Drop for RedisSource {
         *lock(&core.closing) = true;
         core.closing_signal.notify_all();
         // Closing the queue ends the worker once it has sent what is queued.
-        self.ops = None;
+        self.worker.close();
         let end = Instant::now() + SHUTDOWN_WAIT;
         claim::MALFORMED_LOG.flush();
         let unsent = core.flush(SHUTDOWN_WAIT);
@@ -547,23 +529,9 @@ impl Drop for RedisSource {
             );
         }
         core.release();
-        for (name, handle) in [
-            ("ack", self.worker.take()),
-            ("maintenance", self.maintenance.take()),
-        ] {
-            let Some(handle) = handle else { continue };
-            // A thread blocked on a stalled server ends by itself once its socket timeout
-            // passes; the exit does not wait for it.
-            while !handle.is_finished() && Instant::now() < end {
-                thread::sleep(Duration::from_millis(5));
-            }
-            if handle.is_finished() {
-                if handle.join().is_err() {
-                    error!("the redis {name} thread panicked");
-                }
-            } else {
-                warn!("the redis {name} thread is still waiting on the server; not waiting for it");
-            }
+        self.worker.join_by(end, "redis ack");
+        if let Some(maintenance) = self.maintenance.take() {
+            kit::join_by(maintenance, end, "redis maintenance");
         }
     }
 }
@@ -600,7 +568,7 @@ impl Core {
             config,
             client,
             pool: Mutex::new(Vec::new()),
-            health: Mutex::new(Health::new(now)),
+            health: Mutex::new(Health::new()),
             failing: AtomicBool::new(false),
             leases: Mutex::new(Leases::new()),
             stats: Mutex::new(SourceStats::default()),
