@@ -488,7 +488,8 @@ impl Quiet {
     /// Turns quiet mode on (SIGTSTP) or off (SIGCONT), logging the change; once on, a thread
     /// says when every held message is settled.
     fn switch(&self, on: bool, shutdown: &Shutdown) {
-        if !self.pause.set_quiet(on) {
+        // Only this thread switches, so the state read here is the one switched from.
+        if self.pause.is_quiet() == on {
             debug!(
                 "Received {} while already {}",
                 if on { "SIGTSTP" } else { "SIGCONT" },
@@ -497,9 +498,12 @@ impl Quiet {
             return;
         }
         if !on {
+            // Logged before the pause is lifted: no line of resumed work comes before it.
             info!("Received SIGCONT: resuming, consumers pull and publishers publish again");
+            self.pause.set_quiet(false);
             return;
         }
+        self.pause.set_quiet(true);
         info!(
             "Received SIGTSTP: quiet, consumers stop pulling and publishers stop publishing; \
              the {} held messages are handled and settled (SIGCONT resumes)",
