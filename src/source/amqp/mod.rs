@@ -454,7 +454,6 @@ impl Source for AmqpSource {
         Ok(())
     }
 
-    /// Moves the local deadlines: RabbitMQ has no lease extension.
     /// Rejects the delivery without requeue: the broker dead-letters it to `{queue}:dead`
     /// at once (its `x-death` header says `rejected`; the reason itself is logged by the
     /// runner, as RabbitMQ's dead-lettering cannot add a header).
@@ -469,6 +468,7 @@ impl Source for AmqpSource {
         Ok(())
     }
 
+    /// Moves the local deadlines: RabbitMQ has no lease extension.
     fn extend(
         &self,
         leases: &[LeaseId],
