@@ -740,3 +740,299 @@ fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name()
     assert_eq!(deaths[0]["queue"], json!(queue), "{dead}");
     assert_eq!(deaths[0]["count"], json!(1), "{dead}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Hostile producers: what other programs may write, and what the binary must make of it
+// ---------------------------------------------------------------------------------------
+
+/// `XADD {stream} * field value ...` with the fields as raw bytes, as redis-cli or any
+/// other client writes them; returns the entry id.
+fn xadd_raw(server: &RedisServer, stream: &str, fields: &[(&[u8], &[u8])]) -> String {
+    let mut command = redis::cmd("XADD");
+    command.arg(stream).arg("*");
+    for (field, value) in fields {
+        command.arg(*field).arg(*value);
+    }
+    command
+        .query(&mut server.connection())
+        .unwrap_or_else(|error| panic!("XADD {stream}: {error}"))
+}
+
+/// Every entry of `stream` with its fields as raw bytes, oldest first.
+type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+fn raw_entries(server: &RedisServer, stream: &str) -> Vec<RawEntry> {
+    redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(&mut server.connection())
+        .expect("XRANGE")
+}
+
+/// The first value of field `name` in raw fields, as text.
+fn raw_field(fields: &[(Vec<u8>, Vec<u8>)], name: &str) -> Option<String> {
+    fields
+        .iter()
+        .find(|(field, _)| field == name.as_bytes())
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+}
+
+/// A failure-free service that only consumes and ends once `count` messages are settled.
+fn settle_and_stop(url: &str, stream: &str, count: usize, extra: &[&str]) -> Service {
+    let count = count.to_string();
+    let mut args = vec!["--stream", stream, "--messages", count.as_str()];
+    args.extend(TWO_AND_DONE[4..].iter().copied());
+    args.extend(["--publishers", "0"]);
+    args.extend(extra);
+    Service::start_on(url, &args)
+}
+
+/// A field and its value, as raw bytes.
+fn kv<'a>(field: &'a [u8], value: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+    (field, value)
+}
+
+#[test]
+fn the_binary_restarts_or_rejects_at_once_every_entry_a_hostile_redis_producer_writes() {
+    // Entries another program wrote to the stream before any group existed: host names in
+    // other cases, at the length limits, with attributes past Pub/Sub's publishing limits
+    // (consumers take them as they come), and data that is no host name (empty, too long,
+    // a label too long, empty labels, hyphens at a label's end, a trailing dot, NUL and
+    // invalid UTF-8, 10 MiB), plus entries no decoding reads. Each valid one is restarted
+    // and acked; every other one is dead-lettered on its first delivery with its reason,
+    // never retried, and the report accounts for every entry.
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    let stream = "hostile";
+    let name_253 = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b-9".repeat(21),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(name_253.len(), 253);
+    let name_254 = format!("{name_253}e");
+    let upper_253 = name_253.to_uppercase();
+    let label_64 = "l".repeat(64);
+    let ten_mib = vec![b'x'; 10 << 20];
+    let many: Vec<(String, String)> = (0..101)
+        .map(|i| (format!("k{i:03}"), format!("v{i}")))
+        .collect();
+    let mut many_fields = vec![kv(b"data", b"web-06")];
+    many_fields.extend(
+        many.iter()
+            .map(|(key, value)| kv(key.as_bytes(), value.as_bytes())),
+    );
+    let long_key = "k".repeat(300);
+    let long_value = "v".repeat(2000);
+
+    // (fields, the host restarted, or a part of the dead letter's reason)
+    type Fields<'a> = Vec<(&'a [u8], &'a [u8])>;
+    let cases: Vec<(Fields<'_>, Result<String, &str>)> = vec![
+        (vec![kv(b"data", b"WEB-01")], Ok("web-01".to_owned())),
+        (
+            vec![kv(b"data", upper_253.as_bytes())],
+            Ok(name_253.clone()),
+        ),
+        (
+            vec![
+                kv(b"data", b"web-02"),
+                kv(b"origin", b"ops"),
+                kv(b"team", b"sre"),
+            ],
+            Ok("web-02".to_owned()),
+        ),
+        (many_fields, Ok("web-06".to_owned())),
+        (
+            vec![
+                kv(b"data", b"web-08"),
+                kv(b"", b"an empty field name"),
+                (long_key.as_bytes(), long_value.as_bytes()),
+            ],
+            Ok("web-08".to_owned()),
+        ),
+        (vec![kv(b"data", b"")], Err("it is empty")),
+        (
+            vec![kv(b"data", name_254.as_bytes())],
+            Err("254 bytes, over the limit of 253"),
+        ),
+        (
+            vec![kv(b"data", label_64.as_bytes())],
+            Err("a label of 64 bytes, over the limit of 63"),
+        ),
+        (vec![kv(b"data", b"a..b")], Err("a label is empty")),
+        (
+            vec![kv(b"data", b"-a")],
+            Err("label '-a' starts or ends with '-'"),
+        ),
+        (vec![kv(b"data", b"web-01.")], Err("a label is empty")),
+        (vec![kv(b"data", b"web\0-01")], Err("byte 3 is")),
+        (vec![kv(b"data", b"web-\xff01")], Err("byte 4 is")),
+        (
+            vec![kv(b"data", &ten_mib)],
+            Err("10485760 bytes, over the limit of 253"),
+        ),
+        (
+            vec![kv(b"message_id", b"1b4e28ba-2fa1-4d2b-883f-0016d3cca427")],
+            Err("entry has no 'data' field"),
+        ),
+        (
+            vec![kv(b"data", b"web-07"), kv(b"k", b"\xff\xfe")],
+            Err("the value of field 'k' is not UTF-8"),
+        ),
+    ];
+    let entry_ids: Vec<String> = cases
+        .iter()
+        .map(|(fields, _)| xadd_raw(&server, stream, fields))
+        .collect();
+    let valid = cases.iter().filter(|(_, want)| want.is_ok()).count() as u64;
+    let refused = cases.len() as u64 - valid;
+
+    let service = settle_and_stop(&server.url(), stream, cases.len(), &[]);
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert_eq!(report_field(&report, "acked"), valid, "{report}");
+    assert_eq!(report_field(&report, "rejected"), refused, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), refused, "{report}");
+    assert_eq!(report_field(&report, "nacked"), 0, "{report}");
+    assert_eq!(report_field(&report, "redelivered"), 0, "{report}");
+    assert_eq!(report_field(&report, "remaining"), 0, "{report}");
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert!(!log.contains("panicked"), "{log}");
+    for (_, want) in &cases {
+        if let Ok(host) = want {
+            let line = format!("Restarted {host}.example.net");
+            assert!(
+                lines.iter().any(|l| l.ends_with(&line)),
+                "no {line:?} in\n{log}"
+            );
+        }
+    }
+
+    // Each refused entry is in the dead-letter stream once, byte for byte, with attempt 1
+    // and its reason; the stream itself holds nothing pending.
+    let dead = raw_entries(&server, &format!("{stream}:dead"));
+    assert_eq!(dead.len() as u64, refused, "dead letters");
+    for ((fields, want), entry_id) in cases.iter().zip(&entry_ids) {
+        let Err(reason) = want else { continue };
+        // A dead letter names its entry by `message_id`: the producer's, or the entry id.
+        let id = fields
+            .iter()
+            .find(|(field, _)| *field == b"message_id")
+            .map_or_else(
+                || entry_id.clone(),
+                |(_, id)| String::from_utf8_lossy(id).into_owned(),
+            );
+        let letter = dead
+            .iter()
+            .find(|(_, letter)| raw_field(letter, "message_id").as_deref() == Some(id.as_str()))
+            .unwrap_or_else(|| panic!("no dead letter for entry {entry_id} ({reason})"));
+        let letter = &letter.1;
+        assert_eq!(
+            raw_field(letter, "attempts").as_deref(),
+            Some("1"),
+            "{reason}"
+        );
+        let recorded = raw_field(letter, "dead_reason").unwrap_or_default();
+        assert!(
+            recorded.contains(reason),
+            "entry {entry_id}: dead_reason {recorded:?} does not say {reason:?}"
+        );
+        if let Some((_, data)) = fields.iter().find(|(field, _)| *field == b"data") {
+            let kept = letter
+                .iter()
+                .find(|(field, _)| field == b"data")
+                .map(|(_, value)| value.as_slice());
+            same_bytes(
+                &format!("dead letter of {entry_id}: data"),
+                kept.unwrap_or_default(),
+                data,
+            );
+        }
+    }
+    assert_eq!(
+        server.group(stream, "mayhem").map(|g| (g.0, g.1)),
+        Some((0, 0))
+    );
+}
+
+#[test]
+fn the_binary_restarts_or_rejects_at_once_what_a_hostile_pika_producer_publishes() {
+    // Messages another program published with pika: a host name in capitals, an empty body,
+    // headers of every type pika writes (integers, a negative one, a boolean, a nested
+    // table, an array, a byte array), a message-id that is no UUID, priority and expiration
+    // properties, and a body of 12 MiB. Each valid one is restarted and acked; each other
+    // one is dead-lettered on its first delivery, never retried; nothing is left.
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("hostile");
+    let url = server.url();
+    let big = vec![b'x'; 12 << 20];
+    let messages = json!([
+        {"data": hex(b"WEB-01")},
+        {"data": hex(b"")},
+        {"data": hex(b"web-02"), "headers": {
+            "count": 42, "negative": -5, "huge": 1_u64 << 40, "flag": true,
+            "nested": {"a": "b"}, "list": [1, "x"], "raw": {"bytes": "ff00"},
+            "text": "plain",
+        }},
+        {"data": hex(b"web-03"), "id": "not-a-uuid"},
+        {"data": hex(b"web-04"), "priority": 9, "expiration": "60000"},
+        {"data": hex(&big)},
+    ]);
+    let count = messages.as_array().map_or(0, Vec::len);
+    let mut service = settle_and_stop(&url, &queue, count, &[]);
+    // The service declared its queue before it starts consuming.
+    service.wait_for("Starting consumer");
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({"url": url, "queue": queue, "messages": messages}),
+    );
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(report_field(&report, "acked"), 4, "{report}");
+    assert_eq!(report_field(&report, "rejected"), 2, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), 2, "{report}");
+    assert_eq!(report_field(&report, "nacked"), 0, "{report}");
+    assert_eq!(report_field(&report, "remaining"), 0, "{report}");
+    assert!(!log.contains("panicked"), "{log}");
+    for host in ["web-01", "web-02", "web-03", "web-04"] {
+        let line = format!("Restarted {host}.example.net");
+        assert!(
+            lines.iter().any(|l| l.ends_with(&line)),
+            "no {line:?} in\n{log}"
+        );
+    }
+    // One aggregated warning: the first rejection in full, then a count.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Rejected PubSubMessage(") && l.contains("not a host name")),
+        "{log}"
+    );
+    let answer = python(
+        "amqp_interop.py",
+        "consume",
+        &json!({
+            "url": url,
+            "queue": format!("{queue}:dead"),
+            "count": 2,
+            "patience": PATIENCE.as_secs(),
+        }),
+    );
+    let dead = answer["messages"].as_array().expect("messages");
+    let mut sizes: Vec<usize> = dead
+        .iter()
+        .map(|m| m["data"].as_str().map_or(0, str::len) / 2)
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [0, 12 << 20], "the dead letters' bodies");
+}
