@@ -1036,3 +1036,81 @@ fn the_binary_restarts_or_rejects_at_once_what_a_hostile_pika_producer_publishes
     sizes.sort_unstable();
     assert_eq!(sizes, [0, 12 << 20], "the dead letters' bodies");
 }
+
+#[test]
+fn entries_trimmed_away_while_pending_are_accounted_for_when_the_holder_restarts() {
+    // An instance named `k` read three entries and died holding them (its reads are made
+    // here, by hand, so that nothing races: XREADGROUP as consumer `k`). An operator then
+    // trimmed the stream (`XTRIM MAXLEN 1`: the two oldest entries are gone, still in the
+    // group's pending list). The restart under the same name claims the three again: one
+    // is restarted; the two whose content is gone must not vanish without a trace: they
+    // must be logged, and the report must still balance for this lone instance
+    // (`published == acked + dead_lettered + remaining`, README "The report").
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    let stream = "trimmed";
+    let ids: Vec<String> = ["web-41", "web-42", "web-43"]
+        .iter()
+        .map(|name| xadd_raw(&server, stream, &[kv(b"data", name.as_bytes())]))
+        .collect();
+    server.cmd(&["XGROUP", "CREATE", stream, "mayhem", "0"]);
+    server.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "mayhem",
+        "k",
+        "COUNT",
+        "10",
+        "STREAMS",
+        stream,
+        ">",
+    ]);
+    assert_eq!(server.pending_of(stream, "mayhem", "k"), 3);
+    server.cmd(&["XTRIM", stream, "MAXLEN", "1"]);
+    assert_eq!(server.entry_ids(stream), [ids[2].clone()]);
+
+    let mut service = Service::start_on(
+        &server.url(),
+        &[
+            &[
+                "--stream",
+                stream,
+                "--consumer-name",
+                "k",
+                "--ack-deadline",
+                "1s",
+            ][..],
+            &["--extend-interval", "500ms", "--trim-interval", "0"],
+            &TWO_AND_DONE[4..],
+            &["--publishers", "0"],
+        ]
+        .concat(),
+    );
+    service.wait_for("Restarted web-43.example.net");
+    // Wait until the group holds nothing: every entry was settled, or dropped.
+    common::wait_until("the group holds nothing pending", || {
+        server
+            .group(stream, "mayhem")
+            .is_some_and(|(pending, lag, _)| pending == 0 && lag == 0)
+    });
+    service.signal("TERM");
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    let acked = report_field(&report, "acked");
+    let dead = report_field(&report, "dead_lettered");
+    let remaining = report_field(&report, "remaining");
+    assert_eq!(acked, 1, "{report}");
+    assert_eq!(
+        acked + dead + remaining,
+        3,
+        "the entries trimmed away while pending vanished from the report: {report}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && (l.contains(&ids[0]) || l.contains("2 entries"))),
+        "no warning about the two entries trimmed away while pending:\n{log}"
+    );
+}
