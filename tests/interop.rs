@@ -1114,3 +1114,36 @@ fn entries_trimmed_away_while_pending_are_accounted_for_when_the_holder_restarts
         "no warning about the two entries trimmed away while pending:\n{log}"
     );
 }
+
+#[test]
+fn pika_headers_of_negative_integers_become_attributes_like_other_numbers() {
+    // README, wire formats: "string headers (numbers and booleans written out) =
+    // attributes". pika writes -5 as a signed 32-bit integer (`I`), like 42.
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("typed-headers");
+    let source = server.source(&queue, PATIENCE, 3);
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({"url": server.url(), "queue": queue, "messages": [{
+            "data": hex(b"web-02"),
+            "headers": {"count": 42, "negative": -5, "flag": true, "text": "plain"},
+        }]}),
+    );
+    let leases = pull(&source, 1);
+    let want: BTreeMap<String, String> = [
+        ("count", "42"),
+        ("flag", "true"),
+        ("negative", "-5"),
+        ("text", "plain"),
+    ]
+    .iter()
+    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+    .collect();
+    let got = attributes_of(&leases[0].message);
+    ack_all(&source, &leases);
+    assert_eq!(got, want, "the headers as attributes");
+}
