@@ -1147,3 +1147,40 @@ fn pika_headers_of_negative_integers_become_attributes_like_other_numbers() {
     ack_all(&source, &leases);
     assert_eq!(got, want, "the headers as attributes");
 }
+
+#[test]
+fn a_pika_timestamp_past_what_system_time_holds_does_not_kill_the_consumer() {
+    // AMQP's `timestamp` property is any unsigned 64-bit number of seconds; pika writes
+    // 2^64 - 1 as given. Whatever a producer writes there, the consumer must not panic: the
+    // message is a host name to restart (its publish time unknown), and the next message
+    // must be handled too.
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("timestamp");
+    let url = server.url();
+    let mut service = settle_and_stop(&url, &queue, 2, &[]).with_patience(Duration::from_secs(20));
+    service.wait_for("Starting consumer");
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({"url": url, "queue": queue, "messages": [
+            {"data": hex(b"web-61"), "timestamp": u64::MAX},
+            {"data": hex(b"web-62"), "timestamp": 1_700_000_000_u64},
+        ]}),
+    );
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(report_field(&report, "acked"), 2, "{report}");
+    for host in ["web-61", "web-62"] {
+        let line = format!("Restarted {host}.example.net");
+        assert!(
+            lines.iter().any(|l| l.ends_with(&line)),
+            "no {line:?}:\n{log}"
+        );
+    }
+}
