@@ -1184,3 +1184,30 @@ fn a_pika_timestamp_past_what_system_time_holds_does_not_kill_the_consumer() {
         );
     }
 }
+
+#[test]
+fn the_reason_of_a_non_ascii_byte_names_the_byte_not_a_latin_1_character() {
+    // Data `web-\xff01` is no host name because of byte 4, 0xff. The reason recorded with
+    // its dead letter said "byte 4 is 'ÿ'": U+00FF, a character that is not in the data
+    // (its UTF-8, c3 bf, is what the dead_reason field holds), which sends an operator
+    // grepping the payload the wrong way. The reason must name the byte itself.
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    let stream = "latin";
+    xadd_raw(&server, stream, &[kv(b"data", b"web-\xff01")]);
+    let service = settle_and_stop(&server.url(), stream, 1, &[]);
+    let (status, _, lines, report) = service.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert_eq!(report_field(&report, "rejected"), 1, "{report}");
+    let dead = raw_entries(&server, &format!("{stream}:dead"));
+    let reason = dead
+        .first()
+        .and_then(|(_, fields)| raw_field(fields, "dead_reason"))
+        .expect("a dead letter with a dead_reason");
+    let lower = reason.to_lowercase();
+    assert!(
+        !reason.contains('\u{ff}') && (lower.contains("\\xff") || lower.contains("0xff")),
+        "the reason does not name byte 0xff: {reason:?}"
+    );
+}
