@@ -1625,3 +1625,43 @@ fn entries_the_claim_script_dead_letters_are_counted_when_its_answer_is_lost() {
         "the claim script's dead letters went uncounted: {report}"
     );
 }
+
+#[test]
+fn a_dead_letter_key_of_another_type_ends_the_service_after_the_reconnect_limit() {
+    // Another program holds `mayhem:dead` as a string. The first rejection's lease script
+    // fails with WRONGTYPE; the README says: retried with backoff, logged once per change of
+    // kind, and past `--reconnect-limit` the service shuts down and exits 1. Found instead:
+    // every other command succeeding in between counted as a recovery, so the failure was
+    // logged about 10 times a second ("refuses commands" / "answers commands again after
+    // 50ms", 157 pairs in 15 s), the limit never ran out, the rejected entry was claimed
+    // and rejected again after each ack deadline (`rejected` 3, `dead_lettered` 0 for one
+    // entry), and the service ran until a signal.
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    server.cmd(&["SET", "mayhem:dead", "another program's string"]);
+    server.cmd(&["XADD", "mayhem", "*", "data", "web-01"]);
+    server.cmd(&["XADD", "mayhem", "*", "data", "not a host!"]);
+    let service = Service::start_on(
+        &server.url(),
+        &[
+            &["--reconnect-limit", "2s", "--ack-deadline", "1s"][..],
+            &["--extend-interval", "500ms", "--handler-latency", "0"],
+            &QUIET,
+        ]
+        .concat(),
+    )
+    .with_patience(Duration::from_secs(20));
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    let refusals = lines
+        .iter()
+        .filter(|line| line.contains("refuses commands"))
+        .count();
+    assert!(refusals <= 3, "{refusals} lines for one failure:\n{log}");
+    assert_eq!(status.code(), Some(1), "{status}\n{log}");
+    assert!(
+        field(&report, "rejected") <= field(&report, "dead_lettered"),
+        "rejected is a part of dead_lettered: {report}"
+    );
+}
