@@ -740,3 +740,474 @@ fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name()
     assert_eq!(deaths[0]["queue"], json!(queue), "{dead}");
     assert_eq!(deaths[0]["count"], json!(1), "{dead}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Hostile producers: what other programs may write, and what the binary must make of it
+// ---------------------------------------------------------------------------------------
+
+/// `XADD {stream} * field value ...` with the fields as raw bytes, as redis-cli or any
+/// other client writes them; returns the entry id.
+fn xadd_raw(server: &RedisServer, stream: &str, fields: &[(&[u8], &[u8])]) -> String {
+    let mut command = redis::cmd("XADD");
+    command.arg(stream).arg("*");
+    for (field, value) in fields {
+        command.arg(*field).arg(*value);
+    }
+    command
+        .query(&mut server.connection())
+        .unwrap_or_else(|error| panic!("XADD {stream}: {error}"))
+}
+
+/// Every entry of `stream` with its fields as raw bytes, oldest first.
+type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+fn raw_entries(server: &RedisServer, stream: &str) -> Vec<RawEntry> {
+    redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(&mut server.connection())
+        .expect("XRANGE")
+}
+
+/// The first value of field `name` in raw fields, as text.
+fn raw_field(fields: &[(Vec<u8>, Vec<u8>)], name: &str) -> Option<String> {
+    fields
+        .iter()
+        .find(|(field, _)| field == name.as_bytes())
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+}
+
+/// A failure-free service that only consumes and ends once `count` messages are settled.
+fn settle_and_stop(url: &str, stream: &str, count: usize, extra: &[&str]) -> Service {
+    let count = count.to_string();
+    let mut args = vec!["--stream", stream, "--messages", count.as_str()];
+    args.extend(TWO_AND_DONE[4..].iter().copied());
+    args.extend(["--publishers", "0"]);
+    args.extend(extra);
+    Service::start_on(url, &args)
+}
+
+/// A field and its value, as raw bytes.
+fn kv<'a>(field: &'a [u8], value: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+    (field, value)
+}
+
+#[test]
+fn the_binary_restarts_or_rejects_at_once_every_entry_a_hostile_redis_producer_writes() {
+    // Entries another program wrote to the stream before any group existed: host names in
+    // other cases, at the length limits, with attributes past Pub/Sub's publishing limits
+    // (consumers take them as they come), and data that is no host name (empty, too long,
+    // a label too long, empty labels, hyphens at a label's end, a trailing dot, NUL and
+    // invalid UTF-8, 10 MiB), plus entries no decoding reads. Each valid one is restarted
+    // and acked; every other one is dead-lettered on its first delivery with its reason,
+    // never retried, and the report accounts for every entry.
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    let stream = "hostile";
+    let name_253 = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b-9".repeat(21),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(name_253.len(), 253);
+    let name_254 = format!("{name_253}e");
+    let upper_253 = name_253.to_uppercase();
+    let label_64 = "l".repeat(64);
+    let ten_mib = vec![b'x'; 10 << 20];
+    let many: Vec<(String, String)> = (0..101)
+        .map(|i| (format!("k{i:03}"), format!("v{i}")))
+        .collect();
+    let mut many_fields = vec![kv(b"data", b"web-06")];
+    many_fields.extend(
+        many.iter()
+            .map(|(key, value)| kv(key.as_bytes(), value.as_bytes())),
+    );
+    let long_key = "k".repeat(300);
+    let long_value = "v".repeat(2000);
+
+    // (fields, the host restarted, or a part of the dead letter's reason)
+    type Fields<'a> = Vec<(&'a [u8], &'a [u8])>;
+    let cases: Vec<(Fields<'_>, Result<String, &str>)> = vec![
+        (vec![kv(b"data", b"WEB-01")], Ok("web-01".to_owned())),
+        (
+            vec![kv(b"data", upper_253.as_bytes())],
+            Ok(name_253.clone()),
+        ),
+        (
+            vec![
+                kv(b"data", b"web-02"),
+                kv(b"origin", b"ops"),
+                kv(b"team", b"sre"),
+            ],
+            Ok("web-02".to_owned()),
+        ),
+        (many_fields, Ok("web-06".to_owned())),
+        (
+            vec![
+                kv(b"data", b"web-08"),
+                kv(b"", b"an empty field name"),
+                (long_key.as_bytes(), long_value.as_bytes()),
+            ],
+            Ok("web-08".to_owned()),
+        ),
+        (vec![kv(b"data", b"")], Err("it is empty")),
+        (
+            vec![kv(b"data", name_254.as_bytes())],
+            Err("254 bytes, over the limit of 253"),
+        ),
+        (
+            vec![kv(b"data", label_64.as_bytes())],
+            Err("a label of 64 bytes, over the limit of 63"),
+        ),
+        (vec![kv(b"data", b"a..b")], Err("a label is empty")),
+        (
+            vec![kv(b"data", b"-a")],
+            Err("label '-a' starts or ends with '-'"),
+        ),
+        (vec![kv(b"data", b"web-01.")], Err("a label is empty")),
+        (vec![kv(b"data", b"web\0-01")], Err("byte 3 is")),
+        (vec![kv(b"data", b"web-\xff01")], Err("byte 4 is")),
+        (
+            vec![kv(b"data", &ten_mib)],
+            Err("10485760 bytes, over the limit of 253"),
+        ),
+        (
+            vec![kv(b"message_id", b"1b4e28ba-2fa1-4d2b-883f-0016d3cca427")],
+            Err("entry has no 'data' field"),
+        ),
+        (
+            vec![kv(b"data", b"web-07"), kv(b"k", b"\xff\xfe")],
+            Err("the value of field 'k' is not UTF-8"),
+        ),
+    ];
+    let entry_ids: Vec<String> = cases
+        .iter()
+        .map(|(fields, _)| xadd_raw(&server, stream, fields))
+        .collect();
+    let valid = cases.iter().filter(|(_, want)| want.is_ok()).count() as u64;
+    let refused = cases.len() as u64 - valid;
+
+    let service = settle_and_stop(&server.url(), stream, cases.len(), &[]);
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert_eq!(report_field(&report, "acked"), valid, "{report}");
+    assert_eq!(report_field(&report, "rejected"), refused, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), refused, "{report}");
+    assert_eq!(report_field(&report, "nacked"), 0, "{report}");
+    assert_eq!(report_field(&report, "redelivered"), 0, "{report}");
+    assert_eq!(report_field(&report, "remaining"), 0, "{report}");
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert!(!log.contains("panicked"), "{log}");
+    for (_, want) in &cases {
+        if let Ok(host) = want {
+            let line = format!("Restarted {host}.example.net");
+            assert!(
+                lines.iter().any(|l| l.ends_with(&line)),
+                "no {line:?} in\n{log}"
+            );
+        }
+    }
+
+    // Each refused entry is in the dead-letter stream once, byte for byte, with attempt 1
+    // and its reason; the stream itself holds nothing pending.
+    let dead = raw_entries(&server, &format!("{stream}:dead"));
+    assert_eq!(dead.len() as u64, refused, "dead letters");
+    for ((fields, want), entry_id) in cases.iter().zip(&entry_ids) {
+        let Err(reason) = want else { continue };
+        // A dead letter names its entry by `message_id`: the producer's, or the entry id.
+        let id = fields
+            .iter()
+            .find(|(field, _)| *field == b"message_id")
+            .map_or_else(
+                || entry_id.clone(),
+                |(_, id)| String::from_utf8_lossy(id).into_owned(),
+            );
+        let letter = dead
+            .iter()
+            .find(|(_, letter)| raw_field(letter, "message_id").as_deref() == Some(id.as_str()))
+            .unwrap_or_else(|| panic!("no dead letter for entry {entry_id} ({reason})"));
+        let letter = &letter.1;
+        assert_eq!(
+            raw_field(letter, "attempts").as_deref(),
+            Some("1"),
+            "{reason}"
+        );
+        let recorded = raw_field(letter, "dead_reason").unwrap_or_default();
+        assert!(
+            recorded.contains(reason),
+            "entry {entry_id}: dead_reason {recorded:?} does not say {reason:?}"
+        );
+        if let Some((_, data)) = fields.iter().find(|(field, _)| *field == b"data") {
+            let kept = letter
+                .iter()
+                .find(|(field, _)| field == b"data")
+                .map(|(_, value)| value.as_slice());
+            same_bytes(
+                &format!("dead letter of {entry_id}: data"),
+                kept.unwrap_or_default(),
+                data,
+            );
+        }
+    }
+    assert_eq!(
+        server.group(stream, "mayhem").map(|g| (g.0, g.1)),
+        Some((0, 0))
+    );
+}
+
+#[test]
+fn the_binary_restarts_or_rejects_at_once_what_a_hostile_pika_producer_publishes() {
+    // Messages another program published with pika: a host name in capitals, an empty body,
+    // headers of every type pika writes (integers, a negative one, a boolean, a nested
+    // table, an array, a byte array), a message-id that is no UUID, priority and expiration
+    // properties, and a body of 12 MiB. Each valid one is restarted and acked; each other
+    // one is dead-lettered on its first delivery, never retried; nothing is left.
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("hostile");
+    let url = server.url();
+    let big = vec![b'x'; 12 << 20];
+    let messages = json!([
+        {"data": hex(b"WEB-01")},
+        {"data": hex(b"")},
+        {"data": hex(b"web-02"), "headers": {
+            "count": 42, "negative": -5, "huge": 1_u64 << 40, "flag": true,
+            "nested": {"a": "b"}, "list": [1, "x"], "raw": {"bytes": "ff00"},
+            "text": "plain",
+        }},
+        {"data": hex(b"web-03"), "id": "not-a-uuid"},
+        {"data": hex(b"web-04"), "priority": 9, "expiration": "60000"},
+        {"data": hex(&big)},
+    ]);
+    let count = messages.as_array().map_or(0, Vec::len);
+    let mut service = settle_and_stop(&url, &queue, count, &[]);
+    // The service declared its queue before it starts consuming.
+    service.wait_for("Starting consumer");
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({"url": url, "queue": queue, "messages": messages}),
+    );
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(report_field(&report, "acked"), 4, "{report}");
+    assert_eq!(report_field(&report, "rejected"), 2, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), 2, "{report}");
+    assert_eq!(report_field(&report, "nacked"), 0, "{report}");
+    assert_eq!(report_field(&report, "remaining"), 0, "{report}");
+    assert!(!log.contains("panicked"), "{log}");
+    for host in ["web-01", "web-02", "web-03", "web-04"] {
+        let line = format!("Restarted {host}.example.net");
+        assert!(
+            lines.iter().any(|l| l.ends_with(&line)),
+            "no {line:?} in\n{log}"
+        );
+    }
+    // One aggregated warning: the first rejection in full, then a count.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Rejected PubSubMessage(") && l.contains("not a host name")),
+        "{log}"
+    );
+    let answer = python(
+        "amqp_interop.py",
+        "consume",
+        &json!({
+            "url": url,
+            "queue": format!("{queue}:dead"),
+            "count": 2,
+            "patience": PATIENCE.as_secs(),
+        }),
+    );
+    let dead = answer["messages"].as_array().expect("messages");
+    let mut sizes: Vec<usize> = dead
+        .iter()
+        .map(|m| m["data"].as_str().map_or(0, str::len) / 2)
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [0, 12 << 20], "the dead letters' bodies");
+}
+
+#[test]
+fn entries_trimmed_away_while_pending_are_accounted_for_when_the_holder_restarts() {
+    // An instance named `k` read three entries and died holding them (its reads are made
+    // here, by hand, so that nothing races: XREADGROUP as consumer `k`). An operator then
+    // trimmed the stream (`XTRIM MAXLEN 1`: the two oldest entries are gone, still in the
+    // group's pending list). The restart under the same name claims the three again: one
+    // is restarted; the two whose content is gone must not vanish without a trace: they
+    // must be logged, and the report must still balance for this lone instance
+    // (`published == acked + dead_lettered + remaining`, README "The report").
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    let stream = "trimmed";
+    let ids: Vec<String> = ["web-41", "web-42", "web-43"]
+        .iter()
+        .map(|name| xadd_raw(&server, stream, &[kv(b"data", name.as_bytes())]))
+        .collect();
+    server.cmd(&["XGROUP", "CREATE", stream, "mayhem", "0"]);
+    server.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "mayhem",
+        "k",
+        "COUNT",
+        "10",
+        "STREAMS",
+        stream,
+        ">",
+    ]);
+    assert_eq!(server.pending_of(stream, "mayhem", "k"), 3);
+    server.cmd(&["XTRIM", stream, "MAXLEN", "1"]);
+    assert_eq!(server.entry_ids(stream), [ids[2].clone()]);
+
+    let mut service = Service::start_on(
+        &server.url(),
+        &[
+            &[
+                "--stream",
+                stream,
+                "--consumer-name",
+                "k",
+                "--ack-deadline",
+                "1s",
+            ][..],
+            &["--extend-interval", "500ms", "--trim-interval", "0"],
+            &TWO_AND_DONE[4..],
+            &["--publishers", "0"],
+        ]
+        .concat(),
+    );
+    service.wait_for("Restarted web-43.example.net");
+    // Wait until the group holds nothing: every entry was settled, or dropped.
+    common::wait_until("the group holds nothing pending", || {
+        server
+            .group(stream, "mayhem")
+            .is_some_and(|(pending, lag, _)| pending == 0 && lag == 0)
+    });
+    service.signal("TERM");
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    let acked = report_field(&report, "acked");
+    let dead = report_field(&report, "dead_lettered");
+    let remaining = report_field(&report, "remaining");
+    assert_eq!(acked, 1, "{report}");
+    assert_eq!(
+        acked + dead + remaining,
+        3,
+        "the entries trimmed away while pending vanished from the report: {report}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && (l.contains(&ids[0]) || l.contains("2 entries"))),
+        "no warning about the two entries trimmed away while pending:\n{log}"
+    );
+}
+
+#[test]
+fn pika_headers_of_negative_integers_become_attributes_like_other_numbers() {
+    // README, wire formats: "string headers (numbers and booleans written out) =
+    // attributes". pika writes -5 as a signed 32-bit integer (`I`), like 42.
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("typed-headers");
+    let source = server.source(&queue, PATIENCE, 3);
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({"url": server.url(), "queue": queue, "messages": [{
+            "data": hex(b"web-02"),
+            "headers": {"count": 42, "negative": -5, "flag": true, "text": "plain"},
+        }]}),
+    );
+    let leases = pull(&source, 1);
+    let want: BTreeMap<String, String> = [
+        ("count", "42"),
+        ("flag", "true"),
+        ("negative", "-5"),
+        ("text", "plain"),
+    ]
+    .iter()
+    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+    .collect();
+    let got = attributes_of(&leases[0].message);
+    ack_all(&source, &leases);
+    assert_eq!(got, want, "the headers as attributes");
+}
+
+#[test]
+fn a_pika_timestamp_past_what_system_time_holds_does_not_kill_the_consumer() {
+    // AMQP's `timestamp` property is any unsigned 64-bit number of seconds; pika writes
+    // 2^64 - 1 as given. Whatever a producer writes there, the consumer must not panic: the
+    // message is a host name to restart (its publish time unknown), and the next message
+    // must be handled too.
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("timestamp");
+    let url = server.url();
+    let mut service = settle_and_stop(&url, &queue, 2, &[]).with_patience(Duration::from_secs(20));
+    service.wait_for("Starting consumer");
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({"url": url, "queue": queue, "messages": [
+            {"data": hex(b"web-61"), "timestamp": u64::MAX},
+            {"data": hex(b"web-62"), "timestamp": 1_700_000_000_u64},
+        ]}),
+    );
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(report_field(&report, "acked"), 2, "{report}");
+    for host in ["web-61", "web-62"] {
+        let line = format!("Restarted {host}.example.net");
+        assert!(
+            lines.iter().any(|l| l.ends_with(&line)),
+            "no {line:?}:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn the_reason_of_a_non_ascii_byte_names_the_byte_not_a_latin_1_character() {
+    // Data `web-\xff01` is no host name because of byte 4, 0xff. The reason recorded with
+    // its dead letter said "byte 4 is 'ÿ'": U+00FF, a character that is not in the data
+    // (its UTF-8, c3 bf, is what the dead_reason field holds), which sends an operator
+    // grepping the payload the wrong way. The reason must name the byte itself.
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    let stream = "latin";
+    xadd_raw(&server, stream, &[kv(b"data", b"web-\xff01")]);
+    let service = settle_and_stop(&server.url(), stream, 1, &[]);
+    let (status, _, lines, report) = service.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert_eq!(report_field(&report, "rejected"), 1, "{report}");
+    let dead = raw_entries(&server, &format!("{stream}:dead"));
+    let reason = dead
+        .first()
+        .and_then(|(_, fields)| raw_field(fields, "dead_reason"))
+        .expect("a dead letter with a dead_reason");
+    let lower = reason.to_lowercase();
+    assert!(
+        !reason.contains('\u{ff}') && (lower.contains("\\xff") || lower.contains("0xff")),
+        "the reason does not name byte 0xff: {reason:?}"
+    );
+}

@@ -906,3 +906,123 @@ fn a_frozen_emulator_delays_the_service_but_loses_nothing() {
     expected.sort();
     assert_eq!(names, expected, "every message acked, by name");
 }
+
+#[test]
+fn the_binary_restarts_or_rejects_at_once_what_google_s_python_client_publishes() {
+    // Another program's messages, published with Google's client: a host name in capitals
+    // with an attribute, one with an ordering key, empty data with attributes only (Pub/Sub
+    // allows that), and data that is no host name. The valid ones are restarted; the
+    // others are dead-lettered on their first delivery, with their reason and their own
+    // attributes, never retried.
+    use base64::Engine;
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let Some(interpreter) = python_pubsub() else {
+        return;
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let subscription = unique("hostile");
+    let source = emulator.source(&subscription, 5);
+    let watch = PubSubSource::connect(PubSubConfig {
+        url: format!("pubsub://{PROJECT}/watch-{subscription}?topic={subscription}-dead"),
+        emulator_host: Some(emulator.host.clone()),
+        ..PubSubConfig::default()
+    })
+    .expect("watch the dead-letter topic");
+    drop(source);
+    let lines = [
+        serde_json::json!({"data": b64.encode("WEB-01"), "attributes": {"origin": "python"}}),
+        serde_json::json!({"data": b64.encode("web-02"), "ordering_key": "rack-7"}),
+        serde_json::json!({"data": "", "attributes": {"only": "attributes"}}),
+        serde_json::json!({"data": b64.encode("not a host!"), "attributes": {"why": "bad"}}),
+    ];
+    let input: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    let ids = python(
+        &interpreter,
+        emulator,
+        &["publish", PROJECT, &subscription],
+        &input,
+    );
+    assert_eq!(ids.len(), 4);
+    let service = start(
+        emulator,
+        &subscription,
+        &[
+            "--publishers",
+            "0",
+            "--messages",
+            "4",
+            "--handler-latency",
+            "0",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--report",
+            "json",
+        ],
+    );
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status:?}:\n{log}");
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(field(&report, "acked"), 2.0, "{report}");
+    assert_eq!(field(&report, "rejected"), 2.0, "{report}");
+    assert_eq!(field(&report, "dead_lettered"), 2.0, "{report}");
+    assert_eq!(field(&report, "nacked"), 0.0, "{report}");
+    assert_eq!(field(&report, "redelivered"), 0.0, "{report}");
+    for host in ["web-01", "web-02"] {
+        let line = format!("Restarted {host}.example.net");
+        assert!(
+            lines.iter().any(|l| l.ends_with(&line)),
+            "no {line:?}:\n{log}"
+        );
+    }
+    // A dead letter: its data and its attributes, sorted.
+    type Letter = (Vec<u8>, Vec<(String, String)>);
+    let mut dead: Vec<Letter> = pull_all(&watch, 2)
+        .into_iter()
+        .map(|lease| {
+            let mut attributes: Vec<(String, String)> = lease
+                .message
+                .attributes()
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            attributes.sort();
+            (lease.message.data().to_vec(), attributes)
+        })
+        .collect();
+    dead.sort();
+    let reason = |attributes: &[(String, String)]| {
+        attributes
+            .iter()
+            .find(|(k, _)| k == "mayhem_dead_reason")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let attempt = |attributes: &[(String, String)]| {
+        attributes
+            .iter()
+            .find(|(k, _)| k == "mayhem_attempt")
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0].0, b"");
+    assert!(
+        dead[0]
+            .1
+            .contains(&("only".to_owned(), "attributes".to_owned())),
+        "{dead:?}"
+    );
+    assert!(reason(&dead[0].1).contains("it is empty"), "{dead:?}");
+    assert_eq!(attempt(&dead[0].1).as_deref(), Some("1"), "{dead:?}");
+    assert_eq!(dead[1].0, b"not a host!");
+    assert!(
+        dead[1].1.contains(&("why".to_owned(), "bad".to_owned())),
+        "{dead:?}"
+    );
+    assert!(reason(&dead[1].1).contains("not a host name"), "{dead:?}");
+    assert_eq!(attempt(&dead[1].1).as_deref(), Some("1"), "{dead:?}");
+}

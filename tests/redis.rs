@@ -1540,3 +1540,128 @@ fn publish_with_a_wrong_password_exits_1_at_once_without_showing_it() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(printed_ids(&stdout).len(), 1);
 }
+
+#[test]
+fn entries_the_claim_script_dead_letters_are_counted_when_its_answer_is_lost() {
+    // Found with 12 entries of 10 MiB that a producer wrote with data that is no host name:
+    // the scripts copying them outlasted the socket timeout, and in one run of two the
+    // report said `dead_lettered 0, rejected 0, expired 12` although Redis held all 12 dead
+    // letters, and `--messages 12 --publishers 0` never completed. Made deterministic here:
+    // entries left pending by a dead consumer past `--max-attempts` are dead-lettered by
+    // the claim script itself, and the answer to that script is swallowed (a proxy), as
+    // when the script outlasts the client's socket timeout. Redis did the work; the
+    // service must count it, as it does for the lease script's dead letters (the test
+    // above).
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    server.cmd(&["XGROUP", "CREATE", "mayhem", "mayhem", "0", "MKSTREAM"]);
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let reply = server.cmd(&["XADD", "mayhem", "*", "data", &format!("web-5{i}")]);
+            redis::from_redis_value(reply).expect("an entry id")
+        })
+        .collect();
+    server.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "mayhem",
+        "ghost",
+        "COUNT",
+        "10",
+        "STREAMS",
+        "mayhem",
+        ">",
+    ]);
+    // Delivered 5 times already, idle for 100 s: past 3 attempts and the ack deadline.
+    for id in &ids {
+        server.cmd(&[
+            "XCLAIM",
+            "mayhem",
+            "mayhem",
+            "ghost",
+            "0",
+            id,
+            "IDLE",
+            "100000",
+            "RETRYCOUNT",
+            "5",
+        ]);
+    }
+    // The claim script is the only command that carries the ack deadline in milliseconds
+    // (its minimum idle time): an unusual one marks it.
+    let proxy = Proxy::start(&server);
+    proxy.swallow_answer_to(b"$4\r\n1234\r\n");
+    let mut service = Service::start_on(
+        &proxy.url(),
+        &[
+            &["--ack-deadline", "1234ms", "--extend-interval", "500ms"][..],
+            &["--max-attempts", "3", "--trim-interval", "0"],
+            &QUIET,
+        ]
+        .concat(),
+    );
+    wait_until("the claim script's answer was swallowed", || {
+        proxy.swallowed.load(Ordering::SeqCst)
+    });
+    wait_until("the group holds nothing pending", || {
+        server
+            .group("mayhem", "mayhem")
+            .is_some_and(|(pending, lag, _)| pending == 0 && lag == 0)
+    });
+    assert_eq!(
+        server.xlen("mayhem:dead"),
+        3,
+        "Redis dead-lettered the three"
+    );
+    // The stats line comes every 10 s; the report is read after a signal instead.
+    service.wait_for("Starting consumer");
+    service.signal("TERM");
+    let (status, _, lines, report) = service.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert_eq!(
+        field(&report, "dead_lettered"),
+        3.0,
+        "the claim script's dead letters went uncounted: {report}"
+    );
+}
+
+#[test]
+fn a_dead_letter_key_of_another_type_ends_the_service_after_the_reconnect_limit() {
+    // Another program holds `mayhem:dead` as a string. The first rejection's lease script
+    // fails with WRONGTYPE; the README says: retried with backoff, logged once per change of
+    // kind, and past `--reconnect-limit` the service shuts down and exits 1. Found instead:
+    // every other command succeeding in between counted as a recovery, so the failure was
+    // logged about 10 times a second ("refuses commands" / "answers commands again after
+    // 50ms", 157 pairs in 15 s), the limit never ran out, the rejected entry was claimed
+    // and rejected again after each ack deadline (`rejected` 3, `dead_lettered` 0 for one
+    // entry), and the service ran until a signal.
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    server.cmd(&["SET", "mayhem:dead", "another program's string"]);
+    server.cmd(&["XADD", "mayhem", "*", "data", "web-01"]);
+    server.cmd(&["XADD", "mayhem", "*", "data", "not a host!"]);
+    let service = Service::start_on(
+        &server.url(),
+        &[
+            &["--reconnect-limit", "2s", "--ack-deadline", "1s"][..],
+            &["--extend-interval", "500ms", "--handler-latency", "0"],
+            &QUIET,
+        ]
+        .concat(),
+    )
+    .with_patience(Duration::from_secs(20));
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    let refusals = lines
+        .iter()
+        .filter(|line| line.contains("refuses commands"))
+        .count();
+    assert!(refusals <= 3, "{refusals} lines for one failure:\n{log}");
+    assert_eq!(status.code(), Some(1), "{status}\n{log}");
+    assert!(
+        field(&report, "rejected") <= field(&report, "dead_lettered"),
+        "rejected is a part of dead_lettered: {report}"
+    );
+}

@@ -12,6 +12,9 @@ produce: {"url", "queue", "messages": [{"data": hex, "id"?, "timestamp"?, "order
           "attributes": {key: value}}]}
          publishes each with confirms: body = data, `message-id` = id, `timestamp` (seconds),
          headers = attributes (+ `x-mayhem-ordering-key`); answers {"published": n}.
+         A message may also carry "headers" (typed values as JSON gives them: integers,
+         booleans, objects as nested tables, lists as arrays, {"bytes": hex} as a byte
+         array), "priority" and "expiration", as other producers write them.
 consume: {"url", "queue", "count", "patience"}
          `basic_get` until `count` messages came or `patience` seconds passed, acking them;
          answers {"messages": [{"data": hex, "id", "timestamp", "headers"}]}.
@@ -42,10 +45,25 @@ def plain(value):
     return value
 
 
+def typed(value):
+    """A typed header value from its JSON form: {"bytes": hex} is a byte array, objects are
+    tables, lists arrays, everything else as JSON gives it (pika picks the AMQP type)."""
+    if isinstance(value, dict):
+        if set(value) == {"bytes"}:
+            return bytes.fromhex(value["bytes"])
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    return value
+
+
 def produce(channel, request):
     channel.confirm_delivery()
     for message in request["messages"]:
         headers = dict(message.get("attributes", {}))
+        headers.update(
+            {key: typed(value) for key, value in message.get("headers", {}).items()}
+        )
         if message.get("ordering_key") is not None:
             headers["x-mayhem-ordering-key"] = message["ordering_key"]
         properties = pika.BasicProperties(
@@ -53,6 +71,8 @@ def produce(channel, request):
             timestamp=message.get("timestamp"),
             headers=headers or None,
             delivery_mode=pika.DeliveryMode.Persistent,
+            priority=message.get("priority"),
+            expiration=message.get("expiration"),
         )
         # Raises when the broker nacks it, or returns it unroutable (mandatory).
         channel.basic_publish(
