@@ -357,6 +357,71 @@ fn a_bad_url_is_one_line_naming_it_and_exit_2() {
     );
 }
 
+#[test]
+fn a_bad_emulator_host_is_one_line_naming_it_and_exit_2() {
+    for args in [
+        &["--source", "pubsub://demo/orders"][..],
+        &["publish", "--source", "pubsub://demo/orders", "web-03"],
+    ] {
+        for host in ["localhost", "127.0.0.1:99999", "127.0.0.1:1/x y", ":::"] {
+            let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+                .args(args)
+                .env("PUBSUB_EMULATOR_HOST", host)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run mayhem");
+            let text = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{args:?} {host}: {text}");
+            assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+            assert!(
+                text.contains(&format!("invalid PUBSUB_EMULATOR_HOST '{host}'")),
+                "{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_host_published_by_mayhem_publish_is_restarted_by_a_service_started_afterwards() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("published");
+    let source = format!("pubsub://{PROJECT}/{subscription}");
+    // Before any service ran: `publish` creates the subscription, so the messages are kept.
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args(["publish", "--source", &source, "web-03", "db-7.eu-west"])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run mayhem publish");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 2, "one id per message: {stdout}");
+    let mut service = start(
+        emulator,
+        &subscription,
+        &[
+            "--publishers",
+            "0",
+            "--messages",
+            "2",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+        ],
+    );
+    service.wait_for("Restarted web-03.example.net");
+    service.wait_for("Restarted db-7.eu-west.example.net");
+    let (status, _, lines, _) = service.finish();
+    assert!(status.success(), "{}", lines.join("\n"));
+}
+
 /// A handler that checks the ordering contract: messages of one key are handled one at a
 /// time, each only after the one before it succeeded; other keys run concurrently. Latency
 /// and failures are drawn from the message id and the attempt, so a run is reproducible.

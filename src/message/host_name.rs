@@ -54,7 +54,8 @@ impl fmt::Display for HostNameError {
                 write!(f, "label '{label}' starts or ends with '-'")
             }
             HostNameError::BadByte { byte, at } => {
-                write!(f, "byte {at} is {:?}", char::from(*byte))
+                // Escaped as a byte: 0xff is `\xff`, not the character U+00FF.
+                write!(f, "byte {at} is '{}'", byte.escape_ascii())
             }
         }
     }

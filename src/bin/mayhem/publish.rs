@@ -228,14 +228,27 @@ fn check_for(source: &SourceKind) -> Result<Check, Stop> {
     match source {
         SourceKind::Memory => Err(Stop::Usage(
             "mayhem publish needs a broker: --source memory is the embedded pub/sub of one \
-             running service, which no other process reaches (give --source redis://... or \
-             amqp://...)"
+             running service, which no other process reaches (give --source redis://..., \
+             amqp://... or pubsub://...)"
                 .to_owned(),
         )),
         #[cfg(feature = "redis")]
         SourceKind::Redis(_) => Ok(mayhem::source::redis::check_message),
         #[cfg(feature = "amqp")]
         SourceKind::Amqp(_) => Ok(mayhem::source::amqp::check_message),
+        #[cfg(feature = "pubsub")]
+        SourceKind::PubSub(_) => match std::env::var("PUBSUB_EMULATOR_HOST") {
+            Ok(host) if !host.trim().is_empty() => {
+                mayhem::source::pubsub::check_emulator_host(&host).map_err(|error| {
+                    Stop::Usage(match error {
+                        SourceError::Backend(text) => text,
+                        other => other.to_string(),
+                    })
+                })?;
+                Ok(mayhem::source::pubsub::check_message)
+            }
+            _ => Ok(mayhem::source::pubsub::check_message),
+        },
         #[allow(unreachable_patterns)]
         _ => Err(Stop::Usage(
             "this build does not support that --source".to_owned(),
@@ -310,6 +323,20 @@ fn connect(args: &PublishArgs, shutdown: &Shutdown) -> Result<Arc<dyn Publish>, 
                 // One message at a time from a shell: one connection keeps them in order.
                 publish_connections: 1,
                 ..mayhem::AmqpConfig::default()
+            },
+            shutdown,
+        )
+        .map(|source| Arc::new(source) as Arc<dyn Publish>),
+        // Creates the subscription (and its topic) when missing, as the consuming service
+        // does: Pub/Sub keeps a message only for the subscriptions that exist when it is
+        // published.
+        #[cfg(feature = "pubsub")]
+        SourceKind::PubSub(url) => mayhem::PubSubSource::connect_with(
+            mayhem::PubSubConfig {
+                url: url.clone(),
+                max_attempts: args.max_attempts,
+                reconnect_limit: args.reconnect_limit,
+                ..mayhem::PubSubConfig::default()
             },
             shutdown,
         )

@@ -87,16 +87,47 @@ pub(super) fn integer(value: &AMQPValue) -> Option<u64> {
     }
 }
 
-/// A header value as an attribute string: strings as they are, numbers and booleans written
-/// out; `Ok(None)` for other types (left out); an error for a string that is not UTF-8.
+/// A header value as an attribute string: strings as they are, numbers of every type and
+/// booleans written out (`-5`, `1.5`, `true`), byte arrays that are UTF-8 as text; `Ok(None)`
+/// for tables, arrays, void and other byte arrays (left out: an attribute is one string, and
+/// a byte array is binary by type); an error for a string that is not UTF-8.
 pub(super) fn text(value: &AMQPValue) -> Result<Option<String>, ()> {
-    match value {
-        AMQPValue::LongString(v) => std::str::from_utf8(v.as_bytes())
-            .map(|v| Some(v.to_owned()))
-            .map_err(|_| ()),
-        AMQPValue::ShortString(v) => Ok(Some(v.as_str().to_owned())),
-        AMQPValue::Boolean(v) => Ok(Some(v.to_string())),
-        other => Ok(integer(other).map(|v| v.to_string())),
+    let utf8 = |bytes: &[u8]| {
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| ())
+    };
+    Ok(Some(match value {
+        AMQPValue::LongString(v) => utf8(v.as_bytes())?,
+        AMQPValue::ByteArray(v) => match utf8(v.as_slice()) {
+            Ok(text) => text,
+            Err(()) => return Ok(None),
+        },
+        AMQPValue::ShortString(v) => v.as_str().to_owned(),
+        AMQPValue::Boolean(v) => v.to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::Float(v) => v.to_string(),
+        AMQPValue::Double(v) => v.to_string(),
+        AMQPValue::DecimalValue(v) => decimal(v.value, v.scale),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) | AMQPValue::Void => return Ok(None),
+        unsigned => match integer(unsigned) {
+            Some(v) => v.to_string(),
+            None => return Ok(None),
+        },
+    }))
+}
+
+/// An AMQP decimal, `value` × 10^-`scale`, written out (`12345`, scale 2: `123.45`).
+fn decimal(value: u32, scale: u8) -> String {
+    let digits = format!("{value:0>width$}", width = usize::from(scale) + 1);
+    let (whole, fraction) = digits.split_at(digits.len() - usize::from(scale));
+    if fraction.is_empty() {
+        whole.to_owned()
+    } else {
+        format!("{whole}.{fraction}")
     }
 }
 
@@ -134,7 +165,8 @@ pub(super) fn read(delivery: lapin::message::Delivery) -> Result<(PubSubMessage,
     }
     let publish_time = properties
         .timestamp()
-        .map(|seconds| std::time::UNIX_EPOCH + Duration::from_secs(seconds));
+        // Any 64-bit number a producer wrote: one past what `SystemTime` holds is no time.
+        .and_then(|seconds| std::time::UNIX_EPOCH.checked_add(Duration::from_secs(seconds)));
     let mut message = PubSubMessage::new(bytes::Bytes::from(delivery.data))
         .with_id(id)
         .with_attributes(attributes);
@@ -643,5 +675,70 @@ impl Core {
     /// Counts sent lease operations and wakes `flush` when none is left.
     pub(super) fn answered(&self, count: u64) {
         self.side.queued.done(count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{ByteArray, DecimalValue, FieldArray, LongString};
+
+    use super::*;
+
+    #[test]
+    fn every_scalar_header_is_written_out_and_tables_are_left_out() {
+        let cases = [
+            (
+                AMQPValue::LongString(LongString::from("plain")),
+                Some("plain"),
+            ),
+            (
+                AMQPValue::ShortString(ShortString::from("short")),
+                Some("short"),
+            ),
+            (
+                AMQPValue::ByteArray(ByteArray::from(&b"bytes"[..])),
+                Some("bytes"),
+            ),
+            (AMQPValue::Boolean(true), Some("true")),
+            (AMQPValue::ShortShortInt(-5), Some("-5")),
+            (AMQPValue::ShortInt(-300), Some("-300")),
+            (AMQPValue::LongInt(i32::MIN), Some("-2147483648")),
+            (AMQPValue::LongLongInt(-7), Some("-7")),
+            (AMQPValue::ShortShortUInt(255), Some("255")),
+            (AMQPValue::LongUInt(42), Some("42")),
+            (AMQPValue::Timestamp(u64::MAX), Some("18446744073709551615")),
+            (AMQPValue::Float(1.5), Some("1.5")),
+            (AMQPValue::Double(-0.25), Some("-0.25")),
+            (
+                AMQPValue::DecimalValue(DecimalValue {
+                    scale: 2,
+                    value: 12345,
+                }),
+                Some("123.45"),
+            ),
+            (
+                AMQPValue::DecimalValue(DecimalValue { scale: 3, value: 5 }),
+                Some("0.005"),
+            ),
+            (
+                AMQPValue::DecimalValue(DecimalValue { scale: 0, value: 7 }),
+                Some("7"),
+            ),
+            (AMQPValue::FieldArray(FieldArray::default()), None),
+            (AMQPValue::FieldTable(FieldTable::default()), None),
+            (AMQPValue::Void, None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(text(&value), Ok(want.map(str::to_owned)), "{value:?}");
+        }
+        let latin1 = AMQPValue::LongString(LongString::from(&b"\xff"[..]));
+        assert_eq!(text(&latin1), Err(()), "a string that is not UTF-8 is refused");
+        let binary = AMQPValue::ByteArray(ByteArray::from(&b"\xff\x00"[..]));
+        assert_eq!(text(&binary), Ok(None), "binary bytes are left out");
+        assert_eq!(
+            integer(&AMQPValue::LongInt(-1)),
+            None,
+            "no count is negative"
+        );
     }
 }

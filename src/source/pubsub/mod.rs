@@ -74,7 +74,7 @@ use self::rest::{Rest, RestError, ID_ATTRIBUTE};
 
 pub use self::auth::AuthError;
 pub use self::rest::RestError as PubSubError;
-pub use self::url::{endpoint, PubSubUrl, UrlError, SERVICE_ENDPOINT};
+pub use self::url::{check_emulator_host, endpoint, PubSubUrl, UrlError, SERVICE_ENDPOINT};
 
 /// The shortest ack deadline Pub/Sub accepts, in seconds.
 const DEADLINE_MIN: u64 = 10;
@@ -99,6 +99,38 @@ pub fn parse_url(url: &str) -> Result<(), SourceError> {
     PubSubUrl::parse(url)
         .map(drop)
         .map_err(|error| SourceError::Backend(error.to_string()))
+}
+
+/// Checks a message as [`Publish::publish`] does before sending anything: Pub/Sub's limits
+/// ([`PubSubMessage::check`]), and the attribute keys Pub/Sub or this source keep for
+/// themselves (`goog...`, `mayhem_message_id`). A program can check its messages before
+/// connecting.
+///
+/// # Errors
+///
+/// The first rule the message breaks.
+///
+/// ```
+/// use mayhem::source::pubsub::check_message;
+/// use mayhem::{MessageError, PubSubMessage};
+/// assert_eq!(check_message(&PubSubMessage::new("web-03").with_attribute("origin", "ops")), Ok(()));
+/// let reserved = PubSubMessage::new("web-03").with_attribute("googclient_x", "1");
+/// assert!(matches!(check_message(&reserved), Err(MessageError::ReservedKey { .. })));
+/// ```
+pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
+    crate::source::check_message(message, &[ID_ATTRIBUTE], "pubsub")?;
+    match message
+        .attributes()
+        .iter()
+        .map(|(key, _)| key)
+        .find(|key| key.starts_with("goog"))
+    {
+        Some(key) => Err(MessageError::ReservedKey {
+            key: key.to_owned(),
+            broker: "pubsub",
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Settings of a [`PubSubSource`].
@@ -216,6 +248,9 @@ impl PubSubSource {
             .clone()
             .or_else(|| std::env::var("PUBSUB_EMULATOR_HOST").ok())
             .filter(|host| !host.trim().is_empty());
+        if let Some(host) = &emulator {
+            check_emulator_host(host)?;
+        }
         let credentials = match &emulator {
             Some(_) => auth::Credentials::None,
             None => auth::Credentials::from_environment()

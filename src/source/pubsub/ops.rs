@@ -20,6 +20,9 @@ const PASS_MAX: usize = 4 * ACK_IDS_PER_REQUEST;
 pub(super) const REASON_ATTRIBUTE: &str = "mayhem_dead_reason";
 /// The attribute of a dead letter that gives its delivery attempt.
 pub(super) const ATTEMPT_ATTRIBUTE: &str = "mayhem_attempt";
+/// The attribute of a dead letter that carries neither the data nor the attributes of its
+/// message: with them it was over Pub/Sub's limits.
+pub(super) const STRIPPED_ATTRIBUTE: &str = "mayhem_dead_letter_stripped";
 
 /// A queued lease operation.
 #[derive(Debug)]
@@ -104,13 +107,32 @@ impl Core {
                 (REASON_ATTRIBUTE, reason),
                 (ATTEMPT_ATTRIBUTE, attempt.as_str()),
             ];
-            let published = self.retry("publish a dead letter", || {
+            let mut published = self.retry("publish a dead letter", || {
                 self.rest.publish(
                     &self.dead_topic,
                     std::slice::from_ref(&letter.message),
                     &extra,
                 )
             });
+            if published.is_none() && !self.closing.load(Ordering::SeqCst) {
+                // Refused for good: the message with the dead letter's two attributes is
+                // over Pub/Sub's limits (100 attributes, 10 MB per request once in base64).
+                // Its id and the reason alone still go, so that the delivery is settled
+                // instead of delivered again without end.
+                let bare = PubSubMessage::new(Vec::new()).with_id(letter.message.id().clone());
+                let extra = [
+                    (REASON_ATTRIBUTE, reason),
+                    (ATTEMPT_ATTRIBUTE, attempt.as_str()),
+                    (
+                        STRIPPED_ATTRIBUTE,
+                        "data and attributes over Pub/Sub's limits",
+                    ),
+                ];
+                published = self.retry("publish a dead letter without its data", || {
+                    self.rest
+                        .publish(&self.dead_topic, std::slice::from_ref(&bare), &extra)
+                });
+            }
             if published.is_some() {
                 let mut stats = lock(&self.stats);
                 stats.dead_lettered += 1;

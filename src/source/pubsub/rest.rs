@@ -475,10 +475,19 @@ pub(super) fn parse_time(text: &str) -> Option<SystemTime> {
     let (clock, fraction) = time.split_once('.').unwrap_or((time, ""));
     let mut clock = clock.splitn(3, ':').map(|part| part.parse::<u64>().ok());
     let (hour, minute, second) = (clock.next()??, clock.next()??, clock.next()??);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
     // Days since 1970-01-01 (Howard Hinnant's days_from_civil).
+    // Years past 10,000 are no publish time (and keep the arithmetic below in range).
+    if !(0..=10_000).contains(&year) {
+        return None;
+    }
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -492,7 +501,7 @@ pub(super) fn parse_time(text: &str) -> Option<SystemTime> {
         digits.parse::<u32>().ok()? * 10u32.pow(9 - digits.len() as u32)
     };
     let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
-    Some(UNIX_EPOCH + Duration::new(seconds, nanos))
+    UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::error::SourceError;
+
 /// The service's REST endpoint, used when no emulator is named.
 pub const SERVICE_ENDPOINT: &str = "https://pubsub.googleapis.com";
 
@@ -117,6 +119,54 @@ impl fmt::Display for PubSubUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "pubsub://{}/{}", self.project, self.subscription)
     }
+}
+
+/// Checks a `PUBSUB_EMULATOR_HOST` value: `host:port` (a name or an IPv4 address, or an IPv6
+/// address in brackets, and a port from 1 to 65535), optionally behind `http://` or
+/// `https://`.
+///
+/// ```
+/// use mayhem::source::pubsub::check_emulator_host;
+/// assert!(check_emulator_host("127.0.0.1:8085").is_ok());
+/// assert!(check_emulator_host("http://[::1]:8085").is_ok());
+/// assert!(check_emulator_host("localhost").is_err());
+/// assert!(check_emulator_host("127.0.0.1:1/x y").is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`SourceError::Backend`] naming the value and what is wrong with it.
+pub fn check_emulator_host(value: &str) -> Result<(), SourceError> {
+    let bad = |why: &str| {
+        SourceError::Backend(format!(
+            "invalid PUBSUB_EMULATOR_HOST '{value}': {why} (write host:port)"
+        ))
+    };
+    let rest = value.trim();
+    let rest = rest
+        .strip_prefix("http://")
+        .or_else(|| rest.strip_prefix("https://"))
+        .unwrap_or(rest);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    match port.parse::<u16>() {
+        Ok(1..) => {}
+        _ => return Err(bad("the port is not a number from 1 to 65535")),
+    }
+    let name_ok = |name: &str| {
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => name_ok(host),
+    };
+    if !host_ok {
+        return Err(bad("the host is not a name or an address"));
+    }
+    Ok(())
 }
 
 /// The REST base URL: `http://{PUBSUB_EMULATOR_HOST}` when an emulator is named (plain HTTP,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use log::debug;
 use redis::{ConnectionLike, Value};
 
-use super::connection::{Failure, BACKOFF_MAX};
+use super::connection::{Class, Failure, BACKOFF_MAX};
 use super::reply::{int, EntryId};
 use super::wire;
 use super::{lock, Core, Held};
@@ -137,7 +137,7 @@ impl Core {
             }
             commands += 1;
         }
-        let replies: Vec<Value> = self.with_connection(|con| {
+        let replies: Vec<Value> = self.with_connection(Class::Leases, |con| {
             let replies = con.req_packed_commands(&packed, 0, commands)?;
             // An error reply of either command fails the batch, as a pipeline query does.
             replies
@@ -169,6 +169,7 @@ impl Core {
         }
         let mut stats = lock(&self.stats);
         let mut expired = Vec::new();
+        let mut gone = Vec::new();
         for (op, answer) in checked.iter().zip(answers) {
             let Some(answer) = answer else { continue };
             match (op.kind, answer) {
@@ -181,6 +182,14 @@ impl Core {
                     stats.undecodable += u64::from(op.kind == OpKind::Undecodable);
                     self.settled.fetch_add(1, Ordering::Relaxed);
                 }
+                // Deleted from the stream while pending: a tombstone was dead-lettered, and
+                // an extended lease ends (its ack would find nothing pending).
+                (_, 3) => {
+                    gone.push(op.entry.to_string());
+                    if op.kind == OpKind::Extend {
+                        expired.push(op.lease);
+                    }
+                }
                 (OpKind::Extend, 1)
                 | (OpKind::Requeue, _)
                 | (OpKind::Dead | OpKind::Reject | OpKind::Undecodable, _) => {}
@@ -188,6 +197,9 @@ impl Core {
             }
         }
         drop(stats);
+        if let Some(first) = gone.first() {
+            self.deleted_while_pending(gone.len() as u64, first);
+        }
         if !expired.is_empty() {
             // Another consumer claimed these entries: the local leases end now, so that
             // their acks are refused.

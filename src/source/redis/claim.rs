@@ -8,7 +8,7 @@ use log::{error, warn, Level};
 use redis::Value;
 
 use super::acker::{Op, OpKind};
-use super::connection::Failure;
+use super::connection::{Class, Failure};
 use super::reply::{claim_reply, Entry};
 use super::wire;
 use super::{lock, Core, Held};
@@ -31,6 +31,11 @@ const FIRST_READ: usize = 32;
 /// Aggregates the warnings about entries that are not messages, of every Redis source.
 pub(super) static MALFORMED_LOG: Throttle =
     Throttle::new("entries that are not messages dead-lettered", Level::Warn);
+/// Aggregates the warnings about entries deleted from the stream while pending.
+pub(super) static DELETED_LOG: Throttle = Throttle::new(
+    "entries deleted while pending dead-lettered as tombstones",
+    Level::Warn,
+);
 
 impl Core {
     /// At most `room` entries, bounded by [`READ_BYTES`] over the mean size of the last
@@ -91,7 +96,7 @@ impl Core {
             for part in [&b"STREAMS"[..], self.config.stream.as_bytes(), b">"] {
                 wire::arg(&mut packed, part);
             }
-            let entries = self.with_connection(|con| con.read_group(&packed))?;
+            let entries = self.with_connection(Class::Read, |con| con.read_group(&packed))?;
             self.lease_all_from(entries, sent_at, out);
             if !out.is_empty() || Instant::now() >= end || self.interrupted.load(Ordering::SeqCst) {
                 return Ok(());
@@ -128,7 +133,7 @@ impl Core {
     /// Runs the claim script from `start`; returns the next start and the entries.
     fn claim(&self, start: &str, count: usize) -> Result<(String, Vec<Entry>), Failure> {
         let min_idle = self.config.ack_deadline.as_millis() as u64;
-        let reply: Value = self.with_connection(|con| {
+        let reply: Value = self.with_connection(Class::Read, |con| {
             self.scripts
                 .claim
                 .key(&self.config.stream)
@@ -142,13 +147,45 @@ impl Core {
                 .arg(self.config.dead_letter_max)
                 .invoke(con)
         })?;
-        let (next, entries, dead) = claim_reply(reply);
-        if dead > 0 {
-            warn!("dead-lettered {dead} messages to {}", self.dead_stream);
-            lock(&self.stats).dead_lettered += dead;
-            self.settled.fetch_add(dead, Ordering::Relaxed);
+        let claimed = claim_reply(reply);
+        if !claimed.past.is_empty() {
+            let ops: Vec<Op> = claimed
+                .past
+                .iter()
+                .map(|&(entry, deliveries, attempt)| Op {
+                    kind: OpKind::Dead,
+                    lease: 0,
+                    entry,
+                    deliveries,
+                    attempt,
+                    reason: None,
+                })
+                .collect();
+            warn!(
+                "dead-lettering {} messages past their attempts to {}",
+                ops.len(),
+                self.dead_stream
+            );
+            self.dead_letter_now(&ops);
         }
-        Ok((next, entries))
+        if claimed.gone > 0 {
+            self.deleted_while_pending(claimed.gone, &claimed.first_gone);
+        }
+        Ok((claimed.next, claimed.entries))
+    }
+
+    /// Counts entries found deleted from the stream while pending (trimmed, `XDEL`), which a
+    /// script recorded as tombstones in the dead-letter stream; logs them, aggregated.
+    pub(super) fn deleted_while_pending(&self, count: u64, first: &str) {
+        lock(&self.stats).dead_lettered += count;
+        self.settled.fetch_add(count, Ordering::Relaxed);
+        DELETED_LOG.log(count, || {
+            format!(
+                "{count} entries of {} were deleted from the stream while pending (trimmed, or \
+                 XDEL), their content gone (the first: {first}); dead-lettered as tombstones to {}",
+                self.config.stream, self.dead_stream
+            )
+        });
     }
 
     /// Turns entries delivered at `since` into leases; dead-letters entries that are not
@@ -208,11 +245,13 @@ impl Core {
                     malformed[0].reason.as_deref().unwrap_or("")
                 )
             });
-            self.dead_letter_malformed(&malformed);
+            self.dead_letter_now(&malformed);
         }
     }
 
-    /// Dead-letters entries that are not messages. Sent on this thread: a pull may block.
+    /// Dead-letters entries that are not messages, or past their attempts. Sent on this
+    /// thread: a pull may block. (Past their attempts: a claim script that dead-lettered
+    /// them itself and whose answer was lost left them uncounted.)
     ///
     /// A try whose answer is lost may have done its work all the same: the script copying
     /// huge entries can outlast the socket timeout (ten entries of 16 MiB did), and is then
@@ -221,10 +260,10 @@ impl Core {
     /// dead-lettered, as the acker's retries do; else the dead letters went uncounted and a
     /// `--messages N` that counts them never completed. When every try fails, the entries
     /// stay pending: they are claimed (and dead-lettered) again after the ack deadline.
-    fn dead_letter_malformed(&self, malformed: &[Op]) {
+    fn dead_letter_now(&self, ops: &[Op]) {
         let mut retried = false;
         for tried in 1..=MALFORMED_TRIES {
-            match self.send_ops(malformed, retried) {
+            match self.send_ops(ops, retried) {
                 Ok(()) => return,
                 Err(Failure::Down { retry_in })
                     if tried < MALFORMED_TRIES && !self.interrupted.load(Ordering::SeqCst) =>
@@ -235,7 +274,10 @@ impl Core {
                 Err(_) => break,
             }
         }
-        error!("could not dead-letter the entries that are not messages yet");
+        error!(
+            "could not dead-letter {} entries yet; they are claimed again after the ack deadline",
+            ops.len()
+        );
     }
 
     /// Drops leases whose local deadline passed: their entries are claimed again (by any

@@ -99,6 +99,29 @@ pub(super) struct Health {
     /// Since when commands fail, the last error (one line, password removed), and the
     /// next try.
     outage: Outage,
+    /// The class of the command the server refused last, while it refuses one.
+    refusing: Option<Class>,
+    /// Whether a refusal was `WRONGTYPE`: a key of the source holds another type.
+    wrong_type: bool,
+}
+
+/// What a command works on; a failure of one class is ended only by a success of the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Class {
+    /// Reading new entries (`XREADGROUP`) and claiming expired ones (the claim script).
+    Read,
+    /// Adding entries (`XADD`).
+    Publish,
+    /// Lease operations: the lease script (which also writes the dead-letter stream) and
+    /// `XACK`.
+    Leases,
+    /// Retention and the group's state.
+    Maintenance,
+    /// The consumer name's liveness key.
+    Liveness,
+    /// Opening a connection (authenticating, loading the scripts): any command's success
+    /// ends its failure.
+    Connect,
 }
 
 impl Health {
@@ -108,6 +131,8 @@ impl Health {
             epoch: 0,
             unreachable: false,
             outage: Outage::new(BACKOFF),
+            refusing: None,
+            wrong_type: false,
         }
     }
 }
@@ -326,17 +351,19 @@ impl Core {
         }
         self.claim_name(&mut con, stop)?;
         let mut start = "-".to_owned();
-        let mut marked = 0;
+        let (mut marked, mut gone, mut first_gone) = (0, 0, String::new());
         loop {
             let reply: Value = self
                 .scripts
                 .reset_own
                 .key(&self.config.stream)
+                .key(&self.dead_stream)
                 .arg(&self.config.group)
                 .arg(&self.config.consumer)
                 .arg(&start)
                 .arg(RESET_BATCH)
                 .arg(EXPIRED_IDLE_MS)
+                .arg(self.config.dead_letter_max)
                 .invoke(&mut con)
                 .map_err(|error| StartError::Retry(self.describe(&error)))?;
             let Value::Array(parts) = reply else { break };
@@ -345,6 +372,13 @@ impl Core {
                 .and_then(super::reply::text)
                 .unwrap_or_default();
             marked += parts.get(1).and_then(int).unwrap_or(0);
+            gone += parts.get(2).and_then(int).unwrap_or(0);
+            if first_gone.is_empty() {
+                first_gone = parts
+                    .get(3)
+                    .and_then(super::reply::text)
+                    .unwrap_or_default();
+            }
             if next.is_empty() {
                 break;
             }
@@ -355,6 +389,9 @@ impl Core {
                 "{marked} entries left pending by an earlier instance named {} are claimed again",
                 self.config.consumer
             );
+        }
+        if gone > 0 {
+            self.deleted_while_pending(gone.unsigned_abs(), &first_gone);
         }
         Ok(con)
     }
@@ -482,37 +519,21 @@ impl Core {
         Ok(())
     }
 
-    /// Runs `command` on a pooled (or new) connection, keeping track of the server's health.
+    /// Runs `command`, of `class`, on a pooled (or new) connection, keeping track of the
+    /// server's health. A command the server refuses starts a failure that only a success of
+    /// the same class ends (or a new connection after an unreachable server): a success of
+    /// other commands says nothing of it. (A dead-letter stream held as a string by another
+    /// program failed every lease script while every read succeeded: each read ended the
+    /// failure, a line was logged ten times a second, and the reconnect limit never ran out.)
     pub(super) fn with_connection<T>(
         &self,
-        command: impl FnOnce(&mut Wire) -> Result<T, RedisError>,
-    ) -> Result<T, Failure> {
-        self.run_command(true, command)
-    }
-
-    /// [`with_connection`](Self::with_connection) for a command on another key than the
-    /// stream (the liveness key): its failures count, but its success does not end a failure
-    /// of the stream's commands (a `WRONGTYPE` stream would otherwise never reach the
-    /// reconnect limit).
-    pub(super) fn with_side_connection<T>(
-        &self,
-        command: impl FnOnce(&mut Wire) -> Result<T, RedisError>,
-    ) -> Result<T, Failure> {
-        self.run_command(false, command)
-    }
-
-    /// Runs `command`; `counts` says whether its success ends a failure.
-    fn run_command<T>(
-        &self,
-        counts: bool,
+        class: Class,
         command: impl FnOnce(&mut Wire) -> Result<T, RedisError>,
     ) -> Result<T, Failure> {
         let mut pooled = self.checkout()?;
         match command(&mut pooled.con) {
             Ok(value) => {
-                if counts {
-                    self.succeeded();
-                }
+                self.succeeded(class, &mut pooled.con);
                 self.give_back(pooled);
                 Ok(value)
             }
@@ -536,13 +557,13 @@ impl Core {
                     }
                     Err(error) => {
                         self.give_back(pooled);
-                        Err(self.failed(&error))
+                        Err(self.failed(&error, class))
                     }
                 }
             }
             Err(error) => {
                 self.give_back(pooled);
-                Err(self.failed(&error))
+                Err(self.failed(&error, class))
             }
         }
     }
@@ -616,6 +637,8 @@ impl Core {
                         );
                     }
                     health.unreachable = false;
+                    health.refusing = None;
+                    health.wrong_type = false;
                     self.failing.store(false, Ordering::SeqCst);
                 }
                 Ok(Pooled {
@@ -625,7 +648,7 @@ impl Core {
                 })
             }
             Err(error) if is_connection_error(&error) => Err(self.lost(epoch, &error)),
-            Err(error) => Err(self.failed(&error)),
+            Err(error) => Err(self.failed(&error, Class::Connect)),
         }
     }
 
@@ -650,13 +673,16 @@ impl Core {
         }
     }
 
-    /// Records a command the server refused; logs it when it differs from the last failure.
-    fn failed(&self, error: &RedisError) -> Failure {
+    /// Records a command of `class` the server refused; logs it when it differs from the
+    /// last failure.
+    fn failed(&self, error: &RedisError, class: Class) -> Failure {
         let text = self.describe(error);
         let kind = error
             .code()
             .map_or_else(|| error.category().to_owned(), str::to_owned);
         let mut health = lock(&self.health);
+        health.refusing = Some(class);
+        health.wrong_type |= error.code() == Some("WRONGTYPE");
         let (new_kind, failure) = self.failure(&mut health, &kind, text.clone());
         if new_kind {
             warn!("redis at {} refuses commands: {text}", self.shown_url);
@@ -674,12 +700,25 @@ impl Core {
         (new_kind, Failure::Down { retry_in })
     }
 
-    /// Records a command that succeeded: a failure of the server's answers is over.
-    fn succeeded(&self) {
+    /// Records a command of `class` that succeeded on `con`: a failure of the server's
+    /// answers to that class is over. After a `WRONGTYPE`, only once every key of the source
+    /// holds its type again: a command that happened not to touch the key another program
+    /// wrote over proves nothing (a lease script whose operations had all gone stale ended
+    /// such a failure once per ack deadline, and the reconnect limit never ran out).
+    fn succeeded(&self, class: Class, con: &mut Wire) {
         if !self.failing.load(Ordering::SeqCst) {
             return;
         }
         let mut health = lock(&self.health);
+        let other = |refusing: Class| refusing != class && refusing != Class::Connect;
+        if !health.unreachable && health.refusing.is_some_and(other) {
+            return;
+        }
+        if health.wrong_type && !self.unreachable_or_typed(&health, con) {
+            return;
+        }
+        health.refusing = None;
+        health.wrong_type = false;
         if let Some(failed) = health.outage.recovered(Instant::now()) {
             if health.unreachable {
                 info!(
@@ -697,6 +736,24 @@ impl Core {
         }
         health.unreachable = false;
         self.failing.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the failure was a lost connection, or every key of the source holds its type:
+    /// the streams are streams (or absent), the floor and liveness keys strings (or absent).
+    fn unreachable_or_typed(&self, health: &Health, con: &mut Wire) -> bool {
+        if health.unreachable {
+            return true;
+        }
+        let mut typed = |key: &str, want: &str| {
+            redis::cmd("TYPE")
+                .arg(key)
+                .query::<String>(con)
+                .is_ok_and(|kind| kind == want || kind == "none")
+        };
+        typed(&self.config.stream, "stream")
+            && typed(&self.dead_stream, "stream")
+            && typed(&self.floor_key, "string")
+            && (self.publish_only || typed(&self.live_key, "string"))
     }
 
     /// Sleeps until `retry_in` passes, or the source closes.

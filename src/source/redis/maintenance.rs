@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use redis::Value;
 
-use super::connection::Failure;
+use super::connection::{Class, Failure};
 use super::reply::{int, text};
 use super::{lock, Core};
 
@@ -67,7 +67,7 @@ impl Core {
     /// Refreshes the liveness key; notices when another instance took the name over.
     fn refresh_name(&self) {
         let ttl_ms = self.config.liveness_ttl.as_millis().max(1) as u64;
-        let held = self.with_side_connection(|con| {
+        let held = self.with_connection(Class::Liveness, |con| {
             self.scripts
                 .liveness
                 .key(&self.live_key)
@@ -88,7 +88,7 @@ impl Core {
 
     /// Trims the entries every group acked and records this group's floor.
     fn trim(&self) {
-        let trimmed = self.with_connection(|con| {
+        let trimmed = self.with_connection(Class::Maintenance, |con| {
             self.scripts
                 .retention
                 .key(&self.config.stream)
@@ -124,7 +124,7 @@ impl Core {
     /// The group's pending and undelivered entries, read in one step.
     pub(super) fn group_state(&self) -> Option<GroupState> {
         let reply: Vec<i64> = self
-            .with_connection(|con| {
+            .with_connection(Class::Maintenance, |con| {
                 self.scripts
                     .group_state
                     .key(&self.config.stream)
@@ -150,7 +150,7 @@ impl Core {
             return;
         }
         let holds = lock(&self.leases).len() as u64 + self.queued.count();
-        let removed = self.with_connection(|con| {
+        let removed = self.with_connection(Class::Maintenance, |con| {
             self.scripts
                 .release
                 .key(&self.config.stream)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::Client;
 
 use super::config::{check_message_batch, parse_url};
-use super::connection::Failure;
+use super::connection::{Class, Failure};
 use super::{connection, wire, Core, RedisConfig, RedisSource};
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
@@ -189,7 +189,8 @@ impl Core {
             if core.interrupted.load(Ordering::SeqCst) {
                 return Err(SourceError::Closed);
             }
-            let added = core.with_connection(|con| con.pipeline_ok(&packed, batch.len()));
+            let added =
+                core.with_connection(Class::Publish, |con| con.pipeline_ok(&packed, batch.len()));
             match added {
                 Ok(()) => {
                     let count = batch.len() as u64;

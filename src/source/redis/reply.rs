@@ -101,6 +101,11 @@ impl Fields {
         let mut old_layout = false;
         for (key, value) in pairs {
             match key {
+                // Two: which one is the message is anybody's guess (the last one won, and a
+                // host the producer may not have meant was restarted).
+                b"data" if data.is_some() => {
+                    problem = Some("field 'data' is given twice".to_owned());
+                }
                 b"data" => data = Some(value),
                 b"message_id" => match std::str::from_utf8(value) {
                     Ok(text) => message_id = Some(MessageId::from(text)),
@@ -149,9 +154,11 @@ impl Fields {
             (None, None) => Err("entry has no 'data' field".to_owned()),
             (Some(data), None) => {
                 let ms = publish_ms.unwrap_or(id.ms);
-                let mut message = PubSubMessage::copy_from_slice(data)
-                    .with_attributes(attributes)
-                    .with_publish_time(UNIX_EPOCH + Duration::from_millis(ms))
+                let mut message = PubSubMessage::copy_from_slice(data).with_attributes(attributes);
+                if let Some(time) = UNIX_EPOCH.checked_add(Duration::from_millis(ms)) {
+                    message = message.with_publish_time(time);
+                }
+                let mut message = message
                     .with_id(message_id.unwrap_or_else(|| MessageId::from(id.to_string())));
                 if let Some(key) = ordering_key {
                     message = message.with_ordering_key(key);
@@ -229,44 +236,92 @@ fn push_rows(rows: Value, entries: &mut Vec<Entry>) {
     }
 }
 
-/// The claim script's answer: `{next start id, {{id, fields, deliveries}...}, dead-lettered}`.
-pub(super) fn claim_reply(reply: Value) -> (String, Vec<Entry>, u64) {
-    let Value::Array(parts) = reply else {
-        return ("0-0".to_owned(), Vec::new(), 0);
+/// What one run of the claim script answered.
+#[derive(Debug)]
+pub(super) struct Claimed {
+    /// Where the next run starts (`0-0`: the sweep went round).
+    pub(super) next: String,
+    /// The entries claimed, to lease.
+    pub(super) entries: Vec<Entry>,
+    /// Entries claimed past their attempts, to dead-letter: id, deliveries, attempts so far.
+    pub(super) past: Vec<(EntryId, u32, u32)>,
+    /// Entries found deleted from the stream while pending (tombstones were written).
+    pub(super) gone: u64,
+    /// The first of them.
+    pub(super) first_gone: String,
+}
+
+/// Reads the claim script's answer; odd shapes read as nothing claimed.
+pub(super) fn claim_reply(reply: Value) -> Claimed {
+    let mut claimed = Claimed {
+        next: "0-0".to_owned(),
+        entries: Vec::new(),
+        past: Vec::new(),
+        gone: 0,
+        first_gone: String::new(),
     };
-    let next = parts
-        .first()
-        .and_then(text)
-        .unwrap_or_else(|| "0-0".to_owned());
-    let dead = parts
-        .get(2)
-        .and_then(int)
-        .and_then(|n| u64::try_from(n).ok())
-        .unwrap_or(0);
-    let mut entries = Vec::new();
+    let Value::Array(parts) = reply else {
+        return claimed;
+    };
+    if let Some(next) = parts.first().and_then(text) {
+        claimed.next = next;
+    }
+    let count = |value: &Value| int(value).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
     if let Some(Value::Array(rows)) = parts.get(1) {
         for row in rows {
             if let Value::Array(cells) = row {
                 if let (Some(id), Some(Value::Array(fields)), Some(n)) = (
                     cells.first().and_then(entry_id),
                     cells.get(1),
-                    cells.get(2).and_then(int),
+                    cells.get(2).and_then(count),
                 ) {
-                    entries.push((
-                        id,
-                        self::fields(id, fields),
-                        u32::try_from(n).unwrap_or(u32::MAX),
-                    ));
+                    claimed.entries.push((id, self::fields(id, fields), n));
                 }
             }
         }
     }
-    (next, entries, dead)
+    if let Some(Value::Array(rows)) = parts.get(2) {
+        for row in rows {
+            if let Value::Array(cells) = row {
+                if let (Some(id), Some(n), Some(attempts)) = (
+                    cells.first().and_then(entry_id),
+                    cells.get(1).and_then(count),
+                    cells.get(2).and_then(count),
+                ) {
+                    claimed.past.push((id, n, attempts));
+                }
+            }
+        }
+    }
+    claimed.gone = parts
+        .get(3)
+        .and_then(int)
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(0);
+    claimed.first_gone = parts.get(4).and_then(text).unwrap_or_default();
+    claimed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_with_data_twice_is_not_a_message() {
+        let id = EntryId { ms: 5, seq: 0 };
+        let pairs: [(&[u8], &[u8]); 2] = [(b"data", b"web-03"), (b"data", b"web-04")];
+        let fields = Fields::from_pairs(id, pairs.into_iter());
+        assert_eq!(
+            fields.message.err().as_deref(),
+            Some("field 'data' is given twice")
+        );
+        let once: [(&[u8], &[u8]); 1] = [(b"data", b"web-03")];
+        let fields = Fields::from_pairs(id, once.into_iter());
+        assert_eq!(
+            fields.message.map(|m| m.data().to_vec()),
+            Ok(b"web-03".to_vec())
+        );
+    }
 
     #[test]
     fn entry_ids_round_trip_and_step_back() {
@@ -354,7 +409,7 @@ mod tests {
 
     #[test]
     fn claim_reply_tolerates_odd_shapes() {
-        assert_eq!(claim_reply(Value::Nil).0, "0-0");
+        assert_eq!(claim_reply(Value::Nil).next, "0-0");
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         let reply = Value::Array(vec![
             bulk("3-0"),
@@ -365,10 +420,31 @@ mod tests {
             ])]),
             Value::Int(1),
         ]);
-        let (next, entries, dead) = claim_reply(reply);
+        let claimed = claim_reply(reply);
         assert_eq!(
-            (next.as_str(), entries.len(), entries[0].2, dead),
-            ("3-0", 1, 4, 1)
+            (
+                claimed.next.as_str(),
+                claimed.entries.len(),
+                claimed.entries[0].2
+            ),
+            ("3-0", 1, 4)
         );
+        assert_eq!(claimed.past.len(), 0, "{:?}", claimed.past);
+        let reply = Value::Array(vec![
+            bulk("0-0"),
+            Value::Array(vec![]),
+            Value::Array(vec![Value::Array(vec![
+                bulk("5-1"),
+                Value::Int(6),
+                Value::Int(5),
+            ])]),
+            Value::Int(2),
+            bulk("1-0"),
+        ]);
+        let claimed = claim_reply(reply);
+        assert_eq!(claimed.past.len(), 1);
+        assert_eq!((claimed.past[0].1, claimed.past[0].2), (6, 5));
+        assert_eq!(claimed.past[0].0.to_string(), "5-1");
+        assert_eq!((claimed.gone, claimed.first_gone.as_str()), (2, "1-0"));
     }
 }

@@ -161,6 +161,20 @@ impl Cli {
                     .to_owned(),
             );
         }
+        // Read by the source only once connecting, and then retried until the reconnect
+        // limit: a value that can never work is refused here.
+        #[cfg(feature = "pubsub")]
+        if let (SourceKind::PubSub(_), Some(host)) = (
+            &self.source,
+            std::env::var("PUBSUB_EMULATOR_HOST")
+                .ok()
+                .filter(|host| !host.trim().is_empty()),
+        ) {
+            mayhem::source::pubsub::check_emulator_host(&host).map_err(|error| match error {
+                mayhem::SourceError::Backend(text) => text,
+                other => other.to_string(),
+            })?;
+        }
         if self.breaker_cooldown.is_some() && self.breaker_failures.is_none() {
             return Err(
                 "--breaker-cooldown is only used with --breaker-failures (the breaker is off)"
