@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 mod amqp_soak;
 mod common;
 mod conformance;
+mod scenarios;
 
 use common::proxy::Proxy;
 use common::rabbit::Rabbit;
 use common::{
-    acked_names, field, free_port, names_in, pull_all, pull_one, BrokerServer, Service, PATIENCE,
-    QUIET,
+    acked_names, field, free_port, pull_all, pull_one, BrokerServer, Service, PATIENCE, QUIET,
 };
 use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish, Source};
 
@@ -80,197 +80,34 @@ conformance_tests!(Rabbit::get().map(Amqp));
 #[test]
 fn nacks_past_max_attempts_go_to_the_dead_letter_queue() {
     let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue("dead");
-    let source = server.source(&queue, Duration::from_secs(5), 3);
-    let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(2));
-    source
-        .publish(std::slice::from_ref(&message))
-        .expect("publish");
-    for attempt in 1..=3 {
-        let lease = pull_one(&source);
-        conformance::assert_same(&lease.message, &message);
-        assert_eq!(lease.attempt, attempt);
-        assert!(conformance::nack(&source, &[lease.id]).is_empty());
-    }
-    assert_eq!(source.stats().dead_lettered, 1);
-    wait_for_dead_letters(&source, 1);
+    let (_, source) = scenarios::nacks_past_max_attempts_are_dead_lettered(server);
     assert_eq!(source.stats().remaining, 0);
 }
 
 #[test]
 fn a_dropped_source_gives_its_leases_back() {
-    let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue("dropped");
-    let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(4));
-    {
-        let first = server.source(&queue, Duration::from_secs(60), 5);
-        first
-            .publish(std::slice::from_ref(&message))
-            .expect("publish");
-        pull_one(&first);
-        // Dropped without ack: closing the connection gives the message back.
-    }
-    let again = server.source(&queue, Duration::from_secs(60), 5);
-    let lease = pull_one(&again);
-    conformance::assert_same(&lease.message, &message);
-    assert_eq!(lease.attempt, 2);
-    assert!(conformance::ack(&again, &[lease.id]).is_empty());
-}
-
-/// Polls until the dead-letter queue holds `count` messages (the broker routes dead
-/// letters asynchronously).
-fn wait_for_dead_letters(source: &AmqpSource, count: u64) {
-    let end = Instant::now() + PATIENCE;
-    loop {
-        let now = source.dead_letter_count();
-        if now == Ok(count) {
-            return;
-        }
-        assert!(Instant::now() < end, "dead letters: {now:?}, not {count}");
-        thread::sleep(Duration::from_millis(20));
+    if let Some(server) = Rabbit::get() {
+        scenarios::a_dropped_source_s_lease_comes_back(server, 5);
     }
 }
 
 #[test]
 fn two_instances_share_the_work_and_ack_each_message_once() {
-    let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue("shared");
-    // A prefetch of 10 (--max-in-flight) and slow handlers: both instances get work.
-    let flags = ["--handler-latency", "20ms", "--max-in-flight", "10"];
-    let mut a = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
-    let mut b = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
-    a.wait_for("Starting consumer");
-    b.wait_for("Starting consumer");
-    let names = server.publish_names(&queue, 300, 5);
-    let end = Instant::now() + PATIENCE;
-    loop {
-        let done = acked_names(a.lines()).len() + acked_names(b.lines()).len();
-        if done >= 300 {
-            break;
-        }
-        assert!(Instant::now() < end, "only {done} of 300 acked");
-        thread::sleep(Duration::from_millis(20));
-    }
-    a.signal("TERM");
-    b.signal("TERM");
-    let (status_a, _, lines_a, report_a) = a.finish();
-    let (status_b, _, lines_b, report_b) = b.finish();
-    assert!(
-        status_a.success() && status_b.success(),
-        "{status_a} {status_b}"
-    );
-    let (acked_a, acked_b) = (acked_names(&lines_a), acked_names(&lines_b));
-    assert!(
-        !acked_a.is_empty() && !acked_b.is_empty(),
-        "one instance got nothing: {} {}",
-        acked_a.len(),
-        acked_b.len()
-    );
-    let mut all = [acked_a, acked_b].concat();
-    all.sort();
-    assert_eq!(all, names, "each message acked exactly once");
-    assert_eq!(field(&report_a, "acked") + field(&report_b, "acked"), 300.0);
-    server.wait_until_empty(&queue, 5);
+    scenarios::two_instances_share_the_work_and_ack_each_message_once(Rabbit::get());
 }
 
 #[test]
 fn a_killed_instance_s_messages_are_redelivered_to_the_other() {
-    let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue("killed");
-    let flags = ["--handler-latency", "300ms", "--max-in-flight", "20"];
-    let mut victim = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
-    victim.wait_for("Starting consumer");
-    let names = server.publish_names(&queue, 60, 5);
-    // The victim holds leases (handlers started) when it is killed.
-    victim.wait_for_count("Consumed PubSubMessage", 5);
-    victim.signal("KILL");
-    let (_, _, victim_lines, _) = victim.finish();
-    let mut survivor = start(
-        server,
-        &queue,
-        &[&QUIET[..], &["--handler-latency", "5ms"][..]].concat(),
-    );
-    let end = Instant::now() + PATIENCE;
-    loop {
-        let mut all = [acked_names(&victim_lines), acked_names(survivor.lines())].concat();
-        all.sort();
-        all.dedup();
-        if all.len() == names.len() {
-            assert_eq!(all, names);
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "only {} of {} acked",
-            all.len(),
-            names.len()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    survivor.signal("TERM");
-    let (status, _, lines, report) = survivor.finish();
-    assert!(status.success(), "{status}: {}", lines.join("\n"));
-    // What the victim held and had not acked is handled by the survivor.
-    let victim_acked = acked_names(&victim_lines);
-    let held: Vec<String> = names_in(&victim_lines, "Consumed PubSubMessage(instance_name='")
-        .into_iter()
-        .filter(|name| !victim_acked.contains(name))
-        .collect();
-    let survivor_acked = acked_names(&lines);
-    assert!(!held.is_empty());
-    assert!(
-        held.iter().all(|name| survivor_acked.contains(name)),
-        "{held:?} not all in {survivor_acked:?}"
-    );
-    assert_eq!(
-        field(&report, "acked") as usize,
-        survivor_acked.len(),
-        "{report}"
-    );
-    server.wait_until_empty(&queue, 5);
+    scenarios::a_killed_instance_s_messages_are_handled_by_the_other(Rabbit::get());
 }
 
 #[test]
 fn sigterm_gives_everything_back_within_the_grace_period() {
     let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue("term");
-    let flags = [
-        "--handler-latency",
-        "10s",
-        "--max-in-flight",
-        "20",
-        "--grace-period",
-        "500ms",
-    ];
-    let mut service = start(server, &queue, &[&QUIET[..], &flags[..]].concat());
-    service.wait_for("Starting consumer");
-    server.publish_names(&queue, 30, 5);
-    service.wait_for_count("Consumed PubSubMessage", 20);
-    let sent = Instant::now();
-    service.signal("TERM");
-    let (status, _, lines, report) = service.finish();
-    let took = sent.elapsed();
-    assert!(status.success(), "{status}: {}", lines.join("\n"));
-    assert!(
-        took < Duration::from_millis(1500),
-        "the shutdown took {took:?}, more than the grace period + 1 s"
-    );
+    let (queue, back, report) = scenarios::sigterm_gives_back_within_the_grace_period(server);
     // Every message not acked is back in the queue: a new consumer gets them all.
-    let back = 30 - field(&report, "acked") as usize;
-    assert!(back >= 20, "{report}");
     let source = server.source(&queue, Duration::from_secs(60), 5);
-    let mut leases = Vec::new();
-    let end = Instant::now() + PATIENCE;
-    while leases.len() < back {
-        assert!(
-            Instant::now() < end,
-            "only {} of {back} came back",
-            leases.len()
-        );
-        source
-            .pull(back - leases.len(), Duration::from_millis(100), &mut leases)
-            .expect("pull");
-    }
+    let leases = pull_all(&source, back);
     // The messages that were leased come back as a second attempt (the ones only
     // prefetched too: on RabbitMQ 3.10 every give-back counts); the rest were never sent.
     let again = leases.iter().filter(|lease| lease.attempt == 2).count();
@@ -286,42 +123,7 @@ fn sigterm_gives_everything_back_within_the_grace_period() {
 
 #[test]
 fn messages_handled_and_failing_every_time_are_dead_lettered_by_the_service() {
-    let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue("svcdead");
-    // Every restart fails and is not retried: each message is nacked on every attempt,
-    // until the third, which dead-letters it.
-    let mut service = start(
-        server,
-        &queue,
-        &[
-            "--publishers",
-            "0",
-            "--restart-failure-rate",
-            "1",
-            "--restart-retries",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--handler-latency",
-            "0",
-            "--max-attempts",
-            "3",
-            "--report",
-            "json",
-            "--seed",
-            "7",
-        ],
-    );
-    service.wait_for("Starting consumer");
-    server.publish_names(&queue, 10, 3);
-    server.wait_until_empty(&queue, 3);
-    service.signal("TERM");
-    let (status, _, lines, report) = service.finish();
-    assert!(status.success(), "{status}: {}", lines.join("\n"));
-    assert_eq!(field(&report, "dead_lettered"), 10.0, "{report}");
-    // The dead letters are in `{queue}:dead`.
-    let probe = server.source(&queue, Duration::from_secs(60), 3);
-    wait_for_dead_letters(&probe, 10);
+    scenarios::messages_failing_every_time_are_dead_lettered_by_the_service(Rabbit::get(), 10, 3);
 }
 
 #[test]
@@ -371,19 +173,7 @@ fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
         ),
         (server.url(), taken.as_str(), "PRECONDITION_FAILED"),
     ] {
-        let started = Instant::now();
-        let flags = ["--stream", stream, "--reconnect-limit", "60s"];
-        let output = common::run(&[&["--source", &url][..], &flags].concat());
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{stderr}");
-        // Not retried for the 60 s of the limit.
-        assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
-        assert!(
-            stderr.contains("refused the connection") && stderr.contains(refusal),
-            "{stderr}"
-        );
-        assert!(!stderr.contains("retrying"), "{stderr}");
-        assert!(!stderr.contains("s3cretpw"), "{stderr}");
+        scenarios::refused_at_once(&url, &["--stream", stream], refusal, "s3cretpw");
     }
 }
 
@@ -879,64 +669,21 @@ fn the_service_runs_over_amqps() {
 
 /// Runs the service through a proxy with `--reconnect-limit 1s`, breaks the proxy with
 /// `fault` once it consumes, and checks that it exits 1 within `within`, saying it gave up.
-fn gives_up_after_the_limit(tag: &str, fault: impl FnOnce(&Proxy), within: Duration) {
+fn gives_up_after_the_limit(fault: impl FnOnce(&Proxy), within: Duration) {
     let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue(tag);
     let proxy = Proxy::start(server);
-    let flags = ["--stream", &queue, "--reconnect-limit", "1s"];
-    let mut service = Service::start_on(&proxy.url(), &[&flags[..], &QUIET].concat());
-    service.wait_for("Starting consumer");
-    let broken = Instant::now();
-    fault(&proxy);
-    let (status, _, lines, _) = service.finish();
-    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
-    assert!(
-        lines
-            .iter()
-            .any(|line| line.contains("unavailable for more than 1s")),
-        "{}",
-        lines.join("\n")
-    );
-    assert!(broken.elapsed() < within, "{:?}", broken.elapsed());
+    let gave_up = "unavailable for more than 1s";
+    scenarios::gives_up_after_the_limit(server, &proxy.url(), || fault(&proxy), gave_up, within);
 }
 
 #[test]
 fn the_service_gives_up_after_the_reconnect_limit() {
-    gives_up_after_the_limit("giveup", Proxy::cut, Duration::from_secs(10));
+    gives_up_after_the_limit(Proxy::cut, Duration::from_secs(10));
 }
 
 #[test]
 fn the_last_report_of_a_lone_instance_balances() {
-    let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue("balance");
-    let mut service = start(
-        server,
-        &queue,
-        &[
-            "--publish-interval",
-            "1ms",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--grace-period",
-            "1s",
-            "--report",
-            "json",
-        ],
-    );
-    // Stopped mid-run: leases held by handlers, deliveries prefetched and not pulled yet.
-    service.wait_for_count("Done. Acked", 200);
-    service.signal("TERM");
-    let (status, _, lines, report) = service.finish();
-    assert!(status.success(), "{status}: {}", lines.join("\n"));
-    let published = field(&report, "published");
-    assert!(published >= 200.0, "{report}");
-    assert_eq!(
-        published,
-        field(&report, "acked") + field(&report, "dead_lettered") + field(&report, "remaining"),
-        "{report}"
-    );
+    scenarios::the_last_report_of_a_lone_instance_balances(Rabbit::get());
 }
 
 #[test]
@@ -945,7 +692,7 @@ fn a_stalled_broker_is_found_out_and_the_service_gives_up_after_the_reconnect_li
     // RabbitMQ's default heartbeat of 60 s: a consuming instance went on for two minutes
     // and more before `--reconnect-limit` even began to count. Now: two heartbeats of 5 s,
     // a connection attempt that times out after 5 s, the limit of 1 s, and margin.
-    gives_up_after_the_limit("stalled", Proxy::stall, Duration::from_secs(25));
+    gives_up_after_the_limit(Proxy::stall, Duration::from_secs(25));
 }
 
 #[test]
@@ -1242,23 +989,8 @@ fn mayhem_publish_over_amqps_publishes_the_lines_of_stdin() {
 fn mayhem_publish_exits_1_in_one_line_on_a_refusal_or_an_unreachable_broker() {
     // Nobody listens on a port just freed: no broker needed.
     let nowhere = format!("amqp://guest:s3cretpw@127.0.0.1:{}/%2f", free_port());
-    let run = |url: &str, limit: &str| {
-        let started = Instant::now();
-        let output = common::run(&[
-            "publish",
-            "--source",
-            url,
-            "--reconnect-limit",
-            limit,
-            "web-03",
-        ]);
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert_eq!(output.status.code(), Some(1), "{stderr}");
-        assert!(output.stdout.is_empty(), "{stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.starts_with("error: "), "{stderr}");
-        assert!(!stderr.contains("s3cretpw"), "{stderr}");
-        (started.elapsed(), stderr)
+    let run = |url: &str, limit| {
+        scenarios::publish_fails(url, &["--reconnect-limit", limit], Some("s3cretpw"))
     };
     let (took, stderr) = run(&nowhere, "1s");
     assert!(stderr.contains("unavailable"), "{stderr}");

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 mod common;
 mod conformance;
 mod redis_soak;
+mod scenarios;
 
 use common::proxy::Proxy;
 use common::redis::RedisServer;
@@ -183,20 +184,8 @@ fn a_restarted_consumer_recovers_its_own_pending_entries() {
     let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let config = source_config(&server, "s", Duration::from_secs(60));
-    let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(4));
-    {
-        let first = RedisSource::connect(config.clone()).expect("connect");
-        publish_one(&first, &message);
-        pull_one(&first);
-        // Dropped without ack: the entry stays pending for consumer c1.
-    }
-    let again = RedisSource::connect(config).expect("connect");
-    let lease = pull_one(&again);
-    conformance::assert_same(&lease.message, &message);
-    assert_eq!(lease.attempt, 2);
-    assert!(conformance::ack(&again, &[lease.id]).is_empty());
-    assert_eq!(server.group("s", "g").map(|g| g.0), Some(0));
+    let stream = scenarios::a_dropped_source_s_lease_comes_back(&server, 3);
+    assert_eq!(server.group(&stream, "g").map(|g| g.0), Some(0));
 }
 
 #[test]
@@ -204,108 +193,22 @@ fn nacks_past_max_attempts_go_to_the_dead_stream() {
     let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let source =
-        RedisSource::connect(source_config(&server, "s", Duration::from_secs(5))).expect("connect");
-    let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(2));
-    publish_one(&source, &message);
-    for attempt in 1..=3 {
-        let lease = pull_one(&source);
-        conformance::assert_same(&lease.message, &message);
-        assert_eq!(lease.attempt, attempt);
-        assert!(conformance::nack(&source, &[lease.id]).is_empty());
-    }
-    assert_eq!(source.stats().dead_lettered, 1);
-    assert_eq!(server.xlen("s:dead"), 1);
-    assert_eq!(server.group("s", "g").map(|g| (g.0, g.1)), Some((0, 0)));
+    let (stream, _) = scenarios::nacks_past_max_attempts_are_dead_lettered(&server);
+    assert_eq!(server.group(&stream, "g").map(|g| (g.0, g.1)), Some((0, 0)));
 }
 
 #[test]
 fn two_instances_share_the_work_and_ack_each_message_once() {
-    let Some(server) = RedisServer::start(false) else {
-        return;
-    };
-    let flags = ["--handler-latency", "20ms", "--max-in-flight", "10"];
-    let mut a = start(
-        &server,
-        &[&QUIET[..], &flags[..], &["--consumer-name", "a"]].concat(),
-    );
-    let mut b = start(
-        &server,
-        &[&QUIET[..], &flags[..], &["--consumer-name", "b"]].concat(),
-    );
-    a.wait_for("Starting consumer");
-    b.wait_for("Starting consumer");
-    let names = server.publish("mayhem", 300);
-    server.wait_until_drained("mayhem", "mayhem");
-    a.signal("TERM");
-    b.signal("TERM");
-    let (status_a, _, lines_a, report_a) = a.finish();
-    let (status_b, _, lines_b, report_b) = b.finish();
-    assert!(
-        status_a.success() && status_b.success(),
-        "{status_a} {status_b}"
-    );
-    let (acked_a, acked_b) = (acked_names(&lines_a), acked_names(&lines_b));
-    assert!(
-        !acked_a.is_empty() && !acked_b.is_empty(),
-        "one instance got nothing"
-    );
-    let mut all = [acked_a, acked_b].concat();
-    all.sort();
-    assert_eq!(all, names, "each message acked exactly once");
-    assert_eq!(field(&report_a, "acked") + field(&report_b, "acked"), 300.0);
-    assert_eq!(
-        field(&report_a, "stale_acks") + field(&report_b, "stale_acks"),
-        0.0
+    scenarios::two_instances_share_the_work_and_ack_each_message_once(
+        RedisServer::start(false).as_ref(),
     );
 }
 
 #[test]
 fn a_killed_instance_s_messages_are_claimed_by_the_other() {
-    let Some(server) = RedisServer::start(false) else {
-        return;
-    };
-    let flags = [
-        "--handler-latency",
-        "300ms",
-        "--max-in-flight",
-        "20",
-        "--ack-deadline",
-        "1s",
-        "--extend-interval",
-        "300ms",
-    ];
-    let mut victim = start(
-        &server,
-        &[&QUIET[..], &flags[..], &["--consumer-name", "victim"]].concat(),
+    scenarios::a_killed_instance_s_messages_are_handled_by_the_other(
+        RedisServer::start(false).as_ref(),
     );
-    victim.wait_for("Starting consumer");
-    let names = server.publish("mayhem", 60);
-    let end = Instant::now() + PATIENCE;
-    while server.pending_of("mayhem", "mayhem", "victim") < 5 {
-        assert!(Instant::now() < end, "the victim never leased anything");
-        thread::sleep(Duration::from_millis(5));
-    }
-    let survivor = start(
-        &server,
-        &[&QUIET[..], &flags[..], &["--consumer-name", "survivor"]].concat(),
-    );
-    victim.signal("KILL");
-    let (status, _, lines_victim, _) = victim.finish();
-    assert!(!status.success());
-    server.wait_until_drained("mayhem", "mayhem");
-    survivor.signal("TERM");
-    let (status, _, lines_survivor, report) = survivor.finish();
-    assert!(status.success(), "{status}");
-    assert!(
-        field(&report, "redelivered") >= 1.0,
-        "nothing was claimed: {report}"
-    );
-    let mut all = [acked_names(&lines_victim), acked_names(&lines_survivor)].concat();
-    all.sort();
-    all.dedup();
-    assert_eq!(all, names, "a message was lost");
-    assert_eq!(server.group("mayhem", "mayhem").map(|g| g.0), Some(0));
 }
 
 #[test]
@@ -313,66 +216,14 @@ fn sigterm_leaves_nothing_pending() {
     let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let service = start(
-        &server,
-        &[
-            "--publish-interval",
-            "0",
-            "--handler-latency",
-            "300ms",
-            "--max-in-flight",
-            "50",
-            "--grace-period",
-            "0",
-            "--report",
-            "json",
-            "--seed",
-            "9",
-        ],
-    );
-    let end = Instant::now() + PATIENCE;
-    while server.group("mayhem", "mayhem").map_or(0, |g| g.0) < 20 {
-        assert!(Instant::now() < end, "nothing in flight");
-        thread::sleep(Duration::from_millis(5));
-    }
-    service.signal("TERM");
-    let (status, _, lines, report) = service.finish();
-    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    let (stream, _, report) = scenarios::sigterm_gives_back_within_the_grace_period(&server);
     assert!(field(&report, "nacked") >= 1.0, "{report}");
-    assert_eq!(server.group("mayhem", "mayhem").map(|g| g.0), Some(0));
+    assert_eq!(server.group(&stream, "mayhem").map(|g| g.0), Some(0));
 }
 
 #[test]
 fn the_last_report_of_a_lone_instance_balances() {
-    let Some(server) = RedisServer::start(false) else {
-        return;
-    };
-    let mut service = start(
-        &server,
-        &[
-            "--publish-interval",
-            "1ms",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--grace-period",
-            "1s",
-            "--report",
-            "json",
-        ],
-    );
-    // Stopped mid-run, with acks still being sent: the last count is asked of Redis after
-    // them, not taken from the maintenance thread's answer of up to a tenth of a second ago.
-    wait_until("200 acks", || acked_names(service.lines()).len() >= 200);
-    service.signal("TERM");
-    let (status, _, lines, report) = service.finish();
-    assert!(status.success(), "{status}\n{}", lines.join("\n"));
-    assert_eq!(
-        field(&report, "published"),
-        field(&report, "acked") + field(&report, "dead_lettered") + field(&report, "remaining"),
-        "{report}"
-    );
+    scenarios::the_last_report_of_a_lone_instance_balances(RedisServer::start(false).as_ref());
 }
 
 #[test]
@@ -450,38 +301,10 @@ fn the_service_recovers_from_a_redis_restart() {
 
 #[test]
 fn dead_letters_go_to_the_dead_stream() {
-    let Some(server) = RedisServer::start(false) else {
-        return;
-    };
-    let service = start(
-        &server,
-        &[
-            "--messages",
-            "50",
-            "--publish-interval",
-            "0",
-            "--handler-latency",
-            "0",
-            "--restart-failure-rate",
-            "1",
-            "--restart-retries",
-            "0",
-            "--max-attempts",
-            "2",
-            "--report",
-            "json",
-            "--seed",
-            "13",
-        ],
-    );
-    let (status, _, _, report) = service.finish();
-    assert!(status.success(), "{status}");
-    assert_eq!(field(&report, "dead_lettered"), 50.0, "{report}");
-    assert_eq!(field(&report, "acked"), 0.0, "{report}");
-    assert_eq!(server.xlen("mayhem:dead"), 50);
-    assert_eq!(
-        server.group("mayhem", "mayhem").map(|g| (g.0, g.1)),
-        Some((0, 0))
+    scenarios::messages_failing_every_time_are_dead_lettered_by_the_service(
+        RedisServer::start(false).as_ref(),
+        50,
+        2,
     );
 }
 
@@ -490,19 +313,14 @@ fn a_server_gone_for_good_ends_the_service_with_exit_1() {
     let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let mut service = start(&server, &["--reconnect-limit", "1s", "--publishers", "0"]);
-    service.wait_for("Starting consumer");
-    server.stop();
-    let (status, _, lines, _) = service.finish();
-    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
-    assert!(
-        lines.iter().any(|l| l.contains("unreachable")),
-        "{}",
-        lines.join("\n")
+    let within = Duration::from_secs(10);
+    scenarios::gives_up_after_the_limit(
+        &server,
+        &server.url(),
+        || server.stop(),
+        "unreachable",
+        within,
     );
-    assert!(lines
-        .iter()
-        .any(|l| l.contains("Successfully shutdown the Mayhem service.")));
 }
 
 #[test]
@@ -710,21 +528,9 @@ fn the_password_is_never_logged() {
     // password, at once (retrying cannot cure it: it was retried for the whole limit).
     let wrong = format!("redis://:wrong-{secret}@127.0.0.1:{}/0", server.port);
     let none = format!("redis://127.0.0.1:{}/0", server.port);
-    for (url, code) in [(&wrong, "WRONGPASS"), (&none, "NOAUTH")] {
-        let started = Instant::now();
-        let output = common::run(&["--source", url, "--reconnect-limit", "60s"]);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{stderr}");
-        assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
-        assert!(
-            stderr.contains("refused the connection") && stderr.contains(code),
-            "{stderr}"
-        );
-        assert!(!stderr.contains("retrying"), "{stderr}");
-        assert!(!stderr.contains(secret), "{stderr}");
-    }
-    let output = common::run(&["--source", &wrong, "--reconnect-limit", "60s"]);
-    assert!(String::from_utf8_lossy(&output.stderr).contains("redis://:***@"));
+    let stderr = scenarios::refused_at_once(&wrong, &[], "WRONGPASS", secret);
+    assert!(stderr.contains("redis://:***@"), "{stderr}");
+    scenarios::refused_at_once(&none, &[], "NOAUTH", secret);
     // A bad address holding a password: a one-line usage error without it.
     let bad = format!("redis://:{secret}@127.0.0.1:notaport/0");
     let output = common::run(&["--source", &bad]);
@@ -1435,12 +1241,7 @@ fn publish_reads_one_message_per_line_of_stdin() {
 fn publish_to_an_unreachable_broker_exits_1_within_the_reconnect_limit() {
     // Nobody listens on a port just freed; no redis-server needed.
     let url = format!("redis://127.0.0.1:{}/0", free_port());
-    let started = Instant::now();
-    let (code, stdout, stderr) = run_publish(&url, &["--reconnect-limit", "1s", "web-03"], None);
-    let took = started.elapsed();
-    assert_eq!(code, Some(1), "{stderr}");
-    assert!(stdout.is_empty(), "{stdout}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let (took, stderr) = scenarios::publish_fails(&url, &["--reconnect-limit", "1s"], None);
     assert!(
         stderr.starts_with("error: cannot connect to redis at ") && stderr.contains("tried for 1s"),
         "{stderr}"
@@ -1526,15 +1327,10 @@ fn publish_with_a_wrong_password_exits_1_at_once_without_showing_it() {
         return;
     };
     let url = format!("redis://:wr0ng-pw@127.0.0.1:{}/0", server.port);
-    let started = Instant::now();
-    let (code, stdout, stderr) = run_publish(&url, &["web-03"], None);
-    assert_eq!(code, Some(1), "{stderr}");
+    let (took, stderr) = scenarios::publish_fails(&url, &[], Some("wr0ng-pw"));
     // Not retried for the 30 s of the default limit.
-    assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
-    assert!(stdout.is_empty(), "{stdout}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(took < Duration::from_secs(10), "{stderr}");
     assert!(stderr.contains("refused the connection"), "{stderr}");
-    assert!(!stderr.contains("wr0ng-pw"), "{stderr}");
     // With the right one it publishes.
     let (code, stdout, stderr) = run_publish(&server.url(), &["web-03"], None);
     assert_eq!(code, Some(0), "{stderr}");
