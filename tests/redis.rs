@@ -947,14 +947,21 @@ fn messages_n_completes_for_a_shared_group() {
         Some((0, 0))
     );
     let mut all = acked_names(&lines_a);
+    let mut acked = field(&report, "acked");
     for helper in helpers {
         helper.signal("TERM");
-        let (status, _, lines, _) = helper.finish();
+        let (status, _, lines, report) = helper.finish();
         assert!(status.success());
         all.extend(acked_names(&lines));
+        acked += field(&report, "acked");
     }
-    assert_eq!(all.len(), 300, "each message acked once");
-    assert_eq!(counts(&all).len(), 300);
+    // Counted by the reports: a log line can be dropped when stderr is read slowly (the
+    // logger says so), and a loaded machine once lost one `Done. Acked` line that way.
+    assert_eq!(acked, 300.0, "each message acked once");
+    assert!(
+        counts(&all).values().all(|&n| n == 1),
+        "a message acked twice"
+    );
 }
 
 #[test]

@@ -588,6 +588,7 @@ impl Core {
         prefix.frames(Instant::now(), force, &mut frames);
         let mut settled = 0;
         let mut dead = 0;
+        let mut requeued = 0;
         if let Some(link) = link.filter(|_| !frames.is_empty()) {
             // The frames are written in order; none waits for an answer (acks and nacks
             // have none), so the whole batch costs no round trip.
@@ -639,7 +640,7 @@ impl Core {
                     match frame.kind {
                         Settle::Ack => settled += frame.count,
                         Settle::Dead => dead += frame.count,
-                        Settle::Requeue => {}
+                        Settle::Requeue => requeued += frame.count,
                     }
                 } else if frame.kind == Settle::Ack {
                     void_acks += frame.count;
@@ -653,6 +654,9 @@ impl Core {
                     void_acks += frame.count;
                 }
             }
+        }
+        if requeued > 0 && self.side.cancelled.load(Ordering::SeqCst) {
+            self.side.given_back.fetch_add(requeued, Ordering::SeqCst);
         }
         if settled + dead + void_acks > 0 {
             let mut stats = lock(&self.side.stats);
@@ -732,7 +736,11 @@ mod tests {
             assert_eq!(text(&value), Ok(want.map(str::to_owned)), "{value:?}");
         }
         let latin1 = AMQPValue::LongString(LongString::from(&b"\xff"[..]));
-        assert_eq!(text(&latin1), Err(()), "a string that is not UTF-8 is refused");
+        assert_eq!(
+            text(&latin1),
+            Err(()),
+            "a string that is not UTF-8 is refused"
+        );
         let binary = AMQPValue::ByteArray(ByteArray::from(&b"\xff\x00"[..]));
         assert_eq!(text(&binary), Ok(None), "binary bytes are left out");
         assert_eq!(

@@ -243,6 +243,9 @@ struct Consuming {
     queued: Outstanding,
     /// Set once the worker cancelled the consumer after an interrupt.
     cancelled: AtomicBool,
+    /// Messages given back to the queue (`basic.nack` with requeue) since the consumer was
+    /// cancelled: the last count of ready messages waits until it holds them.
+    given_back: AtomicU64,
     /// Held while the consumer is being cancelled.
     cancelling: Mutex<()>,
     /// When the lease table was created: [`Consuming::next_scan`] counts from it.
@@ -368,6 +371,7 @@ impl Consuming {
             settled: AtomicU64::new(0),
             queued: Outstanding::default(),
             cancelled: AtomicBool::new(false),
+            given_back: AtomicU64::new(0),
             cancelling: Mutex::new(()),
             born: Instant::now(),
             next_scan: AtomicU64::new(0),
@@ -560,7 +564,10 @@ impl Source for AmqpSource {
                 self.enqueue(prefetched);
                 core.flush(SHUTDOWN_WAIT);
             }
-            core.settled_count(&core.config.queue)
+            core.settled_count(
+                &core.config.queue,
+                core.side.given_back.load(Ordering::SeqCst),
+            )
         } else {
             core.count(&core.config.queue)
         };

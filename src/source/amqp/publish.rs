@@ -125,6 +125,10 @@ impl Lane {
         limit: Duration,
         abort: Abort,
     ) -> Result<Sent, Failure> {
+        let abort = match abort {
+            Abort::OnInterrupt => Abort::IfBlockedOnInterrupt,
+            other => other,
+        };
         let done = Cell::new(0);
         // The publish time, in the `timestamp` property's whole seconds.
         let published = std::time::SystemTime::now()
