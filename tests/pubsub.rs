@@ -608,6 +608,39 @@ fn a_subscription_lost_mid_run_is_created_again() {
     assert_eq!(got, want);
 }
 
+#[test]
+fn a_batch_of_several_requests_in_flight_arrives_once_each_and_a_missing_topic_fails_it() {
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    // 5,500 messages: six requests, four in flight at once.
+    let subscription = unique("lanes");
+    let source = emulator.source(&subscription, 5);
+    let mut rng = mayhem::Rng::with_seed(61);
+    let sent: Vec<PubSubMessage> = (0..5500).map(|_| PubSubMessage::random(&mut rng)).collect();
+    source.publish(&sent).expect("publish");
+    assert_eq!(source.stats().published, 5500);
+    let leases = pull_all(&source, sent.len());
+    let mut got: Vec<String> = leases.iter().map(|l| l.message.id().to_string()).collect();
+    let mut want: Vec<String> = sent.iter().map(|m| m.id().to_string()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "each message once");
+    // A topic deleted under the source: every request is refused, and the batch fails at
+    // once with the server's reason instead of being tried again.
+    let status = delete(emulator, source.topic());
+    assert!(status.contains("200"), "{status}");
+    let started = Instant::now();
+    let error = source.publish(&sent[..3500]).expect_err("a missing topic");
+    assert!(started.elapsed() < Duration::from_secs(10), "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("pubsub publish to") && text.contains("404"),
+        "{text}"
+    );
+    assert_eq!(source.stats().published, 5500);
+}
+
 /// The Python with Google's client (`MAYHEM_PUBSUB_PYTHON`, else `python3`), or `None`
 /// (said loudly) when `google.cloud.pubsub_v1` cannot be imported.
 fn python_pubsub() -> Option<String> {

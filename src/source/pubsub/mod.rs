@@ -7,7 +7,7 @@
 //! | `Source` | Pub/Sub |
 //! |---|---|
 //! | start | `GET` the subscription; when missing, `PUT` its topic (`?topic=`, else the subscription's name), the dead-letter topic `{subscription}-dead` and the subscription (ack deadline, dead-letter policy, message ordering with `?ordering=true`) |
-//! | `publish` | `topics/T:publish`, at most 1,000 messages and about 9.5 MB of JSON per request, to the subscription's topic; a message's own id travels as the attribute `mayhem_message_id` (Pub/Sub's ids are the server's, used for messages without one) |
+//! | `publish` | `topics/T:publish`, at most 1,000 messages and about 9.5 MB of JSON per request, to the subscription's topic, up to 4 requests of a batch in flight at once (one after the other when a message of the batch has an ordering key); a message's own id travels as the attribute `mayhem_message_id` (Pub/Sub's ids are the server's, used for messages without one) |
 //! | `pull` | `subscriptions/S:pull` with `returnImmediately`, polled within the caller's wait |
 //! | `ack` | `:acknowledge`, up to 2,500 ack ids per request |
 //! | `nack` | `:modifyAckDeadline` to 0 |
@@ -53,7 +53,7 @@ mod topology;
 mod url;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -89,6 +89,8 @@ const PULL_MAX: usize = 1000;
 /// Pauses between tries of a request that failed in a way that may pass: 50 ms, doubling
 /// up to 2 s.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+/// Most publish requests of one batch in flight at once.
+const PUBLISH_IN_FLIGHT: usize = 4;
 
 /// Checks that `url` is a `pubsub://PROJECT/SUBSCRIPTION[?topic=NAME&ordering=true]` URL.
 ///
@@ -452,8 +454,11 @@ impl PubSubSource {
 }
 
 impl Publish for PubSubSource {
-    /// Publishes the batch in requests of at most 1,000 messages and about 9.5 MB, in order,
-    /// each tried again while Pub/Sub fails (at least once).
+    /// Publishes the batch in requests of at most 1,000 messages and about 9.5 MB, each
+    /// tried again while Pub/Sub fails (at least once); returns once the server confirmed
+    /// every request. A batch of several requests without ordering keys keeps up to
+    /// [`PUBLISH_IN_FLIGHT`] of them in flight, on connections of their own; a batch with
+    /// an ordering key is sent one request after the other, in order.
     fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
         check_batch(batch, &[ID_ATTRIBUTE], "pubsub")?;
         if let Some(key) = batch
@@ -467,40 +472,57 @@ impl Publish for PubSubSource {
                 broker: "pubsub",
             }));
         }
-        let core = &self.core;
-        for chunk in rest::publish_chunks(batch) {
-            let start = Instant::now();
-            let mut backoff = BACKOFF;
-            loop {
-                if core.interrupted.load(Ordering::SeqCst) {
-                    return Err(SourceError::Closed);
-                }
-                match core.rest.publish(&core.topic, chunk, &[]) {
-                    Ok(_) => {
-                        core.health.recovered(core.rest.base());
-                        lock(&core.stats).published += chunk.len() as u64;
-                        break;
-                    }
-                    Err(error) if error.is_transient() => {
-                        core.health.failed(core.rest.base(), &error);
-                        if start.elapsed() >= core.config.reconnect_limit {
-                            return Err(SourceError::Unavailable(format!(
-                                "pubsub publish to {}: {error}",
-                                core.topic
-                            )));
-                        }
-                        thread::sleep(backoff.next_pause());
-                    }
-                    Err(error) => {
-                        return Err(SourceError::Backend(format!(
-                            "pubsub publish to {}: {error}",
-                            core.topic
-                        )))
-                    }
+        let chunks: Vec<&[PubSubMessage]> = rest::publish_chunks(batch).collect();
+        let ordered = batch.iter().any(|message| message.ordering_key().is_some());
+        let lanes = if ordered {
+            1
+        } else {
+            chunks.len().min(PUBLISH_IN_FLIGHT)
+        };
+        if lanes <= 1 {
+            return chunks
+                .iter()
+                .try_for_each(|chunk| self.core.publish_chunk(chunk));
+        }
+        // Each lane takes the next request not yet taken; after a failure no lane takes
+        // another, and the batch fails with the first error (the caller publishes it again:
+        // at least once).
+        let core = &*self.core;
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let lane = || -> Result<(), SourceError> {
+            while !failed.load(Ordering::SeqCst) {
+                let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                    return Ok(());
+                };
+                if let Err(error) = core.publish_chunk(chunk) {
+                    failed.store(true, Ordering::SeqCst);
+                    return Err(error);
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        };
+        thread::scope(|scope| {
+            // A thread the system refuses leaves fewer lanes; the caller's own always runs.
+            let others: Vec<_> = (1..lanes)
+                .filter_map(|_| {
+                    thread::Builder::new()
+                        .name("mayhem-pubsub-publish".into())
+                        .spawn_scoped(scope, lane)
+                        .ok()
+                })
+                .collect();
+            let mut result = lane();
+            for other in others {
+                let outcome = other.join().unwrap_or_else(|_| {
+                    Err(SourceError::Backend(
+                        "a pubsub publishing thread panicked".to_owned(),
+                    ))
+                });
+                result = result.and(outcome);
+            }
+            result
+        })
     }
 
     fn interrupt(&self) {
@@ -739,6 +761,41 @@ fn dead(held: &Held, reason: String) -> Op {
 }
 
 impl Core {
+    /// Publishes one request's worth of messages, tried again while Pub/Sub fails, up to
+    /// the reconnect limit.
+    fn publish_chunk(&self, chunk: &[PubSubMessage]) -> Result<(), SourceError> {
+        let start = Instant::now();
+        let mut backoff = BACKOFF;
+        loop {
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Err(SourceError::Closed);
+            }
+            match self.rest.publish(&self.topic, chunk, &[]) {
+                Ok(_) => {
+                    self.health.recovered(self.rest.base());
+                    lock(&self.stats).published += chunk.len() as u64;
+                    return Ok(());
+                }
+                Err(error) if error.is_transient() => {
+                    self.health.failed(self.rest.base(), &error);
+                    if start.elapsed() >= self.config.reconnect_limit {
+                        return Err(SourceError::Unavailable(format!(
+                            "pubsub publish to {}: {error}",
+                            self.topic
+                        )));
+                    }
+                    thread::sleep(backoff.next_pause());
+                }
+                Err(error) => {
+                    return Err(SourceError::Backend(format!(
+                        "pubsub publish to {}: {error}",
+                        self.topic
+                    )))
+                }
+            }
+        }
+    }
+
     /// Waits until the queue of lease operations is empty, up to `timeout` or until requests
     /// are found failing; returns how many are left.
     fn flush(&self, timeout: Duration) -> usize {
