@@ -48,12 +48,13 @@ mod auth;
 mod health;
 mod leases;
 mod ops;
+mod publish;
 mod rest;
 mod topology;
 mod url;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -61,18 +62,19 @@ use std::time::{Duration, Instant};
 use log::warn;
 
 use crate::error::SourceError;
-use crate::message::{MessageError, PubSubMessage};
+use crate::message::PubSubMessage;
 use crate::shutdown::Shutdown;
 use crate::source::kit::{Backoff, Worker};
-use crate::source::{check_batch, Lease, LeaseId, Publish, Source, SourceStats};
+use crate::source::{Lease, LeaseId, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
 use self::health::Health;
 use self::leases::{End, Held, Placed, Refused, Table};
 use self::ops::{DeadLetter, Op};
-use self::rest::{Rest, RestError, ID_ATTRIBUTE};
+use self::rest::{Rest, RestError};
 
 pub use self::auth::AuthError;
+pub use self::publish::check_message;
 pub use self::rest::RestError as PubSubError;
 pub use self::url::{check_emulator_host, endpoint, PubSubUrl, UrlError, SERVICE_ENDPOINT};
 
@@ -89,8 +91,6 @@ const PULL_MAX: usize = 1000;
 /// Pauses between tries of a request that failed in a way that may pass: 50 ms, doubling
 /// up to 2 s.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-/// Most publish requests of one batch in flight at once.
-const PUBLISH_IN_FLIGHT: usize = 4;
 
 /// Checks that `url` is a `pubsub://PROJECT/SUBSCRIPTION[?topic=NAME&ordering=true]` URL.
 ///
@@ -101,38 +101,6 @@ pub fn parse_url(url: &str) -> Result<(), SourceError> {
     PubSubUrl::parse(url)
         .map(drop)
         .map_err(|error| SourceError::Backend(error.to_string()))
-}
-
-/// Checks a message as [`Publish::publish`] does before sending anything: Pub/Sub's limits
-/// ([`PubSubMessage::check`]), and the attribute keys Pub/Sub or this source keep for
-/// themselves (`goog...`, `mayhem_message_id`). A program can check its messages before
-/// connecting.
-///
-/// # Errors
-///
-/// The first rule the message breaks.
-///
-/// ```
-/// use mayhem::source::pubsub::check_message;
-/// use mayhem::{MessageError, PubSubMessage};
-/// assert_eq!(check_message(&PubSubMessage::new("web-03").with_attribute("origin", "ops")), Ok(()));
-/// let reserved = PubSubMessage::new("web-03").with_attribute("googclient_x", "1");
-/// assert!(matches!(check_message(&reserved), Err(MessageError::ReservedKey { .. })));
-/// ```
-pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
-    crate::source::check_message(message, &[ID_ATTRIBUTE], "pubsub")?;
-    match message
-        .attributes()
-        .iter()
-        .map(|(key, _)| key)
-        .find(|key| key.starts_with("goog"))
-    {
-        Some(key) => Err(MessageError::ReservedKey {
-            key: key.to_owned(),
-            broker: "pubsub",
-        }),
-        None => Ok(()),
-    }
 }
 
 /// Settings of a [`PubSubSource`].
@@ -453,83 +421,6 @@ impl PubSubSource {
     }
 }
 
-impl Publish for PubSubSource {
-    /// Publishes the batch in requests of at most 1,000 messages and about 9.5 MB, each
-    /// tried again while Pub/Sub fails (at least once); returns once the server confirmed
-    /// every request. A batch of several requests without ordering keys keeps up to
-    /// [`PUBLISH_IN_FLIGHT`] of them in flight, on connections of their own; a batch with
-    /// an ordering key is sent one request after the other, in order.
-    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
-        check_batch(batch, &[ID_ATTRIBUTE], "pubsub")?;
-        if let Some(key) = batch
-            .iter()
-            .flat_map(|message| message.attributes().iter())
-            .map(|(key, _)| key)
-            .find(|key| key.starts_with("goog"))
-        {
-            return Err(SourceError::Message(MessageError::ReservedKey {
-                key: key.to_owned(),
-                broker: "pubsub",
-            }));
-        }
-        let chunks: Vec<&[PubSubMessage]> = rest::publish_chunks(batch).collect();
-        let ordered = batch.iter().any(|message| message.ordering_key().is_some());
-        let lanes = if ordered {
-            1
-        } else {
-            chunks.len().min(PUBLISH_IN_FLIGHT)
-        };
-        if lanes <= 1 {
-            return chunks
-                .iter()
-                .try_for_each(|chunk| self.core.publish_chunk(chunk));
-        }
-        // Each lane takes the next request not yet taken; after a failure no lane takes
-        // another, and the batch fails with the first error (the caller publishes it again:
-        // at least once).
-        let core = &*self.core;
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let lane = || -> Result<(), SourceError> {
-            while !failed.load(Ordering::SeqCst) {
-                let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::SeqCst)) else {
-                    return Ok(());
-                };
-                if let Err(error) = core.publish_chunk(chunk) {
-                    failed.store(true, Ordering::SeqCst);
-                    return Err(error);
-                }
-            }
-            Ok(())
-        };
-        thread::scope(|scope| {
-            // A thread the system refuses leaves fewer lanes; the caller's own always runs.
-            let others: Vec<_> = (1..lanes)
-                .filter_map(|_| {
-                    thread::Builder::new()
-                        .name("mayhem-pubsub-publish".into())
-                        .spawn_scoped(scope, lane)
-                        .ok()
-                })
-                .collect();
-            let mut result = lane();
-            for other in others {
-                let outcome = other.join().unwrap_or_else(|_| {
-                    Err(SourceError::Backend(
-                        "a pubsub publishing thread panicked".to_owned(),
-                    ))
-                });
-                result = result.and(outcome);
-            }
-            result
-        })
-    }
-
-    fn interrupt(&self) {
-        self.core.interrupted.store(true, Ordering::SeqCst);
-    }
-}
-
 impl Source for PubSubSource {
     /// 1,000, the most one `pull` request returns: each is an HTTP round trip, and a
     /// consumer asking for the default 256 made four times as many.
@@ -761,41 +652,6 @@ fn dead(held: &Held, reason: String) -> Op {
 }
 
 impl Core {
-    /// Publishes one request's worth of messages, tried again while Pub/Sub fails, up to
-    /// the reconnect limit.
-    fn publish_chunk(&self, chunk: &[PubSubMessage]) -> Result<(), SourceError> {
-        let start = Instant::now();
-        let mut backoff = BACKOFF;
-        loop {
-            if self.interrupted.load(Ordering::SeqCst) {
-                return Err(SourceError::Closed);
-            }
-            match self.rest.publish(&self.topic, chunk, &[]) {
-                Ok(_) => {
-                    self.health.recovered(self.rest.base());
-                    lock(&self.stats).published += chunk.len() as u64;
-                    return Ok(());
-                }
-                Err(error) if error.is_transient() => {
-                    self.health.failed(self.rest.base(), &error);
-                    if start.elapsed() >= self.config.reconnect_limit {
-                        return Err(SourceError::Unavailable(format!(
-                            "pubsub publish to {}: {error}",
-                            self.topic
-                        )));
-                    }
-                    thread::sleep(backoff.next_pause());
-                }
-                Err(error) => {
-                    return Err(SourceError::Backend(format!(
-                        "pubsub publish to {}: {error}",
-                        self.topic
-                    )))
-                }
-            }
-        }
-    }
-
     /// Waits until the queue of lease operations is empty, up to `timeout` or until requests
     /// are found failing; returns how many are left.
     fn flush(&self, timeout: Duration) -> usize {

@@ -1,0 +1,162 @@
+//! Publishing: a batch in requests of at most 1,000 messages, several in flight when no
+//! ordering key asks for order; and the check of a message before anything is sent.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::Instant;
+
+use super::rest::{self, ID_ATTRIBUTE};
+use super::{Core, PubSubSource, BACKOFF};
+use crate::error::SourceError;
+use crate::message::{MessageError, PubSubMessage};
+use crate::source::{check_batch, Publish};
+use crate::sync::lock;
+
+/// Most publish requests of one batch in flight at once.
+const PUBLISH_IN_FLIGHT: usize = 4;
+
+/// Checks a message as [`Publish::publish`] does before sending anything: Pub/Sub's limits
+/// ([`PubSubMessage::check`]), and the attribute keys Pub/Sub or this source keep for
+/// themselves (`goog...`, `mayhem_message_id`). A program can check its messages before
+/// connecting.
+///
+/// # Errors
+///
+/// The first rule the message breaks.
+///
+/// ```
+/// use mayhem::source::pubsub::check_message;
+/// use mayhem::{MessageError, PubSubMessage};
+/// assert_eq!(check_message(&PubSubMessage::new("web-03").with_attribute("origin", "ops")), Ok(()));
+/// let reserved = PubSubMessage::new("web-03").with_attribute("googclient_x", "1");
+/// assert!(matches!(check_message(&reserved), Err(MessageError::ReservedKey { .. })));
+/// ```
+pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
+    crate::source::check_message(message, &[ID_ATTRIBUTE], "pubsub")?;
+    match message
+        .attributes()
+        .iter()
+        .map(|(key, _)| key)
+        .find(|key| key.starts_with("goog"))
+    {
+        Some(key) => Err(MessageError::ReservedKey {
+            key: key.to_owned(),
+            broker: "pubsub",
+        }),
+        None => Ok(()),
+    }
+}
+
+impl Publish for PubSubSource {
+    /// Publishes the batch in requests of at most 1,000 messages and about 9.5 MB, each
+    /// tried again while Pub/Sub fails (at least once); returns once the server confirmed
+    /// every request. A batch of several requests without ordering keys keeps up to
+    /// 4 of them in flight, on connections of their own; a batch with
+    /// an ordering key is sent one request after the other, in order.
+    fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
+        check_batch(batch, &[ID_ATTRIBUTE], "pubsub")?;
+        if let Some(key) = batch
+            .iter()
+            .flat_map(|message| message.attributes().iter())
+            .map(|(key, _)| key)
+            .find(|key| key.starts_with("goog"))
+        {
+            return Err(SourceError::Message(MessageError::ReservedKey {
+                key: key.to_owned(),
+                broker: "pubsub",
+            }));
+        }
+        let chunks: Vec<&[PubSubMessage]> = rest::publish_chunks(batch).collect();
+        let ordered = batch.iter().any(|message| message.ordering_key().is_some());
+        let lanes = if ordered {
+            1
+        } else {
+            chunks.len().min(PUBLISH_IN_FLIGHT)
+        };
+        if lanes <= 1 {
+            return chunks
+                .iter()
+                .try_for_each(|chunk| self.core.publish_chunk(chunk));
+        }
+        // Each lane takes the next request not yet taken; after a failure no lane takes
+        // another, and the batch fails with the first error (the caller publishes it again:
+        // at least once).
+        let core = &*self.core;
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let lane = || -> Result<(), SourceError> {
+            while !failed.load(Ordering::SeqCst) {
+                let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                    return Ok(());
+                };
+                if let Err(error) = core.publish_chunk(chunk) {
+                    failed.store(true, Ordering::SeqCst);
+                    return Err(error);
+                }
+            }
+            Ok(())
+        };
+        thread::scope(|scope| {
+            // A thread the system refuses leaves fewer lanes; the caller's own always runs.
+            let others: Vec<_> = (1..lanes)
+                .filter_map(|_| {
+                    thread::Builder::new()
+                        .name("mayhem-pubsub-publish".into())
+                        .spawn_scoped(scope, lane)
+                        .ok()
+                })
+                .collect();
+            let mut result = lane();
+            for other in others {
+                let outcome = other.join().unwrap_or_else(|_| {
+                    Err(SourceError::Backend(
+                        "a pubsub publishing thread panicked".to_owned(),
+                    ))
+                });
+                result = result.and(outcome);
+            }
+            result
+        })
+    }
+
+    fn interrupt(&self) {
+        self.core.interrupted.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Core {
+    /// Publishes one request's worth of messages, tried again while Pub/Sub fails, up to
+    /// the reconnect limit.
+    fn publish_chunk(&self, chunk: &[PubSubMessage]) -> Result<(), SourceError> {
+        let start = Instant::now();
+        let mut backoff = BACKOFF;
+        loop {
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Err(SourceError::Closed);
+            }
+            match self.rest.publish(&self.topic, chunk, &[]) {
+                Ok(_) => {
+                    self.health.recovered(self.rest.base());
+                    lock(&self.stats).published += chunk.len() as u64;
+                    return Ok(());
+                }
+                Err(error) if error.is_transient() => {
+                    self.health.failed(self.rest.base(), &error);
+                    if start.elapsed() >= self.config.reconnect_limit {
+                        return Err(SourceError::Unavailable(format!(
+                            "pubsub publish to {}: {error}",
+                            self.topic
+                        )));
+                    }
+                    thread::sleep(backoff.next_pause());
+                }
+                Err(error) => {
+                    return Err(SourceError::Backend(format!(
+                        "pubsub publish to {}: {error}",
+                        self.topic
+                    )))
+                }
+            }
+        }
+    }
+}
