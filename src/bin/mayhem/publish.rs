@@ -237,18 +237,10 @@ fn check_for(source: &SourceKind) -> Result<Check, Stop> {
         #[cfg(feature = "amqp")]
         SourceKind::Amqp(_) => Ok(mayhem::source::amqp::check_message),
         #[cfg(feature = "pubsub")]
-        SourceKind::PubSub(_) => match std::env::var("PUBSUB_EMULATOR_HOST") {
-            Ok(host) if !host.trim().is_empty() => {
-                mayhem::source::pubsub::check_emulator_host(&host).map_err(|error| {
-                    Stop::Usage(match error {
-                        SourceError::Backend(text) => text,
-                        other => other.to_string(),
-                    })
-                })?;
-                Ok(mayhem::source::pubsub::check_message)
-            }
-            _ => Ok(mayhem::source::pubsub::check_message),
-        },
+        SourceKind::PubSub(_) => {
+            cli::check_emulator_host().map_err(Stop::Usage)?;
+            Ok(mayhem::source::pubsub::check_message)
+        }
         #[allow(unreachable_patterns)]
         _ => Err(Stop::Usage(
             "this build does not support that --source".to_owned(),

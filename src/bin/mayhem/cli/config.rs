@@ -164,16 +164,8 @@ impl Cli {
         // Read by the source only once connecting, and then retried until the reconnect
         // limit: a value that can never work is refused here.
         #[cfg(feature = "pubsub")]
-        if let (SourceKind::PubSub(_), Some(host)) = (
-            &self.source,
-            std::env::var("PUBSUB_EMULATOR_HOST")
-                .ok()
-                .filter(|host| !host.trim().is_empty()),
-        ) {
-            mayhem::source::pubsub::check_emulator_host(&host).map_err(|error| match error {
-                mayhem::SourceError::Backend(text) => text,
-                other => other.to_string(),
-            })?;
+        if let SourceKind::PubSub(_) = &self.source {
+            check_emulator_host()?;
         }
         if self.breaker_cooldown.is_some() && self.breaker_failures.is_none() {
             return Err(
@@ -220,5 +212,22 @@ impl Cli {
             LogLevel::Debug => LevelFilter::Debug,
             LogLevel::Trace => LevelFilter::Trace,
         }
+    }
+}
+
+/// Checks `PUBSUB_EMULATOR_HOST`, when set, as the Pub/Sub source reads it.
+///
+/// # Errors
+///
+/// One line naming the value and what is wrong with it.
+#[cfg(feature = "pubsub")]
+pub(crate) fn check_emulator_host() -> Result<(), String> {
+    match std::env::var("PUBSUB_EMULATOR_HOST") {
+        Ok(host) if !host.trim().is_empty() => mayhem::source::pubsub::check_emulator_host(&host)
+            .map_err(|error| match error {
+                mayhem::SourceError::Backend(text) => text,
+                other => other.to_string(),
+            }),
+        _ => Ok(()),
     }
 }
