@@ -955,13 +955,11 @@ fn messages_n_completes_for_a_shared_group() {
         all.extend(acked_names(&lines));
         acked += field(&report, "acked");
     }
-    // Counted by the reports: a log line can be dropped when stderr is read slowly (the
-    // logger says so), and a loaded machine once lost one `Done. Acked` line that way.
+    // Counted by the reports, not by names: a log line can be dropped when stderr is read
+    // slowly (the logger says so; a loaded machine once lost one `Done. Acked` line), and
+    // two of 300 random `cattle-xxxx` names are the same in about 3 % of runs.
     assert_eq!(acked, 300.0, "each message acked once");
-    assert!(
-        counts(&all).values().all(|&n| n == 1),
-        "a message acked twice"
-    );
+    assert!(all.len() <= 300, "{} acked lines for 300 messages", all.len());
 }
 
 #[test]
