@@ -99,9 +99,10 @@ impl Instance {
     fn start(binary: &str, emulator: &Emulator, subscription: &str, name: &str, seed: u64) -> Instance {
         let mut rng = fastrand::Rng::with_seed(seed);
         let latency = format!("{}ms", rng.u64(0..15));
-        // Per step (restart and save): from none to one attempt in three failing, so that a
-        // few messages fail all their attempts and are dead-lettered.
-        let rate = [0.0, 0.02, 0.05, 0.1, 0.2][rng.usize(0..5)].to_string();
+        // Per step (a restart, tried again three times, and a save): from none to one save
+        // in two failing, so that some messages fail all their attempts and are
+        // dead-lettered.
+        let rate = [0.0, 0.05, 0.25, 0.5][rng.usize(0..4)].to_string();
         let mut child = Command::new(binary)
             .args(["--source", &format!("pubsub://{PROJECT}/{subscription}")])
             .args(["--publishers", "0", "--consumers", "2", "--workers", "2"])
