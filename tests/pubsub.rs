@@ -835,7 +835,8 @@ mod pubsub_soak;
 fn a_fast_pubsub_soak_with_fixed_seeds_loses_nothing() {
     // The fast subset of `make soak`'s Pub/Sub runs: two fixed seeds, three waves each, run
     // side by side, each on an emulator of its own (a run freezes its emulator, which would
-    // stall the other tests on the shared one).
+    // stall the other tests on the shared one). Together they inject every kind of fault:
+    // seed 21 two SIGTERMs, seed 22 a freeze, a SIGKILL and a freeze.
     if !common::pubsub::installed() {
         skip(&format!(
             "{EMULATOR} not found (apt-get install google-cloud-cli-pubsub-emulator)"
@@ -854,6 +855,7 @@ fn a_fast_pubsub_soak_with_fixed_seeds_loses_nothing() {
         .collect();
     for run in runs {
         let (seed, outcome) = run.join().expect("soak run");
+        eprintln!("seed {seed}: {outcome:?}");
         assert!(
             outcome.problems.is_empty(),
             "seed {seed}: {:#?}",
@@ -861,6 +863,9 @@ fn a_fast_pubsub_soak_with_fixed_seeds_loses_nothing() {
         );
         assert!(outcome.published > 0);
         assert_eq!(outcome.lost, 0, "seed {seed}");
-        assert!(outcome.acked + outcome.dead >= outcome.published, "seed {seed}");
+        assert!(
+            outcome.acked + outcome.dead >= outcome.published,
+            "seed {seed}"
+        );
     }
 }

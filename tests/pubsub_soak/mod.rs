@@ -96,7 +96,13 @@ struct Instance {
 }
 
 impl Instance {
-    fn start(binary: &str, emulator: &Emulator, subscription: &str, name: &str, seed: u64) -> Instance {
+    fn start(
+        binary: &str,
+        emulator: &Emulator,
+        subscription: &str,
+        name: &str,
+        seed: u64,
+    ) -> Instance {
         let mut rng = fastrand::Rng::with_seed(seed);
         let latency = format!("{}ms", rng.u64(0..15));
         // Per step (a restart, tried again three times, and a save): from none to one save
@@ -106,8 +112,18 @@ impl Instance {
         let mut child = Command::new(binary)
             .args(["--source", &format!("pubsub://{PROJECT}/{subscription}")])
             .args(["--publishers", "0", "--consumers", "2", "--workers", "2"])
-            .args(["--handler-latency", &latency, "--seed", &rng.u64(..).to_string()])
-            .args(["--restart-failure-rate", &rate, "--save-failure-rate", &rate])
+            .args([
+                "--handler-latency",
+                &latency,
+                "--seed",
+                &rng.u64(..).to_string(),
+            ])
+            .args([
+                "--restart-failure-rate",
+                &rate,
+                "--save-failure-rate",
+                &rate,
+            ])
             .args(["--max-attempts", &MAX_ATTEMPTS.to_string()])
             .args(["--ack-deadline", &format!("{}s", DEADLINE.as_secs())])
             .args(["--extend-interval", EXTEND])
@@ -330,7 +346,15 @@ pub fn run(binary: &str, emulator: &Emulator, seed: u64, waves: usize) -> Outcom
     };
     let count = rng.usize(2..=3);
     let mut live: Vec<Instance> = (0..count)
-        .map(|i| Instance::start(binary, emulator, &subscription, &format!("i{i}"), rng.u64(..)))
+        .map(|i| {
+            Instance::start(
+                binary,
+                emulator,
+                &subscription,
+                &format!("i{i}"),
+                rng.u64(..),
+            )
+        })
         .collect();
     let mut ended: Vec<Instance> = Vec::new();
     for instance in &mut live {
@@ -360,7 +384,9 @@ pub fn run(binary: &str, emulator: &Emulator, seed: u64, waves: usize) -> Outcom
             1 | 2 => {
                 // An instance killed, and a new one started in its place.
                 let sigkill = rng.bool();
-                outcome.fault_names.push(if sigkill { "sigkill" } else { "sigterm" });
+                outcome
+                    .fault_names
+                    .push(if sigkill { "sigkill" } else { "sigterm" });
                 let index = rng.usize(..live.len());
                 let mut victim = live.swap_remove(index);
                 if sigkill {
