@@ -4,7 +4,7 @@
 //! binary and this example built with `--features pubsub` (`make soak` does). Not part of
 //! `make test` (its fast subset with fixed seeds is in `tests/pubsub.rs`).
 //!
-//! Usage: `pubsub_soak [--runs N] [--waves N] [--seed N] [--jobs N]` (defaults: 4 runs of 5
+//! Usage: `pubsub_soak [--runs N] [--waves N] [--seed N] [--jobs N]` (defaults: 6 runs of 5
 //! waves, a random seed, 2 jobs; each job starts an emulator of its own, about 4 s and
 //! 300 MB, and runs its runs one after the other on it, each on a subscription of its own).
 //! Exits 1 if any run lost a message or broke an expectation; exits 2 when the emulator is
@@ -28,7 +28,7 @@ use std::time::Instant;
 use emulator::Emulator;
 
 fn main() {
-    let mut runs = 4u64;
+    let mut runs = 6u64;
     let mut waves = 5u64;
     let mut seed = fastrand::u64(..);
     let mut jobs = 2usize;
