@@ -8,7 +8,8 @@
 //! waves, a random seed, 2 jobs; each job starts an emulator of its own, about 4 s and
 //! 300 MB, and runs its runs one after the other on it, each on a subscription of its own).
 //! Exits 1 if any run lost a message or broke an expectation; exits 2 when the emulator is
-//! not installed.
+//! not installed. `MAYHEM_SOAK_LOGS=DIR` keeps every instance's stderr and each run's
+//! dead-lettered names in DIR.
 
 #[path = "../tests/common/pubsub.rs"]
 mod emulator;
@@ -108,11 +109,12 @@ fn main() {
                     let outcome = pubsub_soak::run(&binary, on, run_seed, waves as usize);
                     println!(
                         "run seed {run_seed}: {} published, {} acked, {} dead-lettered, \
-                         {} duplicates, {:.0} s; faults: {}",
+                         {} duplicates, {} acked and dead-lettered, {:.0} s; faults: {}",
                         outcome.published,
                         outcome.acked,
                         outcome.dead,
                         outcome.duplicates,
+                        outcome.acked_and_dead,
                         run_started.elapsed().as_secs_f64(),
                         outcome.fault_names.join(", ")
                     );
@@ -136,10 +138,10 @@ fn main() {
         .filter(|(_, o)| !o.problems.is_empty())
         .count();
     println!();
-    println!("| runs | published | acked | dead-lettered | lost | faults | duplicates | duplicates (healthy) | slow exits | failed runs | seconds |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| runs | published | acked | dead-lettered | lost | faults | duplicates | acked and dead-lettered | duplicates (healthy) | slow exits | failed runs | seconds |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
         results.len(),
         sum(&|o| o.published),
         sum(&|o| o.acked),
@@ -147,6 +149,7 @@ fn main() {
         sum(&|o| o.lost),
         sum(&|o| o.faults),
         sum(&|o| o.duplicates),
+        sum(&|o| o.acked_and_dead),
         sum(&|o| o.healthy_duplicates),
         sum(&|o| o.slow_exits),
         failed,

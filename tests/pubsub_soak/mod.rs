@@ -77,6 +77,9 @@ pub struct Outcome {
     pub fault_names: Vec<&'static str>,
     /// Published messages acked more than once (allowed: delivery is at least once).
     pub duplicates: usize,
+    /// Published messages both acked and dead-lettered (delivered twice, at least once:
+    /// allowed, and counted).
+    pub acked_and_dead: usize,
     /// Messages acked twice by one instance while the emulator was healthy during its life.
     pub healthy_duplicates: usize,
     /// SIGTERMs whose instance took longer than the grace period plus one second.
@@ -524,6 +527,23 @@ pub fn run(binary: &str, emulator: &Emulator, seed: u64, waves: usize) -> Outcom
         .iter()
         .filter(|n| acked.get(*n).is_some_and(|&times| times > 1))
         .count();
+    outcome.acked_and_dead = published
+        .iter()
+        .filter(|n| acked.contains_key(*n) && dead.contains(*n))
+        .count();
+    if let Ok(dir) = std::env::var("MAYHEM_SOAK_LOGS") {
+        // Every life's stderr, for a look at a run: `MAYHEM_SOAK_LOGS=DIR`.
+        let _ = std::fs::create_dir_all(&dir);
+        for (k, instance) in ended.iter().enumerate() {
+            let lines = instance.lines.lock().unwrap_or_else(|e| e.into_inner());
+            let path = format!("{dir}/{subscription}-{k}-{}.log", instance.name);
+            let _ = std::fs::write(path, lines.join("\n") + "\n");
+        }
+        let _ = std::fs::write(
+            format!("{dir}/{subscription}-dead.txt"),
+            dead.iter().cloned().collect::<Vec<_>>().join("\n") + "\n",
+        );
+    }
     let lost: Vec<&String> = published
         .iter()
         .filter(|n| !acked.contains_key(*n) && !dead.contains(*n))
