@@ -9,18 +9,23 @@
 //! (`PubSubSource::publish`, each message with a unique host name as its data), and between
 //! waves one fault: an instance SIGKILLed and restarted, an instance stopped with SIGTERM and
 //! restarted, or the emulator frozen with SIGSTOP for 1 to 3 s and continued. Then the run
-//! waits until every message was acked or dead-lettered and no instance has started a
-//! handler for a second, every instance gets SIGTERM, and the run is checked:
-//! - every published message was acked at least once (a `Done. Acked` line, logged once the
-//!   emulator accepted the ack) or dead-lettered (its data is in the dead-letter topic
-//!   `<subscription>-dead`, which a subscription of the harness watches from the start);
+//! waits until every message was acked or dead-lettered, the ack deadline passed since the
+//! last SIGKILL, and no instance has started a handler for a second; every instance gets
+//! SIGTERM, and the run is checked:
+//! - every published message was acked at least once (a `Done. Acked` line) or dead-lettered
+//!   (its data is in the dead-letter topic `<subscription>-dead`, which a subscription of the
+//!   harness watches from the start);
 //! - no message was acked twice by one instance while the emulator was healthy during its
 //!   life (its leases are extended: only a freeze can let one expire);
 //! - nothing is left: a pull of the harness after the instances stopped gets nothing;
 //! - every SIGTERM ended its instance within the grace period plus one second, with status 0;
 //! - no log has panic text.
 //!
-//! Messages acked more than once are allowed (delivery is at least once) and counted.
+//! Messages acked more than once are allowed (delivery is at least once) and counted. On
+//! Pub/Sub `Done. Acked` is logged when the ack is queued for the source's worker thread,
+//! before the emulator answered it: an instance SIGKILLed in between logged an ack the
+//! emulator never got, and the message comes again once its ack deadline passed (hence the
+//! wait after a SIGKILL, and the duplicates, and messages both acked and dead-lettered).
 //!
 //! The emulator is never restarted: it keeps everything in memory, so a restart would lose
 //! every message and subscription, which is no fault of the service (the source's creating
@@ -368,6 +373,9 @@ pub fn run(binary: &str, emulator: &Emulator, seed: u64, waves: usize) -> Outcom
     let mut published: Vec<String> = Vec::new();
     let mut dead: Vec<String> = Vec::new();
     let mut next_name = count;
+    // When the leases of the last SIGKILLed instance have all expired: its messages (those
+    // whose ack it logged but had not sent too) are delivered again by then.
+    let mut expired = Instant::now();
     for _ in 0..waves {
         let size = rng.usize(20..=80);
         let names: Vec<String> = (published.len()..published.len() + size)
@@ -394,6 +402,7 @@ pub fn run(binary: &str, emulator: &Emulator, seed: u64, waves: usize) -> Outcom
                 let mut victim = live.swap_remove(index);
                 if sigkill {
                     victim.signal("KILL");
+                    expired = Instant::now() + DEADLINE + Duration::from_secs(1);
                     if victim.wait(PATIENCE).is_none() {
                         outcome
                             .problems
@@ -426,8 +435,9 @@ pub fn run(binary: &str, emulator: &Emulator, seed: u64, waves: usize) -> Outcom
         }
     }
     outcome.faults = outcome.fault_names.len();
-    // Wait until every message is acked or dead-lettered and no handler started for a while
-    // (a message a freeze let expire may be handled once more after it was acked).
+    // Wait until every message is acked or dead-lettered, the leases of the SIGKILLed
+    // instances expired, and no handler started for a while (a message delivered again is
+    // handled once more after it was acked).
     let published_set: HashSet<&String> = published.iter().collect();
     let end = Instant::now() + DRAIN_PATIENCE;
     let mut handled = usize::MAX;
@@ -450,6 +460,7 @@ pub fn run(binary: &str, emulator: &Emulator, seed: u64, waves: usize) -> Outcom
         }
         if published_set.iter().all(|name| covered.contains(*name))
             && quiet_since.elapsed() >= QUIET
+            && Instant::now() >= expired
         {
             break true;
         }
