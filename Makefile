@@ -81,8 +81,11 @@ bench:
 ## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary;
 ## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7"), then on
 ## RabbitMQ (AMQP_ARGS, e.g. "--runs 20 --seed 7"; the binary is built again with the feature
-## amqp for them, each run starts a rabbitmq-server of its own).
+## amqp for them, each run starts a rabbitmq-server of its own), then on the Pub/Sub emulator
+## (PUBSUB_ARGS, e.g. "--runs 8 --seed 7"; built with the feature pubsub; each job starts an
+## emulator of its own; the default 6 runs of 5 waves take about 70 s).
 RABBITMQ_SERVER = /usr/lib/rabbitmq/bin/rabbitmq-server
+PUBSUB_EMULATOR = /usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
 soak:
 	$(CARGO) build --release --bins --examples
 	./target/release/examples/soak $(ARGS)
@@ -96,6 +99,12 @@ soak:
 	  ./target/release/examples/amqp_soak $(AMQP_ARGS); \
 	else \
 	  echo "SKIPPED: the RabbitMQ soak ($(RABBITMQ_SERVER) not installed)"; \
+	fi
+	@if [ -x $(PUBSUB_EMULATOR) ]; then \
+	  $(CARGO) build --release --features pubsub --bins --examples && \
+	  ./target/release/examples/pubsub_soak $(PUBSUB_ARGS); \
+	else \
+	  echo "SKIPPED: the Pub/Sub soak ($(PUBSUB_EMULATOR) not installed)"; \
 	fi
 
 ## Valgrind on a counted run and on a SIGTERM shutdown: fails on any definite or indirect leak.

@@ -15,8 +15,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
@@ -25,15 +24,13 @@ use std::time::{Duration, Instant};
 mod common;
 mod conformance;
 
-use common::{acked_names, field, free_port, pull_all, skip, Service};
+use common::pubsub::{Emulator, EMULATOR};
+use common::{acked_names, field, pull_all, skip, Service};
 use mayhem::{
     Config, Context, HandleError, Handler, PubSubConfig, PubSubMessage, PubSubSource, Publish,
     Shutdown, Source,
 };
 
-/// The emulator's launcher.
-const EMULATOR: &str =
-    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator";
 /// Upper bound for anything a test waits for; only reached when something is broken.
 const PATIENCE: Duration = Duration::from_secs(60);
 /// The project of every test.
@@ -41,81 +38,22 @@ const PROJECT: &str = "mayhem-test";
 /// The ack deadline of the conformance brokers: Pub/Sub's shortest.
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// The emulator shared by the tests of this binary.
-struct Emulator {
-    /// `127.0.0.1:PORT`, as `PUBSUB_EMULATOR_HOST` names it.
-    host: String,
-    /// Its directory, with its log and its process id (`pid`).
-    dir: PathBuf,
-    /// Standard input of the watchdog shell: the emulator is killed when it closes (when
-    /// this test binary exits).
-    _watchdog: Mutex<(Child, ChildStdin)>,
-}
-
+/// The emulator shared by the tests of this binary ([`common::pubsub`] starts it).
 impl Emulator {
     /// The shared emulator, started by the first test that asks; `None` (said loudly by
     /// every test that asks) when it is not installed.
     fn get() -> Option<&'static Emulator> {
         static CELL: OnceLock<Option<Emulator>> = OnceLock::new();
-        let emulator = CELL.get_or_init(Emulator::start);
+        let emulator = CELL.get_or_init(|| {
+            common::pubsub::installed()
+                .then(|| Emulator::start().expect("start the pubsub emulator"))
+        });
         if emulator.is_none() {
             skip(&format!(
                 "{EMULATOR} not found (apt-get install google-cloud-cli-pubsub-emulator)"
             ));
         }
         emulator.as_ref()
-    }
-
-    /// Starts the emulator on a free port and waits until it answers `GET /`.
-    fn start() -> Option<Emulator> {
-        if !Path::new(EMULATOR).exists() {
-            return None;
-        }
-        for attempt in 0..3 {
-            let port = free_port();
-            let dir = std::env::temp_dir()
-                .join(format!("mayhem-pubsub-{}-{attempt}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("create the emulator's directory");
-            // `setsid` puts the launcher and its Java in a process group of their own, which
-            // `kill -KILL -$!` ends whole once the shell's standard input closes. The shell
-            // has a session of its own too: a signal to this test's process group (a runner
-            // ending it) must not end the shell first and leave the emulator running.
-            let mut watchdog = Command::new("setsid")
-                .arg("sh")
-                .arg("-c")
-                .arg(
-                    "setsid \"$0\" --host=127.0.0.1 --port=\"$1\" >\"$2/emulator.log\" 2>&1 \
-                     </dev/null & echo $! >\"$2/pid\"; cat >/dev/null; kill -KILL -$!; \
-                     sleep 0.2; rm -rf \"$2\"",
-                )
-                .arg(EMULATOR)
-                .arg(port.to_string())
-                .arg(&dir)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start the emulator's watchdog shell");
-            let stdin = watchdog.stdin.take().expect("piped stdin");
-            let end = Instant::now() + PATIENCE;
-            while Instant::now() < end {
-                if answers(port) {
-                    return Some(Emulator {
-                        host: format!("127.0.0.1:{port}"),
-                        dir: dir.clone(),
-                        _watchdog: Mutex::new((watchdog, stdin)),
-                    });
-                }
-                let log = std::fs::read_to_string(dir.join("emulator.log")).unwrap_or_default();
-                if log.contains("Address already in use") {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-            drop(stdin);
-            let _ = watchdog.wait();
-        }
-        panic!("the pubsub emulator did not start");
     }
 
     /// A source on `subscription` (created with its topic), dead-lettering after
@@ -130,22 +68,6 @@ impl Emulator {
         })
         .expect("connect to the emulator")
     }
-}
-
-/// Whether the emulator on `port` answers `GET /` with `Ok`.
-fn answers(port: u16) -> bool {
-    use std::io::Write;
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer.starts_with("HTTP/1.1 200")
 }
 
 /// A name no other test of this run uses (subscriptions live as long as the emulator).
@@ -1123,4 +1045,45 @@ fn the_binary_restarts_or_rejects_at_once_what_google_s_python_client_publishes(
     );
     assert!(reason(&dead[1].1).contains("not a host name"), "{dead:?}");
     assert_eq!(attempt(&dead[1].1).as_deref(), Some("1"), "{dead:?}");
+}
+
+mod pubsub_soak;
+
+#[test]
+fn a_fast_pubsub_soak_with_fixed_seeds_loses_nothing() {
+    // The fast subset of `make soak`'s Pub/Sub runs: two fixed seeds, three waves each, run
+    // side by side, each on an emulator of its own (a run freezes its emulator, which would
+    // stall the other tests on the shared one). Together they inject every kind of fault:
+    // seed 21 two SIGTERMs, seed 22 a freeze, a SIGKILL and a freeze.
+    if !common::pubsub::installed() {
+        skip(&format!(
+            "{EMULATOR} not found (apt-get install google-cloud-cli-pubsub-emulator)"
+        ));
+        return;
+    }
+    let runs: Vec<_> = [21u64, 22]
+        .into_iter()
+        .map(|seed| {
+            thread::spawn(move || {
+                let emulator = Emulator::start().expect("an emulator for the soak");
+                let outcome = pubsub_soak::run(env!("CARGO_BIN_EXE_mayhem"), &emulator, seed, 3);
+                (seed, outcome)
+            })
+        })
+        .collect();
+    for run in runs {
+        let (seed, outcome) = run.join().expect("soak run");
+        eprintln!("seed {seed}: {outcome:?}");
+        assert!(
+            outcome.problems.is_empty(),
+            "seed {seed}: {:#?}",
+            outcome.problems
+        );
+        assert!(outcome.published > 0);
+        assert_eq!(outcome.lost, 0, "seed {seed}");
+        assert!(
+            outcome.acked + outcome.dead >= outcome.published,
+            "seed {seed}"
+        );
+    }
 }

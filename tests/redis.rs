@@ -959,7 +959,11 @@ fn messages_n_completes_for_a_shared_group() {
     // slowly (the logger says so; a loaded machine once lost one `Done. Acked` line), and
     // two of 300 random `cattle-xxxx` names are the same in about 3 % of runs.
     assert_eq!(acked, 300.0, "each message acked once");
-    assert!(all.len() <= 300, "{} acked lines for 300 messages", all.len());
+    assert!(
+        all.len() <= 300,
+        "{} acked lines for 300 messages",
+        all.len()
+    );
 }
 
 #[test]

@@ -2,11 +2,13 @@
 //! running service whose stderr is read line by line, signals, checks of the shutdown lines
 //! and the JSON report, the skip-or-require rule, free ports, a fault proxy, and the broker
 //! servers the tests start ([`redis::RedisServer`], [`rabbit::Rabbit`]) behind one
-//! trait, [`BrokerServer`].
+//! trait, [`BrokerServer`], and the Pub/Sub emulator ([`pubsub::Emulator`]).
 
 #![allow(dead_code)]
 
 pub mod proxy;
+#[cfg(feature = "pubsub")]
+pub mod pubsub;
 #[cfg(feature = "amqp")]
 pub mod rabbit;
 #[cfg(feature = "redis")]
