@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -76,13 +76,12 @@ pub struct Outcome {
     pub problems: Vec<String>,
 }
 
-/// A free loopback port (free when asked).
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|error| format!("free port: {error}"))
-}
+// The same file as `common::pubsub::port` in the test binaries that load both: defined
+// once, loaded where each binary needs it.
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/port.rs"]
+mod port;
+use self::port::free_port;
 
 /// A `rabbitmq-server` of one run, on free loopback ports, with its data in a temporary
 /// directory.

@@ -15,7 +15,6 @@ pub mod rabbit;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -71,10 +70,7 @@ pub fn skip(reason: &str) {
 
 /// A free loopback port (free when asked; a server started on it may still find it taken).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("find a free port")
-        .port()
+    pubsub::port::free_port().expect("find a free port")
 }
 
 /// Polls `condition` until it holds, failing with `what` after `PATIENCE`.

@@ -8,12 +8,16 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
+
+// Loaded here, where the soak example finds it with this file; `common` uses it from here.
+#[path = "port.rs"]
+pub mod port;
 
 /// The emulator's launcher (Debian package `google-cloud-cli-pubsub-emulator`).
 pub const EMULATOR: &str =
@@ -48,10 +52,7 @@ impl Emulator {
         }
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         for _ in 0..3 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .map_err(|error| format!("free port: {error}"))?
-                .port();
+            let port = port::free_port()?;
             let dir = std::env::temp_dir().join(format!(
                 "mayhem-pubsub-{}-{}",
                 std::process::id(),

@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -26,6 +25,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use redis::Value;
+
+// The same file as `common::pubsub::port` in the test binaries that load both: defined
+// once, loaded where each binary needs it.
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/port.rs"]
+mod port;
 
 /// The grace period of every instance.
 const GRACE: Duration = Duration::from_secs(1);
@@ -64,10 +69,7 @@ impl Server {
         let dir =
             std::env::temp_dir().join(format!("mayhem-redis-soak-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("free port: {e}"))?
-            .port();
+        let port = port::free_port()?;
         let mut server = Server {
             child: None,
             port,
