@@ -76,8 +76,7 @@ pub struct Outcome {
     pub problems: Vec<String>,
 }
 
-// The same file as `common::pubsub::port` in the test binaries that load both: defined
-// once, loaded where each binary needs it.
+// Also loaded by `common` in the test binaries that load both (see `port.rs`).
 #[allow(clippy::duplicate_mod)]
 #[path = "../common/port.rs"]
 mod port;

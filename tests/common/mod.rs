@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+// Also loaded by `pubsub` and by the soaks (see `port.rs`).
+#[allow(clippy::duplicate_mod)]
+mod port;
 pub mod proxy;
 #[cfg(feature = "pubsub")]
 pub mod pubsub;
@@ -70,7 +73,7 @@ pub fn skip(reason: &str) {
 
 /// A free loopback port (free when asked; a server started on it may still find it taken).
 pub fn free_port() -> u16 {
-    pubsub::port::free_port().expect("find a free port")
+    port::free_port().expect("find a free port")
 }
 
 /// Polls `condition` until it holds, failing with `what` after `PATIENCE`.
