@@ -598,6 +598,49 @@ fn a_short_password_does_not_mangle_the_error_text() {
 }
 
 #[test]
+fn entries_deleted_while_their_handlers_run_are_dead_lettered_as_tombstones() {
+    // An operator trims the stream while the handlers of its entries run: the next extension
+    // finds them gone (XCLAIM drops them from the pending list). They must not vanish: each
+    // becomes a tombstone in the dead-letter stream, counted, and `--messages 3` completes.
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    server.publish("mayhem", 3);
+    let mut service = start(
+        &server,
+        &[
+            &QUIET[..],
+            &["--messages", "3", "--handler-latency", "10s"],
+            &["--extend-interval", "200ms", "--ack-deadline", "2s"],
+        ]
+        .concat(),
+    );
+    service.wait_for_count("Handling", 3);
+    server.cmd(&["XTRIM", "mayhem", "MAXLEN", "0"]);
+    let (status, _, lines, report) = service.finish();
+    assert!(status.success(), "{status}\n{}", lines.join("\n"));
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(field(&report, "dead_lettered"), 3.0, "{report}");
+    assert_eq!(field(&report, "acked"), 0.0, "{report}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("3 entries of mayhem were deleted")),
+        "{}",
+        lines.join("\n")
+    );
+    let tombstones = server.fields("mayhem:dead");
+    assert_eq!(tombstones.len(), 3, "{tombstones:?}");
+    assert!(tombstones.iter().all(|fields| fields
+        .iter()
+        .any(|(key, value)| key == "dead_reason" && value.contains("deleted from the stream"))));
+    assert_eq!(
+        server.group("mayhem", "mayhem").map(|g| (g.0, g.1)),
+        Some((0, 0))
+    );
+}
+
+#[test]
 fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
     // Defect 7: the stream key becomes a string mid-run.
     let Some(server) = RedisServer::start(false) else {
