@@ -335,8 +335,7 @@ impl AmqpSource {
         let mut leases = lock(&self.core.side.leases);
         for &id in ids {
             // A lease of a lost link stays for `forget`, which counts it.
-            let live = leases.get(id).is_some_and(|held| held.epoch == epoch);
-            match live.then(|| leases.remove(id)).flatten() {
+            match leases.remove_if(id, |held| held.epoch == epoch) {
                 Some(held) => {
                     if held.deadline <= now {
                         expired += 1;

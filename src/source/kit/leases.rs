@@ -84,9 +84,19 @@ impl<T> LeaseTable<T> {
 
     /// Removes and returns the delivery held under `id`.
     pub(crate) fn remove(&mut self, id: LeaseId) -> Option<T> {
-        self.get(id)?;
-        let (slot, _) = unpack(id);
-        self.slots.try_remove(slot).map(|(_, held)| held)
+        self.remove_if(id, |_| true)
+    }
+
+    /// [`remove`](Self::remove), only when `take` says so of the delivery; otherwise
+    /// it stays held and `None` is returned.
+    pub(crate) fn remove_if(&mut self, id: LeaseId, take: impl FnOnce(&T) -> bool) -> Option<T> {
+        let (slot, generation) = unpack(id);
+        match self.slots.get(slot) {
+            Some((current, held)) if *current == generation && take(held) => {
+                self.slots.try_remove(slot).map(|(_, held)| held)
+            }
+            _ => None,
+        }
     }
 
     /// Removes each of `ids` that is held; an id that is not, or whose `deadline` is not
@@ -158,6 +168,14 @@ mod tests {
         assert_eq!(table.remove(first), None);
         assert_eq!(table.get(second), Some(&"b"));
         assert_eq!(table.len(), 1);
+        assert_eq!(table.remove_if(second, |held| *held == "a"), None);
+        assert_eq!(
+            table.get(second),
+            Some(&"b"),
+            "refused by the predicate: still held"
+        );
+        assert_eq!(table.remove_if(second, |held| *held == "b"), Some("b"));
+        assert_eq!(table.len(), 0);
     }
 
     #[test]

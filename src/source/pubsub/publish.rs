@@ -33,6 +33,11 @@ const PUBLISH_IN_FLIGHT: usize = 4;
 /// ```
 pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
     crate::source::check_message(message, &[ID_ATTRIBUTE], "pubsub")?;
+    no_goog_key(message)
+}
+
+/// Refuses an attribute key starting with `goog`, which Pub/Sub keeps for itself.
+fn no_goog_key(message: &PubSubMessage) -> Result<(), MessageError> {
     match message
         .attributes()
         .iter()
@@ -55,16 +60,8 @@ impl Publish for PubSubSource {
     /// an ordering key is sent one request after the other, in order.
     fn publish(&self, batch: &[PubSubMessage]) -> Result<(), SourceError> {
         check_batch(batch, &[ID_ATTRIBUTE], "pubsub")?;
-        if let Some(key) = batch
-            .iter()
-            .flat_map(|message| message.attributes().iter())
-            .map(|(key, _)| key)
-            .find(|key| key.starts_with("goog"))
-        {
-            return Err(SourceError::Message(MessageError::ReservedKey {
-                key: key.to_owned(),
-                broker: "pubsub",
-            }));
+        for message in batch {
+            no_goog_key(message).map_err(SourceError::Message)?;
         }
         let chunks: Vec<&[PubSubMessage]> = rest::publish_chunks(batch).collect();
         let ordered = batch.iter().any(|message| message.ordering_key().is_some());
