@@ -7,7 +7,8 @@
 //! argument) so that each one starts from a clean heap.
 //!
 //! `MAYHEM_BENCH_MESSAGES` sets the message count of the throughput runs (default 1,000,000).
-//! `MAYHEM_BENCH=redis` runs only the Redis rows; `MAYHEM_BENCH=amqp` only the RabbitMQ rows
+//! `MAYHEM_BENCH=redis` runs only the Redis rows (`MAYHEM_BENCH=payload` only its 1 KiB and
+//! 64 KiB payload rows); `MAYHEM_BENCH=amqp` only the RabbitMQ rows
 //! (measured when built with `--features amqp`, as `make bench` builds it);
 //! `MAYHEM_BENCH=pubsub` only the Pub/Sub rows (built with `--features pubsub`);
 //! `MAYHEM_BENCH=peers` only the comparison rows with the Rust peers on tokio (`benches/peers/`,
@@ -164,9 +165,10 @@ fn plot_window(trace: &[(f64, usize, f64)]) -> String {
 
 fn main() {
     let only = std::env::var("MAYHEM_BENCH").unwrap_or_default();
-    if only == "redis" || only == "amqp" || only == "pubsub" || only == "peers" {
+    if ["redis", "payload", "amqp", "pubsub", "peers"].contains(&only.as_str()) {
         let rows = match only.as_str() {
             "redis" => redis::rows(REDIS_MESSAGES),
+            "payload" => redis::payload_only(),
             "amqp" => amqp_rows(AMQP_MESSAGES),
             "peers" => peer_rows(PEER_MESSAGES),
             _ => pubsub_rows(PUBSUB_MESSAGES),
