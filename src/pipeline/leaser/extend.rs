@@ -226,7 +226,7 @@ impl<'a> Leaser<'a> {
         if let Some(first) = round.lost.first() {
             self.lost_log.log(round.lost.len() as u64, || {
                 format!(
-                    "Lost the lease of {first}: dropped its handler, the message will be delivered again{}",
+                    "Lost the lease of {first}: dropped its handler; the source took the message back (delivered again, or dead-lettered when the broker no longer holds it or it is out of attempts){}",
                     others(round.lost.len())
                 )
             });
