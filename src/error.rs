@@ -47,6 +47,13 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// An error of a [`Source`](crate::Source) operation that is not about one lease.
+///
+/// A backend failure carries its text, not the broker client's error: those errors can hold
+/// the URL with its password (a `redis::RedisError` of a bad address, a lapin error of a
+/// refused login), and every source scrubs the secret from their text before it becomes a
+/// `SourceError`. A cause kept as `source()` would hand an embedder's error reporter (which
+/// prints the whole chain) the unscrubbed text. [`source()`](std::error::Error::source)
+/// returns the [`MessageError`] of a refused message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SourceError {
