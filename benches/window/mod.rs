@@ -207,9 +207,13 @@ impl Run {
         self.rate(SPAN_FROM.as_secs_f64(), f64::INFINITY)
     }
 
-    /// The least and most window from `from` seconds on.
-    fn windows_from(&self, from: f64) -> (usize, usize) {
-        let windows = self.trace.iter().filter(|s| s.at >= from).map(|s| s.window);
+    /// The least and most window sampled from `from` to `to` seconds.
+    fn windows_between(&self, from: f64, to: f64) -> (usize, usize) {
+        let windows = self
+            .trace
+            .iter()
+            .filter(|s| s.at >= from && s.at <= to)
+            .map(|s| s.window);
         (
             windows.clone().min().unwrap_or(0),
             windows.max().unwrap_or(0),
@@ -398,10 +402,12 @@ impl Sweep {
         }
         let share = self.auto.span_rate() / best.span_rate().max(1.0);
         let p99_ratio = self.auto.p99_ms / best.p99_ms.max(1e-3);
-        let (low, high) = self.auto.windows_from(SPAN_FROM.as_secs_f64());
+        let (low, high) = self
+            .auto
+            .windows_between(SPAN_FROM.as_secs_f64(), f64::INFINITY);
         let _ = writeln!(
             out,
-            "| {label} | **auto** | {:.0} | {:.0} % | {} ({p99_ratio:.1}× best's) | {} | {low}–{high} | {} |",
+            "| {label} | **auto** | {:.0} | {:.0} % | {} ({p99_ratio:.2}× best's) | {} | {low}–{high} | {} |",
             self.auto.span_rate(),
             share * 100.0,
             show_ms(self.auto.p99_ms),
@@ -532,18 +538,18 @@ impl Shift {
         let at = SHIFT_AT.as_secs_f64();
         let end = (SHIFT_AT + SHIFT_AFTER).as_secs_f64();
         let regained = self.regained();
-        let (low, high) = self.auto.windows_from(at + 5.0);
+        let (low, high) = self.auto.windows_between(at + 5.0, end);
         let _ = writeln!(
             out,
             "| **auto**, 2,000 then 500 connections at {at:.0} s: before the drop ({:.0}–{at:.0} s) | {:.0} | | window {}–{} | |",
             at - 5.0,
             self.auto.rate(at - 5.0, at),
-            self.auto.windows_from(at - 5.0).0,
-            self.auto.windows_from(at - 5.0).1,
+            self.auto.windows_between(at - 5.0, at).0,
+            self.auto.windows_between(at - 5.0, at).1,
         );
         let _ = writeln!(
             out,
-            "| **auto** after the drop ({:.0}–{end:.0} s) | {:.0} ({:.0} % of best) | {} ({:.1}× best's) | window {low}–{high}; every second's goodput ≥ 80 % of best from {} after the drop | {} |",
+            "| **auto** after the drop ({:.0}–{end:.0} s) | {:.0} ({:.0} % of best) | {} ({:.2}× best's) | window {low}–{high}; every second's goodput ≥ 80 % of best from {} after the drop | {} |",
             end - 5.0,
             self.auto.rate(end - 5.0, end),
             self.auto.rate(end - 5.0, end) / best.span_rate().max(1.0) * 100.0,
@@ -599,10 +605,10 @@ impl Outages {
             let first = run
                 .sample_at(from + 1.0)
                 .nacked
-                .saturating_sub(run.sample_at(from).nacked);
+                .saturating_sub(run.sample_at(from - 1.0).nacked);
             let _ = writeln!(
                 out,
-                "| {name} | {:.0} | {} | {nacked} ({first} in its first second; breaker opened {} times) | {} | {} |",
+                "| {name} | {:.0} | {} | {nacked} ({first} by 1 s into it; breaker opened {} times) | {} | {} |",
                 run.rate(from - 4.0, from),
                 run.report.dead_lettered,
                 run.report.breaker_opened,
@@ -646,9 +652,12 @@ fn outage(breaker: Option<BreakerConfig>) -> Run {
     )
 }
 
-/// Nacks from the outage's start to its end.
+/// Nacks from 1 s before the outage to 1 s after it: the samples' times drift a little
+/// from the outage's own clock (it counts from the handler's creation), and with failure
+/// rates 0 nothing else is nacked around it.
 fn nacked_during(run: &Run) -> u64 {
     let (from, until, _) = outage_times();
+    let (from, until) = (from - 1.0, until + 1.0);
     run.sample_at(until)
         .nacked
         .saturating_sub(run.sample_at(from).nacked)
@@ -759,7 +768,7 @@ impl Rows {
         let (from, until, end) = outage_times();
         let _ = writeln!(
             out,
-            "\nA {:.0} s database outage (`--db-outage {from:.0}s+{:.0}s`) on workload b at a fixed window of {OUTAGE_WINDOW}, {end:.0} s runs; back = the first second after the outage whose goodput is >= 90 % of the 4 s before it; targets with the breaker: 0 dead-lettered, nacks during the outage < 10 × {}, back within 2 × the cooldown ({} s); plot `benches/outage.svg`:\n",
+            "\nA {:.0} s database outage (`--db-outage {from:.0}s+{:.0}s`) on workload b at a fixed window of {OUTAGE_WINDOW}, {end:.0} s runs; nacks counted from 1 s before the outage to 1 s after it; back = the first second after the outage whose goodput is >= 90 % of the 4 s before it; targets with the breaker: 0 dead-lettered, nacks during the outage < 10 × {}, back within 2 × the cooldown ({} s); plot `benches/outage.svg`:\n",
             until - from,
             until - from,
             BREAKER.failures,
