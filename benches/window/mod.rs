@@ -113,17 +113,19 @@ impl Workload {
                 measure(&config, &handler, None, RUN, SPAN_FROM, |_| {})
             }
         };
-        if self == Workload::Slow {
-            // The goodput curve's claims rest on these: nothing lost on the way.
-            assert_eq!(
-                (
-                    run.report.expired,
-                    run.report.dead_lettered,
-                    run.report.lost_leases
-                ),
-                (0, 0, 0),
-                "window {window}: {:?}",
-                run.report
+        // Nothing should be lost on the way (the goodput curve's claims rest on it): a run
+        // that lost leases is reported in its row and loudly here, not a panic that would
+        // throw away every other row (a 1,000,000 window on a machine at load 6 once lost
+        // 782,147 leases that the lease manager extended too late).
+        let report = &run.report;
+        if report.expired + report.lost_leases + report.dead_lettered > 0 {
+            println!(
+                "WARNING: {} window {window}{}: {} expired, {} leases lost, {} dead-lettered",
+                self.label(),
+                if auto { " (auto)" } else { "" },
+                report.expired,
+                report.lost_leases,
+                report.dead_lettered
             );
         }
         run
@@ -396,7 +398,7 @@ impl Sweep {
                 run.span_rate(),
                 run.span_rate() / best.span_rate().max(1.0) * 100.0,
                 show_ms(run.p99_ms),
-                run.report.dead_lettered,
+                lost(&run.report),
                 window,
             );
         }
@@ -411,9 +413,21 @@ impl Sweep {
             self.auto.span_rate(),
             share * 100.0,
             show_ms(self.auto.p99_ms),
-            self.auto.report.dead_lettered,
+            lost(&self.auto.report),
             verdict(share >= 0.9 && p99_ratio <= 2.0)
         );
+    }
+}
+
+/// Dead-lettered and expired messages of a run, with the leases lost when there are any.
+fn lost(report: &Report) -> String {
+    if report.lost_leases == 0 {
+        format!("{} / {}", report.dead_lettered, report.expired)
+    } else {
+        format!(
+            "{} / {} ({} leases lost)",
+            report.dead_lettered, report.expired, report.lost_leases
+        )
     }
 }
 
@@ -750,7 +764,7 @@ impl Rows {
         );
         let _ = writeln!(
             out,
-            "| workload | window | acked/s | share of best | p99 ms | dead-lettered | window from {} s | target |",
+            "| workload | window | acked/s | share of best | p99 ms | dead-lettered / expired | window from {} s | target |",
             SPAN_FROM.as_secs()
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
