@@ -14,7 +14,10 @@
 //! `MAYHEM_BENCH=peers` only the comparison rows with the Rust peers on tokio (`benches/peers/`,
 //! a cargo project of its own that the bench builds), on Redis and RabbitMQ; `MAYHEM_BENCH=noop`
 //! only the no-op pipeline and the bare bridge, interleaved; `MAYHEM_BENCH=window` only the
-//! `--max-in-flight auto` run of the goodput curve, plotted into `benches/window.svg`.
+//! rows of `--max-in-flight auto` (`benches/window/`): the goodput curve's workload and two
+//! more, each against fixed windows, a downstream that degrades mid-run, a database outage
+//! with and without the breaker, and the rate limit, with their plots (`benches/window.svg`
+//! and beside it).
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -45,12 +48,12 @@ const IN_FLIGHT: usize = 100_000;
 const WINDOWS: [usize; 6] = [1_000, 10_000, 100_000, 300_000, 1_000_000, 2_000_000];
 /// Warm-up before a goodput point is measured: the window fills and the first handlers end.
 const GOODPUT_WARMUP: Duration = Duration::from_secs(5);
-/// The step of the trace of a goodput run (plotted for `auto` in `benches/window.svg`).
-const TRACE_STEP: Duration = Duration::from_millis(500);
-/// How long a goodput point is measured.
+/// How long a goodput point is measured (a run of workload (a) of `benches/window/`).
 const GOODPUT_SPAN: Duration = Duration::from_secs(10);
 /// Messages of the overload run of the binary.
 const OVERLOAD_MESSAGES: usize = 1_000_000;
+/// The title of `benches/window.svg`.
+const WINDOW_TITLE: &str = "--max-in-flight auto over time (1 s handlers)";
 /// Start and end markers of the generated section of the README.
 const MARKERS: (&str, &str) = ("<!-- bench:start -->", "<!-- bench:end -->");
 
@@ -59,6 +62,7 @@ mod amqp;
 #[cfg(feature = "pubsub")]
 mod pubsub;
 mod redis;
+mod window;
 
 /// Messages (entries) per run of the comparison rows with the Rust peers.
 const PEER_MESSAGES: u64 = 200_000;
@@ -109,22 +113,16 @@ fn amqp_rows(_messages: u64) -> Vec<String> {
     vec!["| RabbitMQ rows | not measured: bench built without `--features amqp` | |".to_owned()]
 }
 
-/// The run of `--max-in-flight auto` over time: acked/s (left axis) and the window, scaled
+/// A run of `--max-in-flight auto` over time: acked/s (left axis) and the window, scaled
 /// to the same height (its maximum is written in the legend).
-fn plot_window(trace: &[(f64, usize, f64)]) -> String {
+fn plot_window(trace: &[(f64, usize, f64)], title: &str) -> String {
     let (width, height, left, bottom, top, right) = (640.0, 400.0, 90.0, 50.0, 40.0, 40.0);
     let max_rate = trace.iter().map(|p| p.2).fold(1.0, f64::max) * 1.1;
     let max_window = trace.iter().map(|p| p.1).max().unwrap_or(1).max(1) as f64 * 1.1;
     let end = trace.last().map_or(1.0, |p| p.0).max(1.0);
     let x_of = |at: f64| left + at / end * (width - left - right);
     let y_of = |share: f64| height - bottom - share * (height - bottom - top);
-    let mut svg = svg_frame(
-        right,
-        "--max-in-flight auto over time (1 s handlers)",
-        "seconds since the start",
-        "acked/s",
-        max_rate,
-    );
+    let mut svg = svg_frame(right, title, "seconds since the start", "acked/s", max_rate);
     for (color, values, label) in [
         (
             "#1f77b4",
@@ -182,14 +180,18 @@ fn main() {
         return noop_ab();
     }
     if only == "window" {
-        // Only the `--max-in-flight auto` run of the goodput curve, and its plot.
-        let (rate, window, trace) = goodput(mayhem::AUTO_CEILING, true);
-        for (at, window, rate) in &trace {
+        // Only the rows of `--max-in-flight auto`, their tables and plots.
+        let rows = window::Rows::run(window::Sweep::run(window::Workload::Slow));
+        for (at, window, rate) in window::points(&rows.sweeps[0].auto) {
             println!("{at:>5.1} s  window {window:>8}  {rate:>9.0} acked/s");
         }
-        println!("auto: {rate:.0} acked/s over the span, window {window} at its end");
+        println!("{}", rows.tables());
         let root = env!("CARGO_MANIFEST_DIR");
-        write_or_warn(&format!("{root}/benches/window.svg"), &plot_window(&trace));
+        write_or_warn(
+            &format!("{root}/benches/window.svg"),
+            &plot_window(&window::points(&rows.sweeps[0].auto), WINDOW_TITLE),
+        );
+        rows.plot(root);
         return;
     }
     match std::env::args().nth(1).as_deref() {
@@ -260,18 +262,26 @@ fn main() {
         .and_then(|path| std::fs::metadata(path).ok())
         .map(|m| m.len());
     let binary_bytes = std::fs::metadata(env!("CARGO_BIN_EXE_mayhem")).map_or(0, |m| m.len());
-    // `--max-in-flight auto` on the same workload: its goodput and where the window was at
-    // the end of the span.
-    let (auto_rate, auto_window, auto_trace) = goodput(mayhem::AUTO_CEILING, true);
+    // The goodput curve: workload (a) of the window rows, `auto` and each of WINDOWS, its
+    // goodput over GOODPUT_SPAN after GOODPUT_WARMUP; and where `auto`'s window was at the
+    // end. Then the rest of the window rows.
+    let slow = window::Sweep::run(window::Workload::Slow);
+    let curve_rate = |run: &window::Run| {
+        let from = GOODPUT_WARMUP.as_secs_f64();
+        run.rate(from, from + GOODPUT_SPAN.as_secs_f64())
+    };
+    let (auto_rate, auto_window, auto_trace) = (
+        curve_rate(&slow.auto),
+        slow.auto.end_window(),
+        window::points(&slow.auto),
+    );
     println!("goodput window auto: {auto_rate:>10.0} acked/s (window {auto_window} at the end)");
-    let goodput: Vec<(usize, f64)> = WINDOWS
+    let goodput: Vec<(usize, f64)> = slow
+        .fixed
         .iter()
-        .map(|&window| {
-            let (rate, _, _) = goodput(window, false);
-            println!("goodput window {window}: {rate:>10.0} acked/s");
-            (window, rate)
-        })
+        .map(|(window, run)| (*window, curve_rate(run)))
         .collect();
+    let window_rows = window::Rows::run(slow);
 
     let overload = overload_run();
 
@@ -395,6 +405,7 @@ fn main() {
         goodput[saturated_at].0,
         worst_past_capacity / peak.max(1.0) * 100.0
     );
+    table.push_str(&window_rows.tables());
     let _ = writeln!(
         table,
         "\nSweep ({SWEEP_MESSAGES} messages per point, one run each), messages/s:\n"
@@ -437,8 +448,9 @@ fn main() {
     );
     write_or_warn(
         &format!("{root}/benches/window.svg"),
-        &plot_window(&auto_trace),
+        &plot_window(&auto_trace, WINDOW_TITLE),
     );
+    window_rows.plot(root);
     update_readme(&format!("{root}/README.md"), &table);
 }
 
@@ -633,67 +645,6 @@ fn bare_bridge(workers: usize, messages: u64) -> f64 {
         thread.join().expect("bare bridge thread");
     }
     rate
-}
-
-/// Acked messages per second in steady state with a flow-control window of `window` (with
-/// `auto`, the adaptive window up to it) and handlers of 1 s latency: publishers keep the
-/// window full; after a warm-up, the acks of a fixed span are counted. Returns the rate, the
-/// window at the end of the span, and a trace of the whole run (seconds since the start, the
-/// window, acked/s over the last [`TRACE_STEP`]).
-fn goodput(window: usize, auto: bool) -> (f64, usize, Vec<(f64, usize, f64)>) {
-    let mut config = Config::default();
-    config.publish.publishers = 1;
-    config.run.consumers = 1;
-    config.run.workers = thread::available_parallelism().map_or(2, |n| n.get());
-    config.run.max_in_flight = window;
-    config.run.adaptive_window = auto;
-    config.memory.max_backlog = window;
-    config.publish.interval = Duration::ZERO;
-    config.handler.latency = Duration::from_secs(1);
-    config.handler.restart_failure_rate = 0.0;
-    config.handler.save_failure_rate = 0.0;
-    config.run.grace_period = Duration::ZERO;
-    config.run.stats_interval = Duration::ZERO;
-    config.run.seed = Some(1);
-    let subscription = Subscription::new(config.subscription());
-    let handler = MayhemHandler::new(MayhemConfig::from_config(&config, 1));
-    let metrics = Metrics::default();
-    let shutdown = Shutdown::new();
-    thread::scope(|scope| {
-        let watcher = scope.spawn(|| {
-            let begun = Instant::now();
-            let mut trace = Vec::new();
-            let mut last = (0, begun);
-            let mut span_start = None;
-            while begun.elapsed() < GOODPUT_WARMUP + GOODPUT_SPAN {
-                thread::sleep(TRACE_STEP);
-                let (acked, now) = (metrics.acked(), Instant::now());
-                let rate = (acked - last.0) as f64 / (now - last.1).as_secs_f64();
-                trace.push(((now - begun).as_secs_f64(), metrics.window(), rate));
-                last = (acked, now);
-                if span_start.is_none() && now - begun >= GOODPUT_WARMUP {
-                    span_start = Some((acked, now));
-                }
-            }
-            let (acked, started) = span_start.unwrap_or((0, begun));
-            let rate = (metrics.acked() - acked) as f64 / started.elapsed().as_secs_f64();
-            let window = metrics.window();
-            shutdown.trigger(ShutdownReason::Requested);
-            (rate, window, trace)
-        });
-        let report = Runner::new(&config)
-            .metrics(&metrics)
-            .publisher(&subscription)
-            .run(&subscription, &handler, &shutdown)
-            .expect("valid bench config");
-        assert!(report.is_balanced(), "{report:?}");
-        assert_eq!(
-            (report.expired, report.dead_lettered, report.lost_leases),
-            (0, 0, 0),
-            "window {window}: {report:?}"
-        );
-        watcher.join().expect("goodput watcher")
-    })
 }
 
 /// The overload run of the binary, as an operator would start it.

@@ -86,8 +86,9 @@ pub(crate) struct Database {
 /// A pool of `capacity` connections; saves past it wait in line for one.
 #[derive(Debug)]
 struct Pool {
-    /// Connections in all.
-    capacity: usize,
+    /// Connections in all (at least 1); [`Database::set_capacity`] changes it while saves
+    /// run.
+    capacity: AtomicUsize,
     /// Connections in use.
     in_use: AtomicUsize,
     /// Notified, one waiter at a time, when a connection is given back. event-listener
@@ -113,7 +114,7 @@ impl Database {
         Database {
             pool: capacity.map(|capacity| {
                 Arc::new(Pool {
-                    capacity: capacity.max(1),
+                    capacity: AtomicUsize::new(capacity.max(1)),
                     in_use: AtomicUsize::new(0),
                     freed: Event::new(),
                     patience,
@@ -121,6 +122,32 @@ impl Database {
             }),
             outage: outage.map(|outage| (now + outage.at, now + outage.at + outage.length)),
         }
+    }
+
+    /// The connections of the pool now, or `None` for an unlimited database.
+    pub(crate) fn capacity(&self) -> Option<usize> {
+        self.pool
+            .as_ref()
+            .map(|pool| pool.capacity.load(Ordering::Acquire))
+    }
+
+    /// Sets the connections of the pool to `capacity` (at least 1) while saves run, and
+    /// returns the capacity before; `None`, and nothing changes, for an unlimited database
+    /// (made without a capacity), which has no pool to resize.
+    ///
+    /// A larger pool lets waiting saves in at once. A smaller one takes no connection away:
+    /// saves holding one finish as they would, and new saves wait until fewer than the new
+    /// capacity are in use.
+    pub(crate) fn set_capacity(&self, capacity: usize) -> Option<usize> {
+        let pool = self.pool.as_ref()?;
+        let capacity = capacity.max(1);
+        let before = pool.capacity.swap(capacity, Ordering::AcqRel);
+        if capacity > before {
+            // Wake as many waiters as there are new connections: each takes one, or passes
+            // the notification on if another save took it first.
+            pool.freed.notify(capacity - before);
+        }
+        Some(before)
     }
 
     /// Whether it has a pool or an outage: without either, a save needs no connection.
@@ -182,7 +209,7 @@ impl Pool {
     fn try_take(&self) -> bool {
         self.in_use
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used < self.capacity).then_some(used + 1)
+                (used < self.capacity.load(Ordering::Acquire)).then_some(used + 1)
             })
             .is_ok()
     }
@@ -230,6 +257,44 @@ mod tests {
             let (result, ()) = future::zip(waiter, giver).await;
             assert!(result.expect("given back").1);
         });
+    }
+
+    #[test]
+    fn the_capacity_changes_while_saves_hold_connections() {
+        let database = Database::new(Some(2), Duration::from_millis(30), None);
+        assert_eq!(database.capacity(), Some(2));
+        smol::block_on(async {
+            let (first, _) = database.connect().await.expect("free");
+            let (second, _) = database.connect().await.expect("free");
+            // Shrunk below the connections in use: none is taken away, none is given.
+            assert_eq!(database.set_capacity(1), Some(2));
+            assert_eq!(database.capacity(), Some(1));
+            drop(first);
+            assert_eq!(database.connect().await.err(), Some(Unavailable::Busy));
+            drop(second);
+            let (one, waited) = database.connect().await.expect("one free");
+            assert!(!waited);
+            assert_eq!(database.connect().await.err(), Some(Unavailable::Busy));
+            // Grown while a save waits: the waiter gets a new connection at once.
+            let waiter = database.connect();
+            let grower = async {
+                async_io::Timer::after(Duration::from_millis(5)).await;
+                assert_eq!(database.set_capacity(3), Some(1));
+            };
+            let (result, ()) = future::zip(waiter, grower).await;
+            let (_two, waited) = result.expect("a new connection");
+            assert!(waited);
+            let (_three, _) = database.connect().await.expect("free");
+            assert_eq!(database.connect().await.err(), Some(Unavailable::Busy));
+            drop(one);
+        });
+        // Zero is taken as 1, as at creation.
+        assert_eq!(database.set_capacity(0), Some(3));
+        assert_eq!(database.capacity(), Some(1));
+        // An unlimited database has no pool to resize.
+        let unlimited = Database::new(None, Duration::ZERO, None);
+        assert_eq!(unlimited.set_capacity(10), None);
+        assert_eq!(unlimited.capacity(), None);
     }
 
     #[test]

@@ -176,6 +176,7 @@ pub struct MayhemConfig {
     pub seed: u64,
     /// Connections of the simulated database (`--db-capacity`): past this many saves at once,
     /// saves wait in line for one, so their latency grows with the line. `None` = unlimited.
+    /// [`MayhemHandler::set_db_capacity`] changes it while the service runs.
     pub db_capacity: Option<usize>,
     /// How long a save waits for a connection before it fails (`--db-patience`).
     pub db_patience: Duration,
@@ -241,6 +242,37 @@ impl MayhemHandler {
     pub fn new(config: MayhemConfig) -> Self {
         let database = Database::new(config.db_capacity, config.db_patience, config.db_outage);
         MayhemHandler { config, database }
+    }
+
+    /// The connections of the simulated database now (`db_capacity`, or what
+    /// [`set_db_capacity`](Self::set_db_capacity) made it); `None` for an unlimited database.
+    pub fn db_capacity(&self) -> Option<usize> {
+        self.database.capacity()
+    }
+
+    /// Changes the connections of the simulated database while the service runs, as a
+    /// downstream that degrades (or recovers) would: every clone of this handler shares the
+    /// database, so an embedder keeps one and calls this from any thread while
+    /// [`Runner::run`](crate::Runner::run) borrows it. Returns the capacity before.
+    ///
+    /// A capacity of 0 is taken as 1, as at creation. A larger pool lets saves waiting in
+    /// line in at once; a smaller one takes no connection away (saves holding one finish as
+    /// they would), new saves wait until fewer than the new capacity are in use.
+    ///
+    /// A handler made without `db_capacity` has an unlimited database, without a pool:
+    /// this returns `None` and changes nothing.
+    ///
+    /// ```
+    /// let mut settings = mayhem::MayhemConfig::default();
+    /// settings.db_capacity = Some(2000);
+    /// let handler = mayhem::MayhemHandler::new(settings);
+    /// assert_eq!(handler.set_db_capacity(500), Some(2000));
+    /// assert_eq!(handler.clone().db_capacity(), Some(500), "shared by the clones");
+    /// let unlimited = mayhem::MayhemHandler::new(mayhem::MayhemConfig::default());
+    /// assert_eq!(unlimited.set_db_capacity(500), None);
+    /// ```
+    pub fn set_db_capacity(&self, capacity: usize) -> Option<usize> {
+        self.database.set_capacity(capacity)
     }
 
     /// A random stream for one delivery of one message.

@@ -155,7 +155,7 @@ pub use config::{Config, HandlerConfig, LeaseConfig, MemoryConfig, PublishConfig
 pub use error::{ConfigError, HandleError, LeaseError, RunError, SourceError};
 pub use handler::{Context, Handler, MayhemConfig, MayhemHandler};
 pub use message::{Attributes, HostNameError, MessageError, MessageId, PubSubMessage};
-pub use metrics::{Metrics, Report, REPORT_SCHEMA_VERSION};
+pub use metrics::{LatencySnapshot, Metrics, Report, REPORT_SCHEMA_VERSION};
 pub use pause::Pause;
 pub use pipeline::window::AUTO_CEILING;
 #[allow(deprecated)]

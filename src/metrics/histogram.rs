@@ -69,22 +69,77 @@ impl Metrics {
 
     /// The latency at quantile `q` (0..=1) in milliseconds, or 0 with no samples.
     pub(crate) fn latency_quantile_ms(&self, q: f64) -> f64 {
-        let counts = self.bucket_counts();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return 0.0;
-        }
-        // The rank of the sample at quantile q, counting from 1.
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (bucket, count) in counts.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                return upper_bound_of(bucket) as f64 / 1000.0;
-            }
-        }
-        upper_bound_of(BUCKETS - 1) as f64 / 1000.0
+        quantile_ms(&self.bucket_counts(), q)
     }
+
+    /// A copy of the histogram of handling times now; [`LatencySnapshot::since`] an
+    /// earlier copy gives the handling times of the messages acked in between, as a
+    /// Prometheus server's `rate` over the histogram would, at the histogram's own
+    /// resolution (within 1/16) rather than its exposition's twelve buckets.
+    ///
+    /// ```
+    /// let metrics = mayhem::Metrics::default();
+    /// let before = metrics.latency_snapshot();
+    /// // ... the service runs, and acks ...
+    /// let span = metrics.latency_snapshot().since(&before);
+    /// assert_eq!((span.count(), span.quantile_ms(0.99)), (0, 0.0));
+    /// ```
+    pub fn latency_snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            counts: self.bucket_counts(),
+        }
+    }
+}
+
+/// Handling times of acked messages, counted by bucket: [`Metrics::latency_snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    /// Messages per bucket of the histogram.
+    counts: Vec<u64>,
+}
+
+impl LatencySnapshot {
+    /// The messages acked after `earlier` (a snapshot of the same metrics, taken before)
+    /// and up to this one, with their handling times.
+    pub fn since(&self, earlier: &LatencySnapshot) -> LatencySnapshot {
+        LatencySnapshot {
+            counts: self
+                .counts
+                .iter()
+                .zip(earlier.counts.iter().chain(std::iter::repeat(&0)))
+                .map(|(now, before)| now.saturating_sub(*before))
+                .collect(),
+        }
+    }
+
+    /// Messages counted.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The handling time at quantile `q` (0..=1) in milliseconds: the upper bound of its
+    /// bucket, within 1/16 of the time itself; 0 with no messages.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        quantile_ms(&self.counts, q)
+    }
+}
+
+/// The latency at quantile `q` of a histogram's counts, in milliseconds (0 with none).
+fn quantile_ms(counts: &[u64], q: f64) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    // The rank of the sample at quantile q, counting from 1.
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0;
+    for (bucket, count) in counts.iter().enumerate() {
+        seen += count;
+        if seen >= rank {
+            return upper_bound_of(bucket) as f64 / 1000.0;
+        }
+    }
+    upper_bound_of(BUCKETS - 1) as f64 / 1000.0
 }
 
 /// The histogram bucket of a value in microseconds.
@@ -146,6 +201,30 @@ mod tests {
         assert!((50.0..=53.2).contains(&p50), "p50 {p50}");
         assert!((99.0..=105.2).contains(&p99), "p99 {p99}");
         assert!(metrics.latency_quantile_ms(1.0) >= 100.0);
+    }
+
+    #[test]
+    fn a_snapshot_since_an_earlier_one_holds_the_times_in_between() {
+        let metrics = Metrics::default();
+        for _ in 0..1000 {
+            metrics.record_latency(Duration::from_secs(10));
+        }
+        let before = metrics.latency_snapshot();
+        for ms in 1..=100u64 {
+            metrics.record_latency(Duration::from_millis(ms));
+        }
+        let span = metrics.latency_snapshot().since(&before);
+        assert_eq!(span.count(), 100);
+        let p99 = span.quantile_ms(0.99);
+        assert!((99.0..=105.2).contains(&p99), "p99 {p99}");
+        // The whole run's p99 is the earlier samples'.
+        assert!(metrics.latency_snapshot().quantile_ms(0.99) >= 10_000.0);
+        // Nothing in between, or a snapshot taken the wrong way round: empty.
+        assert_eq!(before.since(&before).count(), 0);
+        assert_eq!(
+            before.since(&metrics.latency_snapshot()).quantile_ms(0.5),
+            0.0
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod histogram;
 mod report;
 mod striped;
 
+pub use histogram::LatencySnapshot;
 use histogram::BUCKETS;
 pub use report::{Report, REPORT_SCHEMA_VERSION};
 pub(crate) use striped::Striped;
