@@ -563,6 +563,40 @@ fn a_batch_of_several_requests_in_flight_arrives_once_each_and_a_missing_topic_f
     assert_eq!(source.stats().published, 5500);
 }
 
+#[test]
+fn a_subscription_name_too_long_for_its_dead_letter_topic_is_refused_before_connecting() {
+    // Names may be 255 characters, and the dead-letter topic is `{subscription}-dead`: a
+    // subscription of more than 250 would need a topic name Pub/Sub refuses.
+    let long = format!("s{}", "x".repeat(250));
+    for args in [
+        &["--source", &format!("pubsub://{PROJECT}/{long}")][..],
+        &[
+            "publish",
+            "--source",
+            &format!("pubsub://{PROJECT}/{long}"),
+            "web-03",
+        ],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(args)
+            // Nothing listens there: the URL must be refused before connecting.
+            .env("PUBSUB_EMULATOR_HOST", "127.0.0.1:9")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mayhem");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{text}");
+        assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+        assert!(text.contains("dead-letter topic"), "{text}");
+    }
+    // 250 characters are fine.
+    assert!(mayhem::source::pubsub::PubSubUrl::parse(&format!(
+        "pubsub://{PROJECT}/s{}",
+        "x".repeat(249)
+    ))
+    .is_ok());
+}
+
 /// The Python with Google's client (`MAYHEM_PUBSUB_PYTHON`, else `python3`), or `None`
 /// (said loudly) when `google.cloud.pubsub_v1` cannot be imported.
 fn python_pubsub() -> Option<String> {
