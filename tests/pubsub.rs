@@ -564,6 +564,47 @@ fn a_batch_of_several_requests_in_flight_arrives_once_each_and_a_missing_topic_f
 }
 
 #[test]
+fn a_subscription_attached_to_a_deleted_topic_is_consumed_and_publish_says_why_it_cannot() {
+    // Deleting a topic leaves its subscriptions, attached to `_deleted-topic_`: what they
+    // hold can still be pulled, but nothing can be published to them.
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("orphan");
+    let source = emulator.source(&subscription, 5);
+    conformance::publish(&source, 2, 24);
+    let status = delete(emulator, source.topic());
+    assert!(status.contains("200"), "{status}");
+    drop(source);
+    let source = emulator.source(&subscription, 5);
+    assert_eq!(pull_all(&source, 2).len(), 2);
+    let error = source
+        .publish(&[PubSubMessage::new("web-01")])
+        .expect_err("no topic to publish to");
+    let text = error.to_string();
+    assert!(
+        text.contains(&subscription) && text.contains("topic was deleted"),
+        "{text}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "publish",
+            "--source",
+            &format!("pubsub://{PROJECT}/{subscription}"),
+            "web-01",
+        ])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem publish");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+    assert!(text.contains("topic was deleted"), "{text}");
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
 fn a_subscription_name_too_long_for_its_dead_letter_topic_is_refused_before_connecting() {
     // Names may be 255 characters, and the dead-letter topic is `{subscription}-dead`: a
     // subscription of more than 250 would need a topic name Pub/Sub refuses.

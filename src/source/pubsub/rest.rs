@@ -135,6 +135,10 @@ struct PullResponse {
     received_messages: Vec<Received>,
 }
 
+/// The topic of a subscription whose topic was deleted: it can be pulled from, not
+/// published to.
+pub(super) const DELETED_TOPIC: &str = "_deleted-topic_";
+
 /// A subscription as the API describes it (only what the source reads).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
