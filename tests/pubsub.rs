@@ -564,6 +564,47 @@ fn a_batch_of_several_requests_in_flight_arrives_once_each_and_a_missing_topic_f
 }
 
 #[test]
+fn names_with_percent_signs_are_the_names_pubsub_keeps() {
+    // Pub/Sub's names may hold `%` (and `+` and `~`). In a request's path a `%` starts an
+    // escape: `or%41ders` unescaped is `orAders`, so the topic must be asked for as
+    // `or%2541ders`, while the JSON bodies name it as it is. (Not `%25` itself: the
+    // emulator decodes `%2525` twice, to `%`.)
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    for prefix in ["pct%41x", "pct%7e%y", "pct+~z"] {
+        let subscription = unique(prefix);
+        let source = emulator.source(&subscription, 5);
+        assert_eq!(
+            source.topic(),
+            format!("projects/{PROJECT}/topics/{subscription}")
+        );
+        let sent = conformance::publish(&source, 3, 23);
+        let leases = pull_all(&source, 3);
+        let mut got: Vec<String> = leases.iter().map(|l| l.message.id().to_string()).collect();
+        let mut want: Vec<String> = sent.iter().map(|m| m.id().to_string()).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{subscription}");
+        let ids: Vec<mayhem::LeaseId> = leases.iter().map(|lease| lease.id).collect();
+        source.ack(&ids, &mut Vec::new()).expect("ack");
+        assert_eq!(source.flush(Duration::from_secs(5)), 0, "{subscription}");
+        // Nothing was made under the unescaped name.
+        let unescaped = subscription.replace("%41", "A").replace("%7e", "~");
+        if unescaped != subscription {
+            let status = delete(
+                emulator,
+                &format!(
+                    "projects/{PROJECT}/topics/{}",
+                    unescaped.replace('%', "%25")
+                ),
+            );
+            assert!(status.contains("404"), "{unescaped}: {status}");
+        }
+    }
+}
+
+#[test]
 fn a_subscription_attached_to_a_deleted_topic_is_consumed_and_publish_says_why_it_cannot() {
     // Deleting a topic leaves its subscriptions, attached to `_deleted-topic_`: what they
     // hold can still be pulled, but nothing can be published to them.

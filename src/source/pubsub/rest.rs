@@ -213,8 +213,12 @@ impl Rest {
     }
 
     /// One call: `method` on `/v1/{path}` with a JSON body; returns the answer's body.
+    ///
+    /// `path` holds names as Pub/Sub keeps them (`projects/p/topics/or%41ders`); it is
+    /// escaped for the request line here, and only here, since the JSON bodies name topics
+    /// as they are.
     fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, RestError> {
-        let url = format!("{}/v1/{path}", self.base);
+        let url = format!("{}/v1/{}", self.base, escape_path(path));
         let token = self.credentials.bearer().map_err(RestError::Credentials)?;
         let request = ureq::http::Request::builder()
             .method(method)
@@ -355,6 +359,17 @@ impl fmt::Debug for Rest {
             .field("base", &self.base)
             .field("credentials", &self.credentials)
             .finish_non_exhaustive()
+    }
+}
+
+/// A resource path as a request path: Pub/Sub's names are letters, digits and `-_.~+%`
+/// (and `/` and `:` between them), of which only `%` means something else in a URL path,
+/// where it starts an escape (`%41` is `A`).
+fn escape_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.contains('%') {
+        std::borrow::Cow::Owned(path.replace('%', "%25"))
+    } else {
+        std::borrow::Cow::Borrowed(path)
     }
 }
 
