@@ -679,6 +679,109 @@ fn a_subscription_name_too_long_for_its_dead_letter_topic_is_refused_before_conn
     .is_ok());
 }
 
+/// `PUT /v1/{path}` of a JSON body on the emulator; the status line.
+fn put(emulator: &Emulator, path: &str, body: &str) -> String {
+    use std::io::Write;
+    let mut stream = TcpStream::connect(&emulator.host).expect("connect to the emulator");
+    let request = format!(
+        "PUT /v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut answer = [0u8; 64];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a timeout");
+    let read = stream.read(&mut answer).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_subscription_made_elsewhere_that_sends_messages_elsewhere_is_said_at_start() {
+    // Another program made the subscription: on another topic than `?topic=` names, and
+    // with a dead-letter policy that forwards after 5 deliveries to a topic of its own.
+    // With --max-attempts 10, Pub/Sub would forward a message before the source's tenth
+    // attempt, and publishing goes to the subscription's topic: each is one warning.
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("foreign");
+    for topic in ["their-topic", "their-dlq"] {
+        let status = put(
+            emulator,
+            &format!("projects/{PROJECT}/topics/{topic}-{subscription}"),
+            "{}",
+        );
+        assert!(status.contains("200"), "{status}");
+    }
+    let body = serde_json::json!({
+        "topic": format!("projects/{PROJECT}/topics/their-topic-{subscription}"),
+        "deadLetterPolicy": {
+            "deadLetterTopic": format!("projects/{PROJECT}/topics/their-dlq-{subscription}"),
+            "maxDeliveryAttempts": 5,
+        },
+    });
+    let status = put(
+        emulator,
+        &format!("projects/{PROJECT}/subscriptions/{subscription}"),
+        &body.to_string(),
+    );
+    assert!(status.contains("200"), "{status}");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--source",
+            &format!("pubsub://{PROJECT}/{subscription}?topic=ours-{subscription}"),
+            "--max-attempts",
+            "10",
+            "--publishers",
+            "0",
+            "--messages",
+            "0",
+            "--log-level",
+            "warn",
+        ])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    let attached = format!(
+        "is attached to projects/{PROJECT}/topics/their-topic-{subscription}, not to \
+         projects/{PROJECT}/topics/ours-{subscription}"
+    );
+    assert_eq!(text.matches(&attached).count(), 1, "{text}");
+    let forwards = format!(
+        "forwards a message to projects/{PROJECT}/topics/their-dlq-{subscription} after 5 \
+         deliveries, fewer than the 11 that --max-attempts 10 needs"
+    );
+    assert_eq!(text.matches(&forwards).count(), 1, "{text}");
+    // With --max-attempts 4 the policy's 5 deliveries leave the source its attempts, and
+    // without ?topic= the subscription's topic is the one meant: no warning.
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--source",
+            &format!("pubsub://{PROJECT}/{subscription}"),
+            "--max-attempts",
+            "4",
+            "--publishers",
+            "0",
+            "--messages",
+            "0",
+            "--log-level",
+            "warn",
+        ])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    assert!(!text.contains(&subscription), "{text}");
+}
+
 /// The Python with Google's client (`MAYHEM_PUBSUB_PYTHON`, else `python3`), or `None`
 /// (said loudly) when `google.cloud.pubsub_v1` cannot be imported.
 fn python_pubsub() -> Option<String> {

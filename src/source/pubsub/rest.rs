@@ -151,6 +151,21 @@ pub(super) struct SubscriptionInfo {
     /// Whether messages of one ordering key are delivered in order.
     #[serde(default)]
     pub(super) enable_message_ordering: bool,
+    /// Where Pub/Sub forwards a message after some deliveries; none when absent.
+    #[serde(default)]
+    pub(super) dead_letter_policy: Option<DeadLetterPolicy>,
+}
+
+/// A subscription's dead-letter policy.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DeadLetterPolicy {
+    /// `projects/P/topics/T`.
+    #[serde(default)]
+    pub(super) dead_letter_topic: String,
+    /// Deliveries before forwarding; Pub/Sub reads 0 (absent) as 5.
+    #[serde(default)]
+    pub(super) max_delivery_attempts: u32,
 }
 
 /// A message to publish.
