@@ -782,6 +782,53 @@ fn a_subscription_made_elsewhere_that_sends_messages_elsewhere_is_said_at_start(
     assert!(!text.contains(&subscription), "{text}");
 }
 
+#[test]
+fn a_subscription_with_a_filter_is_said_at_start() {
+    // A subscription another program made with a filter: what is published without the
+    // attribute it asks for never reaches it (what the built-in publishers send would
+    // never come back, and `mayhem publish` prints the id all the same). The service says
+    // so in one line.
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("filtered");
+    let status = put(
+        emulator,
+        &format!("projects/{PROJECT}/topics/{subscription}"),
+        "{}",
+    );
+    assert!(status.contains("200"), "{status}");
+    let body = serde_json::json!({
+        "topic": format!("projects/{PROJECT}/topics/{subscription}"),
+        "filter": "attributes.origin = \"ops\"",
+    });
+    let status = put(
+        emulator,
+        &format!("projects/{PROJECT}/subscriptions/{subscription}"),
+        &body.to_string(),
+    );
+    assert!(status.contains("200"), "{status}");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--source",
+            &format!("pubsub://{PROJECT}/{subscription}"),
+            "--publishers",
+            "0",
+            "--messages",
+            "0",
+            "--log-level",
+            "warn",
+        ])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    let said = "keeps only the messages of its filter attributes.origin = \"ops\"";
+    assert_eq!(text.matches(said).count(), 1, "{text}");
+}
+
 /// The Python with Google's client (`MAYHEM_PUBSUB_PYTHON`, else `python3`), or `None`
 /// (said loudly) when `google.cloud.pubsub_v1` cannot be imported.
 fn python_pubsub() -> Option<String> {

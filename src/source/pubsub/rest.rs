@@ -154,6 +154,10 @@ pub(super) struct SubscriptionInfo {
     /// Where Pub/Sub forwards a message after some deliveries; none when absent.
     #[serde(default)]
     pub(super) dead_letter_policy: Option<DeadLetterPolicy>,
+    /// The messages of the topic the subscription keeps (`attributes.origin = "ops"`);
+    /// empty when it keeps them all.
+    #[serde(default)]
+    pub(super) filter: String,
 }
 
 /// A subscription's dead-letter policy.

@@ -63,6 +63,14 @@ impl Core {
                 self.subscription, info.topic, info.topic
             ));
         }
+        if !info.filter.is_empty() {
+            lines.push(format!(
+                "pubsub subscription {} keeps only the messages of its filter {}: a message \
+                 published without the attributes it asks for never reaches it (Pub/Sub \
+                 acknowledges it for this subscription at once)",
+                self.subscription, info.filter
+            ));
+        }
         if let Some(policy) = &info.dead_letter_policy {
             // Pub/Sub reads an absent (0) maxDeliveryAttempts as 5.
             let forwards = match policy.max_delivery_attempts {
