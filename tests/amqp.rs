@@ -140,6 +140,47 @@ fn the_password_never_reaches_the_log() {
 }
 
 #[test]
+fn a_queue_name_rabbitmq_would_refuse_is_bad_input_before_connecting() {
+    // No server needed: nothing listens on port 9, and the name must be refused first,
+    // as bad input (exit 2, one line naming it), by the service and by publish alike.
+    // RabbitMQ keeps names starting with `amq.` for itself (ACCESS_REFUSED), and the
+    // source's names are at most 200 bytes (its dead-letter exchange adds `:dead`).
+    let long = "q".repeat(201);
+    for stream in ["amq.restarts", long.as_str()] {
+        for publish in [false, true] {
+            let mut args = vec![];
+            if publish {
+                args.push("publish");
+            }
+            args.extend([
+                "--source",
+                "amqp://guest:guest@127.0.0.1:9/%2f",
+                "--stream",
+                stream,
+                "--reconnect-limit",
+                "1s",
+            ]);
+            if publish {
+                args.push("web-03");
+            }
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayhem"))
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run mayhem");
+            let text = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
+            assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+            assert!(
+                text.contains(&format!("'{stream}'")) && text.contains("--stream"),
+                "{text}"
+            );
+            assert!(output.stdout.is_empty());
+        }
+    }
+}
+
+#[test]
 fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
     let Some(server) = Rabbit::get() else { return };
     // A classic queue under the name the service wants as a quorum queue.

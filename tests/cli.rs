@@ -698,6 +698,26 @@ fn a_signal_ends_a_publish_waiting_for_its_broker_with_130() {
     assert!(stdout.is_empty(), "{stdout}");
 }
 
+#[test]
+fn a_broker_address_on_port_0_is_bad_input_not_an_outage() {
+    // Nothing can be reached on port 0: the address is refused before connecting (exit 2),
+    // as PUBSUB_EMULATOR_HOST=host:0 is, instead of being retried as a broker that is down
+    // for the whole --reconnect-limit and then exit 1.
+    let mut urls = vec!["redis://127.0.0.1:0/0", "redis://:pw@[::1]:0/0"];
+    if cfg!(feature = "amqp") {
+        urls.push("amqp://guest:guest@127.0.0.1:0/%2f");
+    }
+    for url in urls {
+        for args in [
+            &["--source", url][..],
+            &["publish", "--source", url, "web-03"],
+        ] {
+            let line = refuses_in_one_line(args, "port 0");
+            assert!(!line.contains("pw@"), "{line}");
+        }
+    }
+}
+
 #[cfg(feature = "amqp")]
 #[test]
 fn publish_refuses_headers_rabbitmq_keeps() {

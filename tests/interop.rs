@@ -1038,6 +1038,57 @@ fn the_binary_restarts_or_rejects_at_once_what_a_hostile_pika_producer_publishes
 }
 
 #[test]
+#[ignore = "known defect, not fixed: amq-protocol-types 10.6.3 (lapin's parser) refuses a \
+            short string that is not UTF-8 and lapin drops the connection"]
+fn short_strings_that_are_not_utf8_neither_stall_the_consumer_nor_take_others_down() {
+    // AMQP's short strings (the message-id and content-type properties, header names) are
+    // bytes; pika sends bytes that are not UTF-8 as they are. lapin refuses such a frame as
+    // unparsable ("failed to parse: ... MapRes") and drops the connection: the message
+    // comes back, and with it every message the consumer held, delivered again after each
+    // reconnection until the queue's delivery limit dead-letters them all, without a reason
+    // and uncounted (RabbitMQ 3.10; a broker that does not count returns on a closed channel
+    // would deliver it again without end). What this test expects once the client reads the
+    // text with U+FFFD for the bad bytes: the messages are handled as any other.
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("shortstr");
+    let url = server.url();
+    let messages = json!([
+        {"data": hex(b"web-01")},
+        {"data": hex(b"web-02"), "id_hex": "fffe2d6964"},
+        {"data": hex(b"web-03"), "content_type_hex": "ff"},
+        {"data": hex(b"web-04")},
+    ]);
+    let mut service = settle_and_stop(&url, &queue, 4, &[]);
+    service.wait_for("Starting consumer");
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({"url": url, "queue": queue, "messages": messages}),
+    );
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(report.contains("\"reason\":\"completed\""), "{report}");
+    assert_eq!(report_field(&report, "acked"), 4, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), 0, "{report}");
+    assert!(!log.contains("failed to parse"), "{log}");
+    assert!(
+        log.contains("message_id='\u{fffd}\u{fffd}-id'") || log.contains("Restarted web-02"),
+        "{log}"
+    );
+    for host in ["web-01", "web-02", "web-03", "web-04"] {
+        let line = format!("Restarted {host}.example.net");
+        assert!(
+            lines.iter().any(|l| l.ends_with(&line)),
+            "no {line:?} in\n{log}"
+        );
+    }
+}
+
+#[test]
 fn entries_trimmed_away_while_pending_are_accounted_for_when_the_holder_restarts() {
     // An instance named `k` read three entries and died holding them (its reads are made
     // here, by hand, so that nothing races: XREADGROUP as consumer `k`). An operator then

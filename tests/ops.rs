@@ -533,6 +533,36 @@ fn methods_paths_and_queries_are_answered_as_http_asks() {
 }
 
 #[test]
+fn a_request_target_in_absolute_form_is_the_path_it_names() {
+    // RFC 9112 3.2.2: a server must accept `GET http://host/path` (what a client sends
+    // through a forward proxy, and some probes send directly).
+    let (service, addr) = service_with_endpoint();
+    for target in [
+        format!("http://{addr}/healthz"),
+        format!("HTTP://{addr}/healthz?probe=1"),
+        "https://mayhem.example/healthz/".to_owned(),
+    ] {
+        let (status, head, body) =
+            request(&addr, &format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "{target}: {head}");
+    }
+    let (status, head, body) = request(
+        &addr,
+        &format!("GET http://{addr}/metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{head}");
+    assert!(body.contains("mayhem_acked_total"), "{body}");
+    for target in [format!("http://{addr}"), format!("http://{addr}/nope")] {
+        let (status, head, _) =
+            request(&addr, &format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert_eq!(status, 404, "{target}: {head}");
+    }
+    service.signal("SIGTERM");
+    let (status, _, lines, _) = service.finish();
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+}
+
+#[test]
 fn a_second_signal_exits_130_even_with_a_full_unread_stderr() {
     // A free port: the address cannot be read from a stderr nobody reads.
     let addr = format!("127.0.0.1:{}", free_port());

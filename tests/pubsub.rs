@@ -563,6 +563,272 @@ fn a_batch_of_several_requests_in_flight_arrives_once_each_and_a_missing_topic_f
     assert_eq!(source.stats().published, 5500);
 }
 
+#[test]
+fn names_with_percent_signs_are_the_names_pubsub_keeps() {
+    // Pub/Sub's names may hold `%` (and `+` and `~`). In a request's path a `%` starts an
+    // escape: `or%41ders` unescaped is `orAders`, so the topic must be asked for as
+    // `or%2541ders`, while the JSON bodies name it as it is. (Not `%25` itself: the
+    // emulator decodes `%2525` twice, to `%`.)
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    for prefix in ["pct%41x", "pct%7e%y", "pct+~z"] {
+        let subscription = unique(prefix);
+        let source = emulator.source(&subscription, 5);
+        assert_eq!(
+            source.topic(),
+            format!("projects/{PROJECT}/topics/{subscription}")
+        );
+        let sent = conformance::publish(&source, 3, 23);
+        let leases = pull_all(&source, 3);
+        let mut got: Vec<String> = leases.iter().map(|l| l.message.id().to_string()).collect();
+        let mut want: Vec<String> = sent.iter().map(|m| m.id().to_string()).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{subscription}");
+        let ids: Vec<mayhem::LeaseId> = leases.iter().map(|lease| lease.id).collect();
+        source.ack(&ids, &mut Vec::new()).expect("ack");
+        assert_eq!(source.flush(Duration::from_secs(5)), 0, "{subscription}");
+        // Nothing was made under the unescaped name.
+        let unescaped = subscription.replace("%41", "A").replace("%7e", "~");
+        if unescaped != subscription {
+            let status = delete(
+                emulator,
+                &format!(
+                    "projects/{PROJECT}/topics/{}",
+                    unescaped.replace('%', "%25")
+                ),
+            );
+            assert!(status.contains("404"), "{unescaped}: {status}");
+        }
+    }
+}
+
+#[test]
+fn a_subscription_attached_to_a_deleted_topic_is_consumed_and_publish_says_why_it_cannot() {
+    // Deleting a topic leaves its subscriptions, attached to `_deleted-topic_`: what they
+    // hold can still be pulled, but nothing can be published to them.
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("orphan");
+    let source = emulator.source(&subscription, 5);
+    conformance::publish(&source, 2, 24);
+    let status = delete(emulator, source.topic());
+    assert!(status.contains("200"), "{status}");
+    drop(source);
+    let source = emulator.source(&subscription, 5);
+    assert_eq!(pull_all(&source, 2).len(), 2);
+    let error = source
+        .publish(&[PubSubMessage::new("web-01")])
+        .expect_err("no topic to publish to");
+    let text = error.to_string();
+    assert!(
+        text.contains(&subscription) && text.contains("topic was deleted"),
+        "{text}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "publish",
+            "--source",
+            &format!("pubsub://{PROJECT}/{subscription}"),
+            "web-01",
+        ])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem publish");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+    assert!(text.contains("topic was deleted"), "{text}");
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn a_subscription_name_too_long_for_its_dead_letter_topic_is_refused_before_connecting() {
+    // Names may be 255 characters, and the dead-letter topic is `{subscription}-dead`: a
+    // subscription of more than 250 would need a topic name Pub/Sub refuses.
+    let long = format!("s{}", "x".repeat(250));
+    for args in [
+        &["--source", &format!("pubsub://{PROJECT}/{long}")][..],
+        &[
+            "publish",
+            "--source",
+            &format!("pubsub://{PROJECT}/{long}"),
+            "web-03",
+        ],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+            .args(args)
+            // Nothing listens there: the URL must be refused before connecting.
+            .env("PUBSUB_EMULATOR_HOST", "127.0.0.1:9")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mayhem");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{text}");
+        assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+        assert!(text.contains("dead-letter topic"), "{text}");
+    }
+    // 250 characters are fine.
+    assert!(mayhem::source::pubsub::PubSubUrl::parse(&format!(
+        "pubsub://{PROJECT}/s{}",
+        "x".repeat(249)
+    ))
+    .is_ok());
+}
+
+/// `PUT /v1/{path}` of a JSON body on the emulator; the status line.
+fn put(emulator: &Emulator, path: &str, body: &str) -> String {
+    use std::io::Write;
+    let mut stream = TcpStream::connect(&emulator.host).expect("connect to the emulator");
+    let request = format!(
+        "PUT /v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut answer = [0u8; 64];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a timeout");
+    let read = stream.read(&mut answer).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_subscription_made_elsewhere_that_sends_messages_elsewhere_is_said_at_start() {
+    // Another program made the subscription: on another topic than `?topic=` names, and
+    // with a dead-letter policy that forwards after 5 deliveries to a topic of its own.
+    // With --max-attempts 10, Pub/Sub would forward a message before the source's tenth
+    // attempt, and publishing goes to the subscription's topic: each is one warning.
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("foreign");
+    for topic in ["their-topic", "their-dlq"] {
+        let status = put(
+            emulator,
+            &format!("projects/{PROJECT}/topics/{topic}-{subscription}"),
+            "{}",
+        );
+        assert!(status.contains("200"), "{status}");
+    }
+    let body = serde_json::json!({
+        "topic": format!("projects/{PROJECT}/topics/their-topic-{subscription}"),
+        "deadLetterPolicy": {
+            "deadLetterTopic": format!("projects/{PROJECT}/topics/their-dlq-{subscription}"),
+            "maxDeliveryAttempts": 5,
+        },
+    });
+    let status = put(
+        emulator,
+        &format!("projects/{PROJECT}/subscriptions/{subscription}"),
+        &body.to_string(),
+    );
+    assert!(status.contains("200"), "{status}");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--source",
+            &format!("pubsub://{PROJECT}/{subscription}?topic=ours-{subscription}"),
+            "--max-attempts",
+            "10",
+            "--publishers",
+            "0",
+            "--messages",
+            "0",
+            "--log-level",
+            "warn",
+        ])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    let attached = format!(
+        "is attached to projects/{PROJECT}/topics/their-topic-{subscription}, not to \
+         projects/{PROJECT}/topics/ours-{subscription}"
+    );
+    assert_eq!(text.matches(&attached).count(), 1, "{text}");
+    let forwards = format!(
+        "forwards a message to projects/{PROJECT}/topics/their-dlq-{subscription} after 5 \
+         deliveries, fewer than the 11 that --max-attempts 10 needs"
+    );
+    assert_eq!(text.matches(&forwards).count(), 1, "{text}");
+    // With --max-attempts 4 the policy's 5 deliveries leave the source its attempts, and
+    // without ?topic= the subscription's topic is the one meant: no warning.
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--source",
+            &format!("pubsub://{PROJECT}/{subscription}"),
+            "--max-attempts",
+            "4",
+            "--publishers",
+            "0",
+            "--messages",
+            "0",
+            "--log-level",
+            "warn",
+        ])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    assert!(!text.contains(&subscription), "{text}");
+}
+
+#[test]
+fn a_subscription_with_a_filter_is_said_at_start() {
+    // A subscription another program made with a filter: what is published without the
+    // attribute it asks for never reaches it (what the built-in publishers send would
+    // never come back, and `mayhem publish` prints the id all the same). The service says
+    // so in one line.
+    let Some(emulator) = Emulator::get() else {
+        return;
+    };
+    let subscription = unique("filtered");
+    let status = put(
+        emulator,
+        &format!("projects/{PROJECT}/topics/{subscription}"),
+        "{}",
+    );
+    assert!(status.contains("200"), "{status}");
+    let body = serde_json::json!({
+        "topic": format!("projects/{PROJECT}/topics/{subscription}"),
+        "filter": "attributes.origin = \"ops\"",
+    });
+    let status = put(
+        emulator,
+        &format!("projects/{PROJECT}/subscriptions/{subscription}"),
+        &body.to_string(),
+    );
+    assert!(status.contains("200"), "{status}");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayhem"))
+        .args([
+            "--source",
+            &format!("pubsub://{PROJECT}/{subscription}"),
+            "--publishers",
+            "0",
+            "--messages",
+            "0",
+            "--log-level",
+            "warn",
+        ])
+        .env("PUBSUB_EMULATOR_HOST", &emulator.host)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayhem");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    let said = "keeps only the messages of its filter attributes.origin = \"ops\"";
+    assert_eq!(text.matches(said).count(), 1, "{text}");
+}
+
 /// The Python with Google's client (`MAYHEM_PUBSUB_PYTHON`, else `python3`), or `None`
 /// (said loudly) when `google.cloud.pubsub_v1` cannot be imported.
 fn python_pubsub() -> Option<String> {

@@ -541,6 +541,26 @@ fn the_password_is_never_logged() {
 }
 
 #[test]
+fn a_database_or_password_the_server_can_never_take_ends_the_start_at_once() {
+    // SELECT of a database past the server's `databases`, and a password for a server
+    // that has none: errors retrying cannot cure, like a wrong password. They were retried
+    // for the whole --reconnect-limit.
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    let secret = "s3cret-never-set";
+    let far = format!("redis://127.0.0.1:{}/99", server.port);
+    scenarios::refused_at_once(&far, &[], "DB index is out of range", secret);
+    let needless = format!("redis://:{secret}@127.0.0.1:{}/0", server.port);
+    let stderr = scenarios::refused_at_once(&needless, &[], "without any password", secret);
+    assert!(stderr.contains("redis://:***@"), "{stderr}");
+    let (took, stderr) =
+        scenarios::publish_fails(&far, &["--reconnect-limit", "60s"], Some(secret));
+    assert!(took < Duration::from_secs(20), "{took:?}: {stderr}");
+    assert!(stderr.contains("DB index is out of range"), "{stderr}");
+}
+
+#[test]
 fn a_port_that_is_not_redis_gives_a_one_line_error() {
     // Defect 11: an HTTP server answers instead of Redis.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

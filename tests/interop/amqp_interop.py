@@ -14,7 +14,8 @@ produce: {"url", "queue", "messages": [{"data": hex, "id"?, "timestamp"?, "order
          headers = attributes (+ `x-mayhem-ordering-key`); answers {"published": n}.
          A message may also carry "headers" (typed values as JSON gives them: integers,
          booleans, objects as nested tables, lists as arrays, {"bytes": hex} as a byte
-         array), "priority" and "expiration", as other producers write them.
+         array), "priority" and "expiration", as other producers write them, and
+         "id_hex" or "content_type_hex" for short strings of raw bytes.
 consume: {"url", "queue", "count", "patience"}
          `basic_get` until `count` messages came or `patience` seconds passed, acking them;
          answers {"messages": [{"data": hex, "id", "timestamp", "headers"}]}.
@@ -66,8 +67,17 @@ def produce(channel, request):
         )
         if message.get("ordering_key") is not None:
             headers["x-mayhem-ordering-key"] = message["ordering_key"]
+        # "id_hex" / "content_type_hex": raw bytes, which AMQP's short strings may hold
+        # (pika sends bytes as they are), UTF-8 or not.
+        message_id = message.get("id")
+        if message.get("id_hex") is not None:
+            message_id = bytes.fromhex(message["id_hex"])
+        content_type = None
+        if message.get("content_type_hex") is not None:
+            content_type = bytes.fromhex(message["content_type_hex"])
         properties = pika.BasicProperties(
-            message_id=message.get("id"),
+            message_id=message_id,
+            content_type=content_type,
             timestamp=message.get("timestamp"),
             headers=headers or None,
             delivery_mode=pika.DeliveryMode.Persistent,

@@ -428,8 +428,10 @@ fn find_head_end(buffer: &[u8]) -> Option<usize> {
 
 /// The response to a request.
 fn route(method: &str, target: &str, shared: &Shared) -> Response {
-    // The query string is ignored and a trailing slash tolerated.
+    // The query string is ignored and a trailing slash tolerated; a target in absolute
+    // form (`http://host/metrics`, which RFC 9112 asks servers to accept) is its path.
     let path = target.split(['?', '#']).next().unwrap_or_default();
+    let path = absolute_form_path(path).unwrap_or(path);
     let path = match path.strip_suffix('/') {
         Some(stripped) if !stripped.is_empty() => stripped,
         _ => path,
@@ -462,6 +464,18 @@ fn route(method: &str, target: &str, shared: &Shared) -> Response {
     };
     response.head = head;
     response
+}
+
+/// The path of a target in absolute form (`http://host:port/path`, any case of the scheme),
+/// `/` when it names no path; `None` for any other form.
+fn absolute_form_path(target: &str) -> Option<&str> {
+    let scheme_end = target.find("://")?;
+    let scheme = &target[..scheme_end];
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let rest = &target[scheme_end + 3..];
+    Some(rest.find('/').map_or("/", |at| &rest[at..]))
 }
 
 /// Why the service takes no work now, or `None` when it does (the body of a 503 `/readyz`).

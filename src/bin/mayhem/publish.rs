@@ -172,6 +172,10 @@ pub(crate) fn run(args: &PublishArgs, shutdown: &Shutdown) -> ExitCode {
 /// The whole subcommand, up to the first stop.
 fn publish(args: &PublishArgs, shutdown: &Shutdown) -> Result<(), Stop> {
     let check = check_for(&args.source)?;
+    #[cfg(feature = "amqp")]
+    if let SourceKind::Amqp(_) = &args.source {
+        cli::check_queue(&args.stream).map_err(Stop::Usage)?;
+    }
     let template = template(args, check)?;
     // Every DATA is checked before anything is sent.
     let given = args

@@ -56,12 +56,9 @@ impl AmqpConfig {
     /// [`SourceError::Backend`] saying what is wrong (the address itself, which may hold a
     /// password, is not repeated).
     pub fn validate(&self) -> Result<(), SourceError> {
-        if self.queue.is_empty() || self.queue.len() > 200 {
-            return Err(SourceError::Backend(format!(
-                "the queue name '{}' must have 1 to 200 bytes",
-                self.queue
-            )));
-        }
+        check_queue_name(&self.queue).map_err(|reason| {
+            SourceError::Backend(format!("the queue name '{}' {reason}", self.queue))
+        })?;
         if self.ack_deadline.is_zero() || self.max_attempts == 0 || self.prefetch == 0 {
             return Err(SourceError::Backend(
                 "ack deadline, max attempts and prefetch must be above zero".to_owned(),
@@ -81,6 +78,31 @@ impl AmqpConfig {
         }
         Ok(())
     }
+}
+
+/// Checks a queue name as RabbitMQ and this source take it: 1 to 200 bytes (the
+/// dead-letter exchange `{queue}:dead` and queue must fit RabbitMQ's 255), not starting
+/// with `amq.`, which RabbitMQ keeps for itself (`ACCESS_REFUSED` when declared). A program
+/// can check a name before connecting.
+///
+/// ```
+/// use mayhem::source::amqp::check_queue_name;
+/// assert!(check_queue_name("restarts").is_ok());
+/// assert!(check_queue_name("amq.restarts").is_err());
+/// assert!(check_queue_name(&"q".repeat(201)).is_err());
+/// ```
+///
+/// # Errors
+///
+/// What is wrong with the name (without the name), e.g. `must have 1 to 200 bytes`.
+pub fn check_queue_name(queue: &str) -> Result<(), String> {
+    if queue.is_empty() || queue.len() > 200 {
+        return Err(format!("must have 1 to 200 bytes, not {}", queue.len()));
+    }
+    if queue.starts_with("amq.") {
+        return Err("must not start with 'amq.', which RabbitMQ keeps for itself".to_owned());
+    }
+    Ok(())
 }
 
 impl Default for AmqpConfig {

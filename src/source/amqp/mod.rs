@@ -110,7 +110,7 @@ mod publish;
 mod url;
 
 use self::acks::Settle;
-pub use self::config::AmqpConfig;
+pub use self::config::{check_queue_name, AmqpConfig};
 use self::consume::{expiry_kind, Held, Leases, Op};
 use self::link::{Failure, Link};
 pub use self::publish::check_message;

@@ -98,6 +98,12 @@ pub(super) fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
     let mut uri = AMQPUri::from_str(url).map_err(|error| {
         SourceError::Backend(format!("invalid amqp url: {}", scrub(&error, &secret)))
     })?;
+    if uri.authority.port == 0 {
+        // Nothing listens there: connecting would be retried as an outage.
+        return Err(SourceError::Backend(
+            "invalid amqp url: port 0 cannot be connected to".to_owned(),
+        ));
+    }
     if let Some(host) = written_host(url) {
         uri.authority.host = host;
     }

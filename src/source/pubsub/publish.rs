@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Instant;
 
-use super::rest::{self, ID_ATTRIBUTE};
+use super::rest::{self, DELETED_TOPIC, ID_ATTRIBUTE};
 use super::{Core, PubSubSource, BACKOFF};
 use crate::error::SourceError;
 use crate::message::{MessageError, PubSubMessage};
@@ -62,6 +62,14 @@ impl Publish for PubSubSource {
         check_batch(batch, &[ID_ATTRIBUTE], "pubsub")?;
         for message in batch {
             no_goog_key(message).map_err(SourceError::Message)?;
+        }
+        if self.core.topic == DELETED_TOPIC {
+            // A publish there is answered 404 with no reason; say what the 404 would mean.
+            return Err(SourceError::Backend(format!(
+                "pubsub cannot publish to {}: its topic was deleted (the subscription is \
+                 attached to {DELETED_TOPIC}; what it holds can still be pulled)",
+                self.core.subscription
+            )));
         }
         let chunks: Vec<&[PubSubMessage]> = rest::publish_chunks(batch).collect();
         let ordered = batch.iter().any(|message| message.ordering_key().is_some());

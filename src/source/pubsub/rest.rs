@@ -135,6 +135,10 @@ struct PullResponse {
     received_messages: Vec<Received>,
 }
 
+/// The topic of a subscription whose topic was deleted: it can be pulled from, not
+/// published to.
+pub(super) const DELETED_TOPIC: &str = "_deleted-topic_";
+
 /// A subscription as the API describes it (only what the source reads).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -147,6 +151,25 @@ pub(super) struct SubscriptionInfo {
     /// Whether messages of one ordering key are delivered in order.
     #[serde(default)]
     pub(super) enable_message_ordering: bool,
+    /// Where Pub/Sub forwards a message after some deliveries; none when absent.
+    #[serde(default)]
+    pub(super) dead_letter_policy: Option<DeadLetterPolicy>,
+    /// The messages of the topic the subscription keeps (`attributes.origin = "ops"`);
+    /// empty when it keeps them all.
+    #[serde(default)]
+    pub(super) filter: String,
+}
+
+/// A subscription's dead-letter policy.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DeadLetterPolicy {
+    /// `projects/P/topics/T`.
+    #[serde(default)]
+    pub(super) dead_letter_topic: String,
+    /// Deliveries before forwarding; Pub/Sub reads 0 (absent) as 5.
+    #[serde(default)]
+    pub(super) max_delivery_attempts: u32,
 }
 
 /// A message to publish.
@@ -209,8 +232,12 @@ impl Rest {
     }
 
     /// One call: `method` on `/v1/{path}` with a JSON body; returns the answer's body.
+    ///
+    /// `path` holds names as Pub/Sub keeps them (`projects/p/topics/or%41ders`); it is
+    /// escaped for the request line here, and only here, since the JSON bodies name topics
+    /// as they are.
     fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, RestError> {
-        let url = format!("{}/v1/{path}", self.base);
+        let url = format!("{}/v1/{}", self.base, escape_path(path));
         let token = self.credentials.bearer().map_err(RestError::Credentials)?;
         let request = ureq::http::Request::builder()
             .method(method)
@@ -351,6 +378,17 @@ impl fmt::Debug for Rest {
             .field("base", &self.base)
             .field("credentials", &self.credentials)
             .finish_non_exhaustive()
+    }
+}
+
+/// A resource path as a request path: Pub/Sub's names are letters, digits and `-_.~+%`
+/// (and `/` and `:` between them), of which only `%` means something else in a URL path,
+/// where it starts an escape (`%41` is `A`).
+fn escape_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.contains('%') {
+        std::borrow::Cow::Owned(path.replace('%', "%25"))
+    } else {
+        std::borrow::Cow::Borrowed(path)
     }
 }
 

@@ -1,7 +1,7 @@
 //! What the source needs on Pub/Sub: the subscription, its topic and the dead-letter topic,
 //! created when missing.
 
-use log::info;
+use log::{info, warn};
 
 use super::rest::{RestError, SubscriptionInfo};
 use super::{Core, DEADLINE_MAX, DEADLINE_MIN};
@@ -25,7 +25,7 @@ impl Core {
                     "enableMessageOrdering": self.url.ordering,
                     "deadLetterPolicy": {
                         "deadLetterTopic": self.dead_topic,
-                        "maxDeliveryAttempts": (self.config.max_attempts + 1).clamp(5, 100),
+                        "maxDeliveryAttempts": self.policy_attempts(),
                     },
                 });
                 self.rest
@@ -36,9 +36,61 @@ impl Core {
             other => {
                 let info = other?;
                 self.rest.create_topic(&self.dead_topic)?;
+                for warning in self.differences(&info) {
+                    warn!("{warning}");
+                }
                 info
             }
         };
         Ok(info)
+    }
+
+    /// The deliveries the dead-letter policy of a subscription the source creates allows:
+    /// one more than the source's attempts, within Pub/Sub's bounds (5 to 100).
+    fn policy_attempts(&self) -> u32 {
+        (self.config.max_attempts.saturating_add(1)).clamp(5, 100)
+    }
+
+    /// How an existing subscription, made by another program, differs from what the URL
+    /// and the settings ask in a way that changes where messages go; one line each.
+    pub(super) fn differences(&self, info: &SubscriptionInfo) -> Vec<String> {
+        let mut lines = Vec::new();
+        let asked = self.url.topic_path();
+        if self.url.topic != self.url.subscription && info.topic != asked {
+            lines.push(format!(
+                "pubsub subscription {} is attached to {}, not to {asked} of ?topic=: \
+                 messages are published to {}",
+                self.subscription, info.topic, info.topic
+            ));
+        }
+        if !info.filter.is_empty() {
+            lines.push(format!(
+                "pubsub subscription {} keeps only the messages of its filter {}: a message \
+                 published without the attributes it asks for never reaches it (Pub/Sub \
+                 acknowledges it for this subscription at once)",
+                self.subscription, info.filter
+            ));
+        }
+        if let Some(policy) = &info.dead_letter_policy {
+            // Pub/Sub reads an absent (0) maxDeliveryAttempts as 5.
+            let forwards = match policy.max_delivery_attempts {
+                0 => 5,
+                n => n,
+            };
+            if forwards < self.policy_attempts() {
+                lines.push(format!(
+                    "pubsub subscription {} forwards a message to {} after {forwards} \
+                     deliveries, fewer than the {} that --max-attempts {} needs: Pub/Sub may \
+                     dead-letter messages there before the source does, without a reason and \
+                     uncounted (the source's dead letters go to {})",
+                    self.subscription,
+                    policy.dead_letter_topic,
+                    self.policy_attempts(),
+                    self.config.max_attempts,
+                    self.dead_topic
+                ));
+            }
+        }
+        lines
     }
 }

@@ -8,6 +8,11 @@ use crate::error::SourceError;
 /// The service's REST endpoint, used when no emulator is named.
 pub const SERVICE_ENDPOINT: &str = "https://pubsub.googleapis.com";
 
+/// Longest topic or subscription name Pub/Sub accepts.
+const NAME_MAX: usize = 255;
+/// What the dead-letter topic adds to the subscription's name.
+const DEAD_SUFFIX: &str = "-dead";
+
 /// What a `pubsub://` URL names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PubSubUrl {
@@ -73,6 +78,14 @@ impl PubSubUrl {
             .ok_or_else(|| refuse("no subscription after the project".to_owned()))?;
         check_project(project).map_err(refuse)?;
         check_name("subscription", subscription).map_err(refuse)?;
+        if subscription.len() + DEAD_SUFFIX.len() > NAME_MAX {
+            return Err(refuse(format!(
+                "subscription '{subscription}' is {} characters: its dead-letter topic \
+                 '{subscription}{DEAD_SUFFIX}' must fit Pub/Sub's {NAME_MAX}, so at most {}",
+                subscription.len(),
+                NAME_MAX - DEAD_SUFFIX.len()
+            )));
+        }
         let mut parsed = PubSubUrl {
             project: project.to_owned(),
             subscription: subscription.to_owned(),
@@ -109,7 +122,7 @@ impl PubSubUrl {
     /// The dead-letter topic: `projects/{project}/topics/{subscription}-dead`.
     pub fn dead_topic_path(&self) -> String {
         format!(
-            "projects/{}/topics/{}-dead",
+            "projects/{}/topics/{}{DEAD_SUFFIX}",
             self.project, self.subscription
         )
     }
@@ -196,7 +209,7 @@ fn check_project(project: &str) -> Result<(), String> {
 /// letter, of letters, digits and `-_.~+%`, not starting with `goog`.
 fn check_name(what: &str, name: &str) -> Result<(), String> {
     let good = |c: char| c.is_ascii_alphanumeric() || "-_.~+%".contains(c);
-    if !(3..=255).contains(&name.len())
+    if !(3..=NAME_MAX).contains(&name.len())
         || !name.starts_with(|c: char| c.is_ascii_alphabetic())
         || !name.chars().all(good)
         || name.to_ascii_lowercase().starts_with("goog")
@@ -215,6 +228,7 @@ mod tests {
 
     #[test]
     fn bad_urls_name_the_value_and_the_fault() {
+        let long = format!("pubsub://demo/s{}", "x".repeat(250));
         for (url, fault) in [
             ("redis://x/y", "pubsub://"),
             ("pubsub://demo", "no subscription"),
@@ -226,6 +240,7 @@ mod tests {
                 "unknown parameter 'ordering=yes'",
             ),
             ("pubsub://demo/goog-x", "subscription 'goog-x'"),
+            (&long, "dead-letter topic"),
         ] {
             let error = PubSubUrl::parse(url).unwrap_err().to_string();
             assert!(error.contains(url) && error.contains(fault), "{error}");

@@ -20,6 +20,7 @@ use crate::source::Publish;
 /// use mayhem::source::redis::parse_url;
 /// assert!(parse_url("redis://127.0.0.1:6379/0").is_ok());
 /// assert!(parse_url("redis://127.0.0.1:notaport").is_err());
+/// assert!(parse_url("redis://127.0.0.1:0/0").is_err());
 /// ```
 ///
 /// # Errors
@@ -27,13 +28,20 @@ use crate::source::Publish;
 /// [`SourceError::Backend`] saying what is wrong with the address (the address itself, which
 /// may hold a password, is not repeated).
 pub fn parse_url(url: &str) -> Result<(), SourceError> {
-    use redis::IntoConnectionInfo;
-    url.into_connection_info().map(|_| ()).map_err(|error| {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let info = url.into_connection_info().map_err(|error| {
         SourceError::Backend(format!(
             "invalid redis url: {}",
             connection::one_line(&error.to_string(), url)
         ))
-    })
+    })?;
+    // Nothing listens on port 0: connecting would be retried as an outage.
+    if let ConnectionAddr::Tcp(_, 0) | ConnectionAddr::TcpTls { port: 0, .. } = info.addr() {
+        return Err(SourceError::Backend(
+            "invalid redis url: port 0 cannot be connected to".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a message as [`Publish::publish`] does before sending anything: Pub/Sub's limits

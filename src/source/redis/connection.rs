@@ -239,8 +239,6 @@ fn scrub(text: &str, secret: &str) -> String {
     line
 }
 
-/// Whether the server refused the credentials: a wrong password (`WRONGPASS`), none where
-/// one is required (`NOAUTH`), or a user without the permission (`NOPERM`).
 /// `duration` to the millisecond, as a log line shows it.
 fn shown_millis(duration: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(Duration::from_millis(
@@ -248,9 +246,21 @@ fn shown_millis(duration: Duration) -> humantime::FormattedDuration {
     ))
 }
 
+/// Whether the server refused what the URL asks, which retrying cannot cure: the credentials
+/// (a wrong password, `WRONGPASS`; none where one is required, `NOAUTH`; a user without the
+/// permission, `NOPERM`; a password for a server that has none), or the database (`SELECT`
+/// of one past the server's `databases`). These come as plain `ERR` replies, told apart by
+/// their text, since `ERR` also says things that pass (`max number of clients reached`).
 fn refused_for_good(error: &RedisError) -> bool {
+    const FOR_GOOD: [&str; 3] = [
+        "DB index is out of range",
+        "invalid DB index",
+        "called without any password configured",
+    ];
+    let text = error.to_string();
     error.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        || FOR_GOOD.iter().any(|words| text.contains(words))
 }
 
 /// Whether an error means the connection is unusable.

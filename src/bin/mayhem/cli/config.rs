@@ -161,6 +161,11 @@ impl Cli {
                     .to_owned(),
             );
         }
+        // A queue name RabbitMQ refuses fails only once connected: refused here.
+        #[cfg(feature = "amqp")]
+        if let SourceKind::Amqp(_) = &self.source {
+            check_queue(&self.stream)?;
+        }
         // Read by the source only once connecting, and then retried until the reconnect
         // limit: a value that can never work is refused here.
         #[cfg(feature = "pubsub")]
@@ -213,6 +218,17 @@ impl Cli {
             LogLevel::Trace => LevelFilter::Trace,
         }
     }
+}
+
+/// Checks `--stream` as the name of a RabbitMQ queue.
+///
+/// # Errors
+///
+/// One line naming the value and what is wrong with it.
+#[cfg(feature = "amqp")]
+pub(crate) fn check_queue(stream: &str) -> Result<(), String> {
+    mayhem::source::amqp::check_queue_name(stream)
+        .map_err(|reason| format!("invalid value '{stream}' for '--stream': {reason}"))
 }
 
 /// Checks `PUBSUB_EMULATOR_HOST`, when set, as the Pub/Sub source reads it.

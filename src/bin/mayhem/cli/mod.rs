@@ -314,6 +314,8 @@ mod utf8;
 #[cfg(feature = "pubsub")]
 pub(crate) use config::check_emulator_host;
 #[cfg(feature = "amqp")]
+pub(crate) use config::check_queue;
+#[cfg(feature = "amqp")]
 pub(crate) use parse::ca_file;
 use parse::{ack_deadline, human, max_in_flight, outage, rate, socket_addr};
 pub(crate) use parse::{duration, name, SourceParser};
