@@ -22,6 +22,8 @@ RUN rustup target add x86_64-unknown-linux-musl
 # Only what the binary is built from: no tests, benchmarks, examples or CI scripts.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The manifest's [patch] names it; cargo reads it even for a build without RabbitMQ.
+COPY vendor ./vendor
 # Cargo reads every target the manifest declares before it builds one, so the files of the
 # explicitly declared test and benchmark must exist: empty ones stand in for them.
 RUN mkdir tests benches && touch tests/redis.rs benches/pipeline.rs

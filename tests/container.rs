@@ -310,8 +310,12 @@ fn the_dockerfile_builder_copies_no_tests_and_its_manifest_parses() {
         .collect();
     assert_eq!(
         copies,
-        ["COPY Cargo.toml Cargo.lock ./", "COPY src ./src"],
-        "the builder copies only the manifest, the lock file and the sources"
+        [
+            "COPY Cargo.toml Cargo.lock ./",
+            "COPY src ./src",
+            "COPY vendor ./vendor"
+        ],
+        "the builder copies only the manifest, the lock file, the sources and the vendored crate"
     );
     // Rebuild the builder's context: the copied files, then its stand-in files, then check
     // that cargo parses the manifest there (it fails on a declared target's missing file).
@@ -326,10 +330,12 @@ fn the_dockerfile_builder_copies_no_tests_and_its_manifest_parses() {
     for file in ["Cargo.toml", "Cargo.lock"] {
         std::fs::copy(root().join(file), dir.join(file)).expect("copy manifest");
     }
-    run(Command::new("cp")
-        .arg("-r")
-        .arg(root().join("src"))
-        .arg(&dir));
+    for copied in ["src", "vendor"] {
+        run(Command::new("cp")
+            .arg("-r")
+            .arg(root().join(copied))
+            .arg(&dir));
+    }
     run(Command::new("sh").args(["-c", stubs]).current_dir(&dir));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let output = Command::new(cargo)

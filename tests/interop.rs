@@ -1038,17 +1038,15 @@ fn the_binary_restarts_or_rejects_at_once_what_a_hostile_pika_producer_publishes
 }
 
 #[test]
-#[ignore = "known defect, not fixed: amq-protocol-types 10.6.3 (lapin's parser) refuses a \
-            short string that is not UTF-8 and lapin drops the connection"]
 fn short_strings_that_are_not_utf8_neither_stall_the_consumer_nor_take_others_down() {
     // AMQP's short strings (the message-id and content-type properties, header names) are
-    // bytes; pika sends bytes that are not UTF-8 as they are. lapin refuses such a frame as
-    // unparsable ("failed to parse: ... MapRes") and drops the connection: the message
-    // comes back, and with it every message the consumer held, delivered again after each
-    // reconnection until the queue's delivery limit dead-letters them all, without a reason
-    // and uncounted (RabbitMQ 3.10; a broker that does not count returns on a closed channel
-    // would deliver it again without end). What this test expects once the client reads the
-    // text with U+FFFD for the bad bytes: the messages are handled as any other.
+    // bytes; pika sends bytes that are not UTF-8 as they are. lapin's parser (upstream
+    // amq-protocol-types 10.6.3) refused such a frame as unparsable ("failed to parse: ...
+    // MapRes") and lapin dropped the connection: the message came back, and with it every
+    // message the consumer held, delivered again after each reconnection until the queue's
+    // delivery limit dead-lettered them all, without a reason and uncounted. The vendored
+    // copy (vendor/amq-protocol-types) reads the text with U+FFFD for the bad bytes: the
+    // messages are handled as any other.
     if !have_python() {
         return;
     }
