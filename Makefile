@@ -70,13 +70,15 @@ build:
 
 ## Benchmarks of the real pipeline against a bare channel + executor baseline, with the Redis,
 ## RabbitMQ and Pub/Sub rows (each printed as not measured when its server is not installed;
-## MAYHEM_PUBSUB_PYTHON names a Python with google-cloud-pubsub for the streaming-pull row).
+## MAYHEM_PUBSUB_PYTHON names a Python with google-cloud-pubsub for the streaming-pull row;
+## unset, the bench takes the one .ci/run installs in target/pubsub-venv when it is there).
 ## The bench builds in a target directory of its own (target/bench): its build (with amqp)
 ## would otherwise replace the default build's binary in target/release, which `make run`
 ## runs and whose size the bench reports.
+PUBSUB_VENV_PYTHON = $(wildcard $(CURDIR)/target/pubsub-venv/bin/python)
 bench:
 	$(CARGO) build --release --bin mayhem
-	MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/release/mayhem CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-target}/bench $(CARGO) bench --features amqp,pubsub --bench pipeline
+	$(if $(MAYHEM_PUBSUB_PYTHON),,$(if $(PUBSUB_VENV_PYTHON),MAYHEM_PUBSUB_PYTHON=$(PUBSUB_VENV_PYTHON))) MAYHEM_BENCH_BINARY=$${CARGO_TARGET_DIR:-target}/release/mayhem CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-target}/bench $(CARGO) bench --features amqp,pubsub --bench pipeline
 
 ## Chaos soak: 500 randomized fault runs (binary and library), an overload run, a summary;
 ## then randomized fault runs on Redis (REDIS_ARGS, e.g. "--runs 50 --seed 7"), then on
