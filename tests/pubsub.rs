@@ -482,10 +482,24 @@ fn ordering_keys_are_handled_in_publish_order_under_latency_and_failures() {
 
 /// Sends `DELETE /v1/{path}` to the emulator; returns the status line.
 fn delete(emulator: &Emulator, path: &str) -> String {
+    request(emulator, "DELETE", path, None)
+}
+
+/// Sends `METHOD /v1/{path}` (with a JSON body, if any) to the emulator; returns the status
+/// line.
+fn request(emulator: &Emulator, method: &str, path: &str, body: Option<&str>) -> String {
     use std::io::Write;
     let mut stream = TcpStream::connect(&emulator.host).expect("connect to the emulator");
-    let request =
-        format!("DELETE /v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut request =
+        format!("{method} /v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or_default());
     stream.write_all(request.as_bytes()).expect("send");
     // The status line is all that is read: the emulator may keep the connection open.
     let mut answer = [0u8; 64];
@@ -681,21 +695,7 @@ fn a_subscription_name_too_long_for_its_dead_letter_topic_is_refused_before_conn
 
 /// `PUT /v1/{path}` of a JSON body on the emulator; the status line.
 fn put(emulator: &Emulator, path: &str, body: &str) -> String {
-    use std::io::Write;
-    let mut stream = TcpStream::connect(&emulator.host).expect("connect to the emulator");
-    let request = format!(
-        "PUT /v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut answer = [0u8; 64];
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("set a timeout");
-    let read = stream.read(&mut answer).unwrap_or(0);
-    let answer = String::from_utf8_lossy(&answer[..read]);
-    answer.lines().next().unwrap_or_default().to_owned()
+    request(emulator, "PUT", path, Some(body))
 }
 
 #[test]
