@@ -25,6 +25,9 @@ pub struct Context<'a> {
     extended: &'a dyn ExtensionCount,
     /// Counters the handler may update.
     metrics: &'a Metrics,
+    /// Runs of the handler for this delivery before the current one: a layer that runs it
+    /// again (the breaker) counts them, so that a handler drawing random outcomes draws anew.
+    reruns: AtomicU32,
 }
 
 /// Where a [`Context`] reads how often its lease was extended.
@@ -53,6 +56,7 @@ impl<'a> Context<'a> {
             attempt,
             extended,
             metrics,
+            reruns: AtomicU32::new(0),
         }
     }
 
@@ -68,6 +72,7 @@ impl<'a> Context<'a> {
             attempt,
             extended,
             metrics,
+            reruns: AtomicU32::new(0),
         }
     }
 
@@ -85,6 +90,21 @@ impl<'a> Context<'a> {
     /// Which delivery of the message this is, counting from 1.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// Which run of the handler this is within this delivery, counting from 1: more than 1
+    /// when a layer runs the handler again without a new delivery, as the
+    /// [`Breaker`](crate::layer::Breaker) does with a message that failed while the
+    /// downstream was down. A handler that draws outcomes at random (the chaos monkey's
+    /// simulated failures) mixes it in, so that a run again is not the same run replayed.
+    pub fn run(&self) -> u32 {
+        self.reruns.load(Ordering::Relaxed).saturating_add(1)
+    }
+
+    /// Counts a run of the handler again for this delivery (see [`run`](Self::run)): a
+    /// layer calls it before it runs the inner handler once more.
+    pub fn run_again(&self) {
+        self.reruns.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The attributes the message was published with (empty for the chaos monkey's own).
@@ -109,6 +129,7 @@ impl fmt::Debug for Context<'_> {
         f.debug_struct("Context")
             .field("message", self.message)
             .field("attempt", &self.attempt)
+            .field("run", &self.run())
             .field("extended", &self.extended())
             .finish()
     }
@@ -172,7 +193,8 @@ pub struct MayhemConfig {
     /// Retries of a failed restart before giving up.
     pub restart_retries: u32,
     /// Seed of the handler's random choices; each message draws from its own stream derived
-    /// from this seed, its id and its attempt, so outcomes do not depend on scheduling.
+    /// from this seed, its id, its attempt and the handler's [`run`](Context::run) within
+    /// the attempt, so outcomes do not depend on scheduling.
     pub seed: u64,
     /// Connections of the simulated database (`--db-capacity`): past this many saves at once,
     /// saves wait in line for one, so their latency grows with the line. `None` = unlimited.
@@ -275,10 +297,15 @@ impl MayhemHandler {
         self.database.set_capacity(capacity)
     }
 
-    /// A random stream for one delivery of one message.
-    fn rng_for(&self, message: &PubSubMessage, attempt: u32) -> fastrand::Rng {
+    /// A random stream for one run of the handler on one delivery of one message: the same
+    /// seed replays the same outcomes, and a run again (a message the breaker held) draws
+    /// new ones instead of failing again the same way for ever.
+    fn rng_for(&self, message: &PubSubMessage, attempt: u32, run: u32) -> fastrand::Rng {
         fastrand::Rng::with_seed(
-            self.config.seed ^ message.id().digest() ^ u64::from(attempt).rotate_left(40),
+            self.config.seed
+                ^ message.id().digest()
+                ^ u64::from(attempt).rotate_left(40)
+                ^ u64::from(run.saturating_sub(1)).rotate_left(20),
         )
     }
 
@@ -370,7 +397,7 @@ impl Handler for MayhemHandler {
             name,
             domain: &self.config.domain,
         };
-        let mut rng = self.rng_for(ctx.message(), ctx.attempt());
+        let mut rng = self.rng_for(ctx.message(), ctx.attempt(), ctx.run());
         if chance(&mut rng, self.config.panic_rate) {
             panic!("injected fault while handling {}", ctx.message());
         }

@@ -6,7 +6,8 @@
 //!   and undoes it on SIGCONT): consumers stop pulling and publishers stop publishing, while
 //!   the messages already held are handled and settled;
 //! - **open circuit breakers** ([`Breaker`](crate::layer::Breaker) holds the pause while it
-//!   is open): consumers stop pulling;
+//!   is open): consumers stop pulling until its cooldown ends, and pull again then only
+//!   until a message arrives to be its probe, in case none is held to be it;
 //! - **a failing source**: the runner marks it when a pull fails and clears it at the next
 //!   pull that succeeds. It pauses nothing (the consumers keep retrying) but makes the service
 //!   not ready.
@@ -17,7 +18,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::sync;
 
@@ -44,8 +45,11 @@ pub struct Pause {
 struct Inner {
     /// Quiet mode: no pulling, no publishing.
     quiet: AtomicBool,
-    /// Circuit breakers open now (or letting their probe through): no pulling.
+    /// Circuit breakers open now (or letting their probe through): the length of
+    /// `breaker_holds`, read without its lock.
     breakers_open: AtomicUsize,
+    /// What each open breaker asks of the consumers, by the breaker's id.
+    breaker_holds: Mutex<Vec<BreakerHold>>,
     /// Whether the last pull failed: the source is reconnecting (or down).
     source_failing: AtomicBool,
     /// Pulls begun and not yet handed off (see [`Pause::begin_pull`]).
@@ -55,6 +59,16 @@ struct Inner {
     lock: Mutex<()>,
     /// Signalled at every change of `quiet` or `breakers_open`.
     changed: Condvar,
+}
+
+/// One open circuit breaker's hold on the consumers.
+#[derive(Debug, Clone, Copy)]
+struct BreakerHold {
+    /// The breaker's id.
+    id: u64,
+    /// No pulling until then; after it, pulling until the breaker has a probe (which it
+    /// may need to pull, when no message is held). `None`: no pulling at all (probing).
+    until: Option<Instant>,
 }
 
 impl Pause {
@@ -89,9 +103,30 @@ impl Pause {
         self.inner.source_failing.load(Ordering::SeqCst)
     }
 
-    /// Whether consumers must not pull now: quiet mode, or a circuit breaker open.
+    /// Whether consumers must not pull now: quiet mode, or a circuit breaker open (in its
+    /// cooldown, or with its probe running).
     pub fn pulling_paused(&self) -> bool {
-        self.is_quiet() || self.breakers_open() > 0
+        self.is_quiet() || self.breakers_hold_pulls(Instant::now())
+    }
+
+    /// Whether an open breaker keeps the consumers from pulling at `now`.
+    fn breakers_hold_pulls(&self, now: Instant) -> bool {
+        self.breakers_open() > 0
+            && sync::lock(&self.inner.breaker_holds)
+                .iter()
+                .any(|hold| hold.until.is_none_or(|until| now < until))
+    }
+
+    /// The end of the first breaker cooldown still to come, when one is.
+    fn next_cooldown_end(&self, now: Instant) -> Option<Instant> {
+        if self.breakers_open() == 0 {
+            return None;
+        }
+        sync::lock(&self.inner.breaker_holds)
+            .iter()
+            .filter_map(|hold| hold.until)
+            .filter(|&until| now < until)
+            .min()
     }
 
     /// Whether publishers must not publish now: quiet mode.
@@ -102,7 +137,7 @@ impl Pause {
     /// Whether the service should get traffic: not quiet, no breaker open, and the last pull
     /// did not fail. This is what the binary's `/readyz` answers.
     pub fn is_ready(&self) -> bool {
-        !self.pulling_paused() && !self.source_failing()
+        !self.is_quiet() && self.breakers_open() == 0 && !self.source_failing()
     }
 
     /// Pulls in progress: begun before pulling was paused and not yet handed to the executor.
@@ -126,21 +161,34 @@ impl Pause {
         Some(guard)
     }
 
-    /// A circuit breaker opened: consumers stop pulling until [`Pause::release_breaker`].
-    pub(crate) fn hold_breaker(&self) {
-        self.inner.breakers_open.fetch_add(1, Ordering::SeqCst);
+    /// Circuit breaker `id` is open: consumers stop pulling until `until`, then pull only
+    /// until the breaker holds them again (`None`: until it is released). Replaces the
+    /// breaker's earlier hold.
+    pub(crate) fn hold_breaker(&self, id: u64, until: Option<Instant>) {
+        {
+            let mut holds = sync::lock(&self.inner.breaker_holds);
+            match holds.iter_mut().find(|hold| hold.id == id) {
+                Some(hold) => hold.until = until,
+                None => {
+                    holds.push(BreakerHold { id, until });
+                    self.inner
+                        .breakers_open
+                        .store(holds.len(), Ordering::SeqCst);
+                }
+            }
+        }
         self.notify();
     }
 
-    /// A circuit breaker closed again.
-    pub(crate) fn release_breaker(&self) {
-        // Saturating: a release without a hold (a bug) must not wrap the count around.
-        let _ = self
-            .inner
-            .breakers_open
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |open| {
-                open.checked_sub(1)
-            });
+    /// Circuit breaker `id` closed again (nothing, if it held nothing).
+    pub(crate) fn release_breaker(&self, id: u64) {
+        {
+            let mut holds = sync::lock(&self.inner.breaker_holds);
+            holds.retain(|hold| hold.id != id);
+            self.inner
+                .breakers_open
+                .store(holds.len(), Ordering::SeqCst);
+        }
         self.notify();
     }
 
@@ -158,11 +206,17 @@ impl Pause {
     /// # Blocking
     ///
     /// Blocks the calling thread (a consumer or publisher thread).
+    /// A breaker's cooldown ending is no notification: the wait ends then too.
     pub(crate) fn wait_while(&self, paused: fn(&Pause) -> bool, timeout: Duration) -> bool {
         let guard = sync::lock(&self.inner.lock);
         if !paused(self) {
             return false;
         }
+        let now = Instant::now();
+        let timeout = match self.next_cooldown_end(now) {
+            Some(end) => timeout.min(end - now),
+            None => timeout,
+        };
         drop(sync::wait_timeout(&self.inner.changed, guard, timeout));
         paused(self)
     }
@@ -204,12 +258,41 @@ mod tests {
     #[test]
     fn a_breaker_pauses_pulling_but_not_publishing() {
         let pause = Pause::new();
-        pause.hold_breaker();
+        pause.hold_breaker(1, None);
         assert!(pause.pulling_paused() && !pause.publishing_paused() && !pause.is_ready());
-        pause.release_breaker();
-        pause.release_breaker();
+        pause.release_breaker(1);
+        pause.release_breaker(1);
         assert_eq!(pause.breakers_open(), 0);
         assert!(pause.is_ready());
+    }
+
+    #[test]
+    fn after_its_cooldown_an_open_breaker_lets_the_consumers_pull_a_probe() {
+        let pause = Pause::new();
+        let now = Instant::now();
+        pause.hold_breaker(1, Some(now + Duration::from_secs(3600)));
+        pause.hold_breaker(2, Some(now));
+        assert_eq!(pause.breakers_open(), 2);
+        assert!(pause.pulling_paused(), "breaker 1 is in its cooldown");
+        pause.hold_breaker(1, Some(now));
+        // Both cooldowns are over: pulls go on, for a probe, but the service is not ready.
+        assert!(!pause.pulling_paused() && !pause.is_ready());
+        assert_eq!(pause.breakers_open(), 2);
+        // Breaker 2 has its probe: no pulling while it runs.
+        pause.hold_breaker(2, None);
+        assert!(pause.pulling_paused());
+        pause.release_breaker(2);
+        pause.release_breaker(1);
+        assert!(!pause.pulling_paused() && pause.is_ready());
+    }
+
+    #[test]
+    fn a_wait_ends_when_a_cooldown_does() {
+        let pause = Pause::new();
+        pause.hold_breaker(1, Some(Instant::now() + Duration::from_millis(20)));
+        // Nobody notifies: the cooldown's end alone ends a wait of an hour.
+        while pause.wait_while(Pause::pulling_paused, Duration::from_secs(3600)) {}
+        assert!(!pause.pulling_paused());
     }
 
     #[test]

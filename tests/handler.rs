@@ -89,6 +89,37 @@ fn the_same_seed_gives_the_same_outcome() {
     );
 }
 
+/// The outcomes of 20 runs of the handler on one delivery (attempt 1), as a layer that runs
+/// it again (the breaker) makes them.
+fn runs_of_one_delivery(handler: &MayhemHandler) -> Vec<bool> {
+    let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(7));
+    let (extended, metrics) = (AtomicU32::new(0), Metrics::default());
+    let ctx = Context::new(&message, 1, &extended, &metrics);
+    (1..=20)
+        .map(|run| {
+            if run > 1 {
+                ctx.run_again();
+            }
+            assert_eq!(ctx.run(), run);
+            smol::block_on(handler.handle(&ctx)).is_ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_delivery_run_again_draws_new_outcomes_and_the_same_seed_replays_them() {
+    // Were the dice the same for every run of one delivery, a message the breaker held
+    // after a failure would fail again each time it ran: the probe after a cooldown would
+    // fail for ever, and the breaker would never close.
+    let half = handler(0.0, 0.5, 0.0, 0);
+    let outcomes = runs_of_one_delivery(&half);
+    assert!(
+        outcomes.contains(&true) && outcomes.contains(&false),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes, runs_of_one_delivery(&half));
+}
+
 #[test]
 fn panic_rate_one_panics() {
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(8));

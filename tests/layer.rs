@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use mayhem::layer::{self, BreakerConfig, LayerConfig, RateLimit, Timeout};
 use mayhem::{
-    Config, Context, HandleError, Handler, Metrics, Pause, Report, Runner, Shutdown, Subscription,
+    Config, Context, HandleError, Handler, MayhemConfig, MayhemHandler, Metrics, Pause, Report,
+    Runner, Shutdown, Subscription,
 };
 
 /// Upper bound for anything a test waits for; only reached when something is broken.
@@ -191,5 +192,78 @@ fn rejections_are_about_the_message_and_never_open_the_breaker() {
     assert_eq!(report.rejected, 20, "{report}");
     assert_eq!(report.dead_lettered, 20, "{report}");
     assert_eq!(report.breaker_opened, 0, "{report}");
+    assert!(!handler.is_open() && pause.is_ready());
+}
+
+#[test]
+fn the_chaos_monkey_at_its_default_failure_rates_behind_a_breaker_handles_every_message() {
+    // A quarter of saves and of restarts fail at random: two failures in a row come by
+    // chance every few dozen messages, so the breaker opens and closes many times. Each
+    // held message runs again with new dice; before it did, it failed again the same way,
+    // every probe failed, and the run stalled for a cooldown per held message.
+    let mut config = config(300);
+    config.run.max_in_flight = 32;
+    let mut settings = MayhemConfig::from_config(&config, 11);
+    settings.latency = Duration::from_millis(1);
+    assert_eq!(settings.save_failure_rate, 0.25, "the default rates");
+    let pause = Pause::new();
+    let breaker = BreakerConfig {
+        failures: 2,
+        cooldown: Duration::from_millis(10),
+    };
+    let handler = layer::Breaker::new(MayhemHandler::new(settings), breaker, pause.clone());
+    let report = run_watched(&config, &handler, &pause, |_| {});
+    assert_eq!(report.acked + report.dead_lettered, 300, "{report}");
+    assert!(report.is_balanced(), "{report}");
+    assert!(report.breaker_opened >= 2, "{report}");
+    assert!(!handler.is_open() && pause.is_ready());
+}
+
+/// Fails its first `failures` calls (a downstream down, then back), then succeeds.
+struct DownFor {
+    /// Calls still to fail.
+    failures: AtomicU64,
+}
+
+impl Handler for DownFor {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        let down = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if down {
+            return Err(HandleError::Other("database down".into()));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn an_open_breaker_with_no_message_held_pulls_one_to_probe_after_its_cooldown() {
+    // One message in flight at most: the failed probe is nacked, and then no message is
+    // held to be the next probe. Before the consumers pulled again after a cooldown, the
+    // breaker stayed open for ever with nothing to probe it, and the run never ended.
+    let mut config = config(3);
+    config.run.max_in_flight = 1;
+    config.lease.max_attempts = 10;
+    let pause = Pause::new();
+    let settings = BreakerConfig {
+        failures: 1,
+        cooldown: Duration::from_millis(10),
+    };
+    let downstream = DownFor {
+        failures: AtomicU64::new(4),
+    };
+    let handler = layer::Breaker::new(downstream, settings, pause.clone());
+    let report = run_watched(&config, &handler, &pause, |_| {});
+    // Call 1 opens the breaker (held, not nacked); calls 2 to 4 are failed probes, each
+    // nacked and reopening it; call 5, a probe pulled after the cooldown, closes it.
+    assert_eq!(report.acked, 3, "{report}");
+    assert_eq!(report.breaker_opened, 4, "{report}");
+    assert_eq!(report.nacked, 3, "{report}");
+    assert_eq!(report.dead_lettered, 0, "{report}");
+    assert!(report.is_balanced(), "{report}");
     assert!(!handler.is_open() && pause.is_ready());
 }

@@ -1,6 +1,7 @@
 //! The circuit-breaker layer: after N failures in a row, stop taking work until a probe
 //! succeeds.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -40,8 +41,12 @@ pub struct BreakerConfig {
 ///   handler had started before the breaker opened and fails while it is open waits too,
 ///   then runs again: it was the downstream that failed, so no delivery attempt is used.
 ///   The lease manager keeps extending the leases of waiting messages (up to `--max-lease`).
+///   A message run again is told so by [`Context::run`], so that a handler drawing random
+///   outcomes does not replay the failure that held it.
 /// - **Half-open** (after `cooldown`, one line): the first message to ask becomes the probe;
-///   the others keep waiting. A probe that succeeds closes the breaker (one line), releases
+///   the others keep waiting. When no message is held to ask (the last probe was nacked,
+///   and nothing else was in flight), the consumers pull again after the cooldown, only
+///   until a message arrives to be the probe. A probe that succeeds closes the breaker (one line), releases
 ///   the pause and lets every waiting message run; a probe that fails is nacked (the one
 ///   attempt a cooldown costs, so that a message that can never succeed still reaches the
 ///   dead letters) and opens the breaker for another cooldown (one warning).
@@ -93,6 +98,8 @@ pub struct Breaker<H> {
 /// The state and settings of one breaker.
 #[derive(Debug)]
 struct Circuit {
+    /// Tells this breaker's hold on the [`Pause`] from other breakers'.
+    id: u64,
     /// The settings.
     config: BreakerConfig,
     /// Held while the breaker is open or half-open: the consumers stop pulling.
@@ -135,7 +142,10 @@ impl<H> Breaker<H> {
     /// `inner` behind a breaker only when `config` is `Some`: `None` passes every message
     /// straight through, which is how the binary composes its flags (default: off).
     pub fn optional(inner: H, config: Option<BreakerConfig>, pause: Pause) -> Self {
+        /// The next breaker's id.
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let circuit = config.map(|config| Circuit {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             config: BreakerConfig {
                 failures: config.failures.max(1),
                 ..config
@@ -180,8 +190,13 @@ impl<H: Handler> Breaker<H> {
     /// Runs the handler behind the circuit.
     async fn guarded(&self, circuit: &Circuit, ctx: &Context<'_>) -> Result<(), HandleError> {
         let mut held = false;
+        let mut first = true;
         loop {
             let probe = circuit.admit(ctx, &mut held).await;
+            if !std::mem::replace(&mut first, false) {
+                // The same delivery, run again: a handler drawing random outcomes draws anew.
+                ctx.run_again();
+            }
             let started = Instant::now();
             let result = self.inner.handle(ctx).await;
             match circuit.settle(probe, &result, ctx) {
@@ -215,6 +230,8 @@ impl Circuit {
                     State::Closed(_) => return None,
                     State::Open(until) if Instant::now() >= until => {
                         *state = State::Probing;
+                        // No more pulling: the consumers may have resumed to bring a probe.
+                        self.pause.hold_breaker(self.id, None);
                         info!("Circuit breaker half-open: {} is the probe", ctx.message());
                         return Some(Probe {
                             circuit: self,
@@ -297,10 +314,12 @@ impl Circuit {
                     *state = State::Closed(0);
                     drop(state);
                     info!("Circuit breaker closed: the probe succeeded, consumers pull again");
-                    self.pause.release_breaker();
+                    self.pause.release_breaker(self.id);
                 }
                 Err(error) => {
-                    *state = State::Open(Instant::now() + self.config.cooldown);
+                    let until = Instant::now() + self.config.cooldown;
+                    *state = State::Open(until);
+                    self.pause.hold_breaker(self.id, Some(until));
                     drop(state);
                     ctx.metrics().count_breaker_opened();
                     warn!(
@@ -323,10 +342,11 @@ impl Circuit {
                     *state = State::Closed(failures);
                     return Verdict::Suspend;
                 }
-                *state = State::Open(Instant::now() + self.config.cooldown);
-                drop(state);
+                let until = Instant::now() + self.config.cooldown;
+                *state = State::Open(until);
                 // The pause first: whoever sees the count sees the consumers paused.
-                self.pause.hold_breaker();
+                self.pause.hold_breaker(self.id, Some(until));
+                drop(state);
                 ctx.metrics().count_breaker_opened();
                 warn!(
                     "Circuit breaker opened after {failures} failures in a row (last: {error}): \
@@ -347,9 +367,7 @@ impl Circuit {
 impl Drop for Circuit {
     /// A breaker dropped while open gives the consumers back.
     fn drop(&mut self) {
-        if !matches!(*self.lock(), State::Closed(_)) {
-            self.pause.release_breaker();
-        }
+        self.pause.release_breaker(self.id);
     }
 }
 
@@ -366,7 +384,11 @@ struct Probe<'c> {
 impl Drop for Probe<'_> {
     fn drop(&mut self) {
         if self.armed {
-            *self.circuit.lock() = State::Open(Instant::now());
+            let now = Instant::now();
+            let mut state = self.circuit.lock();
+            *state = State::Open(now);
+            self.circuit.pause.hold_breaker(self.circuit.id, Some(now));
+            drop(state);
             self.circuit.changed.notify(usize::MAX);
         }
     }
@@ -387,6 +409,39 @@ mod tests {
             async_io::Timer::after(Duration::from_millis(30)).await;
             Err(HandleError::Other("database down".into()))
         }
+    }
+
+    /// Fails on the first run of a delivery, succeeds when run again.
+    struct FirstRunFails;
+    impl Handler for FirstRunFails {
+        async fn handle(&self, ctx: &Context<'_>) -> Result<(), HandleError> {
+            if ctx.run() == 1 {
+                return Err(HandleError::Other("database down".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_held_message_runs_again_as_a_new_run_of_its_delivery() {
+        let config = BreakerConfig {
+            failures: 1,
+            cooldown: Duration::from_millis(10),
+        };
+        let pause = Pause::new();
+        let breaker = Breaker::new(FirstRunFails, config, pause.clone());
+        let (message, extended, metrics) = (
+            PubSubMessage::copy_from_slice(b"web-01"),
+            AtomicU32::new(0),
+            Metrics::default(),
+        );
+        let ctx = Context::new(&message, 1, &extended, &metrics);
+        // The failure opens the breaker and is held; after the cooldown it runs again, as
+        // the probe, told it is run 2: it succeeds and closes the breaker.
+        assert!(smol::block_on(breaker.handle(&ctx)).is_ok());
+        assert_eq!(ctx.run(), 2);
+        assert_eq!(metrics.breaker_opened(), 1);
+        assert!(!breaker.is_open() && !pause.pulling_paused());
     }
 
     #[test]
