@@ -13,7 +13,9 @@
 //! `MAYHEM_BENCH=pubsub` only the Pub/Sub rows (built with `--features pubsub`);
 //! `MAYHEM_BENCH=peers` only the comparison rows with the Rust peers on tokio (`benches/peers/`,
 //! a cargo project of its own that the bench builds), on Redis and RabbitMQ; `MAYHEM_BENCH=noop`
-//! only the no-op pipeline and the bare bridge, interleaved; `MAYHEM_BENCH=window` only the
+//! only the no-op pipeline and the bare bridge, interleaved; `MAYHEM_BENCH=window-auto` only
+//! the `auto` runs of the adaptive window's three workloads, each with its trace (to tune the
+//! controller); `MAYHEM_BENCH=window` only the
 //! rows of `--max-in-flight auto` (`benches/window/`): the goodput curve's workload and two
 //! more, each against fixed windows, a downstream that degrades mid-run, a database outage
 //! with and without the breaker, and the rate limit, with their plots (`benches/window.svg`
@@ -178,6 +180,25 @@ fn main() {
     }
     if only == "noop" {
         return noop_ab();
+    }
+    if only == "window-auto" {
+        // `auto` alone on each workload, with its trace: for tuning the controller.
+        for workload in [
+            window::Workload::Slow,
+            window::Workload::Database,
+            window::Workload::Cpu,
+        ] {
+            let run = workload.run(mayhem::AUTO_CEILING, true);
+            println!(
+                "{workload:?}: {:.0} acked/s from 10 s, p99 {:.1} ms",
+                run.span_rate(),
+                run.p99_ms
+            );
+            for (at, window, rate) in window::points(&run) {
+                println!("{at:>5.1} s  window {window:>8}  {rate:>9.0} acked/s");
+            }
+        }
+        return;
     }
     if only == "window" {
         // Only the rows of `--max-in-flight auto`, their tables and plots.
