@@ -8,7 +8,7 @@
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,8 +27,10 @@ pub const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 pub struct Rabbit {
     /// The AMQP port.
     pub port: u16,
-    /// The Erlang distribution port.
-    dist: u16,
+    /// The Erlang distribution port: a new one at each restart, since once the node let go
+    /// of the last one, any client's outgoing connection may take it as its local port
+    /// (seen: a restart that failed to bind it, `BOOT FAILED`).
+    dist: AtomicU16,
     /// The node's data, logs and settings.
     dir: PathBuf,
     /// How many times it was started (each start logs to its own file).
@@ -197,7 +199,7 @@ impl Rabbit {
         };
         let server = Rabbit {
             port: free_port(),
-            dist: free_port(),
+            dist: AtomicU16::new(free_port()),
             dir,
             starts: AtomicU32::new(0),
             watchdog: Mutex::new(None),
@@ -235,10 +237,15 @@ impl Rabbit {
             .env("RABBITMQ_LOGS", "-")
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
+            .env(
+                "RABBITMQ_DIST_PORT",
+                self.dist.load(Ordering::SeqCst).to_string(),
+            )
             .env("RABBITMQ_NODENAME", &node)
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            // A node that fails to boot writes its crash dump here, not into the checkout.
+            .env("ERL_CRASH_DUMP", dir.join("erl_crash.dump"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
@@ -390,6 +397,7 @@ impl BrokerServer for Rabbit {
     }
 
     fn restart(&self) {
+        self.dist.store(free_port(), Ordering::SeqCst);
         self.spawn();
     }
 
