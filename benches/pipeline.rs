@@ -163,6 +163,24 @@ fn plot_window(trace: &[(f64, usize, f64)], title: &str) -> String {
     svg
 }
 
+/// Prints the adaptive window's debug lines (each change of the window, with the sample that
+/// made it), for `MAYHEM_BENCH=window-auto`.
+struct WindowLines;
+
+impl log::Log for WindowLines {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.target().starts_with("mayhem::pipeline::service")
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) && record.level() == log::Level::Debug {
+            println!("  {}", record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 fn main() {
     let only = std::env::var("MAYHEM_BENCH").unwrap_or_default();
     if ["redis", "payload", "amqp", "pubsub", "peers"].contains(&only.as_str()) {
@@ -182,7 +200,10 @@ fn main() {
         return noop_ab();
     }
     if only == "window-auto" {
-        // `auto` alone on each workload, with its trace: for tuning the controller.
+        // `auto` alone on each workload, with its trace and the controller's own lines: for
+        // tuning the controller.
+        log::set_logger(&WindowLines).expect("the first logger");
+        log::set_max_level(log::LevelFilter::Debug);
         for workload in [
             window::Workload::Slow,
             window::Workload::Database,

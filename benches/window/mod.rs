@@ -373,10 +373,23 @@ impl Sweep {
         }
     }
 
-    /// The fixed window of the best goodput.
+    /// The fixed window of the best goodput among those that settled every message (acked
+    /// or nacked back, none dead-lettered, expired or lost): a window whose line outwaits
+    /// the database's patience acks a little more by dead-lettering tens of thousands, and
+    /// no user would pick it. All of them, if none did.
     fn best(&self) -> (usize, &Run) {
-        self.fixed
-            .iter()
+        let clean =
+            |run: &Run| run.report.dead_lettered + run.report.expired + run.report.lost_leases == 0;
+        let candidates = if self.fixed.iter().any(|(_, run)| clean(run)) {
+            self.fixed
+                .iter()
+                .filter(|(_, run)| clean(run))
+                .collect::<Vec<_>>()
+        } else {
+            self.fixed.iter().collect()
+        };
+        candidates
+            .into_iter()
             .max_by(|a, b| a.1.span_rate().total_cmp(&b.1.span_rate()))
             .map(|(window, run)| (*window, run))
             .expect("a sweep has fixed windows")

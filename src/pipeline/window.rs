@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! target = goodput × base × HEADROOM    (the window that keeps the measured goodput
-//!                                        flowing at the uncongested latency, doubled)
+//!                                        flowing at the uncongested latency, with room)
 //! up:   window ← min(target, 2 × window)
 //! down: window ← window + SMOOTHING × (target − window), ≥ 0.9 × window
 //! ```
@@ -27,11 +27,15 @@
 //!   second's goodput is noisy (±30 % under load here), the window must not follow the noise.
 //! - **Start-up**, as TCP's slow start: the window doubles each sample while the goodput
 //!   keeps up (it grew by a quarter or more over the last two samples, which allows for the
-//!   handling time it takes to show) and the latency has not tripled; then it goes back to
-//!   what the best goodput of the start-up needs at its least latency (best × least, at
-//!   most half the window), and the base is measured from there. A thousand becomes three hundred thousand in about
-//!   eight samples. (While the window grows, the first acks of each new batch are its fastest
-//!   messages, so the latencies read low: no base is taken from them.)
+//!   handling time it takes to show) and the latency stays within [`START_LATENCY_LIMIT`]
+//!   (1.15) of the least read in it (as TCP's delay-based HyStart: the goodput shows a
+//!   doubling a handling time late, the latency sooner); then it goes back to what the best
+//!   goodput of the start-up needs at its least latency (best × least, at most half the
+//!   window), and the base is measured from there. A thousand becomes a quarter of a
+//!   million in about nine samples. The least is read only from samples at least
+//!   [`SETTLED_SPAN`] of a handling time long: shorter ones ack only the fastest messages of
+//!   each new batch and read low. (While the window grows, the first acks of each new batch
+//!   are its fastest messages: no base is taken from them either.)
 //! - **Below capacity** the goodput grows with the window, so the target is about
 //!   `HEADROOM × window`. **At capacity** (the CPUs, or a database's connections) the goodput stops
 //!   growing, and the target stops at `HEADROOM` times the window that capacity needs at the
@@ -40,9 +44,10 @@
 //!   with it; the window comes down by at most 10 % a sample, so no single noisy sample
 //!   swings it.
 //! - **Probes.** Every [`PROBE_EVERY`] samples the window is held at [`PROBE_CUT`] (0.6) of
-//!   itself for [`PROBE_SAMPLES`] samples, so that the base is measured there (BBR's
-//!   ProbeRTT): a service that starts congested (a window of 1,000 where 100 would do)
-//!   first reads a base that is queueing already, and would otherwise never find better.
+//!   itself for [`PROBE_SAMPLES`] samples, so that the base is measured there, and then
+//!   goes back to where it was (BBR's ProbeRTT): a service that starts congested (a window
+//!   of 1,000 where 100 would do) first reads a base that is queueing already, and would
+//!   otherwise never find better.
 //! - **Draining.** While more leases are held than the window (after the start-up or a cut,
 //!   those of the larger window are still being handled, and their acks come in a burst),
 //!   samples are skipped: a burst read as goodput would send the target far too high.
@@ -67,7 +72,7 @@ pub(crate) const START_WINDOW: usize = 1000;
 pub const AUTO_CEILING: usize = 2_000_000;
 /// The target's margin over the window the goodput needs at the base latency: room for the
 /// spread of the latency and of the goodput.
-const HEADROOM: f64 = 1.5;
+const HEADROOM: f64 = 1.3;
 /// The share of the gap to a lower target closed per sample.
 const SMOOTHING: f64 = 0.5;
 /// The largest cut of one sample (10 %), and the largest growth (doubling).
@@ -91,13 +96,16 @@ const UNCONGESTED: f64 = 1.2;
 /// doubling.
 const START_GAIN: f64 = 1.25;
 /// In start-up, the latency, over the least seen in it, that ends it whatever the goodput.
-const START_LATENCY_LIMIT: f64 = 2.5;
+const START_LATENCY_LIMIT: f64 = 1.15;
+/// In start-up, a sample's length over its latency from which the latency is read for the
+/// least: a shorter sample acks only the fastest messages of each new batch.
+const SETTLED_SPAN: f64 = 0.75;
 /// Samples between two probes of the base latency.
 const PROBE_EVERY: u32 = 30;
 /// The window of a probe, as a share of the window: below `1 / HEADROOM`, so that the probe
 /// runs under the window the base was measured at, and a base measured with queueing in it
-/// falls (by a tenth per probe). At capacity the window is 1.5 times what the goodput needs,
-/// so the probe costs a tenth of the goodput for two samples in thirty, under 1 %.
+/// falls (by a tenth per probe). At capacity the window is 1.3 times what the goodput needs,
+/// so the probe costs about a fifth of the goodput for one sample in thirty, under 1 %.
 const PROBE_CUT: f64 = 0.6;
 /// Samples a probe lasts: one for the change to show in the handling times, one to read it.
 const PROBE_SAMPLES: u32 = 1;
@@ -140,6 +148,8 @@ pub(crate) struct Controller {
     since_probe: u32,
     /// Samples the probe in progress still lasts.
     probing: u32,
+    /// The window before the probe in progress, restored when it ends.
+    before_probe: f64,
     /// Whether the start-up (doubling) goes on.
     starting: bool,
     /// The sample (of `samples`) at which the window last grew: the base is read only from
@@ -164,6 +174,7 @@ impl Controller {
             samples: 0,
             since_probe: 0,
             probing: 0,
+            before_probe: 0.0,
             starting: true,
             grew_at: 0,
             last_latency: 0.0,
@@ -193,7 +204,8 @@ impl Controller {
         let latest = sample.acked as f64 / sample.span.as_secs_f64().max(1e-6);
         self.last_latency = short;
         if self.starting {
-            return self.start_up(latest, short, in_use);
+            let settled = sample.span.as_secs_f64() >= SETTLED_SPAN * short;
+            return self.start_up(latest, short, in_use, settled);
         }
         if sample.in_flight as f64 > self.window * DRAINED {
             // More held than the window: the leases of a larger window (the start-up's, or
@@ -235,11 +247,18 @@ impl Controller {
         self.since_probe += 1;
         if self.probing > 0 {
             self.probing -= 1;
+            if self.probing == 0 {
+                // Back to the window before the probe (BBR's ProbeRTT does the same), rather
+                // than growing from the probe's low latency: that overshot to twice what
+                // the goodput needed after each probe, and the p99 with it.
+                self.window = self.before_probe.max(self.window);
+            }
             return self.window();
         }
         if self.since_probe >= PROBE_EVERY && in_use {
             self.since_probe = 0;
             self.probing = PROBE_SAMPLES;
+            self.before_probe = self.window;
             self.window = (self.window * PROBE_CUT).max(MIN_WINDOW as f64);
             return self.window();
         }
@@ -252,7 +271,7 @@ impl Controller {
         // swings by a third under load): up at once (the pace already waits a handling
         // time), down half the gap at a time.
         // Clearly uncongested (the latency within a fifth of the base), grow on twice what
-        // the goodput needs rather than 1.5 times: the start-up lands low (its latencies
+        // the goodput needs rather than 1.3 times: the start-up lands low (its latencies
         // read low), and the way back to the knee should take a few samples, not dozens.
         let headroom = if short <= base * UNCONGESTED {
             2.0
@@ -273,15 +292,19 @@ impl Controller {
     }
 
     /// The start-up: doubles the window while the goodput keeps up; ends, halving it, when
-    /// the goodput grew by less than a quarter over two doublings, or the latency tripled.
+    /// the goodput grew by less than a quarter over two doublings, or the latency rose by more
+    /// than [`START_LATENCY_LIMIT`].
     /// The base is then measured afresh, at a window that is no longer growing: while it
     /// grows, the first acks of each new batch are its fastest messages, and the handling
     /// times read low.
-    fn start_up(&mut self, goodput: f64, latency: f64, in_use: bool) -> usize {
+    fn start_up(&mut self, goodput: f64, latency: f64, in_use: bool, settled: bool) -> usize {
         let (history, least) = &mut self.start;
         history.push(goodput);
-        // The first sample holds only the fastest of the first messages.
-        if self.samples > 1 {
+        // The first sample holds only the fastest of the first messages, and a sample much
+        // shorter than the handling time only the fastest of each new batch: with 1 s
+        // handlers, the first samples read 0.25 s, 0.4 s and 0.6 s, a least that made the
+        // true 1.05 s look swamped and ended the start-up at a sixteenth of the knee.
+        if self.samples > 1 && settled {
             *least = least.min(latency);
         }
         let swamped = latency > START_LATENCY_LIMIT * *least;
@@ -293,17 +316,17 @@ impl Controller {
             }
             return self.window();
         }
-        // Past the knee by now (the goodput shows a doubling a sample or two late): back to
-        // what the best goodput needs at the least latency of the start-up, which reads low
-        // (its fastest messages), so the window lands at or below the knee, where the base
-        // is measured without queueing; from there it grows to the target (1.5 times that).
-        let best = history.iter().copied().fold(0.0, f64::max);
-        let needed = best * *least;
         self.starting = false;
         self.grew_at = self.samples;
-        self.window = needed
-            .min(self.window / 2.0)
-            .clamp(MIN_WINDOW as f64, self.ceiling);
+        // Past the knee by now (the goodput shows a doubling a handling time late): back to
+        // what the best goodput needs at the least latency of the start-up, so that the
+        // window lands at or below the knee, where the base is measured without queueing;
+        // from there it grows to the target. (Landing at the window before the last
+        // doubling instead carried the backlog of the larger window into the base: with a
+        // database of 2,000 connections, a base of 265 ms for 108 ms handlers.)
+        let best = history.iter().copied().fold(0.0, f64::max);
+        let landing = (best * *least).min(self.window / 2.0);
+        self.window = landing.clamp(MIN_WINDOW as f64, self.ceiling);
         self.window()
     }
 }
@@ -350,8 +373,14 @@ mod tests {
         let mut controller = Controller::new(AUTO_CEILING);
         // 1 s handlers and room for 190,000 a second (the bench's 2 CPUs).
         let windows = drive(&mut controller, 12, 1000.0, 190_000.0);
-        // From a thousand to the capacity's window within ten samples.
-        assert!(windows[9] >= 190_000, "{windows:?}");
+        // From a thousand to the capacity's window within eleven samples: 256,000 queues
+        // (the latency rises by a third) and ends the start-up at the 128,000 before it;
+        // the next sample grows it back past the capacity's window.
+        assert!(windows[10] >= 190_000, "{windows:?}");
+        assert!(
+            windows[10..].iter().all(|w| *w <= 2 * 190_000),
+            "{windows:?}"
+        );
     }
 
     #[test]
@@ -383,6 +412,35 @@ mod tests {
         let windows = drive(&mut controller, 40, 100.0, 10_000.0);
         let last = *windows.last().expect("samples");
         assert!((1_000..=2_100).contains(&last), "{windows:?}");
+    }
+
+    #[test]
+    fn a_start_up_is_not_ended_by_the_low_latencies_of_its_first_short_samples() {
+        let mut controller = Controller::new(AUTO_CEILING);
+        // Read off a run of 1 s handlers: each sample lasts the latency of the one before
+        // (the pace), so until the pace reaches the handling time only the fastest of each
+        // new batch are acked, and the latencies read low: (ms of the sample, acked, mean
+        // handling ms).
+        let trace = [
+            (100, 10, 252),
+            (252, 54, 420),
+            (420, 397, 642),
+            (642, 2_298, 921),
+            (921, 8_266, 1_045),
+            (1_000, 18_791, 1_080),
+        ];
+        let mut window = START_WINDOW;
+        for (span, acked, latency) in trace {
+            window = controller.sample(Sample {
+                acked,
+                latency: Duration::from_millis(latency),
+                span: Duration::from_millis(span),
+                in_flight: window,
+            });
+        }
+        // Still doubling: 1,080 ms is not 2.5 times the least latency of a settled sample.
+        assert_eq!(window, 64 * START_WINDOW);
+        assert!(controller.starting);
     }
 
     #[test]
