@@ -768,3 +768,51 @@ fn an_automatic_window_is_shown_in_the_stats_line_and_in_metrics() {
     let (status, _, lines, _) = service.finish();
     assert_eq!(status.code(), Some(0), "{lines:#?}");
 }
+
+#[test]
+fn handlers_past_the_handler_timeout_are_nacked_until_dead_lettered_and_none_is_lost() {
+    // The issue's own figures: 1 s steps against a 100 ms timeout. A handler's steps are
+    // drawn from the seed (three of up to 1 s each, two of them one after the other), so
+    // the outcome is the same at every run.
+    let output = run(&[
+        "--handler-timeout",
+        "100ms",
+        "--handler-latency",
+        "1s",
+        "--messages",
+        "20",
+        "--max-attempts",
+        "3",
+        "--publish-interval",
+        "0",
+        "--restart-failure-rate",
+        "0",
+        "--save-failure-rate",
+        "0",
+        "--seed",
+        "7",
+        "--stats-interval",
+        "0",
+        "--report",
+        "json",
+    ]);
+    let report = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}\n{stderr}", output.status);
+    assert_eq!(field(&report, "published"), 20.0, "{report}");
+    assert_eq!(field(&report, "acked"), 0.0, "{report}");
+    assert_eq!(field(&report, "timed_out"), 60.0, "{report}");
+    assert_eq!(field(&report, "nacked"), 60.0, "{report}");
+    assert_eq!(field(&report, "dead_lettered"), 20.0, "{report}");
+    assert_eq!(field(&report, "remaining"), 0.0, "{report}");
+    assert_balanced(&report);
+    // One aggregated warning, not a line per message.
+    let warnings = stderr
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("timed out after 100ms"))
+        .count();
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} timeout warnings:\n{stderr}"
+    );
+}
