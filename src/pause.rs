@@ -202,11 +202,11 @@ impl Pause {
 
     /// Blocks while `paused(self)` holds, at most `timeout`; returns whether it still holds.
     /// The callers loop and check the shutdown in between, so a bounded wait is all they need.
+    /// The end of a breaker's cooldown notifies nobody: the wait ends then too.
     ///
     /// # Blocking
     ///
     /// Blocks the calling thread (a consumer or publisher thread).
-    /// A breaker's cooldown ending is no notification: the wait ends then too.
     pub(crate) fn wait_while(&self, paused: fn(&Pause) -> bool, timeout: Duration) -> bool {
         let guard = sync::lock(&self.inner.lock);
         if !paused(self) {

@@ -46,10 +46,11 @@ pub struct BreakerConfig {
 /// - **Half-open** (after `cooldown`, one line): the first message to ask becomes the probe;
 ///   the others keep waiting. When no message is held to ask (the last probe was nacked,
 ///   and nothing else was in flight), the consumers pull again after the cooldown, only
-///   until a message arrives to be the probe. A probe that succeeds closes the breaker (one line), releases
-///   the pause and lets every waiting message run; a probe that fails is nacked (the one
-///   attempt a cooldown costs, so that a message that can never succeed still reaches the
-///   dead letters) and opens the breaker for another cooldown (one warning).
+///   until a message arrives to be the probe. A probe that succeeds closes the breaker (one
+///   line), releases the pause and lets every waiting message run; a probe that fails is
+///   nacked (the one attempt a cooldown costs, so that a message that can never succeed
+///   still reaches the dead letters) and opens the breaker for another cooldown (one
+///   warning).
 ///
 /// A [`HandleError::Rejected`] message is about the message, not the downstream: it is
 /// dead-lettered as usual and neither counts as a failure nor waits.
