@@ -203,6 +203,7 @@ fn the_chaos_monkey_at_its_default_failure_rates_behind_a_breaker_handles_every_
     // every probe failed, and the run stalled for a cooldown per held message.
     let mut config = config(300);
     config.run.max_in_flight = 32;
+    config.run.seed = Some(11);
     let mut settings = MayhemConfig::from_config(&config, 11);
     settings.latency = Duration::from_millis(1);
     assert_eq!(settings.save_failure_rate, 0.25, "the default rates");

@@ -191,13 +191,8 @@ impl<H: Handler> Breaker<H> {
     /// Runs the handler behind the circuit.
     async fn guarded(&self, circuit: &Circuit, ctx: &Context<'_>) -> Result<(), HandleError> {
         let mut held = false;
-        let mut first = true;
         loop {
             let probe = circuit.admit(ctx, &mut held).await;
-            if !std::mem::replace(&mut first, false) {
-                // The same delivery, run again: a handler drawing random outcomes draws anew.
-                ctx.run_again();
-            }
             let started = Instant::now();
             let result = self.inner.handle(ctx).await;
             match circuit.settle(probe, &result, ctx) {
@@ -210,6 +205,8 @@ impl<H: Handler> Breaker<H> {
                     }
                 }
             }
+            // The same delivery runs again: a handler drawing random outcomes draws anew.
+            ctx.run_again();
         }
     }
 }

@@ -256,7 +256,7 @@ impl Controller {
                 // Back to the window before the probe (BBR's ProbeRTT does the same), rather
                 // than growing from the probe's low latency: that overshot to twice what
                 // the goodput needed after each probe, and the p99 with it.
-                self.window = self.before_probe.max(self.window);
+                self.window = self.before_probe;
             }
             return self.window();
         }
