@@ -304,6 +304,13 @@ fn messages_no_decoding_can_read_are_dead_lettered_and_counted_once() {
             .await
             .expect("connect");
         let channel = connection.create_channel().await.expect("a channel");
+        // Confirm mode: each publish's confirm then says the broker has the message. Without
+        // it the confirm resolves at once, and the close below could overtake the last
+        // message (a CI run once pulled 1 of 2 here).
+        channel
+            .confirm_select(Default::default())
+            .await
+            .expect("confirm mode");
         let properties = [
             not_utf8(lapin::BasicProperties::default()),
             not_utf8(
@@ -314,7 +321,7 @@ fn messages_no_decoding_can_read_are_dead_lettered_and_counted_once() {
         ];
         let bodies: [&[u8]; 3] = [b"cattle-abcd", b"\xff\xfe", b"cattle-abcd"];
         for (body, properties) in bodies.into_iter().zip(properties) {
-            channel
+            let confirmation = channel
                 .basic_publish(
                     "".into(),
                     queue.as_str().into(),
@@ -326,6 +333,7 @@ fn messages_no_decoding_can_read_are_dead_lettered_and_counted_once() {
                 .expect("publish")
                 .await
                 .expect("the broker takes it");
+            assert!(confirmation.is_ack(), "{confirmation:?}");
         }
         connection.close(200, "done".into()).await.expect("close");
     });
@@ -349,6 +357,13 @@ fn any_producer_s_message_is_read_whole() {
             .await
             .expect("connect");
         let channel = connection.create_channel().await.expect("a channel");
+        // Confirm mode: each publish's confirm then says the broker has the message. Without
+        // it the confirm resolves at once, and the close below could overtake the last
+        // message (a CI run once pulled 1 of 2 here).
+        channel
+            .confirm_select(Default::default())
+            .await
+            .expect("confirm mode");
         let mut headers = lapin::types::FieldTable::default();
         headers.insert(
             "origin".into(),
@@ -366,7 +381,7 @@ fn any_producer_s_message_is_read_whole() {
             ),
         ];
         for (body, properties) in messages {
-            channel
+            let confirmation = channel
                 .basic_publish(
                     "".into(),
                     queue.as_str().into(),
@@ -378,6 +393,7 @@ fn any_producer_s_message_is_read_whole() {
                 .expect("publish")
                 .await
                 .expect("the broker takes it");
+            assert!(confirmation.is_ack(), "{confirmation:?}");
         }
         connection.close(200, "done".into()).await.expect("close");
     });
