@@ -188,6 +188,44 @@ fn a_restarted_consumer_recovers_its_own_pending_entries() {
     assert_eq!(server.group(&stream, "g").map(|g| g.0), Some(0));
 }
 
+/// A pull blocked in `XREADGROUP` on an empty stream ends when the source is interrupted
+/// (`CLIENT UNBLOCK`), not when its block runs out: here the block is a minute, so a pull
+/// that waited it out would pass `PATIENCE`.
+#[test]
+fn an_interrupt_ends_a_blocked_read_at_once() {
+    let Some(server) = RedisServer::start(false) else {
+        return;
+    };
+    let source = RedisSource::connect(RedisConfig {
+        block: Duration::from_secs(60),
+        ..source_config(&server, "unblock", Duration::from_secs(5))
+    })
+    .expect("connect");
+    let blocked = || {
+        let clients = match server.cmd(&["CLIENT", "LIST"]) {
+            Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Value::VerbatimString { text, .. } => text,
+            other => panic!("CLIENT LIST answered {other:?}"),
+        };
+        clients
+            .lines()
+            .any(|client| client.contains("cmd=xreadgroup") && client.contains("flags=b"))
+    };
+    thread::scope(|scope| {
+        let pull = scope.spawn(|| {
+            let started = Instant::now();
+            let pulled = source.pull(10, Duration::from_secs(60), &mut Vec::new());
+            (pulled, started.elapsed())
+        });
+        wait_until("the pull blocks in XREADGROUP", blocked);
+        Source::interrupt(&source);
+        let (pulled, took) = pull.join().expect("the pull panicked");
+        assert_eq!(pulled, Ok(()));
+        assert!(took < PATIENCE, "the pull took {took:?}");
+    });
+    assert!(!blocked(), "a read is still blocked");
+}
+
 #[test]
 fn nacks_past_max_attempts_go_to_the_dead_stream() {
     let Some(server) = RedisServer::start(false) else {

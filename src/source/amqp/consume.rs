@@ -251,13 +251,24 @@ impl AmqpSource {
                 if Instant::now() >= end || core.interrupted.load(Ordering::SeqCst) {
                     break;
                 }
-                // Nothing yet: waits for the first in short slices, so that an interrupt
-                // ends the pull promptly.
+                // Nothing yet: waits for the first, in slices of `TICK`; an interrupt wakes
+                // the wait at once (it closes `wake`).
                 let left = end.saturating_duration_since(Instant::now());
-                next = future::block_on(future::or(async { Some(consumer.next().await) }, async {
-                    Timer::after(left.min(TICK)).await;
-                    None
-                }));
+                let woken = &core.side.woken;
+                next = future::block_on(future::or(
+                    async { Some(consumer.next().await) },
+                    future::or(
+                        async {
+                            Timer::after(left.min(TICK)).await;
+                            None
+                        },
+                        async {
+                            // Only ever closed, never sent to: returns on the interrupt.
+                            let _ = woken.recv().await;
+                            None
+                        },
+                    ),
+                ));
             }
             match next {
                 None => {}

@@ -2,6 +2,7 @@
 //! turns what it got into leases.
 
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::{error, warn, Level};
@@ -41,6 +42,28 @@ pub(super) static DELETED_LOG: Throttle = Throttle::new(
     "entries deleted while pending dead-lettered as tombstones",
     Level::Warn,
 );
+
+/// A connection's id in [`Core::blocked_reads`] for as long as its read blocks.
+struct BlockedRead<'a> {
+    registry: &'a Mutex<Vec<i64>>,
+    id: i64,
+}
+
+impl<'a> BlockedRead<'a> {
+    fn enter(registry: &'a Mutex<Vec<i64>>, id: i64) -> Self {
+        lock(registry).push(id);
+        BlockedRead { registry, id }
+    }
+}
+
+impl Drop for BlockedRead<'_> {
+    fn drop(&mut self) {
+        let mut ids = lock(self.registry);
+        if let Some(at) = ids.iter().position(|&id| id == self.id) {
+            ids.swap_remove(at);
+        }
+    }
+}
 
 impl Core {
     /// At most `room` entries, bounded by [`READ_BYTES`] over the mean size of the last
@@ -98,7 +121,20 @@ impl Core {
             for part in [&b"STREAMS"[..], self.config.stream.as_bytes(), b">"] {
                 wire::arg(&mut packed, part);
             }
-            let entries = self.with_connection(Class::Read, |con| con.read_group(&packed))?;
+            let entries = self.with_connection(Class::Read, |con| {
+                if block.is_zero() {
+                    return con.read_group(&packed);
+                }
+                // Registered before the interrupt flag is checked, and `interrupt` sets the
+                // flag before it reads the registry: a read that blocks after an interrupt
+                // is unblocked, unless its command reaches the server after the
+                // `CLIENT UNBLOCK` (then it ends with its block).
+                let _blocked = BlockedRead::enter(&self.blocked_reads, con.client_id()?);
+                if self.interrupted.load(Ordering::SeqCst) {
+                    return Ok(Vec::new());
+                }
+                con.read_group(&packed)
+            })?;
             self.lease_all_from(entries, sent_at, out);
             if !out.is_empty() || Instant::now() >= end || self.interrupted.load(Ordering::SeqCst) {
                 return Ok(());

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use redis::{ConnectionLike, RedisError, Value};
 
 use super::reply::{int, EntryId};
@@ -576,6 +576,43 @@ impl Core {
                 Err(self.failed(&error, class))
             }
         }
+    }
+
+    /// Ends the blocking reads in progress (`CLIENT UNBLOCK`, on an idle pooled connection
+    /// with the shutdown's short timeouts), so that an interrupt does not wait out their
+    /// block. Best effort: with no idle connection, or when the server refuses (an ACL
+    /// without `CLIENT`), the reads end with their block, at most [`RedisConfig::block`].
+    pub(super) fn unblock_reads(&self) {
+        let ids = lock(&self.blocked_reads).clone();
+        if ids.is_empty() {
+            return;
+        }
+        let Some(mut pooled) = lock(&self.pool).pop() else {
+            return;
+        };
+        if !pooled.short {
+            let (read, write) = self.timeouts(true);
+            if pooled.con.set_read_timeout(Some(read)).is_err()
+                || pooled.con.set_write_timeout(Some(write)).is_err()
+            {
+                return;
+            }
+            pooled.short = true;
+        }
+        for id in ids {
+            let unblocked: Result<i64, RedisError> = redis::cmd("CLIENT")
+                .arg("UNBLOCK")
+                .arg(id)
+                .query(&mut pooled.con);
+            if let Err(error) = unblocked {
+                debug!(
+                    "could not end a blocking read at the interrupt: {}",
+                    self.describe(&error)
+                );
+                break;
+            }
+        }
+        self.give_back(pooled);
     }
 
     /// Returns a connection to the pool, unless it broke (a reply that was not the Redis

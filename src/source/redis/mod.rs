@@ -207,6 +207,10 @@ struct Core {
     /// The mean size of the entries of the last read ([`PubSubMessage::size`]), 0 before
     /// the first: bounds how many entries one read asks for (see `claim::READ_BYTES`).
     entry_bytes: AtomicUsize,
+    /// The server's ids of the connections in a blocking `XREADGROUP`: `interrupt` ends
+    /// those reads with `CLIENT UNBLOCK` rather than waiting out their block (up to 50 ms
+    /// after the last ack of a `--messages N` run).
+    blocked_reads: Mutex<Vec<i64>>,
 }
 
 /// The position of the sweep of the pending list for expired entries.
@@ -438,6 +442,7 @@ impl Source for RedisSource {
 
     fn interrupt(&self) {
         self.core.interrupted.store(true, Ordering::SeqCst);
+        self.core.unblock_reads();
     }
 
     /// Waits for the queued lease operations; once the source is interrupted, at most a
@@ -582,6 +587,7 @@ impl Core {
             closing_signal: Condvar::new(),
             name_lost: AtomicBool::new(false),
             entry_bytes: AtomicUsize::new(0),
+            blocked_reads: Mutex::new(Vec::new()),
             claim_cursor: Mutex::new(ClaimCursor {
                 start: "0-0".to_owned(),
                 due: now,

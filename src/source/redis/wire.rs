@@ -90,6 +90,8 @@ pub(super) struct Wire {
     open: bool,
     /// The database selected at connection.
     db: i64,
+    /// The server's id of this connection (`CLIENT ID`), once asked.
+    id: Option<i64>,
 }
 
 /// A parse error: the reply is not the Redis protocol.
@@ -154,6 +156,7 @@ impl Wire {
             end: 0,
             open: true,
             db: settings.db(),
+            id: None,
         };
         if let Some(password) = settings.password() {
             let mut auth = redis::cmd("AUTH");
@@ -166,6 +169,17 @@ impl Wire {
             redis::cmd("SELECT").arg(settings.db()).exec(&mut wire)?;
         }
         Ok(wire)
+    }
+
+    /// The server's id of this connection (`CLIENT ID`, asked once): what `CLIENT UNBLOCK`
+    /// names to end a blocking read.
+    pub(super) fn client_id(&mut self) -> Result<i64, RedisError> {
+        if let Some(id) = self.id {
+            return Ok(id);
+        }
+        let id: i64 = redis::cmd("CLIENT").arg("ID").query(self)?;
+        self.id = Some(id);
+        Ok(id)
     }
 
     /// Sets the read timeout of every later command.
