@@ -1,7 +1,7 @@
 //! The circuit-breaker layer: after N failures in a row, stop taking work until a probe
 //! succeeds.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,10 @@ pub struct BreakerConfig {
 ///   outcomes does not replay the failure that held it.
 /// - **Half-open** (after `cooldown`, one line): the first message to ask becomes the probe;
 ///   the others keep waiting. When no message is held to ask (the last probe was nacked,
-///   and nothing else was in flight), the consumers pull again after the cooldown, only
-///   until a message arrives to be the probe. A probe that succeeds closes the breaker (one
+///   and nothing else was in flight, or the waiting messages were cancelled), the consumers
+///   pull again after the cooldown, only until a message arrives to be the probe. While a
+///   message waits, they do not: it becomes the probe when the cooldown ends, and nothing
+///   more is pulled during an outage however many cooldowns it lasts. A probe that succeeds closes the breaker (one
 ///   line), releases the pause and lets every waiting message run; a probe that fails is
 ///   nacked (the one attempt a cooldown costs, so that a message that can never succeed
 ///   still reaches the dead letters) and opens the breaker for another cooldown (one
@@ -110,6 +112,10 @@ struct Circuit {
     state: Mutex<State>,
     /// Notified at every change of state, to wake the messages that wait.
     changed: Event,
+    /// Messages waiting in [`Circuit::admit`]; changed only with `state` locked. While
+    /// one waits, the pause holds the consumers past the cooldown: a waiting message is the
+    /// next probe, none has to be pulled.
+    waiting: AtomicUsize,
 }
 
 /// Where a breaker stands.
@@ -154,6 +160,7 @@ impl<H> Breaker<H> {
             pause,
             state: Mutex::new(State::Closed(0)),
             changed: Event::new(),
+            waiting: AtomicUsize::new(0),
         });
         Breaker { inner, circuit }
     }
@@ -218,15 +225,33 @@ impl Circuit {
         sync::lock(&self.state)
     }
 
+    /// Holds the pause for an open breaker (called with `state` locked): past the cooldown
+    /// too while a message waits to be the probe, else only until the cooldown ends (then
+    /// the consumers pull one to be the probe).
+    fn hold_open(&self, until: Instant) {
+        let until = (self.waiting.load(Ordering::SeqCst) == 0).then_some(until);
+        self.pause.hold_breaker(self.id, until);
+    }
+
     /// Waits until the message may run; returns a probe guard when it runs as the probe.
     /// Counts the message as held the first time it has to wait.
     async fn admit<'c>(&'c self, ctx: &Context<'_>, held: &mut bool) -> Option<Probe<'c>> {
+        // Counted in `waiting` from its first wait until it runs, or is dropped.
+        let mut waiter: Option<Waiter<'c>> = None;
         loop {
             let (listener, until) = {
                 let mut state = self.lock();
                 let until = match *state {
-                    State::Closed(_) => return None,
+                    State::Closed(_) => {
+                        if let Some(waiter) = waiter.take() {
+                            waiter.leave(&state);
+                        }
+                        return None;
+                    }
                     State::Open(until) if Instant::now() >= until => {
+                        if let Some(waiter) = waiter.take() {
+                            waiter.leave(&state);
+                        }
                         *state = State::Probing;
                         // No more pulling: the consumers may have resumed to bring a probe.
                         self.pause.hold_breaker(self.id, None);
@@ -239,6 +264,9 @@ impl Circuit {
                     State::Open(until) => Some(until),
                     State::Probing => None,
                 };
+                if waiter.is_none() {
+                    waiter = Some(Waiter::enter(self, &state));
+                }
                 // Listening before the lock is released: a change made after it cannot be
                 // missed.
                 (self.changed.listen(), until)
@@ -317,7 +345,7 @@ impl Circuit {
                 Err(error) => {
                     let until = Instant::now() + self.config.cooldown;
                     *state = State::Open(until);
-                    self.pause.hold_breaker(self.id, Some(until));
+                    self.hold_open(until);
                     drop(state);
                     ctx.metrics().count_breaker_opened();
                     warn!(
@@ -343,7 +371,7 @@ impl Circuit {
                 let until = Instant::now() + self.config.cooldown;
                 *state = State::Open(until);
                 // The pause first: whoever sees the count sees the consumers paused.
-                self.pause.hold_breaker(self.id, Some(until));
+                self.hold_open(until);
                 drop(state);
                 ctx.metrics().count_breaker_opened();
                 warn!(
@@ -385,9 +413,57 @@ impl Drop for Probe<'_> {
             let now = Instant::now();
             let mut state = self.circuit.lock();
             *state = State::Open(now);
-            self.circuit.pause.hold_breaker(self.circuit.id, Some(now));
+            self.circuit.hold_open(now);
             drop(state);
             self.circuit.changed.notify(usize::MAX);
+        }
+    }
+}
+
+/// A message waiting in [`Circuit::admit`], counted in [`Circuit::waiting`]. Dropped with
+/// its task (cancelled at shutdown, or its lease lost) it is no longer counted: when it was
+/// the last, the consumers pull a probe again after the cooldown.
+struct Waiter<'c> {
+    /// The breaker waited on.
+    circuit: &'c Circuit,
+    /// Whether it still counts (`leave` was not called).
+    counted: bool,
+}
+
+impl<'c> Waiter<'c> {
+    /// Counts a message that starts waiting; `state` is the locked state. The first one
+    /// holds the pause past the cooldown.
+    fn enter(circuit: &'c Circuit, state: &State) -> Self {
+        circuit.waiting.fetch_add(1, Ordering::SeqCst);
+        if let State::Open(until) = *state {
+            circuit.hold_open(until);
+        }
+        Waiter {
+            circuit,
+            counted: true,
+        }
+    }
+
+    /// No longer counts the message; `state` is the locked state. The last one lets the
+    /// consumers pull a probe after the cooldown.
+    fn leave(mut self, state: &State) {
+        self.counted = false;
+        self.circuit.waiting.fetch_sub(1, Ordering::SeqCst);
+        if let State::Open(until) = *state {
+            self.circuit.hold_open(until);
+        }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.counted = false;
+            let state = self.circuit.lock();
+            self.circuit.waiting.fetch_sub(1, Ordering::SeqCst);
+            if let State::Open(until) = *state {
+                self.circuit.hold_open(until);
+            }
         }
     }
 }
@@ -440,6 +516,42 @@ mod tests {
         assert_eq!(ctx.run(), 2);
         assert_eq!(metrics.breaker_opened(), 1);
         assert!(!breaker.is_open() && !pause.pulling_paused());
+    }
+
+    /// Always fails.
+    struct Down;
+    impl Handler for Down {
+        async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+            Err(HandleError::Other("database down".into()))
+        }
+    }
+
+    #[test]
+    fn consumers_stay_paused_past_the_cooldown_while_a_message_waits_to_probe() {
+        let config = BreakerConfig {
+            failures: 1,
+            cooldown: Duration::from_millis(20),
+        };
+        let pause = Pause::new();
+        let breaker = Breaker::new(Down, config, pause.clone());
+        let (message, extended, metrics) = (
+            PubSubMessage::copy_from_slice(b"web-01"),
+            AtomicU32::new(0),
+            Metrics::default(),
+        );
+        let ctx = Context::new(&message, 1, &extended, &metrics);
+        let mut handling = Box::pin(breaker.handle(&ctx));
+        // One poll: the failure opens the breaker and the message waits for the cooldown.
+        assert!(smol::block_on(futures_lite::future::poll_once(&mut handling)).is_none());
+        assert!(breaker.is_open() && pause.pulling_paused());
+        assert_eq!(metrics.breaker_held(), 1);
+        // The cooldown is over, and the waiting message (not polled since) is the next
+        // probe: the consumers still do not pull.
+        std::thread::sleep(config.cooldown + Duration::from_millis(5));
+        assert!(pause.pulling_paused());
+        // Cancelled (its task dropped): nobody is left to probe, so the consumers pull one.
+        drop(handling);
+        assert!(breaker.is_open() && !pause.pulling_paused());
     }
 
     #[test]
