@@ -139,13 +139,11 @@ fn image(test: &str) -> Option<MutexGuard<'static, ()>> {
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         ),
         Err(NoImage::BuildFailed(text)) => panic!("{test}: {text}"),
-        Err(NoImage::Missing(reason))
-            if std::env::var("MAYHEM_REQUIRE_CONTAINER").is_ok_and(|v| v == "1") =>
-        {
-            panic!("{test}: MAYHEM_REQUIRE_CONTAINER=1 but {reason}")
-        }
+        // The common rule: SKIPPED on stderr and in the log `make test` counts (this test
+        // once said SKIPPED while `make test` reported 0 skipped), or a failure under
+        // MAYHEM_REQUIRE_CONTAINER=1.
         Err(NoImage::Missing(reason)) => {
-            say(&format!("SKIPPED {test}: {reason}"));
+            skip(reason);
             None
         }
     }
