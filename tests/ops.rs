@@ -508,9 +508,16 @@ fn methods_paths_and_queries_are_answered_as_http_asks() {
         "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
     );
     assert_eq!(status, 405, "{head}");
-    assert!(head.contains("\r\nAllow: GET, HEAD"), "{head}");
+    assert!(head.contains("\r\nAllow: GET, HEAD, OPTIONS"), "{head}");
     let (status, head, _) = request(&addr, "DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 405, "{head}");
+    for target in ["*", "/readyz"] {
+        let request_line = format!("OPTIONS {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (status, head, body) = request(&addr, &request_line);
+        assert_eq!(status, 200, "{target}: {head}");
+        assert!(head.contains("\r\nAllow: GET, HEAD, OPTIONS"), "{head}");
+        assert!(body.is_empty(), "{body}");
+    }
     for path in ["/metrics?x=1", "/metrics/", "/metrics/?x=1"] {
         let (status, body) = get(&addr, path);
         assert_eq!(status, 200, "{path}");

@@ -9,7 +9,8 @@
 //!   (the last pull failed: reconnecting, or down). A source that retries inside its pull
 //!   without returning an error looks ready: the `Source` trait has no reconnecting state.
 //!
-//! `HEAD` is answered too; other methods get `405` with an `Allow` header. A query string is
+//! `HEAD` is answered too; `OPTIONS` (on a path, or `OPTIONS *` for the server as a whole)
+//! gets `200` with an `Allow` header; other methods get `405` with one. A query string is
 //! ignored and a trailing slash tolerated (`/metrics?x=1`, `/metrics/`). Every response closes
 //! its connection.
 //!
@@ -117,7 +118,7 @@ struct Response {
     body: String,
     /// The `Content-Type`.
     content_type: &'static str,
-    /// Whether to add `Allow: GET, HEAD` (405 responses).
+    /// Whether to add `Allow: GET, HEAD, OPTIONS` (405 and `OPTIONS` responses).
     allow: bool,
     /// Whether the body is left out (the answer to `HEAD`).
     head: bool,
@@ -436,10 +437,17 @@ fn route(method: &str, target: &str, shared: &Shared) -> Response {
         Some(stripped) if !stripped.is_empty() => stripped,
         _ => path,
     };
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
     let head = match method {
         "GET" => false,
         "HEAD" => true,
-        _ if matches!(path, "/metrics" | "/healthz" | "/readyz") => {
+        // RFC 9110 9.3.7: the methods a path (or, for `*`, the server) allows.
+        "OPTIONS" if known || path == "*" => {
+            let mut response = Response::text(200, "");
+            response.allow = true;
+            return response;
+        }
+        _ if known => {
             let mut response = Response::text(405, "method not allowed\n");
             response.allow = true;
             return response;
@@ -536,7 +544,7 @@ impl Response {
             body.len()
         );
         if self.allow {
-            out.push_str("Allow: GET, HEAD\r\n");
+            out.push_str("Allow: GET, HEAD, OPTIONS\r\n");
         }
         out.push_str("\r\n");
         if !self.head {
@@ -656,5 +664,33 @@ mod tests {
         shared.shutdown.trigger(mayhem::ShutdownReason::Requested);
         assert_eq!(status(&shared), (503, "shutting down\n".to_owned()));
         assert_eq!(route("POST", "/readyz", &shared).status, 405);
+    }
+
+    #[test]
+    fn options_names_the_allowed_methods_for_a_path_and_for_the_server() {
+        let shared = Shared {
+            metrics: Arc::default(),
+            snapshot: Arc::new(Snapshot {
+                state: Mutex::new(SnapshotState {
+                    stats: SourceStats::default(),
+                    taken: None,
+                    stopped: false,
+                }),
+                stopped: Condvar::new(),
+            }),
+            shutdown: Shutdown::new(),
+            pause: Pause::new(),
+        };
+        for target in ["*", "/metrics", "/healthz/", "/readyz?probe=1"] {
+            let response = route("OPTIONS", target, &shared);
+            assert_eq!(
+                (response.status, response.allow, response.body.as_str()),
+                (200, true, ""),
+                "{target}"
+            );
+        }
+        assert_eq!(route("OPTIONS", "/nothing", &shared).status, 404);
+        let response = route("DELETE", "/metrics", &shared);
+        assert_eq!((response.status, response.allow), (405, true));
     }
 }
