@@ -423,6 +423,52 @@ fn any_producer_s_message_is_read_whole() {
 
 /// Pulls (which dead-letters what is not a message) until the dead-letter queue holds
 /// `count`.
+/// A queue full under `x-overflow: reject-publish` nacks what is published to it. Each
+/// refusal used to be taken for a lost connection: the source reconnected and sent again at
+/// once, two log lines every 60 ms, and as each reconnection ended the outage, the
+/// reconnect limit never ran out. Now the batch waits a backoff on the same connection,
+/// and the refusals end the wait at the reconnect limit, not at the caller's timeout.
+#[test]
+fn a_full_queue_refusing_publishes_is_retried_on_the_same_connection_until_the_limit() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("capped");
+    server.ctl(&[
+        "set_policy",
+        &format!("cap-{queue}"),
+        &format!("^{queue}$"),
+        r#"{"max-length":2,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let source = AmqpSource::connect(AmqpConfig {
+        url: server.url(),
+        queue: queue.clone(),
+        reconnect_limit: Duration::from_secs(1),
+        ..AmqpConfig::default()
+    })
+    .expect("connect");
+    let batch = |from: u128, count: u128| -> Vec<PubSubMessage> {
+        (from..from + count)
+            .map(|i| PubSubMessage::new(format!("web-{i}")).with_id(mayhem::Uuid::from_u128(i)))
+            .collect()
+    };
+    // A quorum queue applies its length limit late (it took a batch of 10 over a limit of
+    // 2 here): the limit holds from the next batch on.
+    source
+        .publish(&batch(1, 10))
+        .expect("publish past the limit");
+    assert_eq!(source.wait_confirmed(PATIENCE), 0);
+    source
+        .publish(&batch(11, 3))
+        .expect("publish to the full queue");
+    let started = Instant::now();
+    let timeout = Duration::from_secs(120);
+    assert_eq!(source.wait_confirmed(timeout), 3);
+    let waited = started.elapsed();
+    assert!(waited < timeout / 2, "waited {waited:?}");
+    assert_eq!(source.stats().published, 10);
+}
+
 fn wait_for_dead_letters_after_pulls(source: &AmqpSource, count: u64) {
     let end = Instant::now() + PATIENCE;
     loop {

@@ -383,7 +383,8 @@ impl Sender<'_> {
         if unconfirmed > 0 {
             return Err(Stop::Broker(format!(
                 "the broker did not confirm {unconfirmed} of the last {} messages (waited up \
-                 to {}; their ids are not printed, and they may still arrive)",
+                 to {}; their ids are not printed, and they may still arrive; --log-level warn \
+                 says why)",
                 batch.len(),
                 humantime::format_duration(self.confirm_timeout)
             )));

@@ -203,7 +203,10 @@ impl AmqpSource {
                 thread::sleep(retry_in.min(wait));
                 return Ok(());
             }
-            Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
+            // (`link` never answers `Refused`: that is an answer to a publish.)
+            Err(Failure::GaveUp(text) | Failure::Refused(text)) => {
+                return Err(SourceError::Unavailable(text))
+            }
             Err(Failure::Closed) => return Err(SourceError::Closed),
         };
         let end = Instant::now() + wait;

@@ -47,6 +47,10 @@ pub(super) enum Failure {
     },
     /// It stayed unreachable past the reconnect limit.
     GaveUp(String),
+    /// The broker refused published messages (`basic.nack`: a full queue with
+    /// `x-overflow: reject-publish`, or the broker's own error). The connection is fine:
+    /// the batch is sent again on it after a backoff, not on a new connection.
+    Refused(String),
     /// The source was interrupted or is closing.
     Closed,
 }
@@ -118,7 +122,7 @@ pub(super) fn refused_for_good(error: &lapin::Error) -> bool {
 pub(super) fn failure_text(failure: &Failure) -> String {
     match failure {
         Failure::Down { .. } => "the broker did not answer in time".to_owned(),
-        Failure::GaveUp(text) => text.clone(),
+        Failure::GaveUp(text) | Failure::Refused(text) => text.clone(),
         Failure::Closed => "closed".to_owned(),
     }
 }
@@ -209,7 +213,7 @@ impl<S: Side> Conn<S> {
                         "no answer within {}",
                         humantime::format_duration(CONNECT_TIMEOUT)
                     ),
-                    Failure::GaveUp(text) => text,
+                    Failure::GaveUp(text) | Failure::Refused(text) => text,
                     Failure::Closed => String::new(),
                 };
                 // A refusal that retrying cannot cure (credentials, a missing vhost, a queue

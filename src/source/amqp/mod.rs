@@ -86,7 +86,9 @@
 //! a missing vhost, a queue declared with other arguments), which ends it at once
 //! ([`AmqpSource::connect_with`] also stops early when its
 //! [`Shutdown`] is triggered). A publish retried after a lost connection may add the same
-//! message twice (at least once).
+//! message twice (at least once). A batch the broker nacks (a queue full under
+//! `overflow: reject-publish`) is sent again on the same connection after the same backoff,
+//! and refusals lasting past the reconnect limit end publishing the same way.
 //!
 //! # Shutdown
 //!
@@ -323,7 +325,10 @@ impl AmqpSource {
                     // Wakes early for a shutdown.
                     stop.wait_timeout(retry_in.min(TICK));
                 }
-                Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
+                // (`link` never answers `Refused`: that is an answer to a publish.)
+                Err(Failure::GaveUp(text) | Failure::Refused(text)) => {
+                    return Err(SourceError::Unavailable(text))
+                }
                 Err(Failure::Closed) => return Err(SourceError::Closed),
             }
         }

@@ -12,6 +12,7 @@ use futures_lite::future;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
+use log::info;
 
 use super::link::{failure_text, in_order, Abort, Failure, Link, Side};
 use super::{Lane, Publishing, CONFIRM_TIMEOUT, TICK};
@@ -30,9 +31,20 @@ impl Lane {
         // were sent, and a thread waiting for room would wait for the same confirms anyway.
         let mut unconfirmed = lock(&self.side.unconfirmed);
         let room = window.saturating_sub(batch.len());
+        // After the broker refused a batch: when it is sent again.
+        let mut retry_at: Option<Instant> = None;
         loop {
             if self.interrupted.load(Ordering::SeqCst) {
                 return Err(SourceError::Closed);
+            }
+            if let Some(at) = retry_at {
+                let left = at.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    // In steps, so that an interrupt is seen.
+                    thread::sleep(left.min(TICK));
+                    continue;
+                }
+                retry_at = None;
             }
             let link = match self.link() {
                 Ok(link) => link,
@@ -40,7 +52,10 @@ impl Lane {
                     thread::sleep(retry_in.min(TICK));
                     continue;
                 }
-                Err(Failure::GaveUp(text)) => return Err(SourceError::Unavailable(text)),
+                // (`link` never answers `Refused`: that is an answer to a publish.)
+                Err(Failure::GaveUp(text) | Failure::Refused(text)) => {
+                    return Err(SourceError::Unavailable(text))
+                }
                 Err(Failure::Closed) => return Err(SourceError::Closed),
             };
             match self.settle(
@@ -52,6 +67,10 @@ impl Lane {
             ) {
                 Ok(()) => {}
                 Err(Failure::Closed) => return Err(SourceError::Closed),
+                Err(Failure::Refused(text)) => {
+                    retry_at = Some(self.refused_publish(&text)?);
+                    continue;
+                }
                 Err(failure) => {
                     self.lost(&link, &failure_text(&failure));
                     continue;
@@ -66,6 +85,41 @@ impl Lane {
                 Err(Failure::Closed) => return Err(SourceError::Closed),
                 Err(failure) => self.lost(&link, &failure_text(&failure)),
             }
+        }
+    }
+}
+
+impl Lane {
+    /// Records that the broker refused published messages (one warning per kind of
+    /// failure, as for a lost connection); returns when to send them again, or, once the
+    /// refusals have lasted past the reconnect limit, the error that ends publishing. Each
+    /// refusal used to be taken for a lost connection: the source reconnected, logged two
+    /// lines and sent again at once, 16 times a second without end (the reconnection ended
+    /// each outage before the limit could run out).
+    fn refused_publish(&self, text: &str) -> Result<Instant, SourceError> {
+        let Failure::Down { retry_in } = self.failed(text) else {
+            return Ok(Instant::now());
+        };
+        let health = lock(&self.health);
+        if let Some(lasted) = health.over(Instant::now(), self.config.reconnect_limit) {
+            return Err(SourceError::Unavailable(format!(
+                "amqp {} refused published messages for {}: {}",
+                self.shown_url,
+                humantime::format_duration(Duration::from_secs(lasted.as_secs())),
+                health.last_error()
+            )));
+        }
+        Ok(Instant::now() + retry_in)
+    }
+
+    /// Ends a run of refusals once a batch is confirmed again (one line).
+    fn published_again(&self) {
+        if let Some(after) = lock(&self.health).recovered(Instant::now()) {
+            info!(
+                "amqp {} takes published messages again after {}",
+                self.shown_url,
+                humantime::format_duration(Duration::from_millis(after.as_millis() as u64))
+            );
         }
     }
 }
@@ -207,17 +261,30 @@ impl Lane {
                     let confirmation = (&mut sent.confirms[sent.acked])
                         .await
                         .map_err(|error| error.to_string())?;
+                    if let Confirmation::Nack(None) = confirmation {
+                        return Ok(Some(refusal(&confirmation, &self.config.queue)));
+                    }
                     if !stored(&confirmation) {
                         return Err(refusal(&confirmation, &self.config.queue));
                     }
                     sent.acked += 1;
                 }
-                Ok(())
+                Ok(None)
             });
-            if let Err(failure) = answered {
+            match answered {
+                Ok(None) => {}
                 // The confirms still missing are void: the whole batch is sent again.
-                sent.epoch = 0;
-                return Err(failure);
+                Ok(Some(refused)) => {
+                    sent.epoch = 0;
+                    return Err(Failure::Refused(refused));
+                }
+                Err(failure) => {
+                    sent.epoch = 0;
+                    return Err(failure);
+                }
+            }
+            if lock(&self.health).since().is_some() {
+                self.published_again();
             }
             let count = sent.envelopes.len();
             unconfirmed.batches.pop_front();
@@ -282,11 +349,19 @@ impl Lane {
                     thread::sleep(retry_in.min(TICK).min(left));
                     continue;
                 }
-                Err(Failure::GaveUp(_) | Failure::Closed) => break,
+                Err(Failure::GaveUp(_) | Failure::Refused(_) | Failure::Closed) => break,
             };
             match self.settle(&mut unconfirmed, &link, 0, left, Abort::OnClose) {
                 Ok(()) => {}
                 Err(Failure::Closed) => break,
+                // Sent again on the same connection after a pause, within the time left.
+                Err(Failure::Refused(text)) => match self.refused_publish(&text) {
+                    Ok(at) => thread::sleep(
+                        at.saturating_duration_since(Instant::now())
+                            .min(end.saturating_duration_since(Instant::now())),
+                    ),
+                    Err(_) => break,
+                },
                 // A broker that blocks publishing (a resource alarm) confirms nothing until
                 // it unblocks: the time is up, and reconnecting would not change that.
                 Err(_) if link.connection.status().blocked() => break,
@@ -312,7 +387,10 @@ pub(super) fn refusal(confirmation: &Confirmation, queue: &str) -> String {
             "a published message was returned unroutable: the queue {queue} is gone \
              (declared again on reconnecting)"
         ),
-        _ => "the broker refused a published message".to_owned(),
+        _ => format!(
+            "the broker refused a published message (a full queue {queue} with \
+             x-overflow reject-publish, or a broker error)"
+        ),
     }
 }
 
