@@ -49,6 +49,9 @@ pub(crate) struct Outstanding {
     count: Mutex<u64>,
     /// Signalled when `count` drops to zero.
     drained: Condvar,
+    /// How many a `Source::flush` last returned as left: its caller reports them (the
+    /// runner logs them), so the source's own report when it is dropped leaves them out.
+    told: std::sync::atomic::AtomicU64,
 }
 
 /// How often a waiter looks at its `give_up` condition while the count does not move.
@@ -78,6 +81,20 @@ impl Outstanding {
         *lock(&self.count)
     }
 
+    /// Records `left` as reported by whoever asked (`Source::flush` returns it); returns it.
+    pub(crate) fn told(&self, left: usize) -> usize {
+        self.told
+            .store(left as u64, std::sync::atomic::Ordering::SeqCst);
+        left
+    }
+
+    /// Of `left`, those not reported yet: a source dropped after the runner logged its
+    /// unsent operations does not log the same ones again.
+    pub(crate) fn untold(&self, left: usize) -> usize {
+        let told = self.told.load(std::sync::atomic::Ordering::SeqCst);
+        left.saturating_sub(usize::try_from(told).unwrap_or(usize::MAX))
+    }
+
     /// Waits until none is left, `timeout` passes, or `give_up` says so (checked every 20 ms);
     /// returns how many are left.
     ///
@@ -104,6 +121,17 @@ mod tests {
     use std::thread;
 
     use super::*;
+
+    #[test]
+    fn what_a_flush_reported_is_not_reported_again() {
+        let outstanding = Outstanding::default();
+        assert_eq!(outstanding.untold(5), 5);
+        assert_eq!(outstanding.told(3), 3);
+        assert_eq!(outstanding.untold(3), 0);
+        assert_eq!(outstanding.untold(5), 2);
+        assert_eq!(outstanding.told(0), 0);
+        assert_eq!(outstanding.untold(4), 4);
+    }
 
     #[test]
     fn a_wait_ends_when_the_last_operation_is_done() {

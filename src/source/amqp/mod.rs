@@ -522,7 +522,8 @@ impl Source for AmqpSource {
         } else {
             timeout
         };
-        self.core.flush(timeout)
+        // Reported by the caller: the drop's report leaves them out.
+        self.core.side.queued.told(self.core.flush(timeout))
     }
 
     fn nack_all(&self) -> usize {
@@ -622,7 +623,7 @@ impl Drop for AmqpSource {
         }
         // Closing the queue ends the worker once it has sent what is queued.
         self.worker.close();
-        let unsent = core.flush(SHUTDOWN_WAIT);
+        let unsent = core.side.queued.untold(core.flush(SHUTDOWN_WAIT));
         if unsent > 0 {
             warn!(
                 "{unsent} lease operations were left unsent to amqp; closing the connection \

@@ -584,7 +584,8 @@ impl Source for PubSubSource {
         } else {
             timeout
         };
-        self.core.flush(timeout)
+        // Reported by the caller: the drop's report leaves them out.
+        self.core.queued.told(self.core.flush(timeout))
     }
 
     fn nack_all(&self) -> usize {
@@ -621,7 +622,7 @@ impl Source for PubSubSource {
 impl Drop for PubSubSource {
     fn drop(&mut self) {
         let core = &self.core;
-        let unsent = core.flush(SHUTDOWN_WAIT);
+        let unsent = core.queued.untold(core.flush(SHUTDOWN_WAIT));
         core.closing.store(true, Ordering::SeqCst);
         // Closing the queue ends the worker once it has sent what is queued.
         self.worker.close();

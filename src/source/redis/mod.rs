@@ -453,7 +453,8 @@ impl Source for RedisSource {
         } else {
             timeout
         };
-        self.core.flush(timeout)
+        // Reported by the caller: the drop's report leaves them out.
+        self.core.queued.told(self.core.flush(timeout))
     }
 
     fn nack_all(&self) -> usize {
@@ -526,7 +527,7 @@ impl Drop for RedisSource {
         self.worker.close();
         let end = Instant::now() + SHUTDOWN_WAIT;
         claim::MALFORMED_LOG.flush();
-        let unsent = core.flush(SHUTDOWN_WAIT);
+        let unsent = core.queued.untold(core.flush(SHUTDOWN_WAIT));
         if unsent > 0 {
             warn!(
                 "{unsent} lease operations were left unsent to redis; their entries are \
