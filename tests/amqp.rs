@@ -469,6 +469,61 @@ fn a_full_queue_refusing_publishes_is_retried_on_the_same_connection_until_the_l
     assert_eq!(source.stats().published, 10);
 }
 
+/// A run of `--messages N` whose publishes the broker refuses for a while (a queue full
+/// under `reject-publish`, drained by slow handlers) settles its N: the publisher, its
+/// budget spent, sends the refused batches again until they are confirmed. Before, they
+/// waited for a next publish that never came, and the run never ended.
+#[test]
+fn a_counted_run_settles_every_message_the_broker_refused_for_a_while() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("refusing");
+    server.ctl(&[
+        "set_policy",
+        &format!("cap-{queue}"),
+        &format!("^{queue}$"),
+        r#"{"max-length":50,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let service = start(
+        server,
+        &queue,
+        &[
+            "--messages",
+            "600",
+            "--publish-interval",
+            "0",
+            "--handler-latency",
+            "20ms",
+            "--max-in-flight",
+            "10",
+            "--restart-failure-rate",
+            "0",
+            "--save-failure-rate",
+            "0",
+            "--stats-interval",
+            "0",
+            "--report",
+            "json",
+        ],
+    )
+    .with_patience(Duration::from_secs(60));
+    let (status, _, lines, stdout) = service.finish();
+    let refused = lines
+        .iter()
+        .filter(|line| line.contains("the broker refused a published message"))
+        .count();
+    assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));
+    assert!(
+        refused >= 1,
+        "the queue never refused: {}",
+        lines.join("\n")
+    );
+    assert!(stdout.contains("\"reason\":\"completed\""), "{stdout}");
+    // At least once: a refused batch is sent again whole, so some may be handled twice.
+    assert!(field(&stdout, "acked") >= 600.0, "{stdout}");
+}
+
 fn wait_for_dead_letters_after_pulls(source: &AmqpSource, count: u64) {
     let end = Instant::now() + PATIENCE;
     loop {

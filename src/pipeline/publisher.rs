@@ -19,6 +19,8 @@ const QUIET_CHECK: Duration = Duration::from_millis(50);
 /// Most messages published in one call when there is no pause between messages: one call
 /// (one lock, or one round trip to a remote broker) serves many messages.
 const PUBLISH_BATCH: u64 = 256;
+/// Longest one wait for the confirms of a spent budget, between two looks at the shutdown.
+const CONFIRM_STEP: Duration = Duration::from_millis(200);
 
 /// Aggregates the errors of every publisher thread.
 static ERRORS: Throttle = Throttle::new("publish errors", Level::Error);
@@ -57,6 +59,7 @@ impl Publisher<'_> {
             1
         };
         let mut batch: Vec<PubSubMessage> = Vec::with_capacity(batch_size as usize);
+        let mut spent = false;
         while !self.shutdown.is_triggered() {
             // A bounded wait, so that the shutdown is seen within it.
             if self.pause.publishing_paused() {
@@ -69,7 +72,10 @@ impl Publisher<'_> {
                         (left > 0).then(|| left - left.min(batch_size))
                     }) {
                         Ok(left) => left.min(batch_size),
-                        Err(_) => break,
+                        Err(_) => {
+                            spent = true;
+                            break;
+                        }
                     }
                 }
                 None => batch_size,
@@ -104,6 +110,19 @@ impl Publisher<'_> {
                     .wait_timeout(Duration::from_nanos(rng.u64(..interval_nanos)))
             {
                 break;
+            }
+        }
+        // With `--messages N` spent: what was published is confirmed before the thread ends,
+        // so that a batch the broker refused or returned, or one a lost connection left
+        // unconfirmed, is sent again now. A broker whose confirms are awaited lazily, by
+        // the next batch, would otherwise hold such a batch until the shutdown, and the run
+        // would never settle its N (a RabbitMQ queue full under `reject-publish` did that).
+        if spent {
+            while !self.shutdown.is_triggered() && self.sink.wait_confirmed(CONFIRM_STEP) > 0 {
+                // A broker failing fast (past its reconnect limit) is not asked in a loop.
+                if self.shutdown.wait_timeout(ERROR_PAUSE) {
+                    break;
+                }
             }
         }
     }
