@@ -27,6 +27,8 @@ const IO_MARGIN: Duration = Duration::from_millis(400);
 /// Socket timeout of every command once the source is interrupted, so that a stalled server
 /// cannot hold up the shutdown.
 const SHUTDOWN_IO: Duration = Duration::from_millis(250);
+/// Longest `unblock_reads` keeps asking for reads registered before an interrupt to end.
+const UNBLOCK_RETRY: Duration = Duration::from_millis(50);
 /// Longest error text kept in a log line.
 const MAX_ERROR_TEXT: usize = 240;
 /// Idle time given to a dead predecessor's pending entries: past any ack deadline.
@@ -578,41 +580,67 @@ impl Core {
         }
     }
 
-    /// Ends the blocking reads in progress (`CLIENT UNBLOCK`, on an idle pooled connection
-    /// with the shutdown's short timeouts), so that an interrupt does not wait out their
-    /// block. Best effort: with no idle connection, or when the server refuses (an ACL
-    /// without `CLIENT`), the reads end with their block, at most [`RedisConfig::block`].
+    /// Ends the blocking reads in progress (`CLIENT UNBLOCK`), so that an interrupt does not
+    /// wait out their block. The command goes on an idle pooled connection, or on a new one
+    /// (no idle one is a normal state: a CI run met it, and the read waited its whole block),
+    /// with the shutdown's short timeouts. A read registered before the interrupt may send its
+    /// `XREADGROUP` just after the `CLIENT UNBLOCK` (which then finds nothing to end): while
+    /// such a read is still registered it is asked again, for at most [`UNBLOCK_RETRY`].
+    /// Best effort: when the server refuses (an ACL without `CLIENT`) or does not answer, the
+    /// reads end with their block, at most [`RedisConfig::block`].
     pub(super) fn unblock_reads(&self) {
-        let ids = lock(&self.blocked_reads).clone();
-        if ids.is_empty() {
+        if lock(&self.blocked_reads).is_empty() {
             return;
         }
-        let Some(mut pooled) = lock(&self.pool).pop() else {
-            return;
+        let pooled = lock(&self.pool).pop();
+        // The epoch of a pooled connection, kept when it goes back; a new one is not pooled.
+        let (mut con, epoch) = match pooled {
+            Some(pooled) => (pooled.con, Some(pooled.epoch)),
+            None => match Wire::open(self.client.get_connection_info(), SHUTDOWN_IO) {
+                Ok(con) => (con, None),
+                Err(error) => {
+                    debug!(
+                        "could not end a blocking read at the interrupt: {}",
+                        self.describe(&error)
+                    );
+                    return;
+                }
+            },
         };
-        if !pooled.short {
-            let (read, write) = self.timeouts(true);
-            if pooled.con.set_read_timeout(Some(read)).is_err()
-                || pooled.con.set_write_timeout(Some(write)).is_err()
-            {
-                return;
-            }
-            pooled.short = true;
+        let (read, write) = self.timeouts(true);
+        if con.set_read_timeout(Some(read)).is_err() || con.set_write_timeout(Some(write)).is_err()
+        {
+            return;
         }
-        for id in ids {
-            let unblocked: Result<i64, RedisError> = redis::cmd("CLIENT")
-                .arg("UNBLOCK")
-                .arg(id)
-                .query(&mut pooled.con);
-            if let Err(error) = unblocked {
-                debug!(
-                    "could not end a blocking read at the interrupt: {}",
-                    self.describe(&error)
-                );
+        let end = Instant::now() + UNBLOCK_RETRY;
+        loop {
+            let ids = lock(&self.blocked_reads).clone();
+            if ids.is_empty() {
                 break;
             }
+            for id in ids {
+                let unblocked: Result<i64, RedisError> =
+                    redis::cmd("CLIENT").arg("UNBLOCK").arg(id).query(&mut con);
+                if let Err(error) = unblocked {
+                    debug!(
+                        "could not end a blocking read at the interrupt: {}",
+                        self.describe(&error)
+                    );
+                    return;
+                }
+            }
+            if Instant::now() >= end {
+                break;
+            }
+            thread::sleep(Duration::from_millis(2));
         }
-        self.give_back(pooled);
+        if let Some(epoch) = epoch {
+            self.give_back(Pooled {
+                epoch,
+                short: true,
+                con,
+            });
+        }
     }
 
     /// Returns a connection to the pool, unless it broke (a reply that was not the Redis
