@@ -241,6 +241,23 @@ impl Lane {
         }
         for index in 0..unconfirmed.batches.len() {
             if unconfirmed.batches[index].epoch != link.epoch {
+                // The leading messages whose confirms came as acks before the failure are
+                // stored: they count as published, and only the rest is sent again (a nack
+                // in the middle of a batch sent the whole batch again, duplicating its head).
+                let stored = {
+                    let sent = &mut unconfirmed.batches[index];
+                    let stored = sent.acked.min(sent.envelopes.len());
+                    sent.envelopes.drain(..stored);
+                    sent.confirms.clear();
+                    sent.acked = 0;
+                    stored
+                };
+                if stored > 0 {
+                    unconfirmed.count -= stored;
+                    self.side
+                        .published
+                        .fetch_add(stored as u64, Ordering::SeqCst);
+                }
                 let envelopes = std::mem::take(&mut unconfirmed.batches[index].envelopes);
                 // Within the caller's limit: at shutdown, what is left of the grace period.
                 match self.send_batch(link, envelopes.clone(), limit.min(CONFIRM_TIMEOUT), abort) {
