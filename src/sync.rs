@@ -3,6 +3,8 @@
 //! variable), and a count of outstanding operations that a thread can wait to drain (the
 //! brokers').
 
+#[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, WaitTimeoutResult};
 use std::time::Duration;
 #[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
@@ -51,7 +53,7 @@ pub(crate) struct Outstanding {
     drained: Condvar,
     /// How many a `Source::flush` last returned as left: its caller reports them (the
     /// runner logs them), so the source's own report when it is dropped leaves them out.
-    told: std::sync::atomic::AtomicU64,
+    told: AtomicU64,
 }
 
 /// How often a waiter looks at its `give_up` condition while the count does not move.
@@ -83,15 +85,14 @@ impl Outstanding {
 
     /// Records `left` as reported by whoever asked (`Source::flush` returns it); returns it.
     pub(crate) fn told(&self, left: usize) -> usize {
-        self.told
-            .store(left as u64, std::sync::atomic::Ordering::SeqCst);
+        self.told.store(left as u64, Ordering::SeqCst);
         left
     }
 
     /// Of `left`, those not reported yet: a source dropped after the runner logged its
     /// unsent operations does not log the same ones again.
     pub(crate) fn untold(&self, left: usize) -> usize {
-        let told = self.told.load(std::sync::atomic::Ordering::SeqCst);
+        let told = self.told.load(Ordering::SeqCst);
         left.saturating_sub(usize::try_from(told).unwrap_or(usize::MAX))
     }
 

@@ -299,44 +299,27 @@ fn messages_no_decoding_can_read_are_dead_lettered_and_counted_once() {
         );
         properties.with_headers(headers)
     };
-    smol::block_on(async {
-        let connection = lapin::Connection::connect(&server.url(), Default::default())
-            .await
-            .expect("connect");
-        let channel = connection.create_channel().await.expect("a channel");
-        // Confirm mode: each publish's confirm then says the broker has the message. Without
-        // it the confirm resolves at once, and the close below could overtake the last
-        // message (a CI run once pulled 1 of 2 here).
-        channel
-            .confirm_select(Default::default())
-            .await
-            .expect("confirm mode");
-        let properties = [
-            not_utf8(lapin::BasicProperties::default()),
-            not_utf8(
-                lapin::BasicProperties::default()
-                    .with_message_id("00000000-0000-0000-0000-000000000001".into()),
+    publish_with_lapin(
+        server,
+        &queue,
+        [
+            (
+                &b"cattle-abcd"[..],
+                not_utf8(lapin::BasicProperties::default()),
             ),
-            not_utf8(lapin::BasicProperties::default().with_message_id("not-a-uuid".into())),
-        ];
-        let bodies: [&[u8]; 3] = [b"cattle-abcd", b"\xff\xfe", b"cattle-abcd"];
-        for (body, properties) in bodies.into_iter().zip(properties) {
-            let confirmation = channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    Default::default(),
-                    body,
-                    properties,
-                )
-                .await
-                .expect("publish")
-                .await
-                .expect("the broker takes it");
-            assert!(confirmation.is_ack(), "{confirmation:?}");
-        }
-        connection.close(200, "done".into()).await.expect("close");
-    });
+            (
+                &b"\xff\xfe"[..],
+                not_utf8(
+                    lapin::BasicProperties::default()
+                        .with_message_id("00000000-0000-0000-0000-000000000001".into()),
+                ),
+            ),
+            (
+                &b"cattle-abcd"[..],
+                not_utf8(lapin::BasicProperties::default().with_message_id("not-a-uuid".into())),
+            ),
+        ],
+    );
     wait_for_dead_letters_after_pulls(&source, 3);
     let stats = source.stats();
     assert_eq!(
@@ -352,25 +335,16 @@ fn any_producer_s_message_is_read_whole() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("anyproducer");
     let source = server.source(&queue, Duration::from_secs(60), 5);
-    smol::block_on(async {
-        let connection = lapin::Connection::connect(&server.url(), Default::default())
-            .await
-            .expect("connect");
-        let channel = connection.create_channel().await.expect("a channel");
-        // Confirm mode: each publish's confirm then says the broker has the message. Without
-        // it the confirm resolves at once, and the close below could overtake the last
-        // message (a CI run once pulled 1 of 2 here).
-        channel
-            .confirm_select(Default::default())
-            .await
-            .expect("confirm mode");
-        let mut headers = lapin::types::FieldTable::default();
-        headers.insert(
-            "origin".into(),
-            lapin::types::AMQPValue::LongString(b"ops"[..].into()),
-        );
-        headers.insert("count".into(), lapin::types::AMQPValue::LongInt(7));
-        let messages = [
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "origin".into(),
+        lapin::types::AMQPValue::LongString(b"ops"[..].into()),
+    );
+    headers.insert("count".into(), lapin::types::AMQPValue::LongInt(7));
+    publish_with_lapin(
+        server,
+        &queue,
+        [
             (&b"\0\xff binary"[..], lapin::BasicProperties::default()),
             (
                 &b"web-01"[..],
@@ -379,24 +353,8 @@ fn any_producer_s_message_is_read_whole() {
                     .with_timestamp(1_700_000_000)
                     .with_headers(headers),
             ),
-        ];
-        for (body, properties) in messages {
-            let confirmation = channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    Default::default(),
-                    body,
-                    properties,
-                )
-                .await
-                .expect("publish")
-                .await
-                .expect("the broker takes it");
-            assert!(confirmation.is_ack(), "{confirmation:?}");
-        }
-        connection.close(200, "done".into()).await.expect("close");
-    });
+        ],
+    );
     let mut leases = Vec::new();
     let end = Instant::now() + PATIENCE;
     while leases.len() < 2 {
@@ -522,6 +480,43 @@ fn a_counted_run_settles_every_message_the_broker_refused_for_a_while() {
     assert!(stdout.contains("\"reason\":\"completed\""), "{stdout}");
     // At least once: a refused batch is sent again whole, so some may be handled twice.
     assert!(field(&stdout, "acked") >= 600.0, "{stdout}");
+}
+
+/// Publishes `messages` to `queue` as another AMQP client would (lapin, no mayhem), each
+/// confirmed by the broker before the connection closes. In confirm mode a publish's confirm
+/// says the broker has the message; without it the confirm resolves at once, and the close
+/// could overtake the last message (a CI run once pulled 1 of 2).
+fn publish_with_lapin<'a>(
+    server: &Rabbit,
+    queue: &str,
+    messages: impl IntoIterator<Item = (&'a [u8], lapin::BasicProperties)>,
+) {
+    smol::block_on(async {
+        let connection = lapin::Connection::connect(&server.url(), Default::default())
+            .await
+            .expect("connect");
+        let channel = connection.create_channel().await.expect("a channel");
+        channel
+            .confirm_select(Default::default())
+            .await
+            .expect("confirm mode");
+        for (body, properties) in messages {
+            let confirmation = channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    Default::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("the broker takes it");
+            assert!(confirmation.is_ack(), "{confirmation:?}");
+        }
+        connection.close(200, "done".into()).await.expect("close");
+    });
 }
 
 fn wait_for_dead_letters_after_pulls(source: &AmqpSource, count: u64) {

@@ -233,6 +233,15 @@ impl Circuit {
         self.pause.hold_breaker(self.id, until);
     }
 
+    /// One message no longer waits (called with `state` locked): the last one lets the
+    /// consumers of an open breaker pull a probe after the cooldown.
+    fn stop_waiting(&self, state: &State) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if let State::Open(until) = *state {
+            self.hold_open(until);
+        }
+    }
+
     /// Waits until the message may run; returns a probe guard when it runs as the probe.
     /// Counts the message as held the first time it has to wait.
     async fn admit<'c>(&'c self, ctx: &Context<'_>, held: &mut bool) -> Option<Probe<'c>> {
@@ -249,10 +258,13 @@ impl Circuit {
                         return None;
                     }
                     State::Open(until) if Instant::now() >= until => {
+                        // Probing before the waiter leaves: the last one leaving an open
+                        // breaker would let the consumers pull, for an instant, the cooldown
+                        // being over.
+                        *state = State::Probing;
                         if let Some(waiter) = waiter.take() {
                             waiter.leave(&state);
                         }
-                        *state = State::Probing;
                         // No more pulling: the consumers may have resumed to bring a probe.
                         self.pause.hold_breaker(self.id, None);
                         info!("Circuit breaker half-open: {} is the probe", ctx.message());
@@ -444,26 +456,17 @@ impl<'c> Waiter<'c> {
         }
     }
 
-    /// No longer counts the message; `state` is the locked state. The last one lets the
-    /// consumers pull a probe after the cooldown.
+    /// No longer counts the message; `state` is the locked state.
     fn leave(mut self, state: &State) {
         self.counted = false;
-        self.circuit.waiting.fetch_sub(1, Ordering::SeqCst);
-        if let State::Open(until) = *state {
-            self.circuit.hold_open(until);
-        }
+        self.circuit.stop_waiting(state);
     }
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         if self.counted {
-            self.counted = false;
-            let state = self.circuit.lock();
-            self.circuit.waiting.fetch_sub(1, Ordering::SeqCst);
-            if let State::Open(until) = *state {
-                self.circuit.hold_open(until);
-            }
+            self.circuit.stop_waiting(&self.circuit.lock());
         }
     }
 }

@@ -638,9 +638,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn readiness_names_what_holds_the_service_back() {
-        let shared = Shared {
+    /// What the endpoint reads, with no source counters taken yet.
+    fn idle_shared() -> Shared {
+        Shared {
             metrics: Arc::default(),
             snapshot: Arc::new(Snapshot {
                 state: Mutex::new(SnapshotState {
@@ -652,7 +652,12 @@ mod tests {
             }),
             shutdown: Shutdown::new(),
             pause: Pause::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn readiness_names_what_holds_the_service_back() {
+        let shared = idle_shared();
         let status = |shared: &Shared| {
             let response = route("GET", "/readyz", shared);
             (response.status, response.body)
@@ -668,19 +673,7 @@ mod tests {
 
     #[test]
     fn options_names_the_allowed_methods_for_a_path_and_for_the_server() {
-        let shared = Shared {
-            metrics: Arc::default(),
-            snapshot: Arc::new(Snapshot {
-                state: Mutex::new(SnapshotState {
-                    stats: SourceStats::default(),
-                    taken: None,
-                    stopped: false,
-                }),
-                stopped: Condvar::new(),
-            }),
-            shutdown: Shutdown::new(),
-            pause: Pause::new(),
-        };
+        let shared = idle_shared();
         for target in ["*", "/metrics", "/healthz/", "/readyz?probe=1"] {
             let response = route("OPTIONS", target, &shared);
             assert_eq!(

@@ -112,7 +112,8 @@ impl Lane {
         Ok(Instant::now() + retry_in)
     }
 
-    /// Ends a run of refusals once a batch is confirmed again (one line).
+    /// Ends a run of refusals once a batch is confirmed again (one line; nothing when none
+    /// was going on).
     fn published_again(&self) {
         if let Some(after) = lock(&self.health).recovered(Instant::now()) {
             info!(
@@ -252,12 +253,7 @@ impl Lane {
                     sent.acked = 0;
                     stored
                 };
-                if stored > 0 {
-                    unconfirmed.count -= stored;
-                    self.side
-                        .published
-                        .fetch_add(stored as u64, Ordering::SeqCst);
-                }
+                self.count_published(unconfirmed, stored);
                 let envelopes = std::mem::take(&mut unconfirmed.batches[index].envelopes);
                 // Within the caller's limit: at shutdown, what is left of the grace period.
                 match self.send_batch(link, envelopes.clone(), limit.min(CONFIRM_TIMEOUT), abort) {
@@ -300,15 +296,10 @@ impl Lane {
                     return Err(failure);
                 }
             }
-            if lock(&self.health).since().is_some() {
-                self.published_again();
-            }
+            self.published_again();
             let count = sent.envelopes.len();
             unconfirmed.batches.pop_front();
-            unconfirmed.count -= count;
-            self.side
-                .published
-                .fetch_add(count as u64, Ordering::SeqCst);
+            self.count_published(unconfirmed, count);
         }
         Ok(())
     }
@@ -325,11 +316,16 @@ impl Lane {
                 true
             }
         });
-        if published > 0 {
-            unconfirmed.count -= published;
+        self.count_published(unconfirmed, published);
+    }
+
+    /// Moves `count` messages of `unconfirmed` to the published count: their confirms came.
+    fn count_published(&self, unconfirmed: &mut Unconfirmed, count: usize) {
+        if count > 0 {
+            unconfirmed.count -= count;
             self.side
                 .published
-                .fetch_add(published as u64, Ordering::SeqCst);
+                .fetch_add(count as u64, Ordering::SeqCst);
         }
     }
 

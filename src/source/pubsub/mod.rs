@@ -174,11 +174,10 @@ struct Core {
     settled: AtomicU64,
     /// Lease operations queued and not yet sent.
     queued: Outstanding,
-    /// Set by `interrupt`: pulls and publishes return `Closed`.
-    interrupted: AtomicBool,
-    /// Triggered by `interrupt` too: a pull pausing between polls wakes at once, rather than
-    /// at the end of its pause (up to 50 ms after the last ack of a `--messages N` run).
-    woken: Shutdown,
+    /// Triggered by `interrupt`: pulls and publishes return `Closed`, and a pull pausing
+    /// between polls wakes at once, rather than at the end of its pause (up to 50 ms after
+    /// the last ack of a `--messages N` run).
+    interrupted: Shutdown,
     /// Set when the source is dropped: the worker stops retrying.
     closing: AtomicBool,
     /// Failures, logged once per kind.
@@ -248,8 +247,7 @@ impl PubSubSource {
             stats: Mutex::new(SourceStats::default()),
             settled: AtomicU64::new(0),
             queued: Outstanding::default(),
-            interrupted: AtomicBool::new(false),
-            woken: Shutdown::new(),
+            interrupted: Shutdown::new(),
             closing: AtomicBool::new(false),
             health: Health::default(),
         };
@@ -440,7 +438,7 @@ impl Source for PubSubSource {
         let before = out.len();
         let mut pause = Duration::from_millis(5);
         loop {
-            if core.interrupted.load(Ordering::SeqCst) {
+            if core.interrupted.is_triggered() {
                 return if out.len() > before {
                     Ok(())
                 } else {
@@ -491,7 +489,7 @@ impl Source for PubSubSource {
                 return Ok(());
             }
             // Returns early on the interrupt; the loop's first check then ends the pull.
-            core.woken.wait_timeout(pause.min(end - now));
+            core.interrupted.wait_timeout(pause.min(end - now));
             pause = (pause * 2).min(POLL_MAX);
         }
     }
@@ -572,14 +570,13 @@ impl Source for PubSubSource {
     }
 
     fn interrupt(&self) {
-        self.core.interrupted.store(true, Ordering::SeqCst);
-        self.core.woken.trigger(ShutdownReason::Requested);
+        self.core.interrupted.trigger(ShutdownReason::Requested);
     }
 
     /// Waits for the queued lease operations; once interrupted, at most a quarter of a
     /// second.
     fn flush(&self, timeout: Duration) -> usize {
-        let timeout = if self.core.interrupted.load(Ordering::SeqCst) {
+        let timeout = if self.core.interrupted.is_triggered() {
             timeout.min(SHUTDOWN_WAIT)
         } else {
             timeout

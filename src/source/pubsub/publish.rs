@@ -9,6 +9,7 @@ use super::rest::{self, DELETED_TOPIC, ID_ATTRIBUTE};
 use super::{Core, PubSubSource, BACKOFF};
 use crate::error::SourceError;
 use crate::message::{MessageError, PubSubMessage};
+use crate::shutdown::ShutdownReason;
 use crate::source::{check_batch, Publish};
 use crate::sync::lock;
 
@@ -125,7 +126,7 @@ impl Publish for PubSubSource {
     }
 
     fn interrupt(&self) {
-        self.core.interrupted.store(true, Ordering::SeqCst);
+        self.core.interrupted.trigger(ShutdownReason::Requested);
     }
 }
 
@@ -136,7 +137,7 @@ impl Core {
         let start = Instant::now();
         let mut backoff = BACKOFF;
         loop {
-            if self.interrupted.load(Ordering::SeqCst) {
+            if self.interrupted.is_triggered() {
                 return Err(SourceError::Closed);
             }
             match self.rest.publish(&self.topic, chunk, &[]) {
