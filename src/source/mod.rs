@@ -39,40 +39,10 @@ pub mod redis;
 use std::fmt;
 use std::time::Duration;
 
+pub use self::kit::redact_url;
 use crate::error::{LeaseError, SourceError};
 pub use crate::message::Attributes;
 use crate::message::{MessageError, PubSubMessage};
-
-/// `text` with `secret` (a password) replaced by `***` wherever it stands as a word of its
-/// own: no letter or digit right before or after it, as an address quotes a password
-/// between `:` and `@`. An occurrence inside a longer word is not the password echoed, and
-/// replacing it mangled the message (a password `p` turned `invalid port number` into
-/// `invalid ***ort number`, naming nothing).
-#[cfg(any(feature = "redis", feature = "amqp"))]
-pub(crate) fn hide_secret(text: &str, secret: &str) -> String {
-    if secret.is_empty() {
-        return text.to_owned();
-    }
-    let alone = |c: Option<char>| c.is_none_or(|c| !c.is_alphanumeric());
-    let mut out = String::with_capacity(text.len());
-    let mut start = 0;
-    let mut from = 0;
-    while let Some(found) = text[from..].find(secret) {
-        let at = from + found;
-        let end = at + secret.len();
-        if alone(text[..at].chars().next_back()) && alone(text[end..].chars().next()) {
-            out.push_str(&text[start..at]);
-            out.push_str("***");
-            start = end;
-            from = end;
-        } else {
-            // Past the first character of this occurrence: a later one may overlap it.
-            from = at + text[at..].chars().next().map_or(1, char::len_utf8);
-        }
-    }
-    out.push_str(&text[start..]);
-    out
-}
 
 /// Identifies one lease of one message; a new delivery of the same message gets a new id.
 ///
@@ -448,27 +418,5 @@ impl fmt::Debug for Delivery<'_> {
             .field("lease", &self.lease)
             .field("settled", &self.settled)
             .finish()
-    }
-}
-
-#[cfg(all(test, any(feature = "redis", feature = "amqp")))]
-mod tests {
-    use super::hide_secret;
-
-    #[test]
-    fn a_secret_is_hidden_where_it_stands_alone_and_words_around_it_are_kept() {
-        assert_eq!(
-            hide_secret("invalid port number", "p"),
-            "invalid port number"
-        );
-        assert_eq!(
-            hide_secret("amqp://u:p@h: bad p", "p"),
-            "amqp://u:***@h: bad ***"
-        );
-        assert_eq!(hide_secret("bad s3cret\nthing", "s3cret"), "bad ***\nthing");
-        assert_eq!(hide_secret("x:pw@h pw1 apw", "pw"), "x:***@h pw1 apw");
-        assert_eq!(hide_secret("'é' é", "é"), "'***' ***");
-        assert_eq!(hide_secret("same", ""), "same");
-        assert_eq!(hide_secret("aab:ab@", "ab"), "aab:***@");
     }
 }

@@ -4,9 +4,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::url::{parse_url, redact_url};
+use super::url::parse_url;
 use super::MAX_PUBLISH_CONNECTIONS;
 use crate::error::SourceError;
+use crate::source::redact_url;
 
 /// Settings of an [`AmqpSource`](super::AmqpSource).
 ///

@@ -17,7 +17,6 @@ use log::warn;
 use super::acks::{Prefix, Settle};
 use super::link::{failure_text, in_order, Abort, Failure, Link, Side};
 use super::publish::ORDERING_KEY_HEADER;
-use super::url::scrub;
 use super::{
     AmqpSource, Consuming, Core, CONFIRM_TIMEOUT, CONNECT_TIMEOUT, LINGER, LINGER_STEP,
     SCAN_EVERY_NANOS, SHUTDOWN_WAIT, TICK,
@@ -403,7 +402,7 @@ impl Core {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|error| scrub(&error.to_string(), &self.secret))
+                .map_err(|error| self.secrets.scrub(&error.to_string()))
         })
     }
 

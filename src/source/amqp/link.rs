@@ -19,7 +19,6 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use log::{info, warn};
 
-use super::url::scrub;
 use super::{Conn, CONNECT_TIMEOUT, SHUTDOWN_WAIT, TICK};
 use crate::sync::lock;
 
@@ -234,7 +233,7 @@ impl<S: Side> Conn<S> {
 
     /// Records a failure and schedules the next attempt.
     pub(super) fn failed(&self, text: &str) -> Failure {
-        let text = scrub(text, &self.secret);
+        let text = self.secrets.scrub(text);
         let (new_kind, retry_in) = lock(&self.health).failed(Instant::now(), &text, text.clone());
         if new_kind {
             warn!(
@@ -320,7 +319,7 @@ impl<S: Side> Conn<S> {
             if refused_for_good(&error) {
                 self.refused.store(true, Ordering::SeqCst);
             }
-            scrub(&error.to_string(), &self.secret)
+            self.secrets.scrub(&error.to_string())
         };
         // `amqps://` takes the TLS settings (built with `amqp-tls`); `amqp://` ignores them.
         let tls = OwnedTLSConfig {

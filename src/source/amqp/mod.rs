@@ -117,12 +117,13 @@ use self::consume::{expiry_kind, Held, Leases, Op};
 use self::link::{Failure, Link};
 pub use self::publish::check_message;
 use self::publish::Unconfirmed;
-use self::url::{parse_uri, password};
-pub use self::url::{parse_url, read_ca_file, redact_url};
+use self::url::parse_uri;
+pub use self::url::{parse_url, read_ca_file};
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
 use crate::shutdown::Shutdown;
-use crate::source::kit::{Backoff, Outage, Worker};
+use crate::source::kit::{Backoff, Outage, Secrets, Worker};
+pub use crate::source::redact_url;
 use crate::source::{Lease, LeaseId, Publish, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
@@ -192,8 +193,8 @@ struct Conn<S> {
     ca: Option<String>,
     /// The URL with its password replaced, for log lines and errors.
     shown_url: String,
-    /// The URL's password, removed from every error text (empty when there is none).
-    secret: String,
+    /// The URL's secrets, removed from every error text.
+    secrets: Secrets,
     /// `{queue}:dead`, the dead-letter exchange and queue.
     dead: String,
     /// The current link; `None` while the broker is unreachable. A mutex, not a lock-free
@@ -352,7 +353,7 @@ impl<S> Conn<S> {
         Conn {
             ca,
             shown_url: redact_url(&config.url),
-            secret: password(&config.url),
+            secrets: Secrets::of(&config.url),
             dead: format!("{}:dead", config.queue),
             uri,
             config,

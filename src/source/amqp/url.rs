@@ -1,4 +1,4 @@
-//! The address: parsing, redaction of the password, and the CA file.
+//! The address: parsing and the CA file (redaction is the kit's, one rule for every broker).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -7,33 +7,7 @@ use lapin::uri::AMQPUri;
 
 use super::HEARTBEAT_SECS;
 use crate::error::SourceError;
-
-/// The URL with its password replaced by `***` (the address is left as written otherwise).
-///
-/// ```
-/// use mayhem::source::amqp::redact_url;
-/// assert_eq!(redact_url("amqp://guest:s3cret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
-/// assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    match credentials(url) {
-        Some((start, end)) if url[start..end].contains(':') => {
-            let colon = start + url[start..end].find(':').unwrap_or(0);
-            format!("{}:***{}", &url[..colon], &url[end..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
-/// The byte range of `user[:password]` in `url` (before the authority's last `@`).
-pub(super) fn credentials(url: &str) -> Option<(usize, usize)> {
-    let start = url.find("://")? + 3;
-    let authority_end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    let at = url[start..authority_end].rfind('@')?;
-    Some((start, start + at))
-}
+use crate::source::kit::Secrets;
 
 /// The host as written in the URL's authority (brackets of an IPv6 address removed).
 pub(super) fn written_host(url: &str) -> Option<String> {
@@ -51,13 +25,6 @@ pub(super) fn written_host(url: &str) -> Option<String> {
         host_port.split(':').next()?
     };
     (!host.is_empty()).then(|| host.to_owned())
-}
-
-/// Replaces `secret` in `text` (see [`hide_secret`](crate::source::hide_secret)) and joins
-/// its lines into one.
-pub(super) fn scrub(text: &str, secret: &str) -> String {
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    crate::source::hide_secret(&text, secret)
 }
 
 /// Parses an `amqp://USER:PASS@HOST:PORT/VHOST` address (or `amqps://` with the feature
@@ -83,7 +50,7 @@ pub fn parse_url(url: &str) -> Result<(), SourceError> {
 /// address would become `localhost`: the host is set again as written. The heartbeat is
 /// [`HEARTBEAT_SECS`] unless the URL sets one.
 pub(super) fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
-    let secret = password(url);
+    let secrets = Secrets::of(url);
     if url.starts_with("amqps://") && !cfg!(feature = "amqp-tls") {
         return Err(SourceError::Backend(
             "amqps:// needs TLS, which this build lacks: build with the cargo feature amqp-tls"
@@ -96,7 +63,7 @@ pub(super) fn parse_uri(url: &str) -> Result<AMQPUri, SourceError> {
         ));
     }
     let mut uri = AMQPUri::from_str(url).map_err(|error| {
-        SourceError::Backend(format!("invalid amqp url: {}", scrub(&error, &secret)))
+        SourceError::Backend(format!("invalid amqp url: {}", secrets.scrub(&error)))
     })?;
     if uri.authority.port == 0 {
         // Nothing listens there: connecting would be retried as an outage.
@@ -139,13 +106,6 @@ pub fn read_ca_file(path: &Path) -> Result<String, SourceError> {
     Ok(text)
 }
 
-/// The URL's password (empty when there is none).
-pub(super) fn password(url: &str) -> String {
-    credentials(url)
-        .and_then(|(start, end)| url[start..end].split_once(':').map(|(_, p)| p.to_owned()))
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,8 +121,8 @@ mod tests {
             assert!(!shown.contains("s3cret"), "{shown}");
             assert!(shown.contains("amqp://user:***@127.0.0.1:1/%2f"), "{shown}");
         }
-        assert_eq!(password(&config.url), "s3cret");
-        assert_eq!(scrub("bad s3cret\nthing", "s3cret"), "bad *** thing");
+        let error = parse_url("amqp://user:s3cret@127.0.0.1:notaport").expect_err("bad port");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
     }
 
     #[test]

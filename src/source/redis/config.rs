@@ -4,15 +4,15 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::connection::{self, redact_url};
 use super::reply::RESERVED_FIELDS;
 #[cfg(doc)]
 use super::RedisSource;
 use crate::error::{ConfigError, SourceError};
 use crate::message::{MessageError, PubSubMessage};
-use crate::source::check_batch;
+use crate::source::kit::Secrets;
 #[cfg(doc)]
 use crate::source::Publish;
+use crate::source::{check_batch, redact_url};
 
 /// Checks that `url` is a Redis address the client accepts, without connecting.
 ///
@@ -32,7 +32,7 @@ pub fn parse_url(url: &str) -> Result<(), SourceError> {
     let info = url.into_connection_info().map_err(|error| {
         SourceError::Backend(format!(
             "invalid redis url: {}",
-            connection::one_line(&error.to_string(), url)
+            Secrets::of(url).scrub(&error.to_string())
         ))
     })?;
     // Nothing listens on port 0: connecting would be retried as an outage.

@@ -29,8 +29,6 @@ const IO_MARGIN: Duration = Duration::from_millis(400);
 const SHUTDOWN_IO: Duration = Duration::from_millis(250);
 /// Longest `unblock_reads` keeps asking for reads registered before an interrupt to end.
 const UNBLOCK_RETRY: Duration = Duration::from_millis(50);
-/// Longest error text kept in a log line.
-const MAX_ERROR_TEXT: usize = 240;
 /// Idle time given to a dead predecessor's pending entries: past any ack deadline.
 const EXPIRED_IDLE_MS: u64 = 10_000_000_000;
 /// Entries of a dead predecessor marked per script call.
@@ -166,81 +164,6 @@ impl From<RedisError> for StartError {
     }
 }
 
-/// `url` with the password (and any `password=` parameter) replaced by `***`.
-///
-/// ```
-/// use mayhem::source::redis::redact_url;
-/// assert_eq!(redact_url("redis://:hunter2@db:6379/0"), "redis://:***@db:6379/0");
-/// assert_eq!(redact_url("redis://db:6379/0"), "redis://db:6379/0");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None => (String::new(), url),
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("***@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") || key == "pass" => {
-                        format!("{key}=***")
-                    }
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_owned(),
-    };
-    format!("{scheme}{authority}{tail}")
-}
-
-/// The password of `url`, or an empty string.
-pub(super) fn password(url: &str) -> String {
-    use redis::IntoConnectionInfo;
-    url.into_connection_info()
-        .ok()
-        .and_then(|info| info.redis_settings().password().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-/// An error text as one line without the password of `url`: line breaks become spaces,
-/// control characters are dropped, and the text is cut at a bounded length.
-pub(super) fn one_line(text: &str, url: &str) -> String {
-    scrub(text, &password(url))
-}
-
-/// `text` as one bounded line without `secret`.
-fn scrub(text: &str, secret: &str) -> String {
-    let mut line = crate::source::hide_secret(text, secret);
-    line = line
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
-    if line.len() > MAX_ERROR_TEXT {
-        let mut end = MAX_ERROR_TEXT;
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-        line.push_str("...");
-    }
-    line
-}
-
 /// `duration` to the millisecond, as a log line shows it.
 fn shown_millis(duration: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(Duration::from_millis(
@@ -278,7 +201,7 @@ impl Core {
     /// An error of this source's server as one password-free line; a reply that is not the
     /// Redis protocol says so.
     pub(super) fn describe(&self, error: &RedisError) -> String {
-        let text = scrub(&error.to_string(), &self.secret);
+        let text = self.secrets.scrub(&error.to_string());
         if error.kind() == redis::ErrorKind::Parse {
             format!("the server does not speak the redis protocol ({text})")
         } else if error.code() == Some("WRONGTYPE") {
@@ -319,7 +242,7 @@ impl Core {
                 }
                 Err(StartError::Stopped) => return Err(SourceError::Closed),
                 Err(StartError::Refused(text)) => return Err(SourceError::Backend(text)),
-                Err(StartError::Retry(text)) => scrub(&text, &self.secret),
+                Err(StartError::Retry(text)) => self.secrets.scrub(&text),
             };
             let elapsed = started.elapsed();
             if elapsed >= limit {
@@ -840,32 +763,5 @@ impl Core {
                 .wait_timeout(closing, retry_in.min(BACKOFF_MAX));
         }
         thread::yield_now();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("redis://user:pw@h:1/0?password=x&db=2"),
-            "redis://user:***@h:1/0?password=***&db=2"
-        );
-        assert_eq!(redact_url("redis://pw@h:1"), "redis://***@h:1");
-        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
-        assert_eq!(redact_url("redis://:a@b@h/0"), "redis://:***@h/0");
-    }
-
-    #[test]
-    fn error_texts_become_one_bounded_line_without_the_secret() {
-        assert_eq!(
-            scrub("bad\nreply: 'HTTP/1.1'\r\n", ""),
-            "bad reply: 'HTTP/1.1'"
-        );
-        assert_eq!(scrub("auth pw failed", "pw"), "auth *** failed");
-        let long = "x".repeat(1000);
-        assert!(scrub(&long, "").len() <= MAX_ERROR_TEXT + 3);
     }
 }

@@ -110,7 +110,7 @@ use redis::Client;
 
 use crate::error::SourceError;
 use crate::shutdown::Shutdown;
-use crate::source::kit::{self, LeaseTable, Worker};
+use crate::source::kit::{self, LeaseTable, Secrets, Worker};
 use crate::source::{Lease, LeaseId, Source, SourceStats};
 use crate::sync::{lock, Outstanding};
 
@@ -121,8 +121,8 @@ use self::reply::EntryId;
 pub use self::config::{
     check_message, parse_url, RedisConfig, MAX_REDIS_INTERVAL, MIN_LIVENESS_TTL, MIN_TRIM_INTERVAL,
 };
-pub use self::connection::redact_url;
 pub use self::publish::RedisPublisher;
+pub use crate::source::redact_url;
 
 /// How long `stats` waits for queued lease operations to be sent.
 const STATS_WAIT: Duration = Duration::from_millis(250);
@@ -157,8 +157,8 @@ struct Core {
     config: RedisConfig,
     /// The URL with its password replaced, for log lines and errors.
     shown_url: String,
-    /// The URL's password, removed from every error text (empty when there is none).
-    secret: String,
+    /// The URL's secrets, removed from every error text.
+    secrets: Secrets,
     /// `{stream}:dead`.
     dead_stream: String,
     /// `{stream}:{group}:live:{consumer}`.
@@ -284,7 +284,7 @@ impl RedisSource {
         let client = Client::open(config.url.as_str()).map_err(|error| {
             SourceError::Backend(format!(
                 "invalid redis url: {}",
-                connection::one_line(&error.to_string(), &config.url)
+                Secrets::of(&config.url).scrub(&error.to_string())
             ))
         })?;
         let core = Arc::new(Core::new(config, client, false));
@@ -556,7 +556,7 @@ impl Core {
         let now = Instant::now();
         Core {
             shown_url: redact_url(&config.url),
-            secret: connection::password(&config.url),
+            secrets: Secrets::of(&config.url),
             dead_stream: format!("{}:dead", config.stream),
             live_key: format!(
                 "{}:{}:live:{}",

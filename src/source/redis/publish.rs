@@ -10,10 +10,11 @@ use redis::Client;
 
 use super::config::{check_message_batch, parse_url};
 use super::connection::{Class, Failure};
-use super::{connection, wire, Core, RedisConfig, RedisSource};
+use super::{wire, Core, RedisConfig, RedisSource};
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
 use crate::shutdown::Shutdown;
+use crate::source::kit::Secrets;
 use crate::source::Publish;
 use crate::sync::lock;
 
@@ -89,7 +90,7 @@ impl RedisPublisher {
         let client = Client::open(config.url.as_str()).map_err(|error| {
             SourceError::Backend(format!(
                 "invalid redis url: {}",
-                connection::one_line(&error.to_string(), &config.url)
+                Secrets::of(&config.url).scrub(&error.to_string())
             ))
         })?;
         let core = Core::new(config, client, true);
