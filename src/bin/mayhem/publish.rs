@@ -48,12 +48,14 @@ const EXIT_INTERRUPTED: u8 = 130;
 #[derive(Debug, clap::Args)]
 #[command(after_help = AFTER_HELP)]
 pub(crate) struct PublishArgs {
-    /// Where to publish: redis://HOST:PORT/DB or amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ,
-    /// feature amqp; amqps://, feature amqp-tls). memory is refused: the embedded pub/sub
-    /// lives inside one running service.
+    /// Where to publish: redis://HOST:PORT/DB, amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ,
+    /// feature amqp; amqps://, feature amqp-tls) or pubsub://PROJECT/SUBSCRIPTION (Google
+    /// Cloud Pub/Sub, feature pubsub: its topic; PUBSUB_EMULATOR_HOST selects the emulator).
+    /// memory is refused: the embedded pub/sub lives inside one running service.
     #[arg(long, env = "MAYHEM_SOURCE", value_name = "SOURCE", default_value = "memory", value_parser = cli::SourceParser)]
     source: SourceKind,
-    /// Redis stream, or RabbitMQ quorum queue, to publish to.
+    /// Redis stream, or RabbitMQ quorum queue, to publish to (Pub/Sub: unused, the URL names
+    /// the subscription).
     #[arg(long, env = "MAYHEM_STREAM", value_name = "NAME", default_value = "mayhem", value_parser = cli::name)]
     stream: String,
     /// Sets attribute KEY to VALUE on every message; repeat it for more attributes.
@@ -94,7 +96,7 @@ pub(crate) struct PublishArgs {
 #[command(
     name = "mayhem publish",
     bin_name = "mayhem publish",
-    about = "Publish messages to a broker (Redis or RabbitMQ) and print their ids once confirmed",
+    about = "Publish messages to a broker (Redis, RabbitMQ or Google Cloud Pub/Sub) and print their ids once confirmed",
     long_about = None,
     max_term_width = 100
 )]

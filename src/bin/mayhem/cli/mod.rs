@@ -204,8 +204,8 @@ pub(crate) struct Cli {
     /// This instance's consumer name in the group [default: hostname-pid].
     #[arg(long, env = "MAYHEM_CONSUMER_NAME", value_name = "NAME", value_parser = name)]
     consumer_name: Option<String>,
-    /// How long Redis or RabbitMQ may stay unreachable (or keep failing) before the service gives up
-    /// and exits 1; start-up retries as long.
+    /// How long the broker (Redis, RabbitMQ, Pub/Sub) may stay unreachable (or keep failing)
+    /// before the service gives up and exits 1; start-up retries as long.
     #[arg(long, env = "MAYHEM_RECONNECT_LIMIT", value_name = "DUR", default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
     reconnect_limit: Duration,
     /// Time to live of the Redis consumer name's liveness key: a restart under the same name
@@ -237,7 +237,8 @@ pub(crate) struct Cli {
 /// The subcommands; without one, mayhem runs the service.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
-    /// Publish messages to a broker (Redis or RabbitMQ) and print their ids once confirmed.
+    /// Publish messages to a broker (Redis, RabbitMQ or Google Cloud Pub/Sub) and print their
+    /// ids once confirmed.
     Publish(crate::publish::PublishArgs),
 }
 
