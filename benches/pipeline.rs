@@ -15,7 +15,8 @@
 //! a cargo project of its own that the bench builds), on Redis and RabbitMQ; `MAYHEM_BENCH=noop`
 //! only the no-op pipeline and the bare bridge, interleaved; `MAYHEM_BENCH=window-auto` only
 //! the `auto` runs of the adaptive window's three workloads, each with its trace (to tune the
-//! controller); `MAYHEM_BENCH=window` only the
+//! controller); `MAYHEM_BENCH=window-fixed` one fixed window of workload (a),
+//! `MAYHEM_BENCH_WINDOW` (default 2,000,000), with its trace; `MAYHEM_BENCH=window` only the
 //! rows of `--max-in-flight auto` (`benches/window/`): the goodput curve's workload and two
 //! more, each against fixed windows, a downstream that degrades mid-run, a database outage
 //! with and without the breaker, and the rate limit, with their plots (`benches/window.svg`
@@ -218,6 +219,20 @@ fn main() {
             for (at, window, rate) in window::points(&run) {
                 println!("{at:>5.1} s  window {window:>8}  {rate:>9.0} acked/s");
             }
+        }
+        return;
+    }
+    if only == "window-fixed" {
+        // One fixed window of workload (a), MAYHEM_BENCH_WINDOW (default 2,000,000), with its
+        // trace: to see where a large window's goodput goes.
+        let window = std::env::var("MAYHEM_BENCH_WINDOW")
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or(2_000_000);
+        let run = window::Workload::Slow.run(window, false);
+        println!("window {window}: {:.0} acked/s from 10 s", run.span_rate());
+        for (at, window, rate) in window::points(&run) {
+            println!("{at:>5.1} s  window {window:>8}  {rate:>9.0} acked/s");
         }
         return;
     }
