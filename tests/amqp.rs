@@ -25,9 +25,10 @@ mod conformance;
 mod scenarios;
 
 use common::proxy::Proxy;
-use common::rabbit::Rabbit;
+use common::rabbit::{config, Rabbit};
 use common::{
-    acked_names, field, free_port, pull_all, pull_one, BrokerServer, Service, PATIENCE, QUIET,
+    acked_names, count_said, field, free_port, printed_ids, pull_all, pull_one, restart_under,
+    run_publish, run_seeds, wait_all_acked, BrokerServer, Service, NO_FAILURES, PATIENCE, QUIET,
 };
 use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish, Source};
 
@@ -163,11 +164,7 @@ fn a_queue_name_rabbitmq_would_refuse_is_bad_input_before_connecting() {
             if publish {
                 args.push("web-03");
             }
-            let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayhem"))
-                .args(&args)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .expect("run mayhem");
+            let output = common::run(&args);
             let text = String::from_utf8_lossy(&output.stderr);
             assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
             assert_eq!(text.trim_end().lines().count(), 1, "{text}");
@@ -185,20 +182,16 @@ fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
     let Some(server) = Rabbit::get() else { return };
     // A classic queue under the name the service wants as a quorum queue.
     let taken = server.queue("classic");
-    smol::block_on(async {
-        let connection = lapin::Connection::connect(&server.url(), Default::default())
-            .await
-            .expect("connect");
-        let channel = connection.create_channel().await.expect("a channel");
+    let name = taken.as_str();
+    server.with_lapin(|channel| async move {
         channel
             .queue_declare(
-                taken.as_str().into(),
+                name.into(),
                 lapin::options::QueueDeclareOptions::durable(),
                 Default::default(),
             )
             .await
             .expect("declare a classic queue");
-        connection.close(200, "done".into()).await.expect("close");
     });
     let port = server.port;
     for (url, stream, refusal) in [
@@ -221,46 +214,15 @@ fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
 #[test]
 fn a_lost_connection_is_reopened_and_nothing_is_lost() {
     let Some(server) = Rabbit::get() else { return };
-    let queue = server.queue("reconnect");
     let proxy = Proxy::start(server);
-    let flags = [
-        "--stream",
-        &queue,
-        "--handler-latency",
-        "20ms",
-        "--max-in-flight",
-        "20",
-    ];
-    let mut service = Service::start_on(&proxy.url(), &[&flags[..], &QUIET].concat());
-    service.wait_for("Starting consumer");
-    let names = server.publish_names(&queue, 200, 5);
-    service.wait_for_count("Done. Acked", 30);
-    proxy.cut();
-    service.wait_for("unavailable");
-    // Down for a few reconnection attempts.
-    thread::sleep(Duration::from_millis(500));
-    proxy.restore();
-    service.wait_for("reconnected to amqp");
-    let end = Instant::now() + PATIENCE;
-    loop {
-        let mut acked = acked_names(service.lines());
-        acked.sort();
-        acked.dedup();
-        if acked == names {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "only {} of {} acked",
-            acked.len(),
-            names.len()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    server.wait_until_empty(&queue, 5);
-    service.signal("TERM");
-    let (status, _, lines, _) = service.finish();
-    assert!(status.success(), "{status}: {}", lines.join("\n"));
+    scenarios::an_outage_loses_nothing(server, &proxy.url(), |service| {
+        proxy.cut();
+        service.wait_for("unavailable");
+        // Down for a few reconnection attempts.
+        thread::sleep(Duration::from_millis(500));
+        proxy.restore();
+        service.wait_for("reconnected to amqp");
+    });
 }
 
 #[test]
@@ -299,8 +261,7 @@ fn messages_no_decoding_can_read_are_dead_lettered_and_counted_once() {
         );
         properties.with_headers(headers)
     };
-    publish_with_lapin(
-        server,
+    server.publish_with_lapin(
         &queue,
         [
             (
@@ -341,8 +302,7 @@ fn any_producer_s_message_is_read_whole() {
         lapin::types::AMQPValue::LongString(b"ops"[..].into()),
     );
     headers.insert("count".into(), lapin::types::AMQPValue::LongInt(7));
-    publish_with_lapin(
-        server,
+    server.publish_with_lapin(
         &queue,
         [
             (&b"\0\xff binary"[..], lapin::BasicProperties::default()),
@@ -355,14 +315,7 @@ fn any_producer_s_message_is_read_whole() {
             ),
         ],
     );
-    let mut leases = Vec::new();
-    let end = Instant::now() + PATIENCE;
-    while leases.len() < 2 {
-        assert!(Instant::now() < end, "{} pulled", leases.len());
-        source
-            .pull(10, Duration::from_millis(100), &mut leases)
-            .expect("pull");
-    }
+    let leases = pull_all(&source, 2);
     let (first, second) = (&leases[0].message, &leases[1].message);
     assert_eq!(first.data(), b"\0\xff binary");
     assert!(first.id().is_empty(), "RabbitMQ has no ids of its own");
@@ -379,8 +332,6 @@ fn any_producer_s_message_is_read_whole() {
     assert!(conformance::ack(&source, &ids).is_empty());
 }
 
-/// Pulls (which dead-letters what is not a message) until the dead-letter queue holds
-/// `count`.
 /// A queue full under `x-overflow: reject-publish` nacks what is published to it. Each
 /// refusal used to be taken for a lost connection: the source reconnected and sent again at
 /// once, two log lines every 60 ms, and as each reconnection ended the outage, the
@@ -390,19 +341,10 @@ fn any_producer_s_message_is_read_whole() {
 fn a_full_queue_refusing_publishes_is_retried_on_the_same_connection_until_the_limit() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("capped");
-    server.ctl(&[
-        "set_policy",
-        &format!("cap-{queue}"),
-        &format!("^{queue}$"),
-        r#"{"max-length":2,"overflow":"reject-publish"}"#,
-        "--apply-to",
-        "queues",
-    ]);
+    server.cap(&queue, 2);
     let source = AmqpSource::connect(AmqpConfig {
-        url: server.url(),
-        queue: queue.clone(),
         reconnect_limit: Duration::from_secs(1),
-        ..AmqpConfig::default()
+        ..config(&server.url(), &queue)
     })
     .expect("connect");
     let batch = |from: u128, count: u128| -> Vec<PubSubMessage> {
@@ -435,42 +377,21 @@ fn a_full_queue_refusing_publishes_is_retried_on_the_same_connection_until_the_l
 fn a_counted_run_settles_every_message_the_broker_refused_for_a_while() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("refusing");
-    server.ctl(&[
-        "set_policy",
-        &format!("cap-{queue}"),
-        &format!("^{queue}$"),
-        r#"{"max-length":50,"overflow":"reject-publish"}"#,
-        "--apply-to",
-        "queues",
-    ]);
+    server.cap(&queue, 50);
     let service = start(
         server,
         &queue,
         &[
-            "--messages",
-            "600",
-            "--publish-interval",
-            "0",
-            "--handler-latency",
-            "20ms",
-            "--max-in-flight",
-            "10",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--stats-interval",
-            "0",
-            "--report",
-            "json",
-        ],
+            &NO_FAILURES[..],
+            &["--messages", "600", "--publish-interval", "0"],
+            &["--handler-latency", "20ms", "--max-in-flight", "10"],
+            &["--stats-interval", "0", "--report", "json"],
+        ]
+        .concat(),
     )
     .with_patience(Duration::from_secs(60));
     let (status, _, lines, stdout) = service.finish();
-    let refused = lines
-        .iter()
-        .filter(|line| line.contains("the broker refused a published message"))
-        .count();
+    let refused = count_said(&lines, "the broker refused a published message");
     assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));
     assert!(
         refused >= 1,
@@ -482,43 +403,8 @@ fn a_counted_run_settles_every_message_the_broker_refused_for_a_while() {
     assert!(field(&stdout, "acked") >= 600.0, "{stdout}");
 }
 
-/// Publishes `messages` to `queue` as another AMQP client would (lapin, no mayhem), each
-/// confirmed by the broker before the connection closes. In confirm mode a publish's confirm
-/// says the broker has the message; without it the confirm resolves at once, and the close
-/// could overtake the last message (a CI run once pulled 1 of 2).
-fn publish_with_lapin<'a>(
-    server: &Rabbit,
-    queue: &str,
-    messages: impl IntoIterator<Item = (&'a [u8], lapin::BasicProperties)>,
-) {
-    smol::block_on(async {
-        let connection = lapin::Connection::connect(&server.url(), Default::default())
-            .await
-            .expect("connect");
-        let channel = connection.create_channel().await.expect("a channel");
-        channel
-            .confirm_select(Default::default())
-            .await
-            .expect("confirm mode");
-        for (body, properties) in messages {
-            let confirmation = channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    Default::default(),
-                    body,
-                    properties,
-                )
-                .await
-                .expect("publish")
-                .await
-                .expect("the broker takes it");
-            assert!(confirmation.is_ack(), "{confirmation:?}");
-        }
-        connection.close(200, "done".into()).await.expect("close");
-    });
-}
-
+/// Pulls (which dead-letters what is not a message) until the dead-letter queue holds
+/// `count`.
 fn wait_for_dead_letters_after_pulls(source: &AmqpSource, count: u64) {
     let end = Instant::now() + PATIENCE;
     loop {
@@ -546,21 +432,10 @@ fn remaining_keeps_the_broker_s_last_count_while_it_does_not_answer() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("remaining");
     let proxy = Proxy::start(server);
-    let source = AmqpSource::connect(AmqpConfig {
-        url: proxy.url(),
-        queue: queue.clone(),
-        reconnect_limit: Duration::from_secs(10),
-        ..AmqpConfig::default()
-    })
-    .expect("connect");
-    let batch: Vec<PubSubMessage> = (0..5u128)
-        .map(|i| {
-            let id = mayhem::Uuid::from_u128(i + 1);
-            let name = format!("cattle-r{i:03}");
-            PubSubMessage::new(name.to_string()).with_id(id)
-        })
-        .collect();
-    source.publish(&batch).expect("publish");
+    let source = AmqpSource::connect(config(&proxy.url(), &queue)).expect("connect");
+    source
+        .publish(&numbered_batches(1)[0][..5])
+        .expect("publish");
     assert_eq!(source.wait_confirmed(PATIENCE), 0);
     let end = Instant::now() + PATIENCE;
     while source.stats().remaining != 5 {
@@ -576,13 +451,7 @@ fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("unconfirmed");
     let proxy = Proxy::start(server);
-    let publisher = AmqpSource::connect(AmqpConfig {
-        url: proxy.url(),
-        queue: queue.clone(),
-        reconnect_limit: Duration::from_secs(10),
-        ..AmqpConfig::default()
-    })
-    .expect("connect");
+    let publisher = AmqpSource::connect(config(&proxy.url(), &queue)).expect("connect");
     let batches = numbered_batches(5);
     // Three batches go out and their confirms are not awaited; the connection is cut under
     // them, and the next publish reconnects once the proxy is back.
@@ -606,7 +475,7 @@ fn unconfirmed_batches_are_sent_again_after_a_lost_connection() {
     restorer.join().expect("the restorer");
     // Every message arrives at least once.
     let want: Vec<PubSubMessage> = batches.iter().flatten().cloned().collect();
-    consume_until(server, &queue, &want);
+    consume_until(&server.source(&queue, Duration::from_secs(60), 5), &want);
 }
 
 /// `count` batches of 200 messages with ids of their own.
@@ -630,12 +499,11 @@ fn content(message: &PubSubMessage) -> (mayhem::MessageId, mayhem::Bytes) {
     (message.id().clone(), message.data_bytes())
 }
 
-/// Consumes `queue`, acking, until every message of `want` arrived; returns every
+/// Consumes through `consumer`, acking, until every message of `want` arrived; returns every
 /// delivery, duplicates included, sorted by message id.
-fn consume_until(server: &Rabbit, queue: &str, want: &[PubSubMessage]) -> Vec<PubSubMessage> {
+fn consume_until(consumer: &AmqpSource, want: &[PubSubMessage]) -> Vec<PubSubMessage> {
     let mut want = want.to_vec();
     want.sort_by_key(|message| message.id().clone());
-    let consumer = server.source(queue, Duration::from_secs(60), 5);
     let mut seen = Vec::new();
     let end = Instant::now() + PATIENCE;
     loop {
@@ -644,7 +512,7 @@ fn consume_until(server: &Rabbit, queue: &str, want: &[PubSubMessage]) -> Vec<Pu
             .pull(500, Duration::from_millis(200), &mut leases)
             .expect("pull");
         let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
-        assert!(conformance::ack(&consumer, &ids).is_empty());
+        assert!(conformance::ack(consumer, &ids).is_empty());
         seen.extend(leases.into_iter().map(|lease| lease.message));
         seen.sort_by_key(|message| message.id().clone());
         let mut distinct: Vec<_> = seen.iter().map(content).collect();
@@ -686,7 +554,7 @@ fn batches_take_the_publishing_connections_in_turn_and_each_message_arrives_once
     assert_eq!(publisher.stats().published, 1200);
     // Without a lost connection nothing is sent twice.
     let want: Vec<PubSubMessage> = batches.iter().flatten().cloned().collect();
-    let seen = consume_until(server, &queue, &want);
+    let seen = consume_until(&server.source(&queue, Duration::from_secs(60), 5), &want);
     assert_eq!(seen.len(), want.len());
 }
 
@@ -712,7 +580,7 @@ fn a_queue_deleted_under_the_publisher_is_declared_again_and_nothing_vanishes() 
     }
     assert_eq!(publisher.wait_confirmed(PATIENCE), 0);
     let want: Vec<PubSubMessage> = batches[1..].iter().flatten().cloned().collect();
-    consume_until(server, &queue, &want);
+    consume_until(&server.source(&queue, Duration::from_secs(60), 5), &want);
 }
 
 #[test]
@@ -769,24 +637,9 @@ fn amqps_publishes_and_consumes_trusting_a_private_ca() {
         ..config
     })
     .expect("connect through amqps");
-    let mut sent = conformance::publish(&source, 50, 11);
-    let mut leases = Vec::new();
-    let end = Instant::now() + PATIENCE;
-    while leases.len() < sent.len() {
-        assert!(Instant::now() < end, "{} of 50 arrived", leases.len());
-        source
-            .pull(50, Duration::from_millis(200), &mut leases)
-            .expect("pull");
-    }
-    let ids: Vec<_> = leases.iter().map(|lease| lease.id).collect();
-    assert!(conformance::ack(&source, &ids).is_empty());
-    let mut got: Vec<PubSubMessage> = leases.iter().map(|lease| lease.message.clone()).collect();
-    got.sort_by_key(|message| message.id().clone());
-    sent.sort_by_key(|message| message.id().clone());
-    assert_eq!(
-        got.iter().map(content).collect::<Vec<_>>(),
-        sent.iter().map(content).collect::<Vec<_>>()
-    );
+    let sent = conformance::publish(&source, 50, 11);
+    // Each arrived, once.
+    assert_eq!(consume_until(&source, &sent).len(), sent.len());
     assert_eq!(source.stats().remaining, 0);
 }
 
@@ -861,14 +714,7 @@ fn messages_a_clean_stop_pushes_past_the_delivery_limit_are_dead_lettered_not_dr
     for _ in 0..2 {
         // Held unacked by a consumer, then given back by a clean stop of the broker.
         let holder = server.source(&queue, Duration::from_secs(600), 1);
-        let mut leases = Vec::new();
-        let end = Instant::now() + PATIENCE;
-        while leases.len() < names.len() {
-            assert!(Instant::now() < end, "only {} pulled", leases.len());
-            holder
-                .pull(names.len(), Duration::from_millis(100), &mut leases)
-                .expect("pull");
-        }
+        pull_all(&holder, names.len());
         server.stop();
         server.restart();
         drop(holder);
@@ -905,31 +751,15 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
         &server,
         &queue,
         &[
-            "--publish-interval",
-            "1ms",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--report",
-            "json",
-        ],
+            &NO_FAILURES[..],
+            &["--publish-interval", "1ms", "--report", "json"],
+        ]
+        .concat(),
     );
     service.wait_for("blocked publishing");
     // The consuming connection is not a publishing one: the preloaded messages are all
     // handled and acked while publishing is blocked.
-    let end = Instant::now() + PATIENCE;
-    loop {
-        let acked = acked_names(service.lines());
-        if names.iter().all(|name| acked.contains(name)) {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "the consumer stalled with the publisher"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_all_acked(&mut service, &names);
     // A second instance stopped while the alarm blocks its publishing exits within its
     // grace period, saying how many stayed unconfirmed (it used to wait 10 s for lapin to
     // write a batch sent again, until the watchdog ended it with exit 1).
@@ -938,15 +768,10 @@ fn a_resource_alarm_blocks_publishing_but_not_consuming() {
         &server,
         &queue,
         &[
-            "--publish-interval",
-            "1ms",
-            "--grace-period",
-            "1s",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-        ],
+            &NO_FAILURES[..],
+            &["--publish-interval", "1ms", "--grace-period", "1s"],
+        ]
+        .concat(),
     );
     second.wait_for("blocked publishing");
     let stopped = Instant::now();
@@ -979,52 +804,10 @@ fn a_server_restarted_mid_run_loses_nothing() {
     let Some(server) = Rabbit::own("restart") else {
         return;
     };
-    let queue = server.queue("restart");
-    let mut service = start(
-        &server,
-        &queue,
-        &[
-            &QUIET[..],
-            &["--handler-latency", "20ms", "--max-in-flight", "20"][..],
-        ]
-        .concat(),
-    );
-    service.wait_for("Starting consumer");
-    let names = server.publish_names(&queue, 200, 5);
-    service.wait_for_count("Done. Acked", 30);
-    server.stop();
-    service.wait_for("unavailable");
-    server.restart();
-    service.wait_for("reconnected to amqp");
-    // Every message is acked at least once (the durable queue kept what was not acked;
-    // acks lost with the server make a few handled twice), counted by message name.
-    let end = Instant::now() + PATIENCE;
-    loop {
-        let mut acked = acked_names(service.lines());
-        acked.sort();
-        acked.dedup();
-        if acked == names {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "only {} of {} acked:\n{}",
-            acked.len(),
-            names.len(),
-            service
-                .lines()
-                .iter()
-                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("amqp"))
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    server.wait_until_empty(&queue, 5);
-    service.signal("TERM");
-    let (status, _, lines, _) = service.finish();
-    assert!(status.success(), "{status}: {}", lines.join("\n"));
+    // The durable queue keeps what was not acked.
+    scenarios::an_outage_loses_nothing(&server, &server.url(), |service| {
+        restart_under(service, &server, "unavailable", "reconnected to amqp");
+    });
 }
 
 #[test]
@@ -1037,15 +820,10 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
     if !Rabbit::installed() {
         return;
     }
-    let runs: Vec<_> = [1u64, 45]
-        .into_iter()
-        .map(|seed| {
-            thread::spawn(move || (seed, amqp_soak::run(env!("CARGO_BIN_EXE_mayhem"), seed, 3)))
-        })
-        .collect();
     let mut faults = Vec::new();
-    for run in runs {
-        let (seed, outcome) = run.join().expect("soak run");
+    for (seed, outcome) in run_seeds(&[1, 45], |seed| {
+        amqp_soak::run(env!("CARGO_BIN_EXE_mayhem"), seed, 3)
+    }) {
         eprintln!("seed {seed}: {outcome:?}");
         faults.extend(outcome.fault_names.iter().copied());
         assert!(
@@ -1072,16 +850,18 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
 fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
     let Some(server) = Rabbit::get() else { return };
     let queue = server.queue("cli-publish");
-    let url = server.url();
-    let to = ["publish", "--source", &url, "--stream", &queue];
     let flags = ["--attribute", "origin=ops", "--ordering-key", "web"];
-    let output = common::run(&[&to[..], &flags, &["web-03", "db-7.eu-west"]].concat());
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let args = [
+        &["--stream", &queue][..],
+        &flags,
+        &["web-03", "db-7.eu-west"],
+    ]
+    .concat();
+    let (code, stdout, stderr) = run_publish(&server.url(), &args, None);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
     // One id per line, printed once the broker confirmed the messages.
-    let ids: Vec<&str> = stdout.lines().collect();
+    let ids = printed_ids(&stdout);
     assert_eq!(ids.len(), 2, "{stdout}");
     // The queue was declared as the service declares it (default --max-attempts 5).
     let consumer = server.source(&queue, Duration::from_secs(30), 5);
@@ -1102,33 +882,20 @@ fn mayhem_publish_sends_data_attributes_and_ids_a_consumer_reads_back() {
 #[cfg(feature = "amqp-tls")]
 #[test]
 fn mayhem_publish_over_amqps_publishes_the_lines_of_stdin() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let Some(server) = Rabbit::get() else { return };
     let Some(tls) = tls(server) else { return };
     let queue = server.queue("cli-publish-tls");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mayhem"))
-        .args([
-            "publish",
-            "--source",
-            &format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port),
-        ])
-        .args(["--amqp-ca-file", tls.ca.to_str().expect("a utf-8 path")])
-        .args(["--stream", &queue, "--attribute", "origin=stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run mayhem publish");
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    stdin.write_all(b"web-05\n\nweb-06").expect("write stdin");
-    drop(stdin);
-    let output = child.wait_with_output().expect("wait for mayhem publish");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let url = format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.port);
+    let ca = ["--amqp-ca-file", tls.ca.to_str().expect("a utf-8 path")];
+    let flags = [
+        &ca[..],
+        &["--stream", &queue, "--attribute", "origin=stdin"],
+    ]
+    .concat();
+    let (code, stdout, stderr) = run_publish(&url, &flags, Some(b"web-05\n\nweb-06"));
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
-    let ids: Vec<&str> = stdout.lines().collect();
+    let ids = printed_ids(&stdout);
     assert_eq!(ids.len(), 2, "{stdout}");
     let consumer = server.source(&queue, Duration::from_secs(30), 5);
     for (id, data) in ids.iter().zip(["web-05", "web-06"]) {
@@ -1173,11 +940,8 @@ fn a_straggler_holding_the_ack_prefix_back_while_the_connection_drops_loses_noth
     let names = server.publish_names(&queue, 50, 5);
     let proxy = Proxy::start(server);
     let source = AmqpSource::connect(AmqpConfig {
-        url: proxy.url(),
-        queue: queue.clone(),
         ack_deadline: Duration::from_secs(60),
-        reconnect_limit: Duration::from_secs(10),
-        ..AmqpConfig::default()
+        ..config(&proxy.url(), &queue)
     })
     .expect("connect");
     let leases = pull_all(&source, names.len());

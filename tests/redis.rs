@@ -23,9 +23,14 @@ mod scenarios;
 
 use common::proxy::Proxy;
 use common::redis::RedisServer;
-use common::{acked_names, field, free_port, pull_one, wait_until, BrokerServer, Service, QUIET};
-use mayhem::{PubSubMessage, Publish, RedisConfig, RedisSource, Source};
+use common::{
+    acked_names, assert_said, count_said, distinct_acked, field, free_port, printed_ids,
+    publish_one, pull_one, quiet, run_publish, run_seeds, wait_until, BrokerServer, Service,
+    NO_FAILURES, QUIET,
+};
+use mayhem::{PubSubMessage, RedisConfig, RedisSource, Source};
 use redis::Value;
+use scenarios::Broker;
 
 /// Upper bound for anything a test waits for; only reached when something is broken.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -33,18 +38,6 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// Starts `mayhem --source {server} --log-level info` with `args`.
 fn start(server: &RedisServer, args: &[&str]) -> Service {
     Service::start_on(&server.url(), args).with_patience(PATIENCE)
-}
-
-fn source_config(server: &RedisServer, stream: &str, ack_deadline: Duration) -> RedisConfig {
-    RedisConfig {
-        url: server.url(),
-        stream: stream.to_owned(),
-        group: "g".to_owned(),
-        consumer: "c1".to_owned(),
-        ack_deadline,
-        max_attempts: 3,
-        ..RedisConfig::default()
-    }
 }
 
 /// A real Redis for the conformance suite: one server per test, one stream per broker.
@@ -64,11 +57,8 @@ impl conformance::Harness for Redis {
 
     fn broker(&self, max_attempts: u32) -> RedisSource {
         let stream = format!("s{}", self.streams.fetch_add(1, Ordering::SeqCst));
-        RedisSource::connect(RedisConfig {
-            max_attempts,
-            ..source_config(&self.server, &stream, CONFORMANCE_DEADLINE)
-        })
-        .expect("connect")
+        self.server
+            .source(&stream, CONFORMANCE_DEADLINE, max_attempts)
     }
 
     fn deadline(&self) -> Duration {
@@ -118,7 +108,7 @@ fn unix_sockets_and_database_numbers_are_honoured() {
         let stream = format!("db{db}");
         let source = RedisSource::connect(RedisConfig {
             url: url.clone(),
-            ..source_config(&server, &stream, Duration::from_secs(5))
+            ..server.config(&stream, Duration::from_secs(5))
         })
         .unwrap_or_else(|error| panic!("connect to {url}: {error}"));
         let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(db));
@@ -139,22 +129,16 @@ fn unix_sockets_and_database_numbers_are_honoured() {
     }
 }
 
-fn publish_one(source: &RedisSource, message: &PubSubMessage) {
-    source
-        .publish(std::slice::from_ref(message))
-        .expect("publish");
-}
-
 #[test]
 fn an_extended_lease_cannot_be_claimed_by_another_consumer() {
     let Some(server) = RedisServer::start(false) else {
         return;
     };
     let deadline = Duration::from_millis(300);
-    let source = RedisSource::connect(source_config(&server, "s", deadline)).expect("connect");
+    let source = server.source("s", deadline, 3);
     let other = RedisSource::connect(RedisConfig {
         consumer: "c2".to_owned(),
-        ..source_config(&server, "s", deadline)
+        ..server.config("s", deadline)
     })
     .expect("connect");
     let message = PubSubMessage::random(&mut fastrand::Rng::with_seed(3));
@@ -198,7 +182,7 @@ fn an_interrupt_ends_a_blocked_read_at_once() {
     };
     let source = RedisSource::connect(RedisConfig {
         block: Duration::from_secs(60),
-        ..source_config(&server, "unblock", Duration::from_secs(5))
+        ..server.config("unblock", Duration::from_secs(5))
     })
     .expect("connect");
     let blocked = || {
@@ -272,68 +256,37 @@ fn the_service_recovers_from_a_redis_restart() {
     let mut service = start(
         &server,
         &[
-            "--messages",
-            "200",
-            "--publish-interval",
-            "4ms",
-            "--handler-latency",
-            "10ms",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--report",
-            "json",
-            "--seed",
-            "11",
+            &NO_FAILURES[..],
+            &["--messages", "200", "--publish-interval", "4ms"],
+            &["--handler-latency", "10ms", "--seed", "11"],
+            &["--report", "json"],
             // The check below reads every message back from the stream: keep them all.
-            "--trim-interval",
-            "0",
-        ],
+            &["--trim-interval", "0"],
+        ]
+        .concat(),
     );
     service.wait_for("Done. Acked");
-    server.stop();
-    service.wait_for("lost connection to redis");
-    server.restart();
-    service.wait_for("reconnected to redis");
+    server.restart_under(&mut service);
     let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(report.contains("\"reason\":\"completed\""), "{report}");
     assert_eq!(field(&report, "published"), 200.0, "{report}");
     assert!(field(&report, "acked") >= 200.0, "{report}");
-    assert_eq!(
-        lines
-            .iter()
-            .filter(|l| l.contains("lost connection to redis"))
-            .count(),
-        1
-    );
+    assert_eq!(count_said(&lines, "lost connection to redis"), 1);
     // At least once: a delivery or publish whose reply the crash swallowed may leave an
     // entry pending (or a duplicate). Another instance claims it after the ack deadline;
     // then every message in the stream has been acked by one of the two.
+    let claims = server.claim_flags();
     let mut sweeper = start(
         &server,
-        &[
-            &QUIET[..],
-            &[
-                "--ack-deadline",
-                "1s",
-                "--extend-interval",
-                "300ms",
-                "--trim-interval",
-                "0",
-            ],
-        ]
-        .concat(),
+        &quiet(&[claims, &["--trim-interval", "0"]].concat()),
     );
     sweeper.wait_for("Starting consumer");
     server.wait_until_drained("mayhem", "mayhem");
     sweeper.signal("TERM");
     let (status, _, sweeper_lines, _) = sweeper.finish();
     assert!(status.success(), "{status}");
-    let mut acked = [acked_names(&lines), acked_names(&sweeper_lines)].concat();
-    acked.sort();
-    acked.dedup();
+    let acked = distinct_acked(&[&lines, &sweeper_lines]);
     assert_eq!(acked, server.instance_names("mayhem"));
 }
 
@@ -391,12 +344,6 @@ fn counts(names: &[String]) -> HashMap<&str, usize> {
     counts
 }
 
-/// Names of messages dead-lettered, read from `{stream}:dead`.
-fn dead_names(server: &RedisServer, stream: &str) -> Vec<String> {
-    let dead = format!("{stream}:dead");
-    server.instance_names(&dead).into_iter().collect::<Vec<_>>()
-}
-
 #[test]
 fn a_restarted_instance_handles_fresh_messages_once() {
     // Defect 1: an instance killed while holding entries on their last attempt (or entries
@@ -407,15 +354,8 @@ fn a_restarted_instance_handles_fresh_messages_once() {
             return;
         };
         let name = ["--consumer-name", "x", "--consumer-ttl", "1s"];
-        let mut slow = start(
-            &server,
-            &[
-                &QUIET[..],
-                &name[..],
-                &["--handler-latency", "60s", "--max-attempts", max_attempts],
-            ]
-            .concat(),
-        );
+        let slow_flags = ["--handler-latency", "60s", "--max-attempts", max_attempts];
+        let mut slow = start(&server, &quiet(&[&name[..], &slow_flags].concat()));
         slow.wait_for("Starting consumer");
         let old = server.publish("mayhem", 10);
         wait_until("x holds 10 entries", || {
@@ -429,22 +369,9 @@ fn a_restarted_instance_handles_fresh_messages_once() {
         server.cmd(&["XDEL", "mayhem", &ids[0], &ids[1]]);
         // Fresh messages, named apart from the old ones.
         let fresh = server.publish_as("mayhem", 'f', 20);
-        let again = start(
-            &server,
-            &[
-                &QUIET[..],
-                &name[..],
-                &[
-                    "--handler-latency",
-                    "5ms",
-                    "--max-attempts",
-                    max_attempts,
-                    "--consumers",
-                    "2",
-                ],
-            ]
-            .concat(),
-        );
+        let fast_flags = ["--handler-latency", "5ms", "--max-attempts", max_attempts];
+        let again_flags = [&name[..], &fast_flags, &["--consumers", "2"]].concat();
+        let again = start(&server, &quiet(&again_flags));
         server.wait_until_drained("mayhem", "mayhem");
         again.signal("TERM");
         let (status, _, lines, report) = again.finish();
@@ -460,7 +387,7 @@ fn a_restarted_instance_handles_fresh_messages_once() {
             );
         }
         assert_eq!(field(&report, "stale_acks"), 0.0, "{report}");
-        let dead = dead_names(&server, "mayhem");
+        let dead = server.instance_names("mayhem:dead");
         assert!(
             dead.iter().all(|name| !name.starts_with("cattle-f")),
             "a fresh message was dead-lettered: {dead:?}"
@@ -485,10 +412,10 @@ fn a_live_namesake_is_refused_and_a_stopped_one_frees_its_name() {
         return;
     };
     let name = ["--consumer-name", "twin", "--consumer-ttl", "1s"];
-    let mut first = start(&server, &[&QUIET[..], &name[..]].concat());
+    let mut first = start(&server, &quiet(&name));
     first.wait_for("Starting consumer");
     let started = Instant::now();
-    let second = start(&server, &[&QUIET[..], &name[..]].concat());
+    let second = start(&server, &quiet(&name));
     let (status, _, lines, _) = second.finish();
     assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -509,18 +436,13 @@ fn a_live_namesake_is_refused_and_a_stopped_one_frees_its_name() {
     acked.sort();
     assert_eq!(acked, names);
     // A graceful stop gave the name up: a new instance starts without waiting.
-    let mut third = start(&server, &[&QUIET[..], &name[..]].concat());
+    let mut third = start(&server, &quiet(&name));
     third.wait_for("Starting consumer");
     third.signal("TERM");
     let (status, _, lines, _) = third.finish();
     assert!(status.success());
-    assert!(
-        !lines
-            .iter()
-            .any(|l| l.contains("held by an earlier instance")),
-        "{}",
-        lines.join("\n")
-    );
+    let waited = count_said(&lines, "held by an earlier instance");
+    assert_eq!(waited, 0, "{}", lines.join("\n"));
 }
 
 #[test]
@@ -533,32 +455,17 @@ fn the_password_is_never_logged() {
     let mut service = start(
         &server,
         &[
-            "--messages",
-            "30",
-            "--publish-interval",
-            "2ms",
-            "--handler-latency",
-            "1ms",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--reconnect-limit",
-            "20s",
-        ],
+            &NO_FAILURES[..],
+            &["--messages", "30", "--publish-interval", "2ms"],
+            &["--handler-latency", "1ms", "--reconnect-limit", "20s"],
+        ]
+        .concat(),
     );
     service.wait_for("Done. Acked");
-    server.stop();
-    service.wait_for("lost connection to redis");
-    server.restart();
-    service.wait_for("reconnected to redis");
+    server.restart_under(&mut service);
     let (status, _, lines, stdout) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
-    assert!(
-        lines.iter().any(|l| l.contains(":***@")),
-        "{}",
-        lines.join("\n")
-    );
+    assert_said(&lines, ":***@");
     for line in lines.iter().chain([&stdout]) {
         assert!(!line.contains(secret), "{line}");
     }
@@ -664,15 +571,9 @@ fn entries_deleted_while_their_handlers_run_are_dead_lettered_as_tombstones() {
         return;
     };
     server.publish("mayhem", 3);
-    let mut service = start(
-        &server,
-        &[
-            &QUIET[..],
-            &["--messages", "3", "--handler-latency", "10s"],
-            &["--extend-interval", "200ms", "--ack-deadline", "2s"],
-        ]
-        .concat(),
-    );
+    let flags = ["--messages", "3", "--handler-latency", "10s"];
+    let more = ["--extend-interval", "200ms", "--ack-deadline", "2s"];
+    let mut service = start(&server, &quiet(&[&flags[..], &more].concat()));
     service.wait_for_count("Handling", 3);
     server.cmd(&["XTRIM", "mayhem", "MAXLEN", "0"]);
     let (status, _, lines, report) = service.finish();
@@ -680,13 +581,7 @@ fn entries_deleted_while_their_handlers_run_are_dead_lettered_as_tombstones() {
     assert!(report.contains("\"reason\":\"completed\""), "{report}");
     assert_eq!(field(&report, "dead_lettered"), 3.0, "{report}");
     assert_eq!(field(&report, "acked"), 0.0, "{report}");
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("3 entries of mayhem were deleted")),
-        "{}",
-        lines.join("\n")
-    );
+    assert_said(&lines, "3 entries of mayhem were deleted");
     // The pipeline's own line about the lost leases does not promise a redelivery.
     let lost = lines.iter().find(|l| l.contains("Lost the lease"));
     assert!(
@@ -711,19 +606,14 @@ fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
     let Some(server) = RedisServer::start(false) else {
         return;
     };
-    let mut service = start(
-        &server,
-        &[&QUIET[..], &["--consumers", "3", "--reconnect-limit", "1s"]].concat(),
-    );
+    let flags = ["--consumers", "3", "--reconnect-limit", "1s"];
+    let mut service = start(&server, &quiet(&flags));
     service.wait_for("Starting consumer");
     server.cmd(&["DEL", "mayhem"]);
     server.cmd(&["SET", "mayhem", "not a stream"]);
     let (status, _, lines, _) = service.finish();
     assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
-    let refusals = lines
-        .iter()
-        .filter(|l| l.contains("refuses commands"))
-        .count();
+    let refusals = count_said(&lines, "refuses commands");
     assert!((1..=3).contains(&refusals), "{}", lines.join("\n"));
     // The refusal names the stream: Redis's WRONGTYPE does not say which key it is.
     assert!(
@@ -738,11 +628,7 @@ fn a_persistent_server_error_is_logged_once_and_ends_with_exit_1() {
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
         .count();
     assert!(noisy <= 10, "{}", lines.join("\n"));
-    assert!(
-        lines.iter().any(|l| l.contains("failing for")),
-        "{}",
-        lines.join("\n")
-    );
+    assert_said(&lines, "failing for");
 }
 
 #[test]
@@ -753,10 +639,8 @@ fn a_stream_key_of_another_type_at_start_up_is_named() {
         return;
     };
     server.cmd(&["RPUSH", "jobs", "a", "b"]);
-    let service = start(
-        &server,
-        &[&QUIET[..], &["--stream", "jobs", "--reconnect-limit", "1s"]].concat(),
-    );
+    let flags = ["--stream", "jobs", "--reconnect-limit", "1s"];
+    let service = start(&server, &quiet(&flags));
     let (status, _, lines, _) = service.finish();
     assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
     assert!(lines.len() <= 3, "{}", lines.join("\n"));
@@ -785,35 +669,19 @@ fn start_up_retries_until_redis_comes_up_and_a_signal_stops_it_gracefully() {
     let (status, _, lines, _) = waiting.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(signalled.elapsed() < Duration::from_secs(2));
-    assert!(lines
-        .iter()
-        .any(|l| l.contains("Successfully shutdown the Mayhem service.")));
-    assert_eq!(
-        lines
-            .iter()
-            .filter(|l| l.contains("cannot connect to redis"))
-            .count(),
-        1,
-        "{}",
-        lines.join("\n")
-    );
+    assert_said(&lines, "Successfully shutdown the Mayhem service.");
+    let tries = count_said(&lines, "cannot connect to redis");
+    assert_eq!(tries, 1, "{}", lines.join("\n"));
     // Redis comes up while the service retries: it connects and completes.
-    let mut service = spawn(&[
-        "--reconnect-limit",
-        "30s",
-        "--messages",
-        "20",
-        "--publish-interval",
-        "0",
-        "--handler-latency",
-        "1ms",
-        "--restart-failure-rate",
-        "0",
-        "--save-failure-rate",
-        "0",
-        "--report",
-        "json",
-    ]);
+    let mut service = spawn(
+        &[
+            &NO_FAILURES[..],
+            &["--reconnect-limit", "30s", "--messages", "20"],
+            &["--publish-interval", "0", "--handler-latency", "1ms"],
+            &["--report", "json"],
+        ]
+        .concat(),
+    );
     service.wait_for("cannot connect to redis");
     let Some(_server) = RedisServer::start_with(false, Some(port), None) else {
         return;
@@ -830,20 +698,10 @@ fn shutdown_is_bounded_when_redis_is_stopped() {
         return;
     };
     let grace = Duration::from_secs(1);
+    let flags = ["--handler-latency", "3s", "--grace-period", "1s"];
     let mut service = start(
         &server,
-        &[
-            &QUIET[..],
-            &[
-                "--handler-latency",
-                "3s",
-                "--grace-period",
-                "1s",
-                "--max-in-flight",
-                "40",
-            ],
-        ]
-        .concat(),
+        &quiet(&[&flags[..], &["--max-in-flight", "40"]].concat()),
     );
     service.wait_for("Starting consumer");
     server.publish("mayhem", 100);
@@ -863,12 +721,8 @@ fn shutdown_is_bounded_when_redis_is_stopped() {
         lines.join("\n")
     );
     // Said once: the runner's line; the source, dropped after it, does not repeat it.
-    assert_eq!(
-        lines.iter().filter(|l| l.contains("left unsent")).count(),
-        1,
-        "{}",
-        lines.join("\n")
-    );
+    let unsent = count_said(&lines, "left unsent");
+    assert_eq!(unsent, 1, "{}", lines.join("\n"));
 }
 
 #[test]
@@ -878,14 +732,8 @@ fn a_graceful_stop_removes_its_consumer_from_the_group() {
         return;
     };
     for (name, signal) in [("done", false), ("stopped", true)] {
-        let mut service = start(
-            &server,
-            &[
-                &QUIET[..],
-                &["--consumer-name", name, "--handler-latency", "200ms"],
-            ]
-            .concat(),
-        );
+        let flags = ["--consumer-name", name, "--handler-latency", "200ms"];
+        let mut service = start(&server, &quiet(&flags));
         service.wait_for("Starting consumer");
         server.publish("mayhem", 20);
         if signal {
@@ -920,10 +768,7 @@ fn a_destroyed_group_replays_no_acked_history_and_loses_nothing() {
         return;
     };
     server.cmd(&["XGROUP", "CREATE", "mayhem", "idle", "0", "MKSTREAM"]);
-    let mut service = start(
-        &server,
-        &[&QUIET[..], &["--trim-interval", "50ms"]].concat(),
-    );
+    let mut service = start(&server, &quiet(&["--trim-interval", "50ms"]));
     service.wait_for("Starting consumer");
     let first = server.publish("mayhem", 100);
     server.wait_until_drained("mayhem", "mayhem");
@@ -957,11 +802,7 @@ fn a_destroyed_group_replays_no_acked_history_and_loses_nothing() {
     for name in first.iter().chain(&fresh) {
         assert_eq!(acked.get(name.as_str()), Some(&1), "{name}: {acked:?}");
     }
-    assert!(
-        lines.iter().any(|l| l.contains("recreated at")),
-        "{}",
-        lines.join("\n")
-    );
+    assert_said(&lines, "recreated at");
 }
 
 #[test]
@@ -1018,14 +859,8 @@ fn messages_n_completes_for_a_shared_group() {
     let helpers: Vec<Service> = ["b", "c"]
         .iter()
         .map(|name| {
-            let mut service = start(
-                &server,
-                &[
-                    &QUIET[..],
-                    &["--consumer-name", name, "--handler-latency", "2ms"],
-                ]
-                .concat(),
-            );
+            let flags = ["--consumer-name", name, "--handler-latency", "2ms"];
+            let mut service = start(&server, &quiet(&flags));
             service.wait_for("Starting consumer");
             service
         })
@@ -1033,21 +868,12 @@ fn messages_n_completes_for_a_shared_group() {
     let publisher = start(
         &server,
         &[
-            "--consumer-name",
-            "a",
-            "--messages",
-            "300",
-            "--publish-interval",
-            "0",
-            "--handler-latency",
-            "2ms",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--report",
-            "json",
-        ],
+            &NO_FAILURES[..],
+            &["--consumer-name", "a", "--messages", "300"],
+            &["--publish-interval", "0", "--handler-latency", "2ms"],
+            &["--report", "json"],
+        ]
+        .concat(),
     );
     let (status, _, lines_a, report) = publisher.finish();
     assert!(status.success(), "{status}\n{}", lines_a.join("\n"));
@@ -1093,34 +919,19 @@ fn messages_n_publishes_all_n_when_the_stream_held_other_entries() {
     let service = start(
         &server,
         &[
-            "--messages",
-            "5",
+            &NO_FAILURES[..],
             // Slow enough that the leftovers are handled long before the fifth publish.
-            "--publish-interval",
-            "200ms",
-            "--handler-latency",
-            "0",
-            "--restart-failure-rate",
-            "0",
-            "--save-failure-rate",
-            "0",
-            "--report",
-            "json",
-        ],
+            &["--messages", "5", "--publish-interval", "200ms"],
+            &["--handler-latency", "0", "--report", "json"],
+        ]
+        .concat(),
     );
     let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}\n{}", lines.join("\n"));
     assert!(report.contains("\"reason\":\"completed\""), "{report}");
     assert_eq!(field(&report, "published"), 5.0, "{report}");
-    assert_eq!(
-        lines
-            .iter()
-            .filter(|line| line.contains("INFO: Published PubSubMessage("))
-            .count(),
-        5,
-        "{}",
-        lines.join("\n")
-    );
+    let published = count_said(&lines, "INFO: Published PubSubMessage(");
+    assert_eq!(published, 5, "{}", lines.join("\n"));
     // The leftovers acked once each, the foreign entries dead-lettered.
     let acked = acked_names(&lines);
     assert!(
@@ -1148,7 +959,7 @@ fn entries_that_are_not_messages_are_counted_when_the_answer_to_their_dead_lette
     // hears back, as when a script copying huge entries outlasts the client's socket timeout.
     let proxy = Proxy::start(&server);
     proxy.swallow_answer_to(b"$4\r\ndead\r\n");
-    let service = Service::start_on(&proxy.url(), &[&["--messages", "10"][..], &QUIET].concat());
+    let service = Service::start_on(&proxy.url(), &quiet(&["--messages", "10"]));
     let (status, _, lines, report) = service.with_patience(PATIENCE).finish();
     assert!(
         proxy.swallowed.load(Ordering::SeqCst),
@@ -1172,14 +983,9 @@ fn a_fast_redis_soak_with_fixed_seeds_loses_nothing() {
     if !common::redis::installed() {
         return;
     }
-    let runs: Vec<_> = [11u64, 12, 13]
-        .into_iter()
-        .map(|seed| {
-            thread::spawn(move || (seed, redis_soak::run(env!("CARGO_BIN_EXE_mayhem"), seed, 4)))
-        })
-        .collect();
-    for run in runs {
-        let (seed, outcome) = run.join().expect("soak run");
+    for (seed, outcome) in run_seeds(&[11, 12, 13], |seed| {
+        redis_soak::run(env!("CARGO_BIN_EXE_mayhem"), seed, 4)
+    }) {
         assert!(
             outcome.problems.is_empty(),
             "seed {seed}: {:#?}",
@@ -1192,32 +998,6 @@ fn a_fast_redis_soak_with_fixed_seeds_loses_nothing() {
             "seed {seed}"
         );
     }
-}
-
-/// Runs `mayhem publish --source <server> ARGS...` with `stdin` as its standard input (none
-/// when `None`); returns the exit code, stdout and stderr.
-fn run_publish(url: &str, args: &[&str], stdin: Option<&[u8]>) -> (Option<i32>, String, String) {
-    let args = [&["publish", "--source", url][..], args].concat();
-    let output = common::run_with_input(&args, stdin);
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-/// The printed ids: one UUID v4 per line.
-fn printed_ids(stdout: &str) -> Vec<String> {
-    stdout
-        .lines()
-        .map(|line| {
-            let uuid = mayhem::Uuid::parse_str(line)
-                .unwrap_or_else(|error| panic!("{line:?} is no uuid: {error}"));
-            assert_eq!(uuid.get_version_num(), 4, "{line}");
-            assert_eq!(uuid.hyphenated().to_string(), line);
-            line.to_owned()
-        })
-        .collect()
 }
 
 #[test]
@@ -1299,8 +1079,7 @@ fn publish_carries_attributes_and_the_ordering_key_in_order() {
         .collect();
     assert_eq!(server.fields("ops"), expected);
     // Read back through the library, they are messages with those attributes.
-    let source = RedisSource::connect(source_config(&server, "ops", Duration::from_secs(30)))
-        .expect("connect");
+    let source = server.source("ops", Duration::from_secs(30), 3);
     let lease = pull_one(&source);
     assert_eq!(lease.message.id().to_string(), ids[0]);
     assert_eq!(lease.message.data(), b"web-01");
@@ -1559,22 +1338,12 @@ fn a_dead_letter_key_of_another_type_ends_the_service_after_the_reconnect_limit(
     // as the failing script when both came in one read (acked), or in the next one, queued
     // behind the retries (pending: claimed again after a restart), as the timing fell.
     server.cmd(&["XADD", "mayhem", "*", "data", "not a host!"]);
-    let service = Service::start_on(
-        &server.url(),
-        &[
-            &["--reconnect-limit", "2s", "--ack-deadline", "1s"][..],
-            &["--extend-interval", "500ms", "--handler-latency", "0"],
-            &QUIET,
-        ]
-        .concat(),
-    )
-    .with_patience(Duration::from_secs(20));
+    let flags = ["--reconnect-limit", "2s", "--ack-deadline", "1s"];
+    let more = ["--extend-interval", "500ms", "--handler-latency", "0"];
+    let service = start(&server, &quiet(&[&flags[..], &more].concat()));
     let (status, _, lines, report) = service.finish();
     let log = lines.join("\n");
-    let refusals = lines
-        .iter()
-        .filter(|line| line.contains("refuses commands"))
-        .count();
+    let refusals = count_said(&lines, "refuses commands");
     assert!(refusals <= 3, "{refusals} lines for one failure:\n{log}");
     assert_eq!(status.code(), Some(1), "{status}\n{log}");
     // Rejected (again when claimed again after the ack deadline), never dead-lettered: the

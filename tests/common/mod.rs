@@ -362,6 +362,118 @@ pub const QUIET: [&str; 12] = [
     "2",
 ];
 
+/// [`QUIET`]'s flags followed by `args`.
+pub fn quiet<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    [&QUIET[..], args].concat()
+}
+
+/// Flags of a handler that never fails (no failed restarts, no failed saves).
+pub const NO_FAILURES: [&str; 4] = ["--restart-failure-rate", "0", "--save-failure-rate", "0"];
+
+/// How many of `lines` contain `text`.
+pub fn count_said(lines: &[String], text: &str) -> usize {
+    lines.iter().filter(|line| line.contains(text)).count()
+}
+
+/// Asserts that one of `lines` contains `text`, showing them all when none does.
+#[track_caller]
+pub fn assert_said(lines: &[String], text: &str) {
+    let found = lines.iter().any(|line| line.contains(text));
+    assert!(found, "{text:?} missing:\n{}", lines.join("\n"));
+}
+
+/// The instance names acked by any of the processes whose stderr lines are `each`, sorted,
+/// each once.
+pub fn distinct_acked(each: &[&[String]]) -> Vec<String> {
+    let mut all: Vec<String> = each.iter().flat_map(|lines| acked_names(lines)).collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// Reads `service`'s stderr until it acked each of `names` (at least once); fails after
+/// [`PATIENCE`] with how many it acked and its warnings, errors and broker lines.
+pub fn wait_all_acked(service: &mut Service, names: &[String]) {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let acked = distinct_acked(&[service.lines()]);
+        let done = names.iter().filter(|name| acked.contains(name)).count();
+        if done == names.len() {
+            return;
+        }
+        let noted = |line: &&String| {
+            ["WARN", "ERROR", "amqp", "redis"]
+                .iter()
+                .any(|w| line.contains(w))
+        };
+        let notes: Vec<&String> = service.lines().iter().filter(noted).collect();
+        assert!(
+            Instant::now() < end,
+            "only {done} of {} acked:\n{notes:#?}",
+            names.len()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops `server` under `service` and starts it again, waiting until `service` says `lost`
+/// and then `back`.
+pub fn restart_under(service: &mut Service, server: &impl BrokerServer, lost: &str, back: &str) {
+    server.stop();
+    service.wait_for(lost);
+    server.restart();
+    service.wait_for(back);
+}
+
+/// Runs `run` for each of `seeds` side by side, on a thread each; returns the outcomes, in
+/// the order of `seeds`.
+pub fn run_seeds<T: Send + 'static>(seeds: &[u64], run: fn(u64) -> T) -> Vec<(u64, T)> {
+    let runs: Vec<_> = seeds
+        .iter()
+        .map(|&seed| thread::spawn(move || (seed, run(seed))))
+        .collect();
+    runs.into_iter()
+        .map(|run| run.join().expect("soak run"))
+        .collect()
+}
+
+/// Publishes `message` through `source`.
+pub fn publish_one(source: &impl mayhem::Publish, message: &mayhem::PubSubMessage) {
+    source
+        .publish(std::slice::from_ref(message))
+        .expect("publish");
+}
+
+/// Runs `mayhem publish --source {url} ARGS...` with `stdin` as its standard input (none
+/// when `None`); returns the exit code, stdout and stderr.
+pub fn run_publish(
+    url: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> (Option<i32>, String, String) {
+    let args = [&["publish", "--source", url][..], args].concat();
+    let output = run_with_input(&args, stdin);
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The ids `mayhem publish` printed: one UUID v4 per line.
+pub fn printed_ids(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .map(|line| {
+            let uuid = mayhem::Uuid::parse_str(line)
+                .unwrap_or_else(|error| panic!("{line:?} is no uuid: {error}"));
+            assert_eq!(uuid.get_version_num(), 4, "{line}");
+            assert_eq!(uuid.hyphenated().to_string(), line);
+            line.to_owned()
+        })
+        .collect()
+}
+
 /// Pulls one lease from `source`, waiting up to [`PATIENCE`].
 pub fn pull_one(source: &impl mayhem::Source) -> mayhem::Lease {
     let end = Instant::now() + PATIENCE;

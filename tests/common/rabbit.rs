@@ -343,14 +343,76 @@ impl Rabbit {
     /// A source on `queue`.
     pub fn source(&self, queue: &str, ack_deadline: Duration, max_attempts: u32) -> AmqpSource {
         AmqpSource::connect(AmqpConfig {
-            url: self.url(),
-            queue: queue.to_owned(),
             ack_deadline,
             max_attempts,
-            reconnect_limit: Duration::from_secs(10),
-            ..AmqpConfig::default()
+            ..config(&self.url(), queue)
         })
         .expect("connect")
+    }
+
+    /// Caps `queue` at `max_length` messages under `x-overflow: reject-publish` (a policy):
+    /// the broker nacks what is published to it while it is full.
+    pub fn cap(&self, queue: &str, max_length: usize) {
+        let definition = format!(r#"{{"max-length":{max_length},"overflow":"reject-publish"}}"#);
+        let (name, pattern) = (format!("cap-{queue}"), format!("^{queue}$"));
+        self.ctl(&[
+            "set_policy",
+            &name,
+            &pattern,
+            &definition,
+            "--apply-to",
+            "queues",
+        ]);
+    }
+
+    /// Runs `work` on a channel of a plain lapin connection (another AMQP client, no
+    /// mayhem), then closes the connection.
+    pub fn with_lapin<F: std::future::Future<Output = ()>>(
+        &self,
+        work: impl FnOnce(lapin::Channel) -> F,
+    ) {
+        smol::block_on(async {
+            let connection = lapin::Connection::connect(&self.url(), Default::default())
+                .await
+                .expect("connect");
+            let channel = connection.create_channel().await.expect("a channel");
+            // The channel is kept open until the connection closes (its last handle dropped
+            // closes it, and a connection closing with a channel closing fails).
+            work(channel.clone()).await;
+            connection.close(200, "done".into()).await.expect("close");
+        });
+    }
+
+    /// Publishes `messages` to `queue` as another AMQP client would (lapin, no mayhem), each
+    /// confirmed by the broker before the connection closes. In confirm mode a publish's
+    /// confirm says the broker has the message; without it the confirm resolves at once, and
+    /// the close could overtake the last message (a CI run once pulled 1 of 2).
+    pub fn publish_with_lapin<'a>(
+        &self,
+        queue: &str,
+        messages: impl IntoIterator<Item = (&'a [u8], lapin::BasicProperties)>,
+    ) {
+        self.with_lapin(|channel| async move {
+            channel
+                .confirm_select(Default::default())
+                .await
+                .expect("confirm mode");
+            for (body, properties) in messages {
+                let confirmation = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        Default::default(),
+                        body,
+                        properties,
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("the broker takes it");
+                assert!(confirmation.is_ack(), "{confirmation:?}");
+            }
+        });
     }
 
     /// Publishes `count` messages named `cattle-0000`, `cattle-0001`, ... to `queue`.
@@ -380,6 +442,17 @@ impl Rabbit {
             assert!(Instant::now() < end, "the queue never drained");
             thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A source's settings for `queue` on `url` (the server's, or a proxy's in front of it),
+/// giving up after 10 s without the broker.
+pub fn config(url: &str, queue: &str) -> AmqpConfig {
+    AmqpConfig {
+        url: url.to_owned(),
+        queue: queue.to_owned(),
+        reconnect_limit: Duration::from_secs(10),
+        ..AmqpConfig::default()
     }
 }
 

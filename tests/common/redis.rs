@@ -8,9 +8,10 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use mayhem::RedisConfig;
 use redis::Value;
 
-use super::{free_port, kill, skip, BrokerServer};
+use super::{free_port, kill, skip, BrokerServer, Service};
 
 /// Upper bound for anything the server's helpers wait for; only reached when something is
 /// broken.
@@ -130,6 +131,25 @@ impl RedisServer {
     fn pid(&self) -> String {
         let child = self.child.lock().unwrap();
         child.as_ref().expect("a running server").id().to_string()
+    }
+
+    /// A source's settings for `stream` on the server: group `g`, consumer `c1`, 3 attempts.
+    pub fn config(&self, stream: &str, ack_deadline: Duration) -> RedisConfig {
+        RedisConfig {
+            url: self.url(),
+            stream: stream.to_owned(),
+            group: "g".to_owned(),
+            consumer: "c1".to_owned(),
+            ack_deadline,
+            max_attempts: 3,
+            ..RedisConfig::default()
+        }
+    }
+
+    /// Restarts the server under `service`, waiting until it lost Redis and has it back.
+    pub fn restart_under(&self, service: &mut Service) {
+        let (lost, back) = ("lost connection to redis", "reconnected to redis");
+        super::restart_under(service, self, lost, back);
     }
 
     /// Runs one command on the server.

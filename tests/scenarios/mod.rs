@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use mayhem::{PubSubMessage, Publish, Source};
 
-use crate::common::{acked_names, field, names_in, pull_one, wait_until, Service, QUIET};
+use crate::common::{
+    acked_names, distinct_acked, field, names_in, publish_one, pull_one, quiet, wait_all_acked,
+    wait_until, Service, QUIET,
+};
 use crate::conformance;
 
 /// A broker server as the shared scenarios use it.
@@ -49,12 +52,6 @@ pub trait Broker {
     /// Waits until the broker counts `count` leases of the instance `consumer` (Redis: its
     /// pending entries; RabbitMQ counts none per instance).
     fn wait_held(&self, _stream: &str, _consumer: &str, _count: usize) {}
-}
-
-fn publish_one(source: &impl Publish, message: &PubSubMessage) {
-    source
-        .publish(std::slice::from_ref(message))
-        .expect("publish");
 }
 
 /// Nacks one message up to the limit of 3 attempts: it is dead-lettered, once. Returns the
@@ -162,12 +159,7 @@ pub fn a_killed_instance_s_messages_are_handled_by_the_other(broker: Option<&imp
     let survivor_flags = [broker.claim_flags(), &["--consumer-name", "survivor"]].concat();
     let latency = ["--handler-latency", "5ms"];
     let mut survivor = broker.start(&stream, &[&QUIET[..], &latency, &survivor_flags].concat());
-    let acked_by_both = |survivor: &[String]| {
-        let mut all = [acked_names(&victim_lines), acked_names(survivor)].concat();
-        all.sort();
-        all.dedup();
-        all
-    };
+    let acked_by_both = |survivor: &[String]| distinct_acked(&[&victim_lines, survivor]);
     wait_until("every message acked", || {
         acked_by_both(survivor.lines()).len() >= names.len()
     });
@@ -291,6 +283,34 @@ pub fn sigterm_gives_back_within_the_grace_period(broker: &impl Broker) -> (Stri
     (stream, back, report)
 }
 
+/// The service on `url` (the broker's, or a proxy's in front of it), handling 200 messages,
+/// is cut off from the broker by `outage` (given the service, to wait on it) once it acked 30,
+/// and reconnects: every message is acked at least once (the broker kept what was not acked;
+/// acks lost with the connection make a few handled twice), counted by message name, and
+/// nothing is left.
+pub fn an_outage_loses_nothing(broker: &impl Broker, url: &str, outage: impl FnOnce(&mut Service)) {
+    let stream = broker.stream("outage");
+    let flags = [
+        "--stream",
+        &stream,
+        "--handler-latency",
+        "20ms",
+        "--max-in-flight",
+        "20",
+    ];
+    let mut service = Service::start_on(url, &quiet(&flags));
+    service.wait_for("Starting consumer");
+    let names = broker.publish(&stream, 200, 5);
+    service.wait_for_count("Done. Acked", 30);
+    outage(&mut service);
+    wait_all_acked(&mut service, &names);
+    assert_eq!(distinct_acked(&[service.lines()]), names);
+    broker.wait_settled(&stream, 5);
+    service.signal("TERM");
+    let (status, _, lines, _) = service.finish();
+    assert!(status.success(), "{status}: {}", lines.join("\n"));
+}
+
 /// The service on `url` (the broker's, or a proxy's in front of it) with `--reconnect-limit
 /// 1s`; `fault` cuts it off from the broker once it consumes: it says `gave_up`, shuts down
 /// and exits 1, within `within`.
@@ -369,15 +389,9 @@ impl Broker for crate::common::redis::RedisServer {
     }
 
     fn source(&self, stream: &str, ack_deadline: Duration, max_attempts: u32) -> Self::Source {
-        use crate::common::BrokerServer;
         mayhem::RedisSource::connect(mayhem::RedisConfig {
-            url: self.url(),
-            stream: stream.to_owned(),
-            group: "g".to_owned(),
-            consumer: "c1".to_owned(),
-            ack_deadline,
             max_attempts,
-            ..mayhem::RedisConfig::default()
+            ..self.config(stream, ack_deadline)
         })
         .expect("connect")
     }
