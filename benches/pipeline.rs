@@ -231,8 +231,11 @@ fn main() {
             .unwrap_or(2_000_000);
         let run = window::Workload::Slow.run(window, false);
         println!("window {window}: {:.0} acked/s from 10 s", run.span_rate());
-        for (at, window, rate) in window::points(&run) {
-            println!("{at:>5.1} s  window {window:>8}  {rate:>9.0} acked/s");
+        for sample in run.trace.iter().skip(1) {
+            println!(
+                "{:>5.1} s  held {:>8}  {:>9.0} acked/s",
+                sample.at, sample.held, sample.rate
+            );
         }
         return;
     }

@@ -664,3 +664,51 @@ fn the_byte_window_bounds_what_handlers_hold_and_a_larger_message_goes_alone() {
     assert!(most_bytes == 50_005 || most_bytes <= 10_000, "{most_bytes}");
     assert_eq!(metrics.in_flight_bytes(), 0, "every byte came back");
 }
+
+/// A handler that yields once (its task goes to the back of the executor's queue, as a
+/// handler woken by its timer does) and records, for each message, how many other handlers
+/// started between its first poll and its second.
+struct Overtaken {
+    started: AtomicUsize,
+    most: AtomicUsize,
+}
+
+impl Handler for Overtaken {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        let before = self.started.fetch_add(1, Ordering::SeqCst);
+        futures_lite::future::yield_now().await;
+        let between = self.started.load(Ordering::SeqCst) - before - 1;
+        self.most.fetch_max(between, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A large window filled at once (the consumer pulls much faster than the executor starts
+/// handlers) must not queue a woken handler behind every handler not started yet: the
+/// executor's queue is first in, first out, and a 2,000,000 window held its first acks back
+/// for seconds in the bench. The executor threads spawn a batch only once few spawned tasks
+/// wait for their first poll (a thousand or so), so a handler waits behind at most about that
+/// many new ones; spawning every batch at once let 40,000 start in between here.
+#[test]
+fn a_large_window_does_not_queue_woken_handlers_behind_every_new_one() {
+    let messages = 40_000;
+    let mut config = fast(messages as u64);
+    config.publish.publishers = 0;
+    config.run.workers = 1;
+    config.run.max_in_flight = messages;
+    config.memory.max_backlog = messages;
+    let subscription = preloaded(&config, messages, 7);
+    let handler = Overtaken {
+        started: AtomicUsize::new(0),
+        most: AtomicUsize::new(0),
+    };
+    let report = Runner::new(&config)
+        .run(&subscription, &handler, &Shutdown::new())
+        .unwrap();
+    assert_eq!(report.acked, messages as u64, "{report:?}");
+    let most = handler.most.load(Ordering::SeqCst);
+    assert!(
+        most <= 4_000,
+        "{most} handlers started while one waited for its second poll"
+    );
+}

@@ -172,6 +172,8 @@ pub(crate) struct Sample {
     pub(crate) nacked: u64,
     /// The flow-control window.
     pub(crate) window: usize,
+    /// Leases held.
+    pub(crate) held: usize,
     /// Acked/s since the sample before.
     pub(crate) rate: f64,
 }
@@ -284,6 +286,7 @@ fn measure<H: Handler>(
                 acked: 0,
                 nacked: 0,
                 window: 0,
+                held: 0,
                 rate: 0.0,
             }];
             let mut span_start = None;
@@ -300,6 +303,7 @@ fn measure<H: Handler>(
                     acked,
                     nacked,
                     window: metrics.window(),
+                    held: metrics.in_flight(),
                     rate: (acked - last.acked) as f64 / (at - last.at).max(1e-9),
                 });
                 if span_start.is_none() && at >= span_from.as_secs_f64() {

@@ -62,6 +62,11 @@ impl<'a> Acks<'a> {
         WORKER.with(|worker| worker.set(index));
     }
 
+    /// The index of the executor thread calling (0 on any other thread).
+    pub(crate) fn worker() -> usize {
+        WORKER.with(Cell::get)
+    }
+
     /// Locks buffer `index`. A poisoned lock is taken over: nothing panics while holding it.
     fn buffer(&self, index: usize) -> MutexGuard<'_, Buffer<'a>> {
         sync::lock(&self.buffers[index % self.buffers.len()])
@@ -70,7 +75,7 @@ impl<'a> Acks<'a> {
     /// Puts a finished lease in the calling thread's buffer. Returns the buffer's content
     /// when it reached [`FLUSH_AT`]: the caller acks it at once.
     pub(crate) fn push(&self, finished: Finished<'a>) -> Option<Vec<Finished<'a>>> {
-        let mut buffer = self.buffer(WORKER.with(Cell::get));
+        let mut buffer = self.buffer(Self::worker());
         buffer.finished.push(finished);
         if buffer.finished.len() >= FLUSH_AT {
             return Some(std::mem::replace(

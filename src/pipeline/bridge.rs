@@ -2,8 +2,9 @@
 //!
 //! Consumer threads push the held leases of each pull, as one batch, into an `async_channel`
 //! with `send_blocking`; here, inside `Executor::run`, each executor thread receives batches
-//! with `recv().await` and spawns one task per message.
+//! with `recv().await` and spawns one task per message, as fast as the executor starts them.
 
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use async_executor::{Executor, Task};
@@ -14,6 +15,56 @@ use crate::pipeline::acker::Acks;
 use crate::pipeline::leaser::LeaseGuard;
 use crate::pipeline::Shared;
 use crate::source::PULL_BATCH;
+
+/// Tasks spawned and not yet first polled above which an executor thread waits before it
+/// spawns the next batch: a few batches, enough to keep every executor thread busy.
+const UNSTARTED_LIMIT: isize = 4 * PULL_BATCH as isize;
+
+/// The most rounds of the executor (up to 200 tasks run each) an executor thread waits for
+/// the tasks spawned before to start.
+const MAX_YIELDS: usize = 64;
+
+/// Tasks spawned and not yet first polled, counted per executor thread: each thread adds
+/// what it spawns to its own count and takes a task it starts from its own, so the counts
+/// are never contended (a task stolen by another thread makes one count go below zero and
+/// the other stay above; their sum is right).
+pub(crate) struct Unstarted {
+    counts: Box<[Count]>,
+}
+
+/// One executor thread's count, on a cache line of its own.
+#[repr(align(128))]
+struct Count(AtomicIsize);
+
+impl Unstarted {
+    /// Counts for `workers` executor threads.
+    pub(crate) fn new(workers: usize) -> Self {
+        Unstarted {
+            counts: (0..workers.max(1))
+                .map(|_| Count(AtomicIsize::new(0)))
+                .collect(),
+        }
+    }
+
+    /// Adds `delta` to the calling executor thread's count.
+    fn add(&self, delta: isize) {
+        let count = &self.counts[Acks::worker() % self.counts.len()].0;
+        count.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// A task's first poll: one fewer waits to start.
+    pub(crate) fn started(&self) {
+        self.add(-1);
+    }
+
+    /// How many tasks wait for their first poll.
+    fn total(&self) -> isize {
+        self.counts
+            .iter()
+            .map(|count| count.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
 
 /// Runs executor thread `index`: spawns its ack flusher, then a task per lease of each batch
 /// received, until the hand-off channel is closed and drained; then keeps running the tasks
@@ -52,13 +103,26 @@ pub(crate) fn run_executor_thread<'a, 'l: 'a, H: Handler>(
                     .map(|guard| Box::pin(shared.handle(acks, guard, spawned))),
                 &mut tasks,
             );
+            shared.unstarted.add(tasks.len() as isize);
             tasks.drain(..).for_each(Task::detach);
             // `Executor::run` polls this loop before the tasks it runs: without a yield, a
             // hand-off channel that never runs dry (a large window filling up) would have the
             // thread spawn tasks and never run them, so no handler would finish until the
             // window was full. Yielding after each batch lets the executor run its tasks (up
-            // to 200 between two polls of this loop).
-            future::yield_now().await;
+            // to 200 between two polls of this loop). It yields until few tasks wait for
+            // their first poll: the executor's queue is first in, first out, so a task woken
+            // (its handler's timer fired) runs after every task spawned before it. Spawning a
+            // large window at once (2,000,000 leases pulled in a second) put the wake-ups of
+            // the first handlers behind all of them, and the acks waited seconds for the
+            // window's first polls. The leases not spawned yet stay held in the channel.
+            // At most MAX_YIELDS rounds: tasks started is what it waits for, and each round
+            // starts up to 200; a count that cannot fall must not stop the spawning.
+            for _ in 0..MAX_YIELDS {
+                future::yield_now().await;
+                if shared.unstarted.total() <= UNSTARTED_LIMIT {
+                    break;
+                }
+            }
         }
         // The channel is closed and drained: keep running the tasks until stopped.
         let _ = stop.recv().await;

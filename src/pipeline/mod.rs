@@ -299,6 +299,7 @@ impl<'a> Runner<'a> {
                 published: (publisher.is_some() && config.publish.publishers > 0)
                     .then_some(&published),
             },
+            unstarted: bridge::Unstarted::new(config.run.workers),
         };
         if config.run.adaptive_window {
             leaser
@@ -448,4 +449,6 @@ struct Shared<'a, H> {
     config: &'a Config,
     /// `--messages N`.
     completion: Completion<'a>,
+    /// Tasks spawned and not yet first polled.
+    unstarted: bridge::Unstarted,
 }

@@ -108,6 +108,7 @@ impl<H: Handler> Shared<'_, H> {
         guard: LeaseGuard<'l>,
         spawned: Instant,
     ) {
+        self.unstarted.started();
         // A task first polled after the cancellation never starts its handler: a handler
         // could block its thread on its first poll, which would hold up the shutdown.
         if self.leaser.is_cancelled() {
