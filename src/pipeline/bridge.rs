@@ -16,6 +16,14 @@ use crate::pipeline::leaser::LeaseGuard;
 use crate::pipeline::Shared;
 use crate::source::PULL_BATCH;
 
+/// One pull's leases handed to the executor threads, and when: the handling time of each
+/// (in the report, `/metrics` and the adaptive window's latency) runs from there to its ack,
+/// so that it counts the wait for a first poll, in the channel or in the executor's queue.
+pub(crate) struct Batch<'l> {
+    pub(crate) guards: Vec<LeaseGuard<'l>>,
+    pub(crate) handed: Instant,
+}
+
 /// Tasks spawned and not yet first polled above which an executor thread waits before it
 /// spawns the next batch: a few batches, enough to keep every executor thread busy.
 const UNSTARTED_LIMIT: isize = 4 * PULL_BATCH as isize;
@@ -78,7 +86,7 @@ pub(crate) fn run_executor_thread<'a, 'l: 'a, H: Handler>(
     shared: &'a Shared<'a, H>,
     acks: &'a Acks<'l>,
     index: usize,
-    handoff: async_channel::Receiver<Vec<LeaseGuard<'l>>>,
+    handoff: async_channel::Receiver<Batch<'l>>,
     stop: async_channel::Receiver<()>,
 ) {
     Acks::enter(index);
@@ -87,20 +95,19 @@ pub(crate) fn run_executor_thread<'a, 'l: 'a, H: Handler>(
         let mut tasks = Vec::with_capacity(PULL_BATCH);
         // A batch is the leases of one pull: one receive, and one lock of the executor's
         // task table, serve all of them.
-        while let Ok(batch) = handoff.recv().await {
+        while let Ok(Batch { guards, handed }) = handoff.recv().await {
             if shared.shutdown.is_triggered() {
-                shared.leaser.nack_all(batch);
+                shared.leaser.nack_all(guards);
                 continue;
             }
-            let spawned = Instant::now();
             // Each task's future is boxed: between here and the task's allocation the
             // executor moves it several times, and a boxed future (its state is most of a
             // kilobyte) moves as a pointer. One allocation more per message cost less than
             // the copies: the process's CPU time for 3M no-op messages fell by about 9 %.
             executor.spawn_many(
-                batch
+                guards
                     .into_iter()
-                    .map(|guard| Box::pin(shared.handle(acks, guard, spawned))),
+                    .map(|guard| Box::pin(shared.handle(acks, guard, handed))),
                 &mut tasks,
             );
             shared.unstarted.add(tasks.len() as isize);

@@ -8,6 +8,7 @@ use log::{error, info, log_enabled, Level};
 
 use crate::error::SourceError;
 use crate::pause::Pause;
+use crate::pipeline::bridge::Batch;
 use crate::pipeline::completion::Completion;
 use crate::pipeline::leaser::{LeaseGuard, Leaser};
 use crate::pipeline::throttle::Throttle;
@@ -33,7 +34,7 @@ pub(crate) struct Consumer<'a> {
     /// The lease manager, which also holds the flow-control gate.
     pub(crate) leaser: &'a Leaser<'a>,
     /// The hand-off channel to the executor.
-    pub(crate) handoff: async_channel::Sender<Vec<LeaseGuard<'a>>>,
+    pub(crate) handoff: async_channel::Sender<Batch<'a>>,
     /// Checked after each pull: expired leases may dead-letter the last messages without any
     /// handler running.
     pub(crate) completion: Completion<'a>,
@@ -56,7 +57,8 @@ impl<'a> Consumer<'a> {
                 guard.count_size();
             }
             self.leaser.count_handed_bytes(total);
-            if let Err(refused) = self.handoff.send_blocking(guards) {
+            let handed = Instant::now();
+            if let Err(refused) = self.handoff.send_blocking(Batch { guards, handed }) {
                 drop(refused.0);
             }
             return;
@@ -83,7 +85,8 @@ impl<'a> Consumer<'a> {
             self.leaser.count_handed_bytes(bytes);
             // The channel closes only during shutdown; the batch comes back, and the drop of
             // each guard nacks its lease and returns its permit and its bytes.
-            if let Err(refused) = self.handoff.send_blocking(guards) {
+            let handed = Instant::now();
+            if let Err(refused) = self.handoff.send_blocking(Batch { guards, handed }) {
                 drop(refused.0);
                 return;
             }

@@ -12,7 +12,7 @@ use log::{error, info, warn};
 use super::acker::Acks;
 use super::completion::Completion;
 use super::consumer::Consumer;
-use super::leaser::{LeaseGuard, Leaser};
+use super::leaser::Leaser;
 use super::publisher::Publisher;
 use super::task::panic_text;
 use super::{bridge, flow, window, Shared};
@@ -62,9 +62,9 @@ pub(super) struct Service<'s, 'r, H> {
     /// What is left of `--messages N` to publish.
     pub(super) budget: Option<&'r AtomicU64>,
     /// The hand-off channel, consumers to executor threads.
-    pub(super) handoff: async_channel::Sender<Vec<LeaseGuard<'r>>>,
+    pub(super) handoff: async_channel::Sender<bridge::Batch<'r>>,
     /// Its receiving end: the executor threads', and the shutdown's, which drains it.
-    pub(super) handoff_rx: async_channel::Receiver<Vec<LeaseGuard<'r>>>,
+    pub(super) handoff_rx: async_channel::Receiver<bridge::Batch<'r>>,
     /// Never sent to: closing it tells the executor threads to return.
     pub(super) stop: async_channel::Sender<()>,
     /// Its receiving end, one clone per executor thread.
@@ -290,7 +290,7 @@ impl<'s, 'r: 's, H: Handler> Service<'s, 'r, H> {
         self.handoff.close();
         let mut waiting = Vec::new();
         while let Ok(batch) = self.handoff_rx.try_recv() {
-            waiting.extend(batch);
+            waiting.extend(batch.guards);
         }
         self.leaser.nack_all(waiting);
     }

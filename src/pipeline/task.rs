@@ -100,14 +100,10 @@ impl<H: Handler> Shared<'_, H> {
     /// Handles one held lease: runs the handler, then acks or nacks. The lease manager
     /// extends the lease meanwhile; the guard returns the flow-control permit when it drops.
     ///
-    /// `spawned` is when the task was spawned, read once for the whole batch: the handling
-    /// time counts from there, so it includes any wait for an executor thread.
-    pub(crate) async fn handle<'l>(
-        &self,
-        acks: &Acks<'l>,
-        guard: LeaseGuard<'l>,
-        spawned: Instant,
-    ) {
+    /// `handed` is when the consumer handed the lease's batch to the executor threads: the
+    /// handling time counts from there, so it includes any wait to be spawned and for an
+    /// executor thread.
+    pub(crate) async fn handle<'l>(&self, acks: &Acks<'l>, guard: LeaseGuard<'l>, handed: Instant) {
         self.unstarted.started();
         // A task first polled after the cancellation never starts its handler: a handler
         // could block its thread on its first poll, which would hold up the shutdown.
@@ -140,7 +136,7 @@ impl<H: Handler> Shared<'_, H> {
             Outcome::Finished(Ok(Ok(()))) => {
                 if let Some(mut full) = acks.push(Finished {
                     guard,
-                    started: spawned,
+                    started: handed,
                 }) {
                     self.ack_finished(&mut full);
                 }
