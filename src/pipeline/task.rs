@@ -102,8 +102,16 @@ impl<H: Handler> Shared<'_, H> {
     ///
     /// `handed` is when the consumer handed the lease's batch to the executor threads: the
     /// handling time counts from there, so it includes any wait to be spawned and for an
-    /// executor thread.
-    pub(crate) async fn handle<'l>(&self, acks: &Acks<'l>, guard: LeaseGuard<'l>, handed: Instant) {
+    /// executor thread. `spawned` is when the task was spawned, read once for the whole
+    /// batch: the adaptive window's latency counts from there (see
+    /// [`Metrics::latency_totals`]).
+    pub(crate) async fn handle<'l>(
+        &self,
+        acks: &Acks<'l>,
+        guard: LeaseGuard<'l>,
+        handed: Instant,
+        spawned: Instant,
+    ) {
         self.unstarted.started();
         // A task first polled after the cancellation never starts its handler: a handler
         // could block its thread on its first poll, which would hold up the shutdown.
@@ -136,7 +144,8 @@ impl<H: Handler> Shared<'_, H> {
             Outcome::Finished(Ok(Ok(()))) => {
                 if let Some(mut full) = acks.push(Finished {
                     guard,
-                    started: handed,
+                    handed,
+                    spawned,
                 }) {
                     self.ack_finished(&mut full);
                 }
@@ -189,7 +198,9 @@ impl<H: Handler> Shared<'_, H> {
             match outcome {
                 Settle::Done => {
                     self.metrics
-                        .record_latency(now.saturating_duration_since(finished.started));
+                        .record_latency(now.saturating_duration_since(finished.handed));
+                    self.metrics
+                        .record_running(now.saturating_duration_since(finished.spawned));
                     info!("Done. Acked {message}");
                 }
                 Settle::Refused | Settle::Lost => self.leaser.refused_log.log(1, || {

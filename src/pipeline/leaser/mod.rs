@@ -187,8 +187,11 @@ pub(crate) struct LeaseGuard<'a> {
 pub(crate) struct Finished<'a> {
     /// The lease, still in the table and holding its permit.
     pub(crate) guard: LeaseGuard<'a>,
-    /// When its task was spawned, for the handling time.
-    pub(crate) started: Instant,
+    /// When the consumer handed it to the executor threads: the handling time runs from
+    /// there.
+    pub(crate) handed: Instant,
+    /// When its task was spawned: the adaptive window's latency runs from there.
+    pub(crate) spawned: Instant,
 }
 
 /// How a settle went.

@@ -94,7 +94,8 @@ fn a_buffer_of_acks_spanning_shards_reports_each_lease() {
         .iter()
         .map(|&index| Finished {
             guard: slots[index].take().unwrap(),
-            started: Instant::now(),
+            handed: Instant::now(),
+            spawned: Instant::now(),
         })
         .collect();
     let mut outcomes = Vec::new();
