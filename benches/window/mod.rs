@@ -9,7 +9,7 @@
 //!   2× that window's): (a) the chaos monkey with 1 s steps; (b) the chaos monkey with 100 ms
 //!   steps and a database of 2,000 connections (`--db-capacity 2000`); (c) [`Busy`], a
 //!   handler doing 50 µs of real work (hashing the message's data) per message. Goodput is
-//!   acked/s over the span, p99 the handling times (spawn to ack, the library's) of the
+//!   acked/s over the span, p99 the handling times (hand-off to ack, the library's) of the
 //!   messages acked in it ([`mayhem::Metrics::latency_snapshot`]).
 //! - **Shift**: workload (b) under `auto`; at [`SHIFT_AT`] the database drops to 500
 //!   connections ([`MayhemHandler::set_db_capacity`]); against the best of fixed windows
