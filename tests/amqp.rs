@@ -28,7 +28,7 @@ use common::proxy::Proxy;
 use common::rabbit::{config, Rabbit};
 use common::{
     acked_names, count_said, field, free_port, printed_ids, pull_all, pull_one, restart_under,
-    run_publish, run_seeds, wait_all_acked, BrokerServer, Service, NO_FAILURES, PATIENCE, QUIET,
+    run_publish, run_seeds, wait_all_acked, BrokerServer, Service, NO_FAILURES, PATIENCE,
 };
 use mayhem::{AmqpConfig, AmqpSource, PubSubMessage, Publish, Source};
 
@@ -667,7 +667,7 @@ fn the_service_runs_over_amqps() {
         "--publish-interval",
         "0",
     ];
-    let service = Service::start_on(&url, &[&flags[..], &more, &QUIET[2..]].concat());
+    let service = Service::start_on(&url, &[&flags[..], &more, &common::QUIET[2..]].concat());
     let (status, _, lines, report) = service.finish();
     assert!(status.success(), "{status}: {}", lines.join("\n"));
     assert_eq!(field(&report, "acked"), 40.0, "{report}");
