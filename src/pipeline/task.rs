@@ -199,8 +199,11 @@ impl<H: Handler> Shared<'_, H> {
                 Settle::Done => {
                     self.metrics
                         .record_latency(now.saturating_duration_since(finished.handed));
-                    self.metrics
-                        .record_running(now.saturating_duration_since(finished.spawned));
+                    // Read by the adaptive window only.
+                    if self.config.run.adaptive_window {
+                        self.metrics
+                            .record_running(now.saturating_duration_since(finished.spawned));
+                    }
                     info!("Done. Acked {message}");
                 }
                 Settle::Refused | Settle::Lost => self.leaser.refused_log.log(1, || {

@@ -15,7 +15,8 @@
 //! down: window ← window + SMOOTHING × (target − window), ≥ 0.9 × window
 //! ```
 //!
-//! - **Latency.** Each sample, the mean handling time of the messages acked in it (`short`).
+//! - **Latency.** Each sample, the mean time from task spawn to ack of the messages acked in
+//!   it (`short`; not the report's handling time, see `Metrics::latency_totals`).
 //!   The `base` is the least `short` seen (Vegas' base RTT); the first sample, which holds
 //!   only the fastest of the first messages, is left out. The base rises only slowly (a
 //!   [`BASE_RISE`] share of the gap per sample), and only on samples where less than half
@@ -122,7 +123,7 @@ const PACE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_s
 pub(crate) struct Sample {
     /// Messages acked during the sample.
     pub(crate) acked: u64,
-    /// Their mean handling time.
+    /// Their mean time from task spawn to ack.
     pub(crate) latency: Duration,
     /// The sample's length.
     pub(crate) span: Duration,
