@@ -42,8 +42,9 @@ struct Buffer<'a> {
 
 /// The buffers of finished leases, one per executor thread.
 pub(crate) struct Acks<'a> {
-    /// Indexed by the executor thread's index. Each has its own lock: the tasks of one thread
-    /// and its flusher take it, and another thread's only when it steals their tasks.
+    /// Indexed by the executor thread's index. Each has its own lock, which only the tasks of
+    /// that thread and its flusher take (each thread runs an executor of its own: tasks are
+    /// not stolen), so it is never contended.
     buffers: Box<[Mutex<Buffer<'a>>]>,
 }
 

@@ -25,17 +25,17 @@ pub(crate) struct Batch<'l> {
 }
 
 /// Tasks spawned and not yet first polled above which an executor thread waits before it
-/// spawns the next batch: a few batches, enough to keep every executor thread busy.
+/// spawns the next batch: a few batches, enough to keep the thread busy. Meanwhile the
+/// other threads take the next batches from the channel.
 const UNSTARTED_LIMIT: isize = 4 * PULL_BATCH as isize;
 
 /// The most rounds of the executor (up to 200 tasks run each) an executor thread waits for
 /// the tasks spawned before to start.
 const MAX_YIELDS: usize = 64;
 
-/// Tasks spawned and not yet first polled, counted per executor thread: each thread adds
-/// what it spawns to its own count and takes a task it starts from its own, so the counts
-/// are never contended (a task stolen by another thread makes one count go below zero and
-/// the other stay above; their sum is right).
+/// Tasks spawned and not yet first polled, counted per executor thread. Each thread runs an
+/// executor of its own, so a task starts on the thread that spawned it: each count is exact,
+/// and only its own thread's tasks can bring it down.
 pub(crate) struct Unstarted {
     counts: Box<[Count]>,
 }
@@ -54,10 +54,14 @@ impl Unstarted {
         }
     }
 
+    /// The calling executor thread's count.
+    fn own(&self) -> &AtomicIsize {
+        &self.counts[Acks::worker() % self.counts.len()].0
+    }
+
     /// Adds `delta` to the calling executor thread's count.
     fn add(&self, delta: isize) {
-        let count = &self.counts[Acks::worker() % self.counts.len()].0;
-        count.fetch_add(delta, Ordering::Relaxed);
+        self.own().fetch_add(delta, Ordering::Relaxed);
     }
 
     /// A task's first poll: one fewer waits to start.
@@ -65,18 +69,15 @@ impl Unstarted {
         self.add(-1);
     }
 
-    /// How many tasks wait for their first poll.
-    fn total(&self) -> isize {
-        self.counts
-            .iter()
-            .map(|count| count.0.load(Ordering::Relaxed))
-            .sum()
+    /// How many tasks of the calling executor thread wait for their first poll.
+    fn waiting(&self) -> isize {
+        self.own().load(Ordering::Relaxed)
     }
 }
 
-/// Runs executor thread `index`: spawns its ack flusher, then a task per lease of each batch
-/// received, until the hand-off channel is closed and drained; then keeps running the tasks
-/// until `stop` is closed.
+/// Runs executor thread `index` on its own `executor`: spawns its ack flusher, then a task
+/// per lease of each batch received, until the hand-off channel is closed and drained; then
+/// keeps running the tasks until `stop` is closed.
 ///
 /// # Blocking
 ///
@@ -127,7 +128,7 @@ pub(crate) fn run_executor_thread<'a, 'l: 'a, H: Handler>(
             // starts up to 200; a count that cannot fall must not stop the spawning.
             for _ in 0..MAX_YIELDS {
                 future::yield_now().await;
-                if shared.unstarted.total() <= UNSTARTED_LIMIT {
+                if shared.unstarted.waiting() <= UNSTARTED_LIMIT {
                     break;
                 }
             }
