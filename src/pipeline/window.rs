@@ -73,7 +73,7 @@ pub(crate) const START_WINDOW: usize = 1000;
 pub const AUTO_CEILING: usize = 2_000_000;
 /// The target's margin over the window the goodput needs at the base latency: room for the
 /// spread of the latency and of the goodput.
-const HEADROOM: f64 = 1.3;
+const HEADROOM: f64 = 1.5;
 /// The share of the gap to a lower target closed per sample.
 const SMOOTHING: f64 = 0.5;
 /// The largest cut of one sample (10 %), and the largest growth (doubling).
@@ -106,8 +106,8 @@ const SETTLED_SPAN: f64 = 0.75;
 const PROBE_EVERY: u32 = 30;
 /// The window of a probe, as a share of the window: below `1 / HEADROOM`, so that the probe
 /// runs under the window the base was measured at, and a base measured with queueing in it
-/// falls (by a tenth per probe). At capacity the window is 1.3 times what the goodput needs,
-/// so the probe costs about a fifth of the goodput for one sample in thirty, under 1 %.
+/// falls (by a tenth per probe). At capacity the window is 1.5 times what the goodput needs,
+/// so the probe costs about a tenth of the goodput for one sample in thirty, under 1 %.
 const PROBE_CUT: f64 = 0.6;
 /// Samples a probe lasts: one for the change to show in the handling times, one to read it.
 const PROBE_SAMPLES: u32 = 1;
@@ -277,7 +277,7 @@ impl Controller {
         // swings by a third under load): up at once (the pace already waits a handling
         // time), down half the gap at a time.
         // Back from the start-up and still clearly uncongested (the latency within a fifth
-        // of the base), grow on twice what the goodput needs rather than 1.3 times: the
+        // of the base), grow on twice what the goodput needs rather than 1.5 times: the
         // start-up lands low, and the way back to the knee should take a few samples, not
         // dozens. Once the latency has passed that, the knee is found: at capacity the
         // latency hovers about the fifth, and doubling the headroom each time it dipped
@@ -443,7 +443,7 @@ mod tests {
                 in_flight: window,
             }));
         }
-        // About 1.3 times what the goodput needs, never the double.
+        // About 1.5 times what the goodput needs, never the double.
         assert!(windows.iter().all(|w| *w <= 6_000), "{windows:?}");
     }
 
