@@ -370,7 +370,7 @@ fn main() {
     );
     let _ = writeln!(
         table,
-        "| ratio best / bare bridge (medians) | {ratio:.2} | >= 0.9 |"
+        "| ratio best / bare bridge (medians) | {ratio:.2} | >= 1.0 |"
     );
     let _ = writeln!(
         table,
