@@ -712,3 +712,65 @@ fn a_large_window_does_not_queue_woken_handlers_behind_every_new_one() {
         "{most} handlers started while one waited for its second poll"
     );
 }
+
+/// A handler that blocks its executor thread (a bug, but one that happens: a synchronous
+/// call inside a handler) on the first message it starts, until `release_at` others were
+/// handled or `patience` passed.
+struct BlocksOneThread {
+    started: AtomicUsize,
+    others_done: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+    release_at: usize,
+    patience: Duration,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl Handler for BlocksOneThread {
+    async fn handle(&self, _ctx: &Context<'_>) -> Result<(), HandleError> {
+        if self.started.fetch_add(1, Ordering::SeqCst) == 0 {
+            let done = self.others_done.lock().unwrap();
+            let (done, _) = self
+                .changed
+                .wait_timeout_while(done, self.patience, |done| *done < self.release_at)
+                .unwrap();
+            self.released
+                .store(*done >= self.release_at, Ordering::SeqCst);
+            return Ok(());
+        }
+        *self.others_done.lock().unwrap() += 1;
+        self.changed.notify_all();
+        Ok(())
+    }
+}
+
+/// Each executor thread runs an executor of its own, fed from the one hand-off channel: a
+/// thread blocked by its handler holds only the tasks it spawned and did not start (at most
+/// about 1,300: the batches it took before its spawned tasks passed 1,024), and takes no more
+/// batches; the other threads handle the rest meanwhile. The blocked handler waits for 2,000
+/// others to be handled, which can only happen on the other thread.
+#[test]
+fn a_handler_blocking_one_executor_thread_does_not_stop_the_others() {
+    let messages = 6_000;
+    let mut config = fast(messages as u64);
+    config.publish.publishers = 0;
+    config.run.workers = 2;
+    config.run.max_in_flight = 4_000;
+    let subscription = preloaded(&config, messages, 13);
+    let handler = BlocksOneThread {
+        started: AtomicUsize::new(0),
+        others_done: std::sync::Mutex::new(0),
+        changed: std::sync::Condvar::new(),
+        release_at: 2_000,
+        patience: Duration::from_secs(30),
+        released: std::sync::atomic::AtomicBool::new(false),
+    };
+    let report = Runner::new(&config)
+        .run(&subscription, &handler, &Shutdown::new())
+        .unwrap();
+    assert!(
+        handler.released.load(Ordering::SeqCst),
+        "fewer than 2,000 other messages were handled while one thread was blocked: {report:?}"
+    );
+    assert_eq!(report.acked, messages as u64, "{report:?}");
+    assert!(report.is_balanced(), "{report:?}");
+}
