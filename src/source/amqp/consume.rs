@@ -14,7 +14,6 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Consumer;
 use log::warn;
 
-use super::acks::{Prefix, Settle};
 use super::link::{failure_text, in_order, Abort, Failure, Link, Side};
 use super::publish::ORDERING_KEY_HEADER;
 use super::{
@@ -24,6 +23,7 @@ use super::{
 use crate::error::SourceError;
 use crate::message::{Attributes, MessageId, PubSubMessage};
 use crate::source::kit::LeaseTable;
+use crate::source::kit::{Prefix, Settle};
 use crate::source::{Lease, LeaseId};
 use crate::sync::lock;
 

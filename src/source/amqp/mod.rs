@@ -104,14 +104,12 @@ use std::time::{Duration, Instant};
 use lapin::uri::AMQPUri;
 use log::warn;
 
-mod acks;
 mod config;
 mod consume;
 mod link;
 mod publish;
 mod url;
 
-use self::acks::Settle;
 pub use self::config::{check_queue_name, AmqpConfig};
 use self::consume::{expiry_kind, Held, Leases, Op};
 use self::link::{Failure, Link};
@@ -122,6 +120,7 @@ pub use self::url::{parse_url, read_ca_file};
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
 use crate::shutdown::Shutdown;
+use crate::source::kit::Settle;
 use crate::source::kit::{Backoff, Outage, Secrets, Worker};
 pub use crate::source::redact_url;
 use crate::source::{Lease, LeaseId, Publish, Source, SourceStats};

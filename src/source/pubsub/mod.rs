@@ -337,10 +337,10 @@ impl PubSubSource {
                         table.forget(&held);
                     }
                     ops.push(first);
-                    ops.extend(behind.into_iter().map(|held| Op::Modify(held.ack_id, 0)));
+                    ops.extend(behind.into_iter().map(|held| Op::Modify(held.handle, 0)));
                 }
                 Err(Refused::Expired(behind)) => {
-                    ops.extend(behind.into_iter().map(|held| Op::Modify(held.ack_id, 0)));
+                    ops.extend(behind.into_iter().map(|held| Op::Modify(held.handle, 0)));
                     expired += 1;
                     refused.push(id);
                 }
@@ -363,7 +363,7 @@ impl PubSubSource {
         self.enqueue(
             behind
                 .into_iter()
-                .map(|held| Op::Modify(held.ack_id, 0))
+                .map(|held| Op::Modify(held.handle, 0))
                 .collect(),
         );
     }
@@ -498,7 +498,7 @@ impl Source for PubSubSource {
         self.end_all(
             leases,
             refused,
-            |held| (End::Settled, Op::Ack(held.ack_id.clone())),
+            |held| (End::Settled, Op::Ack(held.handle.clone())),
             |_| End::Settled,
         );
         Ok(())
@@ -515,7 +515,7 @@ impl Source for PubSubSource {
                     let reason = format!("nacked on attempt {} of {max}", held.attempt);
                     (End::Settled, dead(held, reason))
                 } else {
-                    (End::Returned, Op::Modify(held.ack_id.clone(), 0))
+                    (End::Returned, Op::Modify(held.handle.clone(), 0))
                 }
             },
             |attempt| {
@@ -590,7 +590,7 @@ impl Source for PubSubSource {
         let count = held.len();
         self.enqueue(
             held.into_iter()
-                .map(|held| Op::Modify(held.ack_id, 0))
+                .map(|held| Op::Modify(held.handle, 0))
                 .collect(),
         );
         self.core.flush(SHUTDOWN_WAIT);
@@ -647,7 +647,7 @@ impl fmt::Debug for PubSubSource {
 /// The dead letter of a held lease.
 fn dead(held: &Held, reason: String) -> Op {
     Op::Dead(Box::new(DeadLetter {
-        ack_id: held.ack_id.clone(),
+        ack_id: held.handle.clone(),
         message: held.message.clone(),
         reason: reason.into(),
         attempt: held.attempt,

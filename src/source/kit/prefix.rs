@@ -1,10 +1,13 @@
-//! The ack prefix: the fewest frames per message that at-least-once allows on one channel.
+//! Cumulative acks: the fewest frames per message that at-least-once allows on a broker
+//! that numbers the deliveries of a channel (or partition) and settles a whole run of them
+//! at once.
 //!
 //! RabbitMQ numbers the deliveries of a channel 1, 2, 3, … and `basic.ack` (or `basic.nack`)
-//! with `multiple` settles every outstanding delivery up to a tag in one frame. Handlers
-//! finish out of order, so a tag can be covered that way only once every tag before it is
-//! settled: [`Prefix`] keeps what each delivery became since the last frame, and turns the
-//! settled run at its front into one frame per kind.
+//! with `multiple` settles every outstanding delivery up to a tag in one frame; Kafka's
+//! offset commits and JetStream's `AckAll` have the same shape. Handlers finish out of
+//! order, so a tag can be covered that way only once every tag before it is settled:
+//! [`Prefix`] keeps what each delivery became since the last frame, and turns the settled
+//! run at its front into one frame per kind.
 //!
 //! A straggler at the front (a delivery still with its handler) holds the others back; past
 //! [`STRAGGLER_WAIT`] those behind it are sent one frame each, as they would be without the
@@ -17,30 +20,30 @@ use std::time::{Duration, Instant};
 ///
 /// Held-back deliveries count against the broker's prefetch: at 100,000 messages a second
 /// 25 ms is 2,500 of them, a quarter of the default window of 10,000.
-pub(super) const STRAGGLER_WAIT: Duration = Duration::from_millis(25);
+pub(crate) const STRAGGLER_WAIT: Duration = Duration::from_millis(25);
 
 /// What a delivery became.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Settle {
-    /// `basic.ack`.
+pub(crate) enum Settle {
+    /// Acked (RabbitMQ: `basic.ack`).
     Ack,
-    /// `basic.nack` with requeue.
+    /// Given back to be delivered again (`basic.nack` with requeue).
     Requeue,
-    /// `basic.nack` without requeue: dead-lettered.
+    /// Dead-lettered (`basic.nack` without requeue).
     Dead,
 }
 
 /// One frame to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Frame {
+pub(crate) struct Frame {
     /// What it does.
-    pub(super) kind: Settle,
+    pub(crate) kind: Settle,
     /// The delivery tag.
-    pub(super) tag: u64,
+    pub(crate) tag: u64,
     /// Whether it covers every outstanding delivery up to `tag`.
-    pub(super) multiple: bool,
+    pub(crate) multiple: bool,
     /// How many deliveries it settles.
-    pub(super) count: u64,
+    pub(crate) count: u64,
 }
 
 /// The state of one delivery since the last frame.
@@ -56,7 +59,7 @@ enum State {
 
 /// The deliveries of one channel from the first one not covered by a frame.
 #[derive(Debug)]
-pub(super) struct Prefix {
+pub(crate) struct Prefix {
     /// The link (channel) the tags belong to.
     epoch: u64,
     /// The tag of `states[0]`.
@@ -71,16 +74,16 @@ pub(super) struct Prefix {
 
 /// What [`Prefix::reset`] dropped: settled deliveries whose frame was never sent.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Dropped {
+pub(crate) struct Dropped {
     /// Acks among them (the broker gives their messages back: late refusals).
-    pub(super) acks: u64,
+    pub(crate) acks: u64,
     /// All of them.
-    pub(super) all: u64,
+    pub(crate) all: u64,
 }
 
 impl Prefix {
     /// An empty prefix for the channel of link `epoch` (its first delivery tag is 1).
-    pub(super) fn new(epoch: u64) -> Prefix {
+    pub(crate) fn new(epoch: u64) -> Prefix {
         Prefix {
             epoch,
             base: 1,
@@ -91,19 +94,19 @@ impl Prefix {
     }
 
     /// The link the tags belong to.
-    pub(super) fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// How many settled deliveries wait for a frame.
     #[cfg(test)]
-    pub(super) fn due(&self) -> u64 {
+    pub(crate) fn due(&self) -> u64 {
         self.due
     }
 
     /// Starts over for link `epoch` (the old channel is gone, and with it its outstanding
     /// deliveries); returns what was settled and never sent.
-    pub(super) fn reset(&mut self, epoch: u64) -> Dropped {
+    pub(crate) fn reset(&mut self, epoch: u64) -> Dropped {
         let mut dropped = Dropped::default();
         for state in &self.states {
             if let State::Due(kind) = state {
@@ -117,7 +120,7 @@ impl Prefix {
 
     /// Records that delivery `tag` became `kind`; returns false (and records nothing) for a
     /// tag already settled: sending it again would be a channel error.
-    pub(super) fn settle(&mut self, tag: u64, kind: Settle) -> bool {
+    pub(crate) fn settle(&mut self, tag: u64, kind: Settle) -> bool {
         let Some(index) = tag
             .checked_sub(self.base)
             .and_then(|i| usize::try_from(i).ok())
@@ -140,7 +143,7 @@ impl Prefix {
     /// The frames for what is settled at the front, one per run of one kind, each with
     /// `multiple`; and, once the oldest delivery held back has waited [`STRAGGLER_WAIT`]
     /// (or `force`), one frame for each delivery behind the front.
-    pub(super) fn frames(&mut self, now: Instant, force: bool, out: &mut Vec<Frame>) {
+    pub(crate) fn frames(&mut self, now: Instant, force: bool, out: &mut Vec<Frame>) {
         self.front(out);
         if self.due == 0 {
             self.held_since = None;
@@ -171,7 +174,7 @@ impl Prefix {
     }
 
     /// When the oldest delivery held back behind the front is due to be sent alone.
-    pub(super) fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         self.held_since.map(|since| since + STRAGGLER_WAIT)
     }
 
