@@ -6,12 +6,16 @@
 //!   doubling pauses between tries.
 //! - [`redact_url`] and [`Secrets`]: one rule that keeps a URL's secrets out of log lines.
 //! - [`Holds`]: held deliveries with local deadlines, and the holds of ordering keys.
+//! - [`Http`]: a broker's HTTP API: JSON calls on kept-alive connections, bearer tokens
+//!   renewed before they expire, RS256 JWTs, errors that say whether to try again.
 //! - [`Prefix`]: cumulative acks on a broker that numbers the deliveries of a channel.
 //! - [`Worker`]: the thread that sends queued lease operations, and its counted queue;
 //!   [`join_by`], the bounded wait for a source's threads when it is dropped.
 
 #[cfg(feature = "pubsub")]
 mod holds;
+#[cfg(feature = "pubsub")]
+pub(crate) mod http;
 mod leases;
 #[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 mod outage;
@@ -23,6 +27,10 @@ mod worker;
 
 #[cfg(feature = "pubsub")]
 pub(crate) use self::holds::{End, Held, Holds, Placed, Refused};
+#[cfg(feature = "pubsub")]
+pub use self::http::HttpError;
+#[cfg(feature = "pubsub")]
+pub(crate) use self::http::{fetch_token, jwt_rs256, Bearer, Http, Renewing, Token};
 pub(crate) use self::leases::LeaseTable;
 #[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 pub(crate) use self::outage::{Backoff, Outage};

@@ -3,20 +3,19 @@
 //! (RS256, signed with ring), otherwise the metadata server's token (`GCE_METADATA_HOST`
 //! overrides its address). A token is kept until five minutes before it expires.
 //!
-//! No token or key is ever shown: [`Token`] and [`Credentials`] print `***` for them, and
-//! error texts name files and addresses, never their secrets.
+//! No token or key is ever shown: the kit's `Token` and [`Credentials`] print `***` for
+//! them, and error texts name files and addresses, never their secrets. The token cache, the
+//! JWT signing and the metadata server's fetch are the kit's (`kit/http.rs`).
 
 use std::fmt;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use ring::rand::SystemRandom;
-use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
+use ring::signature::RsaKeyPair;
 use serde::Deserialize;
 
-use crate::sync::lock;
+use crate::source::kit::{fetch_token, jwt_rs256, Bearer, Renewing, Token};
 
 /// The audience of a self-signed JWT for Pub/Sub.
 const AUDIENCE: &str = "https://pubsub.googleapis.com/";
@@ -89,23 +88,6 @@ impl std::error::Error for AuthError {
     }
 }
 
-/// A bearer token; `Debug` never shows it.
-#[derive(Clone)]
-pub(super) struct Token(String);
-
-impl Token {
-    /// The token, for the `authorization` header only.
-    pub(super) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(***)")
-    }
-}
-
 /// Where tokens come from.
 pub(super) enum Credentials {
     /// None: the emulator.
@@ -119,7 +101,7 @@ pub(super) enum Credentials {
         /// The private key (boxed: it is large, and the other kinds small).
         key: Box<RsaKeyPair>,
         /// The token in use and when it expires.
-        cached: Mutex<Option<(Token, SystemTime)>>,
+        cached: Renewing,
     },
     /// The metadata server of the machine.
     Metadata {
@@ -128,7 +110,7 @@ pub(super) enum Credentials {
         /// Asks it (plain HTTP, as the metadata server speaks).
         agent: ureq::Agent,
         /// The token in use and when it expires.
-        cached: Mutex<Option<(Token, SystemTime)>>,
+        cached: Renewing,
     },
 }
 
@@ -174,7 +156,7 @@ impl Credentials {
                 Ok(Credentials::Metadata {
                     host,
                     agent,
-                    cached: Mutex::new(None),
+                    cached: Renewing::default(),
                 })
             }
         }
@@ -218,7 +200,7 @@ impl Credentials {
             email: file.client_email,
             key_id: file.private_key_id,
             key: Box::new(key),
-            cached: Mutex::new(None),
+            cached: Renewing::default(),
         })
     }
 
@@ -234,29 +216,40 @@ impl Credentials {
 
     /// [`Credentials::bearer`] at `now`.
     fn bearer_at(&self, now: SystemTime) -> Result<Option<Token>, AuthError> {
-        let cached = match self {
-            Credentials::None => return Ok(None),
-            Credentials::ServiceAccount { cached, .. } | Credentials::Metadata { cached, .. } => {
-                cached
-            }
-        };
-        // Held while a new token is made: the other threads wait for it instead of each
-        // asking the metadata server.
-        let mut cached = lock(cached);
-        if let Some((token, expiry)) = cached.as_ref() {
-            if now + RENEW_BEFORE < *expiry {
-                return Ok(Some(token.clone()));
-            }
-        }
-        let (token, expiry) = match self {
+        match self {
+            Credentials::None => Ok(None),
             Credentials::ServiceAccount {
-                email, key_id, key, ..
-            } => (sign_jwt(email, key_id, key, now), now + JWT_LIFETIME),
-            Credentials::Metadata { host, agent, .. } => metadata_token(host, agent, now)?,
-            Credentials::None => return Ok(None),
-        };
-        *cached = Some((token.clone(), expiry));
-        Ok(Some(token))
+                email,
+                key_id,
+                key,
+                cached,
+            } => cached
+                .get(now, RENEW_BEFORE, || {
+                    Ok((sign_jwt(email, key_id, key, now), now + JWT_LIFETIME))
+                })
+                .map(Some),
+            Credentials::Metadata {
+                host,
+                agent,
+                cached,
+            } => cached
+                .get(now, RENEW_BEFORE, || {
+                    let url = format!("http://{host}{METADATA_TOKEN_PATH}");
+                    fetch_token(agent, &url, ("Metadata-Flavor", "Google"), now).map_err(|reason| {
+                        AuthError::Metadata {
+                            host: host.clone(),
+                            reason,
+                        }
+                    })
+                })
+                .map(Some),
+        }
+    }
+}
+
+impl Bearer for Credentials {
+    fn bearer(&self) -> Result<Option<Token>, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Credentials::bearer(self)?)
     }
 }
 
@@ -279,7 +272,6 @@ impl fmt::Debug for Credentials {
 /// A self-signed JWT for Pub/Sub, valid an hour from `now`.
 fn sign_jwt(email: &str, key_id: &str, key: &RsaKeyPair, now: SystemTime) -> Token {
     let iat = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let header = serde_json::json!({ "alg": "RS256", "typ": "JWT", "kid": key_id });
     let claims = serde_json::json!({
         "iss": email,
         "sub": email,
@@ -287,73 +279,19 @@ fn sign_jwt(email: &str, key_id: &str, key: &RsaKeyPair, now: SystemTime) -> Tok
         "iat": iat,
         "exp": iat + JWT_LIFETIME.as_secs(),
     });
-    let mut jwt = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let mut signature = vec![0; key.public().modulus_len()];
-    // Signing fails only when the buffer is not the modulus' length (it is, above) or the
-    // system's random source fails, which RSA PKCS#1 v1.5 signing does not use; a failure
-    // would give a token the service refuses, with its error logged by the caller.
-    let _ = key.sign(
-        &RSA_PKCS1_SHA256,
-        &SystemRandom::new(),
-        jwt.as_bytes(),
-        &mut signature,
-    );
-    jwt.push('.');
-    jwt.push_str(&URL_SAFE_NO_PAD.encode(signature));
-    Token(jwt)
-}
-
-/// A token of the metadata server and when it expires.
-fn metadata_token(
-    host: &str,
-    agent: &ureq::Agent,
-    now: SystemTime,
-) -> Result<(Token, SystemTime), AuthError> {
-    let failed = |reason: String| AuthError::Metadata {
-        host: host.to_owned(),
-        reason,
-    };
-    #[derive(Deserialize)]
-    struct Answer {
-        access_token: String,
-        expires_in: u64,
-    }
-    let mut response = agent
-        .get(format!("http://{host}{METADATA_TOKEN_PATH}"))
-        .header("Metadata-Flavor", "Google")
-        .call()
-        .map_err(|error| failed(error.to_string()))?;
-    let status = response.status().as_u16();
-    if status != 200 {
-        return Err(failed(format!("HTTP {status}")));
-    }
-    let body = response
-        .body_mut()
-        .read_to_vec()
-        .map_err(|error| failed(error.to_string()))?;
-    // The JSON error says where, not what: the text holds the token.
-    let answer: Answer = serde_json::from_slice(&body)
-        .map_err(|error| failed(format!("unexpected answer at column {}", error.column())))?;
-    Ok((
-        Token(answer.access_token),
-        now + Duration::from_secs(answer.expires_in),
-    ))
+    jwt_rs256(serde_json::json!({ "kid": key_id }), &claims, key)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
     use std::process::Command;
-    use std::sync::Arc;
 
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use ring::signature::{UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
 
     use super::*;
+    use crate::source::kit::http::tests::{fake_http, Heads};
 
     /// A key file of a new RSA key made with `openssl`, or `None` without it.
     fn key_file(dir: &std::path::Path) -> Option<String> {
@@ -463,42 +401,6 @@ mod tests {
             .to_string();
         assert!(missing.contains("/nonexistent/key.json"), "{missing}");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// The request heads a fake server received (lines, lowercased).
-    type Heads = Arc<Mutex<Vec<Vec<String>>>>;
-
-    /// A fake HTTP server on 127.0.0.1 answering each request with what `answer` makes of
-    /// its head and its number: a status line and a JSON body.
-    fn fake_http(
-        answer: impl Fn(&[String], usize) -> (&'static str, String) + Send + 'static,
-    ) -> (String, Heads) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let host = listener.local_addr().unwrap().to_string();
-        let heads: Heads = Arc::default();
-        let seen = Arc::clone(&heads);
-        std::thread::spawn(move || {
-            for (n, stream) in listener.incoming().enumerate() {
-                let Ok(mut stream) = stream else { return };
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut head = Vec::new();
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    head.push(line.trim_end().to_ascii_lowercase());
-                }
-                let (status, body) = answer(&head, n);
-                seen.lock().unwrap().push(head);
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        (host, heads)
     }
 
     /// A fake metadata server: a new token valid `expires_in` seconds for each request that

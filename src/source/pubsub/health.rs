@@ -30,10 +30,7 @@ impl Health {
     /// Records a failure: logs it when its kind changed; returns how long requests have
     /// been failing.
     pub(super) fn failed(&self, base: &str, error: &RestError) -> Duration {
-        let kind = match error {
-            RestError::Status { code, status, .. } => format!("{code} {status}"),
-            other => other.to_string().chars().take(40).collect(),
-        };
+        let kind = error.kind();
         let now = Instant::now();
         let mut outage = lock(&self.outage);
         if outage.failed(now, &kind, error.to_string()).0 {

@@ -1,10 +1,8 @@
-//! The REST calls of Pub/Sub v1 and their JSON: one blocking `ureq` agent whose idle
-//! connections are kept alive and shared by the threads (each consumer's pull takes one of
-//! its own from the pool).
+//! The REST calls of Pub/Sub v1 and their JSON, over the kit's [`Http`] client (each
+//! consumer's pull takes a kept-alive connection of its own from the agent's pool).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use base64::engine::general_purpose::STANDARD;
@@ -13,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Credentials;
 use crate::message::PubSubMessage;
+use crate::source::kit::{Http, HttpError};
 
 /// The attribute that carries a message's own id across Pub/Sub, whose ids are the server's.
 pub(super) const ID_ATTRIBUTE: &str = "mayhem_message_id";
@@ -23,75 +22,8 @@ pub(super) const PUBLISH_MAX_BYTES: usize = 9_500_000;
 /// Most ack ids in one acknowledge or modifyAckDeadline request: python-pubsub's choice,
 /// which keeps a request well under the API's 512 kB limit with ack ids of ~180 bytes.
 pub(super) const ACK_IDS_PER_REQUEST: usize = 2500;
-/// Largest response read (a pull of 1,000 messages of large data).
-const MAX_RESPONSE: u64 = 1 << 30;
-
 /// Why a call failed.
-#[derive(Debug)]
-pub enum RestError {
-    /// No answer: the connection failed or timed out.
-    Transport(ureq::Error),
-    /// The server answered with an error status.
-    Status {
-        /// The HTTP status.
-        code: u16,
-        /// Pub/Sub's error status, like `NOT_FOUND` (empty when the body had none).
-        status: String,
-        /// The server's message.
-        message: String,
-    },
-    /// The answer was not the JSON expected.
-    Json(serde_json::Error),
-    /// No token could be had for the request.
-    Credentials(super::auth::AuthError),
-}
-
-impl RestError {
-    /// Whether trying again may help: no answer, a server error, or throttling.
-    pub(super) fn is_transient(&self) -> bool {
-        match self {
-            RestError::Transport(_) | RestError::Credentials(_) => true,
-            RestError::Status { code, .. } => *code >= 500 || *code == 429 || *code == 408,
-            RestError::Json(_) => false,
-        }
-    }
-
-    /// Whether the server said the resource does not exist.
-    pub(super) fn is_not_found(&self) -> bool {
-        matches!(self, RestError::Status { code: 404, .. })
-    }
-
-    /// Whether the server said the resource exists already.
-    fn is_conflict(&self) -> bool {
-        matches!(self, RestError::Status { code: 409, .. })
-    }
-}
-
-impl fmt::Display for RestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RestError::Transport(error) => write!(f, "no answer: {error}"),
-            RestError::Status {
-                code,
-                status,
-                message,
-            } => write!(f, "HTTP {code} {status}: {message}"),
-            RestError::Json(error) => write!(f, "unexpected answer: {error}"),
-            RestError::Credentials(error) => write!(f, "no credentials: {error}"),
-        }
-    }
-}
-
-impl std::error::Error for RestError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            RestError::Transport(error) => Some(error),
-            RestError::Json(error) => Some(error),
-            RestError::Credentials(error) => Some(error),
-            RestError::Status { .. } => None,
-        }
-    }
-}
+pub type RestError = HttpError;
 
 /// A message as the API sends it.
 #[derive(Deserialize)]
@@ -199,31 +131,19 @@ pub(super) struct Delivery {
 }
 
 /// The HTTP client of one source.
+#[derive(Debug)]
 pub(super) struct Rest {
-    /// Keeps connections alive between calls (HTTP/1.1), one per thread in use.
-    agent: ureq::Agent,
+    /// The calls, to `{endpoint}/v1`.
+    http: Http,
     /// `http://host:port` or `https://pubsub.googleapis.com`.
     base: String,
-    /// Where bearer tokens come from (none for the emulator).
-    credentials: Credentials,
 }
 
 impl Rest {
     /// A client of `base`, whose calls give up after `timeout`.
     pub(super) fn new(base: String, credentials: Credentials, timeout: Duration) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .max_idle_connections(256)
-            .max_idle_connections_per_host(256)
-            .user_agent("mayhem")
-            .build()
-            .into();
-        Rest {
-            agent,
-            base,
-            credentials,
-        }
+        let http = Http::new(format!("{base}/v1"), Box::new(credentials), timeout);
+        Rest { http, base }
     }
 
     /// The endpoint, for log lines (it holds no secret).
@@ -231,60 +151,14 @@ impl Rest {
         &self.base
     }
 
-    /// One call: `method` on `/v1/{path}` with a JSON body; returns the answer's body.
-    ///
-    /// `path` holds names as Pub/Sub keeps them (`projects/p/topics/or%41ders`); it is
-    /// escaped for the request line here, and only here, since the JSON bodies name topics
-    /// as they are.
-    fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, RestError> {
-        let url = format!("{}/v1/{}", self.base, escape_path(path));
-        let token = self.credentials.bearer().map_err(RestError::Credentials)?;
-        let request = ureq::http::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header("content-type", "application/json");
-        let request = match &token {
-            Some(token) => request.header("authorization", format!("Bearer {}", token.expose())),
-            None => request,
-        };
-        let request = request
-            .body(body.unwrap_or_default())
-            .map_err(|error| RestError::Transport(ureq::Error::BadUri(error.to_string())))?;
-        let mut response = self.agent.run(request).map_err(RestError::Transport)?;
-        let code = response.status().as_u16();
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE)
-            .read_to_vec()
-            .map_err(RestError::Transport)?;
-        if (200..300).contains(&code) {
-            return Ok(bytes);
-        }
-        Err(status_error(code, &bytes))
-    }
-
-    /// `POST` of a JSON value.
-    /// `POST` of a body serialized straight to JSON bytes (no `serde_json::Value` in
-    /// between: a publish of 1,000 messages or an acknowledge of 2,500 ids would build one
-    /// map or string per element first).
-    fn post(&self, path: &str, body: &impl Serialize) -> Result<Vec<u8>, RestError> {
-        let bytes = serde_json::to_vec(body).map_err(RestError::Json)?;
-        self.call("POST", path, Some(bytes))
-    }
-
     /// The subscription's settings.
     pub(super) fn get_subscription(&self, path: &str) -> Result<SubscriptionInfo, RestError> {
-        let body = self.call("GET", path, None)?;
-        serde_json::from_slice(&body).map_err(RestError::Json)
+        self.http.get(path)
     }
 
     /// Creates a topic; one that exists already is fine.
     pub(super) fn create_topic(&self, path: &str) -> Result<(), RestError> {
-        match self.call("PUT", path, Some(b"{}".to_vec())) {
-            Err(error) if error.is_conflict() => Ok(()),
-            other => other.map(drop),
-        }
+        self.http.create(path, &serde_json::json!({}))
     }
 
     /// Creates a subscription; one that exists already is fine.
@@ -293,10 +167,7 @@ impl Rest {
         path: &str,
         settings: &serde_json::Value,
     ) -> Result<(), RestError> {
-        match self.call("PUT", path, Some(settings.to_string().into_bytes())) {
-            Err(error) if error.is_conflict() => Ok(()),
-            other => other.map(drop),
-        }
+        self.http.create(path, settings)
     }
 
     /// Publishes one request's worth of messages (see [`publish_chunks`]), with extra
@@ -316,14 +187,13 @@ impl Rest {
             messages: Vec<OutMessage<'a>>,
         }
         let body = Body { messages };
-        let answer = self.post(&format!("{topic}:publish"), &body)?;
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Ids {
             #[serde(default)]
             message_ids: Vec<String>,
         }
-        let ids: Ids = serde_json::from_slice(&answer).map_err(RestError::Json)?;
+        let ids: Ids = self.http.post_for(&format!("{topic}:publish"), &body)?;
         Ok(ids.message_ids)
     }
 
@@ -333,8 +203,7 @@ impl Rest {
         // (over 40 s on the emulator), and one the client gives up on stays registered and
         // takes the next message, which then waits out its ack deadline.
         let body = serde_json::json!({ "maxMessages": max, "returnImmediately": true });
-        let answer = self.post(&format!("{subscription}:pull"), &body)?;
-        let answer: PullResponse = serde_json::from_slice(&answer).map_err(RestError::Json)?;
+        let answer: PullResponse = self.http.post_for(&format!("{subscription}:pull"), &body)?;
         Ok(answer.received_messages.into_iter().map(decode).collect())
     }
 
@@ -346,7 +215,8 @@ impl Rest {
             ack_ids: &'a [&'a str],
         }
         let body = Body { ack_ids: ids };
-        self.post(&format!("{subscription}:acknowledge"), &body)
+        self.http
+            .post(&format!("{subscription}:acknowledge"), &body)
             .map(drop)
     }
 
@@ -367,28 +237,9 @@ impl Rest {
             ack_ids: ids,
             ack_deadline_seconds: seconds,
         };
-        self.post(&format!("{subscription}:modifyAckDeadline"), &body)
+        self.http
+            .post(&format!("{subscription}:modifyAckDeadline"), &body)
             .map(drop)
-    }
-}
-
-impl fmt::Debug for Rest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Rest")
-            .field("base", &self.base)
-            .field("credentials", &self.credentials)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A resource path as a request path: Pub/Sub's names are letters, digits and `-_.~+%`
-/// (and `/` and `:` between them), of which only `%` means something else in a URL path,
-/// where it starts an escape (`%41` is `A`).
-fn escape_path(path: &str) -> std::borrow::Cow<'_, str> {
-    if path.contains('%') {
-        std::borrow::Cow::Owned(path.replace('%', "%25"))
-    } else {
-        std::borrow::Cow::Borrowed(path)
     }
 }
 
@@ -472,37 +323,6 @@ fn decode(received: Received) -> Delivery {
     }
 }
 
-/// The error of a non-2xx answer: Pub/Sub's `{"error": {"code", "message", "status"}}`, or
-/// the start of whatever else came.
-fn status_error(code: u16, body: &[u8]) -> RestError {
-    #[derive(Deserialize)]
-    struct Wrapper {
-        error: Inner,
-    }
-    #[derive(Deserialize)]
-    struct Inner {
-        #[serde(default)]
-        message: String,
-        #[serde(default)]
-        status: String,
-    }
-    match serde_json::from_slice::<Wrapper>(body) {
-        Ok(Wrapper { error }) => RestError::Status {
-            code,
-            status: error.status,
-            message: error.message,
-        },
-        Err(_) => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
-            RestError::Status {
-                code,
-                status: String::new(),
-                message: text.trim().to_owned(),
-            }
-        }
-    }
-}
-
 /// Parses RFC 3339 in UTC as Pub/Sub writes it (`2026-12-06T20:26:58.332Z`, up to 9 digits
 /// of fraction), by `humantime`; `None` for anything else.
 pub(super) fn parse_time(text: &str) -> Option<SystemTime> {
@@ -541,20 +361,5 @@ mod tests {
             publish_chunks(&big).map(<[_]>::len).collect::<Vec<_>>(),
             [1, 1, 1]
         );
-    }
-
-    #[test]
-    fn errors_keep_pubsubs_status() {
-        let error = status_error(
-            404,
-            br#"{"error":{"code":404,"message":"Subscription does not exist","status":"NOT_FOUND"}}"#,
-        );
-        assert!(error.is_not_found());
-        assert_eq!(
-            error.to_string(),
-            "HTTP 404 NOT_FOUND: Subscription does not exist"
-        );
-        assert!(!error.is_transient());
-        assert!(status_error(503, b"<html>busy</html>").is_transient());
     }
 }
