@@ -29,7 +29,7 @@ pub(crate) struct Held<H> {
     /// Past it, the server may have delivered the message again: the lease is refused.
     pub(crate) deadline: Instant,
     /// Held back behind an earlier message of its ordering key, not handed out yet.
-    pub(crate) on_hold: bool,
+    on_hold: bool,
 }
 
 /// What the end of a lease means for the messages held back behind it.
@@ -86,6 +86,9 @@ pub(crate) struct Holds<H> {
     returned: HashMap<Box<str>, (String, Instant)>,
     /// How long a key waits for the redelivery of its returned message.
     wait_redelivery: Duration,
+    /// Deliveries counted per origin, for a broker that does not count them (Pub/Sub on a
+    /// subscription without a dead-letter policy); forgotten once settled.
+    seen: HashMap<String, u32>,
 }
 
 impl<H: Clone> Holds<H> {
@@ -100,6 +103,7 @@ impl<H: Clone> Holds<H> {
             keys: HashMap::new(),
             released: VecDeque::new(),
             on_hold: 0,
+            seen: HashMap::new(),
         }
     }
 
@@ -117,6 +121,25 @@ impl<H: Clone> Holds<H> {
     /// The attempt of a handed-out lease, if held.
     pub(crate) fn attempt_of(&self, id: LeaseId) -> Option<u32> {
         self.get(id).map(|held| held.attempt)
+    }
+
+    /// The attempt of a delivery: the broker's when it counts, else counted here by origin.
+    pub(crate) fn attempt(&mut self, given: Option<u32>, origin: &str) -> u32 {
+        match given {
+            Some(attempt) => attempt.max(1),
+            None => {
+                let count = self.seen.entry(origin.to_owned()).or_insert(0);
+                *count += 1;
+                *count
+            }
+        }
+    }
+
+    /// Forgets the attempts counted for a message that is done.
+    pub(crate) fn forget(&mut self, held: &Held<H>) {
+        if !self.seen.is_empty() {
+            self.seen.remove(&held.origin);
+        }
     }
 
     /// Leases held back.
@@ -439,5 +462,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!((table.len(), table.on_hold()), (0, 0));
+    }
+
+    #[test]
+    fn attempts_are_the_brokers_where_given_else_counted_until_forgotten() {
+        let mut table = Holds::<String>::new(false, Duration::from_secs(10));
+        assert_eq!(table.attempt(Some(3), "m"), 3);
+        assert_eq!(table.attempt(Some(0), "m"), 1, "an attempt is at least 1");
+        assert_eq!(table.attempt(None, "m"), 1);
+        assert_eq!(table.attempt(None, "m"), 2);
+        assert_eq!(table.attempt(None, "other"), 1);
+        let lease = handed(table.insert(
+            "ack".into(),
+            "m".into(),
+            PubSubMessage::new("x"),
+            2,
+            Instant::now() + Duration::from_secs(10),
+        ));
+        let (held, _) = table.take(lease.id, Instant::now(), End::Settled).unwrap();
+        table.forget(&held);
+        assert_eq!(table.attempt(None, "m"), 1, "forgotten once settled");
     }
 }

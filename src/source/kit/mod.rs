@@ -8,6 +8,8 @@
 //! - [`Holds`]: held deliveries with local deadlines, and the holds of ordering keys.
 //! - [`Http`]: a broker's HTTP API: JSON calls on kept-alive connections, bearer tokens
 //!   renewed before they expire, RS256 JWTs, errors that say whether to try again.
+//! - [`remote`]: a whole `Source` on a broker with an HTTP API that settles deliveries by
+//!   handle, over [`Holds`] and [`Http`]: the broker writes only what it fetches and sends.
 //! - [`Prefix`]: cumulative acks on a broker that numbers the deliveries of a channel.
 //! - [`Worker`]: the thread that sends queued lease operations, and its counted queue;
 //!   [`join_by`], the bounded wait for a source's threads when it is dropped.
@@ -22,6 +24,8 @@ mod outage;
 #[cfg(feature = "amqp")]
 mod prefix;
 mod redact;
+#[cfg(feature = "pubsub")]
+pub(crate) mod remote;
 #[cfg(any(feature = "redis", feature = "amqp", feature = "pubsub"))]
 mod worker;
 

@@ -1,15 +1,11 @@
 //! Publishing: a batch in requests of at most 1,000 messages, several in flight when no
 //! ordering key asks for order; and the check of a message before anything is sent.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread;
-use std::time::Instant;
-
 use super::rest::{self, DELETED_TOPIC, ID_ATTRIBUTE};
-use super::{Core, PubSubSource, BACKOFF};
+use super::PubSubSource;
 use crate::error::SourceError;
 use crate::message::{MessageError, PubSubMessage};
-use crate::shutdown::ShutdownReason;
+use crate::source::kit::remote;
 use crate::source::{check_batch, Publish};
 use crate::sync::lock;
 
@@ -64,105 +60,33 @@ impl Publish for PubSubSource {
         for message in batch {
             no_goog_key(message).map_err(SourceError::Message)?;
         }
-        if self.core.topic == DELETED_TOPIC {
+        if self.topic() == DELETED_TOPIC {
             // A publish there is answered 404 with no reason; say what the 404 would mean.
             return Err(SourceError::Backend(format!(
                 "pubsub cannot publish to {}: its topic was deleted (the subscription is \
                  attached to {DELETED_TOPIC}; what it holds can still be pulled)",
-                self.core.subscription
+                self.leasing.shared.broker.subscription
             )));
         }
         let chunks: Vec<&[PubSubMessage]> = rest::publish_chunks(batch).collect();
         let ordered = batch.iter().any(|message| message.ordering_key().is_some());
-        let lanes = if ordered {
-            1
-        } else {
-            chunks.len().min(PUBLISH_IN_FLIGHT)
-        };
-        if lanes <= 1 {
-            return chunks
-                .iter()
-                .try_for_each(|chunk| self.core.publish_chunk(chunk));
-        }
-        // Each lane takes the next request not yet taken; after a failure no lane takes
-        // another, and the batch fails with the first error (the caller publishes it again:
-        // at least once).
-        let core = &*self.core;
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let lane = || -> Result<(), SourceError> {
-            while !failed.load(Ordering::SeqCst) {
-                let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::SeqCst)) else {
-                    return Ok(());
-                };
-                if let Err(error) = core.publish_chunk(chunk) {
-                    failed.store(true, Ordering::SeqCst);
-                    return Err(error);
-                }
-            }
+        let lanes = if ordered { 1 } else { PUBLISH_IN_FLIGHT };
+        // Each request is tried again while Pub/Sub fails, up to the reconnect limit; after a
+        // failure no lane takes another, and the batch fails with the first error (the
+        // caller publishes it again: at least once).
+        let shared = &*self.leasing.shared;
+        let what = format!("pubsub publish to {}", shared.broker.topic);
+        let limit = shared.terms().reconnect_limit;
+        remote::in_lanes(&chunks, lanes, "mayhem-pubsub-publish", |chunk| {
+            remote::within(shared, shared.interrupted(), limit, &what, || {
+                shared.broker.rest.publish(&shared.broker.topic, chunk, &[])
+            })?;
+            lock(&shared.stats).published += chunk.len() as u64;
             Ok(())
-        };
-        thread::scope(|scope| {
-            // A thread the system refuses leaves fewer lanes; the caller's own always runs.
-            let others: Vec<_> = (1..lanes)
-                .filter_map(|_| {
-                    thread::Builder::new()
-                        .name("mayhem-pubsub-publish".into())
-                        .spawn_scoped(scope, lane)
-                        .ok()
-                })
-                .collect();
-            let mut result = lane();
-            for other in others {
-                let outcome = other.join().unwrap_or_else(|_| {
-                    Err(SourceError::Backend(
-                        "a pubsub publishing thread panicked".to_owned(),
-                    ))
-                });
-                result = result.and(outcome);
-            }
-            result
         })
     }
 
     fn interrupt(&self) {
-        self.core.interrupted.trigger(ShutdownReason::Requested);
-    }
-}
-
-impl Core {
-    /// Publishes one request's worth of messages, tried again while Pub/Sub fails, up to
-    /// the reconnect limit.
-    fn publish_chunk(&self, chunk: &[PubSubMessage]) -> Result<(), SourceError> {
-        let start = Instant::now();
-        let mut backoff = BACKOFF;
-        loop {
-            if self.interrupted.is_triggered() {
-                return Err(SourceError::Closed);
-            }
-            match self.rest.publish(&self.topic, chunk, &[]) {
-                Ok(_) => {
-                    self.health.recovered(self.rest.base());
-                    lock(&self.stats).published += chunk.len() as u64;
-                    return Ok(());
-                }
-                Err(error) if error.is_transient() => {
-                    self.health.failed(self.rest.base(), &error);
-                    if start.elapsed() >= self.config.reconnect_limit {
-                        return Err(SourceError::Unavailable(format!(
-                            "pubsub publish to {}: {error}",
-                            self.topic
-                        )));
-                    }
-                    thread::sleep(backoff.next_pause());
-                }
-                Err(error) => {
-                    return Err(SourceError::Backend(format!(
-                        "pubsub publish to {}: {error}",
-                        self.topic
-                    )))
-                }
-            }
-        }
+        self.leasing.interrupt();
     }
 }

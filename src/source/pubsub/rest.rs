@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Credentials;
 use crate::message::PubSubMessage;
+use crate::source::kit::remote::Fetched;
 use crate::source::kit::{Http, HttpError};
 
 /// The attribute that carries a message's own id across Pub/Sub, whose ids are the server's.
@@ -118,18 +119,6 @@ struct OutMessage<'a> {
     ordering_key: Option<&'a str>,
 }
 
-/// A delivery decoded, or why it could not be.
-pub(super) struct Delivery {
-    /// The id to settle it with.
-    pub(super) ack_id: String,
-    /// Pub/Sub's count, when the subscription has a dead-letter policy.
-    pub(super) attempt: Option<u32>,
-    /// The message, or why its data could not be read.
-    pub(super) message: Result<PubSubMessage, String>,
-    /// The server's id, to count attempts by when Pub/Sub does not.
-    pub(super) server_id: String,
-}
-
 /// The HTTP client of one source.
 #[derive(Debug)]
 pub(super) struct Rest {
@@ -198,7 +187,11 @@ impl Rest {
     }
 
     /// Pulls up to `max` messages without waiting for more to arrive.
-    pub(super) fn pull(&self, subscription: &str, max: usize) -> Result<Vec<Delivery>, RestError> {
+    pub(super) fn pull(
+        &self,
+        subscription: &str,
+        max: usize,
+    ) -> Result<Vec<Fetched<String>>, RestError> {
         // `returnImmediately`: a pull that waits is held by the server until a message comes
         // (over 40 s on the emulator), and one the client gives up on stays registered and
         // takes the next message, which then waits out its ack deadline.
@@ -208,11 +201,11 @@ impl Rest {
     }
 
     /// Acknowledges ack ids (at most [`ACK_IDS_PER_REQUEST`]).
-    pub(super) fn acknowledge(&self, subscription: &str, ids: &[&str]) -> Result<(), RestError> {
+    pub(super) fn acknowledge(&self, subscription: &str, ids: &[String]) -> Result<(), RestError> {
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
         struct Body<'a> {
-            ack_ids: &'a [&'a str],
+            ack_ids: &'a [String],
         }
         let body = Body { ack_ids: ids };
         self.http
@@ -224,13 +217,13 @@ impl Rest {
     pub(super) fn modify(
         &self,
         subscription: &str,
-        ids: &[&str],
+        ids: &[String],
         seconds: u32,
     ) -> Result<(), RestError> {
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
         struct Body<'a> {
-            ack_ids: &'a [&'a str],
+            ack_ids: &'a [String],
             ack_deadline_seconds: u32,
         }
         let body = Body {
@@ -291,7 +284,7 @@ fn out_message<'a>(message: &'a PubSubMessage, extra: &[(&'a str, &'a str)]) -> 
 }
 
 /// Turns a delivery's JSON into a message.
-fn decode(received: Received) -> Delivery {
+fn decode(received: Received) -> Fetched<String> {
     let Received {
         ack_id,
         message: wire,
@@ -315,11 +308,11 @@ fn decode(received: Received) -> Delivery {
             }
             message
         });
-    Delivery {
-        ack_id,
+    Fetched {
+        handle: ack_id,
+        origin: server_id,
         attempt: delivery_attempt,
         message,
-        server_id,
     }
 }
 

@@ -4,9 +4,9 @@
 use log::{info, warn};
 
 use super::rest::{RestError, SubscriptionInfo};
-use super::{Core, DEADLINE_MAX, DEADLINE_MIN};
+use super::PubSub;
 
-impl Core {
+impl PubSub {
     /// Finds the subscription, or creates it with its topic; creates the dead-letter topic;
     /// returns the subscription's settings.
     pub(super) fn ensure(&self) -> Result<SubscriptionInfo, RestError> {
@@ -14,14 +14,9 @@ impl Core {
             Err(error) if error.is_not_found() => {
                 self.rest.create_topic(&self.url.topic_path())?;
                 self.rest.create_topic(&self.dead_topic)?;
-                let seconds = self
-                    .config
-                    .ack_deadline
-                    .as_secs()
-                    .clamp(DEADLINE_MIN, DEADLINE_MAX);
                 let settings = serde_json::json!({
                     "topic": self.url.topic_path(),
-                    "ackDeadlineSeconds": seconds,
+                    "ackDeadlineSeconds": self.ack_deadline,
                     "enableMessageOrdering": self.url.ordering,
                     "deadLetterPolicy": {
                         "deadLetterTopic": self.dead_topic,
@@ -48,7 +43,7 @@ impl Core {
     /// The deliveries the dead-letter policy of a subscription the source creates allows:
     /// one more than the source's attempts, within Pub/Sub's bounds (5 to 100).
     fn policy_attempts(&self) -> u32 {
-        (self.config.max_attempts.saturating_add(1)).clamp(5, 100)
+        (self.max_attempts.saturating_add(1)).clamp(5, 100)
     }
 
     /// How an existing subscription, made by another program, differs from what the URL
@@ -86,7 +81,7 @@ impl Core {
                     self.subscription,
                     policy.dead_letter_topic,
                     self.policy_attempts(),
-                    self.config.max_attempts,
+                    self.max_attempts,
                     self.dead_topic
                 ));
             }
