@@ -193,8 +193,7 @@ pub(crate) fn within<B: Broker, T>(
                 shared.failed(&error);
                 if start.elapsed() >= limit {
                     return Err(SourceError::Unavailable(format!(
-                        "{what}: {} failed for {}: {error}",
-                        B::NAME,
+                        "{what}: failed for {}: {error}",
                         humantime::format_duration(limit)
                     )));
                 }
