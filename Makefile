@@ -50,13 +50,15 @@ test: lint
 	fi
 
 ## Formatting, clippy with warnings denied (also on the library alone, without features, and
-## with the RabbitMQ or the Pub/Sub source only), and rustdoc with warnings denied.
+## with the RabbitMQ or the Pub/Sub source only, and with every broker at once: the broker
+## kit's dead code and unused imports are checked only then), and rustdoc with warnings denied.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp -- -D warnings
 	$(CARGO) clippy --all-targets --features amqp-tls -- -D warnings
 	$(CARGO) clippy --all-targets --features pubsub -- -D warnings
+	$(CARGO) clippy --all-targets --features amqp,pubsub -- -D warnings
 	$(CARGO) clippy --lib --no-default-features --features pubsub -- -D warnings
 	$(CARGO) clippy --lib --no-default-features -- -D warnings
 	$(CARGO) clippy --lib --no-default-features --features amqp -- -D warnings

@@ -22,8 +22,7 @@ use super::{
 };
 use crate::error::SourceError;
 use crate::message::{Attributes, MessageId, PubSubMessage};
-use crate::source::kit::LeaseTable;
-use crate::source::kit::{Prefix, Settle};
+use crate::source::kit::{LeaseTable, Prefix, Settle};
 use crate::source::{Lease, LeaseId};
 use crate::sync::lock;
 

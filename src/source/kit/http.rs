@@ -97,11 +97,6 @@ impl std::error::Error for HttpError {
 pub(crate) struct Token(String);
 
 impl Token {
-    /// A token as the issuer gave it.
-    pub(crate) fn new(token: String) -> Self {
-        Token(token)
-    }
-
     /// The token, for the `authorization` header only.
     pub(crate) fn expose(&self) -> &str {
         &self.0
@@ -247,11 +242,6 @@ impl Http {
             base,
             bearer,
         }
-    }
-
-    /// The endpoint, for log lines (it holds no secret).
-    pub(crate) fn base(&self) -> &str {
-        &self.base
     }
 
     /// One call: `method` on `{base}/{path}` with a JSON body; returns the answer's body.
@@ -433,7 +423,7 @@ pub(crate) mod tests {
         let issue = || {
             issued.set(issued.get() + 1);
             Ok::<_, ()>((
-                Token::new(format!("t{}", issued.get())),
+                Token(format!("t{}", issued.get())),
                 now + Duration::from_secs(600),
             ))
         };
@@ -443,6 +433,6 @@ pub(crate) mod tests {
         assert_eq!(renewing.get(soon, before, issue).unwrap().expose(), "t1");
         let near = now + Duration::from_secs(400);
         assert_eq!(renewing.get(near, before, issue).unwrap().expose(), "t2");
-        assert_eq!(format!("{:?}", Token::new("secret".into())), "Token(***)");
+        assert_eq!(format!("{:?}", Token("secret".into())), "Token(***)");
     }
 }

@@ -39,14 +39,15 @@ impl<B: Broker> Leasing<B> {
         self.worker.send(&self.shared.queued, ops);
     }
 
-    /// Ends leases: each held one becomes the operation `op` makes of it (the leases held
-    /// back behind a returned one are given back), the rest are refused.
+    /// Ends leases: each held one ends as `end_of` its attempt says, and becomes the
+    /// operation `op` makes of it (the leases held back behind a returned one are given
+    /// back); the rest are refused.
     fn end_all(
         &self,
         ids: &[LeaseId],
         refused: &mut Vec<LeaseId>,
-        op: impl Fn(&Held<B::Handle>) -> (End, Op<B::Handle>),
         end_of: impl Fn(u32) -> End,
+        op: impl Fn(&Held<B::Handle>, End) -> Op<B::Handle>,
     ) {
         let now = Instant::now();
         let mut ops = Vec::with_capacity(ids.len());
@@ -56,11 +57,10 @@ impl<B: Broker> Leasing<B> {
             let end = table.attempt_of(id).map_or(End::Returned, &end_of);
             match table.take(id, now, end) {
                 Ok((held, behind)) => {
-                    let (end, first) = op(&held);
                     if end == End::Settled {
                         table.forget(&held);
                     }
-                    ops.push(first);
+                    ops.push(op(&held, end));
                     ops.extend(give_back(behind));
                 }
                 Err(Refused::Expired(behind)) => {
@@ -217,8 +217,8 @@ impl<B: Broker> Leasing<B> {
         self.end_all(
             leases,
             refused,
-            |held| (End::Settled, Op::Ack(held.handle.clone())),
             |_| End::Settled,
+            |held, _| Op::Ack(held.handle.clone()),
         );
         Ok(())
     }
@@ -230,24 +230,20 @@ impl<B: Broker> Leasing<B> {
         refused: &mut Vec<LeaseId>,
     ) -> Result<(), SourceError> {
         let max = self.shared.terms.max_attempts;
-        let end_of = |attempt| {
-            if attempt >= max {
-                End::Settled
-            } else {
-                End::Returned
-            }
-        };
         self.end_all(
             leases,
             refused,
-            |held| match end_of(held.attempt) {
-                End::Settled => {
-                    let reason = format!("nacked on attempt {} of {max}", held.attempt);
-                    (End::Settled, dead(held, reason))
+            |attempt| {
+                if attempt >= max {
+                    End::Settled
+                } else {
+                    End::Returned
                 }
-                End::Returned => (End::Returned, Op::Modify(held.handle.clone(), 0)),
             },
-            end_of,
+            |held, end| match end {
+                End::Settled => dead(held, format!("nacked on attempt {} of {max}", held.attempt)),
+                End::Returned => Op::Modify(held.handle.clone(), 0),
+            },
         );
         Ok(())
     }
@@ -262,8 +258,8 @@ impl<B: Broker> Leasing<B> {
         self.end_all(
             &[lease],
             refused,
-            |held| (End::Settled, dead(held, reason.to_owned())),
             |_| End::Settled,
+            |held, _| dead(held, reason.to_owned()),
         );
         Ok(())
     }

@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use super::{Backoff, End, Held, Holds, HttpError, Outage, Placed, Refused, Worker};
+use super::{Backoff, Holds, HttpError, Outage, Worker};
 use crate::error::SourceError;
 use crate::message::PubSubMessage;
-use crate::shutdown::{Shutdown, ShutdownReason};
-use crate::source::{Lease, LeaseId, SourceStats};
+use crate::shutdown::Shutdown;
+use crate::source::SourceStats;
 use crate::sync::{lock, Outstanding};
 
 mod leasing;
@@ -169,7 +169,7 @@ pub(crate) struct Leasing<B: Broker> {
 }
 
 /// Runs `call` until it succeeds, with backoff while it fails in a way that may pass, for up
-/// to `limit`, or until `stop`; `health` records the failures and the recovery. Errors are
+/// to `limit`, or until `stop`; `shared` records the failures and the recovery. Errors are
 /// `what` with the last failure.
 pub(crate) fn within<B: Broker, T>(
     shared: &Shared<B>,

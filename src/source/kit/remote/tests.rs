@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 
 use super::*;
+use crate::source::{Lease, LeaseId};
 
 /// What the fake broker was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
