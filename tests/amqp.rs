@@ -180,19 +180,6 @@ fn a_queue_name_rabbitmq_would_refuse_is_bad_input_before_connecting() {
 #[test]
 fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
     let Some(server) = Rabbit::get() else { return };
-    // A classic queue under the name the service wants as a quorum queue.
-    let taken = server.queue("classic");
-    let name = taken.as_str();
-    server.with_lapin(|channel| async move {
-        channel
-            .queue_declare(
-                name.into(),
-                lapin::options::QueueDeclareOptions::durable(),
-                Default::default(),
-            )
-            .await
-            .expect("declare a classic queue");
-    });
     let port = server.port;
     for (url, stream, refusal) in [
         (
@@ -205,10 +192,150 @@ fn a_refusal_retrying_cannot_cure_ends_the_start_at_once() {
             "mayhem",
             "NOT_ALLOWED",
         ),
-        (server.url(), taken.as_str(), "PRECONDITION_FAILED"),
     ] {
         scenarios::refused_at_once(&url, &["--stream", stream], refusal, "s3cretpw");
     }
+}
+
+/// A queue another program declared first, as pika's tutorial does: classic, not durable,
+/// no dead-letter exchange, no delivery count. The service's own declare is refused
+/// (`PRECONDITION_FAILED`); it used to end the start there, with exit 1. Now the queue is
+/// consumed as it is: the source counts the deliveries it gave back, and publishes each dead
+/// letter to `{queue}:dead` itself (the broker would drop a rejected message), with its
+/// data, id, headers, reason and attempt.
+#[test]
+fn a_queue_another_program_declared_is_consumed_as_it_is_and_nothing_is_dropped() {
+    let Some(server) = Rabbit::get() else { return };
+    let queue = server.queue("adopted");
+    let name = queue.as_str();
+    server.with_lapin(|channel| async move {
+        channel
+            .queue_declare(name.into(), Default::default(), Default::default())
+            .await
+            .expect("declare a classic queue");
+    });
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "origin".into(),
+        lapin::types::AMQPValue::LongString(b"lapin"[..].into()),
+    );
+    server.publish_with_lapin(
+        &queue,
+        [
+            (&b"web-01"[..], lapin::BasicProperties::default()),
+            (
+                &b"web-02"[..],
+                lapin::BasicProperties::default()
+                    .with_message_id("m-2".into())
+                    .with_headers(headers),
+            ),
+            (&b"not a host!"[..], lapin::BasicProperties::default()),
+        ],
+    );
+    // Every restart fails: each host is handled twice, then dead-lettered.
+    let service = start(
+        server,
+        &queue,
+        &[
+            "--publishers",
+            "0",
+            "--messages",
+            "3",
+            "--max-attempts",
+            "2",
+            "--restart-failure-rate",
+            "1",
+            "--save-failure-rate",
+            "0",
+            "--handler-latency",
+            "0",
+            "--report",
+            "json",
+        ],
+    );
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status:?}\n{log}");
+    assert_eq!(
+        count_said(&lines, "exists with other arguments"),
+        1,
+        "{log}"
+    );
+    for (name, want) in [
+        ("consumed", 5.0),
+        ("redelivered", 2.0),
+        ("nacked", 4.0),
+        ("acked", 0.0),
+        ("rejected", 1.0),
+        ("dead_lettered", 3.0),
+        ("remaining", 0.0),
+    ] {
+        assert_eq!(field(&report, name), want, "{name}: {report}");
+    }
+    let dead = format!("{queue}:dead");
+    let mut letters = Vec::new();
+    let mut left = None;
+    server.with_lapin(|channel| {
+        let (dead, queue, letters, left) = (&dead, &queue, &mut letters, &mut left);
+        async move {
+            let no_ack = lapin::options::BasicGetOptions { no_ack: true };
+            while let Some(got) = channel
+                .basic_get(dead.as_str().into(), no_ack)
+                .await
+                .expect("get a dead letter")
+            {
+                let properties = &got.delivery.properties;
+                let header = |key: &str| {
+                    properties.headers().as_ref().and_then(|headers| {
+                        headers.inner().iter().find_map(|(k, v)| match v {
+                            lapin::types::AMQPValue::LongString(text) if k.as_str() == key => {
+                                Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+                            }
+                            _ => None,
+                        })
+                    })
+                };
+                letters.push((
+                    String::from_utf8_lossy(&got.delivery.data).into_owned(),
+                    properties.message_id().as_ref().map(|id| id.to_string()),
+                    header("origin"),
+                    header("mayhem_attempt"),
+                    header("mayhem_dead_reason").unwrap_or_default(),
+                ));
+            }
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let state = channel
+                .queue_declare(queue.as_str().into(), passive, Default::default())
+                .await
+                .expect("the queue is still there");
+            *left = Some(state.message_count());
+        }
+    });
+    letters.sort();
+    assert_eq!(left, Some(0), "{letters:?}");
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let two = Some("2".to_owned());
+    assert_eq!(letters[0].0, "not a host!", "{letters:?}");
+    assert_eq!(letters[0].3, Some("1".to_owned()), "{letters:?}");
+    assert!(letters[0].4.contains("not a host name"), "{letters:?}");
+    assert_eq!(
+        (&letters[1].0[..], &letters[1].3, &letters[1].4[..]),
+        ("web-01", &two, "delivered 2 times"),
+        "{letters:?}"
+    );
+    assert_eq!(
+        (
+            &letters[2].0[..],
+            letters[2].1.as_deref(),
+            letters[2].2.as_deref()
+        ),
+        ("web-02", Some("m-2"), Some("lapin")),
+        "{letters:?}"
+    );
+    assert_eq!(letters[2].3, two, "{letters:?}");
 }
 
 #[test]

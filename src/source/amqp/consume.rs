@@ -275,8 +275,24 @@ impl AmqpSource {
                 None => {}
                 Some(Some(Ok(delivery))) => {
                     let tag = delivery.delivery_tag;
+                    let adopted = core.adopted.load(Ordering::Relaxed);
+                    let redelivered = delivery.redelivered;
+                    // An adopted queue's dead letters are published by the source: the
+                    // data of one that is not a message is kept for it.
+                    let raw = adopted.then(|| bytes::Bytes::from(delivery.data.clone()));
                     match read(delivery) {
                         Ok((message, attempt)) => {
+                            let attempt = if adopted {
+                                lock(&core.side.adopted).hold(
+                                    link.epoch,
+                                    tag,
+                                    &message,
+                                    attempt,
+                                    redelivered,
+                                )
+                            } else {
+                                attempt
+                            };
                             let id = core.hold(tag, link.epoch, attempt);
                             out.push(Lease {
                                 message,
@@ -291,6 +307,15 @@ impl AmqpSource {
                                     "a message on amqp queue {} is not a message ({reason}); \
                                  it is dead-lettered (further ones are only counted)",
                                     core.config.queue
+                                );
+                            }
+                            if let Some(raw) = raw {
+                                lock(&core.side.adopted).hold_unreadable(
+                                    link.epoch,
+                                    tag,
+                                    raw,
+                                    redelivered,
+                                    &reason,
                                 );
                             }
                             // Counted once the dead letter is sent, as every other one (the
@@ -377,6 +402,8 @@ impl AmqpSource {
 }
 
 impl Side for Consuming {
+    const CONSUMES: bool = true;
+
     /// Voids the leases of the lost link (the broker gives their messages back) and counts
     /// them as expired.
     fn forget(&self, epoch: u64) {
@@ -385,6 +412,7 @@ impl Side for Consuming {
         leases.retain(|_, held| held.epoch != epoch);
         let void = (before - leases.len()) as u64;
         drop(leases);
+        lock(&self.adopted).forget(epoch);
         lock(&self.stats).expired += void;
     }
 }
@@ -579,6 +607,14 @@ impl Core {
     /// [`Core::send`]; `force` sends what the prefix holds back at once.
     fn send_frames(&self, ops: &[Op], prefix: &mut Prefix, force: bool) {
         let link = lock(&self.link).clone();
+        let mut adopted_ops;
+        let ops = if self.adopted.load(Ordering::Relaxed) && !ops.is_empty() {
+            adopted_ops = ops.to_vec();
+            self.dead_letter_adopted(link.as_deref(), &mut adopted_ops);
+            &adopted_ops[..]
+        } else {
+            ops
+        };
         let epoch = link.as_ref().map_or(0, |link| link.epoch);
         let mut void_acks = 0;
         // Operations done with: sent, or void.

@@ -56,6 +56,8 @@ pub(super) enum Failure {
 
 /// What a connection's side does when the connection loses its link.
 pub(super) trait Side {
+    /// Whether this side consumes (only the consuming side says that it adopted a queue).
+    const CONSUMES: bool;
     /// Forgets what belonged to the lost link of `epoch`.
     fn forget(&self, epoch: u64);
 }
@@ -115,6 +117,12 @@ where
 /// other arguments) or `NOT_ALLOWED` (530: a vhost that does not exist).
 pub(super) fn refused_for_good(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 406 | 530))
+}
+
+/// Whether a `queue.declare` was refused because the queue exists with other arguments
+/// (`PRECONDITION_FAILED`, "inequivalent arg").
+fn is_inequivalent(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406)
 }
 
 /// The text a failure carries, for the log.
@@ -399,16 +407,36 @@ impl<S: Side> Conn<S> {
             "x-overflow".into(),
             AMQPValue::LongString("reject-publish".into()),
         );
-        consume
+        let declared = consume
             .queue_declare(queue.clone(), QueueDeclareOptions::durable(), arguments)
-            .await
-            .map_err(|error| {
-                format!(
-                    "{} (a queue named {} with other arguments exists already?)",
-                    scrubbed(error),
-                    self.config.queue
-                )
-            })?;
+            .await;
+        let consume = match declared {
+            Ok(_) => consume,
+            // Declared first by another program, with other arguments: consumed as it is
+            // (see `adopted.rs`), on a new channel (the refusal closed this one).
+            Err(error) if is_inequivalent(&error) => {
+                let consume = connection.create_channel().await.map_err(scrubbed)?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                consume
+                    .queue_declare(queue.clone(), passive, FieldTable::default())
+                    .await
+                    .map_err(scrubbed)?;
+                if !self.adopted.swap(true, Ordering::SeqCst) && S::CONSUMES {
+                    warn!(
+                        "amqp queue {} exists with other arguments than this source declares \
+                         (declared by another program?): consuming it as it is; this source \
+                         publishes its dead letters to {} and counts deliveries where the \
+                         queue does not",
+                        self.config.queue, self.dead
+                    );
+                }
+                consume
+            }
+            Err(error) => return Err(scrubbed(error)),
+        };
         consume
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await

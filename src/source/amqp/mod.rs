@@ -77,13 +77,18 @@
 //!
 //! # Failures
 //!
+//! A queue another program declared with other arguments (`PRECONDITION_FAILED` on the
+//! source's declare) is consumed as it is: the source publishes its dead letters to
+//! `{queue}:dead` itself and counts deliveries where the queue does not (see the README,
+//! "A queue another program declared").
+//!
 //! A lost connection is reopened with exponential backoff (50 ms doubling to 2 s): the first
 //! failure logs one line, a different failure another, and the first success after them
 //! `reconnected to amqp ...`. When the failure lasts longer than
 //! [`AmqpConfig::reconnect_limit`], `pull` and `publish` return
 //! [`SourceError::Unavailable`] and the runner shuts the service down. Start-up retries the
 //! same way within the same limit, except for a refusal retrying cannot cure (credentials,
-//! a missing vhost, a queue declared with other arguments), which ends it at once
+//! a missing vhost, an exchange of another type), which ends it at once
 //! ([`AmqpSource::connect_with`] also stops early when its
 //! [`Shutdown`] is triggered). A publish retried after a lost connection may add the same
 //! message twice (at least once). A batch the broker nacks (a queue full under
@@ -104,12 +109,14 @@ use std::time::{Duration, Instant};
 use lapin::uri::AMQPUri;
 use log::warn;
 
+mod adopted;
 mod config;
 mod consume;
 mod link;
 mod publish;
 mod url;
 
+use self::adopted::Adopted;
 pub use self::config::{check_queue_name, AmqpConfig};
 use self::consume::{expiry_kind, Held, Leases, Op};
 use self::link::{Failure, Link};
@@ -217,6 +224,9 @@ struct Conn<S> {
     refused: AtomicBool,
     /// Set once a link was established.
     connected_once: AtomicBool,
+    /// Set when the queue exists with other arguments, declared by another program: it is
+    /// consumed as it is (see `adopted.rs`).
+    adopted: AtomicBool,
     /// Set when the source is dropped: blocked calls give up.
     closing: AtomicBool,
     /// What only the consuming or only a publishing connection keeps.
@@ -258,6 +268,8 @@ struct Consuming {
     /// Messages that could not be read (no message id, not a uuid, a bad instance name):
     /// dead-lettered, the first one logged.
     malformed: AtomicU64,
+    /// The held deliveries' messages and the counted returns, on an adopted queue.
+    adopted: Mutex<Adopted>,
     /// Closed by `interrupt`: a pull waiting for its first delivery wakes at once, rather
     /// than at the end of its [`TICK`] (a run of `--messages N` waited up to 50 ms there
     /// after its last ack).
@@ -365,6 +377,7 @@ impl<S> Conn<S> {
             blocked: AtomicBool::new(false),
             refused: AtomicBool::new(false),
             connected_once: AtomicBool::new(false),
+            adopted: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             side,
         }
@@ -387,6 +400,7 @@ impl Consuming {
             born: Instant::now(),
             next_scan: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            adopted: Mutex::default(),
             wake,
             woken,
         }
@@ -477,10 +491,17 @@ impl Source for AmqpSource {
     fn reject(
         &self,
         lease: LeaseId,
-        _reason: &str,
+        reason: &str,
         refused: &mut Vec<LeaseId>,
     ) -> Result<(), SourceError> {
         let ops = self.take_all(&[lease], refused, |_| Settle::Dead);
+        if self.core.adopted.load(Ordering::Relaxed) {
+            let reason: Arc<str> = reason.into();
+            let mut adopted = lock(&self.core.side.adopted);
+            for op in &ops {
+                adopted.set_reason(op.epoch, op.tag, &reason);
+            }
+        }
         self.enqueue(ops);
         Ok(())
     }

@@ -126,6 +126,8 @@ impl Lane {
 }
 
 impl Side for Publishing {
+    const CONSUMES: bool = false;
+
     /// Nothing: a publishing connection holds no lease, and its batches of a lost link are
     /// sent again on the next.
     fn forget(&self, _epoch: u64) {}
