@@ -41,6 +41,11 @@ pub(crate) use self::leasing::{in_lanes, leasing_source};
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
 /// Longest pause of a pull that found nothing before it asks again.
 const POLL_MAX: Duration = Duration::from_millis(50);
+/// Most requests one pass of lease operations adds by splitting requests refused for good
+/// (see [`Shared::each_taken`]): a handful of stale handles among thousands are found in
+/// about 2 x log2(thousands) requests each, and a batch that is refused whole costs a
+/// bounded number of requests, not two per handle.
+const SPLIT_BUDGET: usize = 64;
 /// Pauses between tries of a request that failed in a way that may pass: 50 ms, doubling
 /// up to 2 s.
 pub(crate) const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
@@ -350,46 +355,95 @@ impl<B: Broker> Shared<B> {
                 acks.push(letter.handle);
             }
         }
-        for chunk in acks.chunks(B::PER_REQUEST) {
-            if self
-                .retry("acknowledge", || self.broker.ack(chunk))
-                .is_some()
-            {
-                self.settled.fetch_add(chunk.len() as u64, Ordering::SeqCst);
-            }
-        }
+        let acked = self.each_taken("acknowledge", &acks, |chunk| self.broker.ack(chunk));
+        self.settled.fetch_add(acked as u64, Ordering::SeqCst);
         for (seconds, handles) in &modify {
-            for chunk in handles.chunks(B::PER_REQUEST) {
-                self.retry("modify ack deadlines", || {
-                    self.broker.modify(chunk, *seconds)
-                });
+            self.each_taken("modify ack deadlines", handles, |chunk| {
+                self.broker.modify(chunk, *seconds)
+            });
+        }
+    }
+
+    /// Sends `handles` by `call` in requests of the broker's size; returns how many it took.
+    /// A request refused for good is split in halves, down to single handles, within
+    /// [`SPLIT_BUDGET`] more requests: a handle the broker refuses (an ack id gone stale on a
+    /// subscription with exactly-once delivery, where Pub/Sub refuses the whole request)
+    /// does not void the others. What is still refused is logged in one line.
+    fn each_taken(
+        &self,
+        what: &str,
+        handles: &[B::Handle],
+        call: impl Fn(&[B::Handle]) -> Result<(), HttpError>,
+    ) -> usize {
+        let mut taken = 0;
+        let mut refused = 0;
+        let mut first_refusal = None;
+        let mut budget = SPLIT_BUDGET;
+        let mut pending: Vec<&[B::Handle]> = handles.chunks(B::PER_REQUEST).rev().collect();
+        while let Some(chunk) = pending.pop() {
+            match self.retry_quietly(|| call(chunk)) {
+                Ok(()) => taken += chunk.len(),
+                Err(error) => {
+                    if chunk.len() > 1 && budget >= 2 && !self.closing.load(Ordering::SeqCst) {
+                        budget -= 2;
+                        let (first, second) = chunk.split_at(chunk.len() / 2);
+                        pending.push(second);
+                        pending.push(first);
+                    } else {
+                        refused += chunk.len();
+                        first_refusal.get_or_insert(error);
+                    }
+                }
             }
         }
+        if let Some(error) = first_refusal {
+            if self.closing.load(Ordering::SeqCst) {
+                debug!(
+                    "gave up trying to {what} {refused} of {}: {error}",
+                    handles.len()
+                );
+            } else {
+                warn!(
+                    "{} refused to {what} {refused} of {}: {error}",
+                    B::NAME,
+                    handles.len()
+                );
+            }
+        }
+        taken
     }
 
     /// Runs `call` until it succeeds, with backoff while it fails in a way that may pass, and
     /// until the source is dropped; `None` when it was given up (then the deliveries expire
     /// and are delivered again).
     fn retry<T>(&self, what: &str, call: impl Fn() -> Result<T, HttpError>) -> Option<T> {
+        match self.retry_quietly(call) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                if self.closing.load(Ordering::SeqCst) {
+                    debug!("gave up trying to {what}: {error}");
+                } else {
+                    warn!("{} refused to {what}: {error}", B::NAME);
+                }
+                None
+            }
+        }
+    }
+
+    /// [`Shared::retry`] without a log line: the error that ended it.
+    fn retry_quietly<T>(&self, call: impl Fn() -> Result<T, HttpError>) -> Result<T, HttpError> {
         let mut backoff = BACKOFF;
         loop {
             match call() {
                 Ok(value) => {
                     self.recovered();
-                    return Some(value);
+                    return Ok(value);
                 }
                 Err(error) if error.is_transient() && !self.closing.load(Ordering::SeqCst) => {
                     self.failed(&error);
                     self.nap(backoff.next_pause());
                 }
-                Err(error) => {
-                    if self.closing.load(Ordering::SeqCst) {
-                        debug!("gave up trying to {what}: {error}");
-                    } else {
-                        warn!("{} refused to {what}: {error}", B::NAME);
-                    }
-                    return None;
-                }
+                Err(error) => return Err(error),
             }
         }
     }

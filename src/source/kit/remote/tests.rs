@@ -22,6 +22,9 @@ struct Fake {
     failures: Mutex<u32>,
     failure: u16,
     dead_refused_unless_stripped: bool,
+    /// A handle whose every request is refused for good, as Pub/Sub refuses a request with
+    /// a stale ack id on a subscription with exactly-once delivery.
+    poisoned: Option<u32>,
 }
 
 impl Fake {
@@ -66,6 +69,16 @@ impl Broker for Fake {
 
     fn ack(&self, handles: &[u32]) -> Result<(), HttpError> {
         self.fail()?;
+        if self
+            .poisoned
+            .is_some_and(|poisoned| handles.contains(&poisoned))
+        {
+            return Err(HttpError::Status {
+                code: 400,
+                status: "INVALID_ARGUMENT".into(),
+                message: "Invalid ack id".into(),
+            });
+        }
         lock(&self.calls).push(Call::Ack(handles.to_vec()));
         Ok(())
     }
@@ -263,4 +276,28 @@ fn extensions_are_whole_seconds_up_to_the_brokers_limit_and_expired_leases_are_r
     leasing.ack(&[lease.id], &mut refused).unwrap();
     assert_eq!(refused, [lease.id]);
     assert_eq!(leasing.stats().expired, 1);
+}
+
+#[test]
+fn a_handle_refused_for_good_does_not_void_the_others_of_its_request() {
+    let fake = Fake {
+        poisoned: Some(3),
+        ..Fake::default()
+    };
+    lock(&fake.waiting).extend((1..=6).map(|n| delivery(n, Some(1), Ok("web-01"))));
+    let leasing = leasing(fake, 5);
+    let ids: Vec<LeaseId> = pull(&leasing).iter().map(|lease| lease.id).collect();
+    let mut refused = Vec::new();
+    leasing.ack(&ids, &mut refused).unwrap();
+    assert!(refused.is_empty());
+    // Requests of 2: [3, 4] is refused whole, then 4 goes alone and 3 is refused alone.
+    assert_eq!(
+        calls(&leasing),
+        [
+            Call::Ack(vec![1, 2]),
+            Call::Ack(vec![4]),
+            Call::Ack(vec![5, 6])
+        ]
+    );
+    assert_eq!(leasing.settled(), 5);
 }
