@@ -71,8 +71,13 @@ fn main() {
                 let run_started = Instant::now();
                 let outcome = amqp_soak::run(&binary, run_seed, waves as usize);
                 println!(
-                    "run seed {run_seed}: {} published, {} acked, {} dead-lettered, {} foreign, \
+                    "run seed {run_seed}: {}{} published, {} acked, {} dead-lettered, {} foreign, \
                      {} duplicates, {:.0} s; faults: {}",
+                    if outcome.adopted {
+                        "queue declared first as a classic one, "
+                    } else {
+                        ""
+                    },
                     outcome.published,
                     outcome.acked,
                     outcome.dead,
@@ -100,11 +105,12 @@ fn main() {
         .filter(|(_, o)| !o.problems.is_empty())
         .count();
     println!();
-    println!("| runs | published | acked | dead-lettered | lost | foreign | faults | duplicates | slow exits | failed runs | seconds |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| runs | of them on a queue declared first as a classic one | published | acked | dead-lettered | lost | foreign | faults | duplicates | slow exits | failed runs | seconds |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
         results.len(),
+        results.iter().filter(|(_, o)| o.adopted).count(),
         sum(&|o| o.published),
         sum(&|o| o.acked),
         sum(&|o| o.dead),

@@ -943,7 +943,8 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
     // side by side (each has its own server and instances). Together they inject every kind
     // of fault once: seed 1 stops the broker and starts it again, SIGKILLs an instance and
     // raises a memory alarm; seed 45 publishes foreign messages, freezes the broker and
-    // SIGTERMs an instance.
+    // SIGTERMs an instance, on a queue it declared first as a classic one (another program's
+    // queue, consumed as it is).
     if !Rabbit::installed() {
         return;
     }
@@ -960,6 +961,7 @@ fn a_fast_amqp_soak_with_fixed_seeds_loses_nothing() {
         );
         assert!(outcome.published > 0);
         assert!(outcome.faults > 0, "seed {seed}: no fault");
+        assert_eq!(outcome.adopted, seed == 45, "seed {seed}: {outcome:?}");
         // A message may be both acked and dead-lettered (an ack lost with the broker, then
         // the delivery limit), so the sum may pass the published count, never fall short.
         assert!(

@@ -17,6 +17,12 @@
 //!
 //! Messages acked more than once are allowed (delivery is at least once) and counted.
 //!
+//! One run in three (seeds divisible by 3) declares the queue first itself, as another
+//! program would: a classic durable queue without arguments. The instances and the
+//! harness's publisher then find it declared with other arguments and consume it as it is:
+//! no dead-letter exchange and no delivery count, so the dead letters are the ones the
+//! instances publish themselves, and the same checks hold.
+//!
 //! The broker is never SIGKILLed: a single RabbitMQ 3.10 node killed that way leaves its
 //! quorum queues without a leader after the restart, which is no fault of the service.
 //!
@@ -64,6 +70,8 @@ pub struct Outcome {
     pub dead: usize,
     /// Foreign messages published raw.
     pub foreign: usize,
+    /// Whether the queue was declared first as another program's (classic, no arguments).
+    pub adopted: bool,
     /// Faults injected.
     pub faults: usize,
     /// The faults, in order.
@@ -293,6 +301,29 @@ impl Server {
                 }
                 _ => None,
             }
+        })
+    }
+
+    /// Declares [`QUEUE`] as another program would first: classic, durable, no arguments.
+    fn declare_classic(&self) -> Result<(), String> {
+        smol::block_on(async {
+            let connection = lapin::Connection::connect(&self.url(), Default::default())
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| format!("channel: {e}"))?;
+            channel
+                .queue_declare(
+                    QUEUE.into(),
+                    lapin::options::QueueDeclareOptions::durable(),
+                    Default::default(),
+                )
+                .await
+                .map_err(|e| format!("declare a classic queue: {e}"))?;
+            let _ = connection.close(200, "done".into()).await;
+            Ok(())
         })
     }
 
@@ -686,6 +717,13 @@ pub fn run(binary: &str, seed: u64, waves: usize) -> Outcome {
             return outcome;
         }
     };
+    outcome.adopted = seed % 3 == 0;
+    if outcome.adopted {
+        if let Err(error) = server.declare_classic() {
+            outcome.problems.push(error);
+            return outcome;
+        }
+    }
     let mut live: Vec<Instance> = Vec::new();
     let mut ended: Vec<Instance> = Vec::new();
     let count = rng.usize(2..=3);

@@ -145,6 +145,11 @@ impl Core {
         let mut published = 0;
         for op in ops.iter_mut() {
             let Some(letter) = lock(&self.side.adopted).letters.remove(&(op.epoch, op.tag)) else {
+                // Not kept (a lost link's): the broker may have no dead-letter exchange to
+                // take a reject, so it is given back instead.
+                if op.kind == Settle::Dead {
+                    op.kind = Settle::Requeue;
+                }
                 continue;
             };
             if op.kind == Settle::Dead {
