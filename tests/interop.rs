@@ -741,6 +741,62 @@ fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name()
     assert_eq!(deaths[0]["count"], json!(1), "{dead}");
 }
 
+#[test]
+fn a_queue_pika_declared_first_as_its_tutorial_does_is_consumed_as_it_is() {
+    // pika's tutorial declares `hello` itself (classic, not durable, no arguments) and
+    // publishes before any consumer runs. The service's own declare of the queue is then
+    // refused (PRECONDITION_FAILED), which used to end its start; now it consumes the queue
+    // as it is and publishes the dead letter itself, with its reason, where the queue has no
+    // dead-letter exchange to take a reject.
+    if !have_python() {
+        return;
+    }
+    let Some(server) = Rabbit::get() else { return };
+    let queue = "tutorial-hello";
+    let url = server.url();
+    python(
+        "amqp_interop.py",
+        "produce",
+        &json!({
+            "url": url,
+            "queue": queue,
+            "declare": true,
+            "messages": [
+                {"data": hex(b"web-04")},
+                {"data": hex(b"not a host!"), "attributes": {"origin": "pika"}},
+            ],
+        }),
+    );
+    let service = Service::start_on(&url, &[&["--stream", queue][..], &TWO_AND_DONE].concat());
+    let (status, _, lines, report) = service.finish();
+    let log = lines.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("exists with other arguments"), "{log}");
+    assert!(log.contains("Restarted web-04.example.net"), "{log}");
+    assert_eq!(report_field(&report, "acked"), 1, "{report}");
+    assert_eq!(report_field(&report, "rejected"), 1, "{report}");
+    assert_eq!(report_field(&report, "dead_lettered"), 1, "{report}");
+    let answer = python(
+        "amqp_interop.py",
+        "consume",
+        &json!({
+            "url": url,
+            "queue": format!("{queue}:dead"),
+            "count": 1,
+            "patience": PATIENCE.as_secs(),
+        }),
+    );
+    let dead = answer["messages"].as_array().expect("messages");
+    assert_eq!(dead.len(), 1, "{answer}");
+    let dead = &dead[0];
+    assert_eq!(dead["data"], json!(hex(b"not a host!")), "{dead}");
+    let headers = &dead["headers"];
+    assert_eq!(headers["origin"], json!("pika"), "{dead}");
+    assert_eq!(headers["mayhem_attempt"], json!("1"), "{dead}");
+    let reason = headers["mayhem_dead_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("not a host name"), "{dead}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Hostile producers: what other programs may write, and what the binary must make of it
 // ---------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ payloads (NUL bytes, invalid UTF-8) cross the pipe unchanged.
 
 The queue is the source's: a quorum queue the Mayhem source declared with its own
 arguments. This script only publishes to it through the default exchange (routing key = the
-queue's name) and reads from it; it declares nothing.
+queue's name) and reads from it; it declares nothing, unless a produce request says
+"declare": true, when it first declares the queue as pika's tutorial does
+(`queue_declare(queue)`: classic, not durable, no arguments).
 
 produce: {"url", "queue", "messages": [{"data": hex, "id"?, "timestamp"?, "ordering_key"?,
           "attributes": {key: value}}]}
@@ -59,6 +61,8 @@ def typed(value):
 
 
 def produce(channel, request):
+    if request.get("declare"):
+        channel.queue_declare(queue=request["queue"])
     channel.confirm_delivery()
     for message in request["messages"]:
         headers = dict(message.get("attributes", {}))
