@@ -716,6 +716,20 @@ fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name()
         "{log}"
     );
 
+    let dead = one_dead_letter_not_a_host(&url, queue);
+    let headers = &dead["headers"];
+    // Dead-lettered by the service's reject, once, from its queue.
+    assert_eq!(headers["x-first-death-reason"], json!("rejected"), "{dead}");
+    let deaths = headers["x-death"].as_array().expect("an x-death header");
+    assert_eq!(deaths.len(), 1, "{dead}");
+    assert_eq!(deaths[0]["reason"], json!("rejected"), "{dead}");
+    assert_eq!(deaths[0]["queue"], json!(queue), "{dead}");
+    assert_eq!(deaths[0]["count"], json!(1), "{dead}");
+}
+
+/// The one message pika reads from `{queue}:dead`: `not a host!` with pika's header
+/// `origin`.
+fn one_dead_letter_not_a_host(url: &str, queue: &str) -> Value {
     let answer = python(
         "amqp_interop.py",
         "consume",
@@ -728,17 +742,10 @@ fn the_binary_restarts_a_host_pika_names_and_rejects_data_that_is_no_host_name()
     );
     let dead = answer["messages"].as_array().expect("messages");
     assert_eq!(dead.len(), 1, "{answer}");
-    let dead = &dead[0];
+    let dead = dead[0].clone();
     assert_eq!(dead["data"], json!(hex(b"not a host!")), "{dead}");
-    let headers = &dead["headers"];
-    assert_eq!(headers["origin"], json!("pika"), "{dead}");
-    // Dead-lettered by the service's reject, once, from its queue.
-    assert_eq!(headers["x-first-death-reason"], json!("rejected"), "{dead}");
-    let deaths = headers["x-death"].as_array().expect("an x-death header");
-    assert_eq!(deaths.len(), 1, "{dead}");
-    assert_eq!(deaths[0]["reason"], json!("rejected"), "{dead}");
-    assert_eq!(deaths[0]["queue"], json!(queue), "{dead}");
-    assert_eq!(deaths[0]["count"], json!(1), "{dead}");
+    assert_eq!(dead["headers"]["origin"], json!("pika"), "{dead}");
+    dead
 }
 
 #[test]
@@ -776,22 +783,8 @@ fn a_queue_pika_declared_first_as_its_tutorial_does_is_consumed_as_it_is() {
     assert_eq!(report_field(&report, "acked"), 1, "{report}");
     assert_eq!(report_field(&report, "rejected"), 1, "{report}");
     assert_eq!(report_field(&report, "dead_lettered"), 1, "{report}");
-    let answer = python(
-        "amqp_interop.py",
-        "consume",
-        &json!({
-            "url": url,
-            "queue": format!("{queue}:dead"),
-            "count": 1,
-            "patience": PATIENCE.as_secs(),
-        }),
-    );
-    let dead = answer["messages"].as_array().expect("messages");
-    assert_eq!(dead.len(), 1, "{answer}");
-    let dead = &dead[0];
-    assert_eq!(dead["data"], json!(hex(b"not a host!")), "{dead}");
+    let dead = one_dead_letter_not_a_host(&url, queue);
     let headers = &dead["headers"];
-    assert_eq!(headers["origin"], json!("pika"), "{dead}");
     assert_eq!(headers["mayhem_attempt"], json!("1"), "{dead}");
     let reason = headers["mayhem_dead_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("not a host name"), "{dead}");

@@ -306,14 +306,7 @@ impl Server {
 
     /// Declares [`QUEUE`] as another program would first: classic, durable, no arguments.
     fn declare_classic(&self) -> Result<(), String> {
-        smol::block_on(async {
-            let connection = lapin::Connection::connect(&self.url(), Default::default())
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(|e| format!("channel: {e}"))?;
+        self.on_channel(|channel| async move {
             channel
                 .queue_declare(
                     QUEUE.into(),
@@ -321,16 +314,17 @@ impl Server {
                     Default::default(),
                 )
                 .await
-                .map_err(|e| format!("declare a classic queue: {e}"))?;
-            let _ = connection.close(200, "done".into()).await;
-            Ok(())
+                .map(drop)
+                .map_err(|e| format!("declare a classic queue: {e}"))
         })
     }
 
-    /// Publishes `count` foreign messages raw (through lapin, with confirms), numbered from
-    /// `first`: without a message id, with a message id that is no UUID, and with a UUID but
-    /// a body that is no instance name. Each body holds `foreign-N`.
-    fn publish_foreign(&self, first: usize, count: usize) -> Result<(), String> {
+    /// Runs `work` on a channel of a plain lapin connection to the server (another AMQP
+    /// client, no mayhem), then closes the connection.
+    fn on_channel<T, F: std::future::Future<Output = Result<T, String>>>(
+        &self,
+        work: impl FnOnce(lapin::Channel) -> F,
+    ) -> Result<T, String> {
         smol::block_on(async {
             let connection = lapin::Connection::connect(&self.url(), Default::default())
                 .await
@@ -339,6 +333,17 @@ impl Server {
                 .create_channel()
                 .await
                 .map_err(|e| format!("channel: {e}"))?;
+            let result = work(channel).await;
+            let _ = connection.close(200, "done".into()).await;
+            result
+        })
+    }
+
+    /// Publishes `count` foreign messages raw (through lapin, with confirms), numbered from
+    /// `first`: without a message id, with a message id that is no UUID, and with a UUID but
+    /// a body that is no instance name. Each body holds `foreign-N`.
+    fn publish_foreign(&self, first: usize, count: usize) -> Result<(), String> {
+        self.on_channel(|channel| async move {
             channel
                 .confirm_select(Default::default())
                 .await
@@ -386,21 +391,13 @@ impl Server {
                     return Err(format!("foreign message {n} returned unroutable"));
                 }
             }
-            let _ = connection.close(200, "done".into()).await;
             Ok(())
         })
     }
 
     /// Takes every message of the dead-letter queue; their bodies.
     fn take_dead_letters(&self) -> Result<Vec<Vec<u8>>, String> {
-        smol::block_on(async {
-            let connection = lapin::Connection::connect(&self.url(), Default::default())
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(|e| format!("channel: {e}"))?;
+        self.on_channel(|channel| async move {
             let mut bodies = Vec::new();
             while let Some(message) = channel
                 .basic_get(
@@ -412,7 +409,6 @@ impl Server {
             {
                 bodies.push(message.delivery.data);
             }
-            let _ = connection.close(200, "done".into()).await;
             Ok(bodies)
         })
     }
