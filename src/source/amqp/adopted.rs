@@ -23,7 +23,7 @@ use log::warn;
 
 use super::consume::Op;
 use super::link::{Abort, Link};
-use super::publish::{properties, stored};
+use super::publish::{now_secs, properties, stored};
 use super::{Core, CONFIRM_TIMEOUT};
 use crate::message::PubSubMessage;
 use crate::source::kit::Settle;
@@ -171,14 +171,11 @@ impl Core {
 
     /// Publishes `letter` to `{queue}:dead` on `link`; whether the broker confirmed it.
     fn publish_dead(&self, link: &Link, letter: &Letter) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
         let reason = letter.reason.as_deref().map_or_else(
             || format!("delivered {} times", letter.attempt),
             str::to_owned,
         );
-        let mut properties = properties(&letter.message, now);
+        let mut properties = properties(&letter.message, now_secs());
         let mut headers = properties.headers().clone().unwrap_or_default();
         for (key, value) in [
             ("mayhem_dead_reason", reason),

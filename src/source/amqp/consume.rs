@@ -130,8 +130,10 @@ fn decimal(value: u32, scale: u8) -> String {
 }
 
 /// Reads a delivery: the message (its body is the data, taken over without a copy) and its
-/// attempt; or why it is not a message (it is then dead-lettered).
-pub(super) fn read(delivery: lapin::message::Delivery) -> Result<(PubSubMessage, u32), String> {
+/// attempt; or why it is not a message (it is then dead-lettered), with its body.
+pub(super) fn read(
+    delivery: lapin::message::Delivery,
+) -> Result<(PubSubMessage, u32), (String, Vec<u8>)> {
     let properties = &delivery.properties;
     let id = properties
         .message_id()
@@ -153,9 +155,9 @@ pub(super) fn read(delivery: lapin::message::Delivery) -> Result<(PubSubMessage,
                     Ok(Some(value)) => attributes.insert(key, value),
                     Ok(None) => {}
                     Err(()) => {
-                        return Err(format!(
-                            "header '{key}' is not UTF-8 (attributes are strings)"
-                        ))
+                        let reason =
+                            format!("header '{key}' is not UTF-8 (attributes are strings)");
+                        return Err((reason, delivery.data));
                     }
                 }
             }
@@ -277,9 +279,6 @@ impl AmqpSource {
                     let tag = delivery.delivery_tag;
                     let adopted = core.adopted.load(Ordering::Relaxed);
                     let redelivered = delivery.redelivered;
-                    // An adopted queue's dead letters are published by the source: the
-                    // data of one that is not a message is kept for it.
-                    let raw = adopted.then(|| bytes::Bytes::from(delivery.data.clone()));
                     match read(delivery) {
                         Ok((message, attempt)) => {
                             let attempt = if adopted {
@@ -301,7 +300,7 @@ impl AmqpSource {
                             });
                             taken += 1;
                         }
-                        Err(reason) => {
+                        Err((reason, body)) => {
                             if core.side.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
                                 warn!(
                                     "a message on amqp queue {} is not a message ({reason}); \
@@ -309,11 +308,13 @@ impl AmqpSource {
                                     core.config.queue
                                 );
                             }
-                            if let Some(raw) = raw {
+                            // An adopted queue's dead letters are published by the source,
+                            // this one with its body.
+                            if adopted {
                                 lock(&core.side.adopted).hold_unreadable(
                                     link.epoch,
                                     tag,
-                                    raw,
+                                    body.into(),
                                     redelivered,
                                     &reason,
                                 );
@@ -544,23 +545,23 @@ impl Core {
                             }
                         }
                     }
-                    self.send(&ops, &mut prefix);
+                    self.send(&mut ops, &mut prefix);
                     if closed {
                         self.send_held(&mut prefix);
                         return;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => self.send(&[], &mut prefix),
+                Err(RecvTimeoutError::Timeout) => self.send(&mut [], &mut prefix),
                 Err(RecvTimeoutError::Disconnected) => {
                     // The source is dropped: nothing is held back any longer.
                     self.send_held(&mut prefix);
                     return;
                 }
             }
-            let expired = self.expire_local();
+            let mut expired = self.expire_local();
             if !expired.is_empty() {
                 self.side.queued.add(expired.len() as u64);
-                self.send(&expired, &mut prefix);
+                self.send(&mut expired, &mut prefix);
             }
         }
     }
@@ -595,26 +596,21 @@ impl Core {
     /// Sends lease operations on the current link, as few frames as the ack prefix allows
     /// (see [`acks`]); an operation of a lost link is void (the broker gave its message
     /// back), and an ack among them is a late refusal.
-    fn send(&self, ops: &[Op], prefix: &mut Prefix) {
+    fn send(&self, ops: &mut [Op], prefix: &mut Prefix) {
         self.send_frames(ops, prefix, false);
     }
 
     /// Sends at once what the ack prefix holds back (the source is dropped).
     fn send_held(&self, prefix: &mut Prefix) {
-        self.send_frames(&[], prefix, true);
+        self.send_frames(&mut [], prefix, true);
     }
 
     /// [`Core::send`]; `force` sends what the prefix holds back at once.
-    fn send_frames(&self, ops: &[Op], prefix: &mut Prefix, force: bool) {
+    fn send_frames(&self, ops: &mut [Op], prefix: &mut Prefix, force: bool) {
         let link = lock(&self.link).clone();
-        let mut adopted_ops;
-        let ops = if self.adopted.load(Ordering::Relaxed) && !ops.is_empty() {
-            adopted_ops = ops.to_vec();
-            self.dead_letter_adopted(link.as_deref(), &mut adopted_ops);
-            &adopted_ops[..]
-        } else {
-            ops
-        };
+        if self.adopted.load(Ordering::Relaxed) && !ops.is_empty() {
+            self.dead_letter_adopted(link.as_deref(), ops);
+        }
         let epoch = link.as_ref().map_or(0, |link| link.epoch);
         let mut void_acks = 0;
         // Operations done with: sent, or void.

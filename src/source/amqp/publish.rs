@@ -187,10 +187,7 @@ impl Lane {
             other => other,
         };
         let done = Cell::new(0);
-        // The publish time, in the `timestamp` property's whole seconds.
-        let published = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
+        let published = now_secs();
         let confirms = self.bounded_publishing(
             link,
             limit,
@@ -444,6 +441,13 @@ pub fn check_message(message: &PubSubMessage) -> Result<(), MessageError> {
         ));
     }
     Ok(())
+}
+
+/// Now, in the `timestamp` property's whole seconds.
+pub(super) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 /// The header that carries a message's ordering key (RabbitMQ has no field for it).

@@ -366,9 +366,10 @@ impl<B: Broker> Shared<B> {
 
     /// Sends `handles` by `call` in requests of the broker's size; returns how many it took.
     /// A request refused for good is split in halves, down to single handles, within
-    /// [`SPLIT_BUDGET`] more requests: a handle the broker refuses (an ack id gone stale on a
-    /// subscription with exactly-once delivery, where Pub/Sub refuses the whole request)
-    /// does not void the others. What is still refused is logged in one line.
+    /// [`SPLIT_BUDGET`] more requests: a handle the broker refuses (the emulator refuses a
+    /// whole request for one unknown ack id; Google documents that exactly-once delivery
+    /// refuses acks of expired ones) does not void the others. What is still refused is
+    /// logged in one line.
     fn each_taken(
         &self,
         what: &str,

@@ -22,8 +22,8 @@ struct Fake {
     failures: Mutex<u32>,
     failure: u16,
     dead_refused_unless_stripped: bool,
-    /// A handle whose every request is refused for good, as Pub/Sub refuses a request with
-    /// a stale ack id on a subscription with exactly-once delivery.
+    /// A handle whose every request is refused for good, as the emulator refuses a request
+    /// with an unknown ack id.
     poisoned: Option<u32>,
 }
 
