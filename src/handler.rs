@@ -300,10 +300,20 @@ impl MayhemHandler {
     /// A random stream for one run of the handler on one delivery of one message: the same
     /// seed replays the same outcomes, and a run again (a message the breaker held) draws
     /// new ones instead of failing again the same way for ever.
+    ///
+    /// A message without an id (RabbitMQ producers need not set `message-id`) draws from its
+    /// data, its first 64 bytes and its length: with the empty id's digest alone, every such
+    /// message drew the same outcomes, so all of them failed, or none, on each attempt.
     fn rng_for(&self, message: &PubSubMessage, attempt: u32, run: u32) -> fastrand::Rng {
+        let identity = if message.id().is_empty() {
+            let data = message.data();
+            crate::message::fnv1a(&data[..data.len().min(64)]) ^ (data.len() as u64)
+        } else {
+            message.id().digest()
+        };
         fastrand::Rng::with_seed(
             self.config.seed
-                ^ message.id().digest()
+                ^ identity
                 ^ u64::from(attempt).rotate_left(40)
                 ^ u64::from(run.saturating_sub(1)).rotate_left(20),
         )

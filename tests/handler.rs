@@ -204,3 +204,31 @@ fn the_database_settings_default_to_off() {
     assert_eq!(settings.db_capacity, None);
     assert_eq!(settings.db_outage, None);
 }
+
+#[test]
+fn messages_without_an_id_draw_outcomes_of_their_own() {
+    // A RabbitMQ producer need not set `message-id`: every such message had the empty id's
+    // draws, so at a failure rate of one half they all failed, or all succeeded, together.
+    let half = handler(0.5, 0.0, 0.0, 0);
+    let outcomes: Vec<bool> = (0..64)
+        .map(|n| {
+            let message = PubSubMessage::new(format!("web-{n:05}"));
+            assert!(message.id().is_empty());
+            let extended = AtomicU32::new(0);
+            let metrics = Metrics::default();
+            let ctx = Context::new(&message, 1, &extended, &metrics);
+            smol::block_on(half.handle(&ctx)).is_ok()
+        })
+        .collect();
+    let succeeded = outcomes.iter().filter(|ok| **ok).count();
+    assert!(
+        (16..=48).contains(&succeeded),
+        "{succeeded} of 64: {outcomes:?}"
+    );
+    // The same data draws the same outcome again.
+    let again = PubSubMessage::new("web-00000");
+    let extended = AtomicU32::new(0);
+    let metrics = Metrics::default();
+    let ctx = Context::new(&again, 1, &extended, &metrics);
+    assert_eq!(smol::block_on(half.handle(&ctx)).is_ok(), outcomes[0]);
+}

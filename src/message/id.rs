@@ -68,9 +68,7 @@ impl MessageId {
                 let (high, low) = uuid.as_u64_pair();
                 high ^ low.rotate_left(17)
             }
-            IdRepr::Text(text) => text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-            }),
+            IdRepr::Text(text) => fnv1a(text.as_bytes()),
         }
     }
 
@@ -132,4 +130,11 @@ impl fmt::Debug for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.with_str(|text| fmt::Debug::fmt(text, f))
     }
+}
+
+/// FNV-1a over `bytes`: a 64-bit digest that is the same in every run.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

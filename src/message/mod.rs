@@ -31,8 +31,8 @@ pub(crate) use display::Label;
 pub use error::MessageError;
 pub(crate) use host_name::host_name;
 pub use host_name::HostNameError;
-pub(crate) use id::random_uuid;
 pub use id::MessageId;
+pub(crate) use id::{fnv1a, random_uuid};
 
 /// Most bytes of data in one message (Pub/Sub's limit: 10 MB).
 pub const MAX_DATA_BYTES: usize = 10_000_000;
